@@ -1,0 +1,88 @@
+"""`DenseSearcher`: dual-encoder retrieval over a bundle's FAISS index, encoding queries exactly as the
+passages were encoded (same model and normalisation, read from the manifest)."""
+
+from __future__ import annotations
+
+import threading
+
+import faiss
+import numpy as np
+
+from app.retrieval.types import Hit, ranked
+from indexer.bundle import DENSE_DIR, BundleInfo, BundleError
+from indexer.config import DenseSettings
+from indexer.dense import load_index
+from indexer.encoders import load_encoder
+
+
+class DenseSearcher:
+    """Inner-product search of encoded queries against passage vectors. Thread-safe."""
+
+    name = "dense"
+
+    def __init__(self, encoder, index: faiss.Index, settings: DenseSettings, passage_ids: list[str], doc_ids: list[str]) -> None:  # noqa: ANN001
+        self.encoder = encoder
+        self.index = index
+        self.settings = settings
+        self.passage_ids = passage_ids
+        self.doc_ids = doc_ids
+        self._encode_lock = threading.Lock()
+
+    @classmethod
+    def from_bundle(
+        cls, bundle: BundleInfo, passage_ids: list[str], doc_ids: list[str], device: str | None = None, encoder=None  # noqa: ANN001
+    ) -> DenseSearcher:
+        info = bundle.manifest.get("dense") or {}
+        if not info.get("enabled"):
+            raise BundleError(f"{bundle.root}: built without a dense index; rebuild with index.dense.enabled=true")
+        settings = DenseSettings(**bundle.manifest["config"]["dense"])
+        encoder = encoder or load_encoder(info["model"], device)
+        dim = encoder.get_embedding_dimension() if hasattr(encoder, "get_embedding_dimension") else encoder.get_sentence_embedding_dimension()
+        if dim != info["dimension"]:
+            raise BundleError(
+                f"query encoder {info['model']} gives {dim}-d vectors but the bundle holds {info['dimension']}-d ones"
+            )
+        return cls(encoder, load_index(bundle.path(DENSE_DIR), settings), settings, passage_ids, doc_ids)
+
+    def encode(self, queries: list[str]) -> np.ndarray:
+        """Query vectors, normalised as the passages were."""
+        with self._encode_lock:
+            vectors = self.encoder.encode(
+                queries,
+                batch_size=64,
+                normalize_embeddings=self.settings.normalize,
+                show_progress_bar=False,
+                convert_to_numpy=True,
+            )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def search(self, query: str, k: int, mask: np.ndarray | None = None) -> list[Hit]:
+        return self.search_many([query], k, mask)[0]
+
+    def search_many(self, queries: list[str], k: int, mask: np.ndarray | None = None) -> list[list[Hit]]:
+        """The k nearest passages for each query (restricted to `mask` when given)."""
+        if not queries:
+            return []
+        return self.search_vectors(self.encode(queries), k, mask)
+
+    def search_vectors(self, vectors: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[list[Hit]]:
+        k = min(k, self.index.ntotal)
+        params = None
+        if mask is not None:
+            allowed = np.flatnonzero(mask > 0).astype(np.int64)
+            if allowed.size == 0:
+                return [[] for _ in range(len(vectors))]
+            params = self._params(faiss.IDSelectorBatch(allowed))
+        scores, ids = self.index.search(vectors, k, params=params) if params else self.index.search(vectors, k)
+        results = []
+        for row_scores, row_ids in zip(scores, ids):
+            scored = [(int(i), self.passage_ids[i], self.doc_ids[i], float(s)) for s, i in zip(row_scores, row_ids) if i >= 0]
+            results.append(ranked(self.name, scored))
+        return results
+
+    def _params(self, selector: faiss.IDSelector) -> faiss.SearchParameters:
+        if self.settings.index_type == "hnsw":
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=self.settings.hnsw_ef_search)
+        if self.settings.index_type == "ivfpq":
+            return faiss.SearchParametersIVF(sel=selector, nprobe=self.settings.ivf_nprobe)
+        return faiss.SearchParameters(sel=selector)

@@ -1,0 +1,61 @@
+"""BM25 over passages with bm25s: one tokeniser for documents and queries, save/load with mmap."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import bm25s
+import numpy as np
+
+from indexer.config import BM25Settings
+
+
+@lru_cache(maxsize=8)
+def _stemmer(language: str | None):  # noqa: ANN202 - PyStemmer has no stubs
+    if not language:
+        return None
+    import Stemmer
+
+    return Stemmer.Stemmer(language)
+
+
+def tokenize(texts: list[str], settings: BM25Settings, show_progress: bool = False) -> list[list[str]]:
+    """Lower-case, split, drop stop words and stem, exactly as at build time."""
+    return bm25s.tokenize(
+        texts,
+        lower=True,
+        stopwords=settings.stopwords,
+        stemmer=_stemmer(settings.stemmer),
+        return_ids=False,
+        show_progress=show_progress,
+    )
+
+
+def build_bm25(texts: list[str], settings: BM25Settings, out_dir: Path, show_progress: bool = True) -> None:
+    """Index `texts` (row i = passage i) and save the sparse matrices under `out_dir`."""
+    tokens = tokenize(texts, settings, show_progress=show_progress)
+    model = bm25s.BM25(method=settings.method, k1=settings.k1, b=settings.b)
+    model.index(tokens, show_progress=show_progress)
+    model.save(str(out_dir))
+
+
+class BM25Index:
+    """A loaded bm25s model that scores every passage for a query."""
+
+    def __init__(self, directory: Path, settings: BM25Settings, mmap: bool = True) -> None:
+        self.settings = settings
+        self.model = bm25s.BM25.load(str(directory), mmap=mmap)
+        self.num_passages = int(self.model.scores["num_docs"])
+
+    def query_tokens(self, query: str) -> list[str]:
+        """The query's tokens that exist in the index vocabulary."""
+        vocab = self.model.vocab_dict
+        return [t for t in tokenize([query], self.settings)[0] if t in vocab]
+
+    def scores(self, query: str, mask: np.ndarray | None = None) -> np.ndarray:
+        """BM25 score of every passage (0 where `mask` is 0 or no query term matches)."""
+        tokens = self.query_tokens(query)
+        if not tokens:
+            return np.zeros(self.num_passages, dtype=np.float32)
+        return np.asarray(self.model.get_scores(tokens, weight_mask=mask), dtype=np.float32)

@@ -1,0 +1,161 @@
+"""The build job: documents → passages → docstore, BM25 and dense index → manifest → atomic publish.
+
+`build_bundle()` is what the CLI and a batch runner call; it holds no global state, so many builds may run
+side by side (each writes its own temporary folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from indexer import __version__
+from indexer.bm25 import build_bm25
+from indexer.bundle import BM25_DIR, DENSE_DIR, DOCSTORE, BundleWriter, now_iso
+from indexer.chunking import Chunker, ChunkingConfig
+from indexer.config import IndexConfig
+from indexer.dense import gpu_available, save_dense
+from indexer.docstore import DocstoreWriter
+from indexer.encoders import load_encoder, pick_device, resolve_model_path
+from indexer.sources import CsvColumns, ReadReport, SourceError, read_documents
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildResult:
+    """What a build produced, for the summary line and for callers."""
+
+    path: Path
+    build_id: str
+    documents: int
+    passages: int
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passages_per_second(self) -> float:
+        return self.passages / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"built {self.documents} documents, {self.passages} passages in {self.seconds:.1f} s "
+            f"({self.passages_per_second:.1f} passages/s), skipped {len(self.skipped)} → {self.path}"
+        )
+
+
+def passage_index_text(title: str, text: str) -> str:
+    """The text BM25 and the dual-encoder see for a passage: its document title, then the passage."""
+    return f"{title} {text}".strip() if title else text
+
+
+def build_bundle(
+    input_path: Path,
+    out: Path,
+    config: IndexConfig | None = None,
+    *,
+    skip_bad: bool = False,
+    show_progress: bool = True,
+) -> BuildResult:
+    """Build a bundle from `input_path` and publish it under `out` (`out/current` → the new build)."""
+    config = config or IndexConfig()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    writer = BundleWriter(out)
+    try:
+        model_path = resolve_model_path(config.dense.model)
+        encoder = None
+        if config.dense.enabled:
+            t = time.perf_counter()
+            encoder = load_encoder(config.dense.model, config.dense.device)
+            timings["load_encoder"] = time.perf_counter() - t
+            tokenizer = encoder.tokenizer
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+        chunker = Chunker(tokenizer, ChunkingConfig(config.chunking.window, config.chunking.overlap))
+        report = ReadReport()
+        columns = CsvColumns(config.csv.id_column, config.csv.title_column, config.csv.text_column)
+        documents = read_documents(Path(input_path), skip_bad=skip_bad, csv_columns=columns, report=report)
+        docstore = DocstoreWriter(writer.root / DOCSTORE)
+        index_texts: list[str] = []
+        t = time.perf_counter()
+        with tqdm(desc="read+chunk", unit="doc", disable=not show_progress) as bar:
+            for document, passages in chunker.chunk(documents):
+                docstore.add(document, passages)
+                index_texts.extend(passage_index_text(document.title, p.text) for p in passages)
+                bar.update(1)
+        docstore.close()
+        timings["read_chunk"] = time.perf_counter() - t
+        if docstore.document_count == 0:
+            raise SourceError(f"{input_path}: no documents to index")
+
+        t = time.perf_counter()
+        build_bm25(index_texts, config.bm25, writer.root / BM25_DIR, show_progress=show_progress)
+        timings["bm25"] = time.perf_counter() - t
+
+        dense_info: dict[str, Any] = {"enabled": False}
+        if encoder is not None:
+            t = time.perf_counter()
+            vectors = encoder.encode(
+                index_texts,
+                batch_size=config.dense.batch_size,
+                normalize_embeddings=config.dense.normalize,
+                show_progress_bar=show_progress,
+                convert_to_numpy=True,
+            ).astype(np.float32)
+            timings["encode"] = time.perf_counter() - t
+            t = time.perf_counter()
+            save_dense(vectors, config.dense, writer.root / DENSE_DIR)
+            timings["faiss"] = time.perf_counter() - t
+            dense_info = {
+                "enabled": True,
+                "model": config.dense.model,
+                "dimension": int(vectors.shape[1]),
+                "normalize": config.dense.normalize,
+                "max_seq_length": int(encoder.max_seq_length),
+                "index_type": config.dense.index_type,
+                "built_on": "gpu" if gpu_available() else "cpu",
+                "encoded_on": pick_device(config.dense.device),
+            }
+
+        seconds = time.perf_counter() - started
+        manifest = {
+            "sift_version": __version__,
+            "created_at": now_iso(),
+            "source": str(input_path),
+            "counts": {
+                "documents": docstore.document_count,
+                "passages": docstore.passage_count,
+                "skipped": len(report.skipped),
+            },
+            "tokenizer": config.dense.model,
+            "dense": dense_info,
+            "config": config.model_dump(mode="json"),
+            "build": {"seconds": round(seconds, 3), "timings": timings, "host": platform.node()},
+        }
+        path = writer.publish(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    for reason in report.skipped:
+        log.warning("skipped: %s", reason)
+    return BuildResult(
+        path=path,
+        build_id=writer.build_id,
+        documents=docstore.document_count,
+        passages=docstore.passage_count,
+        seconds=seconds,
+        skipped=report.skipped,
+        timings=timings,
+    )

@@ -1,0 +1,207 @@
+"""The on-disk index bundle: layout, manifest, atomic publish, load and verification.
+
+Layout under an output folder::
+
+    <out>/<build-id>/manifest.json   format version, models, counts, parameters, sha256 of every file
+    <out>/<build-id>/docstore.sqlite
+    <out>/<build-id>/bm25/...
+    <out>/<build-id>/dense/index.faiss, embeddings.f16.npy
+    <out>/current -> <build-id>       symlink, switched atomically after a build completes
+
+A build writes into `<out>/.building-<build-id>/` and is renamed into place only when complete, then
+`current` is swapped with `os.replace`; a killed build therefore never touches what is published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DOCSTORE = "docstore.sqlite"
+BM25_DIR = "bm25"
+DENSE_DIR = "dense"
+CURRENT = "current"
+BUILDING_PREFIX = ".building-"
+
+
+class BundleError(RuntimeError):
+    """A bundle that is missing, incomplete or damaged; the message says what to do."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in [*_files(root), root / MANIFEST]:
+        if path.exists():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def new_build_id() -> str:
+    """Sortable, unique: UTC time plus a random suffix."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+class BundleWriter:
+    """Owns the temporary build folder; `publish()` makes it visible atomically, `abort()` removes it."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.build_id = new_build_id()
+        self.root = self.out / f"{BUILDING_PREFIX}{self.build_id}"
+        self.root.mkdir()
+        (self.root / ".pid").write_text(str(os.getpid()))
+        cleanup_stale_builds(self.out)
+
+    def publish(self, manifest: dict[str, Any]) -> Path:
+        """Write the manifest with checksums, move the build into place and switch `current` to it."""
+        (self.root / ".pid").unlink(missing_ok=True)
+        manifest = dict(manifest)
+        manifest["format_version"] = FORMAT_VERSION
+        manifest["build_id"] = self.build_id
+        manifest["files"] = {
+            str(p.relative_to(self.root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in _files(self.root)
+        }
+        (self.root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _fsync_tree(self.root)
+        final = self.out / self.build_id
+        os.rename(self.root, final)
+        link_tmp = self.out / f".{CURRENT}-{self.build_id}"
+        os.symlink(self.build_id, link_tmp)
+        os.replace(link_tmp, self.out / CURRENT)
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup_stale_builds(out: Path) -> list[Path]:
+    """Remove leftovers of killed builds (temporary folders whose process is gone, dangling link temps)."""
+    removed = []
+    for path in Path(out).glob(f"{BUILDING_PREFIX}*"):
+        pid_file = path / ".pid"
+        try:
+            pid = int(pid_file.read_text())
+        except (OSError, ValueError):
+            pid = -1
+        if pid != os.getpid() and (pid < 0 or not _pid_alive(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for link in Path(out).glob(f".{CURRENT}-*"):
+        link.unlink(missing_ok=True)
+        removed.append(link)
+    return removed
+
+
+def resolve_bundle(path: Path) -> Path:
+    """A bundle folder from either the folder itself or an output folder holding `current`."""
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    if (path / CURRENT).exists():
+        return (path / CURRENT).resolve()
+    if not path.exists():
+        raise BundleError(f"{path}: no such bundle; build one with `sift index build --input DOCS --out {path}`")
+    raise BundleError(
+        f"{path}: neither a bundle (no {MANIFEST}) nor an index folder with a '{CURRENT}' link; "
+        f"build one with `sift index build --input DOCS --out {path}`"
+    )
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """A resolved, verified bundle folder and its manifest."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def build_id(self) -> str:
+        return str(self.manifest["build_id"])
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+
+def open_bundle(path: Path, verify: bool = True) -> BundleInfo:
+    """Resolve and check a bundle: manifest readable, format known, every file present with its sha256."""
+    root = resolve_bundle(path)
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{root}/{MANIFEST}: unreadable manifest ({exc}); rebuild the bundle") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{root}: bundle format {version!r}, this Sift reads format {FORMAT_VERSION}; rebuild with this version"
+        )
+    files = manifest.get("files") or {}
+    if DOCSTORE not in files:
+        raise BundleError(f"{root}: manifest lists no {DOCSTORE}; rebuild the bundle")
+    for relative, entry in files.items():
+        file = root / relative
+        if not file.is_file():
+            raise BundleError(f"{file}: listed in the manifest but missing; the bundle is incomplete, rebuild it")
+        if file.stat().st_size != entry["bytes"]:
+            raise BundleError(
+                f"{file}: size {file.stat().st_size} bytes, manifest says {entry['bytes']}; the bundle is damaged, rebuild it"
+            )
+        if verify and sha256_file(file) != entry["sha256"]:
+            raise BundleError(f"{file}: sha256 does not match the manifest; the bundle is damaged, rebuild it")
+    return BundleInfo(root=root, manifest=manifest)
+
+
+def list_builds(out: Path) -> list[str]:
+    """Published build ids under an output folder, oldest first."""
+    return sorted(p.name for p in Path(out).iterdir() if p.is_dir() and (p / MANIFEST).exists())
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def monotonic() -> float:
+    return time.perf_counter()

@@ -1,0 +1,154 @@
+"""The SQLite docstore of a bundle: documents, passages (row `idx` = position in BM25 and FAISS) and
+metadata as JSON. Written once by the indexer; opened read-only (immutable) by the server.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer.models import Document, Passage
+
+SCHEMA = """
+CREATE TABLE documents (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL
+);
+CREATE TABLE passages (
+    idx INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    doc_id TEXT NOT NULL REFERENCES documents(id),
+    position INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    start INTEGER NOT NULL,
+    "end" INTEGER NOT NULL
+);
+CREATE INDEX passages_doc ON passages(doc_id, position);
+"""
+
+
+class DocstoreWriter:
+    """Appends documents and their passages; passage `idx` values are assigned in insertion order."""
+
+    def __init__(self, path: Path) -> None:
+        self.connection = sqlite3.connect(path)
+        self.connection.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;" + SCHEMA)
+        self.passage_count = 0
+        self.document_count = 0
+
+    def add(self, document: Document, passages: Sequence[Passage]) -> None:
+        self.connection.execute(
+            "INSERT INTO documents VALUES (?, ?, ?, ?)",
+            (document.id, document.title, document.text, json.dumps(document.metadata, ensure_ascii=False)),
+        )
+        self.connection.executemany(
+            "INSERT INTO passages VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (self.passage_count + i, p.id, p.doc_id, p.position, p.text, p.start, p.end)
+                for i, p in enumerate(passages)
+            ],
+        )
+        self.passage_count += len(passages)
+        self.document_count += 1
+
+    def close(self) -> None:
+        self.connection.commit()
+        self.connection.close()
+
+
+class Docstore:
+    """Read-only access to a bundle's docstore; safe to share between threads (one connection per call)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._uri = f"file:{self.path}?mode=ro&immutable=1"
+        with self._connect() as connection:
+            self.num_passages = connection.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+            self.num_documents = connection.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+        connection.row_factory = sqlite3.Row
+        return connection
+
+    def passages(self, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """Passages (with their document's title and metadata) by row index."""
+        indices = [int(i) for i in indices]
+        if not indices:
+            return {}
+        rows: dict[int, dict[str, Any]] = {}
+        with self._connect() as connection:
+            for offset in range(0, len(indices), 900):
+                chunk = indices[offset : offset + 900]
+                marks = ",".join("?" * len(chunk))
+                query = (
+                    'SELECT p.idx, p.id, p.doc_id, p.position, p.text, p.start, p."end", d.title, d.metadata '
+                    f"FROM passages p JOIN documents d ON d.id = p.doc_id WHERE p.idx IN ({marks})"
+                )
+                for row in connection.execute(query, chunk):
+                    item = dict(row)
+                    item["metadata"] = json.loads(item["metadata"])
+                    rows[item["idx"]] = item
+        return rows
+
+    def document(self, doc_id: str) -> dict[str, Any] | None:
+        """A document with its passages in order, or None."""
+        with self._connect() as connection:
+            row = connection.execute("SELECT * FROM documents WHERE id = ?", (doc_id,)).fetchone()
+            if row is None:
+                return None
+            document = dict(row)
+            document["metadata"] = json.loads(document["metadata"])
+            document["passages"] = [
+                dict(p)
+                for p in connection.execute(
+                    'SELECT idx, id, position, text, start, "end" FROM passages WHERE doc_id = ? ORDER BY position',
+                    (doc_id,),
+                )
+            ]
+        return document
+
+    def passage_doc_ids(self) -> list[str]:
+        """doc_id of every passage, in row order."""
+        with self._connect() as connection:
+            return [r[0] for r in connection.execute("SELECT doc_id FROM passages ORDER BY idx")]
+
+    def iter_passage_texts(self) -> Iterable[tuple[int, str, str]]:
+        """(idx, title, text) for every passage in row order."""
+        with self._connect() as connection:
+            yield from connection.execute(
+                "SELECT p.idx, d.title, p.text FROM passages p JOIN documents d ON d.id = p.doc_id ORDER BY p.idx"
+            )
+
+    def filter_mask(self, filters: dict[str, Any]) -> np.ndarray:
+        """1.0 for passages whose document metadata matches every filter, else 0.0.
+
+        A filter value that is a list means "any of"; anything else means equality.
+        """
+        clauses, params = [], []
+        for key, value in filters.items():
+            path = "$." + json.dumps(str(key))
+            values = value if isinstance(value, list) else [value]
+            if not values:
+                clauses.append("0")
+                continue
+            marks = ",".join("?" * len(values))
+            clauses.append(f"json_extract(d.metadata, ?) IN ({marks})")
+            params.append(path)
+            params.extend(int(v) if isinstance(v, bool) else v for v in values)
+        mask = np.zeros(self.num_passages, dtype=np.float32)
+        where = " AND ".join(clauses) or "1"
+        with self._connect() as connection:
+            rows = connection.execute(
+                f"SELECT p.idx FROM passages p JOIN documents d ON d.id = p.doc_id WHERE {where}", params
+            ).fetchall()
+        if rows:
+            mask[np.fromiter((r[0] for r in rows), dtype=np.int64)] = 1.0
+        return mask

@@ -1,0 +1,222 @@
+"""Readers that turn a JSONL file, a folder of .txt/.md/.html files or a CSV file into `Document`s.
+
+Every reader reports bad records as `SourceError` naming the file and line; with `skip_bad=True`
+they are counted in `ReadReport.skipped` instead, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+from indexer.models import Document
+
+FOLDER_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm")
+
+
+class SourceError(ValueError):
+    """A record that cannot be ingested; the message names the file and line."""
+
+
+@dataclass
+class ReadReport:
+    """What a reader saw: documents read and bad records skipped (with reasons)."""
+
+    read: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CsvColumns:
+    """Which CSV columns hold the id, title and text; every other column becomes metadata."""
+
+    id: str = "id"
+    title: str = "title"
+    text: str = "text"
+
+
+def read_documents(
+    path: Path,
+    *,
+    skip_bad: bool = False,
+    csv_columns: CsvColumns | None = None,
+    report: ReadReport | None = None,
+) -> Iterator[Document]:
+    """Yield documents from `path`, picking the reader by what the path is.
+
+    Duplicate document ids are an error (or skipped and counted with `skip_bad`).
+    """
+    path = Path(path)
+    report = report if report is not None else ReadReport()
+    if path.is_dir():
+        records = _read_folder(path)
+    elif path.suffix.lower() in (".jsonl", ".ndjson"):
+        records = _read_jsonl(path)
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        records = _read_csv(path, csv_columns or CsvColumns())
+    elif not path.exists():
+        raise SourceError(f"{path}: no such file or folder; pass --input a JSONL file, CSV file or folder")
+    else:
+        raise SourceError(
+            f"{path}: unsupported input type {path.suffix!r}; use .jsonl, .csv/.tsv or a folder of "
+            f"{', '.join(FOLDER_SUFFIXES)} files"
+        )
+    seen: set[str] = set()
+    for where, item in records:
+        if isinstance(item, SourceError):
+            error = item
+        elif item.id in seen:
+            error = SourceError(f"{where}: duplicate document id {item.id!r}")
+        elif not item.text.strip():
+            error = SourceError(f"{where}: document {item.id!r} has empty text")
+        else:
+            seen.add(item.id)
+            report.read += 1
+            yield item
+            continue
+        if not skip_bad:
+            raise SourceError(f"{error} (pass --skip-bad to skip and count such records)")
+        report.skipped.append(str(error))
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Document | SourceError]]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read ({exc.strerror})") from exc
+    if not raw.strip():
+        raise SourceError(f"{path}: file is empty")
+    for number, line in enumerate(raw.splitlines(), start=1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            yield where, SourceError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
+            continue
+        except json.JSONDecodeError as exc:
+            yield where, SourceError(f"{where}: malformed JSON ({exc.msg}, column {exc.colno})")
+            continue
+        if not isinstance(record, dict):
+            yield where, SourceError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            continue
+        doc_id = record.get("_id", record.get("id"))
+        if doc_id is None or str(doc_id).strip() == "":
+            yield where, SourceError(f"{where}: missing '_id'")
+            continue
+        text = record.get("text")
+        if not isinstance(text, str):
+            yield where, SourceError(f"{where}: field 'text' must be a string")
+            continue
+        metadata = record.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            yield where, SourceError(f"{where}: field 'metadata' must be an object")
+            continue
+        yield where, Document(str(doc_id), str(record.get("title") or ""), text, metadata)
+
+
+def _read_folder(folder: Path) -> Iterator[tuple[str, Document | SourceError]]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
+    if not files:
+        raise SourceError(f"{folder}: no {', '.join(FOLDER_SUFFIXES)} files found")
+    for file in files:
+        where = str(file)
+        try:
+            content = file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield where, SourceError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
+            continue
+        if not content.strip():
+            yield where, SourceError(f"{where}: file is empty")
+            continue
+        rel = file.relative_to(folder)
+        suffix = file.suffix.lower()
+        if suffix in (".html", ".htm"):
+            title, text = _html_title_and_text(content)
+        elif suffix in (".md", ".markdown"):
+            title, text = _markdown_title(content), content
+        else:
+            title, text = "", content
+        title = title or file.stem.replace("_", " ").replace("-", " ")
+        metadata = {"path": str(rel), "format": suffix.lstrip(".")}
+        yield where, Document(str(rel.with_suffix("")), title, text, metadata)
+
+
+def _markdown_title(content: str) -> str:
+    match = re.search(r"^\s{0,3}#{1,6}\s+(.+?)\s*#*\s*$", content, flags=re.MULTILINE)
+    return match.group(1).strip() if match else ""
+
+
+class _HtmlText(HTMLParser):
+    _SKIP = {"script", "style", "head", "noscript"}
+    _BLOCK = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "section", "article"}
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self.title = ""
+        self.heading = ""
+        self._stack: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: object) -> None:
+        self._stack.append(tag)
+        if tag in self._BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._stack:
+            if self._stack.pop() == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if "title" in self._stack and not self.title:
+            self.title = data.strip()
+        if any(t in self._SKIP for t in self._stack):
+            return
+        if self._stack and self._stack[-1] in ("h1", "h2") and not self.heading and data.strip():
+            self.heading = data.strip()
+        self.parts.append(data)
+
+
+def _html_title_and_text(content: str) -> tuple[str, str]:
+    parser = _HtmlText()
+    parser.feed(content)
+    parser.close()
+    text = re.sub(r"[ \t]+", " ", "".join(parser.parts))
+    text = re.sub(r"\n\s*\n+", "\n\n", text).strip()
+    return parser.heading or parser.title, text
+
+
+def _read_csv(path: Path, columns: CsvColumns) -> Iterator[tuple[str, Document | SourceError]]:
+    try:
+        content = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    if not content.strip():
+        raise SourceError(f"{path}: file is empty")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(content.splitlines(), delimiter=delimiter)
+    header = reader.fieldnames or []
+    for required in (columns.id, columns.text):
+        if required not in header:
+            raise SourceError(
+                f"{path}:1: column {required!r} not in header {header}; "
+                "choose columns with --id-column/--title-column/--text-column"
+            )
+    for row in reader:
+        where = f"{path}:{reader.line_num}"
+        if None in row or any(v is None for v in row.values()):
+            yield where, SourceError(f"{where}: row has {len(row.get(None) or [])} extra or missing fields")
+            continue
+        doc_id = (row.get(columns.id) or "").strip()
+        if not doc_id:
+            yield where, SourceError(f"{where}: empty {columns.id!r} column")
+            continue
+        metadata = {k: v for k, v in row.items() if k not in (columns.id, columns.title, columns.text)}
+        yield where, Document(doc_id, row.get(columns.title) or "", row[columns.text], metadata)

@@ -187,7 +187,8 @@ def open_bundle(path: Path, verify: bool = True) -> BundleInfo:
             raise BundleError(f"{file}: listed in the manifest but missing; the bundle is incomplete, rebuild it")
         if file.stat().st_size != entry["bytes"]:
             raise BundleError(
-                f"{file}: size {file.stat().st_size} bytes, manifest says {entry['bytes']}; the bundle is damaged, rebuild it"
+                f"{file}: size {file.stat().st_size} bytes, manifest says {entry['bytes']}; "
+                "the bundle is damaged, rebuild it"
             )
         if verify and sha256_file(file) != entry["sha256"]:
             raise BundleError(f"{file}: sha256 does not match the manifest; the bundle is damaged, rebuild it")

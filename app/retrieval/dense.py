@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 
 from app.retrieval.types import Hit, ranked
-from indexer.bundle import DENSE_DIR, BundleInfo, BundleError
+from indexer.bundle import DENSE_DIR, BundleError, BundleInfo
 from indexer.config import DenseSettings
 from indexer.dense import load_index
 from indexer.encoders import load_encoder
@@ -20,7 +20,9 @@ class DenseSearcher:
 
     name = "dense"
 
-    def __init__(self, encoder, index: faiss.Index, settings: DenseSettings, passage_ids: list[str], doc_ids: list[str]) -> None:  # noqa: ANN001
+    def __init__(
+        self, encoder, index: faiss.Index, settings: DenseSettings, passage_ids: list[str], doc_ids: list[str]
+    ) -> None:  # noqa: ANN001
         self.encoder = encoder
         self.index = index
         self.settings = settings
@@ -30,14 +32,23 @@ class DenseSearcher:
 
     @classmethod
     def from_bundle(
-        cls, bundle: BundleInfo, passage_ids: list[str], doc_ids: list[str], device: str | None = None, encoder=None  # noqa: ANN001
+        cls,
+        bundle: BundleInfo,
+        passage_ids: list[str],
+        doc_ids: list[str],
+        device: str | None = None,
+        encoder=None,  # noqa: ANN001
     ) -> DenseSearcher:
         info = bundle.manifest.get("dense") or {}
         if not info.get("enabled"):
             raise BundleError(f"{bundle.root}: built without a dense index; rebuild with index.dense.enabled=true")
         settings = DenseSettings(**bundle.manifest["config"]["dense"])
         encoder = encoder or load_encoder(info["model"], device)
-        dim = encoder.get_embedding_dimension() if hasattr(encoder, "get_embedding_dimension") else encoder.get_sentence_embedding_dimension()
+        dim = (
+            encoder.get_embedding_dimension()
+            if hasattr(encoder, "get_embedding_dimension")
+            else encoder.get_sentence_embedding_dimension()
+        )
         if dim != info["dimension"]:
             raise BundleError(
                 f"query encoder {info['model']} gives {dim}-d vectors but the bundle holds {info['dimension']}-d ones"
@@ -76,7 +87,9 @@ class DenseSearcher:
         scores, ids = self.index.search(vectors, k, params=params) if params else self.index.search(vectors, k)
         results = []
         for row_scores, row_ids in zip(scores, ids):
-            scored = [(int(i), self.passage_ids[i], self.doc_ids[i], float(s)) for s, i in zip(row_scores, row_ids) if i >= 0]
+            scored = [
+                (int(i), self.passage_ids[i], self.doc_ids[i], float(s)) for s, i in zip(row_scores, row_ids) if i >= 0
+            ]
             results.append(ranked(self.name, scored))
         return results
 

@@ -1,0 +1,151 @@
+"""`create_app()`: the FastAPI application, its lifespan (load the bundle and models off the event loop)
+and middleware (body-size limit, metrics, structured access log)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.errors import error_body, install_error_handlers
+from app.api.metrics import Metrics
+from app.api.routes import router
+from app.pipeline import Pipeline
+from app.settings import Settings, load_settings
+
+log = logging.getLogger("sift.api")
+
+
+class BodyLimitAndMetrics:
+    """ASGI middleware: 413 for bodies above the limit, and request counts/latency/in-flight metrics."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+        too_large = False
+        declared = dict(scope.get("headers") or {}).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            too_large = True
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    too_large = True
+                    raise _BodyTooLarge
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            if too_large:
+                await self._reject(send, status)
+            else:
+                try:
+                    await self.app(scope, limited_receive, tracked_send)
+                except _BodyTooLarge:
+                    await self._reject(send, status)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels(path, scope.get("method", ""), str(status["code"])).inc()
+            self.metrics.latency.labels(path).observe(elapsed)
+            log.info(
+                json.dumps(
+                    {
+                        "event": "request",
+                        "method": scope.get("method"),
+                        "path": scope.get("path"),
+                        "route": path,
+                        "status": status["code"],
+                        "ms": round(elapsed * 1000, 2),
+                    }
+                )
+            )
+
+    async def _reject(self, send: Send, status: dict[str, int]) -> None:
+        status["code"] = 413
+        body = json.dumps(
+            error_body(
+                "payload_too_large", f"request body exceeds {self.max_body_bytes} bytes; send fewer or shorter queries"
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None) -> FastAPI:
+    """Build the app. With `pipeline` given it is ready at once; otherwise the bundle and models named in
+    `settings` load in a worker thread at start-up and `/readyz` answers 503 until they have."""
+    settings = settings or load_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = None
+        if app.state.pipeline is None:
+            task = asyncio.create_task(_load(app))
+        else:
+            metrics.ready.set(1)
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            if app.state.pipeline is not None:
+                await app.state.pipeline.close()
+
+    async def _load(app: FastAPI) -> None:
+        try:
+            app.state.pipeline = await asyncio.to_thread(Pipeline.load, settings)
+            metrics.ready.set(1)
+            log.info(json.dumps({"event": "ready", "bundle": app.state.pipeline.bundle.build_id}))
+        except Exception as exc:  # noqa: BLE001 - reported on /readyz
+            app.state.load_error = f"{type(exc).__name__}: {exc}"
+            log.error(json.dumps({"event": "load_failed", "error": app.state.load_error}))
+
+    app = FastAPI(
+        title="Sift",
+        version="0.1.0",
+        description="Two-stage neural retrieval: BM25 + dense retrieval, fusion, cross-encoder reranking.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.pipeline = pipeline
+    app.state.load_error = None
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.server.max_body_bytes, metrics=metrics)
+    return app

@@ -1,0 +1,36 @@
+"""Prometheus metrics, one registry per app instance (no process-global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "sift_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "sift_request_latency_seconds",
+            "End-to-end request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stage_latency = Histogram(
+            "sift_stage_latency_seconds",
+            "Latency per pipeline stage",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("sift_in_flight_requests", "Requests being served", registry=self.registry)
+        self.reranked = Counter("sift_reranked_candidates", "Candidates scored by the reranker", registry=self.registry)
+        self.ready = Gauge("sift_ready", "1 when the bundle and models are loaded", registry=self.registry)
+
+    def observe_timings(self, timings_ms: dict[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            self.stage_latency.labels(stage).observe(ms / 1000.0)

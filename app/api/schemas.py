@@ -1,0 +1,125 @@
+"""Request and response models of the HTTP API (documented in the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+FilterValue = str | int | float | bool
+MAX_QUERY_CHARS = 2000
+
+
+class SearchParams(BaseModel):
+    """Options shared by `/v1/search`, `/v1/search/batch` and `/v1/answer`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, ge=1, le=100, description="number of hits to return", examples=[10])
+    mode: Literal["bm25", "dense", "hybrid"] | None = Field(
+        None,
+        description="coarse retrieval: bm25, dense, or both fused (default from config: hybrid)",
+        examples=["hybrid"],
+    )
+    candidates: int | None = Field(
+        None, ge=1, le=1000, description="passages each retriever contributes (default 100)", examples=[100]
+    )
+    fusion: Literal["rrf", "weighted"] | None = Field(
+        None, description="how hybrid rankings are fused", examples=["rrf"]
+    )
+    rrf_k: int | None = Field(None, ge=1, le=10000, description="RRF constant (default 60)", examples=[60])
+    weights: dict[Literal["bm25", "dense"], float] | None = Field(
+        None,
+        description="per-retriever weights for `weighted` fusion over min-max normalised scores",
+        examples=[{"bm25": 0.3, "dense": 0.7}],
+    )
+    rerank: bool | None = Field(None, description="rerank with the cross-encoder (default: on when one is configured)")
+    rerank_depth: int | None = Field(None, ge=1, le=200, description="fused candidates reranked (default 50)")
+    filters: dict[str, FilterValue | list[FilterValue]] | None = Field(
+        None,
+        description="document metadata filters: a value means equality, a list means 'any of'",
+        examples=[{"topic": "astronomy", "year": [2020, 2021]}],
+    )
+    return_text: bool = Field(True, description="include each passage's full text (else a snippet)")
+    highlight: bool = Field(False, description="mark query terms with <mark> in the snippet")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_non_negative(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and any(w < 0 for w in value.values()):
+            raise ValueError("weights must be >= 0")
+        return value
+
+    @field_validator("filters")
+    @classmethod
+    def _filters_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key, item in (value or {}).items():
+            if not key.strip():
+                raise ValueError("filter keys must be non-empty metadata field names")
+            if isinstance(item, list) and not item:
+                raise ValueError(f"filter {key!r}: 'in' list must not be empty")
+        return value
+
+
+def _check_query(value: str, field: str = "query") -> str:
+    if not value.strip():
+        raise ValueError(f"{field} must contain non-whitespace text")
+    return value
+
+
+class SearchRequest(SearchParams):
+    query: str = Field(
+        ..., min_length=1, max_length=MAX_QUERY_CHARS, description="the search query", examples=["how do stars form?"]
+    )
+
+    _query = field_validator("query")(classmethod(lambda cls, v: _check_query(v)))
+
+
+class BatchSearchRequest(SearchParams):
+    queries: list[str] = Field(
+        ..., min_length=1, max_length=1000, description="queries, answered in order", examples=[["black holes", "tea"]]
+    )
+
+    @field_validator("queries")
+    @classmethod
+    def _queries_valid(cls, value: list[str]) -> list[str]:
+        for i, query in enumerate(value):
+            if not query.strip():
+                raise ValueError(f"queries[{i}] must contain non-whitespace text")
+            if len(query) > MAX_QUERY_CHARS:
+                raise ValueError(f"queries[{i}] is longer than {MAX_QUERY_CHARS} characters")
+        return value
+
+
+class StageExplain(BaseModel):
+    score: float | None = Field(None, description="the stage's score for this passage")
+    rank: int | None = Field(None, description="1-based rank in the stage's ranking")
+    note: str | None = Field(None, description="why the stage did not score the passage")
+
+
+class SearchHit(BaseModel):
+    doc_id: str
+    passage_id: str
+    title: str
+    text: str | None = None
+    snippet: str | None = None
+    score: float
+    position: int = Field(description="passage number within its document")
+    start: int = Field(description="character offset of the passage in the document text")
+    end: int
+    metadata: dict[str, Any]
+    explain: dict[str, StageExplain | None] = Field(description="score and rank per stage: bm25, dense, fused, rerank")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    mode: str
+    hits: list[SearchHit]
+    timings_ms: dict[str, float]
+    bundle: str = Field(description="build id of the bundle that answered")
+
+
+class BatchSearchResponse(BaseModel):
+    results: list[SearchResponse]
+    timings_ms: dict[str, float]
+    bundle: str

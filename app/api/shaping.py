@@ -1,0 +1,82 @@
+"""Turn pipeline results into API responses: explain blocks, snippets and highlights."""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Any
+
+from app.api.schemas import SearchHit, SearchResponse, StageExplain
+from app.pipeline import RETRIEVERS_BY_MODE, SearchOptions, SearchResult
+
+_WORD = re.compile(r"\w\w+", re.UNICODE)
+
+
+def snippet(text: str, query: str, chars: int, highlight: bool) -> str:
+    """A window of about `chars` characters around the densest cluster of query terms."""
+    terms = {t.lower() for t in _WORD.findall(query)}
+    matches = [m for m in _WORD.finditer(text) if m.group().lower() in terms]
+    if len(text) <= chars:
+        start, end = 0, len(text)
+    else:
+        best = 0
+        if matches:
+            counts = [sum(1 for n in matches if m.start() <= n.start() < m.start() + chars) for m in matches]
+            best = max(0, matches[counts.index(max(counts))].start() - chars // 6)
+        start = best
+        end = min(len(text), start + chars)
+        while start > 0 and not text[start - 1].isspace():
+            start -= 1
+    window = text[start:end]
+    if highlight and terms:
+        pieces, last = [], 0
+        for m in _WORD.finditer(window):
+            if m.group().lower() in terms:
+                pieces += [html.escape(window[last : m.start()]), f"<mark>{html.escape(m.group())}</mark>"]
+                last = m.end()
+        window = "".join(pieces) + html.escape(window[last:])
+    return ("…" if start > 0 else "") + window + ("…" if end < len(text) else "")
+
+
+def explain(stages: dict[str, Any], options: SearchOptions) -> dict[str, StageExplain | None]:
+    names = list(RETRIEVERS_BY_MODE[options.mode])
+    if len(names) > 1:
+        names.append("fused")
+    if options.rerank:
+        names.append("rerank")
+    out: dict[str, StageExplain | None] = {}
+    for name in names:
+        stage = stages.get(name)
+        out[name] = StageExplain(score=stage.score, rank=stage.rank, note=stage.note) if stage else None
+    return out
+
+
+def search_response(
+    query: str,
+    result: SearchResult,
+    options: SearchOptions,
+    bundle_id: str,
+    return_text: bool,
+    highlight: bool,
+    snippet_chars: int = 240,
+) -> SearchResponse:
+    hits = []
+    for hit in result.hits:
+        passage = result.passages[hit.idx]
+        text = passage["text"]
+        hits.append(
+            SearchHit(
+                doc_id=hit.doc_id,
+                passage_id=hit.passage_id,
+                title=passage["title"],
+                text=text if return_text else None,
+                snippet=snippet(text, query, snippet_chars, highlight) if (highlight or not return_text) else None,
+                score=hit.score,
+                position=passage["position"],
+                start=passage["start"],
+                end=passage["end"],
+                metadata=passage["metadata"],
+                explain=explain(hit.stages, options),
+            )
+        )
+    return SearchResponse(query=query, mode=options.mode, hits=hits, timings_ms=result.timings_ms, bundle=bundle_id)

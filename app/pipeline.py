@@ -1,0 +1,204 @@
+"""The search pipeline: the only place that knows the order of the stages.
+
+    retrievers (by mode) ─► fusion (when more than one) ─► reranker (when configured and asked) ─► top k
+
+The stages to run are data (`RETRIEVERS_BY_MODE`, the options of a request), not branches in the API.
+A `Pipeline` is built once from settings and a read-only bundle; it holds no per-request state, so many
+requests (and many server replicas over the same bundle) can use it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from app.retrieval import BM25Searcher, DenseSearcher, FusionConfig, Hit, fuse
+from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank
+from app.settings import Settings
+from indexer.build import passage_index_text
+from indexer.bundle import DOCSTORE, BundleInfo, open_bundle
+from indexer.docstore import Docstore
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["bm25", "dense", "hybrid"]
+RETRIEVERS_BY_MODE: dict[str, tuple[str, ...]] = {"bm25": ("bm25",), "dense": ("dense",), "hybrid": ("bm25", "dense")}
+
+
+class Searcher(Protocol):
+    name: str
+
+    def search_many(self, queries: list[str], k: int, mask: np.ndarray | None = None) -> list[list[Hit]]: ...
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Per-request choices; defaults come from settings."""
+
+    k: int = 10
+    mode: Mode = "hybrid"
+    candidates: int = 100
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    rerank: bool = False
+    rerank_depth: int = 50
+    filters: dict[str, Any] | None = None
+
+
+@dataclass
+class SearchResult:
+    """Ranked hits, their passages (row → passage with title and metadata) and per-stage timings in ms."""
+
+    hits: list[Hit]
+    passages: dict[int, dict[str, Any]]
+    timings_ms: dict[str, float]
+
+
+class Pipeline:
+    """Coarse retrieval, fusion and reranking over one loaded bundle."""
+
+    def __init__(
+        self,
+        bundle: BundleInfo,
+        docstore: Docstore,
+        searchers: dict[str, Searcher],
+        reranker: Reranker | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.docstore = docstore
+        self.searchers = searchers
+        self.reranker = reranker
+        self.settings = settings or Settings()
+        rs = self.settings.reranker
+        self.batcher = MicroBatcher(reranker, rs.max_batch_size, rs.max_wait_ms) if reranker else None
+        self.reranked_candidates = 0
+
+    @classmethod
+    def load(cls, settings: Settings, verify: bool = True) -> Pipeline:
+        """Open and verify the bundle, load the searchers it supports and the configured reranker."""
+        t = time.perf_counter()
+        bundle = open_bundle(settings.bundle, verify=verify)
+        docstore = Docstore(bundle.path(DOCSTORE))
+        rows = list(_passage_rows(docstore))
+        passage_ids = [r[0] for r in rows]
+        doc_ids = [r[1] for r in rows]
+        searchers: dict[str, Searcher] = {"bm25": BM25Searcher.from_bundle(bundle, passage_ids, doc_ids)}
+        if (bundle.manifest.get("dense") or {}).get("enabled"):
+            searchers["dense"] = DenseSearcher.from_bundle(bundle, passage_ids, doc_ids, device=settings.device)
+        reranker = None
+        if settings.reranker.model:
+            reranker = Reranker.load(
+                settings.reranker.model, settings.reranker.max_length, settings.reranker.device or settings.device
+            )
+        log.info(
+            "pipeline ready",
+            extra={"bundle": str(bundle.root), "searchers": list(searchers), "seconds": time.perf_counter() - t},
+        )
+        return cls(bundle, docstore, searchers, reranker, settings)
+
+    # -- stages ------------------------------------------------------------------------------------------
+
+    def coarse(self, queries: list[str], options: SearchOptions) -> tuple[list[list[Hit]], dict[str, float]]:
+        """First stage for many queries: every retriever of the mode, then fusion when there are several."""
+        timings: dict[str, float] = {}
+        mask = self.docstore.filter_mask(options.filters) if options.filters else None
+        rankings: dict[str, list[list[Hit]]] = {}
+        for name in RETRIEVERS_BY_MODE[options.mode]:
+            searcher = self.searchers.get(name)
+            if searcher is None:
+                raise LookupError(f"mode {options.mode!r} needs the {name} index, which this bundle does not have")
+            t = time.perf_counter()
+            rankings[name] = searcher.search_many(queries, options.candidates, mask)
+            timings[name] = _ms(t)
+        if len(rankings) == 1:
+            return next(iter(rankings.values())), timings
+        t = time.perf_counter()
+        fused = [
+            fuse({name: lists[i] for name, lists in rankings.items()}, options.fusion) for i in range(len(queries))
+        ]
+        timings["fusion"] = _ms(t)
+        return fused, timings
+
+    async def rerank(
+        self, queries: list[str], ranked: list[list[Hit]], depth: int
+    ) -> tuple[list[list[Hit]], float, str | None]:
+        """Second stage for many queries within the timeout; returns (rankings, ms, note-if-skipped)."""
+        assert self.batcher is not None
+        t = time.perf_counter()
+        heads = [hits[:depth] for hits in ranked]
+        passages = await asyncio.to_thread(self.docstore.passages, {h.idx for hits in heads for h in hits})
+        pairs = [
+            (query, passage_index_text(passages[h.idx]["title"], passages[h.idx]["text"]))
+            for query, hits in zip(queries, heads)
+            for h in hits
+        ]
+        try:
+            scores = await asyncio.wait_for(
+                self.batcher.score(pairs), timeout=self.settings.reranker.timeout_ms / 1000.0
+            )
+        except TimeoutError:
+            skipped = [[h.with_stage("rerank", None, None, "skipped (timeout)") for h in hits] for hits in ranked]
+            return skipped, _ms(t), "skipped (timeout)"
+        self.reranked_candidates += len(pairs)
+        out, offset = [], 0
+        for hits, head in zip(ranked, heads):
+            head_scores = scores[offset : offset + len(head)]
+            offset += len(head)
+            tail = [h.with_stage("rerank", None, None, "below rerank_depth") for h in hits[len(head) :]]
+            out.append(apply_rerank(head, head_scores, self.settings.reranker.interpolation) + tail)
+        return out, _ms(t), None
+
+    # -- entry points ------------------------------------------------------------------------------------
+
+    async def search_many(self, queries: list[str], options: SearchOptions) -> list[SearchResult]:
+        """Run the whole pipeline for a batch of queries (encoded and reranked in batches)."""
+        started = time.perf_counter()
+        ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
+        if options.rerank and self.batcher is not None:
+            ranked, timings["rerank"], _ = await self.rerank(queries, ranked, options.rerank_depth)
+        top = [hits[: options.k] for hits in ranked]
+        t = time.perf_counter()
+        passages = await asyncio.to_thread(self.docstore.passages, {h.idx for hits in top for h in hits})
+        timings["fetch"] = _ms(t)
+        timings["total"] = _ms(started)
+        timings = {k: round(v, 3) for k, v in timings.items()}
+        return [SearchResult(hits, {h.idx: passages[h.idx] for h in hits}, dict(timings)) for hits in top]
+
+    async def search(self, query: str, options: SearchOptions) -> SearchResult:
+        return (await self.search_many([query], options))[0]
+
+    def options(self, **overrides: Any) -> SearchOptions:
+        """Search options with defaults from settings, then `overrides` (None values ignored)."""
+        s = self.settings
+        base = SearchOptions(
+            k=s.search.default_k,
+            mode=s.search.default_mode if s.search.default_mode in self.available_modes() else "bm25",
+            candidates=s.search.default_candidates,
+            fusion=FusionConfig(s.fusion.method, s.fusion.rrf_k, dict(s.fusion.weights)),
+            rerank=self.reranker is not None,
+            rerank_depth=s.reranker.depth,
+        )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def available_modes(self) -> list[str]:
+        return [m for m, names in RETRIEVERS_BY_MODE.items() if all(n in self.searchers for n in names)]
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+
+
+def _passage_rows(docstore: Docstore) -> list[tuple[str, str]]:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{docstore.path}?mode=ro&immutable=1", uri=True) as connection:
+        return connection.execute("SELECT id, doc_id FROM passages ORDER BY idx").fetchall()
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0

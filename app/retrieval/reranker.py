@@ -1,0 +1,161 @@
+"""Second stage: a cross-encoder re-scores (query, passage) pairs.
+
+`Reranker.score(pairs)` is the synchronous model call (length-sorted batches, passages truncated to
+`max_length` tokens by the tokenizer instead of failing). `MicroBatcher` sits in front of it in the server:
+pairs from concurrent requests are pooled into batches of at most `max_batch_size`, waiting at most
+`max_wait_ms` for a batch to fill, and scored on one worker thread so the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from app.retrieval.types import Hit
+from indexer.encoders import pick_device, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+class Reranker:
+    """A sentence-transformers `CrossEncoder` with one relevance logit per pair."""
+
+    name = "rerank"
+
+    def __init__(self, model, batch_size: int = 32) -> None:  # noqa: ANN001 - CrossEncoder
+        self.model = model
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, name: str, max_length: int = 256, device: str | None = None, batch_size: int = 32) -> Reranker:
+        """Load any CrossEncoder by local path or hub id."""
+        from sentence_transformers import CrossEncoder
+
+        model = CrossEncoder(resolve_model_path(name), max_length=max_length, device=pick_device(device))
+        return cls(model, batch_size=batch_size)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.model.max_length or 512)
+
+    def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """Relevance logits for (query, passage) pairs, computed in length-sorted batches."""
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+        scores = np.empty(len(pairs), dtype=np.float32)
+        with self._lock:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                batch = [list(pairs[i]) for i in chunk]
+                out = self.model.predict(batch, batch_size=len(batch), show_progress_bar=False, convert_to_numpy=True)
+                scores[chunk] = np.asarray(out, dtype=np.float32).reshape(-1)
+        return scores
+
+
+def _zscore(values: np.ndarray) -> np.ndarray:
+    std = values.std()
+    return (values - values.mean()) / std if std > 0 else np.zeros_like(values)
+
+
+def apply_rerank(hits: list[Hit], scores: np.ndarray, interpolation: float = 1.0) -> list[Hit]:
+    """Re-order `hits` by reranker `scores` (optionally interpolated with their first-stage scores, both
+    z-normalised within the list); records stage `rerank` with the raw reranker score."""
+    if not hits:
+        return []
+    final = np.asarray(scores, dtype=np.float64)
+    if interpolation < 1.0:
+        first = np.array([h.score for h in hits], dtype=np.float64)
+        final = interpolation * _zscore(final) + (1 - interpolation) * _zscore(first)
+    order = sorted(range(len(hits)), key=lambda i: (-final[i], i))
+    result = []
+    for rank, i in enumerate(order, start=1):
+        hit = hits[i].with_stage("rerank", float(scores[i]), rank)
+        result.append(hit if interpolation >= 1.0 else replace(hit, score=float(final[i])))
+    return result
+
+
+@dataclass
+class _Job:
+    pairs: list[tuple[str, str]]
+    future: asyncio.Future
+    scores: list[float | None] = field(default_factory=list)
+    remaining: int = 0
+
+
+class MicroBatcher:
+    """Pools rerank pairs from concurrent requests into batches scored on one worker thread."""
+
+    def __init__(self, reranker: Reranker, max_batch_size: int = 64, max_wait_ms: float = 5.0) -> None:
+        self.reranker = reranker
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self._queue: asyncio.Queue[tuple[_Job, int]] | None = None
+        self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
+        self.batches = 0
+        self.pairs_scored = 0
+
+    def _ensure_started(self) -> asyncio.Queue:
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._worker is None or self._worker.done() or self._loop is not loop:
+            self._loop = loop
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._run(self._queue))
+        return self._queue
+
+    async def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """Scores for `pairs`, in order; resolves when every pair has been through a batch."""
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        queue = self._ensure_started()
+        job = _Job(pairs, asyncio.get_running_loop().create_future(), [None] * len(pairs), len(pairs))
+        for i in range(len(pairs)):
+            queue.put_nowait((job, i))
+        try:
+            return np.asarray(await job.future, dtype=np.float32)
+        finally:
+            if not job.future.done():
+                job.future.cancel()
+
+    async def _run(self, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(items) < self.max_batch_size:
+                timeout = deadline - loop.time()
+                try:
+                    items.append(queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout))
+                except (TimeoutError, asyncio.QueueEmpty):
+                    break
+            items = [(job, i) for job, i in items if not job.future.done()]
+            if not items:
+                continue
+            pairs = [job.pairs[i] for job, i in items]
+            try:
+                scores = await loop.run_in_executor(self._executor, self.reranker.score, pairs)
+            except Exception as exc:  # noqa: BLE001 - delivered to every waiting request
+                for job, _ in items:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            self.batches += 1
+            self.pairs_scored += len(pairs)
+            for (job, i), score in zip(items, scores):
+                job.scores[i] = float(score)
+                job.remaining -= 1
+                if job.remaining == 0 and not job.future.done():
+                    job.future.set_result(job.scores)
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,96 @@
+"""The one settings model: `configs/default.yaml` (or `--config FILE` / `SIFT_CONFIG`) plus `SIFT_*`
+environment overrides, nested with `__` (e.g. `SIFT_RERANKER__MODEL=/models/ce`, `SIFT_SEARCH__MAX_K=200`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from indexer.config import IndexConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+
+
+class SearchSettings(BaseModel):
+    default_mode: Literal["bm25", "dense", "hybrid"] = "hybrid"
+    default_k: int = Field(10, ge=1)
+    max_k: int = Field(100, ge=1)
+    default_candidates: int = Field(100, ge=1)
+    max_candidates: int = Field(1000, ge=1)
+    max_query_chars: int = Field(2000, ge=1)
+    max_batch_queries: int = Field(1000, ge=1)
+    snippet_chars: int = Field(240, ge=40)
+
+
+class FusionSettings(BaseModel):
+    method: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: int = Field(60, ge=1)
+    weights: dict[str, float] = Field(default_factory=lambda: {"bm25": 0.5, "dense": 0.5})
+
+
+class RerankerSettings(BaseModel):
+    model: str | None = Field(None, description="CrossEncoder path or hub id; null disables reranking")
+    max_length: int = Field(256, ge=8, description="tokens per (query, passage) pair; longer passages are truncated")
+    depth: int = Field(50, ge=1, description="default number of fused candidates reranked")
+    max_depth: int = Field(200, ge=1)
+    max_batch_size: int = Field(64, ge=1, description="pairs per micro-batch across concurrent requests")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
+    timeout_ms: float = Field(30000, gt=0, description="budget after which the fused order is returned")
+    interpolation: float = Field(
+        1.0, ge=0, le=1, description="final = w·z(reranker) + (1-w)·z(first stage); 1.0 = reranker only"
+    )
+    device: str | None = None
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    log_level: str = "info"
+
+
+class Settings(BaseSettings):
+    """Everything Sift reads at start. See `configs/default.yaml` for every field with comments."""
+
+    model_config = SettingsConfigDict(env_prefix="SIFT_", env_nested_delimiter="__", extra="forbid")
+
+    bundle: Path = Field(PROJECT_ROOT / "var" / "index", description="bundle folder or index folder with `current`")
+    device: str | None = Field(None, description="model device; null picks CUDA when present")
+    index: IndexConfig = IndexConfig()
+    search: SearchSettings = SearchSettings()
+    fusion: FusionSettings = FusionSettings()
+    reranker: RerankerSettings = RerankerSettings()
+    server: ServerSettings = ServerSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("yaml_file"):
+            sources.append(YamlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def load_settings(config: Path | str | None = None, **overrides: object) -> Settings:
+    """Settings from `config` (default: `$SIFT_CONFIG` or `configs/default.yaml`), env, then `overrides`."""
+    path = Path(config or os.environ.get("SIFT_CONFIG") or DEFAULT_CONFIG)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; pass --config or set SIFT_CONFIG")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": str(path)})
+
+    return FileSettings(**overrides)

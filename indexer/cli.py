@@ -1,0 +1,77 @@
+"""`sift index ...`: build and inspect bundles from the command line (a typer sub-app)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from indexer.build import build_bundle
+from indexer.bundle import BundleError, list_builds, open_bundle
+from indexer.config import IndexConfig
+from indexer.sources import SourceError
+
+app = typer.Typer(help="Build and inspect index bundles.", no_args_is_help=True)
+
+
+@app.command("build")
+def build(
+    input: Path = typer.Option(
+        ..., "--input", "-i", help="BEIR-style JSONL file, CSV/TSV file, or folder of .txt/.md/.html"
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="index folder; the build goes to OUT/<build-id>, OUT/current points at it"
+    ),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config; its `index:` section is used"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of failing"),
+    id_column: str | None = typer.Option(None, help="CSV column holding the document id"),
+    title_column: str | None = typer.Option(None, help="CSV column holding the title"),
+    text_column: str | None = typer.Option(None, help="CSV column holding the text"),
+    no_dense: bool = typer.Option(False, "--no-dense", help="build BM25 only (no dual-encoder, no FAISS)"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Read documents, split them into passages and publish a new bundle atomically."""
+    try:
+        cfg = IndexConfig.from_yaml(config)
+    except Exception as exc:  # noqa: BLE001 - pydantic / YAML errors alike
+        typer.echo(f"error: config {config}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    for name, value in (("id_column", id_column), ("title_column", title_column), ("text_column", text_column)):
+        if value:
+            setattr(cfg.csv, name, value)
+    if no_dense:
+        cfg.dense.enabled = False
+    try:
+        result = build_bundle(input, out, cfg, skip_bad=skip_bad, show_progress=progress)
+    except (SourceError, BundleError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for reason in result.skipped:
+        typer.echo(f"skipped: {reason}", err=True)
+    typer.echo(result.summary())
+
+
+@app.command("verify")
+def verify(bundle: Path = typer.Argument(..., help="bundle folder or index folder with `current`")) -> None:
+    """Check a bundle's manifest and every file's sha256."""
+    try:
+        info = open_bundle(bundle, verify=True)
+    except BundleError as exc:
+        typer.echo(f"damaged: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"ok: {info.root} ({info.manifest['counts']['passages']} passages, {len(info.manifest['files'])} files)")
+
+
+@app.command("info")
+def info(bundle: Path = typer.Argument(..., help="bundle folder or index folder with `current`")) -> None:
+    """Print a bundle's manifest (without file checksums) and the builds beside it."""
+    try:
+        data = open_bundle(bundle, verify=False)
+    except BundleError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    manifest = {k: v for k, v in data.manifest.items() if k != "files"}
+    json.dump({"path": str(data.root), **manifest, "builds": list_builds(data.root.parent)}, sys.stdout, indent=2)
+    sys.stdout.write("\n")

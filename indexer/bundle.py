@@ -197,7 +197,7 @@ def open_bundle(path: Path, verify: bool = True) -> BundleInfo:
 
 def list_builds(out: Path) -> list[str]:
     """Published build ids under an output folder, oldest first."""
-    return sorted(p.name for p in Path(out).iterdir() if p.is_dir() and (p / MANIFEST).exists())
+    return sorted(p.name for p in Path(out).iterdir() if p.is_dir() and not p.is_symlink() and (p / MANIFEST).exists())
 
 
 def now_iso() -> str:

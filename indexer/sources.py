@@ -53,14 +53,14 @@ def read_documents(
     """
     path = Path(path)
     report = report if report is not None else ReadReport()
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or folder; pass --input a JSONL file, CSV file or folder")
     if path.is_dir():
         records = _read_folder(path)
     elif path.suffix.lower() in (".jsonl", ".ndjson"):
         records = _read_jsonl(path)
     elif path.suffix.lower() in (".csv", ".tsv"):
         records = _read_csv(path, csv_columns or CsvColumns())
-    elif not path.exists():
-        raise SourceError(f"{path}: no such file or folder; pass --input a JSONL file, CSV file or folder")
     else:
         raise SourceError(
             f"{path}: unsupported input type {path.suffix!r}; use .jsonl, .csv/.tsv or a folder of "

@@ -1,0 +1,94 @@
+"""Retrieval evaluation on BEIR-layout datasets: load queries and qrels, turn passage hits into a
+document run (a document's score is its best passage's score), score it with ir-measures, write TREC runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import ir_measures
+from ir_measures import RR, R, nDCG
+
+from app.retrieval.types import Hit
+
+DEFAULT_MEASURES = (nDCG @ 10, R @ 100, RR @ 10)
+MEASURE_NAMES = {"nDCG@10": "ndcg@10", "R@100": "recall@100", "RR@10": "mrr@10"}
+
+
+@dataclass(frozen=True)
+class BeirDataset:
+    """A BEIR folder: `corpus.jsonl`, `queries.jsonl`, `qrels/<split>.tsv`."""
+
+    root: Path
+    split: str
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]
+
+    @property
+    def corpus(self) -> Path:
+        return self.root / "corpus.jsonl"
+
+
+def load_beir(root: Path, split: str = "test") -> BeirDataset:
+    """Queries that have judgments in `qrels/<split>.tsv`, with those judgments."""
+    root = Path(root)
+    qrels_path = root / "qrels" / f"{split}.tsv"
+    for needed in (root / "corpus.jsonl", root / "queries.jsonl", qrels_path):
+        if not needed.exists():
+            raise FileNotFoundError(
+                f"{needed} missing; a BEIR folder has corpus.jsonl, queries.jsonl, qrels/{split}.tsv"
+            )
+    qrels: dict[str, dict[str, int]] = {}
+    with open(qrels_path, encoding="utf-8") as handle:
+        reader = csv.reader(handle, delimiter="\t")
+        for row in reader:
+            if not row or row[0] == "query-id":
+                continue
+            qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+    queries: dict[str, str] = {}
+    with open(root / "queries.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if str(record["_id"]) in qrels:
+                queries[str(record["_id"])] = record["text"]
+    return BeirDataset(root, split, dict(sorted(queries.items(), key=lambda kv: _natural(kv[0]))), qrels)
+
+
+def _natural(key: str) -> tuple[int, str]:
+    return (int(key), key) if key.isdigit() else (1 << 62, key)
+
+
+def document_run(query_ids: Sequence[str], results: Sequence[Sequence[Hit]]) -> dict[str, dict[str, float]]:
+    """qid → {doc_id: score}, scoring each document by its best-ranked passage, ranks preserved."""
+    run: dict[str, dict[str, float]] = {}
+    for qid, hits in zip(query_ids, results, strict=True):
+        docs: dict[str, float] = {}
+        for rank, hit in enumerate(hits):
+            if hit.doc_id not in docs:
+                # rank-derived score keeps the pipeline's order exactly, whatever its score scale
+                docs[hit.doc_id] = float(len(hits) - rank)
+        run[qid] = docs
+    return run
+
+
+def evaluate(
+    qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], measures=DEFAULT_MEASURES
+) -> dict[str, float]:  # noqa: ANN001
+    """Mean of each measure over the queries in `qrels` (missing queries score 0), via ir-measures."""
+    full_run = {qid: run.get(qid, {}) for qid in qrels}
+    scores = ir_measures.calc_aggregate(list(measures), qrels, full_run)
+    return {MEASURE_NAMES.get(str(m), str(m)): float(scores[m]) for m in measures}
+
+
+def write_trec_run(run: dict[str, dict[str, float]], path: Path, tag: str) -> None:
+    """Standard TREC run file (qid Q0 docid rank score tag), checkable with trec_eval."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for qid, docs in run.items():
+            ranked = sorted(docs.items(), key=lambda kv: -kv[1])
+            for rank, (doc_id, score) in enumerate(ranked, start=1):
+                handle.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")

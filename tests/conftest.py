@@ -1,0 +1,93 @@
+"""Shared fixtures: the offline encoder, small corpora, a bundle over examples/, and (cached) SciFact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SCIFACT = SHARED_DATA / "scifact"
+EXAMPLES = ROOT / "examples" / "corpus.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+needs_scifact = pytest.mark.skipif(
+    not (SCIFACT / "corpus.jsonl").exists(),
+    reason=f"SciFact not found at {SCIFACT} (../shared/data is provided on the team's machines and in CI)",
+)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    from indexer.encoders import load_encoder
+
+    return load_encoder("sentence-transformers/all-MiniLM-L6-v2", "cpu")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(encoder):
+    return encoder.tokenizer
+
+
+@pytest.fixture(scope="session")
+def example_index(tmp_path_factory) -> Path:
+    """An index folder (with `current`) built from examples/corpus.jsonl."""
+    from indexer.build import build_bundle
+
+    out = tmp_path_factory.mktemp("example-index")
+    build_bundle(EXAMPLES, out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def example_pipeline(example_index):
+    from app.pipeline import Pipeline
+    from app.settings import load_settings
+
+    return Pipeline.load(load_settings(bundle=example_index))
+
+
+def _source_key() -> str:
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "indexer").glob("*.py")):
+        digest.update(path.read_bytes())
+    digest.update((SCIFACT / "corpus.jsonl").read_bytes()[: 1 << 20])
+    return digest.hexdigest()[:16]
+
+
+@pytest.fixture(scope="session")
+def scifact_index() -> Path:
+    """SciFact built with the default config; cached under .cache/ keyed by the indexer's source code,
+    so a change to the indexer always rebuilds (≈6 min on a 2-core CPU)."""
+    from indexer.build import build_bundle
+    from indexer.bundle import BundleError, open_bundle
+
+    out = ROOT / ".cache" / f"scifact-{_source_key()}"
+    try:
+        open_bundle(out, verify=True)
+        return out
+    except BundleError:
+        shutil.rmtree(out, ignore_errors=True)
+    build_bundle(SCIFACT / "corpus.jsonl", out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def scifact_pipeline(scifact_index):
+    from app.pipeline import Pipeline
+    from app.settings import load_settings
+
+    return Pipeline.load(load_settings(bundle=scifact_index))

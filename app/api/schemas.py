@@ -33,15 +33,19 @@ class SearchParams(BaseModel):
         description="per-retriever weights for `weighted` fusion over min-max normalised scores",
         examples=[{"bm25": 0.3, "dense": 0.7}],
     )
-    rerank: bool | None = Field(None, description="rerank with the cross-encoder (default: on when one is configured)")
-    rerank_depth: int | None = Field(None, ge=1, le=200, description="fused candidates reranked (default 50)")
+    rerank: bool | None = Field(
+        None, description="rerank with the cross-encoder (default: on when one is configured)", examples=[True]
+    )
+    rerank_depth: int | None = Field(
+        None, ge=1, le=200, description="fused candidates reranked (default 50)", examples=[50]
+    )
     filters: dict[str, FilterValue | list[FilterValue]] | None = Field(
         None,
         description="document metadata filters: a value means equality, a list means 'any of'",
         examples=[{"topic": "astronomy", "year": [2020, 2021]}],
     )
-    return_text: bool = Field(True, description="include each passage's full text (else a snippet)")
-    highlight: bool = Field(False, description="mark query terms with <mark> in the snippet")
+    return_text: bool = Field(True, description="include each passage's full text (else a snippet)", examples=[True])
+    highlight: bool = Field(False, description="mark query terms with <mark> in the snippet", examples=[False])
 
     @field_validator("weights")
     @classmethod

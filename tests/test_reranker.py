@@ -1,0 +1,107 @@
+"""The rerank stage: batching and truncation, micro-batching across requests, timeouts, and the API."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api.main import create_app
+from app.pipeline import Pipeline
+from app.retrieval.reranker import MicroBatcher, Reranker
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory):
+    """A CrossEncoder from the offline MiniLM weights with a seeded, untrained head (any CrossEncoder works)."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from indexer.encoders import resolve_model_path
+
+    torch.manual_seed(0)
+    model = CrossEncoder(resolve_model_path("default"), num_labels=1, max_length=128, device="cpu")
+    path = tmp_path_factory.mktemp("cross-encoder")
+    model.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def reranker(cross_encoder_dir):
+    return Reranker.load(str(cross_encoder_dir), max_length=128, device="cpu", batch_size=4)
+
+
+def test_batched_sorted_scores_equal_one_by_one_and_long_passages_truncate(reranker):
+    long_passage = "the history of bread " * 2000  # ~8000 tokens, far beyond max_length
+    pairs = [
+        ("bread", "Yeast makes dough rise."),
+        ("bread", long_passage),
+        ("stars", "Stars fuse hydrogen."),
+        ("music", "A piano has 88 keys."),
+        ("x", "short"),
+        ("bread", "Sourdough uses a starter culture."),
+    ]
+    batched = reranker.score(pairs)
+    one_by_one = np.array([reranker.model.predict([list(p)], show_progress_bar=False)[0] for p in pairs])
+    assert batched.shape == (6,) and np.isfinite(batched).all()
+    assert batched == pytest.approx(one_by_one, abs=1e-4)
+
+
+def test_micro_batcher_pools_concurrent_requests(reranker):
+    batcher = MicroBatcher(reranker, max_batch_size=64, max_wait_ms=50)
+    requests = [[(f"query {r}", f"passage {r}-{i} about topic {i}") for i in range(5)] for r in range(8)]
+
+    async def run():
+        return await asyncio.gather(*(batcher.score(pairs) for pairs in requests))
+
+    results = asyncio.run(run())
+    assert batcher.pairs_scored == 40 and batcher.batches < 8  # pooled across requests
+    for pairs, scores in zip(requests, results):
+        assert scores == pytest.approx(reranker.score(pairs), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reranking_pipeline(example_pipeline, reranker):
+    settings = example_pipeline.settings.model_copy(deep=True)
+    settings.reranker.model = "test-cross-encoder"
+    return Pipeline(example_pipeline.bundle, example_pipeline.docstore, example_pipeline.searchers, reranker, settings)
+
+
+def test_rerank_orders_by_cross_encoder_score_and_explains(reranking_pipeline):
+    options = reranking_pipeline.options(k=10, rerank_depth=20)
+    assert options.rerank is True
+    result = asyncio.run(reranking_pipeline.search("how do stars form", options))
+    stages = [h.stages["rerank"] for h in result.hits]
+    assert [s.rank for s in stages] == list(range(1, 11))
+    assert [h.score for h in result.hits] == sorted((s.score for s in stages), reverse=True)
+    assert "rerank" in result.timings_ms
+
+
+def test_rerank_timeout_returns_fused_order_marked_skipped(reranking_pipeline):
+    slow = reranking_pipeline.settings.model_copy(deep=True)
+    slow.reranker.timeout_ms = 0.001
+    pipeline = Pipeline(
+        reranking_pipeline.bundle,
+        reranking_pipeline.docstore,
+        reranking_pipeline.searchers,
+        reranking_pipeline.reranker,
+        slow,
+    )
+    query = "volcano eruptions and magma"
+    timed_out = asyncio.run(pipeline.search(query, pipeline.options(k=8)))
+    fused = asyncio.run(pipeline.search(query, replace(pipeline.options(k=8), rerank=False)))
+    assert [h.passage_id for h in timed_out.hits] == [h.passage_id for h in fused.hits]
+    assert {h.stages["rerank"].note for h in timed_out.hits} == {"skipped (timeout)"}
+
+
+def test_api_reranks_by_default_when_configured(reranking_pipeline):
+    with TestClient(create_app(reranking_pipeline.settings, pipeline=reranking_pipeline)) as client:
+        data = client.post("/v1/search", json={"query": "coral reef bleaching", "k": 5, "rerank_depth": 10}).json()
+        assert set(data["hits"][0]["explain"]) == {"bm25", "dense", "fused", "rerank"}
+        assert [h["explain"]["rerank"]["rank"] for h in data["hits"]] == [1, 2, 3, 4, 5]
+        off = client.post("/v1/search", json={"query": "coral reef bleaching", "k": 5, "rerank": False}).json()
+        assert "rerank" not in off["hits"][0]["explain"]
+        assert "sift_reranked_candidates_total 5.0" in client.get("/metrics").text

@@ -50,6 +50,85 @@ def serve(
     )
 
 
+eval_app = typer.Typer(help="Measure retrieval quality and latency on BEIR-layout datasets.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    dataset: Path = typer.Option(..., "--dataset", "-d", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/"),
+    split: str = typer.Option("test", help="qrels split to evaluate (qrels/<split>.tsv)"),
+    pipelines: str = typer.Option("bm25,dense,hybrid,hybrid+rerank", help="comma-separated pipelines to run"),
+    bundle: Path | None = typer.Option(None, "--bundle", "-b", help="evaluate this bundle (must index the corpus)"),
+    build: bool = typer.Option(False, "--build", help="(re)build the bundle from the dataset's corpus first"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (index, fusion, reranker)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="where to write JSON, Markdown and TREC runs"),
+    rerank_depth: int | None = typer.Option(None, help="candidates reranked by hybrid+rerank"),
+) -> None:
+    """Run each pipeline over the dataset's queries through the API's code path and report nDCG@10,
+    Recall@100, MRR@10 and per-query latency p50/p95. Without --bundle, the bundle is kept in
+    var/eval/<dataset>/ and reused unless --build is given."""
+    import json
+
+    from app.evaluation import PIPELINES, load_beir, markdown_table, run_pipelines, write_trec_run
+    from app.pipeline import Pipeline
+    from app.settings import load_settings
+    from indexer.build import build_bundle
+    from indexer.bundle import BundleError, open_bundle
+
+    setup_logging("warning")
+    data = load_beir(dataset, split)
+    names = [p.strip() for p in pipelines.split(",") if p.strip()]
+    unknown = [n for n in names if n not in PIPELINES]
+    if unknown:
+        typer.echo(f"error: unknown pipeline(s) {unknown}; choose from {list(PIPELINES)}", err=True)
+        raise typer.Exit(2)
+    settings = load_settings(config)
+    index_dir = bundle or Path("var") / "eval" / dataset.resolve().name
+    if bundle is None:
+        try:
+            if build:
+                raise BundleError("rebuild requested")
+            open_bundle(index_dir, verify=False)
+        except BundleError:
+            typer.echo(f"building {index_dir} from {data.corpus} …", err=True)
+            typer.echo(build_bundle(data.corpus, index_dir, settings.index).summary(), err=True)
+    settings = load_settings(config, bundle=index_dir)
+    pipeline = Pipeline.load(settings)
+    if "hybrid+rerank" in names and pipeline.reranker is None:
+        typer.echo("note: no reranker configured (reranker.model); skipping hybrid+rerank", err=True)
+        names.remove("hybrid+rerank")
+    rows, runs = run_pipelines(pipeline, data, names, rerank_depth=rerank_depth)
+    table = markdown_table(rows)
+    typer.echo(f"{dataset.name} {split}: {len(data.queries)} queries, bundle {pipeline.bundle.build_id}")
+    typer.echo(table)
+    out = out or Path("var") / "eval" / f"{dataset.resolve().name}-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, run in runs.items():
+        write_trec_run(run, out / f"{name}.trec", f"sift-{name}")
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "dataset": str(dataset),
+                "split": split,
+                "bundle": pipeline.bundle.build_id,
+                "pipelines": {
+                    r.name: {
+                        **r.metrics,
+                        "latency_ms_p50": r.latency_ms_p50,
+                        "latency_ms_p95": r.latency_ms_p95,
+                        "queries": r.queries,
+                    }
+                    for r in rows
+                },
+            },
+            indent=2,
+        )
+    )
+    typer.echo(f"wrote {out}/results.json, results.md and TREC runs")
+
+
 def main() -> None:
     app()
 

@@ -92,3 +92,80 @@ def write_trec_run(run: dict[str, dict[str, float]], path: Path, tag: str) -> No
             ranked = sorted(docs.items(), key=lambda kv: -kv[1])
             for rank, (doc_id, score) in enumerate(ranked, start=1):
                 handle.write(f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}\n")
+
+
+# -- `sift eval retrieval` -------------------------------------------------------------------------------
+
+PIPELINES: dict[str, dict[str, object]] = {
+    "bm25": {"mode": "bm25", "rerank": False},
+    "dense": {"mode": "dense", "rerank": False},
+    "hybrid": {"mode": "hybrid", "rerank": False},
+    "hybrid+rerank": {"mode": "hybrid", "rerank": True},
+}
+
+
+@dataclass
+class PipelineScores:
+    """One row of the evaluation table."""
+
+    name: str
+    metrics: dict[str, float]
+    latency_ms_p50: float
+    latency_ms_p95: float
+    queries: int
+
+
+def run_pipelines(pipeline, dataset: BeirDataset, names: Sequence[str], k: int = 100, rerank_depth: int | None = None):  # noqa: ANN001, ANN201
+    """Run each named pipeline query by query through `Pipeline.search` (the API's code path), timing each
+    query; returns (rows, runs) where runs[name] is the document run."""
+    import asyncio
+    import time
+
+    import numpy as np
+
+    rows: list[PipelineScores] = []
+    runs: dict[str, dict[str, dict[str, float]]] = {}
+    qids, texts = list(dataset.queries), list(dataset.queries.values())
+
+    async def evaluate_one(options):  # noqa: ANN001, ANN202
+        latencies, results = [], []
+        for text in texts:
+            started = time.perf_counter()
+            result = await pipeline.search(text, options)
+            latencies.append((time.perf_counter() - started) * 1000)
+            results.append(result.hits)
+        return latencies, results
+
+    for name in names:
+        spec = PIPELINES[name]
+        overrides = {"k": k, "candidates": max(k, pipeline.settings.search.default_candidates), **spec}
+        if rerank_depth:
+            overrides["rerank_depth"] = rerank_depth
+        options = pipeline.options(**overrides)
+        asyncio.run(pipeline.search(texts[0], options))  # warm-up
+        latencies, results = asyncio.run(evaluate_one(options))
+        runs[name] = document_run(qids, results)
+        rows.append(
+            PipelineScores(
+                name,
+                evaluate(dataset.qrels, runs[name]),
+                float(np.percentile(latencies, 50)),
+                float(np.percentile(latencies, 95)),
+                len(qids),
+            )
+        )
+    return rows, runs
+
+
+def markdown_table(rows: Sequence[PipelineScores]) -> str:
+    lines = [
+        "| pipeline | nDCG@10 | Recall@100 | MRR@10 | p50 ms/query | p95 ms/query |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r.metrics
+        lines.append(
+            f"| {r.name} | {m['ndcg@10']:.4f} | {m['recall@100']:.4f} | {m['mrr@10']:.4f} "
+            f"| {r.latency_ms_p50:.1f} | {r.latency_ms_p95:.1f} |"
+        )
+    return "\n".join(lines)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
 import bm25s
 import numpy as np
+from bm25s.tokenization import _infer_stopwords
+from tqdm.auto import tqdm
 
 from indexer.config import BM25Settings
 
@@ -20,16 +23,24 @@ def _stemmer(language: str | None):  # noqa: ANN202 - PyStemmer has no stubs
     return Stemmer.Stemmer(language)
 
 
+_TOKEN = re.compile(r"(?u)\b\w\w+\b")  # the scikit-learn / bm25s token pattern
+
+
+@lru_cache(maxsize=8)
+def _stopwords(name: str | None) -> frozenset[str]:
+    return frozenset(_infer_stopwords(name)) if name else frozenset()
+
+
 def tokenize(texts: list[str], settings: BM25Settings, show_progress: bool = False) -> list[list[str]]:
-    """Lower-case, split, drop stop words and stem, exactly as at build time."""
-    return bm25s.tokenize(
-        texts,
-        lower=True,
-        stopwords=settings.stopwords,
-        stemmer=_stemmer(settings.stemmer),
-        return_ids=False,
-        show_progress=show_progress,
-    )
+    """Lower-case, split on word characters, drop stop words, stem. The one tokeniser for passages (at build
+    time) and queries (at search time), so both always agree."""
+    stop = _stopwords(settings.stopwords)
+    stemmer = _stemmer(settings.stemmer)
+    out = []
+    for text in tqdm(texts, desc="tokenise", unit="passage", disable=not show_progress):
+        tokens = [t for t in _TOKEN.findall(text.lower()) if t not in stop]
+        out.append(stemmer.stemWords(tokens) if stemmer is not None else tokens)
+    return out
 
 
 def build_bm25(texts: list[str], settings: BM25Settings, out_dir: Path, show_progress: bool = True) -> None:

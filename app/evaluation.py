@@ -96,11 +96,13 @@ def write_trec_run(run: dict[str, dict[str, float]], path: Path, tag: str) -> No
 
 # -- `sift eval retrieval` -------------------------------------------------------------------------------
 
+# Single retrievers are judged on their own top 1,000 passages; hybrid uses the API default of 100 candidates
+# per retriever. Every pipeline returns the top 100 documents (best passage each).
 PIPELINES: dict[str, dict[str, object]] = {
-    "bm25": {"mode": "bm25", "rerank": False},
-    "dense": {"mode": "dense", "rerank": False},
-    "hybrid": {"mode": "hybrid", "rerank": False},
-    "hybrid+rerank": {"mode": "hybrid", "rerank": True},
+    "bm25": {"mode": "bm25", "rerank": False, "candidates": 1000},
+    "dense": {"mode": "dense", "rerank": False, "candidates": 1000},
+    "hybrid": {"mode": "hybrid", "rerank": False, "candidates": 100},
+    "hybrid+rerank": {"mode": "hybrid", "rerank": True, "candidates": 100},
 }
 
 
@@ -138,7 +140,7 @@ def run_pipelines(pipeline, dataset: BeirDataset, names: Sequence[str], k: int =
 
     for name in names:
         spec = PIPELINES[name]
-        overrides = {"k": k, "candidates": max(k, pipeline.settings.search.default_candidates), **spec}
+        overrides = {"k": k, "collapse": True, **spec}
         if rerank_depth:
             overrides["rerank_depth"] = rerank_depth
         options = pipeline.options(**overrides)

@@ -47,6 +47,7 @@ class SearchOptions:
     rerank: bool = False
     rerank_depth: int = 50
     filters: dict[str, Any] | None = None
+    collapse: bool = False
 
 
 @dataclass
@@ -161,6 +162,8 @@ class Pipeline:
         ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
         if options.rerank and self.batcher is not None:
             ranked, timings["rerank"], _ = await self.rerank(queries, ranked, options.rerank_depth)
+        if options.collapse:
+            ranked = [_best_passage_per_document(hits) for hits in ranked]
         top = [hits[: options.k] for hits in ranked]
         t = time.perf_counter()
         passages = await asyncio.to_thread(self.docstore.passages, {h.idx for hits in top for h in hits})
@@ -191,6 +194,16 @@ class Pipeline:
     async def close(self) -> None:
         if self.batcher is not None:
             await self.batcher.close()
+
+
+def _best_passage_per_document(hits: list[Hit]) -> list[Hit]:
+    seen: set[str] = set()
+    out = []
+    for hit in hits:
+        if hit.doc_id not in seen:
+            seen.add(hit.doc_id)
+            out.append(hit)
+    return out
 
 
 def _passage_rows(docstore: Docstore) -> list[tuple[str, str]]:

@@ -48,6 +48,35 @@ class RerankerSettings(BaseModel):
     device: str | None = None
 
 
+class GeneratorSettings(BaseModel):
+    backend: Literal["local", "openai", "none"] = Field(
+        "local", description="local model, OpenAI-compatible server, or none"
+    )
+    model: str = Field(
+        "smollm2",
+        description="`smollm2` (bundled SmolLM2-135M-Instruct), a local path or hub id, or the remote model name",
+    )
+    cache_dir: Path = Field(PROJECT_ROOT / "var" / "models", description="where the dequantised SmolLM2 copy is kept")
+    device: str | None = None
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://localhost:8001/v1")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+    backoff_s: float = Field(0.5, ge=0)
+    context_window: int = Field(8192, ge=256, description="context size of a remote model (tokens)")
+
+
+class AnswerSettings(BaseModel):
+    template: Path = Field(PROJECT_ROOT / "configs" / "prompts" / "answer.yaml", description="prompt template file")
+    passages: int = Field(3, ge=1, le=20, description="most passages put into the prompt")
+    context_budget: int = Field(1536, ge=128, description="prompt tokens available for passages")
+    max_new_tokens: int = Field(96, ge=1, le=2048)
+    min_rerank_score: float | None = Field(
+        0.0, description="best passage must reach this reranker score (when reranking)"
+    )
+    min_dense_score: float | None = Field(0.3, description="else best passage must reach this dense cosine score")
+
+
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
@@ -67,6 +96,8 @@ class Settings(BaseSettings):
     search: SearchSettings = SearchSettings()
     fusion: FusionSettings = FusionSettings()
     reranker: RerankerSettings = RerankerSettings()
+    generator: GeneratorSettings = GeneratorSettings()
+    answer: AnswerSettings = AnswerSettings()
     server: ServerSettings = ServerSettings()
 
     @classmethod

@@ -76,6 +76,9 @@ def scifact_index() -> Path:
     from indexer.bundle import BundleError, open_bundle
 
     out = ROOT / ".cache" / f"scifact-{_source_key()}"
+    for stale in (ROOT / ".cache").glob("scifact-*"):
+        if stale != out:
+            shutil.rmtree(stale, ignore_errors=True)
     try:
         open_bundle(out, verify=True)
         return out
@@ -91,3 +94,10 @@ def scifact_pipeline(scifact_index):
     from app.settings import load_settings
 
     return Pipeline.load(load_settings(bundle=scifact_index))
+
+
+@pytest.fixture(scope="session")
+def local_generator():
+    from app.generation.local import LocalGenerator
+
+    return LocalGenerator.load("smollm2", ROOT / "var" / "models", "cpu")

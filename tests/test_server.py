@@ -25,7 +25,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(example_index):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SIFT_BUNDLE": str(example_index)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SIFT_BUNDLE": str(example_index), "SIFT_GENERATOR__BACKEND": "none"}
     cmd = [
         sys.executable,
         "-c",

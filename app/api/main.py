@@ -13,9 +13,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.answer import router as answer_router
 from app.api.errors import error_body, install_error_handlers
 from app.api.metrics import Metrics
 from app.api.routes import router
+from app.generation import load_generator
 from app.pipeline import Pipeline
 from app.settings import Settings, load_settings
 
@@ -105,9 +107,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None) -> FastAPI:
-    """Build the app. With `pipeline` given it is ready at once; otherwise the bundle and models named in
-    `settings` load in a worker thread at start-up and `/readyz` answers 503 until they have."""
+def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None, generator=None) -> FastAPI:  # noqa: ANN001
+    """Build the app. With `pipeline` (and optionally `generator`) given it is ready at once; otherwise the
+    bundle, models and generator named in `settings` load in a worker thread at start-up and `/readyz`
+    answers 503 until they have."""
     settings = settings or load_settings()
     metrics = Metrics()
 
@@ -128,7 +131,9 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
 
     async def _load(app: FastAPI) -> None:
         try:
-            app.state.pipeline = await asyncio.to_thread(Pipeline.load, settings)
+            loaded = await asyncio.to_thread(Pipeline.load, settings)
+            app.state.generator = await asyncio.to_thread(load_generator, settings.generator, settings.device)
+            app.state.pipeline = loaded
             metrics.ready.set(1)
             log.info(json.dumps({"event": "ready", "bundle": app.state.pipeline.bundle.build_id}))
         except Exception as exc:  # noqa: BLE001 - reported on /readyz
@@ -143,9 +148,11 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
     )
     app.state.settings = settings
     app.state.pipeline = pipeline
+    app.state.generator = generator
     app.state.load_error = None
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(answer_router)
     app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.server.max_body_bytes, metrics=metrics)
     return app

@@ -71,6 +71,7 @@ def to_options(pipeline: Pipeline, params: SearchParams) -> SearchOptions:
         rerank=defaults.rerank if params.rerank is None else params.rerank,
         rerank_depth=params.rerank_depth or defaults.rerank_depth,
         filters=params.filters,
+        collapse=params.collapse,
     )
 
 

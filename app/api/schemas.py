@@ -44,6 +44,9 @@ class SearchParams(BaseModel):
         description="document metadata filters: a value means equality, a list means 'any of'",
         examples=[{"topic": "astronomy", "year": [2020, 2021]}],
     )
+    collapse: bool = Field(
+        False, description="one hit per document (its best passage); `k` then counts documents", examples=[False]
+    )
     return_text: bool = Field(True, description="include each passage's full text (else a snippet)", examples=[True])
     highlight: bool = Field(False, description="mark query terms with <mark> in the snippet", examples=[False])
 

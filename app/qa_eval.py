@@ -122,3 +122,71 @@ def clean_prediction(text: str) -> str:
     """First line of a generated answer, without a trailing full stop (answers are short spans)."""
     line = text.strip().split("\n")[0].strip()
     return line[:-1] if line.endswith(".") else line
+
+
+def answer_with_gold(
+    generator, questions: Sequence[SquadQuestion], template, options, progress: bool = True
+) -> list[str]:  # noqa: ANN001
+    """Predictions with each question's gold paragraph as the only passage."""
+    from tqdm import tqdm
+
+    return [
+        clean_prediction(generator.generate(template.messages(q.context, q.question), options).text)
+        for q in tqdm(questions, desc="gold-context", disable=not progress)
+    ]
+
+
+def retrieve_hits(pipeline, questions: Sequence[SquadQuestion], k: int, progress: bool = True) -> list[list]:  # noqa: ANN001
+    """Hybrid top-k documents (best passage each) for every question, through `Pipeline.search`."""
+    import asyncio
+
+    from tqdm import tqdm
+
+    options = pipeline.options(k=k, mode="hybrid", collapse=True)
+    return [
+        asyncio.run(pipeline.search(q.question, options)).hits
+        for q in tqdm(questions, desc="retrieve", disable=not progress)
+    ]
+
+
+def retrieval_qa(
+    questions: Sequence[SquadQuestion], hits: Sequence[Sequence], depths: Sequence[int]
+) -> dict[str, float]:
+    """Percentage of questions whose gold paragraph is among the top `d` retrieved, for each depth."""
+    return {
+        f"answer_paragraph_in_top{d}": 100.0
+        * sum(q.paragraph_id in {h.doc_id for h in hs[:d]} for q, hs in zip(questions, hits))
+        / len(questions)
+        for d in depths
+    }
+
+
+def answer_end_to_end(reader, questions: Sequence[SquadQuestion], k: int, options, progress: bool = True) -> list[str]:  # noqa: ANN001
+    """Predictions from retrieved passages (hybrid top-k, best `reader.settings.passages` in the prompt)."""
+    import asyncio
+
+    from tqdm import tqdm
+
+    search = reader.pipeline.options(k=k, mode="hybrid", collapse=True)
+    preds = []
+    for q in tqdm(questions, desc="end-to-end", disable=not progress):
+        prepared = asyncio.run(reader.prepare(q.question, search))
+        preds.append(clean_prediction(reader.generator.generate(prepared.messages, options).text))
+    return preds
+
+
+def squad_bundle(squad: Path, index_dir: Path, index_config) -> Path:  # noqa: ANN001
+    """Build (once) a bundle whose documents are the paragraphs of the evaluation articles."""
+    from indexer.build import build_bundle
+    from indexer.bundle import BundleError, open_bundle
+
+    try:
+        open_bundle(index_dir, verify=False)
+        return index_dir
+    except BundleError:
+        pass
+    corpus = Path(index_dir) / "corpus.jsonl"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in paragraphs_corpus(squad)), encoding="utf-8")
+    build_bundle(corpus, index_dir, index_config, show_progress=False)
+    return index_dir

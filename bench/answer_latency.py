@@ -1,0 +1,77 @@
+"""Local generator speed on this CPU: time to first token and tokens/s, streaming an answer over the
+example corpus with the default answer prompt (3 passages).
+
+    python bench/answer_latency.py [--runs 5] [--max-new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT, append_report  # noqa: E402
+
+QUESTIONS = [
+    "When was the Eiffel Tower completed?",
+    "How do vaccines train the immune system?",
+    "Why does bread rise?",
+    "What causes tides?",
+    "Who invented basketball?",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--bundle", type=Path, default=ROOT / "var" / "index")
+    args = parser.parse_args()
+
+    from app.answering import Answerer
+    from app.generation import GenerationOptions
+    from app.generation.local import LocalGenerator
+    from app.pipeline import Pipeline
+    from app.settings import load_settings
+
+    settings = load_settings(bundle=args.bundle)
+    started = time.perf_counter()
+    generator = LocalGenerator.load("smollm2", settings.generator.cache_dir, "cpu")
+    load_s = time.perf_counter() - started
+    reader = Answerer(Pipeline.load(settings), generator, settings.answer)
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens)
+    prepared = [asyncio.run(reader.prepare(q, reader.pipeline.options(k=5))) for q in QUESTIONS]
+    list(generator.stream(prepared[0].messages, options))  # warm-up
+    ttft, rates, prompt_tokens = [], [], []
+    for _ in range(args.runs):
+        for p in prepared:
+            t0 = time.perf_counter()
+            first = None
+            text = ""
+            for piece in generator.stream(p.messages, options):
+                first = first or time.perf_counter()
+                text += piece
+            end = time.perf_counter()
+            tokens = generator.count_tokens(text)
+            ttft.append((first - t0) * 1000)
+            rates.append((tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0)
+            prompt_tokens.append(sum(generator.count_tokens(m["content"]) for m in p.messages))
+    body = f"""SmolLM2-135M-Instruct (fp32, CPU, greedy), streaming through `LocalGenerator.stream`; {len(QUESTIONS)} questions ×
+{args.runs} runs after a warm-up; prompts of {min(prompt_tokens)}–{max(prompt_tokens)} tokens (answer template, 3 passages);
+up to {args.max_new_tokens} new tokens. Model load from the cached fp32 copy: {load_s:.1f} s.
+
+| metric | median | p90 |
+|---|---:|---:|
+| time to first token, ms | {statistics.median(ttft):.0f} | {sorted(ttft)[int(0.9 * len(ttft))]:.0f} |
+| decode speed, tokens/s | {statistics.median(rates):.1f} | {sorted(rates)[int(0.9 * len(rates))]:.1f} |
+"""
+    append_report("Local generator latency (bench/answer_latency.py)", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,10 +14,32 @@ app = typer.Typer(help="Sift: two-stage neural retrieval (BM25 + dense, fusion, 
 app.add_typer(index_app, name="index")
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (parsed when it is JSON itself), extras."""
+
+    _SKIP = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        message = record.getMessage()
+        entry: dict = {"ts": self.formatTime(record), "level": record.levelname.lower(), "logger": record.name}
+        try:
+            parsed = json.loads(message)
+            entry.update(parsed if isinstance(parsed, dict) else {"msg": message})
+        except ValueError:
+            entry["msg"] = message
+        entry.update({k: v for k, v in record.__dict__.items() if k not in self._SKIP})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
 def setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        level=level.upper(), format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}'
-    )
+    """Structured (JSON lines) logs on stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 @app.command("serve")
@@ -33,7 +55,6 @@ def serve(
 
     from app.settings import load_settings
 
-    settings = load_settings(config)
     if bundle is not None:
         os.environ["SIFT_BUNDLE"] = str(bundle)
     if config is not None:

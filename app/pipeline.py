@@ -85,7 +85,7 @@ class Pipeline:
         t = time.perf_counter()
         bundle = open_bundle(settings.bundle, verify=verify)
         docstore = Docstore(bundle.path(DOCSTORE))
-        rows = list(_passage_rows(docstore))
+        rows = docstore.passage_rows()
         passage_ids = [r[0] for r in rows]
         doc_ids = [r[1] for r in rows]
         searchers: dict[str, Searcher] = {"bm25": BM25Searcher.from_bundle(bundle, passage_ids, doc_ids)}
@@ -204,13 +204,6 @@ def _best_passage_per_document(hits: list[Hit]) -> list[Hit]:
             seen.add(hit.doc_id)
             out.append(hit)
     return out
-
-
-def _passage_rows(docstore: Docstore) -> list[tuple[str, str]]:
-    import sqlite3
-
-    with sqlite3.connect(f"file:{docstore.path}?mode=ro&immutable=1", uri=True) as connection:
-        return connection.execute("SELECT id, doc_id FROM passages ORDER BY idx").fetchall()
 
 
 def _ms(start: float) -> float:

@@ -115,17 +115,10 @@ class Docstore:
             ]
         return document
 
-    def passage_doc_ids(self) -> list[str]:
-        """doc_id of every passage, in row order."""
+    def passage_rows(self) -> list[tuple[str, str]]:
+        """(passage id, doc_id) of every passage, in row order (row = BM25 and FAISS position)."""
         with self._connect() as connection:
-            return [r[0] for r in connection.execute("SELECT doc_id FROM passages ORDER BY idx")]
-
-    def iter_passage_texts(self) -> Iterable[tuple[int, str, str]]:
-        """(idx, title, text) for every passage in row order."""
-        with self._connect() as connection:
-            yield from connection.execute(
-                "SELECT p.idx, d.title, p.text FROM passages p JOIN documents d ON d.id = p.doc_id ORDER BY p.idx"
-            )
+            return [(r[0], r[1]) for r in connection.execute("SELECT id, doc_id FROM passages ORDER BY idx")]
 
     def filter_mask(self, filters: dict[str, Any]) -> np.ndarray:
         """1.0 for passages whose document metadata matches every filter, else 0.0.

@@ -251,6 +251,77 @@ def eval_qa(
     typer.echo(f"wrote {out}/results.json and predictions.json")
 
 
+reranker_app = typer.Typer(help="Train and inspect cross-encoder rerankers.", no_args_is_help=True)
+app.add_typer(reranker_app, name="reranker")
+
+
+@reranker_app.command("train")
+def reranker_train(
+    out: Path = typer.Option(Path("models/reranker"), "--out", "-o", help="where the trained CrossEncoder is saved"),
+    base: str = typer.Option("sentence-transformers/all-MiniLM-L6-v2", help="base checkpoint (path or hub id)"),
+    beir: list[Path] = typer.Option([], help="BEIR folder(s) whose qrels/<split>.tsv give labelled pairs"),
+    beir_split: str = typer.Option("train", help="qrels split for --beir (test is refused)"),
+    squad: Path | None = typer.Option(None, help="SQuAD-format JSON for question/paragraph pairs"),
+    squad_articles: str = typer.Option("0-23", help="article range of --squad (dev 24–47 is refused)"),
+    squad_limit: int | None = typer.Option(None, help="at most this many SQuAD questions"),
+    pseudo: list[Path] = typer.Option([], help="corpus JSONL or bundle for label-free pseudo-queries"),
+    pseudo_limit: int | None = typer.Option(None, help="at most this many pseudo-queries per corpus"),
+    hard_negatives: int = typer.Option(2, help="BM25-mined negatives per query"),
+    easy_negatives: int = typer.Option(1, help="random negatives per query"),
+    loss: str = typer.Option("listwise", help="listwise (softmax over positive + negatives) or bce"),
+    max_length: int = typer.Option(192, help="tokens per (query, passage) pair"),
+    epochs: int = typer.Option(1),
+    batch_size: int = typer.Option(8, help="query groups per optimisation step"),
+    lr: float = typer.Option(3e-5, help="learning rate"),
+    warmup: float = typer.Option(0.1, help="warm-up share of the steps"),
+    seed: int = typer.Option(13),
+    validation: float = typer.Option(0.05, help="share of groups held out for validation"),
+    checkpoint_every: int = typer.Option(200, help="steps between resumable checkpoints"),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when present)"),
+) -> None:
+    """Fine-tune a CrossEncoder on any mix of BEIR qrels, SQuAD questions and pseudo-queries, with negatives
+    mined by Sift's BM25; validates after each epoch and keeps the best model. Rerun to resume."""
+    import json
+    import random
+
+    from app.reranker_training import TrainConfig, beir_groups, pseudo_query_groups, squad_groups, train
+
+    setup_logging("warning")
+    rng = random.Random(seed)
+    groups = []
+    for folder in beir:
+        groups += beir_groups(folder, beir_split, hard_negatives, easy_negatives, rng)
+    if squad is not None:
+        first, last = (int(x) for x in squad_articles.split("-"))
+        groups += squad_groups(squad, range(first, last + 1), hard_negatives, easy_negatives, rng, squad_limit)
+    for corpus in pseudo:
+        groups += pseudo_query_groups(corpus, hard_negatives, easy_negatives, rng, pseudo_limit)
+    if not groups:
+        typer.echo("error: no training data; pass --beir, --squad and/or --pseudo", err=True)
+        raise typer.Exit(2)
+    typer.echo(
+        f"{len(groups)} training groups: "
+        + ", ".join(f"{src} {sum(g.source == src for g in groups)}" for src in sorted({g.source for g in groups}))
+    )
+    config = TrainConfig(
+        base=base,
+        out=out,
+        loss=loss,
+        max_length=max_length,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        seed=seed,
+        validation=validation,
+        checkpoint_every=checkpoint_every,
+        device=device,
+    )
+    state = train(groups, config)
+    typer.echo(json.dumps({"history": state["history"], "seconds": round(state["seconds"], 1)}, indent=1))
+    typer.echo(f"saved the best model to {out}")
+
+
 def main() -> None:
     app()
 

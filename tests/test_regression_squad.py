@@ -62,8 +62,12 @@ def test_local_generator_em_f1_on_ci_subset(squad_pipeline, questions, local_gen
     template = PromptTemplate.load(ROOT / "configs" / "prompts" / "extractive.yaml")
     gold = qa_scores(answer_with_gold(local_generator, subset, template, options, progress=False), subset)
     settings = squad_pipeline.settings.answer.model_copy(
-        update={"template": ROOT / "configs" / "prompts" / "extractive.yaml", "passages": 2,
-                "min_dense_score": None, "min_rerank_score": None}
+        update={
+            "template": ROOT / "configs" / "prompts" / "extractive.yaml",
+            "passages": 2,
+            "min_dense_score": None,
+            "min_rerank_score": None,
+        }
     )
     reader = Answerer(squad_pipeline, local_generator, settings)
     end_to_end = qa_scores(answer_end_to_end(reader, subset, 5, options, progress=False), subset)

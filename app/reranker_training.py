@@ -1,0 +1,337 @@
+"""`sift reranker train`: fine-tune a sentence-transformers `CrossEncoder` (one relevance logit).
+
+Training groups — a query, one positive passage and negatives — come from any mix of:
+- BEIR qrels (`corpus.jsonl`, `queries.jsonl`, `qrels/<split>.tsv`; never a `test` split);
+- SQuAD-format files (questions of the allowed articles; SQuAD v1.1 dev articles 24–47 are refused);
+- label-free pseudo-queries from a corpus file or bundle: one sentence of a passage is the query and the
+  rest of the passage the positive (the feature that adapts the reranker to your own documents).
+Negatives are mined with Sift's own BM25 searcher (moderately hard: ranks 3–30, positives excluded) plus
+random passages (easy). A fixed share of the groups is held out for validation (nDCG@10 / MRR@10 of
+reranking each held-out query's candidates) after every epoch; checkpoints allow resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
+
+
+@dataclass
+class Group:
+    """One query with its positive passage and negative passages."""
+
+    query: str
+    positive: str
+    negatives: list[str] = field(default_factory=list)
+    source: str = ""
+
+
+class PassagePool:
+    """Passages with a BM25 index over them, for mining negatives."""
+
+    def __init__(self, ids: list[str], texts: list[str]) -> None:
+        import bm25s
+
+        from indexer.bm25 import tokenize
+        from indexer.config import BM25Settings
+
+        self.ids, self.texts, self.settings = ids, texts, BM25Settings()
+        self.model = bm25s.BM25(method="lucene", k1=0.9, b=0.4)
+        self.model.index(tokenize(texts, self.settings), show_progress=False)
+        self._tokenize = tokenize
+
+    def hard_negatives(
+        self, query: str, exclude: set[str], n: int, rng: random.Random, lo: int = 2, hi: int = 30
+    ) -> list[str]:
+        tokens = [t for t in self._tokenize([query], self.settings)[0] if t in self.model.vocab_dict]
+        if not tokens:
+            return []
+        scores = np.asarray(self.model.get_scores(tokens))
+        order = np.argsort(-scores)[: hi + len(exclude)]
+        pool = [int(i) for i in order if self.ids[int(i)] not in exclude and scores[int(i)] > 0][lo:hi]
+        return [self.texts[i] for i in rng.sample(pool, min(n, len(pool)))]
+
+    def random_negatives(self, exclude: set[str], n: int, rng: random.Random) -> list[str]:
+        out = []
+        while len(out) < n and len(self.ids) > len(exclude):
+            i = rng.randrange(len(self.ids))
+            if self.ids[i] not in exclude:
+                out.append(self.texts[i])
+        return out
+
+
+def _doc_text(record: dict) -> str:
+    title = record.get("title") or ""
+    return f"{title} {record['text']}".strip() if title else record["text"]
+
+
+def beir_groups(root: Path, split: str, hard: int, easy: int, rng: random.Random) -> list[Group]:
+    if split == "test":
+        raise ValueError("refusing to train on a test split; use qrels/train.tsv (or dev)")
+    corpus = [json.loads(line) for line in open(root / "corpus.jsonl", encoding="utf-8")]
+    pool = PassagePool([str(r["_id"]) for r in corpus], [_doc_text(r) for r in corpus])
+    text_of = dict(zip(pool.ids, pool.texts))
+    queries = {str(r["_id"]): r["text"] for r in map(json.loads, open(root / "queries.jsonl", encoding="utf-8"))}
+    qrels: dict[str, set[str]] = {}
+    for line in open(root / "qrels" / f"{split}.tsv", encoding="utf-8"):
+        parts = line.strip().split("\t")
+        if len(parts) >= 3 and parts[0] != "query-id" and int(parts[2]) > 0:
+            qrels.setdefault(parts[0], set()).add(parts[1])
+    groups = []
+    for qid, positives in sorted(qrels.items()):
+        for pid in sorted(positives):
+            if pid in text_of and qid in queries:
+                negatives = pool.hard_negatives(queries[qid], positives, hard, rng) + pool.random_negatives(
+                    positives, easy, rng
+                )
+                groups.append(Group(queries[qid], text_of[pid], negatives, f"beir:{root.name}"))
+    return groups
+
+
+def squad_groups(
+    path: Path, articles: Sequence[int], hard: int, easy: int, rng: random.Random, limit: int | None
+) -> list[Group]:
+    from app.qa_eval import EVAL_ARTICLES
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
+    if Path(path).name == "dev-v1.1.json" and set(articles) & set(EVAL_ARTICLES):
+        raise ValueError("SQuAD v1.1 dev articles 24–47 are held out for evaluation; train on articles 0–23 only")
+    ids, texts, items = [], [], []
+    for a in articles:
+        for p, paragraph in enumerate(data[a]["paragraphs"]):
+            pid = f"a{a}-p{p}"
+            ids.append(pid)
+            texts.append(paragraph["context"])
+            items += [(qa["question"], pid, paragraph["context"]) for qa in paragraph["qas"]]
+    rng.shuffle(items)
+    pool = PassagePool(ids, texts)
+    groups = []
+    for question, pid, context in items[:limit]:
+        negatives = pool.hard_negatives(question, {pid}, hard, rng, lo=0) + pool.random_negatives({pid}, easy, rng)
+        groups.append(Group(question, context, negatives, "squad"))
+    return groups
+
+
+def pseudo_query_groups(corpus: Path, hard: int, easy: int, rng: random.Random, limit: int | None) -> list[Group]:
+    """Label-free groups: a sentence of a document as the query, the document without it as the positive."""
+    if (Path(corpus) / "current").exists() or (Path(corpus) / "manifest.json").exists():
+        from indexer.bundle import DOCSTORE, open_bundle
+        from indexer.docstore import Docstore
+
+        store = Docstore(open_bundle(corpus, verify=False).path(DOCSTORE))
+        records = [{"_id": pid, "title": "", "text": text} for pid, text in _bundle_texts(store)]
+    else:
+        records = [json.loads(line) for line in open(corpus, encoding="utf-8")]
+    pool = PassagePool([str(r["_id"]) for r in records], [_doc_text(r) for r in records])
+    order = list(range(len(records)))
+    rng.shuffle(order)
+    groups = []
+    for i in order:
+        record = records[i]
+        sentences = [s for s in _SENTENCE.split(record["text"]) if 6 <= len(s.split()) <= 40]
+        if len(sentences) < 3:
+            continue
+        query = rng.choice(sentences[1:])
+        rest = record["text"].replace(query, " ").strip()
+        positive = f"{record.get('title') or ''} {rest}".strip()
+        exclude = {str(record["_id"])}
+        negatives = pool.hard_negatives(query, exclude, hard, rng) + pool.random_negatives(exclude, easy, rng)
+        groups.append(Group(query, positive, negatives, "pseudo"))
+        if limit and len(groups) >= limit:
+            break
+    return groups
+
+
+def _bundle_texts(store) -> list[tuple[str, str]]:  # noqa: ANN001
+    import sqlite3
+
+    with sqlite3.connect(f"file:{store.path}?mode=ro&immutable=1", uri=True) as connection:
+        return connection.execute(
+            "SELECT p.id, d.title || ' ' || p.text FROM passages p JOIN documents d ON d.id = p.doc_id"
+        ).fetchall()
+
+
+@dataclass
+class TrainConfig:
+    base: str = "sentence-transformers/all-MiniLM-L6-v2"
+    out: Path = Path("models/reranker")
+    loss: str = "listwise"  # listwise (softmax over 1 positive + negatives) | bce (pointwise)
+    max_length: int = 192
+    epochs: int = 1
+    batch_size: int = 8  # groups per step
+    lr: float = 3e-5
+    warmup: float = 0.1
+    seed: int = 13
+    validation: float = 0.05
+    checkpoint_every: int = 200
+    device: str | None = None
+    resume: bool = True
+
+
+def set_seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_cross_encoder(name: str, max_length: int, device: str | None):  # noqa: ANN201
+    from sentence_transformers import CrossEncoder
+
+    from indexer.encoders import pick_device, resolve_model_path
+
+    return CrossEncoder(resolve_model_path(name), num_labels=1, max_length=max_length, device=pick_device(device))
+
+
+def group_scores(model, groups: Sequence[Group], batch_size: int = 64) -> list[np.ndarray]:  # noqa: ANN001
+    pairs = [[g.query, t] for g in groups for t in [g.positive, *g.negatives]]
+    flat = np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=False), dtype=np.float32).reshape(
+        -1
+    )
+    out, offset = [], 0
+    for g in groups:
+        n = 1 + len(g.negatives)
+        out.append(flat[offset : offset + n])
+        offset += n
+    return out
+
+
+def validate(model, groups: Sequence[Group]) -> dict[str, float]:  # noqa: ANN001
+    """nDCG@10 and MRR@10 of reranking each held-out group (the positive is the one relevant passage)."""
+    import ir_measures
+    from ir_measures import RR, nDCG
+
+    qrels, run = {}, {}
+    for i, scores in enumerate(group_scores(model, groups)):
+        qrels[str(i)] = {"0": 1}
+        run[str(i)] = {str(j): float(s) for j, s in enumerate(scores)}
+    result = ir_measures.calc_aggregate([nDCG @ 10, RR @ 10], qrels, run)
+    return {"ndcg@10": float(result[nDCG @ 10]), "mrr@10": float(result[RR @ 10])}
+
+
+def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> dict:
+    """Fine-tune and save the best (by validation nDCG@10) model to `config.out`; returns the training log."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    set_seed(config.seed)
+    rng = random.Random(config.seed)
+    groups = [g for g in groups if g.negatives]
+    rng.shuffle(groups)
+    n_val = max(1, int(len(groups) * config.validation)) if config.validation > 0 else 0
+    val, train_groups = groups[:n_val], groups[n_val:]
+    model = load_cross_encoder(config.base, config.max_length, config.device)
+    network, tokenizer, device = model.model, model.tokenizer, model.device
+    optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr)
+    steps_per_epoch = math.ceil(len(train_groups) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup * total), total)
+    out = Path(config.out)
+    checkpoint = out / "checkpoint"
+    state = {"step": 0, "history": [], "best": -1.0}
+    if config.resume and (checkpoint / "state.json").exists():
+        state = json.loads((checkpoint / "state.json").read_text())
+        network.load_state_dict(torch.load(checkpoint / "network.pt", map_location=device))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device))
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location=device))
+        log.info("resumed from step %d", state["step"])
+    if val and state["step"] == 0:
+        state["history"].append({"step": 0, "epoch": 0, **validate(model, val)})
+    started = time.perf_counter()
+    bar = tqdm(total=total, initial=state["step"], desc="train", disable=not progress)
+    for epoch in range(config.epochs):
+        order = list(range(len(train_groups)))
+        random.Random(config.seed + epoch).shuffle(order)
+        for step_in_epoch in range(steps_per_epoch):
+            global_step = epoch * steps_per_epoch + step_in_epoch
+            if global_step < state["step"]:
+                continue
+            batch = [
+                train_groups[i]
+                for i in order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size]
+            ]
+            network.train()
+            loss = _loss(network, tokenizer, batch, config, device)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            state["step"] = global_step + 1
+            state.setdefault("losses", []).append(float(loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.4f}")
+            if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+                _save_checkpoint(checkpoint, network, optimizer, scheduler, state)
+        network.eval()
+        if val:
+            scores = validate(model, val)
+            state["history"].append({"step": state["step"], "epoch": epoch + 1, **scores})
+            if scores["ndcg@10"] > state["best"]:
+                state["best"] = scores["ndcg@10"]
+                model.save(str(out))
+        else:
+            model.save(str(out))
+        _save_checkpoint(checkpoint, network, optimizer, scheduler, state)
+    bar.close()
+    state["seconds"] = time.perf_counter() - started
+    state["train_groups"], state["validation_groups"] = len(train_groups), len(val)
+    (out / "training_log.json").write_text(
+        json.dumps(
+            {k: v for k, v in state.items() if k != "losses"} | {"loss_curve": state.get("losses", [])[::10]}, indent=1
+        )
+    )
+    shutil.rmtree(checkpoint, ignore_errors=True)
+    return state
+
+
+def _loss(network, tokenizer, batch: list[Group], config: TrainConfig, device):  # noqa: ANN001, ANN202
+    import torch
+
+    queries, passages, sizes = [], [], []
+    for g in batch:
+        texts = [g.positive, *g.negatives]
+        queries += [g.query] * len(texts)
+        passages += texts
+        sizes.append(len(texts))
+    features = tokenizer(
+        queries, passages, padding=True, truncation="longest_first", max_length=config.max_length, return_tensors="pt"
+    ).to(device)
+    logits = network(**features).logits.view(-1)
+    if config.loss == "bce":
+        labels = torch.cat([torch.tensor([1.0] + [0.0] * (n - 1)) for n in sizes]).to(device)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    losses, offset = [], 0
+    for n in sizes:
+        group = logits[offset : offset + n]
+        losses.append(-torch.log_softmax(group, dim=0)[0])
+        offset += n
+    return torch.stack(losses).mean()
+
+
+def _save_checkpoint(path: Path, network, optimizer, scheduler, state: dict) -> None:  # noqa: ANN001
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), tmp / "network.pt")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)

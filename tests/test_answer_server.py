@@ -4,11 +4,7 @@ loopback) with the local SmolLM2 generator; a second real server is the remote f
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -18,8 +14,7 @@ from fastapi.testclient import TestClient
 from app.api.main import create_app
 from app.generation.base import GenerationOptions
 from app.generation.remote import OpenAICompatibleGenerator
-from tests.conftest import ROOT
-from tests.test_server import free_port
+from tests.servers import sift_server
 
 QUESTION = "When was the Eiffel Tower completed?"
 STOPWORDS = {"the", "was", "and", "for", "with", "that", "this", "from", "are", "were", "which", "its", "his", "her"}
@@ -27,30 +22,9 @@ STOPWORDS = {"the", "was", "and", "for", "with", "that", "this", "from", "are", 
 
 @pytest.fixture(scope="module")
 def rag_server(example_index):
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "SIFT_BUNDLE": str(example_index),
-        "SIFT_ANSWER__MAX_NEW_TOKENS": "40",
-    }
-    cmd = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port)]
-    process = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(360):
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None, "server exited during start-up"
-        time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("RAG server not ready in 180 s")
-    yield base
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
+    env = {"SIFT_BUNDLE": str(example_index), "SIFT_ANSWER__MAX_NEW_TOKENS": "40"}
+    with sift_server(env, ready_timeout=300) as (base, _):
+        yield base
 
 
 def key_words(text: str) -> set[str]:

@@ -3,56 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.servers import sift_server
 
 
 @pytest.fixture(scope="module")
 def server(example_index):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SIFT_BUNDLE": str(example_index), "SIFT_GENERATOR__BACKEND": "none"}
-    cmd = [
-        sys.executable,
-        "-c",
-        "from app.cli import main; main()",
-        "serve",
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-    ]
-    process = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready in 120 s")
-    yield base, process
-    if process.poll() is None:
-        process.kill()
+    env = {"SIFT_BUNDLE": str(example_index), "SIFT_GENERATOR__BACKEND": "none"}
+    with sift_server(env) as (base, process):
+        yield base, process
 
 
 QUERIES = [
@@ -102,5 +65,5 @@ def test_metrics_and_clean_shutdown(server):
     process.send_signal(signal.SIGTERM)
     # uvicorn shuts down gracefully, then re-raises the captured SIGTERM, so the exit status is -SIGTERM
     assert process.wait(timeout=30) in (0, -signal.SIGTERM)
-    output = process.stdout.read()
+    output = open(process.log_path, encoding="utf-8").read()
     assert "Waiting for application shutdown" in output and "Application shutdown complete" in output

@@ -96,6 +96,7 @@ class MicroBatcher:
         self.reranker = reranker
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
+        self.max_pending = 16 * max_batch_size
         self._queue: asyncio.Queue[tuple[_Job, int]] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -126,6 +127,8 @@ class MicroBatcher:
                 job.future.cancel()
 
     async def _run(self, queue: asyncio.Queue) -> None:
+        """Wait up to `max_wait` for a batch to fill, take everything queued (up to `max_pending`), sort it all
+        by length, and score it in batches of `max_batch_size`, answering each request as its pairs finish."""
         loop = asyncio.get_running_loop()
         while True:
             items = [await queue.get()]
@@ -136,24 +139,31 @@ class MicroBatcher:
                     items.append(queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout))
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
+            while len(items) < self.max_pending and not queue.empty():
+                items.append(queue.get_nowait())
             items = [(job, i) for job, i in items if not job.future.done()]
-            if not items:
-                continue
-            pairs = [job.pairs[i] for job, i in items]
-            try:
-                scores = await loop.run_in_executor(self._executor, self.reranker.score, pairs)
-            except Exception as exc:  # noqa: BLE001 - delivered to every waiting request
-                for job, _ in items:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.pairs_scored += len(pairs)
-            for (job, i), score in zip(items, scores):
-                job.scores[i] = float(score)
-                job.remaining -= 1
-                if job.remaining == 0 and not job.future.done():
-                    job.future.set_result(job.scores)
+            items.sort(key=lambda item: len(item[0].pairs[item[1]][0]) + len(item[0].pairs[item[1]][1]))
+            for start in range(0, len(items), self.max_batch_size):
+                chunk = [(job, i) for job, i in items[start : start + self.max_batch_size] if not job.future.done()]
+                if chunk:
+                    await self._score_chunk(loop, chunk)
+
+    async def _score_chunk(self, loop: asyncio.AbstractEventLoop, chunk: list[tuple[_Job, int]]) -> None:
+        pairs = [job.pairs[i] for job, i in chunk]
+        try:
+            scores = await loop.run_in_executor(self._executor, self.reranker.score, pairs)
+        except Exception as exc:  # noqa: BLE001 - delivered to every waiting request
+            for job, _ in chunk:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        self.batches += 1
+        self.pairs_scored += len(pairs)
+        for (job, i), score in zip(chunk, scores):
+            job.scores[i] = float(score)
+            job.remaining -= 1
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(job.scores)
 
     async def close(self) -> None:
         if self._worker is not None:

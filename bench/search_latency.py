@@ -135,6 +135,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--rerank-requests", type=int, default=48)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only-rerank-throughput", action="store_true", help="skip the HTTP part")
     args = parser.parse_args()
 
     bundle = args.bundle or next((p for p in sorted((ROOT / ".cache").glob("scifact-*"))), ROOT / "var" / "index")
@@ -145,7 +146,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ce = make_cross_encoder(Path(tmp) / "ce")
         rows = []
-        for rerank in (False, True):
+        for rerank in () if args.only_rerank_throughput else (False, True):
             process, base = start_server(bundle, ce if rerank else None)
             try:
                 n = args.rerank_requests if rerank else args.requests
@@ -169,13 +170,17 @@ def main() -> None:
             texts = [json.loads(line)["text"] for line in open(ROOT / "examples" / "corpus.jsonl", encoding="utf-8")]
         micro, naive, n_pairs = rerank_throughput(ce, texts, args.runs)
 
-    lines = [
-        f"Bundle: `{bundle.name}`; hybrid, k=10, candidates 100; rerank depth 50 with a MiniLM-L6 cross-encoder "
-        "(max length 256). Latency in ms; end to end measured by the client, stages by the server.",
-        "",
-        "| rerank | concurrency | requests | errors | end-to-end p50 | p95 | bm25 p50 | dense p50 | fusion p50 | rerank p50 | rerank p95 | req/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = (
+        []
+        if args.only_rerank_throughput
+        else [
+            f"Bundle: `{bundle.name}`; hybrid, k=10, candidates 100; rerank depth 50 with a MiniLM-L6 cross-encoder "
+            "(max length 256). Latency in ms; end to end measured by the client, stages by the server.",
+            "",
+            "| rerank | concurrency | requests | errors | end-to-end p50 | p95 | bm25 p50 | dense p50 | fusion p50 | rerank p50 | rerank p95 | req/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    )
     for rerank, concurrency, n, latencies, stages, errors in rows:
         wall = sum(latencies) / 1000 / concurrency
         lines.append(
@@ -183,6 +188,8 @@ def main() -> None:
             f"| {pct(stages['bm25'], 50):.1f} | {pct(stages['dense'], 50):.1f} | {pct(stages['fusion'], 50):.2f} "
             f"| {pct(stages['rerank'], 50):.1f} | {pct(stages['rerank'], 95):.1f} | {n / wall:.1f} |"
         )
+    if not rows:
+        lines = []
     lines += [
         "",
         f"Reranking throughput, 16 concurrent requests × 50 candidates ({n_pairs} pairs), median of {args.runs}:",

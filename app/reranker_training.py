@@ -273,7 +273,7 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
             scheduler.step()
             optimizer.zero_grad()
             state["step"] = global_step + 1
-            state.setdefault("losses", []).append(float(loss))
+            state.setdefault("losses", []).append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.4f}")
             if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:

@@ -171,12 +171,14 @@ def eval_qa(
     then generation). With `--generator none`, reports retrieval-only QA (gold paragraph in the top k)."""
     import json
 
-    from app.answering import Answerer, PromptTemplate
+    from app.answering import PromptTemplate
     from app.generation import GenerationOptions, load_generator
     from app.pipeline import Pipeline
     from app.qa_eval import (
+        EXTRACTIVE_TEMPLATE,
         answer_end_to_end,
         answer_with_gold,
+        extractive_reader,
         load_squad,
         qa_scores,
         retrieval_qa,
@@ -185,7 +187,7 @@ def eval_qa(
         sample_fingerprint,
         squad_bundle,
     )
-    from app.settings import PROJECT_ROOT, load_settings
+    from app.settings import load_settings
 
     setup_logging("warning")
     settings = load_settings(config)
@@ -194,7 +196,7 @@ def eval_qa(
     questions = questions[:limit] if limit else questions
     gen = load_generator(settings.generator, settings.device) if generator == "config" else None
     options = GenerationOptions(max_new_tokens=max_new_tokens, stop=["\n"])
-    template = PromptTemplate.load(PROJECT_ROOT / "configs" / "prompts" / "extractive.yaml")
+    template = PromptTemplate.load(EXTRACTIVE_TEMPLATE)
     results: dict[str, dict] = {}
     predictions: dict[str, list[str]] = {}
     typer.echo(
@@ -211,17 +213,8 @@ def eval_qa(
         hits = retrieve_hits(pipeline, questions, k)
         results["retrieval"] = retrieval_qa(questions, hits, (1, k))
         if gen is not None:
-            answer_settings = settings.answer.model_copy(
-                update={
-                    "template": PROJECT_ROOT / "configs" / "prompts" / "extractive.yaml",
-                    "passages": passages,
-                    "min_dense_score": None,
-                    "min_rerank_score": None,
-                }
-            )
-            predictions["end_to_end"] = answer_end_to_end(
-                Answerer(pipeline, gen, answer_settings), questions, k, options
-            )
+            reader = extractive_reader(pipeline, gen, passages)
+            predictions["end_to_end"] = answer_end_to_end(reader, questions, k, options)
             results["end_to_end"] = qa_scores(predictions["end_to_end"], questions)
 
     typer.echo("| setting | EM | F1 | ROUGE-L | BLEU |\n|---|---:|---:|---:|---:|")

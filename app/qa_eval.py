@@ -161,6 +161,24 @@ def retrieval_qa(
     }
 
 
+EXTRACTIVE_TEMPLATE = Path(__file__).resolve().parent.parent / "configs" / "prompts" / "extractive.yaml"
+
+
+def extractive_reader(pipeline, generator, passages: int = 2):  # noqa: ANN001, ANN201
+    """An `Answerer` with the extractive prompt and no refusal threshold (every question gets an answer)."""
+    from app.answering import Answerer
+
+    settings = pipeline.settings.answer.model_copy(
+        update={
+            "template": EXTRACTIVE_TEMPLATE,
+            "passages": passages,
+            "min_dense_score": None,
+            "min_rerank_score": None,
+        }
+    )
+    return Answerer(pipeline, generator, settings)
+
+
 def answer_end_to_end(reader, questions: Sequence[SquadQuestion], k: int, options, progress: bool = True) -> list[str]:  # noqa: ANN001
     """Predictions from retrieved passages (hybrid top-k, best `reader.settings.passages` in the prompt)."""
     import asyncio

@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from app.answering import Answerer, PromptTemplate
+from app.answering import PromptTemplate
 from app.generation import GenerationOptions
 from app.pipeline import Pipeline
 from app.qa_eval import (
+    EXTRACTIVE_TEMPLATE,
     answer_end_to_end,
     answer_with_gold,
+    extractive_reader,
     load_squad,
     qa_scores,
     retrieval_qa,
@@ -59,17 +61,9 @@ def test_retrieval_only_qa_on_the_full_sample(squad_pipeline, questions):
 def test_local_generator_em_f1_on_ci_subset(squad_pipeline, questions, local_generator):
     subset = questions[: PINNED["ci_subset"]["questions"]]
     options = GenerationOptions(max_new_tokens=24, stop=["\n"])
-    template = PromptTemplate.load(ROOT / "configs" / "prompts" / "extractive.yaml")
+    template = PromptTemplate.load(EXTRACTIVE_TEMPLATE)
     gold = qa_scores(answer_with_gold(local_generator, subset, template, options, progress=False), subset)
-    settings = squad_pipeline.settings.answer.model_copy(
-        update={
-            "template": ROOT / "configs" / "prompts" / "extractive.yaml",
-            "passages": 2,
-            "min_dense_score": None,
-            "min_rerank_score": None,
-        }
-    )
-    reader = Answerer(squad_pipeline, local_generator, settings)
+    reader = extractive_reader(squad_pipeline, local_generator, passages=2)
     end_to_end = qa_scores(answer_end_to_end(reader, subset, 5, options, progress=False), subset)
     print({"gold_context": gold, "end_to_end": end_to_end})
     close({k: gold[k] for k in ("exact_match", "f1")}, PINNED["ci_subset"]["gold_context"])

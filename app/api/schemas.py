@@ -105,28 +105,30 @@ class StageExplain(BaseModel):
 
 
 class SearchHit(BaseModel):
-    doc_id: str
-    passage_id: str
-    title: str
-    text: str | None = None
-    snippet: str | None = None
-    score: float
+    doc_id: str = Field(description="id of the source document", examples=["astro-001"])
+    passage_id: str = Field(description="`<doc_id>#<position>`", examples=["astro-001#0"])
+    title: str = Field(description="document title", examples=["How stars form"])
+    text: str | None = Field(None, description="passage text (when return_text)")
+    snippet: str | None = Field(None, description="window around the query terms (when highlight or not return_text)")
+    score: float = Field(description="final score: rerank score when reranked, else fused, else the retriever's")
     position: int = Field(description="passage number within its document")
     start: int = Field(description="character offset of the passage in the document text")
-    end: int
-    metadata: dict[str, Any]
+    end: int = Field(description="character offset just past the passage")
+    metadata: dict[str, Any] = Field(description="the document's metadata")
     explain: dict[str, StageExplain | None] = Field(description="score and rank per stage: bm25, dense, fused, rerank")
 
 
 class SearchResponse(BaseModel):
-    query: str
-    mode: str
-    hits: list[SearchHit]
-    timings_ms: dict[str, float]
+    query: str = Field(description="the query as received")
+    mode: str = Field(description="retrieval mode used")
+    hits: list[SearchHit] = Field(description="best first")
+    timings_ms: dict[str, float] = Field(
+        description="milliseconds per stage: bm25, dense, fusion, rerank, fetch, total"
+    )
     bundle: str = Field(description="build id of the bundle that answered")
 
 
 class BatchSearchResponse(BaseModel):
-    results: list[SearchResponse]
-    timings_ms: dict[str, float]
-    bundle: str
+    results: list[SearchResponse] = Field(description="one result per query, in order")
+    timings_ms: dict[str, float] = Field(description="milliseconds per stage for the whole batch")
+    bundle: str = Field(description="build id of the bundle that answered")

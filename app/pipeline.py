@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from app.retrieval import BM25Searcher, DenseSearcher, FusionConfig, Hit, fuse
+from app.retrieval.maxsim import MaxSimReranker, is_maxsim
 from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank
 from app.settings import Settings
 from indexer.build import passage_index_text
@@ -93,7 +94,8 @@ class Pipeline:
             searchers["dense"] = DenseSearcher.from_bundle(bundle, passage_ids, doc_ids, device=settings.device)
         reranker = None
         if settings.reranker.model:
-            reranker = Reranker.load(
+            kind = MaxSimReranker if is_maxsim(settings.reranker.model) else Reranker
+            reranker = kind.load(
                 settings.reranker.model, settings.reranker.max_length, settings.reranker.device or settings.device
             )
         log.info(

@@ -35,7 +35,10 @@ class FusionSettings(BaseModel):
 
 
 class RerankerSettings(BaseModel):
-    model: str | None = Field(None, description="CrossEncoder path or hub id; null disables reranking")
+    model: str | None = Field(
+        None,
+        description="CrossEncoder path or hub id, or `maxsim[:bi-encoder]` (training-free); null disables reranking",
+    )
     max_length: int = Field(256, ge=8, description="tokens per (query, passage) pair; longer passages are truncated")
     depth: int = Field(50, ge=1, description="default number of fused candidates reranked")
     max_depth: int = Field(200, ge=1)

@@ -105,3 +105,25 @@ def test_api_reranks_by_default_when_configured(reranking_pipeline):
         off = client.post("/v1/search", json={"query": "coral reef bleaching", "k": 5, "rerank": False}).json()
         assert "rerank" not in off["hits"][0]["explain"]
         assert "sift_reranked_candidates_total 5.0" in client.get("/metrics").text
+
+
+def test_maxsim_reranker_scores_late_interaction_and_plugs_into_the_pipeline(example_pipeline):
+    from app.retrieval.maxsim import MaxSimReranker, is_maxsim
+
+    assert is_maxsim("maxsim") and is_maxsim("maxsim:/models/x") and not is_maxsim("cross-encoder/x")
+    maxsim = MaxSimReranker.load("maxsim", max_length=128, device="cpu")
+    pairs = [
+        ("why does bread rise", "Yeast ferments sugars in the dough and releases carbon dioxide."),
+        ("why does bread rise", "Saturn's rings are made of countless pieces of water ice."),
+        ("why does bread rise", "why does bread rise"),
+    ]
+    scores = maxsim.score(pairs)
+    assert scores[0] > scores[1] and scores[2] == pytest.approx(1.0, abs=1e-4)
+    settings = example_pipeline.settings.model_copy(deep=True)
+    settings.reranker.model, settings.reranker.interpolation = "maxsim", 0.5
+    pipeline = Pipeline(
+        example_pipeline.bundle, example_pipeline.docstore, example_pipeline.searchers, maxsim, settings
+    )
+    result = asyncio.run(pipeline.search("how do honeybees communicate", pipeline.options(k=5, rerank_depth=10)))
+    assert result.hits[0].doc_id == "bio-012"
+    assert [h.stages["rerank"].rank for h in result.hits] == [1, 2, 3, 4, 5]

@@ -1,0 +1,61 @@
+"""`MaxSimReranker`: a training-free second stage. Queries and candidate passages are encoded token by token
+with the bi-encoder; a passage scores the mean over query tokens of the best cosine match among its tokens
+(ColBERT-style late interaction). Same `score(pairs)` shape as the cross-encoder `Reranker`, so it plugs
+into the micro-batcher and the interpolation setting unchanged.
+
+Configure with `reranker.model: maxsim` (the all-MiniLM-L6-v2 bi-encoder) or `maxsim:<model id or path>`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from indexer.encoders import load_encoder
+
+PREFIX = "maxsim"
+
+
+class MaxSimReranker:
+    name = "rerank"
+
+    def __init__(self, encoder, batch_size: int = 32) -> None:  # noqa: ANN001 - SentenceTransformer
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, spec: str, max_length: int = 256, device: str | None = None, batch_size: int = 32) -> MaxSimReranker:
+        model = spec.split(":", 1)[1] if ":" in spec else "sentence-transformers/all-MiniLM-L6-v2"
+        encoder = load_encoder(model, device)
+        encoder.max_seq_length = min(max_length, encoder.max_seq_length or max_length)
+        return cls(encoder, batch_size)
+
+    @property
+    def max_length(self) -> int:
+        return int(self.encoder.max_seq_length)
+
+    def _tokens(self, texts: list[str]) -> list[np.ndarray]:
+        out = self.encoder.encode(
+            texts, batch_size=self.batch_size, output_value="token_embeddings", show_progress_bar=False
+        )
+        vectors = []
+        for t in out:
+            v = t.float().cpu().numpy()
+            vectors.append(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12))
+        return vectors
+
+    def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        queries = list(dict.fromkeys(q for q, _ in pairs))
+        passages = list(dict.fromkeys(p for _, p in pairs))
+        with self._lock:
+            q_vectors = dict(zip(queries, self._tokens(queries)))
+            p_vectors = dict(zip(passages, self._tokens(passages)))
+        return np.array([float((q_vectors[q] @ p_vectors[p].T).max(axis=1).mean()) for q, p in pairs], dtype=np.float32)
+
+
+def is_maxsim(spec: str | None) -> bool:
+    return bool(spec) and (spec == PREFIX or spec.startswith(PREFIX + ":"))

@@ -127,18 +127,15 @@ class MicroBatcher:
                 job.future.cancel()
 
     async def _run(self, queue: asyncio.Queue) -> None:
-        """Wait up to `max_wait` for a batch to fill, take everything queued (up to `max_pending`), sort it all
-        by length, and score it in batches of `max_batch_size`, answering each request as its pairs finish."""
+        """Wait `max_wait` for a batch to fill (unless it is full), take everything queued (up to
+        `max_pending`), sort it all by length, and score it in batches of `max_batch_size`, answering each
+        request as its pairs finish. (No `asyncio.wait_for` here: on Python 3.11 it can swallow the
+        cancellation that stops this task.)"""
         loop = asyncio.get_running_loop()
         while True:
             items = [await queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(items) < self.max_batch_size:
-                timeout = deadline - loop.time()
-                try:
-                    items.append(queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(queue.get(), timeout))
-                except (TimeoutError, asyncio.QueueEmpty):
-                    break
+            if self.max_wait > 0 and queue.qsize() + 1 < self.max_batch_size:
+                await asyncio.sleep(self.max_wait)  # let concurrent requests join this batch
             while len(items) < self.max_pending and not queue.empty():
                 items.append(queue.get_nowait())
             items = [(job, i) for job, i in items if not job.future.done()]

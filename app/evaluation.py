@@ -117,9 +117,16 @@ class PipelineScores:
     queries: int
 
 
-def run_pipelines(pipeline, dataset: BeirDataset, names: Sequence[str], k: int = 100, rerank_depth: int | None = None):  # noqa: ANN001, ANN201
-    """Run each named pipeline query by query through `Pipeline.search` (the API's code path), timing each
-    query; returns (rows, runs) where runs[name] is the document run."""
+def run_pipelines(  # noqa: ANN201
+    pipeline,  # noqa: ANN001
+    dataset: BeirDataset,
+    names: Sequence[str],
+    k: int = 100,
+    rerank_depth: int | None = None,
+    specs: dict[str, dict[str, object]] | None = None,
+):
+    """Run each named pipeline (from `specs`, default `PIPELINES`) query by query through `Pipeline.search`
+    (the API's code path), timing each query; returns (rows, runs) where runs[name] is the document run."""
     import asyncio
     import time
 
@@ -139,7 +146,7 @@ def run_pipelines(pipeline, dataset: BeirDataset, names: Sequence[str], k: int =
         return latencies, results
 
     for name in names:
-        spec = PIPELINES[name]
+        spec = (specs or PIPELINES)[name]
         overrides = {"k": k, "collapse": True, **spec}
         if rerank_depth:
             overrides["rerank_depth"] = rerank_depth

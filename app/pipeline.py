@@ -78,7 +78,6 @@ class Pipeline:
         self.settings = settings or Settings()
         rs = self.settings.reranker
         self.batcher = MicroBatcher(reranker, rs.max_batch_size, rs.max_wait_ms) if reranker else None
-        self.reranked_candidates = 0
 
     @classmethod
     def load(cls, settings: Settings, verify: bool = True) -> Pipeline:
@@ -93,11 +92,15 @@ class Pipeline:
         if (bundle.manifest.get("dense") or {}).get("enabled"):
             searchers["dense"] = DenseSearcher.from_bundle(bundle, passage_ids, doc_ids, device=settings.device)
         reranker = None
-        if settings.reranker.model:
-            kind = MaxSimReranker if is_maxsim(settings.reranker.model) else Reranker
-            reranker = kind.load(
-                settings.reranker.model, settings.reranker.max_length, settings.reranker.device or settings.device
+        spec, device = settings.reranker.model, settings.reranker.device or settings.device
+        if spec and is_maxsim(spec):
+            dense = searchers.get("dense")
+            same_model = dense is not None and MaxSimReranker.model_name(spec) == bundle.manifest["dense"]["model"]
+            reranker = MaxSimReranker.load(
+                spec, settings.reranker.max_length, device, encoder=dense.encoder if same_model else None
             )
+        elif spec:
+            reranker = Reranker.load(spec, settings.reranker.max_length, device)
         log.info(
             "pipeline ready",
             extra={"bundle": str(bundle.root), "searchers": list(searchers), "seconds": time.perf_counter() - t},
@@ -129,8 +132,9 @@ class Pipeline:
 
     async def rerank(
         self, queries: list[str], ranked: list[list[Hit]], depth: int
-    ) -> tuple[list[list[Hit]], float, str | None]:
-        """Second stage for many queries within the timeout; returns (rankings, ms, note-if-skipped)."""
+    ) -> tuple[list[list[Hit]], float, dict[int, dict[str, Any]]]:
+        """Second stage for many queries within the timeout; returns (rankings, ms, the passages it read).
+        On timeout the rankings keep their order, each hit marked `skipped (timeout)`."""
         assert self.batcher is not None
         t = time.perf_counter()
         heads = [hits[:depth] for hits in ranked]
@@ -146,15 +150,14 @@ class Pipeline:
             )
         except TimeoutError:
             skipped = [[h.with_stage("rerank", None, None, "skipped (timeout)") for h in hits] for hits in ranked]
-            return skipped, _ms(t), "skipped (timeout)"
-        self.reranked_candidates += len(pairs)
+            return skipped, _ms(t), passages
         out, offset = [], 0
         for hits, head in zip(ranked, heads):
             head_scores = scores[offset : offset + len(head)]
             offset += len(head)
             tail = [h.with_stage("rerank", None, None, "below rerank_depth") for h in hits[len(head) :]]
             out.append(apply_rerank(head, head_scores, self.settings.reranker.interpolation) + tail)
-        return out, _ms(t), None
+        return out, _ms(t), passages
 
     # -- entry points ------------------------------------------------------------------------------------
 
@@ -162,13 +165,16 @@ class Pipeline:
         """Run the whole pipeline for a batch of queries (encoded and reranked in batches)."""
         started = time.perf_counter()
         ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
+        passages: dict[int, dict[str, Any]] = {}
         if options.rerank and self.batcher is not None:
-            ranked, timings["rerank"], _ = await self.rerank(queries, ranked, options.rerank_depth)
+            ranked, timings["rerank"], passages = await self.rerank(queries, ranked, options.rerank_depth)
         if options.collapse:
             ranked = [_best_passage_per_document(hits) for hits in ranked]
         top = [hits[: options.k] for hits in ranked]
         t = time.perf_counter()
-        passages = await asyncio.to_thread(self.docstore.passages, {h.idx for hits in top for h in hits})
+        missing = {h.idx for hits in top for h in hits} - passages.keys()
+        if missing:
+            passages.update(await asyncio.to_thread(self.docstore.passages, missing))
         timings["fetch"] = _ms(t)
         timings["total"] = _ms(started)
         timings = {k: round(v, 3) for k, v in timings.items()}

@@ -43,25 +43,19 @@ class PassagePool:
     """Passages with a BM25 index over them, for mining negatives."""
 
     def __init__(self, ids: list[str], texts: list[str]) -> None:
-        import bm25s
-
-        from indexer.bm25 import tokenize
+        from indexer.bm25 import BM25Index
         from indexer.config import BM25Settings
 
-        self.ids, self.texts, self.settings = ids, texts, BM25Settings()
-        self.model = bm25s.BM25(method="lucene", k1=0.9, b=0.4)
-        self.model.index(tokenize(texts, self.settings), show_progress=False)
-        self._tokenize = tokenize
+        self.ids, self.texts = ids, texts
+        self.index = BM25Index.from_texts(texts, BM25Settings())
 
     def hard_negatives(
         self, query: str, exclude: set[str], n: int, rng: random.Random, lo: int = 2, hi: int = 30
     ) -> list[str]:
-        tokens = [t for t in self._tokenize([query], self.settings)[0] if t in self.model.vocab_dict]
-        if not tokens:
-            return []
-        scores = np.asarray(self.model.get_scores(tokens))
-        order = np.argsort(-scores)[: hi + len(exclude)]
-        pool = [int(i) for i in order if self.ids[int(i)] not in exclude and scores[int(i)] > 0][lo:hi]
+        from app.retrieval.bm25 import top_k
+
+        ranked = top_k(self.index.scores(query), hi + len(exclude))
+        pool = [i for i, _ in ranked if self.ids[i] not in exclude][lo:hi]
         return [self.texts[i] for i in rng.sample(pool, min(n, len(pool)))]
 
     def random_negatives(self, exclude: set[str], n: int, rng: random.Random) -> list[str]:
@@ -132,7 +126,7 @@ def pseudo_query_groups(corpus: Path, hard: int, easy: int, rng: random.Random, 
         from indexer.docstore import Docstore
 
         store = Docstore(open_bundle(corpus, verify=False).path(DOCSTORE))
-        records = [{"_id": pid, "title": "", "text": text} for pid, text in _bundle_texts(store)]
+        records = [{"_id": pid, "title": title, "text": text} for pid, title, text in store.passage_texts()]
     else:
         records = [json.loads(line) for line in open(corpus, encoding="utf-8")]
     pool = PassagePool([str(r["_id"]) for r in records], [_doc_text(r) for r in records])
@@ -153,15 +147,6 @@ def pseudo_query_groups(corpus: Path, hard: int, easy: int, rng: random.Random, 
         if limit and len(groups) >= limit:
             break
     return groups
-
-
-def _bundle_texts(store) -> list[tuple[str, str]]:  # noqa: ANN001
-    import sqlite3
-
-    with sqlite3.connect(f"file:{store.path}?mode=ro&immutable=1", uri=True) as connection:
-        return connection.execute(
-            "SELECT p.id, d.title || ' ' || p.text FROM passages p JOIN documents d ON d.id = p.doc_id"
-        ).fetchall()
 
 
 @dataclass

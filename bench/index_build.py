@@ -42,11 +42,10 @@ def main() -> None:
     parser.add_argument("--dense-sample", type=int, default=512)
     args = parser.parse_args()
 
-    import bm25s
     from rank_bm25 import BM25Okapi
 
     from app.retrieval.bm25 import top_k
-    from indexer.bm25 import tokenize
+    from indexer.bm25 import index_bm25, tokenize
     from indexer.config import BM25Settings, DenseSettings
     from indexer.dense import make_index
     from indexer.encoders import load_encoder
@@ -63,9 +62,7 @@ def main() -> None:
     n = len(texts)
 
     def build_sift():
-        model = bm25s.BM25(method=settings.method, k1=settings.k1, b=settings.b)
-        model.index(tokenize(texts, settings), show_progress=False)
-        return model
+        return index_bm25(texts, settings)
 
     def build_rank():
         return BM25Okapi(tokenize(texts, settings), k1=settings.k1, b=settings.b)

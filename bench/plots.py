@@ -65,14 +65,12 @@ def tradeoff_plot(bundle: Path, reranker: str | None, out: Path) -> list[str]:
     dataset = load_beir(SCIFACT, "test")
     depths = [10, 20, 30, 50, 75, 100]
     points = []
-    from app import evaluation
-
     for depth in depths:
         if reranker:
             rows, _ = run_pipelines(pipeline, dataset, ["hybrid+rerank"], rerank_depth=depth)
         else:
-            evaluation.PIPELINES["hybrid@depth"] = {"mode": "hybrid", "rerank": False, "candidates": depth}
-            rows, _ = run_pipelines(pipeline, dataset, ["hybrid@depth"], k=min(100, depth))
+            spec = {"hybrid@depth": {"mode": "hybrid", "rerank": False, "candidates": depth}}
+            rows, _ = run_pipelines(pipeline, dataset, ["hybrid@depth"], k=min(100, depth), specs=spec)
         points.append((depth, rows[0].metrics["ndcg@10"], rows[0].latency_ms_p50))
         print(points[-1], flush=True)
     fig, ax = plt.subplots(figsize=(6, 4))

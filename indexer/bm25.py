@@ -43,21 +43,33 @@ def tokenize(texts: list[str], settings: BM25Settings, show_progress: bool = Fal
     return out
 
 
-def build_bm25(texts: list[str], settings: BM25Settings, out_dir: Path, show_progress: bool = True) -> None:
-    """Index `texts` (row i = passage i) and save the sparse matrices under `out_dir`."""
-    tokens = tokenize(texts, settings, show_progress=show_progress)
+def index_bm25(texts: list[str], settings: BM25Settings, show_progress: bool = False) -> bm25s.BM25:
+    """An in-memory bm25s model over `texts` (row i = passage i)."""
     model = bm25s.BM25(method=settings.method, k1=settings.k1, b=settings.b)
-    model.index(tokens, show_progress=show_progress)
-    model.save(str(out_dir))
+    model.index(tokenize(texts, settings, show_progress=show_progress), show_progress=show_progress)
+    return model
+
+
+def build_bm25(texts: list[str], settings: BM25Settings, out_dir: Path, show_progress: bool = True) -> None:
+    """Index `texts` and save the sparse matrices under `out_dir`."""
+    index_bm25(texts, settings, show_progress).save(str(out_dir))
 
 
 class BM25Index:
-    """A loaded bm25s model that scores every passage for a query."""
+    """A bm25s model (loaded from a bundle, or built in memory) that scores every passage for a query."""
 
-    def __init__(self, directory: Path, settings: BM25Settings, mmap: bool = True) -> None:
+    def __init__(self, model: bm25s.BM25, settings: BM25Settings) -> None:
         self.settings = settings
-        self.model = bm25s.BM25.load(str(directory), mmap=mmap)
-        self.num_passages = int(self.model.scores["num_docs"])
+        self.model = model
+        self.num_passages = int(model.scores["num_docs"])
+
+    @classmethod
+    def load(cls, directory: Path, settings: BM25Settings, mmap: bool = True) -> BM25Index:
+        return cls(bm25s.BM25.load(str(directory), mmap=mmap), settings)
+
+    @classmethod
+    def from_texts(cls, texts: list[str], settings: BM25Settings) -> BM25Index:
+        return cls(index_bm25(texts, settings), settings)
 
     def query_tokens(self, query: str) -> list[str]:
         """The query's tokens that exist in the index vocabulary."""

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -202,7 +201,3 @@ def list_builds(out: Path) -> list[str]:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def monotonic() -> float:
-    return time.perf_counter()

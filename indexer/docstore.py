@@ -120,6 +120,12 @@ class Docstore:
         with self._connect() as connection:
             return [(r[0], r[1]) for r in connection.execute("SELECT id, doc_id FROM passages ORDER BY idx")]
 
+    def passage_texts(self) -> list[tuple[str, str, str]]:
+        """(passage id, document title, passage text) of every passage, in row order."""
+        with self._connect() as connection:
+            query = "SELECT p.id, d.title, p.text FROM passages p JOIN documents d ON d.id = p.doc_id ORDER BY p.idx"
+            return [tuple(row) for row in connection.execute(query)]
+
     def filter_mask(self, filters: dict[str, Any]) -> np.ndarray:
         """1.0 for passages whose document metadata matches every filter, else 0.0.
 

@@ -79,11 +79,16 @@ class ChatRequest(BaseModel):
 
 
 def answerer(request: Request) -> Answerer:
+    """The app's `Answerer`, built once (prompt template read once) for its pipeline and generator."""
     pipeline = ready_pipeline(request)
     generator = request.app.state.generator
     if generator is None:
         raise ApiError(503, "no_generator", "no generator is configured; set generator.backend to local or openai")
-    return Answerer(pipeline, generator, pipeline.settings.answer)
+    reader = getattr(request.app.state, "answerer", None)
+    if reader is None or reader.pipeline is not pipeline or reader.generator is not generator:
+        reader = Answerer(pipeline, generator, pipeline.settings.answer)
+        request.app.state.answerer = reader
+    return reader
 
 
 def check_generation(options: GenerationOptions, stream: bool, prefix: str) -> None:

@@ -38,7 +38,7 @@ class BM25Searcher:
     @classmethod
     def from_bundle(cls, bundle: BundleInfo, passage_ids: list[str], doc_ids: list[str]) -> BM25Searcher:
         settings = BM25Settings(**bundle.manifest["config"]["bm25"])
-        return cls(BM25Index(bundle.path(BM25_DIR), settings), passage_ids, doc_ids)
+        return cls(BM25Index.load(bundle.path(BM25_DIR), settings), passage_ids, doc_ids)
 
     def search(self, query: str, k: int, mask: np.ndarray | None = None) -> list[Hit]:
         """The k best passages for `query` (only where `mask` is non-zero, when given)."""

@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 
+from indexer.config import DEFAULT_ENCODER
 from indexer.encoders import load_encoder
 
 PREFIX = "maxsim"
@@ -25,11 +26,25 @@ class MaxSimReranker:
         self.batch_size = batch_size
         self._lock = threading.Lock()
 
+    @staticmethod
+    def model_name(spec: str) -> str:
+        """The bi-encoder a `maxsim[:model]` spec names."""
+        return spec.split(":", 1)[1] if ":" in spec else DEFAULT_ENCODER
+
     @classmethod
-    def load(cls, spec: str, max_length: int = 256, device: str | None = None, batch_size: int = 32) -> MaxSimReranker:
-        model = spec.split(":", 1)[1] if ":" in spec else "sentence-transformers/all-MiniLM-L6-v2"
-        encoder = load_encoder(model, device)
-        encoder.max_seq_length = min(max_length, encoder.max_seq_length or max_length)
+    def load(
+        cls,
+        spec: str,
+        max_length: int = 256,
+        device: str | None = None,
+        batch_size: int = 32,
+        encoder=None,  # noqa: ANN001
+    ) -> MaxSimReranker:
+        """Load the spec's bi-encoder, or reuse `encoder` (the dense searcher's, when it is the same model;
+        it is then left as configured rather than re-truncated to `max_length`)."""
+        if encoder is None:
+            encoder = load_encoder(cls.model_name(spec), device)
+            encoder.max_seq_length = min(max_length, encoder.max_seq_length or max_length)
         return cls(encoder, batch_size)
 
     @property

@@ -259,6 +259,7 @@ def reranker_train(
     squad_limit: int | None = typer.Option(None, help="at most this many SQuAD questions"),
     pseudo: list[Path] = typer.Option([], help="corpus JSONL or bundle for label-free pseudo-queries"),
     pseudo_limit: int | None = typer.Option(None, help="at most this many pseudo-queries per corpus"),
+    pseudo_per_doc: int = typer.Option(1, help="pseudo-queries (distinct sentences) per document"),
     hard_negatives: int = typer.Option(2, help="BM25-mined negatives per query"),
     easy_negatives: int = typer.Option(1, help="random negatives per query"),
     loss: str = typer.Option("listwise", help="listwise (softmax over positive + negatives) or bce"),
@@ -270,7 +271,9 @@ def reranker_train(
     seed: int = typer.Option(13),
     validation: float = typer.Option(0.05, help="share of groups held out for validation"),
     checkpoint_every: int = typer.Option(200, help="steps between resumable checkpoints"),
+    validate_every: int = typer.Option(0, help="steps between validations (0: after each epoch)"),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when present)"),
+    fp16: bool = typer.Option(True, "--fp16/--fp32", help="store the saved model's weights in half precision"),
 ) -> None:
     """Fine-tune a CrossEncoder on any mix of BEIR qrels, SQuAD questions and pseudo-queries, with negatives
     mined by Sift's BM25; validates after each epoch and keeps the best model. Rerun to resume."""
@@ -288,7 +291,7 @@ def reranker_train(
         first, last = (int(x) for x in squad_articles.split("-"))
         groups += squad_groups(squad, range(first, last + 1), hard_negatives, easy_negatives, rng, squad_limit)
     for corpus in pseudo:
-        groups += pseudo_query_groups(corpus, hard_negatives, easy_negatives, rng, pseudo_limit)
+        groups += pseudo_query_groups(corpus, hard_negatives, easy_negatives, rng, pseudo_limit, pseudo_per_doc)
     if not groups:
         typer.echo("error: no training data; pass --beir, --squad and/or --pseudo", err=True)
         raise typer.Exit(2)
@@ -308,11 +311,39 @@ def reranker_train(
         seed=seed,
         validation=validation,
         checkpoint_every=checkpoint_every,
+        validate_every=validate_every,
         device=device,
     )
     state = train(groups, config)
     typer.echo(json.dumps({"history": state["history"], "seconds": round(state["seconds"], 1)}, indent=1))
+    if fp16:
+        from app.reranker_training import save_half_precision
+
+        save_half_precision(out)
     typer.echo(f"saved the best model to {out}")
+
+
+@reranker_app.command("export")
+def reranker_export(
+    source: Path = typer.Argument(..., help="a saved CrossEncoder folder"),
+    dest: Path = typer.Argument(..., help="where to write the copy (may equal SOURCE)"),
+    fp16: bool = typer.Option(True, "--fp16/--fp32", help="store the weights in half precision"),
+) -> None:
+    """Copy a trained CrossEncoder (without training checkpoints), optionally in fp16 — the form shipped in
+    models/."""
+    import shutil
+
+    from app.reranker_training import save_half_precision
+
+    if not (source / "model.safetensors").exists():
+        typer.echo(
+            f"error: {source}/model.safetensors not found; pass the folder `sift reranker train` wrote", err=True
+        )
+        raise typer.Exit(2)
+    if source.resolve() != dest.resolve():
+        shutil.copytree(source, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint*"))
+    size = save_half_precision(dest) if fp16 else (dest / "model.safetensors").stat().st_size
+    typer.echo(f"wrote {dest} (model.safetensors {size / 1e6:.1f} MB)")
 
 
 def main() -> None:

@@ -119,8 +119,11 @@ def squad_groups(
     return groups
 
 
-def pseudo_query_groups(corpus: Path, hard: int, easy: int, rng: random.Random, limit: int | None) -> list[Group]:
-    """Label-free groups: a sentence of a document as the query, the document without it as the positive."""
+def pseudo_query_groups(
+    corpus: Path, hard: int, easy: int, rng: random.Random, limit: int | None, per_document: int = 1
+) -> list[Group]:
+    """Label-free groups: a sentence of a document as the query, the document without it as the positive
+    (`per_document` distinct sentences of each document become queries)."""
     if (Path(corpus) / "current").exists() or (Path(corpus) / "manifest.json").exists():
         from indexer.bundle import DOCSTORE, open_bundle
         from indexer.docstore import Docstore
@@ -138,15 +141,15 @@ def pseudo_query_groups(corpus: Path, hard: int, easy: int, rng: random.Random, 
         sentences = [s for s in _SENTENCE.split(record["text"]) if 6 <= len(s.split()) <= 40]
         if len(sentences) < 3:
             continue
-        query = rng.choice(sentences[1:])
-        rest = record["text"].replace(query, " ").strip()
-        positive = f"{record.get('title') or ''} {rest}".strip()
         exclude = {str(record["_id"])}
-        negatives = pool.hard_negatives(query, exclude, hard, rng) + pool.random_negatives(exclude, easy, rng)
-        groups.append(Group(query, positive, negatives, "pseudo"))
+        for query in rng.sample(sentences[1:], min(per_document, len(sentences) - 1)):
+            rest = record["text"].replace(query, " ").strip()
+            positive = f"{record.get('title') or ''} {rest}".strip()
+            negatives = pool.hard_negatives(query, exclude, hard, rng) + pool.random_negatives(exclude, easy, rng)
+            groups.append(Group(query, positive, negatives, "pseudo"))
         if limit and len(groups) >= limit:
             break
-    return groups
+    return groups[:limit] if limit else groups
 
 
 @dataclass
@@ -162,6 +165,7 @@ class TrainConfig:
     seed: int = 13
     validation: float = 0.05
     checkpoint_every: int = 200
+    validate_every: int = 0  # steps between validations (0: once per epoch); the best model is kept
     device: str | None = None
     resume: bool = True
 
@@ -261,15 +265,13 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
             state.setdefault("losses", []).append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.4f}")
+            if val and config.validate_every and state["step"] % config.validate_every == 0:
+                _validate_and_keep_best(model, val, state, epoch, out)
             if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
                 _save_checkpoint(checkpoint, network, optimizer, scheduler, state)
-        network.eval()
         if val:
-            scores = validate(model, val)
-            state["history"].append({"step": state["step"], "epoch": epoch + 1, **scores})
-            if scores["ndcg@10"] > state["best"]:
-                state["best"] = scores["ndcg@10"]
-                model.save(str(out))
+            if state["history"][-1]["step"] != state["step"]:
+                _validate_and_keep_best(model, val, state, epoch, out)
         else:
             model.save(str(out))
         _save_checkpoint(checkpoint, network, optimizer, scheduler, state)
@@ -283,6 +285,35 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
     )
     shutil.rmtree(checkpoint, ignore_errors=True)
     return state
+
+
+def save_half_precision(folder: Path) -> int:
+    """Rewrite the floating-point weights of a saved model in fp16 (half the size; loading up-casts on CPU).
+    Returns the new size of the weights file in bytes."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / "model.safetensors"
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    tmp = path.with_suffix(".tmp")
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+    config_path = Path(folder) / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text())
+        config["dtype"] = str(torch.float16).removeprefix("torch.")
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return path.stat().st_size
+
+
+def _validate_and_keep_best(model, val: Sequence[Group], state: dict, epoch: int, out: Path) -> None:  # noqa: ANN001
+    model.model.eval()
+    scores = validate(model, val)
+    state["history"].append({"step": state["step"], "epoch": epoch + 1, **scores})
+    log.warning("validation at step %d: %s", state["step"], scores)
+    if scores["ndcg@10"] > state["best"]:
+        state["best"] = scores["ndcg@10"]
+        model.save(str(out))
 
 
 def _loss(network, tokenizer, batch: list[Group], config: TrainConfig, device):  # noqa: ANN001, ANN202

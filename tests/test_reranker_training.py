@@ -65,3 +65,51 @@ def test_a_few_steps_make_the_loss_fall_and_rank_positives_higher(tmp_path):
     trained = load_cross_encoder(str(tmp_path / "ce"), config.max_length, "cpu")
     after = wins(trained, groups)
     assert after > before and after >= 0.8, (before, after)
+
+
+def test_several_pseudo_queries_per_document_are_distinct_sentences():
+    groups = pseudo_query_groups(EXAMPLES, hard=1, easy=0, rng=random.Random(2), limit=None, per_document=2)
+    single = pseudo_query_groups(EXAMPLES, hard=1, easy=0, rng=random.Random(2), limit=None, per_document=1)
+    assert len(single) < len(groups) <= 2 * len(single)
+    assert len({g.query for g in groups}) == len(groups), "a sentence was used twice as a query"
+
+
+def test_validation_runs_every_n_steps_and_keeps_the_best(tmp_path):
+    groups = pseudo_query_groups(EXAMPLES, hard=1, easy=1, rng=random.Random(3), limit=24)
+    config = TrainConfig(
+        out=tmp_path / "ce",
+        max_length=48,
+        epochs=1,
+        batch_size=4,
+        lr=2e-4,
+        warmup=0.0,
+        validation=0.25,
+        checkpoint_every=0,
+        validate_every=2,
+        device="cpu",
+    )
+    state = train(groups, config, progress=False)
+    steps = [h["step"] for h in state["history"]]
+    assert steps == [0, 2, 4, 5], steps  # 18 training groups / 4 per step = 5 steps; the last one validated too
+    assert state["best"] == max(h["ndcg@10"] for h in state["history"][1:])
+    assert (tmp_path / "ce" / "model.safetensors").exists()
+
+
+def test_half_precision_export_halves_the_file_and_loads_in_float32_with_the_same_scores(tmp_path):
+    import shutil
+
+    from app.reranker_training import save_half_precision
+    from app.retrieval.reranker import Reranker
+
+    full = tmp_path / "fp32"
+    load_cross_encoder(TrainConfig().base, 128, "cpu").save(str(full))
+    half = tmp_path / "fp16"
+    shutil.copytree(full, half)
+    before = (half / "model.safetensors").stat().st_size
+    after = save_half_precision(half)
+    assert 0.45 < after / before < 0.55, (before, after)
+    pairs = [("how do stars form?", "Stars form in cold dense clouds of gas."), ("tides", "The moon pulls the sea.")]
+    reference = Reranker.load(str(full), 128, "cpu")
+    shipped = Reranker.load(str(half), 128, "cpu")
+    assert {p.dtype for p in shipped.model.model.parameters()} == {__import__("torch").float32}
+    np.testing.assert_allclose(shipped.score(pairs), reference.score(pairs), atol=2e-2)

@@ -34,10 +34,14 @@ class Reranker:
 
     @classmethod
     def load(cls, name: str, max_length: int = 256, device: str | None = None, batch_size: int = 32) -> Reranker:
-        """Load any CrossEncoder by local path or hub id."""
+        """Load any CrossEncoder by local path or hub id; on CPU the weights are used in float32 (a model
+        stored in fp16, like Sift's shipped one, is up-cast: half precision is slow on CPUs)."""
+        import torch
         from sentence_transformers import CrossEncoder
 
-        model = CrossEncoder(resolve_model_path(name), max_length=max_length, device=pick_device(device))
+        device = pick_device(device)
+        kwargs = {"model_kwargs": {"dtype": torch.float32}} if device == "cpu" else {}
+        model = CrossEncoder(resolve_model_path(name), max_length=max_length, device=device, **kwargs)
         return cls(model, batch_size=batch_size)
 
     @property

@@ -25,6 +25,7 @@ COPY app ./app
 COPY indexer ./indexer
 COPY configs ./configs
 COPY examples ./examples
+COPY models ./models
 RUN pip install --no-cache-dir ".[generate]" \
     && if [ "${FAISS_SPEC}" != "faiss-cpu" ]; then pip uninstall -y faiss-cpu && pip install --no-cache-dir "${FAISS_SPEC}"; fi
 RUN useradd --create-home sift && mkdir -p /data && chown sift /data

@@ -260,8 +260,10 @@ def reranker_train(
     pseudo: list[Path] = typer.Option([], help="corpus JSONL or bundle for label-free pseudo-queries"),
     pseudo_limit: int | None = typer.Option(None, help="at most this many pseudo-queries per corpus"),
     pseudo_per_doc: int = typer.Option(1, help="pseudo-queries (distinct sentences) per document"),
-    hard_negatives: int = typer.Option(2, help="BM25-mined negatives per query"),
+    hard_negatives: int = typer.Option(2, help="BM25-mined negatives per query (ranks 3–30)"),
     easy_negatives: int = typer.Option(1, help="random negatives per query"),
+    dense_negatives: int = typer.Option(0, help="bi-encoder-mined negatives per query (ranks 3–30)"),
+    dense_model: str = typer.Option("sentence-transformers/all-MiniLM-L6-v2", help="bi-encoder for --dense-negatives"),
     loss: str = typer.Option("listwise", help="listwise (softmax over positive + negatives) or bce"),
     max_length: int = typer.Option(192, help="tokens per (query, passage) pair"),
     epochs: int = typer.Option(1),
@@ -280,18 +282,24 @@ def reranker_train(
     import json
     import random
 
-    from app.reranker_training import TrainConfig, beir_groups, pseudo_query_groups, squad_groups, train
+    from app.reranker_training import Mining, TrainConfig, beir_groups, pseudo_query_groups, squad_groups, train
 
     setup_logging("warning")
     rng = random.Random(seed)
+    encoder = None
+    if dense_negatives:
+        from indexer.encoders import load_encoder
+
+        encoder = load_encoder(dense_model, device)
+    mining = Mining(hard=hard_negatives, easy=easy_negatives, dense=dense_negatives, encoder=encoder)
     groups = []
     for folder in beir:
-        groups += beir_groups(folder, beir_split, hard_negatives, easy_negatives, rng)
+        groups += beir_groups(folder, beir_split, mining, rng)
     if squad is not None:
         first, last = (int(x) for x in squad_articles.split("-"))
-        groups += squad_groups(squad, range(first, last + 1), hard_negatives, easy_negatives, rng, squad_limit)
+        groups += squad_groups(squad, range(first, last + 1), mining, rng, squad_limit)
     for corpus in pseudo:
-        groups += pseudo_query_groups(corpus, hard_negatives, easy_negatives, rng, pseudo_limit, pseudo_per_doc)
+        groups += pseudo_query_groups(corpus, mining, rng, pseudo_limit, pseudo_per_doc)
     if not groups:
         typer.echo("error: no training data; pass --beir, --squad and/or --pseudo", err=True)
         raise typer.Exit(2)

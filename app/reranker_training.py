@@ -5,9 +5,10 @@ Training groups — a query, one positive passage and negatives — come from an
 - SQuAD-format files (questions of the allowed articles; SQuAD v1.1 dev articles 24–47 are refused);
 - label-free pseudo-queries from a corpus file or bundle: one sentence of a passage is the query and the
   rest of the passage the positive (the feature that adapts the reranker to your own documents).
-Negatives are mined with Sift's own BM25 searcher (moderately hard: ranks 3–30, positives excluded) plus
-random passages (easy). A fixed share of the groups is held out for validation (nDCG@10 / MRR@10 of
-reranking each held-out query's candidates) after every epoch; checkpoints allow resuming.
+Negatives are mined with Sift's own BM25 searcher and, optionally, its bi-encoder (moderately hard: ranks
+3–30, positives excluded) plus random passages (easy). A fixed share of the groups is held out for
+validation (nDCG@10 / MRR@10 of reranking each held-out query's candidates) after every epoch or every
+`validate_every` steps, keeping the best model; checkpoints allow resuming.
 """
 
 from __future__ import annotations
@@ -40,22 +41,49 @@ class Group:
 
 
 class PassagePool:
-    """Passages with a BM25 index over them, for mining negatives."""
+    """Passages with a BM25 index over them (and, given a bi-encoder, their embeddings) for mining negatives."""
 
-    def __init__(self, ids: list[str], texts: list[str]) -> None:
+    def __init__(self, ids: list[str], texts: list[str], encoder=None) -> None:  # noqa: ANN001
         from indexer.bm25 import BM25Index
         from indexer.config import BM25Settings
 
         self.ids, self.texts = ids, texts
         self.index = BM25Index.from_texts(texts, BM25Settings())
+        self.encoder = encoder
+        self._embeddings: np.ndarray | None = None
+
+    def negatives(self, query: str, exclude: set[str], mining: Mining, rng: random.Random, lo: int = 2) -> list[str]:
+        """`mining.hard` BM25 + `mining.dense` bi-encoder negatives from ranks lo..30, then `mining.easy` random
+        ones; never a passage in `exclude`, never the same passage twice."""
+        picked = self.hard_negatives(query, exclude, mining.hard, rng, lo=lo)
+        if mining.dense:
+            dense = self.dense_negatives(query, exclude, mining.dense + len(picked), rng, lo=lo)
+            picked += [t for t in dense if t not in picked][: mining.dense]
+        return picked + self.random_negatives(exclude, mining.easy, rng)
 
     def hard_negatives(
         self, query: str, exclude: set[str], n: int, rng: random.Random, lo: int = 2, hi: int = 30
     ) -> list[str]:
         from app.retrieval.bm25 import top_k
 
+        if n <= 0:
+            return []
         ranked = top_k(self.index.scores(query), hi + len(exclude))
         pool = [i for i, _ in ranked if self.ids[i] not in exclude][lo:hi]
+        return [self.texts[i] for i in rng.sample(pool, min(n, len(pool)))]
+
+    def dense_negatives(
+        self, query: str, exclude: set[str], n: int, rng: random.Random, lo: int = 2, hi: int = 30
+    ) -> list[str]:
+        if n <= 0 or self.encoder is None:
+            return []
+        if self._embeddings is None:
+            self._embeddings = self.encoder.encode(
+                self.texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=True
+            )
+        q = self.encoder.encode([query], normalize_embeddings=True, convert_to_numpy=True)[0]
+        ranked = np.argsort(-(self._embeddings @ q))[: hi + len(exclude)]
+        pool = [int(i) for i in ranked if self.ids[i] not in exclude][lo:hi]
         return [self.texts[i] for i in rng.sample(pool, min(n, len(pool)))]
 
     def random_negatives(self, exclude: set[str], n: int, rng: random.Random) -> list[str]:
@@ -67,16 +95,26 @@ class PassagePool:
         return out
 
 
+@dataclass(frozen=True)
+class Mining:
+    """How many negatives of each kind a training group gets."""
+
+    hard: int = 2  # BM25, ranks 3–30
+    easy: int = 1  # random passages
+    dense: int = 0  # bi-encoder, ranks 3–30 (needs `encoder`)
+    encoder: object | None = None
+
+
 def _doc_text(record: dict) -> str:
     title = record.get("title") or ""
     return f"{title} {record['text']}".strip() if title else record["text"]
 
 
-def beir_groups(root: Path, split: str, hard: int, easy: int, rng: random.Random) -> list[Group]:
+def beir_groups(root: Path, split: str, mining: Mining, rng: random.Random) -> list[Group]:
     if split == "test":
         raise ValueError("refusing to train on a test split; use qrels/train.tsv (or dev)")
     corpus = [json.loads(line) for line in open(root / "corpus.jsonl", encoding="utf-8")]
-    pool = PassagePool([str(r["_id"]) for r in corpus], [_doc_text(r) for r in corpus])
+    pool = PassagePool([str(r["_id"]) for r in corpus], [_doc_text(r) for r in corpus], mining.encoder)
     text_of = dict(zip(pool.ids, pool.texts))
     queries = {str(r["_id"]): r["text"] for r in map(json.loads, open(root / "queries.jsonl", encoding="utf-8"))}
     qrels: dict[str, set[str]] = {}
@@ -88,15 +126,13 @@ def beir_groups(root: Path, split: str, hard: int, easy: int, rng: random.Random
     for qid, positives in sorted(qrels.items()):
         for pid in sorted(positives):
             if pid in text_of and qid in queries:
-                negatives = pool.hard_negatives(queries[qid], positives, hard, rng) + pool.random_negatives(
-                    positives, easy, rng
-                )
+                negatives = pool.negatives(queries[qid], positives, mining, rng)
                 groups.append(Group(queries[qid], text_of[pid], negatives, f"beir:{root.name}"))
     return groups
 
 
 def squad_groups(
-    path: Path, articles: Sequence[int], hard: int, easy: int, rng: random.Random, limit: int | None
+    path: Path, articles: Sequence[int], mining: Mining, rng: random.Random, limit: int | None
 ) -> list[Group]:
     from app.qa_eval import EVAL_ARTICLES
 
@@ -111,16 +147,16 @@ def squad_groups(
             texts.append(paragraph["context"])
             items += [(qa["question"], pid, paragraph["context"]) for qa in paragraph["qas"]]
     rng.shuffle(items)
-    pool = PassagePool(ids, texts)
+    pool = PassagePool(ids, texts, mining.encoder)
     groups = []
     for question, pid, context in items[:limit]:
-        negatives = pool.hard_negatives(question, {pid}, hard, rng, lo=0) + pool.random_negatives({pid}, easy, rng)
+        negatives = pool.negatives(question, {pid}, mining, rng, lo=0)
         groups.append(Group(question, context, negatives, "squad"))
     return groups
 
 
 def pseudo_query_groups(
-    corpus: Path, hard: int, easy: int, rng: random.Random, limit: int | None, per_document: int = 1
+    corpus: Path, mining: Mining, rng: random.Random, limit: int | None, per_document: int = 1
 ) -> list[Group]:
     """Label-free groups: a sentence of a document as the query, the document without it as the positive
     (`per_document` distinct sentences of each document become queries)."""
@@ -132,7 +168,7 @@ def pseudo_query_groups(
         records = [{"_id": pid, "title": title, "text": text} for pid, title, text in store.passage_texts()]
     else:
         records = [json.loads(line) for line in open(corpus, encoding="utf-8")]
-    pool = PassagePool([str(r["_id"]) for r in records], [_doc_text(r) for r in records])
+    pool = PassagePool([str(r["_id"]) for r in records], [_doc_text(r) for r in records], mining.encoder)
     order = list(range(len(records)))
     rng.shuffle(order)
     groups = []
@@ -145,7 +181,7 @@ def pseudo_query_groups(
         for query in rng.sample(sentences[1:], min(per_document, len(sentences) - 1)):
             rest = record["text"].replace(query, " ").strip()
             positive = f"{record.get('title') or ''} {rest}".strip()
-            negatives = pool.hard_negatives(query, exclude, hard, rng) + pool.random_negatives(exclude, easy, rng)
+            negatives = pool.negatives(query, exclude, mining, rng)
             groups.append(Group(query, positive, negatives, "pseudo"))
         if limit and len(groups) >= limit:
             break

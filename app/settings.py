@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from indexer.config import IndexConfig
@@ -49,6 +49,14 @@ class RerankerSettings(BaseModel):
         1.0, ge=0, le=1, description="final = w·z(reranker) + (1-w)·z(first stage); 1.0 = reranker only"
     )
     device: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _project_relative(cls, value: str | None) -> str | None:
+        """`models/...` in a config means the folder shipped with Sift, whatever the working directory."""
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (PROJECT_ROOT / value).exists():
+            return str(PROJECT_ROOT / value)
+        return value
 
 
 class GeneratorSettings(BaseModel):

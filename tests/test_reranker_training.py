@@ -9,6 +9,7 @@ import pytest
 
 from app.reranker_training import (
     Group,
+    Mining,
     TrainConfig,
     group_scores,
     load_cross_encoder,
@@ -20,7 +21,7 @@ from tests.conftest import EXAMPLES, SHARED_DATA
 
 
 def test_pseudo_queries_come_from_the_corpus_with_mined_negatives():
-    groups = pseudo_query_groups(EXAMPLES, hard=1, easy=1, rng=random.Random(0), limit=20)
+    groups = pseudo_query_groups(EXAMPLES, Mining(hard=1, easy=1), rng=random.Random(0), limit=20)
     assert len(groups) == 20
     for g in groups:
         assert g.query not in g.positive and len(g.negatives) == 2 and g.positive not in g.negatives
@@ -29,14 +30,14 @@ def test_pseudo_queries_come_from_the_corpus_with_mined_negatives():
 @pytest.mark.skipif(not (SHARED_DATA / "squad").exists(), reason="SQuAD dev not found under ../shared/data")
 def test_squad_held_out_articles_are_refused():
     with pytest.raises(ValueError, match="24–47 are held out"):
-        squad_groups(SHARED_DATA / "squad" / "dev-v1.1.json", range(20, 30), 1, 1, random.Random(0), 10)
+        squad_groups(SHARED_DATA / "squad" / "dev-v1.1.json", range(20, 30), Mining(1, 1), random.Random(0), 10)
 
 
 def test_beir_test_split_is_refused(tmp_path):
     from app.reranker_training import beir_groups
 
     with pytest.raises(ValueError, match="refusing to train on a test split"):
-        beir_groups(tmp_path, "test", 1, 1, random.Random(0))
+        beir_groups(tmp_path, "test", Mining(1, 1), random.Random(0))
 
 
 def wins(model, groups: list[Group]) -> float:
@@ -45,7 +46,7 @@ def wins(model, groups: list[Group]) -> float:
 
 
 def test_a_few_steps_make_the_loss_fall_and_rank_positives_higher(tmp_path):
-    groups = pseudo_query_groups(EXAMPLES, hard=1, easy=1, rng=random.Random(1), limit=16)
+    groups = pseudo_query_groups(EXAMPLES, Mining(hard=1, easy=1), rng=random.Random(1), limit=16)
     config = TrainConfig(
         out=tmp_path / "ce",
         max_length=64,
@@ -68,14 +69,14 @@ def test_a_few_steps_make_the_loss_fall_and_rank_positives_higher(tmp_path):
 
 
 def test_several_pseudo_queries_per_document_are_distinct_sentences():
-    groups = pseudo_query_groups(EXAMPLES, hard=1, easy=0, rng=random.Random(2), limit=None, per_document=2)
-    single = pseudo_query_groups(EXAMPLES, hard=1, easy=0, rng=random.Random(2), limit=None, per_document=1)
+    groups = pseudo_query_groups(EXAMPLES, Mining(hard=1, easy=0), rng=random.Random(2), limit=None, per_document=2)
+    single = pseudo_query_groups(EXAMPLES, Mining(hard=1, easy=0), rng=random.Random(2), limit=None, per_document=1)
     assert len(single) < len(groups) <= 2 * len(single)
     assert len({g.query for g in groups}) == len(groups), "a sentence was used twice as a query"
 
 
 def test_validation_runs_every_n_steps_and_keeps_the_best(tmp_path):
-    groups = pseudo_query_groups(EXAMPLES, hard=1, easy=1, rng=random.Random(3), limit=24)
+    groups = pseudo_query_groups(EXAMPLES, Mining(hard=1, easy=1), rng=random.Random(3), limit=24)
     config = TrainConfig(
         out=tmp_path / "ce",
         max_length=48,
@@ -113,3 +114,23 @@ def test_half_precision_export_halves_the_file_and_loads_in_float32_with_the_sam
     shipped = Reranker.load(str(half), 128, "cpu")
     assert {p.dtype for p in shipped.model.model.parameters()} == {__import__("torch").float32}
     np.testing.assert_allclose(shipped.score(pairs), reference.score(pairs), atol=2e-2)
+
+
+def test_dense_mining_adds_bi_encoder_negatives_that_are_close_to_the_query(encoder):
+    import json
+
+    from app.reranker_training import PassagePool
+
+    records = [json.loads(line) for line in open(EXAMPLES, encoding="utf-8")]
+    pool = PassagePool([r["_id"] for r in records], [r["text"] for r in records], encoder)
+    query, positive = records[0]["text"].split(". ")[0], records[0]["_id"]
+    rng = random.Random(4)
+    dense = pool.dense_negatives(query, {positive}, 3, rng)
+    assert len(dense) == 3 and records[0]["text"] not in dense
+    q = encoder.encode([query], normalize_embeddings=True)[0]
+    similarity = pool._embeddings @ q
+    texts = [r["text"] for r in records]
+    mined = np.mean([similarity[texts.index(t)] for t in dense])
+    assert mined > np.median(similarity) + 0.1, (mined, np.median(similarity))  # harder than a typical passage
+    mixed = pool.negatives(query, {positive}, Mining(hard=2, dense=2, easy=1), rng)
+    assert len(mixed) == 5 and len(set(mixed)) == 5 and records[0]["text"] not in mixed

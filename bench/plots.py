@@ -1,12 +1,13 @@
 """Plots for docs/: quality per pipeline on SciFact with published anchors, and latency against nDCG@10 as
 the depth of the second stage grows.
 
-    python bench/plots.py [--reranker PATH_OR_ID] [--bundle DIR]
+    python bench/plots.py [--bundle DIR]
 
 - docs/quality.png: nDCG@10 of each pipeline from `sift eval retrieval` (var/eval/scifact-test/results.json,
   run first) with Anserini BM25 (0.6789) and bge-base-en-v1.5 (0.7408) drawn as reference lines.
-- docs/rerank_tradeoff.png: with --reranker, nDCG@10 and p50 latency per query for rerank depths 10–100;
-  without one, the same sweep over the fusion candidate depth (what a hybrid-only deployment can tune).
+- docs/fusion_depth.png: nDCG@10 and p50 latency per query as the fusion candidate depth grows (what a
+  hybrid-only deployment can tune). The rerank-depth trade-off (docs/rerank_tradeoff.png) is drawn by
+  bench/rerank.py, which scores each candidate once instead of once per depth.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def quality_plot(results: Path, out: Path) -> str:
     return ", ".join(f"{n} {v:.4f}" for n, v in zip(names, values))
 
 
-def tradeoff_plot(bundle: Path, reranker: str | None, out: Path) -> list[str]:
+def fusion_depth_plot(bundle: Path, out: Path) -> tuple[list[str], str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,20 +58,15 @@ def tradeoff_plot(bundle: Path, reranker: str | None, out: Path) -> list[str]:
     from app.pipeline import Pipeline
     from app.settings import load_settings
 
-    overrides = {"bundle": bundle}
-    settings = load_settings(**overrides)
-    if reranker:
-        settings.reranker.model = reranker
+    settings = load_settings(bundle=bundle)
+    settings.reranker.model = None
     pipeline = Pipeline.load(settings)
     dataset = load_beir(SCIFACT, "test")
     depths = [10, 20, 30, 50, 75, 100]
     points = []
     for depth in depths:
-        if reranker:
-            rows, _ = run_pipelines(pipeline, dataset, ["hybrid+rerank"], rerank_depth=depth)
-        else:
-            spec = {"hybrid@depth": {"mode": "hybrid", "rerank": False, "candidates": depth}}
-            rows, _ = run_pipelines(pipeline, dataset, ["hybrid@depth"], k=min(100, depth), specs=spec)
+        spec = {"hybrid@depth": {"mode": "hybrid", "rerank": False, "candidates": depth}}
+        rows, _ = run_pipelines(pipeline, dataset, ["hybrid@depth"], k=min(100, depth), specs=spec)
         points.append((depth, rows[0].metrics["ndcg@10"], rows[0].latency_ms_p50))
         print(points[-1], flush=True)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -79,7 +75,7 @@ def tradeoff_plot(bundle: Path, reranker: str | None, out: Path) -> list[str]:
         ax.annotate(str(d), (lat, n), textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("p50 latency per query (ms)")
     ax.set_ylabel("nDCG@10")
-    what = "rerank depth" if reranker else "fusion candidates per retriever (no reranker)"
+    what = "fusion candidates per retriever (no reranker)"
     ax.set_title(f"SciFact: quality vs latency by {what}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -88,17 +84,16 @@ def tradeoff_plot(bundle: Path, reranker: str | None, out: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reranker", default=None)
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=ROOT / "var" / "eval" / "scifact-test" / "results.json")
     args = parser.parse_args()
     docs = ROOT / "docs"
     summary = quality_plot(args.results, docs / "quality.png")
     bundle = args.bundle or ROOT / "var" / "eval" / "scifact"
-    rows, what = tradeoff_plot(bundle, args.reranker, docs / "rerank_tradeoff.png")
+    rows, what = fusion_depth_plot(bundle, docs / "fusion_depth.png")
     body = "\n".join(
         [
-            f"![quality](quality.png) ![trade-off](rerank_tradeoff.png)\n\nQuality plot from `{args.results.relative_to(ROOT)}`: {summary}.",
+            f"![quality](quality.png) ![fusion depth](fusion_depth.png)\n\nQuality plot from `{args.results.relative_to(ROOT)}`: {summary}.",
             "",
             f"Trade-off sweep over {what}:",
             "",

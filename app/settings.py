@@ -53,7 +53,10 @@ class RerankerSettings(BaseModel):
     @field_validator("model")
     @classmethod
     def _project_relative(cls, value: str | None) -> str | None:
-        """`models/...` in a config means the folder shipped with Sift, whatever the working directory."""
+        """`models/...` in a config means the folder shipped with Sift, whatever the working directory;
+        "" or "none" (handy in environment variables) turns reranking off."""
+        if value is not None and value.strip().lower() in ("", "none", "null"):
+            return None
         if value and not Path(value).is_absolute() and not Path(value).exists() and (PROJECT_ROOT / value).exists():
             return str(PROJECT_ROOT / value)
         return value

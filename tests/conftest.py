@@ -57,7 +57,8 @@ def example_pipeline(example_index):
     from app.pipeline import Pipeline
     from app.settings import load_settings
 
-    return Pipeline.load(load_settings(bundle=example_index))
+    # first stage only: the reranker's tests build their own pipelines (tests/test_reranker.py)
+    return Pipeline.load(load_settings(bundle=example_index, reranker={"model": None}))
 
 
 def _source_key() -> str:
@@ -93,7 +94,8 @@ def scifact_pipeline(scifact_index):
     from app.pipeline import Pipeline
     from app.settings import load_settings
 
-    return Pipeline.load(load_settings(bundle=scifact_index))
+    # first stage only; the shipped reranker is pinned in tests/test_regression_reranker.py
+    return Pipeline.load(load_settings(bundle=scifact_index, reranker={"model": None}))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ STOPWORDS = {"the", "was", "and", "for", "with", "that", "this", "from", "are", 
 
 @pytest.fixture(scope="module")
 def rag_server(example_index):
-    env = {"SIFT_BUNDLE": str(example_index), "SIFT_ANSWER__MAX_NEW_TOKENS": "40"}
+    env = {"SIFT_BUNDLE": str(example_index), "SIFT_ANSWER__MAX_NEW_TOKENS": "40", "SIFT_RERANKER__MODEL": "none"}
     with sift_server(env, ready_timeout=300) as (base, _):
         yield base
 

@@ -13,7 +13,7 @@ from tests.servers import sift_server
 
 @pytest.fixture(scope="module")
 def server(example_index):
-    env = {"SIFT_BUNDLE": str(example_index), "SIFT_GENERATOR__BACKEND": "none"}
+    env = {"SIFT_BUNDLE": str(example_index), "SIFT_GENERATOR__BACKEND": "none", "SIFT_RERANKER__MODEL": "none"}
     with sift_server(env) as (base, process):
         yield base, process
 

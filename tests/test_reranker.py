@@ -127,3 +127,37 @@ def test_maxsim_reranker_scores_late_interaction_and_plugs_into_the_pipeline(exa
     result = asyncio.run(pipeline.search("how do honeybees communicate", pipeline.options(k=5, rerank_depth=10)))
     assert result.hits[0].doc_id == "bio-012"
     assert [h.stages["rerank"].rank for h in result.hits] == [1, 2, 3, 4, 5]
+
+
+def test_reranker_setting_accepts_none_and_resolves_the_shipped_folder_from_anywhere(tmp_path, monkeypatch):
+    from app.settings import PROJECT_ROOT, load_settings
+
+    assert load_settings(reranker={"model": "none"}).reranker.model is None
+    assert load_settings(reranker={"model": ""}).reranker.model is None
+    monkeypatch.chdir(tmp_path)
+    resolved = load_settings(reranker={"model": "models/sift-reranker-minilm-l6"}).reranker.model
+    assert resolved == str(PROJECT_ROOT / "models" / "sift-reranker-minilm-l6")
+    assert load_settings(reranker={"model": "cross-encoder/ms-marco-MiniLM-L-6-v2"}).reranker.model == (
+        "cross-encoder/ms-marco-MiniLM-L-6-v2"
+    )
+
+
+def test_the_default_config_serves_with_the_shipped_cross_encoder(example_index):
+    """`make run`'s configuration: a real server reranks with models/sift-reranker-minilm-l6 by default."""
+    import httpx
+
+    from app.settings import load_settings
+    from tests.servers import sift_server
+
+    defaults = load_settings().reranker
+    assert defaults.model and defaults.model.endswith("models/sift-reranker-minilm-l6")
+    env = {"SIFT_BUNDLE": str(example_index), "SIFT_GENERATOR__BACKEND": "none"}
+    with sift_server(env) as (base, _):
+        info = httpx.get(f"{base}/v1/info", timeout=10).json()
+        assert "sift-reranker-minilm-l6" in str(info)
+        for query, expected in [("how do stars form?", "astro-001"), ("how do honeybees communicate", "bio-012")]:
+            response = httpx.post(f"{base}/v1/search", json={"query": query, "k": 5, "rerank_depth": 20}, timeout=60)
+            assert response.status_code == 200, response.text
+            hits = response.json()["hits"]
+            assert hits[0]["doc_id"] == expected, [h["doc_id"] for h in hits]
+            assert [h["explain"]["rerank"]["rank"] for h in hits] == [1, 2, 3, 4, 5]

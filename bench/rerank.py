@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--latency-queries", type=int, default=30)
     parser.add_argument("--squad-depth", type=int, default=20)
+    parser.add_argument("--depths", type=int, nargs="*", default=list(DEPTHS), help="rerank depths to sweep")
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "sweep", "squad"])
     args = parser.parse_args()
     if not args.model or args.model == "maxsim" or args.model.startswith("maxsim:"):
@@ -199,10 +200,11 @@ def main() -> None:
         settings = load_settings(bundle=args.bundle)
         pipeline = Pipeline.load(settings)
         reranker = Reranker.load(args.model, max_length=args.max_length, device="cpu")
-        ranked, scores, coarse_ms = score_candidates(pipeline, reranker, claims, max(DEPTHS))
-        results = evaluate_depths(qids, dataset.qrels, ranked, scores, args.interpolation)
+        depths = sorted(args.depths)
+        ranked, scores, coarse_ms = score_candidates(pipeline, reranker, claims, max(depths))
+        results = evaluate_depths(qids, dataset.qrels, ranked, scores, args.interpolation, depths)
         n = args.latency_queries
-        latency = {d: depth_latency(pipeline, reranker, claims[:n], ranked[:n], d) for d in DEPTHS}
+        latency = {d: depth_latency(pipeline, reranker, claims[:n], ranked[:n], d) for d in depths}
         first = statistics.median(coarse_ms)
         body += [
             f"### Rerank depth sweep, SciFact test (300 claims), max length {args.max_length}",
@@ -215,20 +217,20 @@ def main() -> None:
             f"| hybrid (no rerank) | {results[0]['ndcg@10']:.4f} | {results[0]['mrr@10']:.4f} "
             f"| {results[0]['recall@100']:.4f} | {first:.1f} |",
         ]
-        for d in DEPTHS:
+        for d in depths:
             r = results[d]
             body.append(
                 f"| hybrid + rerank top {d} | {r['ndcg@10']:.4f} | {r['mrr@10']:.4f} | {r['recall@100']:.4f} "
                 f"| {first + latency[d]:.1f} |"
             )
-        alone = evaluate_depths(qids, dataset.qrels, ranked, scores, 1.0, depths=(20, 50, 100))
+        alone = evaluate_depths(qids, dataset.qrels, ranked, scores, 1.0, depths)
         body += [
             "",
-            "Cross-encoder alone (interpolation 1.0), nDCG@10 at depth 20 / 50 / 100: "
-            + " / ".join(f"{alone[d]['ndcg@10']:.4f}" for d in (20, 50, 100)),
+            f"Cross-encoder alone (interpolation 1.0), nDCG@10 at depth {' / '.join(map(str, depths))}: "
+            + " / ".join(f"{alone[d]['ndcg@10']:.4f}" for d in depths),
             "",
         ]
-        points = [(d, results[d]["ndcg@10"], first + latency[d]) for d in DEPTHS]
+        points = [(d, results[d]["ndcg@10"], first + latency[d]) for d in depths]
         plot(
             points,
             (results[0]["ndcg@10"], first),

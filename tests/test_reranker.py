@@ -44,10 +44,17 @@ def test_batched_sorted_scores_equal_one_by_one_and_long_passages_truncate(reran
         ("x", "short"),
         ("bread", "Sourdough uses a starter culture."),
     ]
+    import torch
+
     batched = reranker.score(pairs)
-    one_by_one = np.array([reranker.model.predict([list(p)], show_progress_bar=False)[0] for p in pairs])
+    logits = [
+        reranker.model.predict([list(p)], activation_fn=torch.nn.Identity(), show_progress_bar=False) for p in pairs
+    ]
     assert batched.shape == (6,) and np.isfinite(batched).all()
-    assert batched == pytest.approx(one_by_one, abs=1e-4)
+    assert batched == pytest.approx(np.array(logits).reshape(-1), abs=1e-4)
+    # scores are logits (what `min_rerank_score` and the z-interpolation expect), not the default sigmoid
+    probabilities = reranker.model.predict([list(p) for p in pairs], show_progress_bar=False)
+    assert 1 / (1 + np.exp(-batched)) == pytest.approx(probabilities, abs=1e-4)
 
 
 def test_micro_batcher_pools_concurrent_requests(reranker):

@@ -31,6 +31,9 @@ class Reranker:
         self.model = model
         self.batch_size = batch_size
         self._lock = threading.Lock()
+        import torch
+
+        self._identity = torch.nn.Identity()
 
     @classmethod
     def load(cls, name: str, max_length: int = 256, device: str | None = None, batch_size: int = 32) -> Reranker:
@@ -58,7 +61,13 @@ class Reranker:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
                 batch = [list(pairs[i]) for i in chunk]
-                out = self.model.predict(batch, batch_size=len(batch), show_progress_bar=False, convert_to_numpy=True)
+                out = self.model.predict(
+                    batch,
+                    batch_size=len(batch),
+                    show_progress_bar=False,
+                    convert_to_numpy=True,
+                    activation_fn=self._identity,  # raw logits, not the model's default sigmoid
+                )
                 scores[chunk] = np.asarray(out, dtype=np.float32).reshape(-1)
         return scores
 

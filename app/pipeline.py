@@ -58,6 +58,7 @@ class SearchResult:
     hits: list[Hit]
     passages: dict[int, dict[str, Any]]
     timings_ms: dict[str, float]
+    reranked: int = 0  # (query, passage) pairs the reranker scored for this query
 
 
 class Pipeline:
@@ -166,8 +167,12 @@ class Pipeline:
         started = time.perf_counter()
         ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
         passages: dict[int, dict[str, Any]] = {}
+        reranked = [0] * len(queries)
         if options.rerank and self.batcher is not None:
             ranked, timings["rerank"], passages = await self.rerank(queries, ranked, options.rerank_depth)
+            reranked = [
+                sum(1 for h in hits if "rerank" in h.stages and h.stages["rerank"].score is not None) for hits in ranked
+            ]
         if options.collapse:
             ranked = [_best_passage_per_document(hits) for hits in ranked]
         top = [hits[: options.k] for hits in ranked]
@@ -178,7 +183,10 @@ class Pipeline:
         timings["fetch"] = _ms(t)
         timings["total"] = _ms(started)
         timings = {k: round(v, 3) for k, v in timings.items()}
-        return [SearchResult(hits, {h.idx: passages[h.idx] for h in hits}, dict(timings)) for hits in top]
+        return [
+            SearchResult(hits, {h.idx: passages[h.idx] for h in hits}, dict(timings), n)
+            for hits, n in zip(top, reranked)
+        ]
 
     async def search(self, query: str, options: SearchOptions) -> SearchResult:
         return (await self.search_many([query], options))[0]

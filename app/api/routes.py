@@ -82,7 +82,7 @@ async def search(body: SearchRequest, request: Request) -> SearchResponse:
     options = to_options(pipeline, body)
     result = await pipeline.search(body.query, options)
     request.app.state.metrics.observe_timings(result.timings_ms)
-    request.app.state.metrics.reranked.inc(min(options.rerank_depth, len(result.hits)) if options.rerank else 0)
+    request.app.state.metrics.reranked.inc(result.reranked)
     return search_response(
         body.query,
         result,
@@ -110,6 +110,7 @@ async def search_batch(body: BatchSearchRequest, request: Request) -> BatchSearc
     results = await pipeline.search_many(body.queries, options)
     timings = results[0].timings_ms if results else {}
     request.app.state.metrics.observe_timings(timings)
+    request.app.state.metrics.reranked.inc(sum(r.reranked for r in results))
     shaped = [
         search_response(
             q,

@@ -34,10 +34,7 @@ class PromptTemplate:
 
     @classmethod
     def load(cls, path: Path) -> PromptTemplate:
-        path = Path(path)
-        if not path.is_absolute() and not path.exists():
-            path = Path(__file__).resolve().parent.parent / path  # relative to the project, as in configs/
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         examples = tuple((e["user"], e["assistant"]) for e in data.get("examples") or [])
         return cls(data["system"].strip(), data["user"], data["passage"], data["no_answer"].strip(), examples)
 

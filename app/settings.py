@@ -17,6 +17,15 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 
 
+def project_path(value: str | Path) -> str | Path:
+    """A relative path that does not exist from the working directory but does inside the project
+    (`configs/prompts/...`, `models/...`) is taken as the project's; anything else is returned unchanged."""
+    path = Path(value)
+    if not path.is_absolute() and not path.exists() and (PROJECT_ROOT / path).exists():
+        return PROJECT_ROOT / path
+    return value
+
+
 class SearchSettings(BaseModel):
     default_mode: Literal["bm25", "dense", "hybrid"] = "hybrid"
     default_k: int = Field(10, ge=1)
@@ -52,14 +61,12 @@ class RerankerSettings(BaseModel):
 
     @field_validator("model")
     @classmethod
-    def _project_relative(cls, value: str | None) -> str | None:
-        """`models/...` in a config means the folder shipped with Sift, whatever the working directory;
-        "" or "none" (handy in environment variables) turns reranking off."""
+    def _model_path(cls, value: str | None) -> str | None:
+        """`models/...` means the folder shipped with Sift, whatever the working directory; "" or "none"
+        (handy in environment variables) turns reranking off."""
         if value is not None and value.strip().lower() in ("", "none", "null"):
             return None
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (PROJECT_ROOT / value).exists():
-            return str(PROJECT_ROOT / value)
-        return value
+        return str(project_path(value)) if value else value
 
 
 class GeneratorSettings(BaseModel):
@@ -89,6 +96,11 @@ class AnswerSettings(BaseModel):
         0.0, description="best passage must reach this reranker score (when reranking)"
     )
     min_dense_score: float | None = Field(0.3, description="else best passage must reach this dense cosine score")
+
+    @field_validator("template")
+    @classmethod
+    def _template_path(cls, value: Path) -> Path:
+        return Path(project_path(value))
 
 
 class ServerSettings(BaseModel):

@@ -131,6 +131,19 @@ class Pipeline:
         timings["fusion"] = _ms(t)
         return fused, timings
 
+    def rerank_pairs(
+        self, queries: list[str], heads: list[list[Hit]]
+    ) -> tuple[list[tuple[str, str]], dict[int, dict[str, Any]]]:
+        """The (query, title + passage text) pairs the reranker scores for each query's `heads`, in order,
+        and the passages read for them."""
+        passages = self.docstore.passages({h.idx for hits in heads for h in hits})
+        pairs = [
+            (query, passage_index_text(passages[h.idx]["title"], passages[h.idx]["text"]))
+            for query, hits in zip(queries, heads)
+            for h in hits
+        ]
+        return pairs, passages
+
     async def rerank(
         self, queries: list[str], ranked: list[list[Hit]], depth: int
     ) -> tuple[list[list[Hit]], float, dict[int, dict[str, Any]]]:
@@ -139,12 +152,7 @@ class Pipeline:
         assert self.batcher is not None
         t = time.perf_counter()
         heads = [hits[:depth] for hits in ranked]
-        passages = await asyncio.to_thread(self.docstore.passages, {h.idx for hits in heads for h in hits})
-        pairs = [
-            (query, passage_index_text(passages[h.idx]["title"], passages[h.idx]["text"]))
-            for query, hits in zip(queries, heads)
-            for h in hits
-        ]
+        pairs, passages = await asyncio.to_thread(self.rerank_pairs, queries, heads)
         try:
             scores = await asyncio.wait_for(
                 self.batcher.score(pairs), timeout=self.settings.reranker.timeout_ms / 1000.0

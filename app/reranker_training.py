@@ -326,7 +326,6 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
 def save_half_precision(folder: Path) -> int:
     """Rewrite the floating-point weights of a saved model in fp16 (half the size; loading up-casts on CPU).
     Returns the new size of the weights file in bytes."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     path = Path(folder) / "model.safetensors"
@@ -337,7 +336,7 @@ def save_half_precision(folder: Path) -> int:
     config_path = Path(folder) / "config.json"
     if config_path.exists():
         config = json.loads(config_path.read_text())
-        config["dtype"] = str(torch.float16).removeprefix("torch.")
+        config["dtype"] = "float16"
         config_path.write_text(json.dumps(config, indent=2) + "\n")
     return path.stat().st_size
 

@@ -37,12 +37,12 @@ DEPTHS = (10, 20, 30, 50, 75, 100)
 REFERENCES = {"target: 0.725 and hybrid + 0.010": 0.725, "MaxSim, top 20, w=0.5 (0.732)": 0.7322}
 
 
-def throughput(model: str, pairs: list[tuple[str, str]], runs: int) -> list[str]:
-    from app.retrieval.reranker import Reranker
-
+def throughput(reranker, pairs: list[tuple[str, str]], runs: int) -> list[str]:  # noqa: ANN001
+    """pairs/s at max lengths 128 / 256 / 512 (the same loaded model, re-truncated), then restored."""
+    configured = reranker.model.max_seq_length
     lines = ["| max length | mean tokens per pair | pairs/s (median) | runs |", "|---:|---:|---:|---:|"]
     for max_length in (128, 256, 512):
-        reranker = Reranker.load(model, max_length=max_length, device="cpu")
+        reranker.model.max_seq_length = max_length
         tokens = reranker.model.tokenizer(
             [q for q, _ in pairs], [p for _, p in pairs], truncation="longest_first", max_length=max_length
         )["input_ids"]
@@ -56,6 +56,7 @@ def throughput(model: str, pairs: list[tuple[str, str]], runs: int) -> list[str]
             f"| {max_length} | {np.mean([len(t) for t in tokens]):.0f} | {statistics.median(rates):.1f} | {runs} |"
         )
         print(lines[-1], flush=True)
+    reranker.model.max_seq_length = configured
     return lines
 
 
@@ -69,8 +70,6 @@ def rerank_prefix(hits, scores: np.ndarray, depth: int, interpolation: float):  
 
 def score_candidates(pipeline, reranker, queries: list[str], depth: int):  # noqa: ANN001, ANN201
     """Hybrid top-`depth` passages per query (as `Pipeline.coarse` ranks them) and their reranker scores."""
-    from indexer.build import passage_index_text
-
     options = pipeline.options(mode="hybrid", k=100, candidates=100, rerank=False)
     ranked, coarse_ms = [], []
     for query in queries:
@@ -80,8 +79,7 @@ def score_candidates(pipeline, reranker, queries: list[str], depth: int):  # noq
         ranked.append(hits[0])
     scores = []
     for query, hits in zip(queries, ranked):
-        passages = pipeline.docstore.passages({h.idx for h in hits[:depth]})
-        pairs = [(query, passage_index_text(passages[h.idx]["title"], passages[h.idx]["text"])) for h in hits[:depth]]
+        pairs, _ = pipeline.rerank_pairs([query], [hits[:depth]])
         scores.append(reranker.score(pairs))
         print(f"\rscored {len(scores)}/{len(queries)} queries", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -90,15 +88,10 @@ def score_candidates(pipeline, reranker, queries: list[str], depth: int):  # noq
 
 def depth_latency(pipeline, reranker, queries: list[str], ranked, depth: int) -> float:  # noqa: ANN001
     """p50 ms to fetch and score the first `depth` candidates of each query."""
-    from indexer.build import passage_index_text
-
     times = []
     for query, hits in zip(queries, ranked):
         started = time.perf_counter()
-        passages = pipeline.docstore.passages({h.idx for h in hits[:depth]})
-        reranker.score(
-            [(query, passage_index_text(passages[h.idx]["title"], passages[h.idx]["text"])) for h in hits[:depth]]
-        )
+        reranker.score(pipeline.rerank_pairs([query], [hits[:depth]])[0])
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
 
@@ -135,16 +128,14 @@ def plot(points: list[tuple[int, float, float]], hybrid: tuple[float, float], ou
     fig.savefig(out, dpi=120)
 
 
-def squad_mrr(model: str, max_length: int, interpolation: float, depth: int, index_dir: Path) -> list[str]:
+def squad_mrr(reranker, interpolation: float, depth: int, index_dir: Path) -> list[str]:  # noqa: ANN001
     from app.pipeline import Pipeline
     from app.qa_eval import load_squad, sample, squad_bundle
-    from app.retrieval.reranker import Reranker
     from app.settings import load_settings
 
-    settings = load_settings(bundle=index_dir)
+    settings = load_settings(bundle=index_dir, reranker={"model": None})
     squad_bundle(SQUAD, index_dir, settings.index)
     pipeline = Pipeline.load(settings)
-    reranker = Reranker.load(model, max_length=max_length, device="cpu")
     questions = sample(load_squad(SQUAD), 500)
     qids = [q.id for q in questions]
     qrels = {q.id: {q.paragraph_id: 1} for q in questions}
@@ -174,16 +165,18 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="*", default=list(DEPTHS), help="rerank depths to sweep")
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "sweep", "squad"])
     args = parser.parse_args()
-    if not args.model or args.model == "maxsim" or args.model.startswith("maxsim:"):
+    from app.retrieval.maxsim import is_maxsim
+
+    if not args.model or is_maxsim(args.model):
         parser.error("--model must name a CrossEncoder (configs/default.yaml has none)")
 
     from app.evaluation import load_beir
     from app.pipeline import Pipeline
     from app.retrieval.reranker import Reranker
-    from app.settings import load_settings
 
     dataset = load_beir(SCIFACT, "test")
     qids, claims = list(dataset.queries), list(dataset.queries.values())
+    reranker = Reranker.load(args.model, max_length=args.max_length, device="cpu")
     body = [f"Model `{args.model}`, interpolation {args.interpolation} (final = w·z(CE) + (1−w)·z(RRF)).", ""]
     if "throughput" not in args.skip:
         abstracts = [json.loads(line) for line in open(SCIFACT / "corpus.jsonl", encoding="utf-8")]
@@ -193,13 +186,11 @@ def main() -> None:
         body += [
             "### Throughput (CPU, batch 32, 256 claim–abstract pairs)",
             "",
-            *throughput(args.model, pairs, args.runs),
+            *throughput(reranker, pairs, args.runs),
             "",
         ]
     if "sweep" not in args.skip:
-        settings = load_settings(bundle=args.bundle)
-        pipeline = Pipeline.load(settings)
-        reranker = Reranker.load(args.model, max_length=args.max_length, device="cpu")
+        pipeline = Pipeline.load(load_settings(bundle=args.bundle, reranker={"model": None}))
         depths = sorted(args.depths)
         ranked, scores, coarse_ms = score_candidates(pipeline, reranker, claims, max(depths))
         results = evaluate_depths(qids, dataset.qrels, ranked, scores, args.interpolation, depths)
@@ -244,7 +235,7 @@ def main() -> None:
         body += [
             "### SQuAD as retrieval",
             "",
-            *squad_mrr(args.model, args.max_length, args.interpolation, args.squad_depth, index_dir),
+            *squad_mrr(reranker, args.interpolation, args.squad_depth, index_dir),
             "",
         ]
     append_report("Cross-encoder reranking (bench/rerank.py)", "\n".join(body))

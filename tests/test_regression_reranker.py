@@ -23,15 +23,18 @@ def subset() -> BeirDataset:
 
 
 @pytest.fixture(scope="module")
-def scores(scifact_index, subset):
+def scores(scifact_pipeline, subset):
+    """The session's SciFact pipeline (bundle, searchers and bi-encoder already loaded) plus the shipped model."""
     from app.pipeline import Pipeline
-    from app.settings import load_settings
+    from app.retrieval.reranker import Reranker
 
-    settings = load_settings(bundle=scifact_index)
+    settings = scifact_pipeline.settings.model_copy(deep=True)
     settings.reranker.model = str(MODEL)
     settings.reranker.interpolation = PIN["interpolation"]
     settings.reranker.max_length = PIN["max_length"]
-    pipeline = Pipeline.load(settings)
+    reranker = Reranker.load(str(MODEL), PIN["max_length"], "cpu")
+    first_stage = scifact_pipeline
+    pipeline = Pipeline(first_stage.bundle, first_stage.docstore, first_stage.searchers, reranker, settings)
     rows, _ = run_pipelines(pipeline, subset, ["hybrid", "hybrid+rerank"], rerank_depth=PIN["depth"])
     return {row.name: row.metrics for row in rows}
 

@@ -45,19 +45,16 @@ def wins(model, groups: list[Group]) -> float:
     return float(np.mean([s[0] > s[1] for s in group_scores(model, groups)]))
 
 
+def tiny_config(out, **overrides) -> TrainConfig:  # noqa: ANN001
+    """A few CPU steps on the example corpus: batches of 4 groups, no warm-up, no checkpoints."""
+    return TrainConfig(
+        **{"out": out, "batch_size": 4, "warmup": 0.0, "checkpoint_every": 0, "device": "cpu", **overrides}
+    )
+
+
 def test_a_few_steps_make_the_loss_fall_and_rank_positives_higher(tmp_path):
     groups = pseudo_query_groups(EXAMPLES, Mining(hard=1, easy=1), rng=random.Random(1), limit=16)
-    config = TrainConfig(
-        out=tmp_path / "ce",
-        max_length=64,
-        epochs=5,
-        batch_size=4,
-        lr=3e-4,
-        warmup=0.0,
-        validation=0.0,
-        checkpoint_every=0,
-        device="cpu",
-    )
+    config = tiny_config(tmp_path / "ce", max_length=64, epochs=5, lr=3e-4, validation=0.0)
     untrained = load_cross_encoder(config.base, config.max_length, "cpu")
     before = wins(untrained, groups)
     state = train(groups, config, progress=False)
@@ -77,18 +74,7 @@ def test_several_pseudo_queries_per_document_are_distinct_sentences():
 
 def test_validation_runs_every_n_steps_and_keeps_the_best(tmp_path):
     groups = pseudo_query_groups(EXAMPLES, Mining(hard=1, easy=1), rng=random.Random(3), limit=24)
-    config = TrainConfig(
-        out=tmp_path / "ce",
-        max_length=48,
-        epochs=1,
-        batch_size=4,
-        lr=2e-4,
-        warmup=0.0,
-        validation=0.25,
-        checkpoint_every=0,
-        validate_every=2,
-        device="cpu",
-    )
+    config = tiny_config(tmp_path / "ce", max_length=48, epochs=1, lr=2e-4, validation=0.25, validate_every=2)
     state = train(groups, config, progress=False)
     steps = [h["step"] for h in state["history"]]
     assert steps == [0, 2, 4, 5], steps  # 18 training groups / 4 per step = 5 steps; the last one validated too

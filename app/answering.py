@@ -1,20 +1,31 @@
-"""The reader stage: turn a question and retrieved passages into a prompt, and an answer into citations.
+"""The answer path, shared by `/v1/answer`, `/v1/chat/completions` and `sift eval qa`.
 
 `Answerer.prepare()` retrieves (through the search pipeline), applies the score threshold, fits the best
-passages into the generator's token budget and renders the prompt template; the API then calls the
-generator (streamed or not) and `citations()` maps each `[n]` in the answer back to its passage.
+passages into the generator's token budget and renders the prompt template. `Answerer.pieces()` then yields
+the answer text piece by piece for any `answer.mode`:
+
+- `generative`: the generator's tokens; `citations()` maps each `[n]` in the answer back to its passage;
+- `extractive`: the reader's best span over the chosen passages, as one piece; its citation carries the
+  passage id and the span's character offsets (`passage_text[start:end] == answer`); a span whose
+  calibrated confidence is below `answer.min_reader_confidence` declines the question;
+- `extract-then-generate`: the span and its sentence are the generator's only context.
+
+`Answerer.finish()` turns the full text into the final `AnswerResult` (citations, usage, finish reason).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from app.generation.base import Generator, Message
+from app.generation.base import GenerationOptions, Generator, Message
 from app.pipeline import Pipeline, SearchOptions
 from app.settings import AnswerSettings
 
@@ -61,14 +72,168 @@ class PreparedAnswer:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class Answerer:
-    """Retrieval + prompt building + citation mapping around any `Generator`."""
+@dataclass
+class AnswerResult:
+    text: str
+    answered: bool
+    citations: list[dict[str, Any]]
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    span: dict[str, Any] | None = None  # extractive modes: the reader's span and its confidence
 
-    def __init__(self, pipeline: Pipeline, generator: Generator, settings: AnswerSettings) -> None:
+
+@dataclass
+class _Run:
+    """State of one answer being produced (what `finish` needs besides the text)."""
+
+    span: Any = None
+    span_passage: dict[str, Any] | None = None
+    declined: bool = False
+    generated: bool = False
+    usage: tuple[int, int] = (0, 0)
+    finish_reason: str = "stop"
+
+
+class Answerer:
+    """Retrieval + prompt building + reading/generation + citation mapping, for every answer mode."""
+
+    def __init__(
+        self, pipeline: Pipeline, generator: Generator | None, settings: AnswerSettings, reader: Any = None
+    ) -> None:
         self.pipeline = pipeline
         self.generator = generator
+        self.reader = reader
         self.settings = settings
+        self.mode = settings.mode
+        if self.mode != "generative" and reader is None:
+            raise ValueError(f"answer.mode {self.mode!r} needs a reader (answer.reader)")
+        if self.mode != "extractive" and generator is None:
+            raise ValueError(f"answer.mode {self.mode!r} needs a generator (generator.backend)")
         self.template = PromptTemplate.load(settings.template)
+        self.name = (
+            getattr(reader, "name", "extractive-reader") if self.mode == "extractive" else generator.name  # type: ignore[union-attr]
+        )
+
+    @property
+    def context_window(self) -> int:
+        return self.generator.context_window if self.generator is not None else 1 << 20
+
+    def count_tokens(self, text: str) -> int:
+        if self.generator is not None:
+            return self.generator.count_tokens(text)
+        return len(self.reader.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- producing the answer ------------------------------------------------------------------------------
+
+    def _read(self, prepared: PreparedAnswer, run: _Run) -> None:
+        span = self.reader.read(prepared.question, [p["text"] for p in prepared.passages])
+        run.span = span
+        if span is None or (
+            self.settings.min_reader_confidence is not None and span.confidence < self.settings.min_reader_confidence
+        ):
+            run.declined = True
+            return
+        run.span_passage = prepared.passages[span.passage]
+
+    def _generate_iter(self, messages: list[Message], options: GenerationOptions, run: _Run) -> Iterator[str]:
+        run.generated = True
+        yield from self.generator.stream(messages, options)  # type: ignore[union-attr]
+
+    def span_messages(self, prepared: PreparedAnswer, run: _Run) -> list[Message]:
+        """extract-then-generate: the span's sentence (and the span) as the only context."""
+        text = run.span_passage["text"]  # type: ignore[index]
+        start, end = run.span.start, run.span.end
+        left = max(text.rfind(". ", 0, start) + 2, 0) if text.rfind(". ", 0, start) >= 0 else 0
+        right = text.find(". ", end)
+        sentence = text[left : right + 1 if right >= 0 else len(text)].strip()
+        context = self.template.passage.format(n=1, title=run.span_passage["title"], text=sentence)  # type: ignore[index]
+        context += f"\n(Extracted answer: {run.span.text})"
+        return self.template.messages(context, prepared.question)
+
+    def pieces(self, prepared: PreparedAnswer, options: GenerationOptions, run: _Run) -> Iterator[str]:
+        """The answer text, piece by piece (blocking; run it on a worker thread)."""
+        if not prepared.answerable:
+            yield prepared.no_answer
+            return
+        if self.mode == "generative":
+            yield from self._generate_iter(prepared.messages, options, run)
+            return
+        self._read(prepared, run)
+        if run.declined:
+            yield prepared.no_answer
+            return
+        if self.mode == "extractive":
+            yield run.span.text
+            return
+        yield from self._generate_iter(self.span_messages(prepared, run), options, run)
+
+    def finish(self, prepared: PreparedAnswer, text: str, run: _Run) -> AnswerResult:
+        answered = prepared.answerable and not run.declined
+        span = None
+        if run.span is not None:
+            span = {
+                "text": run.span.text,
+                "passage_id": prepared.passages[run.span.passage]["passage_id"],
+                "start": run.span.start,
+                "end": run.span.end,
+                "confidence": round(run.span.confidence, 4),
+            }
+        if not answered:
+            cited: list[dict[str, Any]] = []
+        elif run.span_passage is not None:
+            p = run.span_passage
+            cited = [
+                {
+                    "n": p["n"],
+                    "doc_id": p["doc_id"],
+                    "passage_id": p["passage_id"],
+                    "title": p["title"],
+                    "text": p["text"],
+                    "inferred": False,
+                    "start": run.span.start,
+                    "end": run.span.end,
+                }
+            ]
+        else:
+            cited = citations(text, prepared.passages)
+        usage = getattr(self.generator, "last_usage", None)
+        prompt_tokens, completion_tokens = (0, 0)
+        if run.generated and usage is not None:
+            prompt_tokens, completion_tokens = usage
+        return AnswerResult(text, answered, cited, run.finish_reason, prompt_tokens, completion_tokens, span)
+
+    async def answer(self, prepared: PreparedAnswer, options: GenerationOptions) -> AnswerResult:
+        """The whole answer (generation on a worker thread)."""
+        run = _Run()
+        if self.mode == "generative" and prepared.answerable:
+            result = await asyncio.to_thread(self.generator.generate, prepared.messages, options)  # type: ignore[union-attr]
+            run.generated = True
+            out = self.finish(prepared, result.text, run)
+            out.finish_reason = result.finish_reason
+            out.prompt_tokens, out.completion_tokens = result.prompt_tokens, result.completion_tokens
+            return out
+        if self.mode == "extract-then-generate" and prepared.answerable:
+            await asyncio.to_thread(self._read, prepared, run)
+            if not run.declined:
+                messages = self.span_messages(prepared, run)
+                result = await asyncio.to_thread(self.generator.generate, messages, options)  # type: ignore[union-attr]
+                run.generated = True
+                out = self.finish(prepared, result.text, run)
+                out.finish_reason = result.finish_reason
+                out.prompt_tokens, out.completion_tokens = result.prompt_tokens, result.completion_tokens
+                return out
+        text = "".join(await asyncio.to_thread(lambda: list(self.pieces(prepared, options, run))))
+        return self.finish(prepared, text, run)
+
+    async def stream(self, prepared: PreparedAnswer, options: GenerationOptions) -> AsyncIterator[str | AnswerResult]:
+        """Yields text pieces as they are produced, then the final `AnswerResult`."""
+        run = _Run()
+        parts: list[str] = []
+        async for piece in iterate_in_thread(lambda: self.pieces(prepared, options, run)):
+            parts.append(piece)
+            yield piece
+        yield self.finish(prepared, "".join(parts), run)
 
     def clears_threshold(self, hit_stages: dict[str, Any], reranked: bool) -> bool:
         if reranked and "rerank" in hit_stages and hit_stages["rerank"].score is not None:
@@ -83,15 +248,17 @@ class Answerer:
     async def prepare(self, question: str, options: SearchOptions, passages: int | None = None) -> PreparedAnswer:
         result = await self.pipeline.search(question, options)
         wanted = passages or self.settings.passages
-        budget = min(self.settings.context_budget, self.generator.context_window - 256)
+        budget = min(self.settings.context_budget, self.context_window - 256)
         chosen, used = [], 0
-        answerable = any(self.clears_threshold(h.stages, options.rerank) for h in result.hits[:wanted])
+        answerable = self.mode != "generative" or any(
+            self.clears_threshold(h.stages, options.rerank) for h in result.hits[:wanted]
+        )
         for hit in result.hits:
             if len(chosen) >= wanted:
                 break
             passage = result.passages[hit.idx]
             rendered = self.template.passage.format(n=len(chosen) + 1, title=passage["title"], text=passage["text"])
-            cost = self.generator.count_tokens(rendered)
+            cost = self.count_tokens(rendered)
             if used + cost > budget:
                 if chosen:
                     continue
@@ -124,7 +291,7 @@ class Answerer:
         )
 
     def _truncate(self, text: str, tokens: int) -> str:
-        tokenizer = getattr(self.generator, "tokenizer", None)
+        tokenizer = getattr(self.generator, "tokenizer", None) or getattr(self.reader, "tokenizer", None)
         if tokenizer is None:
             return text[: tokens * 4]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
@@ -169,3 +336,28 @@ def citations(answer: str, passages: list[dict[str, Any]]) -> list[dict[str, Any
                 }
             )
     return out
+
+
+async def iterate_in_thread(make: Any) -> AsyncIterator[Any]:
+    """Consume a blocking iterator on a worker thread, yielding its items to the event loop."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    def run() -> None:
+        try:
+            for item in make():
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    threading.Thread(target=run, daemon=True, name="answer-stream").start()
+    while True:
+        item = await queue.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

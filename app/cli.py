@@ -50,25 +50,30 @@ def serve(
     port: int | None = typer.Option(None, help="port (default from config: 8000)"),
     workers: int | None = typer.Option(None, help="uvicorn worker processes; each loads the models"),
 ) -> None:
-    """Serve the HTTP API with uvicorn."""
+    """Serve the HTTP API with uvicorn. The server watches each collection's `current` link and switches
+    to a newly published build without a restart (`POST /v1/admin/reload` checks at once)."""
     import uvicorn
 
+    from app.api.main import create_app
     from app.settings import load_settings
 
+    overrides = {"bundle": bundle} if bundle is not None else {}
+    settings = load_settings(config, **overrides)
+    setup_logging(settings.server.log_level)
+    n = workers or settings.server.workers
+    common = dict(
+        host=host or settings.server.host, port=port or settings.server.port, log_level=settings.server.log_level
+    )
+    if n == 1:
+        uvicorn.run(create_app(settings), **common)
+        return
+    # several worker processes import the app by name; they read the same config and overrides from the
+    # environment (the only channel uvicorn gives its workers)
     if bundle is not None:
         os.environ["SIFT_BUNDLE"] = str(bundle)
     if config is not None:
         os.environ["SIFT_CONFIG"] = str(config)
-    settings = load_settings(config)
-    setup_logging(settings.server.log_level)
-    uvicorn.run(
-        "app.api.asgi:app",
-        host=host or settings.server.host,
-        port=port or settings.server.port,
-        workers=workers or settings.server.workers,
-        log_level=settings.server.log_level,
-        factory=False,
-    )
+    uvicorn.run("app.api.asgi:app", workers=n, **common)
 
 
 eval_app = typer.Typer(help="Measure retrieval quality and latency on BEIR-layout datasets.", no_args_is_help=True)
@@ -91,11 +96,10 @@ def eval_retrieval(
     var/eval/<dataset>/ and reused unless --build is given."""
     import json
 
-    from app.evaluation import PIPELINES, load_beir, markdown_table, run_pipelines, write_trec_run
-    from app.pipeline import Pipeline
+    from app.eval.retrieval import PIPELINES, load_beir, markdown_table, run_pipelines, write_trec_run
+    from app.services import load_pipeline
     from app.settings import load_settings
-    from indexer.build import build_bundle
-    from indexer.bundle import BundleError, open_bundle
+    from indexer.build import ensure_bundle
 
     setup_logging("warning")
     data = load_beir(dataset, split)
@@ -107,15 +111,9 @@ def eval_retrieval(
     settings = load_settings(config)
     index_dir = bundle or Path("var") / "eval" / dataset.resolve().name
     if bundle is None:
-        try:
-            if build:
-                raise BundleError("rebuild requested")
-            open_bundle(index_dir, verify=False)
-        except BundleError:
-            typer.echo(f"building {index_dir} from {data.corpus} …", err=True)
-            typer.echo(build_bundle(data.corpus, index_dir, settings.index).summary(), err=True)
+        ensure_bundle(data.corpus, index_dir, settings.index, rebuild=build, show_progress=True)
     settings = load_settings(config, bundle=index_dir)
-    pipeline = Pipeline.load(settings)
+    pipeline = load_pipeline(settings)
     if "hybrid+rerank" in names and pipeline.reranker is None:
         typer.echo("note: no reranker configured (reranker.model); skipping hybrid+rerank", err=True)
         names.remove("hybrid+rerank")
@@ -172,9 +170,7 @@ def eval_qa(
     import json
 
     from app.answering import PromptTemplate
-    from app.generation import GenerationOptions, load_generator
-    from app.pipeline import Pipeline
-    from app.qa_eval import (
+    from app.eval.qa import (
         EXTRACTIVE_TEMPLATE,
         answer_end_to_end,
         answer_with_gold,
@@ -187,6 +183,8 @@ def eval_qa(
         sample_fingerprint,
         squad_bundle,
     )
+    from app.generation import GenerationOptions, load_generator
+    from app.services import load_pipeline
     from app.settings import load_settings
 
     setup_logging("warning")
@@ -209,7 +207,7 @@ def eval_qa(
 
     if retrieve:
         index_dir = squad_bundle(squad, Path("var") / "eval" / "squad-dev-a24-47", settings.index)
-        pipeline = Pipeline.load(load_settings(config, bundle=index_dir))
+        pipeline = load_pipeline(load_settings(config, bundle=index_dir))
         hits = retrieve_hits(pipeline, questions, k)
         results["retrieval"] = retrieval_qa(questions, hits, (1, k))
         if gen is not None:
@@ -282,7 +280,7 @@ def reranker_train(
     import json
     import random
 
-    from app.reranker_training import Mining, TrainConfig, beir_groups, pseudo_query_groups, squad_groups, train
+    from app.training.reranker import Mining, TrainConfig, beir_groups, pseudo_query_groups, squad_groups, train
 
     setup_logging("warning")
     rng = random.Random(seed)
@@ -325,7 +323,7 @@ def reranker_train(
     state = train(groups, config)
     typer.echo(json.dumps({"history": state["history"], "seconds": round(state["seconds"], 1)}, indent=1))
     if fp16:
-        from app.reranker_training import save_half_precision
+        from app.training.reranker import save_half_precision
 
         save_half_precision(out)
     typer.echo(f"saved the best model to {out}")
@@ -341,7 +339,7 @@ def reranker_export(
     models/."""
     import shutil
 
-    from app.reranker_training import save_half_precision
+    from app.training.reranker import save_half_precision
 
     if not (source / "model.safetensors").exists():
         typer.echo(

@@ -3,8 +3,9 @@
     retrievers (by mode) ─► fusion (when more than one) ─► reranker (when configured and asked) ─► top k
 
 The stages to run are data (`RETRIEVERS_BY_MODE`, the options of a request), not branches in the API.
-A `Pipeline` is built once from settings and a read-only bundle; it holds no per-request state, so many
-requests (and many server replicas over the same bundle) can use it at once.
+A `Pipeline` is built once from settings and a read-only bundle by the composition root
+(`app.services.load_pipeline`); it holds no per-request state, so many requests (and many server replicas
+over the same bundle) can use it at once.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from app.retrieval import BM25Searcher, DenseSearcher, FusionConfig, Hit, fuse
-from app.retrieval.maxsim import MaxSimReranker, is_maxsim
+from app.retrieval import FusionConfig, Hit, fuse
 from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank
 from app.settings import Settings
-from indexer.build import passage_index_text
-from indexer.bundle import DOCSTORE, BundleInfo, open_bundle
+from indexer.bundle import BundleInfo
 from indexer.docstore import Docstore
+from indexer.models import passage_index_text
 
 log = logging.getLogger(__name__)
 
@@ -79,34 +79,6 @@ class Pipeline:
         self.settings = settings or Settings()
         rs = self.settings.reranker
         self.batcher = MicroBatcher(reranker, rs.max_batch_size, rs.max_wait_ms) if reranker else None
-
-    @classmethod
-    def load(cls, settings: Settings, verify: bool = True) -> Pipeline:
-        """Open and verify the bundle, load the searchers it supports and the configured reranker."""
-        t = time.perf_counter()
-        bundle = open_bundle(settings.bundle, verify=verify)
-        docstore = Docstore(bundle.path(DOCSTORE))
-        rows = docstore.passage_rows()
-        passage_ids = [r[0] for r in rows]
-        doc_ids = [r[1] for r in rows]
-        searchers: dict[str, Searcher] = {"bm25": BM25Searcher.from_bundle(bundle, passage_ids, doc_ids)}
-        if (bundle.manifest.get("dense") or {}).get("enabled"):
-            searchers["dense"] = DenseSearcher.from_bundle(bundle, passage_ids, doc_ids, device=settings.device)
-        reranker = None
-        spec, device = settings.reranker.model, settings.reranker.device or settings.device
-        if spec and is_maxsim(spec):
-            dense = searchers.get("dense")
-            same_model = dense is not None and MaxSimReranker.model_name(spec) == bundle.manifest["dense"]["model"]
-            reranker = MaxSimReranker.load(
-                spec, settings.reranker.max_length, device, encoder=dense.encoder if same_model else None
-            )
-        elif spec:
-            reranker = Reranker.load(spec, settings.reranker.max_length, device)
-        log.info(
-            "pipeline ready",
-            extra={"bundle": str(bundle.root), "searchers": list(searchers), "seconds": time.perf_counter() - t},
-        )
-        return cls(bundle, docstore, searchers, reranker, settings)
 
     # -- stages ------------------------------------------------------------------------------------------
 
@@ -216,8 +188,10 @@ class Pipeline:
         return [m for m, names in RETRIEVERS_BY_MODE.items() if all(n in self.searchers for n in names)]
 
     async def close(self) -> None:
+        """Stop this pipeline's micro-batcher and close its docstore (shared models stay loaded)."""
         if self.batcher is not None:
             await self.batcher.close()
+        self.docstore.close()
 
 
 def _best_passage_per_document(hits: list[Hit]) -> list[Hit]:

@@ -4,17 +4,15 @@ environment overrides, nested with `__` (e.g. `SIFT_RERANKER__MODEL=/models/ce`,
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from indexer.config import IndexConfig
+from indexer.config import DEFAULT_CONFIG, PROJECT_ROOT, IndexConfig, config_path, load_index_config
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+__all__ = ["DEFAULT_CONFIG", "PROJECT_ROOT", "Settings", "load_settings", "project_path"]
 
 
 def project_path(value: str | Path) -> str | Path:
@@ -88,6 +86,17 @@ class GeneratorSettings(BaseModel):
 
 
 class AnswerSettings(BaseModel):
+    mode: Literal["generative", "extractive", "extract-then-generate"] = Field(
+        "generative",
+        description="generative: the generator writes the answer; extractive: the reader returns the best exact "
+        "span of a passage; extract-then-generate: the generator rewrites the span with its sentence as context",
+    )
+    reader: str | None = Field(
+        None, description="extractive reader (span-QA model folder or hub id), used by the extractive modes"
+    )
+    min_reader_confidence: float | None = Field(
+        0.1, ge=0, le=1, description="decline when the reader's calibrated span confidence is below this"
+    )
     template: Path = Field(PROJECT_ROOT / "configs" / "prompts" / "answer.yaml", description="prompt template file")
     passages: int = Field(3, ge=1, le=20, description="most passages put into the prompt")
     context_budget: int = Field(1536, ge=128, description="prompt tokens available for passages")
@@ -102,6 +111,13 @@ class AnswerSettings(BaseModel):
     def _template_path(cls, value: Path) -> Path:
         return Path(project_path(value))
 
+    @field_validator("reader")
+    @classmethod
+    def _reader_path(cls, value: str | None) -> str | None:
+        if value is not None and value.strip().lower() in ("", "none", "null"):
+            return None
+        return str(project_path(value)) if value else value
+
 
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
@@ -109,6 +125,9 @@ class ServerSettings(BaseModel):
     workers: int = 1
     max_body_bytes: int = Field(1_000_000, ge=1024)
     log_level: str = "info"
+    reload_interval_s: float = Field(
+        2.0, gt=0, description="how often each collection's `current` is checked for a newly published build"
+    )
 
 
 class Settings(BaseSettings):
@@ -117,6 +136,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SIFT_", env_nested_delimiter="__", extra="forbid")
 
     bundle: Path = Field(PROJECT_ROOT / "var" / "index", description="bundle folder or index folder with `current`")
+    collections: dict[str, Path] = Field(
+        default_factory=dict,
+        description="several collections in one server: name -> index folder (the first is the default); "
+        "empty serves `bundle` as the collection `default`",
+    )
     device: str | None = Field(None, description="model device; null picks CUDA when present")
     index: IndexConfig = IndexConfig()
     search: SearchSettings = SearchSettings()
@@ -142,12 +166,14 @@ class Settings(BaseSettings):
 
 
 def load_settings(config: Path | str | None = None, **overrides: object) -> Settings:
-    """Settings from `config` (default: `$SIFT_CONFIG` or `configs/default.yaml`), env, then `overrides`."""
-    path = Path(config or os.environ.get("SIFT_CONFIG") or DEFAULT_CONFIG)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} not found; pass --config or set SIFT_CONFIG")
+    """Settings from `config` (default: `$SIFT_CONFIG` or `configs/default.yaml`), env, then `overrides`.
+    The `index:` section is read by `indexer.config.load_index_config`, the same function `sift index build`
+    uses."""
+    path = config_path(config)
 
     class FileSettings(Settings):
         model_config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": str(path)})
 
+    if "index" not in overrides:
+        overrides["index"] = load_index_config(path)
     return FileSettings(**overrides)

@@ -36,14 +36,14 @@ def main() -> None:
     from app.answering import Answerer
     from app.generation import GenerationOptions
     from app.generation.local import LocalGenerator
-    from app.pipeline import Pipeline
+    from app.services import load_pipeline
     from app.settings import load_settings
 
     settings = load_settings(bundle=args.bundle)
     started = time.perf_counter()
     generator = LocalGenerator.load("smollm2", settings.generator.cache_dir, "cpu")
     load_s = time.perf_counter() - started
-    reader = Answerer(Pipeline.load(settings), generator, settings.answer)
+    reader = Answerer(load_pipeline(settings), generator, settings.answer)
     options = GenerationOptions(max_new_tokens=args.max_new_tokens)
     prepared = [asyncio.run(reader.prepare(q, reader.pipeline.options(k=5))) for q in QUESTIONS]
     list(generator.stream(prepared[0].messages, options))  # warm-up

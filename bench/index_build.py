@@ -23,9 +23,9 @@ from bench.common import SCIFACT, append_report, median_time  # noqa: E402
 
 
 def load_passages() -> list[str]:
-    from indexer.build import passage_index_text
     from indexer.chunking import Chunker
     from indexer.encoders import load_encoder
+    from indexer.models import passage_index_text
     from indexer.sources import read_documents
 
     encoder = load_encoder("default", "cpu")

@@ -54,13 +54,13 @@ def fusion_depth_plot(bundle: Path, out: Path) -> tuple[list[str], str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from app.evaluation import load_beir, run_pipelines
-    from app.pipeline import Pipeline
+    from app.eval.retrieval import load_beir, run_pipelines
+    from app.services import load_pipeline
     from app.settings import load_settings
 
     settings = load_settings(bundle=bundle)
     settings.reranker.model = None
-    pipeline = Pipeline.load(settings)
+    pipeline = load_pipeline(settings)
     dataset = load_beir(SCIFACT, "test")
     depths = [10, 20, 30, 50, 75, 100]
     points = []

@@ -97,7 +97,7 @@ def depth_latency(pipeline, reranker, queries: list[str], ranked, depth: int) ->
 
 
 def evaluate_depths(qids, qrels, ranked, scores, interpolation: float, depths=DEPTHS) -> dict[int, dict]:  # noqa: ANN001
-    from app.evaluation import document_run, evaluate
+    from app.eval.retrieval import document_run, evaluate
 
     out = {0: evaluate(qrels, document_run(qids, ranked))}
     for depth in depths:
@@ -129,13 +129,13 @@ def plot(points: list[tuple[int, float, float]], hybrid: tuple[float, float], ou
 
 
 def squad_mrr(reranker, interpolation: float, depth: int, index_dir: Path) -> list[str]:  # noqa: ANN001
-    from app.pipeline import Pipeline
-    from app.qa_eval import load_squad, sample, squad_bundle
+    from app.eval.qa import load_squad, sample, squad_bundle
+    from app.services import load_pipeline
     from app.settings import load_settings
 
     settings = load_settings(bundle=index_dir, reranker={"model": None})
     squad_bundle(SQUAD, index_dir, settings.index)
-    pipeline = Pipeline.load(settings)
+    pipeline = load_pipeline(settings)
     questions = sample(load_squad(SQUAD), 500)
     qids = [q.id for q in questions]
     qrels = {q.id: {q.paragraph_id: 1} for q in questions}
@@ -170,9 +170,9 @@ def main() -> None:
     if not args.model or is_maxsim(args.model):
         parser.error("--model must name a CrossEncoder (configs/default.yaml has none)")
 
-    from app.evaluation import load_beir
-    from app.pipeline import Pipeline
+    from app.eval.retrieval import load_beir
     from app.retrieval.reranker import Reranker
+    from app.services import load_pipeline
 
     dataset = load_beir(SCIFACT, "test")
     qids, claims = list(dataset.queries), list(dataset.queries.values())
@@ -190,7 +190,7 @@ def main() -> None:
             "",
         ]
     if "sweep" not in args.skip:
-        pipeline = Pipeline.load(load_settings(bundle=args.bundle, reranker={"model": None}))
+        pipeline = load_pipeline(load_settings(bundle=args.bundle, reranker={"model": None}))
         depths = sorted(args.depths)
         ranked, scores, coarse_ms = score_candidates(pipeline, reranker, claims, max(depths))
         results = evaluate_depths(qids, dataset.qrels, ranked, scores, args.interpolation, depths)

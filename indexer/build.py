@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from indexer import __version__
 from indexer.bm25 import build_bm25
-from indexer.bundle import BM25_DIR, DENSE_DIR, DOCSTORE, BundleWriter, now_iso
-from indexer.chunking import Chunker, ChunkingConfig
+from indexer.bundle import BM25_DIR, DENSE_DIR, DOCSTORE, BundleWriter, now_iso, prune_builds
+from indexer.chunking import Chunker
 from indexer.config import IndexConfig
 from indexer.dense import gpu_available, save_dense
 from indexer.docstore import DocstoreWriter
-from indexer.encoders import load_encoder, pick_device, resolve_model_path
-from indexer.sources import CsvColumns, ReadReport, SourceError, read_documents
+from indexer.encoders import encode_passages, load_encoder, pick_device, resolve_model_path
+from indexer.models import passage_index_text
+from indexer.sources import ReadReport, SourceError, read_documents
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,6 @@ class BuildResult:
             f"built {self.documents} documents, {self.passages} passages in {self.seconds:.1f} s "
             f"({self.passages_per_second:.1f} passages/s), skipped {len(self.skipped)} → {self.path}"
         )
-
-
-def passage_index_text(title: str, text: str) -> str:
-    """The text BM25 and the dual-encoder see for a passage: its document title, then the passage."""
-    return f"{title} {text}".strip() if title else text
 
 
 def build_bundle(
@@ -83,10 +78,9 @@ def build_bundle(
 
             tokenizer = AutoTokenizer.from_pretrained(model_path)
 
-        chunker = Chunker(tokenizer, ChunkingConfig(config.chunking.window, config.chunking.overlap))
+        chunker = Chunker(tokenizer, config.chunking)
         report = ReadReport()
-        columns = CsvColumns(config.csv.id_column, config.csv.title_column, config.csv.text_column)
-        documents = read_documents(Path(input_path), skip_bad=skip_bad, csv_columns=columns, report=report)
+        documents = read_documents(Path(input_path), skip_bad=skip_bad, csv_columns=config.csv, report=report)
         docstore = DocstoreWriter(writer.root / DOCSTORE)
         index_texts: list[str] = []
         t = time.perf_counter()
@@ -107,13 +101,7 @@ def build_bundle(
         dense_info: dict[str, Any] = {"enabled": False}
         if encoder is not None:
             t = time.perf_counter()
-            vectors = encoder.encode(
-                index_texts,
-                batch_size=config.dense.batch_size,
-                normalize_embeddings=config.dense.normalize,
-                show_progress_bar=show_progress,
-                convert_to_numpy=True,
-            ).astype(np.float32)
+            vectors = encode_passages(encoder, index_texts, config.dense, show_progress)
             timings["encode"] = time.perf_counter() - t
             t = time.perf_counter()
             save_dense(vectors, config.dense, writer.root / DENSE_DIR)
@@ -148,6 +136,9 @@ def build_bundle(
     except BaseException:
         writer.abort()
         raise
+    pruned, in_use = prune_builds(out, config.keep_builds)
+    if pruned or in_use:
+        log.info("pruned builds %s (kept %s: in use by a server)", pruned, in_use)
     for reason in report.skipped:
         log.warning("skipped: %s", reason)
     return BuildResult(
@@ -159,3 +150,21 @@ def build_bundle(
         skipped=report.skipped,
         timings=timings,
     )
+
+
+def ensure_bundle(
+    corpus: Path, out: Path, config: IndexConfig | None = None, rebuild: bool = False, show_progress: bool = False
+) -> Path:
+    """`out` as an index folder holding a bundle of `corpus`: opened as it is when it opens (checksums are
+    not re-hashed), else (or with `rebuild`) built from `corpus` first. Used by `sift eval`, the benches and
+    the tests, so "build unless it is there" is written once."""
+    from indexer.bundle import BundleError, open_bundle
+
+    if not rebuild:
+        try:
+            open_bundle(out, verify=False)
+            return Path(out)
+        except BundleError:
+            pass
+    build_bundle(corpus, out, config, show_progress=show_progress)
+    return Path(out)

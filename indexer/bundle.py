@@ -14,6 +14,8 @@ A build writes into `<out>/.building-<build-id>/` and is renamed into place only
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +33,7 @@ BM25_DIR = "bm25"
 DENSE_DIR = "dense"
 CURRENT = "current"
 BUILDING_PREFIX = ".building-"
+LOCK = ".lock"
 
 
 class BundleError(RuntimeError):
@@ -77,7 +80,8 @@ class BundleWriter:
         self.root = self.out / f"{BUILDING_PREFIX}{self.build_id}"
         self.root.mkdir()
         (self.root / ".pid").write_text(str(os.getpid()))
-        cleanup_stale_builds(self.out)
+        with folder_lock(self.out):
+            cleanup_stale_builds(self.out)
 
     def publish(self, manifest: dict[str, Any]) -> Path:
         """Write the manifest with checksums, move the build into place and switch `current` to it."""
@@ -92,15 +96,16 @@ class BundleWriter:
         (self.root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         _fsync_tree(self.root)
         final = self.out / self.build_id
-        os.rename(self.root, final)
-        link_tmp = self.out / f".{CURRENT}-{self.build_id}"
-        os.symlink(self.build_id, link_tmp)
-        os.replace(link_tmp, self.out / CURRENT)
-        fd = os.open(self.out, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with folder_lock(self.out):
+            os.rename(self.root, final)
+            link_tmp = self.out / f".{CURRENT}-{self.build_id}"
+            os.symlink(self.build_id, link_tmp)
+            os.replace(link_tmp, self.out / CURRENT)
+            fd = os.open(self.out, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return final
 
     def abort(self) -> None:
@@ -117,8 +122,77 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def folder_lock(out: Path):  # noqa: ANN201
+    """An exclusive lock on an index folder (`<out>/.lock`, flock: released when the process dies) held
+    while a build publishes, stale builds are cleaned up or old builds are pruned, so that concurrent
+    builds into one folder never remove each other's files."""
+    fd = os.open(Path(out) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+class BuildLease:
+    """A shared lock on a published build's manifest, held by every process that serves the build.
+    `prune_builds` never deletes a build somebody holds; the lock dies with the process. Taking it only
+    opens the manifest read-only: the server never writes into a bundle."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._fd: int | None = os.open(self.root / MANIFEST, os.O_RDONLY)
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def build_in_use(root: Path) -> bool:
+    """True when some process holds a `BuildLease` on the build."""
+    try:
+        fd = os.open(Path(root) / MANIFEST, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def prune_builds(out: Path, keep: int) -> tuple[list[str], list[str]]:
+    """Delete all but the newest `keep` published builds (never the one `current` points at, never one a
+    server holds a lease on). Returns (deleted ids, kept-because-in-use ids)."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1 (the current build is never deleted)")
+    out = Path(out)
+    deleted, in_use = [], []
+    with folder_lock(out):
+        current = os.readlink(out / CURRENT) if (out / CURRENT).is_symlink() else None
+        builds = list_builds(out)
+        for build_id in builds[: max(0, len(builds) - keep)]:
+            if build_id == current:
+                continue
+            if build_in_use(out / build_id):
+                in_use.append(build_id)
+                continue
+            # renamed first, so a reader never sees a half-deleted build under its published name
+            doomed = out / f"{BUILDING_PREFIX}deleted-{build_id}"
+            os.rename(out / build_id, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            deleted.append(build_id)
+    return deleted, in_use
+
+
 def cleanup_stale_builds(out: Path) -> list[Path]:
-    """Remove leftovers of killed builds (temporary folders whose process is gone, dangling link temps)."""
+    """Remove leftovers of killed builds (temporary folders whose process is gone, dangling link temps).
+    Call with `folder_lock(out)` held."""
     removed = []
     for path in Path(out).glob(f"{BUILDING_PREFIX}*"):
         pid_file = path / ".pid"
@@ -196,7 +270,11 @@ def open_bundle(path: Path, verify: bool = True) -> BundleInfo:
 
 def list_builds(out: Path) -> list[str]:
     """Published build ids under an output folder, oldest first."""
-    return sorted(p.name for p in Path(out).iterdir() if p.is_dir() and not p.is_symlink() and (p / MANIFEST).exists())
+    return sorted(
+        p.name
+        for p in Path(out).iterdir()
+        if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and (p / MANIFEST).exists()
+    )
 
 
 def now_iso() -> str:

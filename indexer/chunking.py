@@ -8,9 +8,9 @@ text of a passage is always `document.text[start:end]`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
+from indexer.config import ChunkingSettings
 from indexer.models import Document, Passage, passage_id
 
 
@@ -20,24 +20,12 @@ class OffsetTokenizer(Protocol):
     def __call__(self, text: list[str], **kwargs: object) -> object: ...
 
 
-@dataclass(frozen=True)
-class ChunkingConfig:
-    window: int = 256
-    overlap: int = 32
-
-    def __post_init__(self) -> None:
-        if self.window < 1:
-            raise ValueError("chunking.window must be at least 1 token")
-        if not 0 <= self.overlap < self.window:
-            raise ValueError("chunking.overlap must be >= 0 and smaller than chunking.window")
-
-
 class Chunker:
     """Cuts `Document`s into `Passage`s with a tokenizer that reports character offsets."""
 
-    def __init__(self, tokenizer: OffsetTokenizer, config: ChunkingConfig | None = None) -> None:
+    def __init__(self, tokenizer: OffsetTokenizer, config: ChunkingSettings | None = None) -> None:
         self.tokenizer = tokenizer
-        self.config = config or ChunkingConfig()
+        self.config = config or ChunkingSettings()
 
     def spans(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         """Character spans of each window for each text (empty text → no spans)."""

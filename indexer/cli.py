@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 
 from indexer.build import build_bundle
-from indexer.bundle import BundleError, list_builds, open_bundle
-from indexer.config import IndexConfig
+from indexer.bundle import BundleError, list_builds, open_bundle, prune_builds
+from indexer.config import load_index_config
 from indexer.sources import SourceError
 
 app = typer.Typer(help="Build and inspect index bundles.", no_args_is_help=True)
@@ -24,7 +24,12 @@ def build(
     out: Path = typer.Option(
         ..., "--out", "-o", help="index folder; the build goes to OUT/<build-id>, OUT/current points at it"
     ),
-    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config; its `index:` section is used"),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="YAML config whose `index:` section is used (default: $SIFT_CONFIG, else configs/default.yaml)",
+    ),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of failing"),
     id_column: str | None = typer.Option(None, help="CSV column holding the document id"),
     title_column: str | None = typer.Option(None, help="CSV column holding the title"),
@@ -34,7 +39,7 @@ def build(
 ) -> None:
     """Read documents, split them into passages and publish a new bundle atomically."""
     try:
-        cfg = IndexConfig.from_yaml(config)
+        cfg = load_index_config(config)
     except Exception as exc:  # noqa: BLE001 - pydantic / YAML errors alike
         typer.echo(f"error: config {config}: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -75,3 +80,22 @@ def info(bundle: Path = typer.Argument(..., help="bundle folder or index folder 
     manifest = {k: v for k, v in data.manifest.items() if k != "files"}
     json.dump({"path": str(data.root), **manifest, "builds": list_builds(data.root.parent)}, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+@app.command("prune")
+def prune(
+    out: Path = typer.Option(..., "--out", "-o", help="index folder holding the builds and `current`"),
+    keep: int = typer.Option(3, "--keep", min=1, help="newest published builds to keep"),
+) -> None:
+    """Delete all but the newest KEEP builds. The build `current` points at, and any build a running server
+    holds open, are never deleted (the same rule a build applies on publish with index.keep_builds)."""
+    try:
+        deleted, in_use = prune_builds(out, keep)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for build_id in deleted:
+        typer.echo(f"deleted {build_id}")
+    for build_id in in_use:
+        typer.echo(f"kept {build_id}: in use by a running server")
+    typer.echo(f"{len(deleted)} deleted, {len(list_builds(out))} kept")

@@ -6,17 +6,35 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+
+
+def config_path(config: Path | str | None = None) -> Path:
+    """The YAML config Sift reads: `config`, else `$SIFT_CONFIG`, else `configs/default.yaml`."""
+    path = Path(config or os.environ.get("SIFT_CONFIG") or DEFAULT_CONFIG)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; pass --config or set SIFT_CONFIG")
+    return path
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text()) or {}
 
 
 class ChunkingSettings(BaseModel):
+    """Passage windows: a document of at most `window` tokens stays whole; a longer one becomes windows of
+    `window` tokens overlapping by `overlap`."""
+
     window: int = Field(256, ge=1, description="passage length in dual-encoder tokens")
     overlap: int = Field(32, ge=0, description="tokens shared by consecutive windows")
 
@@ -52,6 +70,8 @@ class DenseSettings(BaseModel):
 
 
 class CsvSettings(BaseModel):
+    """Which CSV columns hold the id, title and text; every other column becomes metadata."""
+
     id_column: str = "id"
     title_column: str = "title"
     text_column: str = "text"
@@ -66,12 +86,32 @@ class IndexConfig(BaseSettings):
     bm25: BM25Settings = BM25Settings()
     dense: DenseSettings = DenseSettings()
     csv: CsvSettings = CsvSettings()
+    keep_builds: int = Field(3, ge=1, description="published builds kept on publish (older ones are pruned)")
 
-    @classmethod
-    def from_yaml(cls, path: Path | None) -> IndexConfig:
-        """Read the `index:` section of a YAML config (or defaults when `path` is None)."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-            data = loaded.get("index", {}) or {}
-        return cls(**data)
+
+class _Section(PydanticBaseSettingsSource):
+    """A pydantic-settings source that yields one section of an already-read YAML file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self.data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return self.data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.data)
+
+
+def load_index_config(config: Path | str | None = None, **overrides: Any) -> IndexConfig:
+    """The `index:` section of the config Sift reads (`config_path`), with `SIFT_INDEX__*` environment
+    variables over the file and `overrides` over both: exactly how `load_settings` reads it for the server."""
+    section = read_yaml(config_path(config)).get("index") or {}
+
+    class FromFile(IndexConfig):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_: Any):  # noqa: ANN001, ANN206
+            return (init_settings, env_settings, _Section(settings_cls, section))
+
+    loaded = FromFile(**overrides)
+    return IndexConfig.model_validate(loaded.model_dump())

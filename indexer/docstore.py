@@ -4,9 +4,12 @@ metadata as JSON. Written once by the indexer; opened read-only (immutable) by t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import sqlite3
-from collections.abc import Iterable, Sequence
+import urllib.parse
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +67,41 @@ class DocstoreWriter:
 
 
 class Docstore:
-    """Read-only access to a bundle's docstore; safe to share between threads (one connection per call)."""
+    """Read-only access to a bundle's docstore; safe to share between threads.
 
-    def __init__(self, path: Path) -> None:
+    All connections are opened when the docstore is (a small pool, borrowed per call), so a served build
+    keeps answering even if its folder is deleted underneath it: open files outlive their directory entry.
+    """
+
+    def __init__(self, path: Path, connections: int = 4) -> None:
         self.path = Path(path)
-        self._uri = f"file:{self.path}?mode=ro&immutable=1"
+        # a URI with the path percent-encoded, so '#', '?', spaces and non-ASCII names work
+        self._uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro&immutable=1"
+        self._pool: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all = [self._open() for _ in range(max(1, connections))]
+        for connection in self._all:
+            self._pool.put(connection)
         with self._connect() as connection:
             self.num_passages = connection.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
             self.num_documents = connection.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
 
-    def _connect(self) -> sqlite3.Connection:
+    def _open(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
         connection.row_factory = sqlite3.Row
+        connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()  # file and schema read now
         return connection
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        connection = self._pool.get()
+        try:
+            yield connection
+        finally:
+            self._pool.put(connection)
+
+    def close(self) -> None:
+        for connection in self._all:
+            connection.close()
 
     def passages(self, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
         """Passages (with their document's title and metadata) by row index."""

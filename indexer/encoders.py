@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+    from indexer.config import DenseSettings
+
 log = logging.getLogger(__name__)
 
 _MINILM_NAMES = {"sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "default"}
@@ -46,3 +48,16 @@ def load_encoder(name: str, device: str | None = None) -> SentenceTransformer:
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(resolve_model_path(name), device=pick_device(device))
+
+
+def encode_passages(encoder: SentenceTransformer, texts: list[str], settings: DenseSettings, progress: bool = False):  # noqa: ANN201
+    """Passage vectors (float32) exactly as a build stores them: the configured batch size and normalisation."""
+    import numpy as np
+
+    return encoder.encode(
+        texts,
+        batch_size=settings.batch_size,
+        normalize_embeddings=settings.normalize,
+        show_progress_bar=progress,
+        convert_to_numpy=True,
+    ).astype(np.float32)

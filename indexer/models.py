@@ -31,3 +31,9 @@ class Passage:
 def passage_id(doc_id: str, position: int) -> str:
     """The stable passage id used everywhere (bundle, API, run files)."""
     return f"{doc_id}#{position}"
+
+
+def passage_index_text(title: str, text: str) -> str:
+    """The text BM25, the dual-encoder and the reranker see for a passage: its document title, then the
+    passage. Shared by the build job and the server, so both always see the same string."""
+    return f"{title} {text}".strip() if title else text

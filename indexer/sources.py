@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
+from indexer.config import CsvSettings
 from indexer.models import Document
 
 FOLDER_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm")
@@ -31,20 +32,11 @@ class ReadReport:
     skipped: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class CsvColumns:
-    """Which CSV columns hold the id, title and text; every other column becomes metadata."""
-
-    id: str = "id"
-    title: str = "title"
-    text: str = "text"
-
-
 def read_documents(
     path: Path,
     *,
     skip_bad: bool = False,
-    csv_columns: CsvColumns | None = None,
+    csv_columns: CsvSettings | None = None,
     report: ReadReport | None = None,
 ) -> Iterator[Document]:
     """Yield documents from `path`, picking the reader by what the path is.
@@ -60,7 +52,7 @@ def read_documents(
     elif path.suffix.lower() in (".jsonl", ".ndjson"):
         records = _read_jsonl(path)
     elif path.suffix.lower() in (".csv", ".tsv"):
-        records = _read_csv(path, csv_columns or CsvColumns())
+        records = _read_csv(path, csv_columns or CsvSettings())
     else:
         raise SourceError(
             f"{path}: unsupported input type {path.suffix!r}; use .jsonl, .csv/.tsv or a folder of "
@@ -193,7 +185,7 @@ def _html_title_and_text(content: str) -> tuple[str, str]:
     return parser.heading or parser.title, text
 
 
-def _read_csv(path: Path, columns: CsvColumns) -> Iterator[tuple[str, Document | SourceError]]:
+def _read_csv(path: Path, columns: CsvSettings) -> Iterator[tuple[str, Document | SourceError]]:
     try:
         content = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -203,7 +195,7 @@ def _read_csv(path: Path, columns: CsvColumns) -> Iterator[tuple[str, Document |
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(content.splitlines(), delimiter=delimiter)
     header = reader.fieldnames or []
-    for required in (columns.id, columns.text):
+    for required in (columns.id_column, columns.text_column):
         if required not in header:
             raise SourceError(
                 f"{path}:1: column {required!r} not in header {header}; "
@@ -214,9 +206,10 @@ def _read_csv(path: Path, columns: CsvColumns) -> Iterator[tuple[str, Document |
         if None in row or any(v is None for v in row.values()):
             yield where, SourceError(f"{where}: row has {len(row.get(None) or [])} extra or missing fields")
             continue
-        doc_id = (row.get(columns.id) or "").strip()
+        doc_id = (row.get(columns.id_column) or "").strip()
         if not doc_id:
-            yield where, SourceError(f"{where}: empty {columns.id!r} column")
+            yield where, SourceError(f"{where}: empty {columns.id_column!r} column")
             continue
-        metadata = {k: v for k, v in row.items() if k not in (columns.id, columns.title, columns.text)}
-        yield where, Document(doc_id, row.get(columns.title) or "", row[columns.text], metadata)
+        named = (columns.id_column, columns.title_column, columns.text_column)
+        metadata = {k: v for k, v in row.items() if k not in named}
+        yield where, Document(doc_id, row.get(columns.title_column) or "", row[columns.text_column], metadata)

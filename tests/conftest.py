@@ -54,11 +54,11 @@ def example_index(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def example_pipeline(example_index):
-    from app.pipeline import Pipeline
+    from app.services import load_pipeline
     from app.settings import load_settings
 
     # first stage only: the reranker's tests build their own pipelines (tests/test_reranker.py)
-    return Pipeline.load(load_settings(bundle=example_index, reranker={"model": None}))
+    return load_pipeline(load_settings(bundle=example_index, reranker={"model": None}))
 
 
 def _source_key() -> str:
@@ -73,29 +73,23 @@ def _source_key() -> str:
 def scifact_index() -> Path:
     """SciFact built with the default config; cached under .cache/ keyed by the indexer's source code,
     so a change to the indexer always rebuilds (≈6 min on a 2-core CPU)."""
-    from indexer.build import build_bundle
-    from indexer.bundle import BundleError, open_bundle
+    from indexer.build import ensure_bundle
+    from indexer.config import IndexConfig
 
     out = ROOT / ".cache" / f"scifact-{_source_key()}"
     for stale in (ROOT / ".cache").glob("scifact-*"):
         if stale != out:
             shutil.rmtree(stale, ignore_errors=True)
-    try:
-        open_bundle(out, verify=True)
-        return out
-    except BundleError:
-        shutil.rmtree(out, ignore_errors=True)
-    build_bundle(SCIFACT / "corpus.jsonl", out, show_progress=False)
-    return out
+    return ensure_bundle(SCIFACT / "corpus.jsonl", out, IndexConfig())
 
 
 @pytest.fixture(scope="session")
 def scifact_pipeline(scifact_index):
-    from app.pipeline import Pipeline
+    from app.services import load_pipeline
     from app.settings import load_settings
 
     # first stage only; the shipped reranker is pinned in tests/test_regression_reranker.py
-    return Pipeline.load(load_settings(bundle=scifact_index, reranker={"model": None}))
+    return load_pipeline(load_settings(bundle=scifact_index, reranker={"model": None}))
 
 
 @pytest.fixture(scope="session")

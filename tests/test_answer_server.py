@@ -137,4 +137,4 @@ def test_remote_generator_against_a_real_openai_compatible_server(rag_server, ex
 def test_answer_without_generator_is_503(example_pipeline):
     with TestClient(create_app(example_pipeline.settings, pipeline=example_pipeline)) as client:
         r = client.post("/v1/answer", json={"question": QUESTION})
-    assert r.status_code == 503 and "no generator is configured" in r.json()["error"]["message"]
+    assert r.status_code == 503 and "no answer backend is configured" in r.json()["error"]["message"]

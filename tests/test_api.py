@@ -102,7 +102,7 @@ def test_documents_info_health_and_metrics(client):
     assert client.get("/readyz").status_code == 200
     metrics = client.get("/metrics").text
     assert 'sift_requests_total{method="POST",route="/v1/search",status="200"}' in metrics
-    assert 'sift_stage_latency_seconds_count{stage="dense"}' in metrics
+    assert 'sift_stage_latency_seconds_count{collection="default",stage="dense"}' in metrics
     assert "sift_in_flight_requests" in metrics and "sift_reranked_candidates_total" in metrics
 
 

@@ -117,7 +117,7 @@ def _build_cmd(out: Path) -> list[str]:
 def test_kill_9_at_any_point_leaves_previous_bundle_served(tmp_path):
     """Kill a build at spread-out moments (model load, chunking, BM25, encoding, publish); after each kill the
     published bundle still verifies and answers searches, and the next build cleans up the leftovers."""
-    from app.pipeline import Pipeline
+    from app.services import load_pipeline
     from app.settings import load_settings
 
     out = tmp_path / "index"
@@ -138,7 +138,7 @@ def test_kill_9_at_any_point_leaves_previous_bundle_served(tmp_path):
         info = open_bundle(out, verify=True)  # whatever `current` points at is complete and intact
         if info.build_id not in published:  # the build finished before the kill landed
             published.add(info.build_id)
-        pipeline = Pipeline.load(load_settings(bundle=out, reranker={"model": None}))
+        pipeline = load_pipeline(load_settings(bundle=out, reranker={"model": None}))
         assert pipeline.searchers["bm25"].search("sourdough starter", 3)[0].doc_id == "cook-003"
     build_bundle(EXAMPLES, out, IndexConfig(dense={"enabled": False}), show_progress=False)
     assert not list(out.glob(".building-*")), "the next build removes what killed builds left behind"

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.chunking import Chunker, ChunkingConfig
+from indexer.chunking import Chunker
+from indexer.config import ChunkingSettings
 from indexer.models import Document
 
 
 def chunk(tokenizer, text: str, window: int = 8, overlap: int = 2):
     doc = Document("d", "", text)
-    return next(Chunker(tokenizer, ChunkingConfig(window, overlap)).chunk([doc]))[1]
+    return next(Chunker(tokenizer, ChunkingSettings(window=window, overlap=overlap)).chunk([doc]))[1]
 
 
 def n_tokens(tokenizer, text: str) -> int:
@@ -71,6 +72,6 @@ def test_default_window_keeps_short_documents_whole(tokenizer):
 
 def test_invalid_config_is_rejected():
     with pytest.raises(ValueError, match="overlap"):
-        ChunkingConfig(window=8, overlap=8)
+        ChunkingSettings(window=8, overlap=8)
     with pytest.raises(ValueError, match="window"):
-        ChunkingConfig(window=0, overlap=0)
+        ChunkingSettings(window=0, overlap=0)

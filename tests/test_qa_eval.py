@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.qa_eval import (
+from app.eval.qa import (
     EVAL_ARTICLES,
     clean_prediction,
     exact_match,
@@ -30,7 +30,7 @@ def test_official_normalisation_em_and_f1():
 
 
 def test_generation_scores_are_perfect_for_exact_answers_and_zero_for_wrong():
-    from app.qa_eval import SquadQuestion
+    from app.eval.qa import SquadQuestion
 
     qs = [SquadQuestion("1", "q", ("Paris",), "c", 24, "p"), SquadQuestion("2", "q", ("in 1889", "1889"), "c", 24, "p")]
     perfect = qa_scores(["Paris", "1889"], qs)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from app.evaluation import BeirDataset, load_beir, run_pipelines
+from app.eval.retrieval import BeirDataset, load_beir, run_pipelines
 from tests.conftest import ROOT, SCIFACT, needs_scifact
 
 pytestmark = [needs_scifact, pytest.mark.slow]

@@ -8,7 +8,7 @@ import yaml
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
-from app.evaluation import PIPELINES, document_run, evaluate, load_beir
+from app.eval.retrieval import PIPELINES, document_run, evaluate, load_beir
 from app.retrieval.types import Hit
 from tests.conftest import ROOT, SCIFACT, needs_scifact
 

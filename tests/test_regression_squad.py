@@ -7,9 +7,7 @@ import pytest
 import yaml
 
 from app.answering import PromptTemplate
-from app.generation import GenerationOptions
-from app.pipeline import Pipeline
-from app.qa_eval import (
+from app.eval.qa import (
     EXTRACTIVE_TEMPLATE,
     answer_end_to_end,
     answer_with_gold,
@@ -22,6 +20,8 @@ from app.qa_eval import (
     sample_fingerprint,
     squad_bundle,
 )
+from app.generation import GenerationOptions
+from app.services import load_pipeline
 from app.settings import load_settings
 from tests.conftest import ROOT, SHARED_DATA
 
@@ -41,7 +41,7 @@ def questions():
 @pytest.fixture(scope="module")
 def squad_pipeline(tmp_path_factory):
     index = squad_bundle(SQUAD, tmp_path_factory.mktemp("squad") / "index", load_settings().index)
-    return Pipeline.load(load_settings(bundle=index, reranker={"model": None}))  # pins were measured first-stage
+    return load_pipeline(load_settings(bundle=index, reranker={"model": None}))  # pins were measured first-stage
 
 
 def close(got: dict, expected: dict) -> None:

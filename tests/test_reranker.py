@@ -112,9 +112,9 @@ def test_api_reranks_by_default_when_configured(reranking_pipeline):
         off = client.post("/v1/search", json={"query": "coral reef bleaching", "k": 5, "rerank": False}).json()
         assert "rerank" not in off["hits"][0]["explain"]
         # the 10 candidates scored (rerank_depth), not the 5 returned; the rerank=false request adds none
-        assert "sift_reranked_candidates_total 10.0" in client.get("/metrics").text
+        assert 'sift_reranked_candidates_total{collection="default"} 10.0' in client.get("/metrics").text
         client.post("/v1/search/batch", json={"queries": ["coral reef", "bread"], "k": 3, "rerank_depth": 4})
-        assert "sift_reranked_candidates_total 18.0" in client.get("/metrics").text
+        assert 'sift_reranked_candidates_total{collection="default"} 18.0' in client.get("/metrics").text
 
 
 def test_maxsim_reranker_scores_late_interaction_and_plugs_into_the_pipeline(example_pipeline):

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from app.reranker_training import (
+from app.training.reranker import (
     Group,
     Mining,
     TrainConfig,
@@ -34,7 +34,7 @@ def test_squad_held_out_articles_are_refused():
 
 
 def test_beir_test_split_is_refused(tmp_path):
-    from app.reranker_training import beir_groups
+    from app.training.reranker import beir_groups
 
     with pytest.raises(ValueError, match="refusing to train on a test split"):
         beir_groups(tmp_path, "test", Mining(1, 1), random.Random(0))
@@ -85,8 +85,8 @@ def test_validation_runs_every_n_steps_and_keeps_the_best(tmp_path):
 def test_half_precision_export_halves_the_file_and_loads_in_float32_with_the_same_scores(tmp_path):
     import shutil
 
-    from app.reranker_training import save_half_precision
     from app.retrieval.reranker import Reranker
+    from app.training.reranker import save_half_precision
 
     full = tmp_path / "fp32"
     load_cross_encoder(TrainConfig().base, 128, "cpu").save(str(full))
@@ -105,7 +105,7 @@ def test_half_precision_export_halves_the_file_and_loads_in_float32_with_the_sam
 def test_dense_mining_adds_bi_encoder_negatives_that_are_close_to_the_query(encoder):
     import json
 
-    from app.reranker_training import PassagePool
+    from app.training.reranker import PassagePool
 
     records = [json.loads(line) for line in open(EXAMPLES, encoding="utf-8")]
     pool = PassagePool([r["_id"] for r in records], [r["text"] for r in records], encoder)

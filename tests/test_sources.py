@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.sources import CsvColumns, ReadReport, SourceError, read_documents
+from indexer.config import CsvSettings
+from indexer.sources import ReadReport, SourceError, read_documents
 from tests.conftest import write_jsonl
 
 
@@ -45,7 +46,9 @@ def test_folder_reads_txt_md_html_with_titles(tmp_path):
 def test_csv_with_configured_columns_keeps_other_columns_as_metadata(tmp_path):
     path = tmp_path / "docs.csv"
     path.write_text('key,heading,body,year\nk1,T1,"hello, world",2020\nk2,T2,second,2021\n', encoding="utf-8")
-    docs = list(read_documents(path, csv_columns=CsvColumns(id="key", title="heading", text="body")))
+    docs = list(
+        read_documents(path, csv_columns=CsvSettings(id_column="key", title_column="heading", text_column="body"))
+    )
     assert [(d.id, d.title, d.text, d.metadata) for d in docs] == [
         ("k1", "T1", "hello, world", {"year": "2020"}),
         ("k2", "T2", "second", {"year": "2021"}),

@@ -3,23 +3,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.answering import Answerer, PreparedAnswer, citations
+from app.answering import Answerer, AnswerResult, PreparedAnswer
 from app.api.errors import ApiError
-from app.api.routes import ERRORS, ready_pipeline, to_options
+from app.api.routes import ERRORS, acquire_build, to_options
 from app.api.schemas import MAX_QUERY_CHARS, SearchParams
 from app.generation.base import GenerationOptions
+from app.services import Build
 
 router = APIRouter()
 SIFT_MODEL_ID = "sift-rag"
@@ -69,6 +68,7 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)
     sift: SearchParams | None = None
+    collection: str | None = Field(None, description="which served collection answers (default: the first)")
 
     @field_validator("messages")
     @classmethod
@@ -78,17 +78,16 @@ class ChatRequest(BaseModel):
         return value
 
 
-def answerer(request: Request) -> Answerer:
-    """The app's `Answerer`, built once (prompt template read once) for its pipeline and generator."""
-    pipeline = ready_pipeline(request)
-    generator = request.app.state.generator
-    if generator is None:
-        raise ApiError(503, "no_generator", "no generator is configured; set generator.backend to local or openai")
-    reader = getattr(request.app.state, "answerer", None)
-    if reader is None or reader.pipeline is not pipeline or reader.generator is not generator:
-        reader = Answerer(pipeline, generator, pipeline.settings.answer)
-        request.app.state.answerer = reader
-    return reader
+def answerer_of(build: Build) -> Answerer:
+    """The build's `Answerer` (built once per build by the composition root)."""
+    if build.answerer is None:
+        raise ApiError(
+            503,
+            "no_answer_backend",
+            "no answer backend is configured: set generator.backend to local or openai (answer.mode generative), "
+            "or answer.reader (answer.mode extractive)",
+        )
+    return build.answerer
 
 
 def check_generation(options: GenerationOptions, stream: bool, prefix: str) -> None:
@@ -96,32 +95,6 @@ def check_generation(options: GenerationOptions, stream: bool, prefix: str) -> N
     if problems:
         field, why = problems[0]
         raise ApiError(422, "validation_error", f"{prefix}{field}: {why}", f"{prefix}{field}")
-
-
-async def iterate_in_thread(make: Any) -> AsyncIterator[str]:
-    """Consume a blocking iterator on a worker thread, yielding its items to the event loop."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    def run() -> None:
-        try:
-            iterator: Iterator[str] = make()
-            for item in iterator:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-
-    threading.Thread(target=run, daemon=True, name="stream").start()
-    while True:
-        item = await queue.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 def sse(event: str, data: Any) -> str:
@@ -134,58 +107,66 @@ def passages_payload(prepared: PreparedAnswer) -> list[dict[str, Any]]:
 
 @router.post("/v1/answer", responses=ERRORS, tags=["answer"])
 async def answer(body: AnswerRequest, request: Request) -> Any:
-    """Retrieve, prompt the generator with the best passages, and answer with citations (JSON or SSE)."""
-    reader = answerer(request)
-    check_generation(body.generation, body.stream, "generation.")
-    options = to_options(reader.pipeline, body)
-    started = time.perf_counter()
-    prepared = await reader.prepare(body.question, options, body.passages)
+    """Retrieve, then answer from the best passages with citations (JSON or SSE): generated, an extracted
+    span (`answer.mode: extractive`, citations with character offsets) or both (`extract-then-generate`)."""
+    collection, build = acquire_build(request, body.collection)
+    try:
+        reader = answerer_of(build)
+        check_generation(body.generation, body.stream, "generation.")
+        options = to_options(build.pipeline, body)
+        started = time.perf_counter()
+        prepared = await reader.prepare(body.question, options, body.passages)
+    except BaseException:
+        await collection.release(build)
+        raise
     generation = body.generation.model_copy()
     if "max_new_tokens" not in body.generation.model_fields_set:
         generation.max_new_tokens = reader.settings.max_new_tokens
 
-    def final(text: str, generate_ms: float) -> dict[str, Any]:
+    def final(result: AnswerResult, generate_ms: float) -> dict[str, Any]:
         timings = {
             **prepared.timings_ms,
             "generate": round(generate_ms, 3),
             "total": round((time.perf_counter() - started) * 1000, 3),
         }
-        return {
+        out = {
             "question": body.question,
-            "answer": text,
-            "answered": prepared.answerable,
-            "citations": citations(text, prepared.passages) if prepared.answerable else [],
+            "answer": result.text,
+            "answered": result.answered,
+            "citations": result.citations,
             "passages": passages_payload(prepared),
-            "model": reader.generator.name,
+            "model": reader.name,
+            "mode": reader.mode,
             "timings_ms": timings,
-            "bundle": reader.pipeline.bundle.build_id,
+            "bundle": build.build_id,
+            "collection": collection.name,
         }
+        if result.span is not None:
+            out["span"] = result.span
+        return out
 
     if not body.stream:
-        t = time.perf_counter()
-        if prepared.answerable:
-            result = await asyncio.to_thread(reader.generator.generate, prepared.messages, generation)
-            text = result.text
-        else:
-            text = prepared.no_answer
-        return final(text, (time.perf_counter() - t) * 1000)
+        try:
+            t = time.perf_counter()
+            result = await reader.answer(prepared, generation)
+            return final(result, (time.perf_counter() - t) * 1000)
+        finally:
+            await collection.release(build)
 
     async def events() -> AsyncIterator[str]:
-        yield sse("passages", {"passages": passages_payload(prepared), "answered": prepared.answerable})
-        t = time.perf_counter()
-        pieces: list[str] = []
-        if prepared.answerable:
+        try:
+            yield sse("passages", {"passages": passages_payload(prepared), "answered": prepared.answerable})
+            t = time.perf_counter()
             try:
-                async for piece in iterate_in_thread(lambda: reader.generator.stream(prepared.messages, generation)):
-                    pieces.append(piece)
-                    yield sse("token", {"text": piece})
+                async for piece in reader.stream(prepared, generation):
+                    if isinstance(piece, AnswerResult):
+                        yield sse("done", final(piece, (time.perf_counter() - t) * 1000))
+                    else:
+                        yield sse("token", {"text": piece})
             except Exception as exc:  # noqa: BLE001 - reported in-stream: the status line has been sent
                 yield sse("error", {"message": f"generation failed: {exc}"})
-                return
-        else:
-            pieces.append(prepared.no_answer)
-            yield sse("token", {"text": prepared.no_answer})
-        yield sse("done", final("".join(pieces), (time.perf_counter() - t) * 1000))
+        finally:
+            await collection.release(build)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
@@ -202,7 +183,7 @@ def chat_query(messages: list[ChatMessage]) -> str:
 @router.get("/v1/models", tags=["chat"])
 async def models(request: Request) -> dict[str, Any]:
     """OpenAI-style model list: Sift's RAG model."""
-    generator = request.app.state.generator
+    generator = request.app.state.services.models.generator
     owned = f"sift ({generator.name})" if generator is not None else "sift"
     return {"object": "list", "data": [{"id": SIFT_MODEL_ID, "object": "model", "created": 0, "owned_by": owned}]}
 
@@ -210,29 +191,34 @@ async def models(request: Request) -> dict[str, Any]:
 @router.post("/v1/chat/completions", responses=ERRORS, tags=["chat"])
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
     """OpenAI-compatible chat completion answered from the index; citations ride in an extra `citations` field."""
-    reader = answerer(request)
-    if body.model not in (SIFT_MODEL_ID, reader.generator.name):
-        raise ApiError(
-            404,
-            "model_not_found",
-            f"model {body.model!r} not served here; use {SIFT_MODEL_ID!r} (see /v1/models)",
-            "model",
-        )
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    try:
-        generation = GenerationOptions(
-            max_new_tokens=body.max_completion_tokens or body.max_tokens or reader.settings.max_new_tokens,
-            temperature=body.temperature or 0.0,
-            top_p=body.top_p if (body.temperature or 0) > 0 else None,
-            seed=body.seed,
-            stop=stops,
-        )
-    except ValueError as exc:
-        raise ApiError(422, "validation_error", f"stop: {exc}", "stop") from exc
-    check_generation(generation, body.stream, "")
     params = body.sift or SearchParams(k=5)
-    options = to_options(reader.pipeline, params)
-    prepared = await reader.prepare(chat_query(body.messages), options)
+    collection, build = acquire_build(request, body.collection or params.collection)
+    try:
+        reader = answerer_of(build)
+        if body.model not in (SIFT_MODEL_ID, reader.name):
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"model {body.model!r} not served here; use {SIFT_MODEL_ID!r} (see /v1/models)",
+                "model",
+            )
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        try:
+            generation = GenerationOptions(
+                max_new_tokens=body.max_completion_tokens or body.max_tokens or reader.settings.max_new_tokens,
+                temperature=body.temperature or 0.0,
+                top_p=body.top_p if (body.temperature or 0) > 0 else None,
+                seed=body.seed,
+                stop=stops,
+            )
+        except ValueError as exc:
+            raise ApiError(422, "validation_error", f"stop: {exc}", "stop") from exc
+        check_generation(generation, body.stream, "")
+        options = to_options(build.pipeline, params)
+        prepared = await reader.prepare(chat_query(body.messages), options)
+    except BaseException:
+        await collection.release(build)
+        raise
     system_and_history = [m for m in body.messages if m.role in ("system", "developer")]
     if system_and_history:
         prepared.messages[0]["content"] += "\n" + "\n".join(m.text() for m in system_and_history)
@@ -240,11 +226,11 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     created = int(time.time())
 
     if not body.stream:
-        if prepared.answerable:
-            result = await asyncio.to_thread(reader.generator.generate, prepared.messages, generation)
-            text, finish, usage = result.text, result.finish_reason, (result.prompt_tokens, result.completion_tokens)
-        else:
-            text, finish, usage = prepared.no_answer, "stop", (0, 0)
+        try:
+            result = await reader.answer(prepared, generation)
+        finally:
+            await collection.release(build)
+        usage = (result.prompt_tokens, result.completion_tokens)
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -253,13 +239,15 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": {"role": "assistant", "content": result.text},
                     "logprobs": None,
-                    "finish_reason": finish,
+                    "finish_reason": result.finish_reason,
                 }
             ],
             "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": usage[0] + usage[1]},
-            "citations": citations(text, prepared.passages) if prepared.answerable else [],
+            "citations": result.citations,
+            "bundle": build.build_id,
+            "collection": collection.name,
         }
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
@@ -274,17 +262,18 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     async def events() -> AsyncIterator[str]:
-        yield chunk({"role": "assistant", "content": ""})
-        pieces: list[str] = []
-        if prepared.answerable:
-            async for piece in iterate_in_thread(lambda: reader.generator.stream(prepared.messages, generation)):
-                pieces.append(piece)
-                yield chunk({"content": piece})
-        else:
-            pieces.append(prepared.no_answer)
-            yield chunk({"content": prepared.no_answer})
-        text = "".join(pieces)
-        yield chunk({}, "stop", citations=citations(text, prepared.passages) if prepared.answerable else [])
-        yield "data: [DONE]\n\n"
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                async for piece in reader.stream(prepared, generation):
+                    if isinstance(piece, AnswerResult):
+                        yield chunk({}, piece.finish_reason, citations=piece.citations, bundle=build.build_id)
+                    else:
+                        yield chunk({"content": piece})
+            except Exception as exc:  # noqa: BLE001 - the status line has been sent: end with an error event
+                yield f"data: {json.dumps({'error': {'type': 'generation_failed', 'message': str(exc)}})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            await collection.release(build)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})

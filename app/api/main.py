@@ -17,8 +17,8 @@ from app.api.answer import router as answer_router
 from app.api.errors import error_body, install_error_handlers
 from app.api.metrics import Metrics
 from app.api.routes import router
-from app.generation import load_generator
 from app.pipeline import Pipeline
+from app.services import Services
 from app.settings import Settings, load_settings
 
 log = logging.getLogger("sift.api")
@@ -107,38 +107,46 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def create_app(settings: Settings | None = None, pipeline: Pipeline | None = None, generator=None) -> FastAPI:  # noqa: ANN001
-    """Build the app. With `pipeline` (and optionally `generator`) given it is ready at once; otherwise the
-    bundle, models and generator named in `settings` load in a worker thread at start-up and `/readyz`
-    answers 503 until they have."""
-    settings = settings or load_settings()
+def create_app(
+    settings: Settings | None = None,
+    pipeline: Pipeline | None = None,
+    generator=None,  # noqa: ANN001
+    services: Services | None = None,
+    reader=None,  # noqa: ANN001
+) -> FastAPI:
+    """Build the app around `services` (the composition root, `app.services`). Without them, services are
+    built from `settings` and load in the background at start-up (`/readyz` answers 503 until every
+    collection has a build), and a watcher reloads each collection when its `current` changes. With a
+    `pipeline` (and optionally a `generator`/`reader`) the app is ready at once and does not reload."""
+    if services is None and pipeline is not None:
+        services = Services.from_pipeline(pipeline, generator, reader)
+    settings = settings or (services.settings if services is not None else load_settings())
     metrics = Metrics()
+    watch = services is None
+    services = services or Services.from_settings(
+        settings, on_reload=lambda collection, outcome: metrics.reloads.labels(collection, outcome).inc()
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = None
-        if app.state.pipeline is None:
-            task = asyncio.create_task(_load(app))
+        tasks = []
+        if watch:
+
+            async def start_then_watch() -> None:
+                await services.start()
+                metrics.ready.set(1 if services.ready else 0)
+                if services.load_error is None:
+                    await services.watch(settings.server.reload_interval_s)
+
+            tasks.append(asyncio.create_task(start_then_watch()))
         else:
             metrics.ready.set(1)
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
-            if app.state.pipeline is not None:
-                await app.state.pipeline.close()
-
-    async def _load(app: FastAPI) -> None:
-        try:
-            loaded = await asyncio.to_thread(Pipeline.load, settings)
-            app.state.generator = await asyncio.to_thread(load_generator, settings.generator, settings.device)
-            app.state.pipeline = loaded
-            metrics.ready.set(1)
-            log.info(json.dumps({"event": "ready", "bundle": app.state.pipeline.bundle.build_id}))
-        except Exception as exc:  # noqa: BLE001 - reported on /readyz
-            app.state.load_error = f"{type(exc).__name__}: {exc}"
-            log.error(json.dumps({"event": "load_failed", "error": app.state.load_error}))
+            await services.close()
 
     app = FastAPI(
         title="Sift",
@@ -147,9 +155,7 @@ def create_app(settings: Settings | None = None, pipeline: Pipeline | None = Non
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.pipeline = pipeline
-    app.state.generator = generator
-    app.state.load_error = None
+    app.state.services = services
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(router)

@@ -23,14 +23,25 @@ class Metrics:
         self.stage_latency = Histogram(
             "sift_stage_latency_seconds",
             "Latency per pipeline stage",
-            ["stage"],
+            ["stage", "collection"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.in_flight = Gauge("sift_in_flight_requests", "Requests being served", registry=self.registry)
-        self.reranked = Counter("sift_reranked_candidates", "Candidates scored by the reranker", registry=self.registry)
+        self.reranked = Counter(
+            "sift_reranked_candidates", "Candidates scored by the reranker", ["collection"], registry=self.registry
+        )
+        self.searches = Counter(
+            "sift_searches", "Queries searched, by collection", ["collection"], registry=self.registry
+        )
         self.ready = Gauge("sift_ready", "1 when the bundle and models are loaded", registry=self.registry)
+        self.reloads = Counter(
+            "sift_reloads",
+            "Build loads by collection and outcome (ok | failed: the old build kept serving)",
+            ["collection", "outcome"],
+            registry=self.registry,
+        )
 
-    def observe_timings(self, timings_ms: dict[str, float]) -> None:
+    def observe_timings(self, timings_ms: dict[str, float], collection: str = "default") -> None:
         for stage, ms in timings_ms.items():
-            self.stage_latency.labels(stage).observe(ms / 1000.0)
+            self.stage_latency.labels(stage, collection).observe(ms / 1000.0)

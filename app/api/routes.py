@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.errors import ApiError
+from app.api.errors import ApiError, error_body
 from app.api.schemas import BatchSearchRequest, BatchSearchResponse, SearchParams, SearchRequest, SearchResponse
 from app.api.shaping import search_response
 from app.pipeline import Pipeline, SearchOptions
 from app.retrieval import FusionConfig
+from app.services import Build, Collection, NotReady, Services, UnknownCollection
 
 router = APIRouter()
 
@@ -23,17 +28,38 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def ready_pipeline(request: Request) -> Pipeline:
-    pipeline = request.app.state.pipeline
-    if pipeline is None:
-        error = request.app.state.load_error
+def collection_of(request: Request, name: str | None) -> Collection:
+    """The collection a request names (default: the first), or a 404 naming the known ones."""
+    services: Services = request.app.state.services
+    try:
+        return services.collection(name)
+    except UnknownCollection as exc:
+        raise ApiError(404, "unknown_collection", f"{exc}; see /v1/collections", "collection") from exc
+
+
+def acquire_build(request: Request, name: str | None = None) -> tuple[Collection, Build]:
+    """The build a request runs on, held until `release` (requests finish on the build they started on)."""
+    services: Services = request.app.state.services
+    collection = collection_of(request, name)
+    try:
+        return collection, collection.acquire()
+    except NotReady as exc:
+        error = services.load_error or collection.error
         message = (
-            f"not ready: loading failed ({error}); fix the bundle or config and restart"
+            f"not ready: loading failed ({error}); fix the bundle or config (see /readyz)"
             if error
-            else ("not ready: the bundle and models are still loading; retry shortly (see /readyz)")
+            else "not ready: the bundle and models are still loading; retry shortly (see /readyz)"
         )
-        raise ApiError(503, "not_ready", message)
-    return pipeline
+        raise ApiError(503, "not_ready", message) from exc
+
+
+@contextlib.asynccontextmanager
+async def use_build(request: Request, name: str | None = None) -> AsyncIterator[tuple[Collection, Build]]:
+    collection, build = acquire_build(request, name)
+    try:
+        yield collection, build
+    finally:
+        await collection.release(build)
 
 
 def to_options(pipeline: Pipeline, params: SearchParams) -> SearchOptions:
@@ -78,11 +104,17 @@ def to_options(pipeline: Pipeline, params: SearchParams) -> SearchOptions:
 @router.post("/v1/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
 async def search(body: SearchRequest, request: Request) -> SearchResponse:
     """Retrieve (bm25, dense or hybrid), optionally rerank, and return the top `k` passages with per-stage explain."""
-    pipeline = ready_pipeline(request)
+    async with use_build(request, body.collection) as (collection, build):
+        return await _search(body, request, collection, build.pipeline)
+
+
+async def _search(body: SearchRequest, request: Request, collection: Collection, pipeline: Pipeline) -> SearchResponse:
     options = to_options(pipeline, body)
     result = await pipeline.search(body.query, options)
-    request.app.state.metrics.observe_timings(result.timings_ms)
-    request.app.state.metrics.reranked.inc(result.reranked)
+    metrics = request.app.state.metrics
+    metrics.observe_timings(result.timings_ms, collection.name)
+    metrics.reranked.labels(collection.name).inc(result.reranked)
+    metrics.searches.labels(collection.name).inc()
     return search_response(
         body.query,
         result,
@@ -97,7 +129,13 @@ async def search(body: SearchRequest, request: Request) -> SearchResponse:
 @router.post("/v1/search/batch", response_model=BatchSearchResponse, responses=ERRORS, tags=["search"])
 async def search_batch(body: BatchSearchRequest, request: Request) -> BatchSearchResponse:
     """Many queries in one request, encoded and reranked in batches (for batch jobs and evaluation)."""
-    pipeline = ready_pipeline(request)
+    async with use_build(request, body.collection) as (collection, build):
+        return await _search_batch(body, request, collection, build.pipeline)
+
+
+async def _search_batch(
+    body: BatchSearchRequest, request: Request, collection: Collection, pipeline: Pipeline
+) -> BatchSearchResponse:
     if len(body.queries) > pipeline.settings.search.max_batch_queries:
         raise ApiError(
             422,
@@ -109,8 +147,10 @@ async def search_batch(body: BatchSearchRequest, request: Request) -> BatchSearc
     started = time.perf_counter()
     results = await pipeline.search_many(body.queries, options)
     timings = results[0].timings_ms if results else {}
-    request.app.state.metrics.observe_timings(timings)
-    request.app.state.metrics.reranked.inc(sum(r.reranked for r in results))
+    metrics = request.app.state.metrics
+    metrics.observe_timings(timings, collection.name)
+    metrics.reranked.labels(collection.name).inc(sum(r.reranked for r in results))
+    metrics.searches.labels(collection.name).inc(len(results))
     shaped = [
         search_response(
             q,
@@ -128,10 +168,11 @@ async def search_batch(body: BatchSearchRequest, request: Request) -> BatchSearc
 
 
 @router.get("/v1/documents/{doc_id:path}", tags=["documents"], responses={404: {"description": "unknown document"}})
-async def get_document(doc_id: str, request: Request) -> dict[str, Any]:
-    """A document with all its passages."""
-    pipeline = ready_pipeline(request)
-    document = pipeline.docstore.document(doc_id)
+async def get_document(doc_id: str, request: Request, collection: str | None = None) -> dict[str, Any]:
+    """A document with all its passages (`?collection=` picks the collection)."""
+    async with use_build(request, collection) as (_, build):
+        pipeline = build.pipeline
+        document = await asyncio.to_thread(pipeline.docstore.document, doc_id)
     if document is None:
         raise ApiError(
             404,
@@ -141,10 +182,32 @@ async def get_document(doc_id: str, request: Request) -> dict[str, Any]:
     return document
 
 
+@router.get("/v1/collections", tags=["service"])
+async def collections(request: Request) -> dict[str, Any]:
+    """The served collections (the first is the default), each with its build and reload state."""
+    services: Services = request.app.state.services
+    return {
+        "collections": [c.status() for c in services.collections.values()],
+        "default": services.collection(None).name,
+    }
+
+
+@router.post("/v1/admin/reload", tags=["service"])
+async def reload(request: Request, collection: str | None = None) -> dict[str, Any]:
+    """Check now for a newly published build (of one collection, or all) instead of waiting for the watcher."""
+    services: Services = request.app.state.services
+    collection_of(request, collection)
+    return {"results": await services.reload(collection)}
+
+
 @router.get("/v1/info", tags=["service"])
-async def info(request: Request) -> dict[str, Any]:
-    """The bundle manifest, loaded models and the settings that shape results."""
-    pipeline = ready_pipeline(request)
+async def info(request: Request, collection: str | None = None) -> dict[str, Any]:
+    """The bundle manifest, loaded models, the settings that shape results and the reload state."""
+    async with use_build(request, collection) as (served, build):
+        return _info(build.pipeline, served)
+
+
+def _info(pipeline: Pipeline, collection: Collection) -> dict[str, Any]:
     manifest = {k: v for k, v in pipeline.bundle.manifest.items() if k != "files"}
     settings = pipeline.settings
     return {
@@ -154,6 +217,7 @@ async def info(request: Request) -> dict[str, Any]:
             "dense": (pipeline.bundle.manifest.get("dense") or {}).get("model"),
             "reranker": settings.reranker.model,
         },
+        "collection": collection.status(),
         "settings": {
             "search": settings.search.model_dump(),
             "fusion": settings.fusion.model_dump(),
@@ -169,10 +233,26 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", tags=["service"], responses={503: {"description": "still loading or failed to load"}})
-async def readyz(request: Request) -> dict[str, Any]:
-    """200 once the bundle and models are loaded; 503 before (or if loading failed)."""
-    pipeline = ready_pipeline(request)
-    return {"status": "ready", "bundle": pipeline.bundle.build_id, "modes": pipeline.available_modes()}
+async def readyz(request: Request) -> Any:
+    """200 once the models and every collection's build are loaded; 503 before (or if loading failed).
+    `details` shows each collection's build and the last failed reload (the old build keeps serving)."""
+    services: Services = request.app.state.services
+    details = {c.name: c.status() for c in services.collections.values()}
+    if not services.ready:
+        error = services.load_error or "; ".join(
+            f"{c.name}: {c.error}" for c in services.collections.values() if c.current is None and c.error
+        )
+        message = f"not ready: loading failed ({error})" if error else "not ready: still loading; retry shortly"
+        body = error_body("not_ready", message)
+        body["details"] = details
+        return JSONResponse(status_code=503, content=body)
+    first = services.collection(None).current
+    return {
+        "status": "ready",
+        "bundle": first.build_id,
+        "modes": first.pipeline.available_modes(),
+        "details": details,
+    }
 
 
 @router.get("/metrics", tags=["service"])

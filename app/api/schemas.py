@@ -49,6 +49,9 @@ class SearchParams(BaseModel):
     )
     return_text: bool = Field(True, description="include each passage's full text (else a snippet)", examples=[True])
     highlight: bool = Field(False, description="mark query terms with <mark> in the snippet", examples=[False])
+    collection: str | None = Field(
+        None, description="which served collection to search (default: the first; see /v1/collections)"
+    )
 
     @field_validator("weights")
     @classmethod

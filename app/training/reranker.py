@@ -134,7 +134,7 @@ def beir_groups(root: Path, split: str, mining: Mining, rng: random.Random) -> l
 def squad_groups(
     path: Path, articles: Sequence[int], mining: Mining, rng: random.Random, limit: int | None
 ) -> list[Group]:
-    from app.qa_eval import EVAL_ARTICLES
+    from app.eval.qa import EVAL_ARTICLES
 
     data = json.loads(Path(path).read_text(encoding="utf-8"))["data"]
     if Path(path).name == "dev-v1.1.json" and set(articles) & set(EVAL_ARTICLES):

@@ -161,7 +161,7 @@ def retrieval_qa(
     }
 
 
-EXTRACTIVE_TEMPLATE = Path(__file__).resolve().parent.parent / "configs" / "prompts" / "extractive.yaml"
+EXTRACTIVE_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "prompts" / "extractive.yaml"
 
 
 def extractive_reader(pipeline, generator, passages: int = 2):  # noqa: ANN001, ANN201
@@ -195,16 +195,10 @@ def answer_end_to_end(reader, questions: Sequence[SquadQuestion], k: int, option
 
 def squad_bundle(squad: Path, index_dir: Path, index_config) -> Path:  # noqa: ANN001
     """Build (once) a bundle whose documents are the paragraphs of the evaluation articles."""
-    from indexer.build import build_bundle
-    from indexer.bundle import BundleError, open_bundle
+    from indexer.build import ensure_bundle
 
-    try:
-        open_bundle(index_dir, verify=False)
-        return index_dir
-    except BundleError:
-        pass
     corpus = Path(index_dir) / "corpus.jsonl"
-    corpus.parent.mkdir(parents=True, exist_ok=True)
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in paragraphs_corpus(squad)), encoding="utf-8")
-    build_bundle(corpus, index_dir, index_config, show_progress=False)
-    return index_dir
+    if not corpus.exists():
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("".join(json.dumps(d) + "\n" for d in paragraphs_corpus(squad)), encoding="utf-8")
+    return ensure_bundle(corpus, index_dir, index_config)

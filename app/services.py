@@ -1,0 +1,392 @@
+"""The composition root: the one place that builds what Sift serves from settings.
+
+    Models.load(settings)            warm-up: reranker, generator, reader (once per process, shared)
+    load_pipeline(settings, bundle)  one build's stages: docstore, BM25, dense (bi-encoder reused), reranker
+    Collection                       one named index folder; holds the served build, reloads the next one
+    Services                         every collection + the shared models; what the HTTP layer is handed
+
+`create_app`, `sift serve`, `sift eval`, `bench/` and the tests all get their parts from here; nothing else
+constructs stages.
+
+Reload invariants (a `Collection`):
+- a new build is loaded *beside* the served one and swapped in with one assignment on the event loop;
+- a request holds the build it started on (`use()`) until it ends, streamed responses included;
+- a replaced build is closed (and its lease released) once its last request ends;
+- a build that fails to load (missing or corrupt file, checksum mismatch, another model or dimension)
+  leaves the served build in place; the error is kept for `/readyz` and `/v1/info` and counted;
+- every served build holds a `BuildLease`, so `sift index prune` never deletes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.answering import Answerer
+from app.generation import load_generator
+from app.pipeline import Pipeline, Searcher
+from app.retrieval import BM25Searcher, DenseSearcher
+from app.retrieval.maxsim import MaxSimReranker, is_maxsim
+from app.retrieval.reranker import Reranker
+from app.settings import Settings
+from indexer.bundle import CURRENT, DOCSTORE, BuildLease, BundleError, open_bundle, resolve_bundle
+from indexer.docstore import Docstore
+
+log = logging.getLogger("sift.services")
+
+DEFAULT_COLLECTION = "default"
+
+
+class UnknownCollection(LookupError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown collection {name!r}; known collections: {known}")
+        self.name, self.known = name, known
+
+
+class NotReady(RuntimeError):
+    pass
+
+
+@dataclass
+class Models:
+    """Bundle-independent models, loaded once per process and shared by every build and collection."""
+
+    reranker: Any = None  # Reranker | MaxSimReranker | None
+    generator: Any = None  # Generator | None
+    reader: Any = None  # ExtractiveReader | None
+    encoders: dict[str, Any] = field(default_factory=dict)  # bi-encoders by model name
+
+    @classmethod
+    def load(cls, settings: Settings, generator: bool = True, reranker: bool = True) -> Models:
+        """Warm-up: load the configured reranker, generator and reader (MaxSim's encoder is shared with the
+        bundle's bi-encoder when it is the same model; see `encoder`)."""
+        models = cls()
+        spec, device = settings.reranker.model, settings.reranker.device or settings.device
+        if reranker and spec:
+            if is_maxsim(spec):
+                name = MaxSimReranker.model_name(spec)
+                models.reranker = MaxSimReranker.load(
+                    spec, settings.reranker.max_length, device, encoder=models.encoder(name, settings.device)
+                )
+            else:
+                models.reranker = Reranker.load(spec, settings.reranker.max_length, device)
+        if generator:
+            models.generator = load_generator(settings.generator, settings.device)
+        if settings.answer.mode != "generative" and settings.answer.reader:
+            from app.generation.reader import ExtractiveReader
+
+            models.reader = ExtractiveReader.load(settings.answer.reader, settings.device)
+        return models
+
+    def encoder(self, name: str, device: str | None = None) -> Any:
+        if name not in self.encoders:
+            from indexer.encoders import load_encoder
+
+            self.encoders[name] = load_encoder(name, device)
+        return self.encoders[name]
+
+
+def load_pipeline(
+    settings: Settings, bundle: Path | None = None, models: Models | None = None, verify: bool = True
+) -> Pipeline:
+    """Open and verify a bundle (default `settings.bundle`) and build its pipeline. Models in `models` are
+    reused (the bi-encoder when the bundle names the same model); without it the configured reranker is
+    loaded for this pipeline alone."""
+    t = time.perf_counter()
+    models = models if models is not None else Models.load(settings, generator=False)
+    info = open_bundle(bundle or settings.bundle, verify=verify)
+    docstore = Docstore(info.path(DOCSTORE))
+    rows = docstore.passage_rows()
+    passage_ids = [r[0] for r in rows]
+    doc_ids = [r[1] for r in rows]
+    searchers: dict[str, Searcher] = {"bm25": BM25Searcher.from_bundle(info, passage_ids, doc_ids)}
+    dense = info.manifest.get("dense") or {}
+    if dense.get("enabled"):
+        encoder = models.encoder(dense["model"], settings.device)
+        searchers["dense"] = DenseSearcher.from_bundle(info, passage_ids, doc_ids, encoder=encoder)
+    log.info(
+        "pipeline ready",
+        extra={"build": info.build_id, "searchers": list(searchers), "seconds": round(time.perf_counter() - t, 3)},
+    )
+    return Pipeline(info, docstore, searchers, models.reranker, settings)
+
+
+def build_answerer(pipeline: Pipeline, models: Models) -> Answerer | None:
+    """The answer path for a pipeline: generator and/or reader, as `answer.mode` says (None: no backend)."""
+    mode = pipeline.settings.answer.mode
+    if mode == "generative" and models.generator is None:
+        return None
+    if mode != "generative" and models.reader is None:
+        return None
+    return Answerer(pipeline, models.generator, pipeline.settings.answer, reader=models.reader)
+
+
+@dataclass
+class Build:
+    """One loaded build of a collection and the requests using it."""
+
+    pipeline: Pipeline
+    answerer: Answerer | None
+    lease: BuildLease | None
+    loaded_at: float = field(default_factory=time.time)
+    in_flight: int = 0
+    retired: bool = False
+
+    @property
+    def build_id(self) -> str:
+        return self.pipeline.bundle.build_id
+
+    async def close(self) -> None:
+        await self.pipeline.close()
+        if self.lease is not None:
+            self.lease.release()
+
+
+class Collection:
+    """A named index folder (or bundle folder) and the build of it being served."""
+
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        settings: Settings,
+        models: Models,
+        on_reload: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.name, self.root, self.settings, self.models = name, Path(root), settings, models
+        self.current: Build | None = None
+        self.error: str | None = None  # last failed load, kept until a later load succeeds
+        self.failed_target: str | None = None
+        self.reloads = {"ok": 0, "failed": 0}
+        self._on_reload = on_reload or (lambda collection, outcome: None)
+        self._lock = asyncio.Lock()
+        self._draining: set[Build] = set()
+
+    # -- loading ------------------------------------------------------------------------------------------
+
+    def target(self) -> Path:
+        """The build folder that should be served now (what `current` points at)."""
+        return resolve_bundle(self.root)
+
+    def _load(self, target: Path) -> Build:
+        lease = BuildLease(target)
+        try:
+            pipeline = load_pipeline(self.settings, target, self.models, verify=True)
+            self._check_compatible(pipeline)
+            return Build(pipeline, build_answerer(pipeline, self.models), lease)
+        except BaseException:
+            lease.release()
+            raise
+
+    def _check_compatible(self, pipeline: Pipeline) -> None:
+        """A new build must use the bi-encoder and dimension the served one does (queries are encoded
+        by the shared model), else it is refused."""
+        if self.current is None:
+            return
+        old = self.current.pipeline.bundle.manifest.get("dense") or {}
+        new = pipeline.bundle.manifest.get("dense") or {}
+        for key in ("enabled", "model", "dimension", "normalize"):
+            if old.get(key) != new.get(key):
+                raise BundleError(
+                    f"build {pipeline.bundle.build_id}: dense {key} is {new.get(key)!r} but the served build has "
+                    f"{old.get(key)!r}; restart the server to change models"
+                )
+
+    def needs_reload(self) -> bool:
+        """Cheap check (no hashing): does `current` point somewhere else, or has the served build vanished?"""
+        if self.current is None:
+            return True
+        served = self.current.pipeline.bundle.root
+        if not served.exists():
+            return True
+        link = self.root / CURRENT
+        if link.is_symlink():
+            return os.readlink(link) != served.name
+        return False
+
+    async def reload(self, force: bool = False) -> dict[str, Any]:
+        """Load the build `current` points at if it differs from the served one (or `force`). Never raises:
+        the outcome is returned and kept in `error`."""
+        async with self._lock:
+            try:
+                target = self.target()
+            except BundleError as exc:
+                return self._failed(str(exc), None)
+            served = self.current.pipeline.bundle.root if self.current else None
+            if not force and served is not None and served.exists() and target == served:
+                return {"collection": self.name, "outcome": "unchanged", "build": self.current.build_id}
+            if not force and self.failed_target == str(target) and served is not None and served.exists():
+                return {"collection": self.name, "outcome": "unchanged", "error": self.error}
+            started = time.perf_counter()
+            try:
+                build = await asyncio.to_thread(self._load, target)
+            except Exception as exc:  # noqa: BLE001 - any load failure keeps the old build
+                return self._failed(f"{type(exc).__name__}: {exc}", str(target))
+            old, self.current = self.current, build
+            self.error = self.failed_target = None
+            self.reloads["ok"] += 1
+            self._on_reload(self.name, "ok")
+            log.info(
+                json.dumps(
+                    {
+                        "event": "build_loaded",
+                        "collection": self.name,
+                        "build": build.build_id,
+                        "previous": old.build_id if old else None,
+                        "seconds": round(time.perf_counter() - started, 3),
+                    }
+                )
+            )
+            if old is not None:
+                old.retired = True
+                self._draining.add(old)
+                await self._close_if_drained(old)
+            return {"collection": self.name, "outcome": "loaded", "build": build.build_id}
+
+    def _failed(self, error: str, target: str | None) -> dict[str, Any]:
+        repeated = error == self.error
+        self.error, self.failed_target = error, target
+        if not repeated:  # a folder still without a build is polled: count and log each new error once
+            self.reloads["failed"] += 1
+            self._on_reload(self.name, "failed")
+            log.error(json.dumps({"event": "build_load_failed", "collection": self.name, "error": error}))
+        return {"collection": self.name, "outcome": "failed", "error": error}
+
+    # -- serving ------------------------------------------------------------------------------------------
+
+    def acquire(self) -> Build:
+        """The served build, held until `release` (call both on the event loop)."""
+        build = self.current
+        if build is None:
+            raise NotReady(self.error or "still loading")
+        build.in_flight += 1
+        return build
+
+    async def release(self, build: Build) -> None:
+        build.in_flight -= 1
+        if build.retired:
+            await self._close_if_drained(build)
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[Build]:
+        build = self.acquire()
+        try:
+            yield build
+        finally:
+            await self.release(build)
+
+    async def _close_if_drained(self, build: Build) -> None:
+        if build.in_flight == 0 and build in self._draining:
+            self._draining.discard(build)
+            await build.close()
+            log.info(json.dumps({"event": "build_released", "collection": self.name, "build": build.build_id}))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "ready": self.current is not None,
+            "build": self.current.build_id if self.current else None,
+            "modes": self.current.pipeline.available_modes() if self.current else [],
+            "documents": self.current.pipeline.docstore.num_documents if self.current else None,
+            "passages": self.current.pipeline.docstore.num_passages if self.current else None,
+            "reload_error": self.error,
+            "reloads": dict(self.reloads),
+            "draining": sorted(b.build_id for b in self._draining),
+        }
+
+    async def close(self) -> None:
+        for build in [self.current, *self._draining]:
+            if build is not None:
+                await build.close()
+        self.current = None
+        self._draining.clear()
+
+
+class Services:
+    """Everything a server needs: the shared models and each collection's served build."""
+
+    def __init__(self, settings: Settings, models: Models, collections: dict[str, Collection]) -> None:
+        self.settings, self.models, self.collections = settings, models, collections
+        self.load_error: str | None = None
+        self.owns_builds = True  # False when handed a pipeline: its owner closes it
+
+    @classmethod
+    def from_settings(cls, settings: Settings, on_reload: Callable[[str, str], None] | None = None) -> Services:
+        """Unloaded services for `settings` (call `start()` to warm up and load every collection)."""
+        roots = dict(settings.collections) or {DEFAULT_COLLECTION: settings.bundle}
+        services = cls(settings, Models(), {})
+        services.collections = {
+            name: Collection(name, Path(root), settings, services.models, on_reload) for name, root in roots.items()
+        }
+        return services
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Pipeline, generator: Any = None, reader: Any = None) -> Services:
+        """Services around an already loaded pipeline (tests, benches); no reload (nothing to watch)."""
+        models = Models(reranker=pipeline.reranker, generator=generator, reader=reader)
+        collection = Collection(DEFAULT_COLLECTION, pipeline.bundle.root, pipeline.settings, models)
+        collection.current = Build(pipeline, build_answerer(pipeline, models), None)
+        services = cls(pipeline.settings, models, {DEFAULT_COLLECTION: collection})
+        services.owns_builds = False
+        return services
+
+    async def start(self) -> None:
+        """Warm-up (models, off the event loop), then the first build of every collection. A collection whose
+        folder has no build yet reports why at once (`/readyz`) and is loaded by the watcher once one is
+        published."""
+        for collection in self.collections.values():
+            try:
+                await asyncio.to_thread(open_bundle, collection.root, False)
+            except BundleError as exc:
+                collection.error = str(exc)
+        try:
+            loaded = await asyncio.to_thread(Models.load, self.settings)
+        except Exception as exc:  # noqa: BLE001 - reported on /readyz
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error(json.dumps({"event": "load_failed", "error": self.load_error}))
+            return
+        for key in ("reranker", "generator", "reader", "encoders"):
+            setattr(self.models, key, getattr(loaded, key))
+        for collection in self.collections.values():
+            await collection.reload()
+
+    async def watch(self, interval_s: float) -> None:
+        """Poll every collection's `current` and reload the ones that changed (runs until cancelled)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for collection in self.collections.values():
+                try:
+                    if collection.needs_reload():
+                        await collection.reload()
+                except Exception:  # noqa: BLE001 - the watcher must survive anything
+                    log.exception("reload check failed")
+
+    async def reload(self, name: str | None = None) -> list[dict[str, Any]]:
+        targets = [self.collection(name)] if name else list(self.collections.values())
+        return [await c.reload() for c in targets]
+
+    def collection(self, name: str | None) -> Collection:
+        if name is None:
+            return next(iter(self.collections.values()))
+        try:
+            return self.collections[name]
+        except KeyError:
+            raise UnknownCollection(name, list(self.collections)) from None
+
+    @property
+    def ready(self) -> bool:
+        return self.load_error is None and all(c.current is not None for c in self.collections.values())
+
+    async def close(self) -> None:
+        if not self.owns_builds:
+            return
+        for collection in self.collections.values():
+            await collection.close()

@@ -352,6 +352,67 @@ def reranker_export(
     typer.echo(f"wrote {dest} (model.safetensors {size / 1e6:.1f} MB)")
 
 
+reader_app = typer.Typer(help="Train the extractive reader (span QA).", no_args_is_help=True)
+app.add_typer(reader_app, name="reader")
+
+
+@reader_app.command("train")
+def reader_train(
+    squad: Path = typer.Option(..., "--squad", help="SQuAD-format JSON (e.g. ../shared/data/squad/dev-v1.1.json)"),
+    articles: str = typer.Option("0-23", help="article range to train on (SQuAD v1.1 dev 24–47 is refused)"),
+    out: Path = typer.Option(Path("models/reader"), "--out", "-o", help="where the best model is saved"),
+    base: str = typer.Option(
+        "sentence-transformers/all-MiniLM-L6-v2", help="encoder checkpoint to start from (path or hub id)"
+    ),
+    max_length: int = typer.Option(384, help="tokens per (question, passage window)"),
+    stride: int = typer.Option(128, help="tokens shared by consecutive windows of a long passage"),
+    epochs: int = typer.Option(2),
+    batch_size: int = typer.Option(16, help="windows per optimisation step"),
+    lr: float = typer.Option(5e-5, help="peak learning rate (linear warm-up and decay)"),
+    warmup: float = typer.Option(0.1, help="warm-up share of the steps"),
+    seed: int = typer.Option(13),
+    validation: float = typer.Option(0.05, help="share of paragraphs held out for validation EM/F1"),
+    validate_every: int = typer.Option(0, help="steps between validations (0: after each epoch)"),
+    checkpoint_every: int = typer.Option(200, help="steps between resumable checkpoints (rerun to resume)"),
+    max_steps: int | None = typer.Option(None, help="stop after this many steps"),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when present)"),
+    fp16: bool = typer.Option(True, "--fp16/--fp32", help="store the saved weights in half precision"),
+) -> None:
+    """Fine-tune a span-extraction head (start/end logits) on SQuAD-format data; validates EM/F1 on held-out
+    paragraphs, keeps the best model and writes calibration.json (span score -> P(exact match))."""
+    import json
+
+    from app.training.reader import ReaderTrainConfig, load_examples, train
+
+    setup_logging("warning")
+    first, last = (int(x) for x in articles.split("-"))
+    try:
+        examples = load_examples(squad, range(first, last + 1))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    config = ReaderTrainConfig(
+        base=base,
+        out=out,
+        max_length=max_length,
+        stride=stride,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        seed=seed,
+        validation=validation,
+        validate_every=validate_every,
+        checkpoint_every=checkpoint_every,
+        max_steps=max_steps,
+        device=device,
+        fp16=fp16,
+    )
+    typer.echo(f"{len(examples)} questions from articles {articles}")
+    state = train(examples, config)
+    typer.echo(json.dumps({"best": state.get("best"), "seconds": round(state["seconds"], 1)}, indent=1))
+
+
 def main() -> None:
     app()
 

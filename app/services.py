@@ -129,7 +129,7 @@ def build_answerer(pipeline: Pipeline, models: Models) -> Answerer | None:
     return Answerer(pipeline, models.generator, pipeline.settings.answer, reader=models.reader)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a build is a set member while it drains
 class Build:
     """One loaded build of a collection and the requests using it."""
 

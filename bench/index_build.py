@@ -44,8 +44,7 @@ def main() -> None:
 
     from rank_bm25 import BM25Okapi
 
-    from app.retrieval.bm25 import top_k
-    from indexer.bm25 import index_bm25, tokenize
+    from indexer.bm25 import index_bm25, tokenize, top_k
     from indexer.config import BM25Settings, DenseSettings
     from indexer.dense import make_index
     from indexer.encoders import load_encoder

@@ -82,3 +82,18 @@ class BM25Index:
         if not tokens:
             return np.zeros(self.num_passages, dtype=np.float32)
         return np.asarray(self.model.get_scores(tokens, weight_mask=mask), dtype=np.float32)
+
+
+def top_k(scores: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[tuple[int, float]]:
+    """Indices and scores of the k best positive scores, ties broken by lower index (deterministic)."""
+    valid = scores > 0 if mask is None else (scores > 0) & (mask > 0)
+    candidates = np.flatnonzero(valid)
+    if candidates.size == 0 or k <= 0:
+        return []
+    if candidates.size > k:
+        part = np.argpartition(-scores[candidates], k - 1)[:k]
+        threshold = scores[candidates[part]].min()
+        candidates = candidates[scores[candidates] >= threshold]
+    order = np.lexsort((candidates, -scores[candidates]))[:k]
+    chosen = candidates[order]
+    return [(int(i), float(scores[i])) for i in chosen]

@@ -18,7 +18,7 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +90,7 @@ class ReaderTrainConfig:
     max_steps: int | None = None
     device: str | None = None
     fp16: bool = True
-    extra: dict = field(default_factory=dict)
+    max_seconds: float | None = None  # time budget: stop (validating and keeping the best) once spent
 
 
 def set_seed(seed: int) -> None:
@@ -163,7 +163,8 @@ def train(
         examples, validation = split_by_paragraph(examples, config.validation, config.seed)
     base = resolve_model_path(config.base)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForQuestionAnswering.from_pretrained(base).float().to(device)
+    # num_labels=2: a start and an end logit (a cross-encoder checkpoint says 1)
+    model = AutoModelForQuestionAnswering.from_pretrained(base, num_labels=2).float().to(device)
     feats = training_features(tokenizer, examples, config.max_length, config.stride)
     n = len(feats["input_ids"])
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -242,6 +243,9 @@ def train(
         state["last_loss"] = float(np.mean(losses[-50:]))
         bar.update(1)
         bar.set_postfix(loss=f"{state['last_loss']:.3f}")
+        if config.max_seconds and time.perf_counter() - started > config.max_seconds:
+            state["stopped"] = f"time budget of {config.max_seconds:.0f} s spent at step {state['step']}"
+            total = state["step"]
         end_of_epoch = state["step"] % steps_per_epoch == 0 or state["step"] == total
         if (
             (config.validate_every and state["step"] % config.validate_every == 0)

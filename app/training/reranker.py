@@ -64,7 +64,7 @@ class PassagePool:
     def hard_negatives(
         self, query: str, exclude: set[str], n: int, rng: random.Random, lo: int = 2, hi: int = 30
     ) -> list[str]:
-        from app.retrieval.bm25 import top_k
+        from indexer.bm25 import top_k
 
         if n <= 0:
             return []
@@ -204,6 +204,7 @@ class TrainConfig:
     validate_every: int = 0  # steps between validations (0: once per epoch); the best model is kept
     device: str | None = None
     resume: bool = True
+    max_seconds: float | None = None  # time budget: stop (validating and keeping the best) once spent
 
 
 def set_seed(seed: int) -> None:
@@ -219,7 +220,9 @@ def load_cross_encoder(name: str, max_length: int, device: str | None):  # noqa:
 
     from indexer.encoders import pick_device, resolve_model_path
 
-    return CrossEncoder(resolve_model_path(name), num_labels=1, max_length=max_length, device=pick_device(device))
+    model = CrossEncoder(resolve_model_path(name), num_labels=1, max_length=max_length, device=pick_device(device))
+    model.model.float()  # an fp16-saved checkpoint (Sift ships them) trains with fp32 master weights
+    return model
 
 
 def group_scores(model, groups: Sequence[Group], batch_size: int = 64) -> list[np.ndarray]:  # noqa: ANN001
@@ -291,7 +294,8 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
                 for i in order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size]
             ]
             network.train()
-            loss = _loss(network, tokenizer, batch, config, device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
+                loss = _loss(network, tokenizer, batch, config, device)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
             optimizer.step()
@@ -305,12 +309,17 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
                 _validate_and_keep_best(model, val, state, epoch, out)
             if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
                 _save_checkpoint(checkpoint, network, optimizer, scheduler, state)
+            if config.max_seconds and time.perf_counter() - started > config.max_seconds:
+                state["stopped"] = f"time budget of {config.max_seconds:.0f} s spent at step {state['step']}"
+                break
         if val:
             if state["history"][-1]["step"] != state["step"]:
                 _validate_and_keep_best(model, val, state, epoch, out)
         else:
             model.save(str(out))
         _save_checkpoint(checkpoint, network, optimizer, scheduler, state)
+        if "stopped" in state:
+            break
     bar.close()
     state["seconds"] = time.perf_counter() - started
     state["train_groups"], state["validation_groups"] = len(train_groups), len(val)

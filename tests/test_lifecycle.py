@@ -1,0 +1,182 @@
+"""The live index lifecycle against real uvicorn servers: hot reload under load, a corrupt publish refused,
+pruning and deleting builds while serving, concurrent builds into one folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from indexer.build import build_bundle
+from indexer.bundle import CURRENT, MANIFEST, list_builds, new_build_id, open_bundle, prune_builds
+from tests.conftest import EXAMPLES, ROOT, write_jsonl
+from tests.servers import sift_server
+
+SERVER_ENV = {
+    "SIFT_SERVER__RELOAD_INTERVAL_S": "0.5",
+    "SIFT_GENERATOR__BACKEND": "none",
+    "SIFT_RERANKER__MODEL": "none",
+}
+
+
+class Load:
+    """`clients` threads searching as fast as they can; every response is recorded (time, status, build)."""
+
+    def __init__(self, base: str, clients: int = 8) -> None:
+        self.base, self.clients = base, clients
+        self.records: list[tuple[float, int, str | None]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        queries = ["how do stars form", "sourdough starter", "coral reef bleaching", "black hole event horizon"]
+        with httpx.Client(timeout=30) as client:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                try:
+                    r = client.post(f"{self.base}/v1/search", json={"query": queries[(i + n) % 4], "k": 3})
+                    build = r.json().get("bundle") if r.status_code == 200 else None
+                    self.records.append((time.monotonic(), r.status_code, build))
+                    if r.status_code != 200:
+                        self.errors.append(f"{r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    self.records.append((time.monotonic(), 0, None))
+                    self.errors.append(repr(exc))
+
+    def __enter__(self) -> Load:
+        self.started = time.monotonic()
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+def clone_build(out: Path, source: str, publish: bool = True) -> str:
+    """A copy of a published build under a new id (same content, so it verifies), optionally made current
+    with an atomic link swap, as a publish does."""
+    build_id = new_build_id()
+    shutil.copytree(out / source, out / build_id)
+    manifest = json.loads((out / build_id / MANIFEST).read_text())
+    manifest["build_id"] = build_id
+    (out / build_id / MANIFEST).write_text(json.dumps(manifest))
+    if publish:
+        swap_current(out, build_id)
+    return build_id
+
+
+def swap_current(out: Path, build_id: str) -> None:
+    tmp = out / f".{CURRENT}-test-{build_id}"
+    os.symlink(build_id, tmp)
+    os.replace(tmp, out / CURRENT)
+
+
+def test_hot_reload_under_load_switches_builds_and_refuses_a_corrupt_one(tmp_path):
+    out = tmp_path / "index"
+    first = build_bundle(EXAMPLES, out, show_progress=False).build_id
+    with sift_server({"SIFT_BUNDLE": str(out), **SERVER_ENV}) as (base, _process):
+        with Load(base, clients=8) as load:
+            time.sleep(3)
+            # a good build of a changed corpus, published while the server is under load
+            corpus = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
+            corpus.append(
+                {"_id": "new-001", "title": "Zebra migration", "text": "Zebras migrate across the Serengeti."}
+            )
+            good = build_bundle(write_jsonl(tmp_path / "v2.jsonl", corpus), out, show_progress=False).build_id
+            good_published = time.monotonic()
+            deadline = good_published + 5
+            while time.monotonic() < deadline and not any(
+                b == good and t > good_published for t, _, b in load.records[-50:]
+            ):
+                time.sleep(0.1)
+            switched = min((t for t, s, b in load.records if b == good), default=None)
+            time.sleep(2)
+            # a corrupt build: right sizes, wrong bytes (checksum mismatch), published atomically
+            bad = clone_build(out, good, publish=False)
+            docstore = out / bad / "docstore.sqlite"
+            data = bytearray(docstore.read_bytes())
+            data[len(data) // 2 : len(data) // 2 + 64] = b"\x00" * 64
+            docstore.write_bytes(bytes(data))
+            swap_current(out, bad)
+            time.sleep(4)
+            ready = httpx.get(f"{base}/readyz", timeout=10)
+            info = httpx.get(f"{base}/v1/info", timeout=10).json()
+            metrics = httpx.get(f"{base}/metrics", timeout=10).text
+            while time.monotonic() - load.started < 22:  # at least 20 s of constant load
+                time.sleep(0.5)
+        late = [b for t, s, b in load.records if t > time.monotonic() - 3]
+        server_log = Path(_process.log_path).read_text()
+    assert load.errors == [], (load.errors[:5], [x for x in server_log.splitlines() if 'status": 200' not in x][-40:])
+    assert len(load.records) > 200, "the load generator did not load the server"
+    assert {b for _, _, b in load.records} == {first, good}, "only the first and the good build ever answered"
+    assert switched is not None and switched - good_published <= 5.0, "responses switched within 5 s of publish"
+    assert set(late) == {good}, "the good build keeps serving after the corrupt publish"
+    assert ready.status_code == 200 and ready.json()["bundle"] == good
+    error = ready.json()["details"]["default"]["reload_error"]
+    assert "sha256 does not match" in error and bad in error
+    assert info["collection"]["reload_error"] == error and info["collection"]["build"] == good
+    assert 'sift_reloads_total{collection="default",outcome="failed"} 1.0' in metrics
+    assert 'sift_reloads_total{collection="default",outcome="ok"} 2.0' in metrics
+
+
+def test_pruning_and_deleting_builds_while_serving_never_fails_a_request(tmp_path):
+    out = tmp_path / "index"
+    first = build_bundle(EXAMPLES, out, show_progress=False).build_id
+    with sift_server({"SIFT_BUNDLE": str(out), **SERVER_ENV}) as (base, _process):
+        with Load(base, clients=4) as load:
+            time.sleep(1)
+            # prune while the served build is the only one: nothing to delete, nothing fails
+            assert prune_builds(out, 1) == ([], [])
+            second = clone_build(out, first)
+            # prune at once: the old build is still leased by the server (or already released and deleted)
+            deleted, in_use = prune_builds(out, 1)
+            assert deleted + in_use == [first]
+            if in_use:
+                time.sleep(2)  # the watcher switches, the old build drains and its lease is released
+                assert prune_builds(out, 1) == ([first], [])
+            assert list_builds(out) == [second]
+            # delete the served build's predecessor by hand right after a publish (the server may still be on it)
+            third = clone_build(out, second)
+            shutil.rmtree(out / second)
+            time.sleep(2)
+            # and the served build itself, by hand: it keeps answering from its open files
+            shutil.rmtree(out / third)
+            time.sleep(1.5)
+            statuses = httpx.get(f"{base}/readyz", timeout=10).json()
+    assert load.errors == [], load.errors[:5]
+    assert len(load.records) > 50
+    assert {b for _, _, b in load.records} <= {first, second, third}
+    assert statuses["bundle"] == third
+
+
+def test_two_builds_started_together_into_one_folder_both_publish(tmp_path):
+    out = tmp_path / "index"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", "from app.cli import main; main()", "index", "build", "--input", str(EXAMPLES)]
+    cmd += ["--out", str(out), "--no-progress", "--no-dense"]
+    processes = [
+        subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [p.communicate(timeout=300) for p in processes]
+    for p, (stdout, stderr) in zip(processes, results):
+        assert p.returncode == 0, stderr[-2000:]
+        assert "Traceback" not in stderr
+    builds = list_builds(out)
+    assert len(builds) == 2
+    for build_id in builds:
+        assert open_bundle(out / build_id, verify=True).build_id == build_id
+    assert os.readlink(out / CURRENT) in builds
+    assert not list(out.glob(".building-*")) and not list(out.glob(f".{CURRENT}-*"))

@@ -171,7 +171,7 @@ def test_two_builds_started_together_into_one_folder_both_publish(tmp_path):
         for _ in range(2)
     ]
     results = [p.communicate(timeout=300) for p in processes]
-    for p, (stdout, stderr) in zip(processes, results):
+    for p, (_stdout, stderr) in zip(processes, results):
         assert p.returncode == 0, stderr[-2000:]
         assert "Traceback" not in stderr
     builds = list_builds(out)

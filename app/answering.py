@@ -290,6 +290,19 @@ class Answerer:
             considered=len(result.hits),
         )
 
+    def given(self, question: str, passages: list[dict[str, Any]], render: bool = True) -> PreparedAnswer:
+        """A prepared answer over passages the caller chose (e.g. the gold paragraph in `sift eval qa`);
+        no retrieval and no threshold. `render=False` puts the bare passage texts into the prompt."""
+        chosen = [{**p, "n": i + 1} for i, p in enumerate(passages)]
+        if render:
+            block = "\n".join(
+                self.template.passage.format(n=p["n"], title=p.get("title", ""), text=p["text"]) for p in chosen
+            )
+        else:
+            block = "\n".join(p["text"] for p in chosen)
+        messages = self.template.messages(block, question)
+        return PreparedAnswer(question, messages, chosen, {}, bool(chosen), self.template.no_answer, len(chosen))
+
     def _truncate(self, text: str, tokens: int) -> str:
         tokenizer = getattr(self.generator, "tokenizer", None) or getattr(self.reader, "tokenizer", None)
         if tokenizer is None:

@@ -10,6 +10,8 @@ import typer
 
 from indexer.cli import app as index_app
 
+DEFAULT_READER = "models/sift-reader-minilm-l6"
+
 app = typer.Typer(help="Sift: two-stage neural retrieval (BM25 + dense, fusion, reranking).", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
@@ -151,31 +153,37 @@ def eval_retrieval(
 @eval_app.command("qa")
 def eval_qa(
     squad: Path = typer.Option(..., "--squad", help="SQuAD v1.1 JSON file (e.g. ../shared/data/squad/dev-v1.1.json)"),
+    modes: str = typer.Option(
+        "generative,extractive,extract-then-generate",
+        help="answer modes to compare (those whose generator/reader is configured run; `none` = retrieval only)",
+    ),
     gold_context: bool = typer.Option(
         True, "--gold-context/--no-gold-context", help="answer with the gold paragraph given"
     ),
     retrieve: bool = typer.Option(True, "--retrieve/--no-retrieve", help="answer end to end over the SQuAD paragraphs"),
-    generator: str = typer.Option("config", help="`config` (the configured generator) or `none` (retrieval-only QA)"),
+    reader: str | None = typer.Option(
+        None, help="extractive reader for the extractive modes (default: answer.reader, else the shipped one)"
+    ),
     sample_size: int = typer.Option(500, "--sample", help="questions sampled (fixed seed) from articles 24–47"),
     limit: int | None = typer.Option(None, help="evaluate only the first N sampled questions"),
     k: int = typer.Option(5, help="passages retrieved per question"),
-    passages: int = typer.Option(2, help="retrieved passages put into the prompt"),
+    passages: int = typer.Option(2, help="retrieved passages read (or put into the prompt)"),
     max_new_tokens: int = typer.Option(24, help="tokens generated per answer"),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config"),
     out: Path | None = typer.Option(None, "--out", "-o", help="where to write results.json and predictions"),
 ) -> None:
-    """Exact match / F1 (official SQuAD normalisation), ROUGE-L and BLEU on a fixed sample of SQuAD v1.1 dev
-    articles 24–47: with the gold paragraph, and end to end (hybrid retrieval over the articles' paragraphs,
-    then generation). With `--generator none`, reports retrieval-only QA (gold paragraph in the top k)."""
+    """Exact match / F1 (official SQuAD normalisation), ROUGE-L, BLEU and latency p50/p95 per answer, for every
+    answer mode side by side, on a fixed sample of SQuAD v1.1 dev articles 24–47: with the gold paragraph, and
+    end to end (hybrid retrieval over the articles' paragraphs). Also retrieval-only QA (gold paragraph in
+    the top k)."""
     import json
 
-    from app.answering import PromptTemplate
     from app.eval.qa import (
-        EXTRACTIVE_TEMPLATE,
-        answer_end_to_end,
-        answer_with_gold,
-        extractive_reader,
+        MODES,
+        answer_questions,
+        latency_summary,
         load_squad,
+        qa_answerer,
         qa_scores,
         retrieval_qa,
         retrieve_hits,
@@ -189,37 +197,52 @@ def eval_qa(
 
     setup_logging("warning")
     settings = load_settings(config)
+    wanted = [m.strip() for m in modes.split(",") if m.strip() and m.strip() != "none"]
+    unknown = [m for m in wanted if m not in MODES]
+    if unknown:
+        typer.echo(f"error: unknown mode(s) {unknown}; choose from {list(MODES)} or none", err=True)
+        raise typer.Exit(2)
     questions = sample(load_squad(squad), sample_size)
     fingerprint = sample_fingerprint(questions)
     questions = questions[:limit] if limit else questions
-    gen = load_generator(settings.generator, settings.device) if generator == "config" else None
+    gen = None
+    if any(m != "extractive" for m in wanted):
+        gen = load_generator(settings.generator, settings.device)
+    extractive = None
+    if any(m != "generative" for m in wanted):
+        from app.generation.reader import ExtractiveReader
+
+        extractive = ExtractiveReader.load(reader or settings.answer.reader or DEFAULT_READER, settings.device)
+    runnable = [m for m in wanted if (m == "extractive" or gen is not None)]
     options = GenerationOptions(max_new_tokens=max_new_tokens, stop=["\n"])
-    template = PromptTemplate.load(EXTRACTIVE_TEMPLATE)
-    results: dict[str, dict] = {}
-    predictions: dict[str, list[str]] = {}
     typer.echo(
         f"SQuAD v1.1 dev articles 24–47: {len(questions)} questions (sample {sample_size}, fingerprint {fingerprint})"
     )
-
-    if gold_context and gen is not None:
-        predictions["gold_context"] = answer_with_gold(gen, questions, template, options)
-        results["gold_context"] = qa_scores(predictions["gold_context"], questions)
-
+    index_dir = squad_bundle(squad, Path("var") / "eval" / "squad-dev-a24-47", settings.index)
+    pipeline = load_pipeline(load_settings(config, bundle=index_dir))
+    results: dict[str, dict] = {}
+    predictions: dict[str, list[str]] = {}
     if retrieve:
-        index_dir = squad_bundle(squad, Path("var") / "eval" / "squad-dev-a24-47", settings.index)
-        pipeline = load_pipeline(load_settings(config, bundle=index_dir))
-        hits = retrieve_hits(pipeline, questions, k)
-        results["retrieval"] = retrieval_qa(questions, hits, (1, k))
-        if gen is not None:
-            reader = extractive_reader(pipeline, gen, passages)
-            predictions["end_to_end"] = answer_end_to_end(reader, questions, k, options)
-            results["end_to_end"] = qa_scores(predictions["end_to_end"], questions)
-
-    typer.echo("| setting | EM | F1 | ROUGE-L | BLEU |\n|---|---:|---:|---:|---:|")
-    for name in ("gold_context", "end_to_end"):
-        if name in results:
-            r = results[name]
-            typer.echo(f"| {name} | {r['exact_match']:.1f} | {r['f1']:.1f} | {r['rouge_l']:.1f} | {r['bleu']:.1f} |")
+        results["retrieval"] = retrieval_qa(questions, retrieve_hits(pipeline, questions, k), (1, k))
+    for mode in runnable:
+        answerer = qa_answerer(pipeline, mode, gen, extractive, passages)
+        for setting, on in (("gold_context", gold_context), ("end_to_end", retrieve)):
+            if not on:
+                continue
+            preds, latencies = answer_questions(answerer, questions, options, setting == "gold_context", k)
+            predictions[f"{mode}/{setting}"] = preds
+            results[f"{mode}/{setting}"] = {**qa_scores(preds, questions), **latency_summary(latencies)}
+    typer.echo(
+        "| mode | setting | EM | F1 | ROUGE-L | BLEU | p50 ms | p95 ms |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    )
+    for name, r in results.items():
+        if name == "retrieval":
+            continue
+        mode, setting = name.split("/")
+        typer.echo(
+            f"| {mode} | {setting} | {r['exact_match']:.1f} | {r['f1']:.1f} | {r['rouge_l']:.1f} | {r['bleu']:.1f} "
+            f"| {r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} |"
+        )
     for name, value in results.get("retrieval", {}).items():
         typer.echo(f"retrieval-only QA: {name} = {value:.1f}%")
     out = out or Path("var") / "eval" / "squad-qa"
@@ -231,6 +254,9 @@ def eval_qa(
                 "evaluated": len(questions),
                 "fingerprint": fingerprint,
                 "generator": gen.name if gen else None,
+                "reader": reader or settings.answer.reader or (DEFAULT_READER if extractive else None),
+                "k": k,
+                "passages": passages,
                 "results": results,
             },
             indent=2,

@@ -124,18 +124,6 @@ def clean_prediction(text: str) -> str:
     return line[:-1] if line.endswith(".") else line
 
 
-def answer_with_gold(
-    generator, questions: Sequence[SquadQuestion], template, options, progress: bool = True
-) -> list[str]:  # noqa: ANN001
-    """Predictions with each question's gold paragraph as the only passage."""
-    from tqdm import tqdm
-
-    return [
-        clean_prediction(generator.generate(template.messages(q.context, q.question), options).text)
-        for q in tqdm(questions, desc="gold-context", disable=not progress)
-    ]
-
-
 def retrieve_hits(pipeline, questions: Sequence[SquadQuestion], k: int, progress: bool = True) -> list[list]:  # noqa: ANN001
     """Hybrid top-k documents (best passage each) for every question, through `Pipeline.search`."""
     import asyncio
@@ -162,35 +150,61 @@ def retrieval_qa(
 
 
 EXTRACTIVE_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "prompts" / "extractive.yaml"
+MODES = ("generative", "extractive", "extract-then-generate")
 
 
-def extractive_reader(pipeline, generator, passages: int = 2):  # noqa: ANN001, ANN201
-    """An `Answerer` with the extractive prompt and no refusal threshold (every question gets an answer)."""
+def qa_answerer(pipeline, mode: str, generator=None, reader=None, passages: int = 2):  # noqa: ANN001, ANN201
+    """The API's `Answerer` for one answer mode, with the short-answer prompt and no refusal threshold
+    (every question gets an answer, as SQuAD scoring expects)."""
     from app.answering import Answerer
 
     settings = pipeline.settings.answer.model_copy(
         update={
+            "mode": mode,
             "template": EXTRACTIVE_TEMPLATE,
             "passages": passages,
             "min_dense_score": None,
             "min_rerank_score": None,
+            "min_reader_confidence": None,
         }
     )
-    return Answerer(pipeline, generator, settings)
+    return Answerer(pipeline, generator, settings, reader=reader)
 
 
-def answer_end_to_end(reader, questions: Sequence[SquadQuestion], k: int, options, progress: bool = True) -> list[str]:  # noqa: ANN001
-    """Predictions from retrieved passages (hybrid top-k, best `reader.settings.passages` in the prompt)."""
+def answer_questions(
+    answerer, questions: Sequence[SquadQuestion], options, gold: bool, k: int = 5, progress: bool = True
+) -> tuple[list[str], list[float]]:  # noqa: ANN001
+    """Predictions and per-answer latency (ms) through `Answerer.answer`: with each question's gold paragraph
+    as the only passage (`gold`), or end to end (hybrid top-k, best passages per document, the answerer's
+    `passages` best ones read)."""
     import asyncio
+    import time
 
     from tqdm import tqdm
 
-    search = reader.pipeline.options(k=k, mode="hybrid", collapse=True)
-    preds = []
-    for q in tqdm(questions, desc="end-to-end", disable=not progress):
-        prepared = asyncio.run(reader.prepare(q.question, search))
-        preds.append(clean_prediction(reader.generator.generate(prepared.messages, options).text))
-    return preds
+    search = answerer.pipeline.options(k=k, mode="hybrid", collapse=True)
+    preds, latencies = [], []
+    label = f"{answerer.mode} {'gold-context' if gold else 'end-to-end'}"
+    for q in tqdm(questions, desc=label, disable=not progress):
+        started = time.perf_counter()
+        if gold:
+            passage = {"doc_id": q.paragraph_id, "passage_id": q.paragraph_id, "title": "", "text": q.context}
+            prepared = answerer.given(q.question, [passage], render=False)
+        else:
+            prepared = asyncio.run(answerer.prepare(q.question, search))
+        result = asyncio.run(answerer.answer(prepared, options))
+        latencies.append((time.perf_counter() - started) * 1000)
+        preds.append(clean_prediction(result.text))
+    return preds, latencies
+
+
+def latency_summary(latencies: Sequence[float]) -> dict[str, float]:
+    import numpy as np
+
+    return {
+        "latency_ms_p50": float(np.percentile(latencies, 50)),
+        "latency_ms_p95": float(np.percentile(latencies, 95)),
+    }
 
 
 def squad_bundle(squad: Path, index_dir: Path, index_config) -> Path:  # noqa: ANN001

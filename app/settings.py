@@ -95,10 +95,10 @@ class AnswerSettings(BaseModel):
         None, description="extractive reader (span-QA model folder or hub id), used by the extractive modes"
     )
     min_reader_confidence: float | None = Field(
-        0.4,
+        0.42,
         ge=0,
         le=1,
-        description="decline when the reader's calibrated span confidence is below this (0.4 was chosen on "
+        description="decline when the reader's calibrated span confidence is below this (0.42 was chosen on "
         "validation data: bench/reader_threshold.py)",
     )
     template: Path = Field(PROJECT_ROOT / "configs" / "prompts" / "answer.yaml", description="prompt template file")

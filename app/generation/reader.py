@@ -82,7 +82,9 @@ def features(tokenizer, questions: Sequence[str], contexts: Sequence[str], max_l
     offsets = []
     for i in range(len(enc["input_ids"])):
         sequence = enc.sequence_ids(i)
-        offsets.append([tuple(o) if sequence[t] == 1 else None for t, o in enumerate(enc["offset_mapping"][i])])
+        offsets.append(
+            [(int(o[0]), int(o[1])) if sequence[t] == 1 else None for t, o in enumerate(enc["offset_mapping"][i])]
+        )
     return enc, offsets
 
 

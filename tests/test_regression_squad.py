@@ -6,13 +6,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from app.answering import PromptTemplate
 from app.eval.qa import (
-    EXTRACTIVE_TEMPLATE,
-    answer_end_to_end,
-    answer_with_gold,
-    extractive_reader,
+    answer_questions,
     load_squad,
+    qa_answerer,
     qa_scores,
     retrieval_qa,
     retrieve_hits,
@@ -61,10 +58,26 @@ def test_retrieval_only_qa_on_the_full_sample(squad_pipeline, questions):
 def test_local_generator_em_f1_on_ci_subset(squad_pipeline, questions, local_generator):
     subset = questions[: PINNED["ci_subset"]["questions"]]
     options = GenerationOptions(max_new_tokens=24, stop=["\n"])
-    template = PromptTemplate.load(EXTRACTIVE_TEMPLATE)
-    gold = qa_scores(answer_with_gold(local_generator, subset, template, options, progress=False), subset)
-    reader = extractive_reader(squad_pipeline, local_generator, passages=2)
-    end_to_end = qa_scores(answer_end_to_end(reader, subset, 5, options, progress=False), subset)
+    answerer = qa_answerer(squad_pipeline, "generative", generator=local_generator, passages=2)
+    gold = qa_scores(answer_questions(answerer, subset, options, gold=True, progress=False)[0], subset)
+    end_to_end = qa_scores(answer_questions(answerer, subset, options, gold=False, k=5, progress=False)[0], subset)
     print({"gold_context": gold, "end_to_end": end_to_end})
     close({k: gold[k] for k in ("exact_match", "f1")}, PINNED["ci_subset"]["gold_context"])
     close({k: end_to_end[k] for k in ("exact_match", "f1")}, PINNED["ci_subset"]["end_to_end"])
+
+
+def test_shipped_extractive_reader_em_f1(squad_pipeline, questions):
+    """The shipped reader (models/sift-reader-minilm-l6): gold paragraph on the full 500-question sample,
+    end to end (hybrid top 5, best 3 passages read) on the CI subset."""
+    from app.generation.reader import ExtractiveReader
+
+    pins = PINNED["extractive"]
+    reader = ExtractiveReader.load(str(ROOT / "models" / "sift-reader-minilm-l6"), "cpu")
+    answerer = qa_answerer(squad_pipeline, "extractive", reader=reader, passages=pins["passages"])
+    options = GenerationOptions()
+    gold, _ = answer_questions(answerer, questions, options, gold=True, progress=False)
+    close({k: v for k, v in qa_scores(gold, questions).items() if k in ("exact_match", "f1")}, pins["gold_context"])
+    subset = questions[: pins["ci_subset"]["questions"]]
+    end_to_end, _ = answer_questions(answerer, subset, options, gold=False, k=5, progress=False)
+    scores = qa_scores(end_to_end, subset)
+    close({k: scores[k] for k in ("exact_match", "f1")}, pins["ci_subset"]["end_to_end"])

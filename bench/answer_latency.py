@@ -1,5 +1,6 @@
-"""Local generator speed on this CPU: time to first token and tokens/s, streaming an answer over the
-example corpus with the default answer prompt (3 passages).
+"""Answer latency on this CPU, in one run: the local generator's time to first token and tokens/s
+(streaming, default answer prompt, 3 passages), and the whole answer per question (retrieval + answering)
+for `answer.mode: generative` and `extractive` (the shipped reader over the best 3 passages).
 
     python bench/answer_latency.py [--runs 5] [--max-new-tokens 64]
 """
@@ -36,6 +37,7 @@ def main() -> None:
     from app.answering import Answerer
     from app.generation import GenerationOptions
     from app.generation.local import LocalGenerator
+    from app.generation.reader import ExtractiveReader
     from app.services import load_pipeline
     from app.settings import load_settings
 
@@ -70,7 +72,42 @@ up to {args.max_new_tokens} new tokens. Model load from the cached fp32 copy: {l
 | time to first token, ms | {statistics.median(ttft):.0f} | {sorted(ttft)[int(0.9 * len(ttft))]:.0f} |
 | decode speed, tokens/s | {statistics.median(rates):.1f} | {sorted(rates)[int(0.9 * len(rates))]:.1f} |
 """
-    append_report("Local generator latency (bench/answer_latency.py)", body)
+    # whole answers per mode, same process, same questions, same retrieval
+    extractive = Answerer(
+        reader.pipeline,
+        None,
+        settings.answer.model_copy(update={"mode": "extractive", "passages": 3}),
+        reader=ExtractiveReader.load(settings.answer.reader or "models/sift-reader-minilm-l6", "cpu"),
+    )
+    per_mode = {}
+    for name, answerer in (("generative (SmolLM2, 3 passages)", reader), ("extractive (reader, 3 passages)", extractive)):
+        asyncio.run(answerer.answer(asyncio.run(answerer.prepare(QUESTIONS[0], answerer.pipeline.options(k=5))), options))
+        times, answers = [], {}
+        for _ in range(args.runs):
+            for q in QUESTIONS:
+                t0 = time.perf_counter()
+                prepared = asyncio.run(answerer.prepare(q, answerer.pipeline.options(k=5)))
+                result = asyncio.run(answerer.answer(prepared, options))
+                times.append((time.perf_counter() - t0) * 1000)
+                answers[q] = result.text if result.answered else "(declined)"
+        per_mode[name] = (times, answers)
+    rows = "\n".join(
+        f"| {name} | {statistics.median(t):.0f} | {sorted(t)[int(0.95 * (len(t) - 1))]:.0f} | {len(t)} |"
+        for name, (t, _) in per_mode.items()
+    )
+    examples = "\n".join(f"| {q} | {per_mode[n][1][q][:80]} |" for n in per_mode for q in QUESTIONS[:3])
+    body += f"""
+Whole answer per question (retrieval + answer, non-streamed, `Answerer.prepare` + `Answerer.answer`), same run:
+
+| answer mode | p50 ms | p95 ms | answers |
+|---|---:|---:|---:|
+{rows}
+
+| question | answer (generative rows first, then extractive) |
+|---|---|
+{examples}
+"""
+    append_report("Answer latency: local generator and extractive reader (bench/answer_latency.py)", body)
 
 
 if __name__ == "__main__":

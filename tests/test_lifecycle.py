@@ -180,3 +180,72 @@ def test_two_builds_started_together_into_one_folder_both_publish(tmp_path):
         assert open_bundle(out / build_id, verify=True).build_id == build_id
     assert os.readlink(out / CURRENT) in builds
     assert not list(out.glob(".building-*")) and not list(out.glob(f".{CURRENT}-*"))
+
+
+def test_two_collections_in_one_process_on_every_endpoint(tmp_path, example_index):
+    from fastapi.testclient import TestClient
+
+    from app.api.main import create_app
+    from app.settings import load_settings
+
+    recipes = [
+        {"_id": "r1", "title": "Pancakes", "text": "Whisk flour, milk and eggs; fry the batter in butter until golden."},
+        {"_id": "r2", "title": "Lemonade", "text": "Squeeze six lemons, add sugar syrup and cold water, then stir."},
+    ]
+    second = tmp_path / "recipes"
+    build_bundle(write_jsonl(tmp_path / "recipes.jsonl", recipes), second, show_progress=False)
+    settings = load_settings(
+        collections={"examples": example_index, "recipes": second},
+        generator={"backend": "none"},
+        reranker={"model": None},
+        answer={"mode": "extractive"},
+    )
+    with TestClient(create_app(settings)) as client:
+        for _ in range(600):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        listed = client.get("/v1/collections").json()
+        assert listed["default"] == "examples"
+        assert [c["name"] for c in listed["collections"]] == ["examples", "recipes"]
+        assert all(c["ready"] and c["build"] for c in listed["collections"])
+        builds = {c["name"]: c["build"] for c in listed["collections"]}
+
+        default = client.post("/v1/search", json={"query": "lemon sugar water", "k": 1}).json()
+        recipes_hit = client.post("/v1/search", json={"query": "lemon sugar water", "k": 1, "collection": "recipes"})
+        assert default["bundle"] == builds["examples"] and default["hits"][0]["doc_id"] != "r2"
+        assert recipes_hit.json()["bundle"] == builds["recipes"] and recipes_hit.json()["hits"][0]["doc_id"] == "r2"
+
+        batch = client.post("/v1/search/batch", json={"queries": ["pancake batter"], "k": 1, "collection": "recipes"})
+        assert batch.json()["bundle"] == builds["recipes"] and batch.json()["results"][0]["hits"][0]["doc_id"] == "r1"
+
+        answer = client.post("/v1/answer", json={"question": "How many lemons are squeezed?", "collection": "recipes"})
+        assert answer.json()["collection"] == "recipes" and answer.json()["answer"] == "six"
+        assert answer.json()["citations"][0]["doc_id"] == "r2"
+        chat = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "How many lemons are squeezed?"}], "collection": "recipes"},
+        ).json()
+        assert chat["collection"] == "recipes" and chat["choices"][0]["message"]["content"] == "six"
+        chat_default = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "When was the Eiffel Tower completed?"}]},
+        ).json()
+        assert chat_default["collection"] == "examples" and chat_default["choices"][0]["message"]["content"] == "1889"
+
+        assert client.get("/v1/documents/r1", params={"collection": "recipes"}).json()["title"] == "Pancakes"
+        assert client.get("/v1/documents/r1").status_code == 404
+        assert client.get("/v1/info", params={"collection": "recipes"}).json()["collection"]["name"] == "recipes"
+
+        unknown = client.post("/v1/search", json={"query": "x", "collection": "nope"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "unknown_collection"
+        assert "['examples', 'recipes']" in unknown.json()["error"]["message"]
+        for path, body in (
+            ("/v1/answer", {"question": "x", "collection": "nope"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "collection": "nope"}),
+            ("/v1/search/batch", {"queries": ["x"], "collection": "nope"}),
+        ):
+            assert client.post(path, json=body).status_code == 404, path
+        metrics = client.get("/metrics").text
+        assert 'sift_searches_total{collection="recipes"} 2.0' in metrics
+        assert 'sift_searches_total{collection="examples"} 1.0' in metrics

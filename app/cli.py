@@ -119,6 +119,14 @@ def eval_retrieval(
     if "hybrid+rerank" in names and pipeline.reranker is None:
         typer.echo("note: no reranker configured (reranker.model); skipping hybrid+rerank", err=True)
         names.remove("hybrid+rerank")
+    unavailable = [n for n in names if PIPELINES[n]["mode"] not in pipeline.available_modes()]
+    if unavailable:
+        typer.echo(
+            f"error: pipeline(s) {unavailable} cannot run on bundle {pipeline.bundle.build_id}: it supports modes "
+            f"{pipeline.available_modes()} (was it built without the dense index?)",
+            err=True,
+        )
+        raise typer.Exit(2)
     rows, runs = run_pipelines(pipeline, data, names, rerank_depth=rerank_depth)
     table = markdown_table(rows)
     typer.echo(f"{dataset.name} {split}: {len(data.queries)} queries, bundle {pipeline.bundle.build_id}")

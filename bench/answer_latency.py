@@ -80,8 +80,13 @@ up to {args.max_new_tokens} new tokens. Model load from the cached fp32 copy: {l
         reader=ExtractiveReader.load(settings.answer.reader or "models/sift-reader-minilm-l6", "cpu"),
     )
     per_mode = {}
-    for name, answerer in (("generative (SmolLM2, 3 passages)", reader), ("extractive (reader, 3 passages)", extractive)):
-        asyncio.run(answerer.answer(asyncio.run(answerer.prepare(QUESTIONS[0], answerer.pipeline.options(k=5))), options))
+    for name, answerer in (
+        ("generative (SmolLM2, 3 passages)", reader),
+        ("extractive (reader, 3 passages)", extractive),
+    ):
+        asyncio.run(
+            answerer.answer(asyncio.run(answerer.prepare(QUESTIONS[0], answerer.pipeline.options(k=5))), options)
+        )
         times, answers = [], {}
         for _ in range(args.runs):
             for q in QUESTIONS:

@@ -9,15 +9,27 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from indexer import __version__
 from indexer.bm25 import build_bm25
-from indexer.bundle import BM25_DIR, DENSE_DIR, DOCSTORE, BundleWriter, now_iso, prune_builds
+from indexer.bundle import (
+    BM25_DIR,
+    CURRENT,
+    DENSE_DIR,
+    DOCSTORE,
+    BundleWriter,
+    discard_build,
+    now_iso,
+    prune_builds,
+    switch_current,
+)
 from indexer.chunking import Chunker
 from indexer.config import IndexConfig
 from indexer.dense import gpu_available, save_dense
@@ -52,6 +64,13 @@ class BuildResult:
         )
 
 
+class GateRefused(RuntimeError):
+    """The quality gate refused a build; `current` still points at the published one."""
+
+
+GateFn = Callable[[Path, "Path | None"], tuple[bool, str]]
+
+
 def build_bundle(
     input_path: Path,
     out: Path,
@@ -59,8 +78,10 @@ def build_bundle(
     *,
     skip_bad: bool = False,
     show_progress: bool = True,
+    gate: GateFn | None = None,
 ) -> BuildResult:
-    """Build a bundle from `input_path` and publish it under `out` (`out/current` → the new build)."""
+    """Build a bundle from `input_path` and publish it under `out` (`out/current` → the new build). With a
+    `gate`, the build is published beside `current` first and only made current when the gate passes."""
     config = config or IndexConfig()
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -93,30 +114,12 @@ def build_bundle(
         timings["read_chunk"] = time.perf_counter() - t
         if docstore.document_count == 0:
             raise SourceError(f"{input_path}: no documents to index")
-
-        t = time.perf_counter()
-        build_bm25(index_texts, config.bm25, writer.root / BM25_DIR, show_progress=show_progress)
-        timings["bm25"] = time.perf_counter() - t
-
-        dense_info: dict[str, Any] = {"enabled": False}
+        vectors = None
         if encoder is not None:
             t = time.perf_counter()
             vectors = encode_passages(encoder, index_texts, config.dense, show_progress)
             timings["encode"] = time.perf_counter() - t
-            t = time.perf_counter()
-            save_dense(vectors, config.dense, writer.root / DENSE_DIR)
-            timings["faiss"] = time.perf_counter() - t
-            dense_info = {
-                "enabled": True,
-                "model": config.dense.model,
-                "dimension": int(vectors.shape[1]),
-                "normalize": config.dense.normalize,
-                "max_seq_length": int(encoder.max_seq_length),
-                "index_type": config.dense.index_type,
-                "built_on": "gpu" if gpu_available() else "cpu",
-                "encoded_on": pick_device(config.dense.device),
-            }
-
+        dense_info = write_indexes(writer.root, index_texts, vectors, encoder, config, timings, show_progress)
         seconds = time.perf_counter() - started
         manifest = {
             "sift_version": __version__,
@@ -132,13 +135,10 @@ def build_bundle(
             "config": config.model_dump(mode="json"),
             "build": {"seconds": round(seconds, 3), "timings": timings, "host": platform.node()},
         }
-        path = writer.publish(manifest)
+        path = publish(writer, out, manifest, config, gate)
     except BaseException:
         writer.abort()
         raise
-    pruned, in_use = prune_builds(out, config.keep_builds)
-    if pruned or in_use:
-        log.info("pruned builds %s (kept %s: in use by a server)", pruned, in_use)
     for reason in report.skipped:
         log.warning("skipped: %s", reason)
     return BuildResult(
@@ -150,6 +150,60 @@ def build_bundle(
         skipped=report.skipped,
         timings=timings,
     )
+
+
+def write_indexes(
+    root: Path,
+    index_texts: list[str],
+    vectors: np.ndarray | None,
+    encoder: Any,
+    config: IndexConfig,
+    timings: dict[str, float],
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """BM25 over `index_texts` and (given vectors) the FAISS index into a build folder; returns the
+    manifest's `dense` entry. Shared by a full build and an incremental update."""
+    t = time.perf_counter()
+    build_bm25(index_texts, config.bm25, root / BM25_DIR, show_progress=show_progress)
+    timings["bm25"] = time.perf_counter() - t
+    if vectors is None:
+        return {"enabled": False}
+    t = time.perf_counter()
+    save_dense(vectors, config.dense, root / DENSE_DIR)
+    timings["faiss"] = time.perf_counter() - t
+    return {
+        "enabled": True,
+        "model": config.dense.model,
+        "dimension": int(vectors.shape[1]),
+        "normalize": config.dense.normalize,
+        "max_seq_length": int(encoder.max_seq_length) if encoder is not None else None,
+        "index_type": config.dense.index_type,
+        "built_on": "gpu" if gpu_available() else "cpu",
+        "encoded_on": pick_device(config.dense.device),
+    }
+
+
+def publish(
+    writer: BundleWriter, out: Path, manifest: dict[str, Any], config: IndexConfig, gate: GateFn | None
+) -> Path:
+    """Publish a finished build folder; with a gate, switch `current` only if it passes (else the build is
+    discarded and `GateRefused` raised). Then apply `index.keep_builds`."""
+    if gate is None:
+        path = writer.publish(manifest)
+    else:
+        current = Path(out) / CURRENT
+        published = current.resolve() if current.exists() else None
+        path = writer.publish(manifest, switch=False)
+        passed, message = gate(path, published)
+        if not passed:
+            discard_build(out, writer.build_id)
+            raise GateRefused(message)
+        log.info("quality gate passed: %s", message)
+        switch_current(out, writer.build_id)
+    pruned, in_use = prune_builds(out, config.keep_builds)
+    if pruned or in_use:
+        log.info("pruned builds %s (kept %s: in use by a server)", pruned, in_use)
+    return path
 
 
 def ensure_bundle(

@@ -83,8 +83,9 @@ class BundleWriter:
         with folder_lock(self.out):
             cleanup_stale_builds(self.out)
 
-    def publish(self, manifest: dict[str, Any]) -> Path:
-        """Write the manifest with checksums, move the build into place and switch `current` to it."""
+    def publish(self, manifest: dict[str, Any], switch: bool = True) -> Path:
+        """Write the manifest with checksums, move the build into place and (unless `switch` is False, e.g.
+        while a quality gate decides) switch `current` to it."""
         (self.root / ".pid").unlink(missing_ok=True)
         manifest = dict(manifest)
         manifest["format_version"] = FORMAT_VERSION
@@ -98,18 +99,42 @@ class BundleWriter:
         final = self.out / self.build_id
         with folder_lock(self.out):
             os.rename(self.root, final)
-            link_tmp = self.out / f".{CURRENT}-{self.build_id}"
-            os.symlink(self.build_id, link_tmp)
-            os.replace(link_tmp, self.out / CURRENT)
-            fd = os.open(self.out, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if switch:
+                _switch_current(self.out, self.build_id)
         return final
 
     def abort(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _switch_current(out: Path, build_id: str) -> None:
+    link_tmp = out / f".{CURRENT}-{build_id}"
+    os.symlink(build_id, link_tmp)
+    os.replace(link_tmp, out / CURRENT)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def switch_current(out: Path, build_id: str) -> None:
+    """Point `out/current` at a published build (atomically, under the folder lock)."""
+    with folder_lock(out):
+        if not (Path(out) / build_id / MANIFEST).exists():
+            raise BundleError(f"{out}/{build_id}: no published build to switch to")
+        _switch_current(Path(out), build_id)
+
+
+def discard_build(out: Path, build_id: str) -> None:
+    """Remove a published build that never became current (e.g. refused by the quality gate)."""
+    with folder_lock(out):
+        current = os.readlink(Path(out) / CURRENT) if (Path(out) / CURRENT).is_symlink() else None
+        if build_id == current:
+            raise BundleError(f"{build_id} is current; refusing to delete it")
+        doomed = Path(out) / f"{BUILDING_PREFIX}deleted-{build_id}"
+        os.rename(Path(out) / build_id, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:

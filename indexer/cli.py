@@ -8,9 +8,10 @@ from pathlib import Path
 
 import typer
 
-from indexer.build import build_bundle
+from indexer.build import GateRefused, build_bundle
 from indexer.bundle import BundleError, list_builds, open_bundle, prune_builds
 from indexer.config import load_index_config
+from indexer.gate import make_gate
 from indexer.sources import SourceError
 
 app = typer.Typer(help="Build and inspect index bundles.", no_args_is_help=True)
@@ -36,8 +37,14 @@ def build(
     text_column: str | None = typer.Option(None, help="CSV column holding the text"),
     no_dense: bool = typer.Option(False, "--no-dense", help="build BM25 only (no dual-encoder, no FAISS)"),
     progress: bool = typer.Option(True, help="show progress bars"),
+    gate: Path | None = typer.Option(
+        None, "--gate", help="BEIR dataset folder: publish only if nDCG@10 drops at most --max-drop"
+    ),
+    max_drop: float = typer.Option(0.01, "--max-drop", help="largest nDCG@10 drop the gate accepts"),
 ) -> None:
-    """Read documents, split them into passages and publish a new bundle atomically."""
+    """Read documents, split them into passages and publish a new bundle atomically. With --gate, the new
+    build is scored on the dataset's qrels (`sift eval retrieval`) before it becomes current, and refused
+    (exit 3, the published build kept) if it scores more than --max-drop below the published one."""
     try:
         cfg = load_index_config(config)
     except Exception as exc:  # noqa: BLE001 - pydantic / YAML errors alike
@@ -48,14 +55,52 @@ def build(
             setattr(cfg.csv, name, value)
     if no_dense:
         cfg.dense.enabled = False
+    gate_fn = make_gate(gate, max_drop, config, echo=lambda m: typer.echo(m, err=True)) if gate else None
     try:
-        result = build_bundle(input, out, cfg, skip_bad=skip_bad, show_progress=progress)
+        result = build_bundle(input, out, cfg, skip_bad=skip_bad, show_progress=progress, gate=gate_fn)
+    except GateRefused as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(3) from exc
     except (SourceError, BundleError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     for reason in result.skipped:
         typer.echo(f"skipped: {reason}", err=True)
     typer.echo(result.summary())
+
+
+@app.command("update")
+def update(
+    out: Path = typer.Option(..., "--out", "-o", help="index folder whose current build is updated"),
+    add: Path | None = typer.Option(
+        None, "--add", help="new or changed documents (JSONL, CSV/TSV or folder; an existing id is replaced)"
+    ),
+    delete: Path | None = typer.Option(None, "--delete", help="file of document ids to delete, one per line"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of failing"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+    gate: Path | None = typer.Option(
+        None, "--gate", help="BEIR dataset folder: publish only if nDCG@10 drops at most --max-drop"
+    ),
+    max_drop: float = typer.Option(0.01, "--max-drop", help="largest nDCG@10 drop the gate accepts"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="config for the gate's evaluation"),
+) -> None:
+    """Write a new build from the current one: unchanged documents keep their stored passages and vectors,
+    only added or changed ones are encoded, BM25 is rebuilt over the whole corpus; the manifest records the
+    parent build. Published atomically (and gated) like a build."""
+    from indexer.update import update_bundle
+
+    gate_fn = make_gate(gate, max_drop, config, echo=lambda m: typer.echo(m, err=True)) if gate else None
+    try:
+        result = update_bundle(out, add, delete, skip_bad=skip_bad, show_progress=progress, gate=gate_fn)
+    except GateRefused as exc:
+        typer.echo(f"refused: {exc}", err=True)
+        raise typer.Exit(3) from exc
+    except (SourceError, BundleError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for reason in result.skipped:
+        typer.echo(f"skipped: {reason}", err=True)
+    typer.echo(result.summary().replace("built", "updated:"))
 
 
 @app.command("verify")

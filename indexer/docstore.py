@@ -145,6 +145,27 @@ class Docstore:
         with self._connect() as connection:
             return [(r[0], r[1]) for r in connection.execute("SELECT id, doc_id FROM passages ORDER BY idx")]
 
+    def documents(self) -> Iterator[tuple[Document, list[Passage], list[int]]]:
+        """Every document with its passages and their rows, in row order (what an update copies)."""
+        with self._connect() as connection:
+            docs = {
+                row["id"]: Document(row["id"], row["title"], row["text"], json.loads(row["metadata"]))
+                for row in connection.execute("SELECT * FROM documents")
+            }
+            query = 'SELECT idx, id, doc_id, position, text, start, "end" FROM passages ORDER BY idx'
+            current: str | None = None
+            passages: list[Passage] = []
+            rows: list[int] = []
+            for r in connection.execute(query):
+                if r["doc_id"] != current and current is not None:
+                    yield docs[current], passages, rows
+                    passages, rows = [], []
+                current = r["doc_id"]
+                passages.append(Passage(r["id"], r["doc_id"], r["position"], r["text"], r["start"], r["end"]))
+                rows.append(r["idx"])
+            if current is not None:
+                yield docs[current], passages, rows
+
     def passage_texts(self) -> list[tuple[str, str, str]]:
         """(passage id, document title, passage text) of every passage, in row order."""
         with self._connect() as connection:

@@ -189,7 +189,11 @@ def test_two_collections_in_one_process_on_every_endpoint(tmp_path, example_inde
     from app.settings import load_settings
 
     recipes = [
-        {"_id": "r1", "title": "Pancakes", "text": "Whisk flour, milk and eggs; fry the batter in butter until golden."},
+        {
+            "_id": "r1",
+            "title": "Pancakes",
+            "text": "Whisk flour, milk and eggs; fry the batter in butter until golden.",
+        },
         {"_id": "r2", "title": "Lemonade", "text": "Squeeze six lemons, add sugar syrup and cold water, then stir."},
     ]
     second = tmp_path / "recipes"

@@ -93,7 +93,7 @@ def test_spans_are_exact_slices_of_the_passage_including_unicode(reader):
         assert 0.0 <= span.confidence <= 1.0
     eiffel = reader.read(questions[0], passages)
     assert eiffel.passage == 1 and "1889" in eiffel.text
-    for question, span in zip(questions, reader.read_many(questions, [passages[::-1]] * 3)):
+    for span in reader.read_many(questions, [passages[::-1]] * 3):
         assert span.text == passages[::-1][span.passage][span.start : span.end]
     assert reader.read("anything?", []) is None and reader.read("anything?", ["   "]) is None
 

@@ -78,7 +78,7 @@ class Models:
                 )
             else:
                 models.reranker = Reranker.load(spec, settings.reranker.max_length, device)
-        if generator:
+        if generator and settings.answer.mode != "extractive":  # extractive answers need no generator
             models.generator = load_generator(settings.generator, settings.device)
         if settings.answer.mode != "generative" and settings.answer.reader:
             from app.generation.reader import ExtractiveReader

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -71,32 +68,15 @@ def rss_during_reload(parent_out: Path, publish, seconds_after: float = 5.0) -> 
     import httpx
     import psutil
 
-    from tests.servers import free_port
+    from tests.servers import sift_server
 
-    port = free_port()
     env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
         "SIFT_BUNDLE": str(parent_out),
         "SIFT_GENERATOR__BACKEND": "none",
         "SIFT_RERANKER__MODEL": "none",
         "SIFT_SERVER__RELOAD_INTERVAL_S": "0.5",
     }
-    cmd = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port)]
-    log = tempfile.TemporaryFile()
-    process = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline or process.poll() is not None:
-                raise RuntimeError("server did not start")
-            time.sleep(0.5)
+    with sift_server(env) as (base, process):
         proc = psutil.Process(process.pid)
         queries = ["vitamin D and bone density", "statins reduce mortality", "gene expression in tumours"]
         for i in range(60):
@@ -138,9 +118,6 @@ def rss_during_reload(parent_out: Path, publish, seconds_after: float = 5.0) -> 
             "after_rss_mb": after / 2**20,
             "ratio": max(samples) / steady,
         }
-    finally:
-        process.kill()
-        process.wait()
 
 
 def main() -> None:

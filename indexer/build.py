@@ -121,20 +121,7 @@ def build_bundle(
             timings["encode"] = time.perf_counter() - t
         dense_info = write_indexes(writer.root, index_texts, vectors, encoder, config, timings, show_progress)
         seconds = time.perf_counter() - started
-        manifest = {
-            "sift_version": __version__,
-            "created_at": now_iso(),
-            "source": str(input_path),
-            "counts": {
-                "documents": docstore.document_count,
-                "passages": docstore.passage_count,
-                "skipped": len(report.skipped),
-            },
-            "tokenizer": config.dense.model,
-            "dense": dense_info,
-            "config": config.model_dump(mode="json"),
-            "build": {"seconds": round(seconds, 3), "timings": timings, "host": platform.node()},
-        }
+        manifest = make_manifest(str(input_path), docstore, len(report.skipped), dense_info, config, seconds, timings)
         path = publish(writer, out, manifest, config, gate)
     except BaseException:
         writer.abort()
@@ -150,6 +137,30 @@ def build_bundle(
         skipped=report.skipped,
         timings=timings,
     )
+
+
+def make_manifest(
+    source: str | None,
+    docstore: DocstoreWriter,
+    skipped: int,
+    dense_info: dict[str, Any],
+    config: IndexConfig,
+    seconds: float,
+    timings: dict[str, float],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The manifest of a build or an update (`extra`: e.g. the parent build); checksums are added on publish."""
+    return {
+        "sift_version": __version__,
+        "created_at": now_iso(),
+        "source": source,
+        **extra,
+        "counts": {"documents": docstore.document_count, "passages": docstore.passage_count, "skipped": skipped},
+        "tokenizer": config.dense.model,
+        "dense": dense_info,
+        "config": config.model_dump(mode="json"),
+        "build": {"seconds": round(seconds, 3), "timings": timings, "host": platform.node()},
+    }
 
 
 def write_indexes(

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
-from indexer.build import GateRefused, build_bundle
+from indexer.build import BuildResult, GateRefused, build_bundle
 from indexer.bundle import BundleError, list_builds, open_bundle, prune_builds
 from indexer.config import load_index_config
 from indexer.gate import make_gate
@@ -56,8 +57,13 @@ def build(
     if no_dense:
         cfg.dense.enabled = False
     gate_fn = make_gate(gate, max_drop, config, echo=lambda m: typer.echo(m, err=True)) if gate else None
+    _publish_job(lambda: build_bundle(input, out, cfg, skip_bad=skip_bad, show_progress=progress, gate=gate_fn))
+
+
+def _publish_job(job: Callable[[], BuildResult], verb: str = "built") -> None:
+    """Run a build or update and report it: exit 3 when the quality gate refuses, 1 on bad input."""
     try:
-        result = build_bundle(input, out, cfg, skip_bad=skip_bad, show_progress=progress, gate=gate_fn)
+        result = job()
     except GateRefused as exc:
         typer.echo(f"refused: {exc}", err=True)
         raise typer.Exit(3) from exc
@@ -66,7 +72,7 @@ def build(
         raise typer.Exit(1) from exc
     for reason in result.skipped:
         typer.echo(f"skipped: {reason}", err=True)
-    typer.echo(result.summary())
+    typer.echo(result.summary().replace("built", verb, 1))
 
 
 @app.command("update")
@@ -90,17 +96,9 @@ def update(
     from indexer.update import update_bundle
 
     gate_fn = make_gate(gate, max_drop, config, echo=lambda m: typer.echo(m, err=True)) if gate else None
-    try:
-        result = update_bundle(out, add, delete, skip_bad=skip_bad, show_progress=progress, gate=gate_fn)
-    except GateRefused as exc:
-        typer.echo(f"refused: {exc}", err=True)
-        raise typer.Exit(3) from exc
-    except (SourceError, BundleError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    for reason in result.skipped:
-        typer.echo(f"skipped: {reason}", err=True)
-    typer.echo(result.summary().replace("built", "updated:"))
+    _publish_job(
+        lambda: update_bundle(out, add, delete, skip_bad=skip_bad, show_progress=progress, gate=gate_fn), "updated:"
+    )
 
 
 @app.command("verify")

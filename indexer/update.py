@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from indexer import __version__
-from indexer.build import BuildResult, GateFn, publish, write_indexes
-from indexer.bundle import DENSE_DIR, DOCSTORE, BundleError, BundleWriter, now_iso, open_bundle
+from indexer.build import BuildResult, GateFn, make_manifest, publish, write_indexes
+from indexer.bundle import DENSE_DIR, DOCSTORE, BundleError, BundleWriter, open_bundle
 from indexer.chunking import Chunker
 from indexer.config import IndexConfig
 from indexer.dense import EMBEDDINGS_FILE, INDEX_FILE
@@ -138,22 +136,18 @@ def update_bundle(
             writer.root, index_texts + new_texts, vectors, encoder, config, timings, show_progress
         )
         seconds = time.perf_counter() - started
-        manifest = {
-            "sift_version": __version__,
-            "created_at": now_iso(),
-            "source": str(add) if add else parent.manifest.get("source"),
-            "parent": parent.build_id,
-            "update": {**counts, "passages_encoded": len(new_texts), "passages_reused": len(kept_rows)},
-            "counts": {
-                "documents": docstore.document_count,
-                "passages": docstore.passage_count,
-                "skipped": len(report.skipped),
-            },
-            "tokenizer": config.dense.model,
-            "dense": dense_info,
-            "config": config.model_dump(mode="json"),
-            "build": {"seconds": round(seconds, 3), "timings": timings, "host": platform.node(), "kind": "update"},
-        }
+        manifest = make_manifest(
+            str(add) if add else parent.manifest.get("source"),
+            docstore,
+            len(report.skipped),
+            dense_info,
+            config,
+            seconds,
+            timings,
+            parent=parent.build_id,
+            update={**counts, "passages_encoded": len(new_texts), "passages_reused": len(kept_rows)},
+        )
+        manifest["build"]["kind"] = "update"
         path = publish(writer, out, manifest, config, gate)
     except BaseException:
         writer.abort()

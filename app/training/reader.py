@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from app.eval.qa import EVAL_ARTICLES, exact_match, f1
+from app.training.common import set_seed
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,6 @@ class ReaderTrainConfig:
     device: str | None = None
     fp16: bool = True
     max_seconds: float | None = None  # time budget: stop (validating and keeping the best) once spent
-
-
-def set_seed(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def training_features(tokenizer, examples: Sequence[QAExample], max_length: int, stride: int) -> dict:  # noqa: ANN001

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app.training.common import set_seed
+
 log = logging.getLogger(__name__)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
 
@@ -205,14 +207,6 @@ class TrainConfig:
     device: str | None = None
     resume: bool = True
     max_seconds: float | None = None  # time budget: stop (validating and keeping the best) once spent
-
-
-def set_seed(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def load_cross_encoder(name: str, max_length: int, device: str | None):  # noqa: ANN201

@@ -119,6 +119,21 @@ def load_pipeline(
     return Pipeline(info, docstore, searchers, models.reranker, settings)
 
 
+_SAME = object()
+
+
+def derive_pipeline(base: Pipeline, settings: Settings | None = None, reranker: Any = _SAME) -> Pipeline:
+    """A pipeline over `base`'s already loaded build (docstore, searchers) with other settings and/or another
+    reranker (tests and benches that compare configurations without reloading the bundle)."""
+    return Pipeline(
+        base.bundle,
+        base.docstore,
+        base.searchers,
+        base.reranker if reranker is _SAME else reranker,
+        settings or base.settings,
+    )
+
+
 def build_answerer(pipeline: Pipeline, models: Models) -> Answerer | None:
     """The answer path for a pipeline: generator and/or reader, as `answer.mode` says (None: no backend)."""
     mode = pipeline.settings.answer.mode

@@ -118,11 +118,11 @@ def test_calibration_fit_is_monotone_and_matches_rates():
 
 @pytest.fixture(scope="module")
 def extractive_client(example_pipeline, reader):
-    from app.pipeline import Pipeline
+    from app.services import derive_pipeline
 
     p = example_pipeline
     settings = p.settings.model_copy(update={"answer": p.settings.answer.model_copy(update={"mode": "extractive"})})
-    pipeline = Pipeline(p.bundle, p.docstore, p.searchers, None, settings)  # the same stages, extractive answers
+    pipeline = derive_pipeline(p, settings, reranker=None)  # the same loaded build, extractive answers
     with TestClient(create_app(settings, pipeline=pipeline, reader=reader)) as client:
         yield client
 

@@ -25,16 +25,15 @@ def subset() -> BeirDataset:
 @pytest.fixture(scope="module")
 def scores(scifact_pipeline, subset):
     """The session's SciFact pipeline (bundle, searchers and bi-encoder already loaded) plus the shipped model."""
-    from app.pipeline import Pipeline
     from app.retrieval.reranker import Reranker
+    from app.services import derive_pipeline
 
     settings = scifact_pipeline.settings.model_copy(deep=True)
     settings.reranker.model = str(MODEL)
     settings.reranker.interpolation = PIN["interpolation"]
     settings.reranker.max_length = PIN["max_length"]
     reranker = Reranker.load(str(MODEL), PIN["max_length"], "cpu")
-    first_stage = scifact_pipeline
-    pipeline = Pipeline(first_stage.bundle, first_stage.docstore, first_stage.searchers, reranker, settings)
+    pipeline = derive_pipeline(scifact_pipeline, settings, reranker)
     rows, _ = run_pipelines(pipeline, subset, ["hybrid", "hybrid+rerank"], rerank_depth=PIN["depth"])
     return {row.name: row.metrics for row in rows}
 

@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
-from app.pipeline import Pipeline
 from app.retrieval.reranker import MicroBatcher, Reranker
+from app.services import derive_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +74,7 @@ def test_micro_batcher_pools_concurrent_requests(reranker):
 def reranking_pipeline(example_pipeline, reranker):
     settings = example_pipeline.settings.model_copy(deep=True)
     settings.reranker.model = "test-cross-encoder"
-    return Pipeline(example_pipeline.bundle, example_pipeline.docstore, example_pipeline.searchers, reranker, settings)
+    return derive_pipeline(example_pipeline, settings, reranker)
 
 
 def test_rerank_orders_by_cross_encoder_score_and_explains(reranking_pipeline):
@@ -90,13 +90,7 @@ def test_rerank_orders_by_cross_encoder_score_and_explains(reranking_pipeline):
 def test_rerank_timeout_returns_fused_order_marked_skipped(reranking_pipeline):
     slow = reranking_pipeline.settings.model_copy(deep=True)
     slow.reranker.timeout_ms = 0.001
-    pipeline = Pipeline(
-        reranking_pipeline.bundle,
-        reranking_pipeline.docstore,
-        reranking_pipeline.searchers,
-        reranking_pipeline.reranker,
-        slow,
-    )
+    pipeline = derive_pipeline(reranking_pipeline, slow)
     query = "volcano eruptions and magma"
     timed_out = asyncio.run(pipeline.search(query, pipeline.options(k=8)))
     fused = asyncio.run(pipeline.search(query, replace(pipeline.options(k=8), rerank=False)))
@@ -131,9 +125,7 @@ def test_maxsim_reranker_scores_late_interaction_and_plugs_into_the_pipeline(exa
     assert scores[0] > scores[1] and scores[2] == pytest.approx(1.0, abs=1e-4)
     settings = example_pipeline.settings.model_copy(deep=True)
     settings.reranker.model, settings.reranker.interpolation = "maxsim", 0.5
-    pipeline = Pipeline(
-        example_pipeline.bundle, example_pipeline.docstore, example_pipeline.searchers, maxsim, settings
-    )
+    pipeline = derive_pipeline(example_pipeline, settings, maxsim)
     result = asyncio.run(pipeline.search("how do honeybees communicate", pipeline.options(k=5, rerank_depth=10)))
     assert result.hits[0].doc_id == "bio-012"
     assert [h.stages["rerank"].rank for h in result.hits] == [1, 2, 3, 4, 5]

@@ -35,6 +35,13 @@ class SearchSettings(BaseModel):
     snippet_chars: int = Field(240, ge=40)
 
 
+class EmbeddingsSettings(BaseModel):
+    """Limits of `/v1/embeddings` (OpenAI shape)."""
+
+    max_inputs: int = Field(256, ge=1, description="most texts per request")
+    max_input_chars: int = Field(8192, ge=1, description="longest text accepted (characters)")
+
+
 class FusionSettings(BaseModel):
     method: Literal["rrf", "weighted"] = "rrf"
     rrf_k: int = Field(60, ge=1)
@@ -149,6 +156,7 @@ class Settings(BaseSettings):
     index: IndexConfig = IndexConfig()
     search: SearchSettings = SearchSettings()
     fusion: FusionSettings = FusionSettings()
+    embeddings: EmbeddingsSettings = EmbeddingsSettings()
     reranker: RerankerSettings = RerankerSettings()
     generator: GeneratorSettings = GeneratorSettings()
     answer: AnswerSettings = AnswerSettings()

@@ -123,6 +123,22 @@ class Docstore:
                     rows[item["idx"]] = item
         return rows
 
+    def passages_by_id(self, passage_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Passages (with their document's title) by passage id; unknown ids are absent from the result."""
+        ids = list(dict.fromkeys(passage_ids))
+        found: dict[str, dict[str, Any]] = {}
+        with self._connect() as connection:
+            for offset in range(0, len(ids), 900):
+                chunk = ids[offset : offset + 900]
+                marks = ",".join("?" * len(chunk))
+                query = (
+                    "SELECT p.idx, p.id, p.doc_id, p.text, d.title FROM passages p "
+                    f"JOIN documents d ON d.id = p.doc_id WHERE p.id IN ({marks})"
+                )
+                for row in connection.execute(query, chunk):
+                    found[row["id"]] = dict(row)
+        return found
+
     def document(self, doc_id: str) -> dict[str, Any] | None:
         """A document with its passages in order, or None."""
         with self._connect() as connection:

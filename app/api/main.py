@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.answer import router as answer_router
+from app.api.ecosystem import router as ecosystem_router
 from app.api.errors import error_body, install_error_handlers
 from app.api.metrics import Metrics
 from app.api.routes import router
@@ -160,5 +161,6 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(answer_router)
+    app.include_router(ecosystem_router)
     app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.server.max_body_bytes, metrics=metrics)
     return app

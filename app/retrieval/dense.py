@@ -67,6 +67,13 @@ class DenseSearcher:
             )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Vectors for arbitrary texts (as `encode`) and their token count. The tokenizer is not thread-safe,
+        so counting happens under the same lock as encoding."""
+        with self._encode_lock:
+            tokens = sum(len(ids) for ids in self.encoder.tokenizer(texts)["input_ids"])
+        return self.encode(texts), int(tokens)
+
     def search(self, query: str, k: int, mask: np.ndarray | None = None) -> list[Hit]:
         return self.search_many([query], k, mask)[0]
 

@@ -26,6 +26,10 @@ class MaxSimReranker:
         self.batch_size = batch_size
         self._lock = threading.Lock()
 
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a Hugging Face tokenizer
+        return self.encoder.tokenizer
+
     @staticmethod
     def model_name(spec: str) -> str:
         """The bi-encoder a `maxsim[:model]` spec names."""

@@ -51,6 +51,10 @@ class Reranker:
     def max_length(self) -> int:
         return int(self.model.max_length or 512)
 
+    @property
+    def tokenizer(self):  # noqa: ANN201 - a Hugging Face tokenizer
+        return self.model.tokenizer
+
     def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         """Relevance logits for (query, passage) pairs, computed in length-sorted batches."""
         if not pairs:
@@ -70,6 +74,29 @@ class Reranker:
                 )
                 scores[chunk] = np.asarray(out, dtype=np.float32).reshape(-1)
         return scores
+
+
+def prepare_documents(
+    reranker,
+    query: str,
+    texts: list[str],
+    max_tokens_per_doc: int | None,  # noqa: ANN001
+) -> tuple[list[str], list[int], list[int]]:
+    """Truncate each text to `max_tokens_per_doc` reranker tokens; returns (texts, indices truncated here or
+    by the reranker's max length, tokens per pair). Runs under the reranker's lock: its tokenizer is not
+    thread-safe and the micro-batcher may be scoring on another thread."""
+    with reranker._lock:
+        tokenizer = reranker.tokenizer
+        texts = list(texts)
+        truncated = set()
+        if max_tokens_per_doc:
+            for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+                if len(ids) > max_tokens_per_doc:
+                    texts[i] = tokenizer.decode(ids[:max_tokens_per_doc])
+                    truncated.add(i)
+        pair_tokens = [len(ids) for ids in tokenizer([query] * len(texts), texts)["input_ids"]]
+    truncated |= {i for i, n in enumerate(pair_tokens) if n > reranker.max_length}
+    return texts, sorted(truncated), pair_tokens
 
 
 def _zscore(values: np.ndarray) -> np.ndarray:

@@ -1,0 +1,228 @@
+"""Drop-in endpoints of the de-facto protocols RAG stacks speak:
+
+- `POST /v1/rerank` (and `/v2/rerank`, where the official cohere client posts): the Cohere v2 / Jina rerank
+  shape, scored by the configured reranker through the same micro-batcher and timeout as `/v1/search`;
+- `POST /v1/embeddings`: the OpenAI embeddings shape, encoded by the served bundle's bi-encoder with the
+  index's normalisation.
+
+Routes validate, call the served build and shape; the scoring and encoding live in the stages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.api.errors import ApiError
+from app.api.routes import ERRORS, use_build
+from app.retrieval.reranker import prepare_documents
+from indexer.models import passage_index_text
+
+router = APIRouter()
+
+
+class RerankDocument(BaseModel):
+    """A document to rerank: its text, or (Sift's addition) the id of a passage of the served bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, description="the document text")
+    id: str | None = Field(None, description="a passage id of the served bundle (`<doc_id>#<position>`)")
+
+
+class RerankRequest(BaseModel):
+    """Cohere v2 / Jina rerank request; unknown fields of those APIs are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = Field(None, description="ignored: the configured reranker answers", examples=["sift"])
+    query: str = Field(..., min_length=1, examples=["how do stars form?"])
+    documents: list[str | RerankDocument] = Field(
+        ...,
+        min_length=1,
+        description='texts, `{"text": ...}` or `{"id": passage id}` (at most reranker.max_depth)',
+        examples=[["Stars form in cold molecular clouds.", {"id": "astro-001#0"}]],
+    )
+    top_n: int | None = Field(None, ge=1, description="return only the best n (default: all)", examples=[3])
+    return_documents: bool = Field(False, description="include each document's text in the results")
+    max_tokens_per_doc: int | None = Field(
+        None, ge=1, description="truncate each document to this many reranker tokens", examples=[256]
+    )
+    collection: str | None = Field(None, description='collection whose passages `{"id"}` refers to')
+
+    @field_validator("query")
+    @classmethod
+    def _query_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query must contain non-whitespace text")
+        return value
+
+    @field_validator("documents")
+    @classmethod
+    def _documents_valid(cls, value: list[str | RerankDocument]) -> list[str | RerankDocument]:
+        for i, doc in enumerate(value):
+            if isinstance(doc, RerankDocument) and (doc.text is None) == (doc.id is None):
+                raise ValueError(f"documents[{i}] must have exactly one of `text` or `id`")
+            text = doc if isinstance(doc, str) else doc.text
+            if text is not None and not text.strip():
+                raise ValueError(f"documents[{i}] is empty")
+        return value
+
+
+@router.post("/v1/rerank", responses=ERRORS, tags=["ecosystem"])
+@router.post("/v2/rerank", responses=ERRORS, tags=["ecosystem"], include_in_schema=False)
+async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
+    """Score documents against a query with the configured reranker (Cohere v2 / Jina shape). Scores are the
+    reranker's raw relevance scores (cross-encoder logits, or MaxSim), the same numbers `/v1/search` shows in
+    `explain.rerank` for the same pairs."""
+    async with use_build(request, body.collection) as (_, build):
+        pipeline = build.pipeline
+        if pipeline.reranker is None or pipeline.batcher is None:
+            raise ApiError(
+                422,
+                "no_reranker",
+                "no reranker is configured; set reranker.model "
+                "(e.g. SIFT_RERANKER__MODEL=models/sift-reranker-minilm-l6 or maxsim) and restart",
+                "model",
+            )
+        limit = pipeline.settings.reranker.max_depth
+        if len(body.documents) > limit:
+            raise ApiError(
+                413, "too_many_documents", f"documents: at most {limit} per request (reranker.max_depth)", "documents"
+            )
+        if len(body.query) > pipeline.settings.search.max_query_chars:
+            raise ApiError(
+                422,
+                "validation_error",
+                f"query: longer than {pipeline.settings.search.max_query_chars} characters",
+                "query",
+            )
+        ids = [d.id for d in body.documents if isinstance(d, RerankDocument) and d.id is not None]
+        rows = {}
+        if ids:
+            rows = await asyncio.to_thread(pipeline.docstore.passages_by_id, ids)
+            missing = [i for i in ids if i not in rows]
+            if missing:
+                raise ApiError(
+                    422,
+                    "validation_error",
+                    f"documents: unknown passage id(s) {missing[:5]} in build {build.build_id}; "
+                    "see hits[].passage_id of /v1/search",
+                    "documents",
+                )
+        texts = []
+        for doc in body.documents:
+            if isinstance(doc, str):
+                texts.append(doc)
+            elif doc.text is not None:
+                texts.append(doc.text)
+            else:
+                row = rows[doc.id]
+                texts.append(passage_index_text(row["title"], row["text"]))
+        texts, truncated, pair_tokens = await asyncio.to_thread(
+            prepare_documents, pipeline.reranker, body.query, texts, body.max_tokens_per_doc
+        )
+        max_length = pipeline.reranker.max_length
+        started = time.perf_counter()
+        try:
+            scores = await asyncio.wait_for(
+                pipeline.batcher.score([(body.query, t) for t in texts]),
+                timeout=pipeline.settings.reranker.timeout_ms / 1000.0,
+            )
+        except TimeoutError as exc:
+            raise ApiError(
+                503, "rerank_timeout", "reranking took longer than reranker.timeout_ms; retry with fewer documents"
+            ) from exc
+        order = sorted(range(len(texts)), key=lambda i: (-float(scores[i]), i))  # ties: earlier document first
+        if body.top_n:
+            order = order[: body.top_n]
+        results = []
+        for i in order:
+            item: dict[str, Any] = {"index": i, "relevance_score": float(scores[i])}
+            if body.return_documents:
+                item["document"] = {"text": texts[i]}
+            if i in truncated:
+                item["truncated"] = True
+            results.append(item)
+        tokens = int(sum(min(n, max_length) for n in pair_tokens))
+        return {
+            "id": f"rerank-{uuid.uuid4().hex[:24]}",
+            "results": results,
+            "meta": {
+                "api_version": {"version": "2"},
+                "billed_units": {"search_units": 1},
+                "truncated_documents": truncated,
+                "model": pipeline.settings.reranker.model,
+                "bundle": build.build_id,
+                "ms": round((time.perf_counter() - started) * 1000, 3),
+            },
+            "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
+        }
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI embeddings request; unknown OpenAI fields (e.g. `user`) are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    input: str | list[str] = Field(..., description="a text or a list of texts", examples=[["how do stars form?"]])
+    model: str | None = Field(None, description="ignored: the served bundle's bi-encoder answers")
+    encoding_format: Literal["float", "base64"] = Field("float", description="float list or base64 float32")
+    dimensions: int | None = Field(None, ge=1, description="must equal the model's dimension when given")
+    collection: str | None = Field(None, description="collection whose bi-encoder encodes")
+
+    @field_validator("input")
+    @classmethod
+    def _input_valid(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("input must not be empty")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError(f"input[{i}] is empty" if isinstance(value, list) else "input is empty")
+        return value
+
+
+@router.post("/v1/embeddings", responses=ERRORS, tags=["ecosystem"])
+async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
+    """Embed texts with the served bundle's bi-encoder (OpenAI shape), normalised as the index's vectors."""
+    async with use_build(request, body.collection) as (_, build):
+        pipeline = build.pipeline
+        limits = pipeline.settings.embeddings
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if len(texts) > limits.max_inputs:
+            raise ApiError(
+                413, "too_many_inputs", f"input: at most {limits.max_inputs} texts (embeddings.max_inputs)", "input"
+            )
+        too_long = [i for i, t in enumerate(texts) if len(t) > limits.max_input_chars]
+        if too_long:
+            raise ApiError(
+                413,
+                "input_too_long",
+                f"input[{too_long[0]}]: longer than {limits.max_input_chars} characters (embeddings.max_input_chars)",
+                "input",
+            )
+        dense = pipeline.searchers.get("dense")
+        if dense is None:
+            raise ApiError(422, "no_dense_index", f"build {build.build_id} has no bi-encoder; rebuild with dense on")
+        info = pipeline.bundle.manifest["dense"]
+        if body.dimensions is not None and body.dimensions != info["dimension"]:
+            raise ApiError(422, "validation_error", f"dimensions: this model gives {info['dimension']}", "dimensions")
+        vectors, tokens = await asyncio.to_thread(dense.embed, texts)
+        data = []
+        for i, vector in enumerate(vectors):
+            if body.encoding_format == "base64":
+                embedding: Any = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+            else:
+                embedding = [float(x) for x in vector]
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        return {
+            "object": "list",
+            "data": data,
+            "model": info["model"],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }

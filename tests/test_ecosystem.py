@@ -145,3 +145,13 @@ def test_concurrent_embeddings_and_reranks_never_fail(server):
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(call, range(24)))
     assert statuses == [200] * 24
+
+
+def test_maxsim_and_dense_search_share_one_lock_per_encoder(example_pipeline):
+    """MaxSim over the bundle's own bi-encoder and dense query encoding run on different threads; one
+    tokenizer must never be used by both at once (a private lock each did not prevent that)."""
+    from app.retrieval.maxsim import MaxSimReranker
+
+    dense = example_pipeline.searchers["dense"]
+    maxsim = MaxSimReranker.load("maxsim", 128, "cpu", encoder=dense.encoder)
+    assert maxsim._lock is dense._encode_lock

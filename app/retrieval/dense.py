@@ -3,8 +3,6 @@ passages were encoded (same model and normalisation, read from the manifest)."""
 
 from __future__ import annotations
 
-import threading
-
 import faiss
 import numpy as np
 
@@ -12,7 +10,7 @@ from app.retrieval.types import Hit, ranked
 from indexer.bundle import DENSE_DIR, BundleError, BundleInfo
 from indexer.config import DenseSettings
 from indexer.dense import load_index
-from indexer.encoders import load_encoder
+from indexer.encoders import load_encoder, model_lock
 
 
 class DenseSearcher:
@@ -28,7 +26,7 @@ class DenseSearcher:
         self.settings = settings
         self.passage_ids = passage_ids
         self.doc_ids = doc_ids
-        self._encode_lock = threading.Lock()
+        self._encode_lock = model_lock(encoder)  # shared with every stage using this encoder (e.g. MaxSim)
 
     @classmethod
     def from_bundle(

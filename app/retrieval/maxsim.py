@@ -8,12 +8,10 @@ Configure with `reranker.model: maxsim` (the all-MiniLM-L6-v2 bi-encoder) or `ma
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from indexer.config import DEFAULT_ENCODER
-from indexer.encoders import load_encoder
+from indexer.encoders import load_encoder, model_lock
 
 PREFIX = "maxsim"
 
@@ -24,7 +22,7 @@ class MaxSimReranker:
     def __init__(self, encoder, batch_size: int = 32) -> None:  # noqa: ANN001 - SentenceTransformer
         self.encoder = encoder
         self.batch_size = batch_size
-        self._lock = threading.Lock()
+        self._lock = model_lock(encoder)  # the bi-encoder may also serve dense search
 
     @property
     def tokenizer(self):  # noqa: ANN201 - a Hugging Face tokenizer

@@ -253,3 +253,36 @@ def test_two_collections_in_one_process_on_every_endpoint(tmp_path, example_inde
         metrics = client.get("/metrics").text
         assert 'sift_searches_total{collection="recipes"} 2.0' in metrics
         assert 'sift_searches_total{collection="examples"} 1.0' in metrics
+
+
+def test_a_build_with_another_dense_model_is_refused_and_a_late_first_build_is_picked_up(tmp_path):
+    """Reload refuses a build the served query encoder cannot search (here: no dense index at all), and a
+    server started before any build exists loads the first one published."""
+    import asyncio
+
+    from app.services import Services
+    from app.settings import load_settings
+    from indexer.config import IndexConfig
+
+    out = tmp_path / "index"
+    settings = load_settings(bundle=out, generator={"backend": "none"}, reranker={"model": None})
+
+    async def scenario() -> tuple[dict, dict, str | None, str]:
+        services = Services.from_settings(settings)
+        await services.start()
+        assert not services.ready and "no such bundle" in services.collection(None).error
+        first = await asyncio.to_thread(build_bundle, EXAMPLES, out, None, show_progress=False)
+        loaded = await services.collection(None).reload()
+        bm25_only = IndexConfig(dense={"enabled": False})
+        second = await asyncio.to_thread(build_bundle, EXAMPLES, out, bm25_only, show_progress=False)
+        refused = await services.collection(None).reload()
+        served = services.collection(None).current.build_id
+        await services.close()
+        return loaded, refused, second.build_id, served if served == first.build_id else "wrong build served"
+
+    loaded, refused, second, served = asyncio.run(scenario())
+    assert loaded["outcome"] == "loaded"
+    assert (
+        refused["outcome"] == "failed" and "dense enabled is False" in refused["error"] and second in refused["error"]
+    )
+    assert served != "wrong build served"

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from app.generation.base import GenerationOptions, Generator, Message
+from app.generation.base import Generation, GenerationOptions, Generator, Message
 from app.pipeline import Pipeline, SearchOptions
 from app.settings import AnswerSettings
 
@@ -90,9 +90,6 @@ class _Run:
     span: Any = None
     span_passage: dict[str, Any] | None = None
     declined: bool = False
-    generated: bool = False
-    usage: tuple[int, int] = (0, 0)
-    finish_reason: str = "stop"
 
 
 class Answerer:
@@ -136,10 +133,6 @@ class Answerer:
             return
         run.span_passage = prepared.passages[span.passage]
 
-    def _generate_iter(self, messages: list[Message], options: GenerationOptions, run: _Run) -> Iterator[str]:
-        run.generated = True
-        yield from self.generator.stream(messages, options)  # type: ignore[union-attr]
-
     def span_messages(self, prepared: PreparedAnswer, run: _Run) -> list[Message]:
         """extract-then-generate: the span's sentence (and the span) as the only context."""
         text = run.span_passage["text"]  # type: ignore[index]
@@ -151,24 +144,32 @@ class Answerer:
         context += f"\n(Extracted answer: {run.span.text})"
         return self.template.messages(context, prepared.question)
 
-    def pieces(self, prepared: PreparedAnswer, options: GenerationOptions, run: _Run) -> Iterator[str]:
-        """The answer text, piece by piece (blocking; run it on a worker thread)."""
+    def _plan(self, prepared: PreparedAnswer, run: _Run) -> tuple[str | None, list[Message] | None]:
+        """(the answer text when it is already decided, else the messages to generate from). Blocking: the
+        reader runs here."""
         if not prepared.answerable:
-            yield prepared.no_answer
-            return
+            return prepared.no_answer, None
         if self.mode == "generative":
-            yield from self._generate_iter(prepared.messages, options, run)
-            return
+            return None, prepared.messages
         self._read(prepared, run)
         if run.declined:
-            yield prepared.no_answer
-            return
+            return prepared.no_answer, None
         if self.mode == "extractive":
-            yield run.span.text
-            return
-        yield from self._generate_iter(self.span_messages(prepared, run), options, run)
+            return run.span.text, None
+        return None, self.span_messages(prepared, run)
 
-    def finish(self, prepared: PreparedAnswer, text: str, run: _Run) -> AnswerResult:
+    def pieces(self, prepared: PreparedAnswer, options: GenerationOptions, run: _Run) -> Iterator[str]:
+        """The answer text, piece by piece (blocking; run it on a worker thread)."""
+        text, messages = self._plan(prepared, run)
+        if messages is None:
+            yield text  # type: ignore[misc]
+        else:
+            yield from self.generator.stream(messages, options)  # type: ignore[union-attr]
+
+    def finish(
+        self, prepared: PreparedAnswer, text: str, run: _Run, generation: Generation | None = None
+    ) -> AnswerResult:
+        """The final result; `generation` (non-streamed answers) supplies finish reason and token usage."""
         answered = prepared.answerable and not run.declined
         span = None
         if run.span is not None:
@@ -197,34 +198,26 @@ class Answerer:
             ]
         else:
             cited = citations(text, prepared.passages)
-        usage = getattr(self.generator, "last_usage", None)
-        prompt_tokens, completion_tokens = (0, 0)
-        if run.generated and usage is not None:
-            prompt_tokens, completion_tokens = usage
-        return AnswerResult(text, answered, cited, run.finish_reason, prompt_tokens, completion_tokens, span)
+        if generation is None:
+            return AnswerResult(text, answered, cited, span=span)
+        return AnswerResult(
+            text,
+            answered,
+            cited,
+            generation.finish_reason,
+            generation.prompt_tokens,
+            generation.completion_tokens,
+            span,
+        )
 
     async def answer(self, prepared: PreparedAnswer, options: GenerationOptions) -> AnswerResult:
-        """The whole answer (generation on a worker thread)."""
+        """The whole answer (reading and generation on worker threads)."""
         run = _Run()
-        if self.mode == "generative" and prepared.answerable:
-            result = await asyncio.to_thread(self.generator.generate, prepared.messages, options)  # type: ignore[union-attr]
-            run.generated = True
-            out = self.finish(prepared, result.text, run)
-            out.finish_reason = result.finish_reason
-            out.prompt_tokens, out.completion_tokens = result.prompt_tokens, result.completion_tokens
-            return out
-        if self.mode == "extract-then-generate" and prepared.answerable:
-            await asyncio.to_thread(self._read, prepared, run)
-            if not run.declined:
-                messages = self.span_messages(prepared, run)
-                result = await asyncio.to_thread(self.generator.generate, messages, options)  # type: ignore[union-attr]
-                run.generated = True
-                out = self.finish(prepared, result.text, run)
-                out.finish_reason = result.finish_reason
-                out.prompt_tokens, out.completion_tokens = result.prompt_tokens, result.completion_tokens
-                return out
-        text = "".join(await asyncio.to_thread(lambda: list(self.pieces(prepared, options, run))))
-        return self.finish(prepared, text, run)
+        text, messages = await asyncio.to_thread(self._plan, prepared, run)
+        if messages is None:
+            return self.finish(prepared, text, run)  # type: ignore[arg-type]
+        result = await asyncio.to_thread(self.generator.generate, messages, options)  # type: ignore[union-attr]
+        return self.finish(prepared, result.text, run, result)
 
     async def stream(self, prepared: PreparedAnswer, options: GenerationOptions) -> AsyncIterator[str | AnswerResult]:
         """Yields text pieces as they are produced, then the final `AnswerResult`."""

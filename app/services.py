@@ -65,26 +65,29 @@ class Models:
     encoders: dict[str, Any] = field(default_factory=dict)  # bi-encoders by model name
 
     @classmethod
-    def load(cls, settings: Settings, generator: bool = True, reranker: bool = True) -> Models:
+    def load(cls, settings: Settings, generator: bool = True, reader: bool = True) -> Models:
         """Warm-up: load the configured reranker, generator and reader (MaxSim's encoder is shared with the
         bundle's bi-encoder when it is the same model; see `encoder`)."""
-        models = cls()
+        return cls().warm_up(settings, generator, reader)
+
+    def warm_up(self, settings: Settings, generator: bool = True, reader: bool = True) -> Models:
+        """Load the configured models into this instance (which collections already hold)."""
         spec, device = settings.reranker.model, settings.reranker.device or settings.device
-        if reranker and spec:
+        if spec:
             if is_maxsim(spec):
                 name = MaxSimReranker.model_name(spec)
-                models.reranker = MaxSimReranker.load(
-                    spec, settings.reranker.max_length, device, encoder=models.encoder(name, settings.device)
+                self.reranker = MaxSimReranker.load(
+                    spec, settings.reranker.max_length, device, encoder=self.encoder(name, settings.device)
                 )
             else:
-                models.reranker = Reranker.load(spec, settings.reranker.max_length, device)
+                self.reranker = Reranker.load(spec, settings.reranker.max_length, device)
         if generator and settings.answer.mode != "extractive":  # extractive answers need no generator
-            models.generator = load_generator(settings.generator, settings.device)
-        if settings.answer.mode != "generative" and settings.answer.reader:
+            self.generator = load_generator(settings.generator, settings.device)
+        if reader and settings.answer.mode != "generative" and settings.answer.reader:
             from app.generation.reader import ExtractiveReader
 
-            models.reader = ExtractiveReader.load(settings.answer.reader, settings.device)
-        return models
+            self.reader = ExtractiveReader.load(settings.answer.reader, settings.device)
+        return self
 
     def encoder(self, name: str, device: str | None = None) -> Any:
         if name not in self.encoders:
@@ -101,7 +104,7 @@ def load_pipeline(
     reused (the bi-encoder when the bundle names the same model); without it the configured reranker is
     loaded for this pipeline alone."""
     t = time.perf_counter()
-    models = models if models is not None else Models.load(settings, generator=False)
+    models = models if models is not None else Models.load(settings, generator=False, reader=False)
     info = open_bundle(bundle or settings.bundle, verify=verify)
     docstore = Docstore(info.path(DOCSTORE))
     rows = docstore.passage_rows()
@@ -227,8 +230,8 @@ class Collection:
             return os.readlink(link) != served.name
         return False
 
-    async def reload(self, force: bool = False) -> dict[str, Any]:
-        """Load the build `current` points at if it differs from the served one (or `force`). Never raises:
+    async def reload(self) -> dict[str, Any]:
+        """Load the build `current` points at if it differs from the served one. Never raises:
         the outcome is returned and kept in `error`."""
         async with self._lock:
             try:
@@ -236,9 +239,9 @@ class Collection:
             except BundleError as exc:
                 return self._failed(str(exc), None)
             served = self.current.pipeline.bundle.root if self.current else None
-            if not force and served is not None and served.exists() and target == served:
+            if served is not None and served.exists() and target == served:
                 return {"collection": self.name, "outcome": "unchanged", "build": self.current.build_id}
-            if not force and self.failed_target == str(target) and served is not None and served.exists():
+            if self.failed_target == str(target) and served is not None and served.exists():
                 return {"collection": self.name, "outcome": "unchanged", "error": self.error}
             started = time.perf_counter()
             try:
@@ -363,13 +366,11 @@ class Services:
             except BundleError as exc:
                 collection.error = str(exc)
         try:
-            loaded = await asyncio.to_thread(Models.load, self.settings)
+            await asyncio.to_thread(self.models.warm_up, self.settings)
         except Exception as exc:  # noqa: BLE001 - reported on /readyz
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error(json.dumps({"event": "load_failed", "error": self.load_error}))
             return
-        for key in ("reranker", "generator", "reader", "encoders"):
-            setattr(self.models, key, getattr(loaded, key))
         for collection in self.collections.values():
             await collection.reload()
 

@@ -132,9 +132,15 @@ def discard_build(out: Path, build_id: str) -> None:
         current = os.readlink(Path(out) / CURRENT) if (Path(out) / CURRENT).is_symlink() else None
         if build_id == current:
             raise BundleError(f"{build_id} is current; refusing to delete it")
-        doomed = Path(out) / f"{BUILDING_PREFIX}deleted-{build_id}"
-        os.rename(Path(out) / build_id, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
+        _delete_build(Path(out), build_id)
+
+
+def _delete_build(out: Path, build_id: str) -> None:
+    """Renamed first (a reader never sees a half-deleted build under its published name), then removed;
+    a crash in between leaves a temporary folder the next build cleans up. Call under `folder_lock`."""
+    doomed = out / f"{BUILDING_PREFIX}deleted-{build_id}"
+    os.rename(out / build_id, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -207,10 +213,7 @@ def prune_builds(out: Path, keep: int) -> tuple[list[str], list[str]]:
             if build_in_use(out / build_id):
                 in_use.append(build_id)
                 continue
-            # renamed first, so a reader never sees a half-deleted build under its published name
-            doomed = out / f"{BUILDING_PREFIX}deleted-{build_id}"
-            os.rename(out / build_id, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
+            _delete_build(out, build_id)
             deleted.append(build_id)
     return deleted, in_use
 

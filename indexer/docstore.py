@@ -103,41 +103,29 @@ class Docstore:
         for connection in self._all:
             connection.close()
 
-    def passages(self, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
-        """Passages (with their document's title and metadata) by row index."""
-        indices = [int(i) for i in indices]
-        if not indices:
-            return {}
-        rows: dict[int, dict[str, Any]] = {}
+    def _passages_where(self, column: str, values: list[Any]) -> Iterator[dict[str, Any]]:
+        """Passages (with their document's title and metadata) whose `column` (idx or id) is in `values`,
+        queried in chunks below SQLite's parameter limit."""
         with self._connect() as connection:
-            for offset in range(0, len(indices), 900):
-                chunk = indices[offset : offset + 900]
+            for offset in range(0, len(values), 900):
+                chunk = values[offset : offset + 900]
                 marks = ",".join("?" * len(chunk))
                 query = (
                     'SELECT p.idx, p.id, p.doc_id, p.position, p.text, p.start, p."end", d.title, d.metadata '
-                    f"FROM passages p JOIN documents d ON d.id = p.doc_id WHERE p.idx IN ({marks})"
+                    f"FROM passages p JOIN documents d ON d.id = p.doc_id WHERE p.{column} IN ({marks})"
                 )
                 for row in connection.execute(query, chunk):
                     item = dict(row)
                     item["metadata"] = json.loads(item["metadata"])
-                    rows[item["idx"]] = item
-        return rows
+                    yield item
+
+    def passages(self, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """Passages (with their document's title and metadata) by row index."""
+        return {item["idx"]: item for item in self._passages_where("idx", [int(i) for i in indices])}
 
     def passages_by_id(self, passage_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """Passages (with their document's title) by passage id; unknown ids are absent from the result."""
-        ids = list(dict.fromkeys(passage_ids))
-        found: dict[str, dict[str, Any]] = {}
-        with self._connect() as connection:
-            for offset in range(0, len(ids), 900):
-                chunk = ids[offset : offset + 900]
-                marks = ",".join("?" * len(chunk))
-                query = (
-                    "SELECT p.idx, p.id, p.doc_id, p.text, d.title FROM passages p "
-                    f"JOIN documents d ON d.id = p.doc_id WHERE p.id IN ({marks})"
-                )
-                for row in connection.execute(query, chunk):
-                    found[row["id"]] = dict(row)
-        return found
+        """Passages by passage id; unknown ids are absent from the result."""
+        return {item["id"]: item for item in self._passages_where("id", list(dict.fromkeys(passage_ids)))}
 
     def document(self, doc_id: str) -> dict[str, Any] | None:
         """A document with its passages in order, or None."""
@@ -160,6 +148,10 @@ class Docstore:
         """(passage id, doc_id) of every passage, in row order (row = BM25 and FAISS position)."""
         with self._connect() as connection:
             return [(r[0], r[1]) for r in connection.execute("SELECT id, doc_id FROM passages ORDER BY idx")]
+
+    def document_ids(self) -> set[str]:
+        with self._connect() as connection:
+            return {r[0] for r in connection.execute("SELECT id FROM documents")}
 
     def documents(self) -> Iterator[tuple[Document, list[Passage], list[int]]]:
         """Every document with its passages and their rows, in row order (what an update copies)."""

@@ -77,7 +77,8 @@ def update_bundle(
         for document in read_documents(Path(add), skip_bad=skip_bad, csv_columns=config.csv, report=report):
             incoming[document.id] = document
     deleted = read_delete_ids(delete) if delete is not None else set()
-    unknown = sorted(deleted - _document_ids(parent.path(DOCSTORE)))
+    parent_store = Docstore(parent.path(DOCSTORE), connections=1)
+    unknown = sorted(deleted - parent_store.document_ids())
     if unknown:
         raise SourceError(f"{delete}: {len(unknown)} id(s) not in build {parent.build_id}, e.g. {unknown[:3]}")
     both = sorted(deleted & incoming.keys())
@@ -93,7 +94,7 @@ def update_bundle(
         kept_rows: list[int] = []
         counts = {"kept": 0, "changed": 0, "added": 0, "deleted": len(deleted), "unchanged_resent": 0}
         t = time.perf_counter()
-        for document, passages, rows in Docstore(parent.path(DOCSTORE)).documents():
+        for document, passages, rows in parent_store.documents():
             if document.id in deleted:
                 continue
             new = incoming.get(document.id)
@@ -152,6 +153,8 @@ def update_bundle(
     except BaseException:
         writer.abort()
         raise
+    finally:
+        parent_store.close()
     log.info("update %s", json.dumps(manifest["update"]))
     return BuildResult(
         path=path,
@@ -162,15 +165,6 @@ def update_bundle(
         skipped=report.skipped,
         timings=timings,
     )
-
-
-def _document_ids(docstore: Path) -> set[str]:
-    store = Docstore(docstore, connections=1)
-    try:
-        with store._connect() as connection:
-            return {r[0] for r in connection.execute("SELECT id FROM documents")}
-    finally:
-        store.close()
 
 
 __all__ = ["BundleError", "read_delete_ids", "update_bundle"]

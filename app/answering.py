@@ -16,6 +16,7 @@ the answer text piece by piece for any `answer.mode`:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -124,7 +125,8 @@ class Answerer:
     # -- producing the answer ------------------------------------------------------------------------------
 
     def _read(self, prepared: PreparedAnswer, run: _Run) -> None:
-        span = self.reader.read(prepared.question, [p["text"] for p in prepared.passages])
+        with self.pipeline.tracer.span("sift.read", **{"sift.passages": len(prepared.passages)}):
+            span = self.reader.read(prepared.question, [p["text"] for p in prepared.passages])
         run.span = span
         if span is None or (
             self.settings.min_reader_confidence is not None and span.confidence < self.settings.min_reader_confidence
@@ -216,16 +218,37 @@ class Answerer:
         text, messages = await asyncio.to_thread(self._plan, prepared, run)
         if messages is None:
             return self.finish(prepared, text, run)  # type: ignore[arg-type]
-        result = await asyncio.to_thread(self.generator.generate, messages, options)  # type: ignore[union-attr]
+        with self.pipeline.tracer.span("sift.generate", **self._trace_attrs(options)) as span:
+            result = await asyncio.to_thread(self.generator.generate, messages, options)  # type: ignore[union-attr]
+            if span is not None:
+                span.set_attribute("sift.completion_tokens", result.completion_tokens)
         return self.finish(prepared, result.text, run, result)
+
+    def _trace_attrs(self, options: GenerationOptions, stream: bool = False) -> dict[str, Any]:
+        return {
+            "sift.model": self.name,
+            "sift.mode": self.mode,
+            "sift.max_new_tokens": options.max_new_tokens,
+            "sift.stream": stream,
+        }
 
     async def stream(self, prepared: PreparedAnswer, options: GenerationOptions) -> AsyncIterator[str | AnswerResult]:
         """Yields text pieces as they are produced, then the final `AnswerResult`."""
         run = _Run()
         parts: list[str] = []
-        async for piece in iterate_in_thread(lambda: self.pieces(prepared, options, run)):
-            parts.append(piece)
-            yield piece
+        span = self.pipeline.tracer.start("sift.generate", **self._trace_attrs(options, stream=True))
+        error: BaseException | None = None
+        try:
+            async for piece in iterate_in_thread(lambda: self.pieces(prepared, options, run)):
+                parts.append(piece)
+                yield piece
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if span is not None:
+                span.set_attribute("sift.pieces", len(parts))
+            self.pipeline.tracer.end(span, error)
         yield self.finish(prepared, "".join(parts), run)
 
     def clears_threshold(self, hit_stages: dict[str, Any], reranked: bool) -> bool:
@@ -359,7 +382,8 @@ async def iterate_in_thread(make: Any) -> AsyncIterator[Any]:
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
-    threading.Thread(target=run, daemon=True, name="answer-stream").start()
+    context = contextvars.copy_context()  # the request id and the current span follow onto the thread
+    threading.Thread(target=context.run, args=(run,), daemon=True, name="answer-stream").start()
     while True:
         item = await queue.get()
         if item is done:

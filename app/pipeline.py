@@ -14,13 +14,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from app.retrieval import FusionConfig, Hit, fuse
 from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank
 from app.settings import Settings
+from app.tracing import Tracer
 from indexer.bundle import BundleInfo
 from indexer.docstore import Docstore
 from indexer.models import passage_index_text
@@ -37,6 +38,17 @@ class Searcher(Protocol):
     def search_many(self, queries: list[str], k: int, mask: np.ndarray | None = None) -> list[list[Hit]]: ...
 
 
+@runtime_checkable
+class VectorSearcher(Protocol):
+    """A searcher that encodes queries, then searches vectors (traced as two stages)."""
+
+    name: str
+
+    def encode(self, queries: list[str]) -> np.ndarray: ...
+
+    def search_vectors(self, vectors: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[list[Hit]]: ...
+
+
 @dataclass(frozen=True)
 class SearchOptions:
     """Per-request choices; defaults come from settings."""
@@ -49,6 +61,7 @@ class SearchOptions:
     rerank_depth: int = 50
     filters: dict[str, Any] | None = None
     collapse: bool = False
+    offset: int = 0  # a page is ranking[offset : offset + k] of the ranking at depth `candidates`
 
 
 @dataclass
@@ -59,6 +72,7 @@ class SearchResult:
     passages: dict[int, dict[str, Any]]
     timings_ms: dict[str, float]
     reranked: int = 0  # (query, passage) pairs the reranker scored for this query
+    ranked: int = 0  # length of the whole ranking the page was cut from (pages end there)
 
 
 class Pipeline:
@@ -71,12 +85,14 @@ class Pipeline:
         searchers: dict[str, Searcher],
         reranker: Reranker | None = None,
         settings: Settings | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.bundle = bundle
         self.docstore = docstore
         self.searchers = searchers
         self.reranker = reranker
         self.settings = settings or Settings()
+        self.tracer = tracer or Tracer()
         rs = self.settings.reranker
         self.batcher = MicroBatcher(reranker, rs.max_batch_size, rs.max_wait_ms) if reranker else None
 
@@ -92,16 +108,30 @@ class Pipeline:
             if searcher is None:
                 raise LookupError(f"mode {options.mode!r} needs the {name} index, which this bundle does not have")
             t = time.perf_counter()
-            rankings[name] = searcher.search_many(queries, options.candidates, mask)
+            rankings[name] = self._retrieve(searcher, queries, options.candidates, mask)
             timings[name] = _ms(t)
         if len(rankings) == 1:
             return next(iter(rankings.values())), timings
         t = time.perf_counter()
-        fused = [
-            fuse({name: lists[i] for name, lists in rankings.items()}, options.fusion) for i in range(len(queries))
-        ]
+        with self.tracer.span("sift.fusion", **{"sift.method": options.fusion.method, **self._trace_attrs(queries)}):
+            fused = [
+                fuse({name: lists[i] for name, lists in rankings.items()}, options.fusion) for i in range(len(queries))
+            ]
         timings["fusion"] = _ms(t)
         return fused, timings
+
+    def _retrieve(self, searcher: Searcher, queries: list[str], depth: int, mask: np.ndarray | None) -> list[list[Hit]]:
+        attrs = {"sift.candidates": depth, **self._trace_attrs(queries)}
+        if self.tracer.enabled and isinstance(searcher, VectorSearcher):
+            with self.tracer.span(f"sift.{searcher.name}.encode", **attrs):
+                vectors = searcher.encode(queries)
+            with self.tracer.span(f"sift.{searcher.name}.search", **attrs):
+                return searcher.search_vectors(vectors, depth, mask)
+        with self.tracer.span(f"sift.{searcher.name}", **attrs):
+            return searcher.search_many(queries, depth, mask)
+
+    def _trace_attrs(self, queries: list[str]) -> dict[str, Any]:
+        return {"sift.queries": len(queries), "sift.build": self.bundle.build_id}
 
     def rerank_pairs(
         self, queries: list[str], heads: list[list[Hit]]
@@ -124,14 +154,17 @@ class Pipeline:
         assert self.batcher is not None
         t = time.perf_counter()
         heads = [hits[:depth] for hits in ranked]
-        pairs, passages = await asyncio.to_thread(self.rerank_pairs, queries, heads)
-        try:
-            scores = await asyncio.wait_for(
-                self.batcher.score(pairs), timeout=self.settings.reranker.timeout_ms / 1000.0
-            )
-        except TimeoutError:
-            skipped = [[h.with_stage("rerank", None, None, "skipped (timeout)") for h in hits] for hits in ranked]
-            return skipped, _ms(t), passages
+        with self.tracer.span("sift.rerank", **{"sift.depth": depth, **self._trace_attrs(queries)}) as span:
+            pairs, passages = await asyncio.to_thread(self.rerank_pairs, queries, heads)
+            try:
+                scores = await asyncio.wait_for(
+                    self.batcher.score(pairs), timeout=self.settings.reranker.timeout_ms / 1000.0
+                )
+            except TimeoutError:
+                if span is not None:
+                    span.set_attribute("sift.rerank.timed_out", True)
+                skipped = [[h.with_stage("rerank", None, None, "skipped (timeout)") for h in hits] for hits in ranked]
+                return skipped, _ms(t), passages
         out, offset = [], 0
         for hits, head in zip(ranked, heads):
             head_scores = scores[offset : offset + len(head)]
@@ -143,7 +176,11 @@ class Pipeline:
     # -- entry points ------------------------------------------------------------------------------------
 
     async def search_many(self, queries: list[str], options: SearchOptions) -> list[SearchResult]:
-        """Run the whole pipeline for a batch of queries (encoded and reranked in batches)."""
+        """Run the whole pipeline for a batch of queries (encoded and reranked in batches).
+
+        Invariant: each result is `ranking[offset : offset + k]` of one ranking that depends on the options
+        but not on `offset` or `k` (as long as `candidates` does not change), so consecutive pages
+        concatenate to the result of one request for the whole range; ties are broken by passage row."""
         started = time.perf_counter()
         ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
         passages: dict[int, dict[str, Any]] = {}
@@ -155,17 +192,18 @@ class Pipeline:
             ]
         if options.collapse:
             ranked = [_best_passage_per_document(hits) for hits in ranked]
-        top = [hits[: options.k] for hits in ranked]
+        top = [hits[options.offset : options.offset + options.k] for hits in ranked]
         t = time.perf_counter()
         missing = {h.idx for hits in top for h in hits} - passages.keys()
-        if missing:
-            passages.update(await asyncio.to_thread(self.docstore.passages, missing))
+        with self.tracer.span("sift.fetch", **{"sift.passages": len(missing), **self._trace_attrs(queries)}):
+            if missing:  # (passages the reranker read are not read again)
+                passages.update(await asyncio.to_thread(self.docstore.passages, missing))
         timings["fetch"] = _ms(t)
         timings["total"] = _ms(started)
         timings = {k: round(v, 3) for k, v in timings.items()}
         return [
-            SearchResult(hits, {h.idx: passages[h.idx] for h in hits}, dict(timings), n)
-            for hits, n in zip(top, reranked)
+            SearchResult(hits, {h.idx: passages[h.idx] for h in hits}, dict(timings), n, len(whole))
+            for hits, n, whole in zip(top, reranked, ranked)
         ]
 
     async def search(self, query: str, options: SearchOptions) -> SearchResult:

@@ -37,6 +37,7 @@ from app.retrieval import BM25Searcher, DenseSearcher
 from app.retrieval.maxsim import MaxSimReranker, is_maxsim
 from app.retrieval.reranker import Reranker
 from app.settings import Settings
+from app.tracing import Tracer
 from indexer.bundle import CURRENT, DOCSTORE, BuildLease, BundleError, open_bundle, resolve_bundle
 from indexer.docstore import Docstore
 
@@ -57,12 +58,14 @@ class NotReady(RuntimeError):
 
 @dataclass
 class Models:
-    """Bundle-independent models, loaded once per process and shared by every build and collection."""
+    """Bundle-independent parts, loaded once per process and shared by every build and collection: the
+    models, and the tracer every pipeline reports its stages to."""
 
     reranker: Any = None  # Reranker | MaxSimReranker | None
     generator: Any = None  # Generator | None
     reader: Any = None  # ExtractiveReader | None
     encoders: dict[str, Any] = field(default_factory=dict)  # bi-encoders by model name
+    tracer: Tracer = field(default_factory=Tracer)  # off unless settings.tracing (or a test) says otherwise
 
     @classmethod
     def load(cls, settings: Settings, generator: bool = True, reader: bool = True) -> Models:
@@ -119,7 +122,7 @@ def load_pipeline(
         "pipeline ready",
         extra={"build": info.build_id, "searchers": list(searchers), "seconds": round(time.perf_counter() - t, 3)},
     )
-    return Pipeline(info, docstore, searchers, models.reranker, settings)
+    return Pipeline(info, docstore, searchers, models.reranker, settings, models.tracer)
 
 
 _SAME = object()
@@ -134,6 +137,7 @@ def derive_pipeline(base: Pipeline, settings: Settings | None = None, reranker: 
         base.searchers,
         base.reranker if reranker is _SAME else reranker,
         settings or base.settings,
+        base.tracer,
     )
 
 
@@ -337,10 +341,16 @@ class Services:
         self.owns_builds = True  # False when handed a pipeline: its owner closes it
 
     @classmethod
-    def from_settings(cls, settings: Settings, on_reload: Callable[[str, str], None] | None = None) -> Services:
-        """Unloaded services for `settings` (call `start()` to warm up and load every collection)."""
+    def from_settings(
+        cls,
+        settings: Settings,
+        on_reload: Callable[[str, str], None] | None = None,
+        tracer: Tracer | None = None,
+    ) -> Services:
+        """Unloaded services for `settings` (call `start()` to warm up and load every collection). The tracer
+        is built from `settings.tracing` unless one is given."""
         roots = dict(settings.collections) or {DEFAULT_COLLECTION: settings.bundle}
-        services = cls(settings, Models(), {})
+        services = cls(settings, Models(tracer=tracer or Tracer.from_settings(settings.tracing)), {})
         services.collections = {
             name: Collection(name, Path(root), settings, services.models, on_reload) for name, root in roots.items()
         }
@@ -349,7 +359,7 @@ class Services:
     @classmethod
     def from_pipeline(cls, pipeline: Pipeline, generator: Any = None, reader: Any = None) -> Services:
         """Services around an already loaded pipeline (tests, benches); no reload (nothing to watch)."""
-        models = Models(reranker=pipeline.reranker, generator=generator, reader=reader)
+        models = Models(reranker=pipeline.reranker, generator=generator, reader=reader, tracer=pipeline.tracer)
         collection = Collection(DEFAULT_COLLECTION, pipeline.bundle.root, pipeline.settings, models)
         collection.current = Build(pipeline, build_answerer(pipeline, models), None)
         services = cls(pipeline.settings, models, {DEFAULT_COLLECTION: collection})
@@ -401,8 +411,13 @@ class Services:
     def ready(self) -> bool:
         return self.load_error is None and all(c.current is not None for c in self.collections.values())
 
+    @property
+    def tracer(self) -> Tracer:
+        return self.models.tracer
+
     async def close(self) -> None:
         if not self.owns_builds:
             return
         for collection in self.collections.values():
             await collection.close()
+        self.models.tracer.shutdown()

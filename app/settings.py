@@ -141,6 +141,18 @@ class ServerSettings(BaseModel):
     )
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry spans per request and stage (needs `pip install 'sift[tracing]'`); off by default."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "console"] = Field(
+        "otlp", description="otlp (HTTP/protobuf, to `endpoint` or $OTEL_EXPORTER_OTLP_ENDPOINT) or console"
+    )
+    endpoint: str | None = Field(None, description="OTLP traces URL, e.g. http://collector:4318/v1/traces")
+    service_name: str = "sift"
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of new traces recorded (parents decide theirs)")
+
+
 class Settings(BaseSettings):
     """Everything Sift reads at start. See `configs/default.yaml` for every field with comments."""
 
@@ -161,6 +173,7 @@ class Settings(BaseSettings):
     generator: GeneratorSettings = GeneratorSettings()
     answer: AnswerSettings = AnswerSettings()
     server: ServerSettings = ServerSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @classmethod
     def settings_customise_sources(

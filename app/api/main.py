@@ -1,5 +1,5 @@
 """`create_app()`: the FastAPI application, its lifespan (load the bundle and models off the event loop)
-and middleware (body-size limit, metrics, structured access log)."""
+and middleware (request id, tracing, body-size limit, metrics, structured access log)."""
 
 from __future__ import annotations
 
@@ -21,15 +21,17 @@ from app.api.routes import router
 from app.pipeline import Pipeline
 from app.services import Services
 from app.settings import Settings, load_settings
+from app.tracing import REQUEST_ID, Tracer, new_request_id
 
 log = logging.getLogger("sift.api")
 
 
-class BodyLimitAndMetrics:
-    """ASGI middleware: 413 for bodies above the limit, and request counts/latency/in-flight metrics."""
+class RequestMiddleware:
+    """ASGI middleware around every HTTP request: its id (`X-Request-ID`, echoed back and put on every log
+    line and span), its tracing span, the body-size limit (413), metrics and the structured access log."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics) -> None:
-        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics, tracer: Tracer) -> None:
+        self.app, self.max_body_bytes, self.metrics, self.tracer = app, max_body_bytes, metrics, tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,10 +40,13 @@ class BodyLimitAndMetrics:
         started = time.perf_counter()
         status = {"code": 500}
         too_large = False
-        declared = dict(scope.get("headers") or {}).get(b"content-length")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             too_large = True
         received = 0
+        request_id = new_request_id(headers.get("x-request-id"))
+        token = REQUEST_ID.set(request_id)
 
         async def limited_receive() -> Message:
             nonlocal received, too_large
@@ -56,18 +61,29 @@ class BodyLimitAndMetrics:
         async def tracked_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
         self.metrics.in_flight.inc()
         try:
-            if too_large:
-                await self._reject(send, status)
-            else:
+            with self.tracer.request(scope.get("method", ""), scope.get("path", ""), headers) as span:
                 try:
-                    await self.app(scope, limited_receive, tracked_send)
-                except _BodyTooLarge:
-                    await self._reject(send, status)
+                    if too_large:
+                        await self._reject(tracked_send, status)
+                    else:
+                        try:
+                            await self.app(scope, limited_receive, tracked_send)
+                        except _BodyTooLarge:
+                            await self._reject(tracked_send, status)
+                finally:
+                    if span is not None:
+                        route = getattr(scope.get("route"), "path", None)
+                        if route:
+                            span.update_name(f"{scope.get('method')} {route}")
+                            span.set_attribute("http.route", route)
+                        span.set_attribute("http.response.status_code", status["code"])
         finally:
+            REQUEST_ID.reset(token)
             self.metrics.in_flight.dec()
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
@@ -78,6 +94,7 @@ class BodyLimitAndMetrics:
                 json.dumps(
                     {
                         "event": "request",
+                        "request_id": request_id,
                         "method": scope.get("method"),
                         "path": scope.get("path"),
                         "route": path,
@@ -162,5 +179,7 @@ def create_app(
     app.include_router(router)
     app.include_router(answer_router)
     app.include_router(ecosystem_router)
-    app.add_middleware(BodyLimitAndMetrics, max_body_bytes=settings.server.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        RequestMiddleware, max_body_bytes=settings.server.max_body_bytes, metrics=metrics, tracer=services.tracer
+    )
     return app

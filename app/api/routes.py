@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.errors import ApiError, error_body
+from app.api.pagination import Cursor, encode_cursor, fingerprint, resume
 from app.api.schemas import BatchSearchRequest, BatchSearchResponse, SearchParams, SearchRequest, SearchResponse
 from app.api.shaping import search_response
 from app.pipeline import Pipeline, SearchOptions
@@ -62,8 +64,8 @@ async def use_build(request: Request, name: str | None = None) -> AsyncIterator[
         await collection.release(build)
 
 
-def to_options(pipeline: Pipeline, params: SearchParams) -> SearchOptions:
-    """Merge request parameters over configured defaults and check they fit this bundle."""
+def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> SearchOptions:
+    """Merge request parameters over configured defaults and check they fit this bundle and the limits."""
     settings = pipeline.settings
     defaults = pipeline.options()
     mode = params.mode or defaults.mode
@@ -89,15 +91,21 @@ def to_options(pipeline: Pipeline, params: SearchParams) -> SearchOptions:
         dict(params.weights) if params.weights is not None else defaults.fusion.weights,
     )
     candidates = params.candidates or defaults.candidates
+    if candidates > settings.search.max_candidates:
+        raise ApiError(
+            422, "validation_error", f"candidates: must be <= {settings.search.max_candidates}", "candidates"
+        )
     return SearchOptions(
         k=params.k,
         mode=mode,
-        candidates=max(candidates, params.k),
+        # the first page may ask for more than `candidates`; later pages are cut from a ranking of fixed depth
+        candidates=candidates if offset else max(candidates, params.k),
         fusion=fusion,
         rerank=defaults.rerank if params.rerank is None else params.rerank,
         rerank_depth=params.rerank_depth or defaults.rerank_depth,
         filters=params.filters,
         collapse=params.collapse,
+        offset=offset,
     )
 
 
@@ -109,8 +117,17 @@ async def search(body: SearchRequest, request: Request) -> SearchResponse:
 
 
 async def _search(body: SearchRequest, request: Request, collection: Collection, pipeline: Pipeline) -> SearchResponse:
-    options = to_options(pipeline, body)
+    build_id = pipeline.bundle.build_id
+    options = to_options(pipeline, body, body.offset)
+    ranking = fingerprint(body.query, options, collection.name)
+    if body.cursor is not None:
+        max_depth = max(pipeline.settings.search.max_candidates, pipeline.settings.search.max_k)
+        cursor = resume(body.cursor, body.offset, build_id, collection.name, ranking, max_depth)
+        options = replace(options, offset=cursor.offset, candidates=cursor.depth)
     result = await pipeline.search(body.query, options)
+    end = options.offset + len(result.hits)
+    more = bool(result.hits) and end < result.ranked
+    next_cursor = encode_cursor(Cursor(build_id, collection.name, end, options.candidates, ranking)) if more else None
     metrics = request.app.state.metrics
     metrics.observe_timings(result.timings_ms, collection.name)
     metrics.reranked.labels(collection.name).inc(result.reranked)
@@ -123,6 +140,7 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
         body.return_text,
         body.highlight,
         pipeline.settings.search.snippet_chars,
+        next_cursor,
     )
 
 
@@ -143,7 +161,7 @@ async def _search_batch(
             f"queries: at most {pipeline.settings.search.max_batch_queries} per batch",
             "queries",
         )
-    options = to_options(pipeline, body)
+    options = to_options(pipeline, body, body.offset)
     started = time.perf_counter()
     results = await pipeline.search_many(body.queries, options)
     timings = results[0].timings_ms if results else {}

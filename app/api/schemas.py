@@ -77,9 +77,25 @@ def _check_query(value: str, field: str = "query") -> str:
     return value
 
 
+_OFFSET = Field(
+    0,
+    ge=0,
+    description="hits to skip: the page is ranking[offset : offset + k] of the ranking at depth `candidates`, so "
+    "pages agree with one request for the whole range when it fits in `candidates`",
+    examples=[0],
+)
+
+
 class SearchRequest(SearchParams):
     query: str = Field(
         ..., min_length=1, max_length=MAX_QUERY_CHARS, description="the search query", examples=["how do stars form?"]
+    )
+    offset: int = _OFFSET
+    cursor: str | None = Field(
+        None,
+        max_length=1024,
+        description="`next_cursor` of the previous page (send the same query and options; k may change); it fixes "
+        "the ranking's depth and is bound to the build that issued it: 409 once another build serves",
     )
 
     _query = field_validator("query")(classmethod(lambda cls, v: _check_query(v)))
@@ -89,6 +105,7 @@ class BatchSearchRequest(SearchParams):
     queries: list[str] = Field(
         ..., min_length=1, max_length=1000, description="queries, answered in order", examples=[["black holes", "tea"]]
     )
+    offset: int = _OFFSET
 
     @field_validator("queries")
     @classmethod
@@ -129,6 +146,10 @@ class SearchResponse(BaseModel):
         description="milliseconds per stage: bm25, dense, fusion, rerank, fetch, total"
     )
     bundle: str = Field(description="build id of the bundle that answered")
+    offset: int = Field(0, description="hits skipped before this page")
+    next_cursor: str | None = Field(
+        None, description="send as `cursor` (with the same query and options) for the next page; null on the last"
+    )
 
 
 class BatchSearchResponse(BaseModel):

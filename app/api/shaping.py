@@ -59,6 +59,7 @@ def search_response(
     return_text: bool,
     highlight: bool,
     snippet_chars: int = 240,
+    next_cursor: str | None = None,
 ) -> SearchResponse:
     hits = []
     for hit in result.hits:
@@ -79,4 +80,12 @@ def search_response(
                 explain=explain(hit.stages, options),
             )
         )
-    return SearchResponse(query=query, mode=options.mode, hits=hits, timings_ms=result.timings_ms, bundle=bundle_id)
+    return SearchResponse(
+        query=query,
+        mode=options.mode,
+        hits=hits,
+        timings_ms=result.timings_ms,
+        bundle=bundle_id,
+        offset=options.offset,
+        next_cursor=next_cursor,
+    )

@@ -47,7 +47,9 @@ def test_a_search_has_one_span_per_stage_under_its_request_span(traced):
     client, exporter = traced
     exporter.clear()
     response = client.post(
-        "/v1/search", json={"query": "how do stars form", "mode": "hybrid", "rerank": True}, headers={"X-Request-ID": "req-42"}
+        "/v1/search",
+        json={"query": "how do stars form", "mode": "hybrid", "rerank": True},
+        headers={"X-Request-ID": "req-42"},
     )
     assert response.status_code == 200 and response.headers["x-request-id"] == "req-42"
     spans = _by_trace(exporter, "req-42")

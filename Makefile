@@ -7,7 +7,7 @@ INDEX  ?= var/index
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: install index run test lint bench eval clean
+.PHONY: install browser index run test lint bench eval screenshot clean
 
 install: $(STAMP)  ## create .venv and install everything (torch 2.13.0 CPU first)
 
@@ -28,9 +28,19 @@ $(INDEX)/current: examples/corpus.jsonl configs/default.yaml $(STAMP)
 run: index  ## build the example index and serve it on :$(PORT)
 	$(BIN)/sift serve --bundle $(INDEX) --host $(HOST) --port $(PORT)
 
-test: install  ## lint and run the whole test suite
+browser:  ## Debian's Chromium + ChromeDriver for the playground test (it skips without them, fails on CI)
+	@command -v chromedriver >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	  else echo "no chromedriver and no root apt-get: the playground browser test will be skipped"; fi; }
+
+test: install browser  ## lint and run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+screenshot: install browser index  ## refresh docs/playground.png (the README's screenshot) from a real browser
+	SIFT_PLAYGROUND_SCREENSHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_playground.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

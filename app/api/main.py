@@ -17,6 +17,8 @@ from app.api.answer import router as answer_router
 from app.api.ecosystem import router as ecosystem_router
 from app.api.errors import error_body, install_error_handlers
 from app.api.metrics import Metrics
+from app.api.playground import assets as playground_assets
+from app.api.playground import router as playground_router
 from app.api.routes import router
 from app.pipeline import Pipeline
 from app.services import Services
@@ -179,6 +181,8 @@ def create_app(
     app.include_router(router)
     app.include_router(answer_router)
     app.include_router(ecosystem_router)
+    app.include_router(playground_router)
+    app.mount("/ui/assets", playground_assets, name="playground-assets")
     app.add_middleware(
         RequestMiddleware, max_body_bytes=settings.server.max_body_bytes, metrics=metrics, tracer=services.tracer
     )

@@ -127,7 +127,7 @@ def eval_retrieval(
             err=True,
         )
         raise typer.Exit(2)
-    rows, runs = run_pipelines(pipeline, data, names, rerank_depth=rerank_depth)
+    rows, runs = run_pipelines(pipeline, data, names, rerank_depth=rerank_depth, progress=True)
     table = markdown_table(rows)
     typer.echo(f"{dataset.name} {split}: {len(data.queries)} queries, bundle {pipeline.bundle.build_id}")
     typer.echo(table)

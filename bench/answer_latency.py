@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, append_report  # noqa: E402
+from bench.common import ROOT, append_report, progress  # noqa: E402
 
 QUESTIONS = [
     "When was the Eiffel Tower completed?",
@@ -50,8 +50,10 @@ def main() -> None:
     prepared = [asyncio.run(reader.prepare(q, reader.pipeline.options(k=5))) for q in QUESTIONS]
     list(generator.stream(prepared[0].messages, options))  # warm-up
     ttft, rates, prompt_tokens = [], [], []
+    bar = progress(args.runs * len(prepared), "generator runs")
     for _ in range(args.runs):
         for p in prepared:
+            bar.update()
             t0 = time.perf_counter()
             first = None
             text = ""
@@ -88,8 +90,10 @@ up to {args.max_new_tokens} new tokens. Model load from the cached fp32 copy: {l
             answerer.answer(asyncio.run(answerer.prepare(QUESTIONS[0], answerer.pipeline.options(k=5))), options)
         )
         times, answers = [], {}
+        bar = progress(args.runs * len(QUESTIONS), name)
         for _ in range(args.runs):
             for q in QUESTIONS:
+                bar.update()
                 t0 = time.perf_counter()
                 prepared = asyncio.run(answerer.prepare(q, answerer.pipeline.options(k=5)))
                 result = asyncio.run(answerer.answer(prepared, options))

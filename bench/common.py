@@ -31,15 +31,38 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}"
 
 
-def median_time(fn: Callable[[], Any], runs: int = 5, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall time of `runs` calls after `warmup` calls, and all the timings."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
+def progress(total: int, desc: str) -> Any:
+    """A progress bar with ETA on stderr for a benchmark's measurement steps (`.update()` after each)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, mininterval=0.5)
+
+
+def progress_iter(items: list, desc: str) -> Any:
+    """`items` with a progress bar (ETA) on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, file=sys.stderr, mininterval=0.5)
+
+
+def progress_range(n: int, desc: str) -> Any:
+    return progress_iter(list(range(n)), desc)
+
+
+def median_time(
+    fn: Callable[[], Any], runs: int = 5, warmup: int = 1, desc: str | None = None
+) -> tuple[float, list[float]]:
+    """Median wall time of `runs` calls after `warmup` calls, and all the timings (with a progress bar)."""
+    with progress(warmup + runs, desc or getattr(fn, "__name__", "runs")) as bar:
+        for _ in range(warmup):
+            fn()
+            bar.update()
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+            bar.update()
     return statistics.median(times), times
 
 

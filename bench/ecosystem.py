@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, append_report  # noqa: E402
+from bench.common import ROOT, append_report, progress  # noqa: E402
 
 
 def main() -> None:
@@ -80,6 +80,7 @@ def main() -> None:
             encoder.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
 
         timings: dict[str, list[float]] = {}
+        bar = progress(4 * (args.runs + 1), "rerank/embed runs")
         for name, fn in (
             ("http_rerank", http_rerank),
             ("direct_rerank", direct_rerank),
@@ -87,11 +88,13 @@ def main() -> None:
             ("direct_embed", direct_embed),
         ):
             fn()  # warm-up
+            bar.update()
             runs = []
             for _ in range(args.runs):
                 t = time.perf_counter()
                 fn()
                 runs.append(time.perf_counter() - t)
+                bar.update()
             timings[name] = runs
     med = {k: statistics.median(v) for k, v in timings.items()}
     body = f"""{len(pairs)} (query, document) pairs ({len(requests)} requests of 20 documents, {args.concurrency} concurrent

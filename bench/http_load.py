@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, SCIFACT, append_report  # noqa: E402
+from bench.common import ROOT, SCIFACT, append_report, progress  # noqa: E402
 from bench.search_latency import start_server  # noqa: E402
 
 
@@ -61,10 +61,12 @@ def main() -> None:
     rows = []
     try:
         asyncio.run(run_load(base, queries[:20], 4))  # warm-up
+        bar = progress(3 * args.runs, "load runs")
         for concurrency in (1, 8, 32):
             qps_runs, p50s, p99s, errors = [], [], [], 0
             for _ in range(args.runs):
                 qps, latencies, errs = asyncio.run(run_load(base, queries, concurrency))
+                bar.update()
                 qps_runs.append(qps)
                 p50s.append(float(np.percentile(latencies, 50)))
                 p99s.append(float(np.percentile(latencies, 99)))

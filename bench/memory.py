@@ -51,10 +51,12 @@ def main() -> None:
                 str(SCIFACT / "corpus.jsonl"),
                 "--out",
                 str(out),
-                "--no-progress",
             ]
             started = time.perf_counter()
-            subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+            # the build's progress bars (stderr) stay visible; its summary (stdout) is not needed
+            subprocess.run(
+                cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL
+            )
             seconds = time.perf_counter() - started
             peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
             lines.append(

@@ -66,7 +66,7 @@ def fusion_depth_plot(bundle: Path, out: Path) -> tuple[list[str], str]:
     points = []
     for depth in depths:
         spec = {"hybrid@depth": {"mode": "hybrid", "rerank": False, "candidates": depth}}
-        rows, _ = run_pipelines(pipeline, dataset, ["hybrid@depth"], k=min(100, depth), specs=spec)
+        rows, _ = run_pipelines(pipeline, dataset, ["hybrid@depth"], k=min(100, depth), specs=spec, progress=True)
         points.append((depth, rows[0].metrics["ndcg@10"], rows[0].latency_ms_p50))
         print(points[-1], flush=True)
     fig, ax = plt.subplots(figsize=(6, 4))

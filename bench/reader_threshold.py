@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     for e in examples:
         by_article.setdefault(e.paragraph.split("-")[0], []).append(e.context)
     answerable, unrelated, em = [], [], []
-    for i in range(0, len(validation), 16):
+    for i in tqdm(range(0, len(validation), 16), desc="read validation", unit="batch"):
         chunk = validation[i : i + 16]
         spans = reader.read_many([e.question for e in chunk], [[e.context] for e in chunk])
         answerable += [s.confidence for s in spans]

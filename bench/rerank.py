@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, SCIFACT, append_report  # noqa: E402
+from bench.common import ROOT, SCIFACT, append_report, progress_iter, progress_range  # noqa: E402
 
 SQUAD = ROOT.parent / "shared" / "data" / "squad" / "dev-v1.1.json"
 DEPTHS = (10, 20, 30, 50, 75, 100)
@@ -48,7 +48,7 @@ def throughput(reranker, pairs: list[tuple[str, str]], runs: int) -> list[str]: 
         )["input_ids"]
         reranker.score(pairs[:32])  # warm-up
         rates = []
-        for _ in range(runs):
+        for _ in progress_range(runs, f"pairs/s at {max_length} tokens"):
             started = time.perf_counter()
             reranker.score(pairs)
             rates.append(len(pairs) / (time.perf_counter() - started))
@@ -72,24 +72,22 @@ def score_candidates(pipeline, reranker, queries: list[str], depth: int):  # noq
     """Hybrid top-`depth` passages per query (as `Pipeline.coarse` ranks them) and their reranker scores."""
     options = pipeline.options(mode="hybrid", k=100, candidates=100, rerank=False)
     ranked, coarse_ms = [], []
-    for query in queries:
+    for query in progress_iter(queries, "first stage"):
         started = time.perf_counter()
         hits, _ = pipeline.coarse([query], options)
         coarse_ms.append((time.perf_counter() - started) * 1000)
         ranked.append(hits[0])
     scores = []
-    for query, hits in zip(queries, ranked):
+    for query, hits in progress_iter(list(zip(queries, ranked)), "rerank"):
         pairs, _ = pipeline.rerank_pairs([query], [hits[:depth]])
         scores.append(reranker.score(pairs))
-        print(f"\rscored {len(scores)}/{len(queries)} queries", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
     return ranked, scores, coarse_ms
 
 
 def depth_latency(pipeline, reranker, queries: list[str], ranked, depth: int) -> float:  # noqa: ANN001
     """p50 ms to fetch and score the first `depth` candidates of each query."""
     times = []
-    for query, hits in zip(queries, ranked):
+    for query, hits in progress_iter(list(zip(queries, ranked)), f"latency at depth {depth}"):
         started = time.perf_counter()
         reranker.score(pipeline.rerank_pairs([query], [hits[:depth]])[0])
         times.append((time.perf_counter() - started) * 1000)

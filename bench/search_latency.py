@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, SCIFACT, append_report  # noqa: E402
+from bench.common import ROOT, SCIFACT, append_report, progress  # noqa: E402
 
 
 def make_cross_encoder(path: Path) -> Path:
@@ -153,8 +153,10 @@ def main() -> None:
                 body = {"k": 10, "mode": "hybrid", "rerank": rerank, "rerank_depth": 50 if rerank else None}
                 body = {k: v for k, v in body.items() if v is not None}
                 asyncio.run(load(base, queries[:8], 4, body))  # warm-up
+                bar = progress(2, f"load (rerank={rerank})")
                 for concurrency in (1, 16):
                     latencies, timings, errors = asyncio.run(load(base, queries[:n], concurrency, body))
+                    bar.update()
                     stages = {
                         s: [t[s] for t in timings if s in t]
                         for s in ("bm25", "dense", "fusion", "rerank", "fetch", "total")

@@ -36,7 +36,7 @@ from indexer.dense import gpu_available, save_dense
 from indexer.docstore import DocstoreWriter
 from indexer.encoders import encode_passages, load_encoder, pick_device, resolve_model_path
 from indexer.models import passage_index_text
-from indexer.sources import ReadReport, SourceError, read_documents
+from indexer.sources import ReadReport, SourceError, estimate_documents, read_documents
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,14 @@ def build_bundle(
         docstore = DocstoreWriter(writer.root / DOCSTORE)
         index_texts: list[str] = []
         t = time.perf_counter()
-        with tqdm(desc="read+chunk", unit="doc", disable=not show_progress) as bar:
+        total = estimate_documents(Path(input_path)) if show_progress else None
+        with tqdm(desc="read+chunk", unit="doc", total=total, disable=not show_progress) as bar:
             for document, passages in chunker.chunk(documents):
                 docstore.add(document, passages)
                 index_texts.extend(passage_index_text(document.title, p.text) for p in passages)
                 bar.update(1)
+            bar.total = bar.n  # skipped records and over-counted CSV lines: end the bar where reading ended
+            bar.refresh()
         docstore.close()
         timings["read_chunk"] = time.perf_counter() - t
         if docstore.document_count == 0:

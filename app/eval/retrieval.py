@@ -124,21 +124,24 @@ def run_pipelines(  # noqa: ANN201
     k: int = 100,
     rerank_depth: int | None = None,
     specs: dict[str, dict[str, object]] | None = None,
+    progress: bool = False,
 ):
     """Run each named pipeline (from `specs`, default `PIPELINES`) query by query through `Pipeline.search`
-    (the API's code path), timing each query; returns (rows, runs) where runs[name] is the document run."""
+    (the API's code path), timing each query; returns (rows, runs) where runs[name] is the document run.
+    `progress` shows a bar with ETA per pipeline."""
     import asyncio
     import time
 
     import numpy as np
+    from tqdm.auto import tqdm
 
     rows: list[PipelineScores] = []
     runs: dict[str, dict[str, dict[str, float]]] = {}
     qids, texts = list(dataset.queries), list(dataset.queries.values())
 
-    async def evaluate_one(options):  # noqa: ANN001, ANN202
+    async def evaluate_one(options, name):  # noqa: ANN001, ANN202
         latencies, results = [], []
-        for text in texts:
+        for text in tqdm(texts, desc=name, unit="query", disable=not progress):
             started = time.perf_counter()
             result = await pipeline.search(text, options)
             latencies.append((time.perf_counter() - started) * 1000)
@@ -152,7 +155,7 @@ def run_pipelines(  # noqa: ANN201
             overrides["rerank_depth"] = rerank_depth
         options = pipeline.options(**overrides)
         asyncio.run(pipeline.search(texts[0], options))  # warm-up
-        latencies, results = asyncio.run(evaluate_one(options))
+        latencies, results = asyncio.run(evaluate_one(options, name))
         runs[name] = document_run(qids, results)
         rows.append(
             PipelineScores(

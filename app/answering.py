@@ -16,22 +16,22 @@ the answer text piece by piece for any `answer.mode`:
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import re
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from app.generation.base import Generation, GenerationOptions, Generator, Message
+from app.generation.base import Cancel, Generation, GenerationOptions, Generator, Message
+from app.generation.pool import GenerationPool
 from app.pipeline import Pipeline, SearchOptions
 from app.settings import AnswerSettings
 
 _CITE = re.compile(r"\[(\d{1,2})\]")
 _WORD = re.compile(r"\w\w+", re.UNICODE)
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed answer checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -97,12 +97,20 @@ class Answerer:
     """Retrieval + prompt building + reading/generation + citation mapping, for every answer mode."""
 
     def __init__(
-        self, pipeline: Pipeline, generator: Generator | None, settings: AnswerSettings, reader: Any = None
+        self,
+        pipeline: Pipeline,
+        generator: Generator | None,
+        settings: AnswerSettings,
+        reader: Any = None,
+        pool: GenerationPool | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.generator = generator
         self.reader = reader
         self.settings = settings
+        # generation and reading run here, never on the threads retrieval uses; the composition root shares
+        # one pool (server.max_concurrent_generations) across every build and collection
+        self.pool = pool or GenerationPool(4)
         self.mode = settings.mode
         if self.mode != "generative" and reader is None:
             raise ValueError(f"answer.mode {self.mode!r} needs a reader (answer.reader)")
@@ -160,13 +168,15 @@ class Answerer:
             return run.span.text, None
         return None, self.span_messages(prepared, run)
 
-    def pieces(self, prepared: PreparedAnswer, options: GenerationOptions, run: _Run) -> Iterator[str]:
+    def pieces(
+        self, prepared: PreparedAnswer, options: GenerationOptions, run: _Run, cancel: Cancel | None = None
+    ) -> Iterator[str]:
         """The answer text, piece by piece (blocking; run it on a worker thread)."""
         text, messages = self._plan(prepared, run)
         if messages is None:
             yield text  # type: ignore[misc]
         else:
-            yield from self.generator.stream(messages, options)  # type: ignore[union-attr]
+            yield from self.generator.stream(messages, options, cancel)  # type: ignore[union-attr]
 
     def finish(
         self, prepared: PreparedAnswer, text: str, run: _Run, generation: Generation | None = None
@@ -212,14 +222,38 @@ class Answerer:
             span,
         )
 
-    async def answer(self, prepared: PreparedAnswer, options: GenerationOptions) -> AnswerResult:
-        """The whole answer (reading and generation on worker threads)."""
+    def admit(self) -> None:
+        """Take a generation slot for one answer, or raise `Busy` (the caller calls `dismiss()` when done)."""
+        self.pool.acquire()
+
+    def dismiss(self) -> None:
+        self.pool.release()
+
+    async def answer(
+        self,
+        prepared: PreparedAnswer,
+        options: GenerationOptions,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> AnswerResult:
+        """The whole answer (reading and generation on the generation pool's threads). `disconnected` is
+        polled while it runs: once the client has gone, generation stops at its next token."""
+        cancel = Cancel()
+        work = asyncio.ensure_future(self._answer(prepared, options, cancel))
+        if disconnected is not None:
+            while not work.done():
+                await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+                if not work.done() and await disconnected():
+                    cancel.set()
+                    break
+        return await work
+
+    async def _answer(self, prepared: PreparedAnswer, options: GenerationOptions, cancel: Cancel) -> AnswerResult:
         run = _Run()
-        text, messages = await asyncio.to_thread(self._plan, prepared, run)
+        text, messages = await self.pool.run(self._plan, prepared, run)
         if messages is None:
             return self.finish(prepared, text, run)  # type: ignore[arg-type]
         with self.pipeline.tracer.span("sift.generate", **self._trace_attrs(options)) as span:
-            result = await asyncio.to_thread(self.generator.generate, messages, options)  # type: ignore[union-attr]
+            result = await self.pool.run(self.generator.generate, messages, options, cancel)  # type: ignore[union-attr]
             if span is not None:
                 span.set_attribute("sift.completion_tokens", result.completion_tokens)
         return self.finish(prepared, result.text, run, result)
@@ -232,14 +266,24 @@ class Answerer:
             "sift.stream": stream,
         }
 
-    async def stream(self, prepared: PreparedAnswer, options: GenerationOptions) -> AsyncIterator[str | AnswerResult]:
-        """Yields text pieces as they are produced, then the final `AnswerResult`."""
+    async def stream(
+        self,
+        prepared: PreparedAnswer,
+        options: GenerationOptions,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> AsyncIterator[str | AnswerResult]:
+        """Yields text pieces as they are produced, then the final `AnswerResult`. `disconnected` is polled
+        while waiting for the next piece: once the client has gone, generation stops and the stream ends
+        without a result."""
         run = _Run()
         parts: list[str] = []
         span = self.pipeline.tracer.start("sift.generate", **self._trace_attrs(options, stream=True))
         error: BaseException | None = None
+        cancel = Cancel()
         try:
-            async for piece in iterate_in_thread(lambda: self.pieces(prepared, options, run)):
+            async for piece in iterate_in_thread(
+                lambda: self.pieces(prepared, options, run, cancel), self.pool, cancel, disconnected
+            ):
                 parts.append(piece)
                 yield piece
         except BaseException as exc:
@@ -249,7 +293,8 @@ class Answerer:
             if span is not None:
                 span.set_attribute("sift.pieces", len(parts))
             self.pipeline.tracer.end(span, error)
-        yield self.finish(prepared, "".join(parts), run)
+        if not cancel.is_set():
+            yield self.finish(prepared, "".join(parts), run)
 
     def clears_threshold(self, hit_stages: dict[str, Any], reranked: bool) -> bool:
         if reranked and "rerank" in hit_stages and hit_stages["rerank"].score is not None:
@@ -367,27 +412,66 @@ def citations(answer: str, passages: list[dict[str, Any]]) -> list[dict[str, Any
     return out
 
 
-async def iterate_in_thread(make: Any) -> AsyncIterator[Any]:
-    """Consume a blocking iterator on a worker thread, yielding its items to the event loop."""
+async def iterate_in_thread(
+    make: Any,
+    pool: GenerationPool,
+    cancel: Cancel,
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
+) -> AsyncIterator[Any]:
+    """Consume a blocking iterator on a generation thread, yielding its items to the event loop. When the
+    consumer stops early, or `disconnected()` says the client went away (polled while waiting for an item),
+    `cancel` is set and the iterator is closed at its next item, so the generation behind it stops within a
+    token."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
-    def run() -> None:
+    def put(item: Any) -> None:
         try:
-            for item in make():
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed (server shutting down)
+            cancel.set()
 
-    context = contextvars.copy_context()  # the request id and the current span follow onto the thread
-    threading.Thread(target=context.run, args=(run,), daemon=True, name="answer-stream").start()
-    while True:
-        item = await queue.get()
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    def run() -> None:
+        iterator = make()
+        try:
+            for item in iterator:
+                if cancel.is_set():
+                    break
+                put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(exc)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            put(done)
+
+    pool.start(run)  # the request id and the current span follow onto the thread
+    finished = False
+    checked = loop.time()
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            while True:
+                await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+                # checked while waiting and, as pieces flow, at least every DISCONNECT_POLL_S (a server may drop
+                # writes to a closed connection silently, so sending does not tell)
+                if disconnected is not None and loop.time() - checked >= DISCONNECT_POLL_S:
+                    checked = loop.time()
+                    if await disconnected():
+                        getter.cancel()
+                        cancel.set()
+                        return
+                if getter.done():
+                    break
+            item = getter.result()
+            if item is done:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        if not finished:
+            cancel.set()  # the consumer left early: stop the generation

@@ -44,6 +44,23 @@ def setup_logging(level: str = "info") -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+def anonymous_refusal(settings, host: str) -> str | None:  # noqa: ANN001
+    """Why serving on `host` without API keys is refused (None when it is allowed)."""
+    from app.api.auth import Auth, is_loopback
+
+    try:
+        auth = Auth(settings.server)
+    except (OSError, ValueError) as exc:
+        return f"API keys: {exc}"
+    if auth.anonymous and not is_loopback(host) and not settings.server.allow_anonymous:
+        return (
+            f"refusing to serve on {host} without API keys: anyone who reaches the port could use every endpoint. "
+            "Set server.api_keys (e.g. SIFT_SERVER__API_KEYS='[\"<a long random key>\"]'), or bind 127.0.0.1, "
+            "or set server.allow_anonymous: true if something in front of Sift authenticates"
+        )
+    return None
+
+
 @app.command("serve")
 def serve(
     bundle: Path | None = typer.Option(None, "--bundle", "-b", help="bundle folder or index folder with `current`"),
@@ -66,6 +83,10 @@ def serve(
     common = dict(
         host=host or settings.server.host, port=port or settings.server.port, log_level=settings.server.log_level
     )
+    refusal = anonymous_refusal(settings, common["host"])
+    if refusal:
+        typer.echo(f"error: {refusal}", err=True)
+        raise typer.Exit(2)
     if n == 1:
         uvicorn.run(create_app(settings), **common)
         return

@@ -94,7 +94,9 @@ class Pipeline:
         self.settings = settings or Settings()
         self.tracer = tracer or Tracer()
         rs = self.settings.reranker
-        self.batcher = MicroBatcher(reranker, rs.max_batch_size, rs.max_wait_ms) if reranker else None
+        self.batcher = (
+            MicroBatcher(reranker, rs.max_batch_size, rs.max_wait_ms, rs.max_queued_pairs) if reranker else None
+        )
 
     # -- stages ------------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from app.answering import Answerer
 from app.generation import load_generator
+from app.generation.pool import GenerationPool
 from app.pipeline import Pipeline, Searcher
 from app.retrieval import BM25Searcher, DenseSearcher
 from app.retrieval.maxsim import MaxSimReranker, is_maxsim
@@ -66,6 +67,7 @@ class Models:
     reader: Any = None  # ExtractiveReader | None
     encoders: dict[str, Any] = field(default_factory=dict)  # bi-encoders by model name
     tracer: Tracer = field(default_factory=Tracer)  # off unless settings.tracing (or a test) says otherwise
+    generation: GenerationPool = field(default_factory=lambda: GenerationPool(4))  # answers' own threads
 
     @classmethod
     def load(cls, settings: Settings, generator: bool = True, reader: bool = True) -> Models:
@@ -148,7 +150,7 @@ def build_answerer(pipeline: Pipeline, models: Models) -> Answerer | None:
         return None
     if mode != "generative" and models.reader is None:
         return None
-    return Answerer(pipeline, models.generator, pipeline.settings.answer, reader=models.reader)
+    return Answerer(pipeline, models.generator, pipeline.settings.answer, reader=models.reader, pool=models.generation)
 
 
 @dataclass(eq=False)  # identity: a build is a set member while it drains
@@ -350,7 +352,11 @@ class Services:
         """Unloaded services for `settings` (call `start()` to warm up and load every collection). The tracer
         is built from `settings.tracing` unless one is given."""
         roots = dict(settings.collections) or {DEFAULT_COLLECTION: settings.bundle}
-        services = cls(settings, Models(tracer=tracer or Tracer.from_settings(settings.tracing)), {})
+        models = Models(
+            tracer=tracer or Tracer.from_settings(settings.tracing),
+            generation=GenerationPool(settings.server.max_concurrent_generations),
+        )
+        services = cls(settings, models, {})
         services.collections = {
             name: Collection(name, Path(root), settings, services.models, on_reload) for name, root in roots.items()
         }
@@ -359,7 +365,13 @@ class Services:
     @classmethod
     def from_pipeline(cls, pipeline: Pipeline, generator: Any = None, reader: Any = None) -> Services:
         """Services around an already loaded pipeline (tests, benches); no reload (nothing to watch)."""
-        models = Models(reranker=pipeline.reranker, generator=generator, reader=reader, tracer=pipeline.tracer)
+        models = Models(
+            reranker=pipeline.reranker,
+            generator=generator,
+            reader=reader,
+            tracer=pipeline.tracer,
+            generation=GenerationPool(pipeline.settings.server.max_concurrent_generations),
+        )
         collection = Collection(DEFAULT_COLLECTION, pipeline.bundle.root, pipeline.settings, models)
         collection.current = Build(pipeline, build_answerer(pipeline, models), None)
         services = cls(pipeline.settings, models, {DEFAULT_COLLECTION: collection})
@@ -420,4 +432,5 @@ class Services:
             return
         for collection in self.collections.values():
             await collection.close()
+        self.models.generation.shutdown()
         self.models.tracer.shutdown()

@@ -32,6 +32,9 @@ class SearchSettings(BaseModel):
     max_candidates: int = Field(1000, ge=1)
     max_query_chars: int = Field(2000, ge=1)
     max_batch_queries: int = Field(1000, ge=1)
+    max_batch_work: int = Field(
+        200_000, ge=1, description="most queries × candidates × retrievers in one /v1/search/batch request"
+    )
     snippet_chars: int = Field(240, ge=40)
 
 
@@ -58,6 +61,11 @@ class RerankerSettings(BaseModel):
     max_depth: int = Field(200, ge=1)
     max_batch_size: int = Field(64, ge=1, description="pairs per micro-batch across concurrent requests")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
+    max_queued_pairs: int = Field(
+        4096,
+        ge=1,
+        description="most pairs waiting to be reranked; requests beyond it get 429 (never a queue without end)",
+    )
     timeout_ms: float = Field(30000, gt=0, description="budget after which the fused order is returned")
     interpolation: float = Field(
         1.0, ge=0, le=1, description="final = w·z(reranker) + (1-w)·z(first stage); 1.0 = reranker only"
@@ -86,7 +94,8 @@ class GeneratorSettings(BaseModel):
     device: str | None = None
     base_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://localhost:8001/v1")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0, description="per connect/read of a remote generator")
+    deadline_s: float = Field(120.0, gt=0, description="total time a remote generation may take, retries included")
     max_retries: int = Field(2, ge=0, le=10)
     backoff_s: float = Field(0.5, ge=0)
     context_window: int = Field(8192, ge=256, description="context size of a remote model (tokens)")
@@ -109,9 +118,14 @@ class AnswerSettings(BaseModel):
         "validation data: bench/reader_threshold.py)",
     )
     template: Path = Field(PROJECT_ROOT / "configs" / "prompts" / "answer.yaml", description="prompt template file")
-    passages: int = Field(3, ge=1, le=20, description="most passages put into the prompt")
+    passages: int = Field(3, ge=1, description="most passages put into the prompt")
+    max_passages: int = Field(20, ge=1, description="most passages a request may ask for")
     context_budget: int = Field(1536, ge=128, description="prompt tokens available for passages")
-    max_new_tokens: int = Field(96, ge=1, le=2048)
+    max_new_tokens: int = Field(96, ge=1, description="default tokens generated per answer")
+    max_tokens_limit: int = Field(2048, ge=1, description="most tokens a request may ask to generate")
+    max_question_tokens: int = Field(
+        1024, ge=1, description="most prompt tokens from the caller: the question, or a chat's user and system text"
+    )
     min_rerank_score: float | None = Field(
         0.0, description="best passage must reach this reranker score (when reranking)"
     )
@@ -138,6 +152,19 @@ class ServerSettings(BaseModel):
     log_level: str = "info"
     reload_interval_s: float = Field(
         2.0, gt=0, description="how often each collection's `current` is checked for a newly published build"
+    )
+    api_keys: list[str] = Field(default_factory=list, description="keys of the search scope (Bearer tokens)")
+    admin_keys: list[str] = Field(default_factory=list, description="keys of the admin scope (search included)")
+    api_key_file: Path | None = Field(None, description="file of `search KEY` / `admin KEY` lines")
+    allow_anonymous: bool = Field(
+        False, description="serve without keys on a non-loopback address (otherwise `sift serve` refuses)"
+    )
+    rate_limit_per_s: float | None = Field(
+        None, gt=0, description="requests per second per key (per client address when anonymous); null: none"
+    )
+    rate_limit_burst: int = Field(20, ge=1, description="requests a key may send at once above the steady rate")
+    max_concurrent_generations: int = Field(
+        4, ge=1, description="answers/chats generating at once; more get 429 at once (generation has its own threads)"
     )
 
 

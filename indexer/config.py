@@ -75,6 +75,9 @@ class CsvSettings(BaseModel):
     id_column: str = "id"
     title_column: str = "title"
     text_column: str = "text"
+    max_field_chars: int = Field(
+        1_000_000, ge=1, description="longest CSV field; a longer one is a per-record error (--skip-bad skips it)"
+    )
 
 
 class IndexConfig(BaseSettings):

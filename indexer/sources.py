@@ -95,48 +95,64 @@ def estimate_documents(path: Path) -> int | None:
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Document | SourceError]]:
+    """Records line by line (the file is streamed, never read whole)."""
     try:
-        raw = path.read_bytes()
+        handle = path.open("rb")
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror})") from exc
-    if not raw.strip():
+    seen_any = False
+    with handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            seen_any = True
+            yield _jsonl_record(f"{path}:{number}", line)
+    if not seen_any:
         raise SourceError(f"{path}: file is empty")
-    for number, line in enumerate(raw.splitlines(), start=1):
-        where = f"{path}:{number}"
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            yield where, SourceError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
-            continue
-        except json.JSONDecodeError as exc:
-            yield where, SourceError(f"{where}: malformed JSON ({exc.msg}, column {exc.colno})")
-            continue
-        if not isinstance(record, dict):
-            yield where, SourceError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            continue
-        doc_id = record.get("_id", record.get("id"))
-        if doc_id is None or str(doc_id).strip() == "":
-            yield where, SourceError(f"{where}: missing '_id'")
-            continue
-        text = record.get("text")
-        if not isinstance(text, str):
-            yield where, SourceError(f"{where}: field 'text' must be a string")
-            continue
-        metadata = record.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            yield where, SourceError(f"{where}: field 'metadata' must be an object")
-            continue
-        yield where, Document(str(doc_id), str(record.get("title") or ""), text, metadata)
+
+
+def _jsonl_record(where: str, line: bytes) -> tuple[str, Document | SourceError]:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return where, SourceError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
+    except json.JSONDecodeError as exc:
+        return where, SourceError(f"{where}: malformed JSON ({exc.msg}, column {exc.colno})")
+    if not isinstance(record, dict):
+        return where, SourceError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    doc_id = record.get("_id", record.get("id"))
+    if doc_id is None or str(doc_id).strip() == "":
+        return where, SourceError(f"{where}: missing '_id'")
+    text = record.get("text")
+    if not isinstance(text, str):
+        return where, SourceError(f"{where}: field 'text' must be a string")
+    metadata = record.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        return where, SourceError(f"{where}: field 'metadata' must be an object")
+    return where, Document(str(doc_id), str(record.get("title") or ""), text, metadata)
 
 
 def _read_folder(folder: Path) -> Iterator[tuple[str, Document | SourceError]]:
+    """One document per file; its id is the path below `folder` without the extension. Two files that would
+    share an id (`a.md` and `a.txt`) are an error naming both, so neither silently replaces the other."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
     if not files:
         raise SourceError(f"{folder}: no {', '.join(FOLDER_SUFFIXES)} files found")
+    owners: dict[str, Path] = {}
     for file in files:
         where = str(file)
+        rel = file.relative_to(folder)
+        doc_id = str(rel.with_suffix(""))
+        if doc_id in owners:
+            yield (
+                where,
+                SourceError(
+                    f"{where}: document id {doc_id!r} is also the id of {owners[doc_id]} (folder ids are paths without "
+                    "the extension); rename one of the two files"
+                ),
+            )
+            continue
+        owners[doc_id] = file
         try:
             content = file.read_bytes().decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -145,7 +161,6 @@ def _read_folder(folder: Path) -> Iterator[tuple[str, Document | SourceError]]:
         if not content.strip():
             yield where, SourceError(f"{where}: file is empty")
             continue
-        rel = file.relative_to(folder)
         suffix = file.suffix.lower()
         if suffix in (".html", ".htm"):
             title, text = _html_title_and_text(content)
@@ -155,7 +170,7 @@ def _read_folder(folder: Path) -> Iterator[tuple[str, Document | SourceError]]:
             title, text = "", content
         title = title or file.stem.replace("_", " ").replace("-", " ")
         metadata = {"path": str(rel), "format": suffix.lstrip(".")}
-        yield where, Document(str(rel.with_suffix("")), title, text, metadata)
+        yield where, Document(doc_id, title, text, metadata)
 
 
 def _markdown_title(content: str) -> str:
@@ -204,30 +219,52 @@ def _html_title_and_text(content: str) -> tuple[str, str]:
 
 
 def _read_csv(path: Path, columns: CsvSettings) -> Iterator[tuple[str, Document | SourceError]]:
+    """Rows parsed by the csv module over the file itself (streamed; quoted newlines stay inside their field).
+    A malformed row or a field over `columns.max_field_chars` is an error for that record only."""
+    if csv.field_size_limit() < columns.max_field_chars:
+        csv.field_size_limit(columns.max_field_chars)  # process-wide in the csv module; only ever raised
     try:
-        content = path.read_bytes().decode("utf-8-sig")
+        handle = path.open(encoding="utf-8-sig", newline="")
+        first = handle.read(1)
+        handle.seek(0)
     except UnicodeDecodeError as exc:
         raise SourceError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    if not content.strip():
-        raise SourceError(f"{path}: file is empty")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(content.splitlines(), delimiter=delimiter)
-    header = reader.fieldnames or []
-    for required in (columns.id_column, columns.text_column):
-        if required not in header:
-            raise SourceError(
-                f"{path}:1: column {required!r} not in header {header}; "
-                "choose columns with --id-column/--title-column/--text-column"
-            )
-    for row in reader:
-        where = f"{path}:{reader.line_num}"
-        if None in row or any(v is None for v in row.values()):
-            yield where, SourceError(f"{where}: row has {len(row.get(None) or [])} extra or missing fields")
-            continue
-        doc_id = (row.get(columns.id_column) or "").strip()
-        if not doc_id:
-            yield where, SourceError(f"{where}: empty {columns.id_column!r} column")
-            continue
-        named = (columns.id_column, columns.title_column, columns.text_column)
-        metadata = {k: v for k, v in row.items() if k not in named}
-        yield where, Document(doc_id, row.get(columns.title_column) or "", row[columns.text_column], metadata)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read ({exc.strerror})") from exc
+    with handle:
+        if not first:
+            raise SourceError(f"{path}: file is empty")
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        try:
+            header = reader.fieldnames or []
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise SourceError(f"{path}:1: unreadable header ({exc})") from exc
+        for required in (columns.id_column, columns.text_column):
+            if required not in header:
+                raise SourceError(
+                    f"{path}:1: column {required!r} not in header {header}; "
+                    "choose columns with --id-column/--title-column/--text-column"
+                )
+        limit = columns.max_field_chars
+        while True:
+            where = f"{path}:{reader.line_num + 1}"
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield where, SourceError(f"{where}: unreadable row ({exc}; index.csv.max_field_chars is {limit})")
+                continue
+            except UnicodeDecodeError as exc:
+                raise SourceError(f"{where}: not valid UTF-8 ({exc.reason})") from exc
+            if None in row or any(v is None for v in row.values()):
+                yield where, SourceError(f"{where}: row has {len(row.get(None) or [])} extra or missing fields")
+                continue
+            doc_id = (row.get(columns.id_column) or "").strip()
+            if not doc_id:
+                yield where, SourceError(f"{where}: empty {columns.id_column!r} column")
+                continue
+            named = (columns.id_column, columns.title_column, columns.text_column)
+            metadata = {k: v for k, v in row.items() if k not in named}
+            yield where, Document(doc_id, row.get(columns.title_column) or "", row[columns.text_column], metadata)

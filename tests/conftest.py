@@ -11,13 +11,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# ../shared/data (SIFT_SHARED_DATA elsewhere): tests that need it skip without it, except under CI=true
+SHARED_DATA = Path(os.environ.get("SIFT_SHARED_DATA") or ROOT.parent / "shared" / "data")
 SCIFACT = SHARED_DATA / "scifact"
 EXAMPLES = ROOT / "examples" / "corpus.jsonl"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REQUIRED_DATA = ("scifact/corpus.jsonl", "scifact/queries.jsonl", "scifact/qrels/test.tsv", "squad/dev-v1.1.json")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under CI=true the shared datasets are part of the contract: their absence fails the run at once."""
+    if os.environ.get("CI") != "true":
+        return
+    missing = [name for name in REQUIRED_DATA if not (SHARED_DATA / name).exists()]
+    if missing:
+        pytest.exit(
+            f"CI=true but the shared test data is missing under {SHARED_DATA}: {', '.join(missing)}. "
+            "CI must provide ../shared/data (BEIR SciFact, SQuAD v1.1 dev); see ../shared/data/README",
+            returncode=1,
+        )
+
 
 needs_scifact = pytest.mark.skipif(
     not (SCIFACT / "corpus.jsonl").exists(),

@@ -22,7 +22,12 @@ STOPWORDS = {"the", "was", "and", "for", "with", "that", "this", "from", "are", 
 
 @pytest.fixture(scope="module")
 def rag_server(example_index):
-    env = {"SIFT_BUNDLE": str(example_index), "SIFT_ANSWER__MAX_NEW_TOKENS": "40", "SIFT_RERANKER__MODEL": "none"}
+    env = {
+        "SIFT_BUNDLE": str(example_index),
+        "SIFT_ANSWER__MAX_NEW_TOKENS": "40",
+        "SIFT_RERANKER__MODEL": "none",
+        "SIFT_SERVER__MAX_CONCURRENT_GENERATIONS": "8",
+    }
     with sift_server(env, ready_timeout=300) as (base, _):
         yield base
 
@@ -138,3 +143,140 @@ def test_answer_without_generator_is_503(example_pipeline):
     with TestClient(create_app(example_pipeline.settings, pipeline=example_pipeline)) as client:
         r = client.post("/v1/answer", json={"question": QUESTION})
     assert r.status_code == 503 and "no answer backend is configured" in r.json()["error"]["message"]
+
+
+# -- isolation, capacity and disconnects (issue: generation must never starve search) -----------------------------
+
+LONG = {
+    "question": "Describe the Eiffel Tower: its history, construction, height and visitors.",
+    "stream": True,
+    "generation": {"max_new_tokens": 800, "temperature": 1.6, "seed": 3},
+}
+
+
+def generations_active(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    return float(re.search(r"^sift_generations_active (\S+)$", text, re.M).group(1))
+
+
+class Streamer:
+    """A client streaming one answer over a plain socket, on its own thread; `ready` is set once it has read
+    `tokens` token events (0: once the response has started). `close()` shuts the socket at once (a
+    disconnect), whatever the reading thread is doing."""
+
+    def __init__(self, base: str, body: dict, tokens: int = 1) -> None:
+        import socket
+        import threading
+        from urllib.parse import urlparse
+
+        url = urlparse(base)
+        self.sock = socket.create_connection((url.hostname, url.port), timeout=120)
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST /v1/answer HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        )
+        self.sock.sendall(head.encode() + payload)
+        self.ready = threading.Event()
+        self.status: int | None = None
+        self.thread = threading.Thread(target=self._run, args=(tokens,), daemon=True)
+        self.thread.start()
+
+    def _run(self, tokens: int) -> None:
+        received = b""
+        try:
+            while chunk := self.sock.recv(65536):
+                received += chunk
+                if self.status is None and b"\r\n" in received:
+                    self.status = int(received.split(b" ", 2)[1])
+                if b"event: " in received and received.count(b"event: token") >= tokens:
+                    self.ready.set()
+        except OSError:
+            pass  # closed by close()
+        finally:
+            self.ready.set()
+
+    def close(self) -> None:
+        import socket
+
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(30)
+
+
+def search_latencies(base: str, n: int = 20) -> list[float]:
+    out = []
+    with httpx.Client(timeout=60) as client:
+        for i in range(n):
+            t = time.perf_counter()
+            r = client.post(f"{base}/v1/search", json={"query": f"how do stars form {i}", "k": 5})
+            assert r.status_code == 200
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def test_generations_are_isolated_capped_and_stop_when_their_clients_leave(rag_server):
+    alone = search_latencies(rag_server)
+    streams = [Streamer(rag_server, LONG, tokens=0) for _ in range(8)]
+    try:
+        for s in streams:
+            assert s.ready.wait(120) and s.status == 200
+        assert generations_active(rag_server) == 8
+        # a ninth answer is refused at once, not queued
+        t = time.perf_counter()
+        refused = httpx.post(f"{rag_server}/v1/answer", json={"question": QUESTION}, timeout=30)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "generation_busy" and time.perf_counter() - t < 2
+        # search does not wait behind the 8 generations
+        busy = search_latencies(rag_server)
+        assert max(busy) < max(1.0, 4 * max(alone)), (alone, busy)
+    finally:
+        for s in streams[:4]:
+            s.close()
+    # four clients left: their generations stop (slots free) within a second
+    deadline = time.perf_counter() + 1.5
+    while generations_active(rag_server) > 4 and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert generations_active(rag_server) == 4
+    for s in streams[4:]:
+        s.close()
+    deadline = time.perf_counter() + 1.5
+    while generations_active(rag_server) > 0 and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert generations_active(rag_server) == 0
+    # the model is free again: a short answer comes back promptly
+    assert httpx.post(f"{rag_server}/v1/answer", json={"question": QUESTION}, timeout=60).status_code == 200
+
+
+def test_a_non_streamed_answer_stops_when_its_client_leaves(rag_server):
+    body = {**LONG, "stream": False}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{rag_server}/v1/answer", json=body, timeout=httpx.Timeout(60, read=1.0))
+    deadline = time.perf_counter() + 1.5
+    while generations_active(rag_server) > 0 and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert generations_active(rag_server) == 0
+
+
+def test_a_disconnect_stops_the_remote_generation_too(rag_server, example_index):
+    """Sift A generates through Sift B (the rag server) over the OpenAI protocol; a client leaving A stops
+    A's upstream stream, and B's generation with it."""
+    env = {
+        "SIFT_BUNDLE": str(example_index),
+        "SIFT_RERANKER__MODEL": "none",
+        "SIFT_GENERATOR__BACKEND": "openai",
+        "SIFT_GENERATOR__BASE_URL": f"{rag_server}/v1",
+        "SIFT_GENERATOR__MODEL": "sift-rag",
+    }
+    with sift_server(env) as (front, _):
+        stream = Streamer(front, LONG, tokens=3)
+        assert stream.ready.wait(120) and stream.status == 200
+        assert generations_active(front) == 1 and generations_active(rag_server) == 1
+        stream.close()
+        deadline = time.perf_counter() + 1.5
+        while (generations_active(front) or generations_active(rag_server)) and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        assert generations_active(front) == 0 and generations_active(rag_server) == 0

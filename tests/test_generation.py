@@ -118,13 +118,62 @@ def test_remote_gives_up_after_bounded_retries_and_does_not_retry_client_errors(
         return httpx.Response(503)
 
     generator = OpenAICompatibleGenerator("http://r/v1", "m", max_retries=2, transport=httpx.MockTransport(busy))
-    with pytest.raises(RemoteGenerationError, match="HTTP 503 after 3 attempts"):
+    with pytest.raises(RemoteGenerationError, match=r"generator backend failed \(HTTP 503\)") as failed:
         generator.generate(MESSAGES, GenerationOptions())
-    assert len(attempts) == 3
+    assert len(attempts) == 3 and failed.value.detail == "HTTP 503 after 3 attempts"
     bad = OpenAICompatibleGenerator(
         "http://r/v1", "m", transport=httpx.MockTransport(lambda r: httpx.Response(400, text="bad model"))
     )
-    with pytest.raises(RemoteGenerationError, match="HTTP 400: bad model"):
+    with pytest.raises(RemoteGenerationError) as refused:
         bad.generate(MESSAGES, GenerationOptions())
+    # what a client sees names neither the upstream URL nor its body; the log gets both
+    assert "HTTP 400: bad model" in refused.value.detail
+    assert "bad model" not in str(refused.value) and "http://r" not in str(refused.value)
     with pytest.raises(ValueError, match="num_beams"):
         bad.generate(MESSAGES, GenerationOptions(num_beams=2))
+
+
+def test_remote_has_a_total_deadline_across_attempts(monkeypatch):
+    """Each attempt stalls until its read timeout; the deadline stops the whole call, not max_retries."""
+    import time as real_time
+
+    attempts = []
+
+    def stall(request):
+        attempts.append(real_time.monotonic())
+        real_time.sleep(0.4)
+        raise httpx.ReadTimeout("stalled", request=request)
+
+    generator = OpenAICompatibleGenerator(
+        "http://r/v1", "m", max_retries=10, backoff_s=0.05, deadline_s=1.0, transport=httpx.MockTransport(stall)
+    )
+    started = real_time.monotonic()
+    with pytest.raises(RemoteGenerationError):
+        generator.generate(MESSAGES, GenerationOptions())
+    assert real_time.monotonic() - started < 1.6 and 2 <= len(attempts) < 6
+
+
+def test_a_stream_is_retried_only_before_its_first_token():
+    """A stream that breaks after sending text fails instead of starting again (which would repeat it)."""
+    calls = []
+
+    class Broken(httpx.SyncByteStream):
+        def __iter__(self):
+            yield b'data: {"choices": [{"delta": {"content": "The answer is"}}]}\n\n'
+            raise httpx.ReadError("connection reset")
+
+    def handler(request):
+        calls.append(1)
+        if len(calls) == 1:
+            return httpx.Response(503)  # before any token: retried
+        return httpx.Response(200, stream=Broken(), headers={"content-type": "text/event-stream"})
+
+    generator = OpenAICompatibleGenerator(
+        "http://r/v1", "m", max_retries=3, backoff_s=0.0, transport=httpx.MockTransport(handler)
+    )
+    pieces = []
+    with pytest.raises(RemoteGenerationError, match="generator backend failed") as broke:
+        for piece in generator.stream(MESSAGES, GenerationOptions()):
+            pieces.append(piece)
+    assert pieces == ["The answer is"] and len(calls) == 2  # one retry before the first token, none after
+    assert "connection reset" in broke.value.detail and "connection reset" not in str(broke.value)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,21 +16,31 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.answering import Answerer, AnswerResult, PreparedAnswer
 from app.api.errors import ApiError
-from app.api.routes import ERRORS, acquire_build, to_options
-from app.api.schemas import MAX_QUERY_CHARS, SearchParams
-from app.generation.base import GenerationOptions
+from app.api.openapi import event_stream
+from app.api.routes import ERRORS, SEARCH, acquire_build, check_text, to_options
+from app.api.schemas import SearchParams
+from app.generation.base import GenerationError, GenerationOptions
 from app.services import Build
+from app.tracing import REQUEST_ID
 
+log = logging.getLogger("sift.api")
 router = APIRouter()
 SIFT_MODEL_ID = "sift-rag"
 
 
 class AnswerRequest(SearchParams):
     question: str = Field(
-        ..., min_length=1, max_length=MAX_QUERY_CHARS, examples=["When was the Eiffel Tower completed?"]
+        ...,
+        min_length=1,
+        description="non-blank, at most search.max_query_chars characters",
+        examples=["When was the Eiffel Tower completed?"],
     )
-    k: int = Field(5, ge=1, le=100, description="passages retrieved (the best fitting ones go into the prompt)")
-    passages: int | None = Field(None, ge=1, le=20, description="most passages put into the prompt (default 3)")
+    k: int = Field(5, ge=1, description="passages retrieved (the best fitting ones go into the prompt)")
+    passages: int | None = Field(
+        None,
+        ge=1,
+        description="most passages put into the prompt (default answer.passages, at most answer.max_passages)",
+    )
     generation: GenerationOptions = Field(default_factory=GenerationOptions, description="decoding controls")
     stream: bool = Field(False, description="send Server-Sent Events: passages, then tokens, then a final event")
 
@@ -61,8 +72,8 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(..., min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1, le=2048)
-    max_completion_tokens: int | None = Field(None, ge=1, le=2048)
+    max_tokens: int | None = Field(None, ge=1, description="at most answer.max_tokens_limit")
+    max_completion_tokens: int | None = Field(None, ge=1, description="at most answer.max_tokens_limit")
     stream: bool = False
     stop: str | list[str] | None = None
     seed: int | None = None
@@ -90,11 +101,35 @@ def answerer_of(build: Build) -> Answerer:
     return build.answerer
 
 
-def check_generation(options: GenerationOptions, stream: bool, prefix: str) -> None:
+def check_generation(options: GenerationOptions, stream: bool, prefix: str, limit: int) -> None:
+    if options.max_new_tokens > limit:
+        field = f"{prefix}max_new_tokens" if prefix else "max_tokens"
+        raise ApiError(422, "validation_error", f"{field}: must be <= {limit} (answer.max_tokens_limit)", field)
     problems = options.problems(stream=stream)
     if problems:
         field, why = problems[0]
         raise ApiError(422, "validation_error", f"{prefix}{field}: {why}", f"{prefix}{field}")
+
+
+def stream_error(exc: Exception) -> str:
+    """What a stream's error event says: a backend's public message, or an internal error with the request
+    id (the details go to the log, never to the client)."""
+    if isinstance(exc, GenerationError):
+        return str(exc)
+    log.error("answer stream failed", exc_info=exc, extra={"request_id": REQUEST_ID.get()})
+    return f"generation failed (internal error, logged with request id {REQUEST_ID.get()})"
+
+
+def check_question_tokens(reader: Answerer, texts: list[str], limit: int, field: str) -> None:
+    """413 when the caller's part of the prompt (question, or chat user and system text) exceeds the budget."""
+    tokens = sum(reader.count_tokens(t) for t in texts if t)
+    if tokens > limit:
+        raise ApiError(
+            413,
+            "prompt_too_long",
+            f"{field}: {tokens} prompt tokens exceed answer.max_question_tokens ({limit}); shorten them",
+            field,
+        )
 
 
 def sse(event: str, data: Any) -> str:
@@ -105,19 +140,47 @@ def passages_payload(prepared: PreparedAnswer) -> list[dict[str, Any]]:
     return [{k: p[k] for k in ("n", "doc_id", "passage_id", "title", "text", "score")} for p in prepared.passages]
 
 
-@router.post("/v1/answer", responses=ERRORS, tags=["answer"])
+@router.post(
+    "/v1/answer",
+    responses={
+        **ERRORS,
+        **event_stream("the answer (JSON), or with stream=true Server-Sent Events: passages, token…, done"),
+    },
+    tags=["answer"],
+    dependencies=SEARCH,
+)
 async def answer(body: AnswerRequest, request: Request) -> Any:
     """Retrieve, then answer from the best passages with citations (JSON or SSE): generated, an extracted
     span (`answer.mode: extractive`, citations with character offsets) or both (`extract-then-generate`)."""
     collection, build = acquire_build(request, body.collection)
     try:
         reader = answerer_of(build)
-        check_generation(body.generation, body.stream, "generation.")
+        limits = build.pipeline.settings
+        check_text(body.question, "question", limits.search.max_query_chars, "search.max_query_chars")
+        if body.passages is not None and body.passages > limits.answer.max_passages:
+            raise ApiError(
+                422,
+                "validation_error",
+                f"passages: must be <= {limits.answer.max_passages} (answer.max_passages)",
+                "passages",
+            )
+        check_question_tokens(reader, [body.question], limits.answer.max_question_tokens, "question")
+        check_generation(body.generation, body.stream, "generation.", limits.answer.max_tokens_limit)
         options = to_options(build.pipeline, body)
+        reader.admit()  # a generation slot, or 429 at once
+    except BaseException:
+        await collection.release(build)
+        raise
+
+    async def done() -> None:
+        reader.dismiss()
+        await collection.release(build)
+
+    try:
         started = time.perf_counter()
         prepared = await reader.prepare(body.question, options, body.passages)
     except BaseException:
-        await collection.release(build)
+        await done()
         raise
     generation = body.generation.model_copy()
     if "max_new_tokens" not in body.generation.model_fields_set:
@@ -148,25 +211,25 @@ async def answer(body: AnswerRequest, request: Request) -> Any:
     if not body.stream:
         try:
             t = time.perf_counter()
-            result = await reader.answer(prepared, generation)
+            result = await reader.answer(prepared, generation, request.is_disconnected)
             return final(result, (time.perf_counter() - t) * 1000)
         finally:
-            await collection.release(build)
+            await done()
 
     async def events() -> AsyncIterator[str]:
         try:
             yield sse("passages", {"passages": passages_payload(prepared), "answered": prepared.answerable})
             t = time.perf_counter()
             try:
-                async for piece in reader.stream(prepared, generation):
+                async for piece in reader.stream(prepared, generation, request.is_disconnected):
                     if isinstance(piece, AnswerResult):
                         yield sse("done", final(piece, (time.perf_counter() - t) * 1000))
                     else:
                         yield sse("token", {"text": piece})
             except Exception as exc:  # noqa: BLE001 - reported in-stream: the status line has been sent
-                yield sse("error", {"message": f"generation failed: {exc}"})
+                yield sse("error", {"message": stream_error(exc)})
         finally:
-            await collection.release(build)
+            await done()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
@@ -180,7 +243,7 @@ def chat_query(messages: list[ChatMessage]) -> str:
     return last
 
 
-@router.get("/v1/models", tags=["chat"])
+@router.get("/v1/models", tags=["chat"], responses=ERRORS, dependencies=SEARCH)
 async def models(request: Request) -> dict[str, Any]:
     """OpenAI-style model list: Sift's RAG model."""
     generator = request.app.state.services.models.generator
@@ -188,7 +251,12 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [{"id": SIFT_MODEL_ID, "object": "model", "created": 0, "owned_by": owned}]}
 
 
-@router.post("/v1/chat/completions", responses=ERRORS, tags=["chat"])
+@router.post(
+    "/v1/chat/completions",
+    responses={**ERRORS, **event_stream("a chat.completion (JSON), or with stream=true chat.completion.chunk events")},
+    tags=["chat"],
+    dependencies=SEARCH,
+)
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
     """OpenAI-compatible chat completion answered from the index; citations ride in an extra `citations` field."""
     params = body.sift or SearchParams(k=5)
@@ -213,11 +281,26 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             )
         except ValueError as exc:
             raise ApiError(422, "validation_error", f"stop: {exc}", "stop") from exc
-        check_generation(generation, body.stream, "")
+        check_generation(generation, body.stream, "", build.pipeline.settings.answer.max_tokens_limit)
+        query = chat_query(body.messages)
+        limits = build.pipeline.settings
+        check_text(query, "messages", limits.search.max_query_chars, "search.max_query_chars")
+        caller_text = [m.text() for m in body.messages if m.role in ("system", "developer")] + [query]
+        check_question_tokens(reader, caller_text, limits.answer.max_question_tokens, "messages")
         options = to_options(build.pipeline, params)
-        prepared = await reader.prepare(chat_query(body.messages), options)
+        reader.admit()  # a generation slot, or 429 at once
     except BaseException:
         await collection.release(build)
+        raise
+
+    async def done() -> None:
+        reader.dismiss()
+        await collection.release(build)
+
+    try:
+        prepared = await reader.prepare(query, options)
+    except BaseException:
+        await done()
         raise
     system_and_history = [m for m in body.messages if m.role in ("system", "developer")]
     if system_and_history:
@@ -227,9 +310,9 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
 
     if not body.stream:
         try:
-            result = await reader.answer(prepared, generation)
+            result = await reader.answer(prepared, generation, request.is_disconnected)
         finally:
-            await collection.release(build)
+            await done()
         usage = (result.prompt_tokens, result.completion_tokens)
         return {
             "id": completion_id,
@@ -265,15 +348,16 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         try:
             yield chunk({"role": "assistant", "content": ""})
             try:
-                async for piece in reader.stream(prepared, generation):
+                async for piece in reader.stream(prepared, generation, request.is_disconnected):
                     if isinstance(piece, AnswerResult):
                         yield chunk({}, piece.finish_reason, citations=piece.citations, bundle=build.build_id)
                     else:
                         yield chunk({"content": piece})
             except Exception as exc:  # noqa: BLE001 - the status line has been sent: end with an error event
-                yield f"data: {json.dumps({'error': {'type': 'generation_failed', 'message': str(exc)}})}\n\n"
+                error = {"error": {"type": "generation_failed", "message": stream_error(exc)}}
+                yield f"data: {json.dumps(error)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            await collection.release(build)
+            await done()
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})

@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api.errors import ApiError
-from app.api.routes import ERRORS, use_build
+from app.api.routes import ERRORS, SEARCH, use_build
 from app.retrieval.reranker import prepare_documents
 from indexer.models import passage_index_text
 
@@ -74,8 +74,8 @@ class RerankRequest(BaseModel):
         return value
 
 
-@router.post("/v1/rerank", responses=ERRORS, tags=["ecosystem"])
-@router.post("/v2/rerank", responses=ERRORS, tags=["ecosystem"], include_in_schema=False)
+@router.post("/v1/rerank", responses=ERRORS, tags=["ecosystem"], dependencies=SEARCH)
+@router.post("/v2/rerank", responses=ERRORS, tags=["ecosystem"], include_in_schema=False, dependencies=SEARCH)
 async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
     """Score documents against a query with the configured reranker (Cohere v2 / Jina shape). Scores are the
     reranker's raw relevance scores (cross-encoder logits, or MaxSim), the same numbers `/v1/search` shows in
@@ -187,7 +187,7 @@ class EmbeddingsRequest(BaseModel):
         return value
 
 
-@router.post("/v1/embeddings", responses=ERRORS, tags=["ecosystem"])
+@router.post("/v1/embeddings", responses=ERRORS, tags=["ecosystem"], dependencies=SEARCH)
 async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
     """Embed texts with the served bundle's bi-encoder (OpenAI shape), normalised as the index's vectors."""
     async with use_build(request, body.collection) as (_, build):

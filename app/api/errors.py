@@ -1,7 +1,9 @@
-"""Error responses: always JSON `{"error": {"type", "message", "fields"?}}` with a message that says what to do."""
+"""Error responses: always JSON `{"error": {"type", "message", "fields"?, "request_id"}}` with a message that
+says what to do, for every status, 500 included (no traceback: the request id finds it in the logs)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -9,19 +11,31 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.generation.base import GenerationError
+from app.generation.pool import Busy
+from app.retrieval.reranker import QueueFull
+from app.tracing import REQUEST_ID
+
+log = logging.getLogger("sift.api")
+
 
 class ApiError(Exception):
     """An error the API reports as-is; `field` names the request field at fault (for 422s)."""
 
-    def __init__(self, status: int, kind: str, message: str, field: str | None = None) -> None:
+    def __init__(
+        self, status: int, kind: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.kind, self.message, self.field = status, kind, message, field
+        self.status, self.kind, self.message, self.field, self.headers = status, kind, message, field, headers
 
 
 def error_body(kind: str, message: str, fields: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"type": kind, "message": message}
     if fields:
         body["fields"] = fields
+    request_id = REQUEST_ID.get()
+    if request_id is not None:
+        body["request_id"] = request_id
     return {"error": body}
 
 
@@ -54,13 +68,51 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         fields = [{"field": exc.field, "message": exc.message}] if exc.field else None
-        return JSONResponse(status_code=exc.status, content=error_body(exc.kind, exc.message, fields))
+        return JSONResponse(
+            status_code=exc.status, content=error_body(exc.kind, exc.message, fields), headers=exc.headers
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body FastAPI could not parse (e.g. not UTF-8): a bad field like any other
+            why = "could not be parsed; send a UTF-8 JSON object (content-type: application/json)"
+            return JSONResponse(
+                status_code=422,
+                content=error_body(
+                    "validation_error", f"invalid request: body: {why}", [{"field": "body", "message": why}]
+                ),
+            )
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and message == "Not Found":
             message = "no such route; see /docs for the API"
         if exc.status_code == 405:
-            message = "method not allowed on this route; see /docs for the API"
-        return JSONResponse(status_code=exc.status_code, content=error_body("http_error", message))
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"method not allowed on this route; use {allowed or 'another method'} (see /docs)"
+        return JSONResponse(
+            status_code=exc.status_code, content=error_body("http_error", message), headers=exc.headers or None
+        )
+
+    @app.exception_handler(Busy)
+    async def _busy(_: Request, exc: Busy) -> JSONResponse:
+        return JSONResponse(
+            status_code=429, content=error_body("generation_busy", str(exc)), headers={"Retry-After": "1"}
+        )
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse(status_code=429, content=error_body("rerank_busy", str(exc)), headers={"Retry-After": "1"})
+
+    @app.exception_handler(GenerationError)
+    async def _generation(_: Request, exc: GenerationError) -> JSONResponse:
+        log.warning("generation failed: %s", exc.detail, extra={"request_id": REQUEST_ID.get()})
+        return JSONResponse(status_code=502, content=error_body("generator_failed", str(exc)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error(
+            "unhandled error",
+            exc_info=exc,
+            extra={"request_id": REQUEST_ID.get(), "path": request.url.path},
+        )
+        message = "internal error; it is logged with this request_id: report it, or retry if the cause was transient"
+        return JSONResponse(status_code=500, content=error_body("internal_error", message))

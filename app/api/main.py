@@ -14,9 +14,11 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.answer import router as answer_router
+from app.api.auth import Auth
 from app.api.ecosystem import router as ecosystem_router
 from app.api.errors import error_body, install_error_handlers
 from app.api.metrics import Metrics
+from app.api.openapi import install_openapi
 from app.api.playground import assets as playground_assets
 from app.api.playground import router as playground_router
 from app.api.routes import router
@@ -40,29 +42,14 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = {"code": 500}
-        too_large = False
+        status = {"code": 500, "started": False}
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            too_large = True
-        received = 0
         request_id = new_request_id(headers.get("x-request-id"))
         token = REQUEST_ID.set(request_id)
 
-        async def limited_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    too_large = True
-                    raise _BodyTooLarge
-            return message
-
         async def tracked_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
@@ -70,13 +57,16 @@ class RequestMiddleware:
         try:
             with self.tracer.request(scope.get("method", ""), scope.get("path", ""), headers) as span:
                 try:
-                    if too_large:
+                    body = await self._read_body(receive, headers)
+                    if body is None:
                         await self._reject(tracked_send, status)
                     else:
-                        try:
-                            await self.app(scope, limited_receive, tracked_send)
-                        except _BodyTooLarge:
-                            await self._reject(tracked_send, status)
+                        await self.app(scope, _replay(body, receive), tracked_send)
+                except Exception as exc:  # noqa: BLE001 - any error becomes the documented JSON 500
+                    log.error("unhandled error", exc_info=exc, extra={"request_id": request_id})
+                    if status["started"]:
+                        raise
+                    await self._internal_error(tracked_send)
                 finally:
                     if span is not None:
                         route = getattr(scope.get("route"), "path", None)
@@ -106,25 +96,60 @@ class RequestMiddleware:
                 )
             )
 
+    async def _read_body(self, receive: Receive, headers: dict[str, str]) -> bytes | None:
+        """The whole request body (at most `max_body_bytes`, declared or chunked), or None when larger. Bodies
+        are small by design, so reading them first gives a clean 413 however they are sent."""
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks)  # a disconnect: the app sees an empty body, then the disconnect
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
     async def _reject(self, send: Send, status: dict[str, int]) -> None:
-        status["code"] = 413
-        body = json.dumps(
-            error_body(
-                "payload_too_large", f"request body exceeds {self.max_body_bytes} bytes; send fewer or shorter queries"
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
+        message = (
+            f"request body exceeds {self.max_body_bytes} bytes (server.max_body_bytes); send fewer or shorter inputs"
         )
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, 413, error_body("payload_too_large", message))
+
+    async def _internal_error(self, send: Send) -> None:
+        message = "internal error; it is logged with this request_id: report it, or retry if the cause was transient"
+        await _send_json(send, 500, error_body("internal_error", message))
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the app the body already read, then the client's later messages (disconnect)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _send_json(send: Send, status: int, content: dict) -> None:
+    body = json.dumps(content).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def create_app(
@@ -176,8 +201,10 @@ def create_app(
     )
     app.state.settings = settings
     app.state.services = services
+    app.state.auth = Auth(settings.server)
     app.state.metrics = metrics
     install_error_handlers(app)
+    install_openapi(app, settings)
     app.include_router(router)
     app.include_router(answer_router)
     app.include_router(ecosystem_router)

@@ -35,6 +35,9 @@ class Metrics:
             "sift_searches", "Queries searched, by collection", ["collection"], registry=self.registry
         )
         self.ready = Gauge("sift_ready", "1 when the bundle and models are loaded", registry=self.registry)
+        self.generations = Gauge(
+            "sift_generations_active", "Answers holding a generation slot now", registry=self.registry
+        )
         self.reloads = Counter(
             "sift_reloads",
             "Build loads by collection and outcome (ok | failed: the old build kept serving)",

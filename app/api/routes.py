@@ -9,24 +9,45 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.api.auth import principal_of, require
 from app.api.errors import ApiError, error_body
+from app.api.openapi import TEXT_PLAIN
 from app.api.pagination import Cursor, encode_cursor, fingerprint, resume
-from app.api.schemas import BatchSearchRequest, BatchSearchResponse, SearchParams, SearchRequest, SearchResponse
-from app.api.shaping import search_response
-from app.pipeline import Pipeline, SearchOptions
+from app.api.schemas import (
+    BatchSearchRequest,
+    BatchSearchResponse,
+    ErrorResponse,
+    SearchParams,
+    SearchRequest,
+    SearchResponse,
+)
+from app.api.shaping import redact, search_response
+from app.pipeline import RETRIEVERS_BY_MODE, Pipeline, SearchOptions
 from app.retrieval import FusionConfig
 from app.services import Build, Collection, NotReady, Services, UnknownCollection
 
 router = APIRouter()
 
+SEARCH = [Depends(require("search"))]
+ADMIN = [Depends(require("admin"))]
+
 ERRORS: dict[int | str, dict[str, Any]] = {
-    413: {"description": "body too large"},
-    422: {"description": "invalid body; `error.fields` names each bad field"},
-    503: {"description": "bundle or models not loaded yet; retry after /readyz answers 200"},
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        401: "missing or unknown API key (send `Authorization: Bearer <key>`)",
+        403: "the key lacks the scope this route needs",
+        404: "unknown collection, document or model",
+        409: "a paging cursor from another build",
+        413: "body or work over a limit; the message names the setting",
+        422: "invalid request; `error.fields` names each bad field",
+        429: "rate limit, generation slots or rerank queue full; see `Retry-After`",
+        502: "the generator backend failed",
+        503: "bundle or models not loaded yet (retry after /readyz answers 200), or no answer backend",
+    }.items()
 }
 
 
@@ -48,7 +69,7 @@ def acquire_build(request: Request, name: str | None = None) -> tuple[Collection
     except NotReady as exc:
         error = services.load_error or collection.error
         message = (
-            f"not ready: loading failed ({error}); fix the bundle or config (see /readyz)"
+            f"not ready: loading failed ({redact(error)}); fix the bundle or config (see /readyz)"
             if error
             else "not ready: the bundle and models are still loading; retry shortly (see /readyz)"
         )
@@ -64,6 +85,12 @@ async def use_build(request: Request, name: str | None = None) -> AsyncIterator[
         await collection.release(build)
 
 
+def check_text(value: str, field: str, limit: int, setting: str) -> None:
+    """422 naming the field and the setting when a query-like text is longer than its limit."""
+    if len(value) > limit:
+        raise ApiError(422, "validation_error", f"{field}: longer than {limit} characters ({setting})", field)
+
+
 def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> SearchOptions:
     """Merge request parameters over configured defaults and check they fit this bundle and the limits."""
     settings = pipeline.settings
@@ -77,7 +104,14 @@ def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> Sea
             "mode",
         )
     if params.k > settings.search.max_k:
-        raise ApiError(422, "validation_error", f"k: must be <= {settings.search.max_k}", "k")
+        raise ApiError(422, "validation_error", f"k: must be <= {settings.search.max_k} (search.max_k)", "k")
+    if params.rerank_depth is not None and params.rerank_depth > settings.reranker.max_depth:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"rerank_depth: must be <= {settings.reranker.max_depth} (reranker.max_depth)",
+            "rerank_depth",
+        )
     if params.rerank and pipeline.reranker is None:
         raise ApiError(
             422,
@@ -93,7 +127,10 @@ def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> Sea
     candidates = params.candidates or defaults.candidates
     if candidates > settings.search.max_candidates:
         raise ApiError(
-            422, "validation_error", f"candidates: must be <= {settings.search.max_candidates}", "candidates"
+            422,
+            "validation_error",
+            f"candidates: must be <= {settings.search.max_candidates} (search.max_candidates)",
+            "candidates",
         )
     return SearchOptions(
         k=params.k,
@@ -109,7 +146,7 @@ def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> Sea
     )
 
 
-@router.post("/v1/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
+@router.post("/v1/search", response_model=SearchResponse, responses=ERRORS, tags=["search"], dependencies=SEARCH)
 async def search(body: SearchRequest, request: Request) -> SearchResponse:
     """Retrieve (bm25, dense or hybrid), optionally rerank, and return the top `k` passages with per-stage explain."""
     async with use_build(request, body.collection) as (collection, build):
@@ -117,6 +154,7 @@ async def search(body: SearchRequest, request: Request) -> SearchResponse:
 
 
 async def _search(body: SearchRequest, request: Request, collection: Collection, pipeline: Pipeline) -> SearchResponse:
+    check_text(body.query, "query", pipeline.settings.search.max_query_chars, "search.max_query_chars")
     build_id = pipeline.bundle.build_id
     options = to_options(pipeline, body, body.offset)
     ranking = fingerprint(body.query, options, collection.name)
@@ -144,7 +182,9 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
     )
 
 
-@router.post("/v1/search/batch", response_model=BatchSearchResponse, responses=ERRORS, tags=["search"])
+@router.post(
+    "/v1/search/batch", response_model=BatchSearchResponse, responses=ERRORS, tags=["search"], dependencies=SEARCH
+)
 async def search_batch(body: BatchSearchRequest, request: Request) -> BatchSearchResponse:
     """Many queries in one request, encoded and reranked in batches (for batch jobs and evaluation)."""
     async with use_build(request, body.collection) as (collection, build):
@@ -154,14 +194,36 @@ async def search_batch(body: BatchSearchRequest, request: Request) -> BatchSearc
 async def _search_batch(
     body: BatchSearchRequest, request: Request, collection: Collection, pipeline: Pipeline
 ) -> BatchSearchResponse:
-    if len(body.queries) > pipeline.settings.search.max_batch_queries:
+    limits = pipeline.settings.search
+    if len(body.queries) > limits.max_batch_queries:
         raise ApiError(
-            422,
-            "validation_error",
-            f"queries: at most {pipeline.settings.search.max_batch_queries} per batch",
+            413,
+            "too_many_queries",
+            f"queries: at most {limits.max_batch_queries} per batch (search.max_batch_queries)",
             "queries",
         )
+    for i, query in enumerate(body.queries):
+        check_text(query, f"queries[{i}]", limits.max_query_chars, "search.max_query_chars")
     options = to_options(pipeline, body, body.offset)
+    work = len(body.queries) * options.candidates * len(RETRIEVERS_BY_MODE[options.mode])
+    if work > limits.max_batch_work:
+        raise ApiError(
+            413,
+            "batch_too_large",
+            f"queries: {len(body.queries)} queries × {options.candidates} candidates × "
+            f"{len(RETRIEVERS_BY_MODE[options.mode])} retrievers = {work} exceeds search.max_batch_work "
+            f"({limits.max_batch_work}); send fewer queries or fewer candidates",
+            "queries",
+        )
+    queued = pipeline.settings.reranker.max_queued_pairs
+    if options.rerank and pipeline.batcher is not None and len(body.queries) * options.rerank_depth > queued:
+        raise ApiError(
+            413,
+            "batch_too_large",
+            f"queries: {len(body.queries)} queries × rerank_depth {options.rerank_depth} pairs exceed "
+            f"reranker.max_queued_pairs ({queued}); send fewer queries, a smaller rerank_depth or rerank=false",
+            "queries",
+        )
     started = time.perf_counter()
     results = await pipeline.search_many(body.queries, options)
     timings = results[0].timings_ms if results else {}
@@ -185,7 +247,12 @@ async def _search_batch(
     return BatchSearchResponse(results=shaped, timings_ms=total, bundle=pipeline.bundle.build_id)
 
 
-@router.get("/v1/documents/{doc_id:path}", tags=["documents"], responses={404: {"description": "unknown document"}})
+@router.get(
+    "/v1/documents/{doc_id:path}",
+    tags=["documents"],
+    responses={**ERRORS, 404: {"description": "unknown document"}},
+    dependencies=SEARCH,
+)
 async def get_document(doc_id: str, request: Request, collection: str | None = None) -> dict[str, Any]:
     """A document with all its passages (`?collection=` picks the collection)."""
     async with use_build(request, collection) as (_, build):
@@ -200,29 +267,36 @@ async def get_document(doc_id: str, request: Request, collection: str | None = N
     return document
 
 
-@router.get("/v1/collections", tags=["service"])
+@router.get("/v1/collections", tags=["service"], responses=ERRORS, dependencies=SEARCH)
 async def collections(request: Request) -> dict[str, Any]:
     """The served collections (the first is the default), each with its build and reload state."""
     services: Services = request.app.state.services
-    return {
+    listing = {
         "collections": [c.status() for c in services.collections.values()],
         "default": services.collection(None).name,
     }
+    return shown_to(request, listing)
 
 
-@router.post("/v1/admin/reload", tags=["service"])
+@router.post("/v1/admin/reload", tags=["service"], responses=ERRORS, dependencies=ADMIN)
 async def reload(request: Request, collection: str | None = None) -> dict[str, Any]:
     """Check now for a newly published build (of one collection, or all) instead of waiting for the watcher."""
     services: Services = request.app.state.services
     collection_of(request, collection)
-    return {"results": await services.reload(collection)}
+    return shown_to(request, {"results": await services.reload(collection)})
 
 
-@router.get("/v1/info", tags=["service"])
+@router.get("/v1/info", tags=["service"], responses=ERRORS, dependencies=SEARCH)
 async def info(request: Request, collection: str | None = None) -> dict[str, Any]:
     """The bundle manifest, loaded models, the settings that shape results and the reload state."""
     async with use_build(request, collection) as (served, build):
-        return _info(build.pipeline, served)
+        return shown_to(request, _info(build.pipeline, served))
+
+
+def shown_to(request: Request, body: dict[str, Any]) -> dict[str, Any]:
+    """`body` in full for an admin key; without paths and host names for anyone else."""
+    principal = principal_of(request)
+    return body if principal is not None and principal.verified and principal.may("admin") else redact(body)
 
 
 def _info(pipeline: Pipeline, collection: Collection) -> dict[str, Any]:
@@ -250,17 +324,21 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["service"], responses={503: {"description": "still loading or failed to load"}})
+@router.get(
+    "/readyz",
+    tags=["service"],
+    responses={503: {"model": ErrorResponse, "description": "still loading or failed to load"}},
+)
 async def readyz(request: Request) -> Any:
     """200 once the models and every collection's build are loaded; 503 before (or if loading failed).
     `details` shows each collection's build and the last failed reload (the old build keeps serving)."""
     services: Services = request.app.state.services
-    details = {c.name: c.status() for c in services.collections.values()}
+    details = redact({c.name: c.status() for c in services.collections.values()})  # a public probe
     if not services.ready:
         error = services.load_error or "; ".join(
             f"{c.name}: {c.error}" for c in services.collections.values() if c.current is None and c.error
         )
-        message = f"not ready: loading failed ({error})" if error else "not ready: still loading; retry shortly"
+        message = f"not ready: loading failed ({redact(error)})" if error else "not ready: still loading; retry shortly"
         body = error_body("not_ready", message)
         body["details"] = details
         return JSONResponse(status_code=503, content=body)
@@ -273,7 +351,11 @@ async def readyz(request: Request) -> Any:
     }
 
 
-@router.get("/metrics", tags=["service"])
+@router.get(
+    "/metrics", tags=["service"], responses={**ERRORS, **TEXT_PLAIN}, response_class=Response, dependencies=ADMIN
+)
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics."""
+    """Prometheus metrics (admin scope when keys are configured)."""
+    services: Services = request.app.state.services
+    request.app.state.metrics.generations.set(services.models.generation.active)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,13 +1,15 @@
-"""Request and response models of the HTTP API (documented in the OpenAPI schema at /docs)."""
+"""Request and response models of the HTTP API (documented in the OpenAPI schema at /docs).
+
+Limits are not written here: they live in settings (`search.max_k`, `search.max_query_chars`, ...), the
+routes enforce them, and `app.api.openapi` writes them into the served OpenAPI document."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 FilterValue = str | int | float | bool
-MAX_QUERY_CHARS = 2000
 
 
 class SearchParams(BaseModel):
@@ -15,29 +17,39 @@ class SearchParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(10, ge=1, le=100, description="number of hits to return", examples=[10])
+    k: int = Field(10, ge=1, description="number of hits to return (at most search.max_k)", examples=[10])
     mode: Literal["bm25", "dense", "hybrid"] | None = Field(
         None,
         description="coarse retrieval: bm25, dense, or both fused (default from config: hybrid)",
         examples=["hybrid"],
     )
     candidates: int | None = Field(
-        None, ge=1, le=1000, description="passages each retriever contributes (default 100)", examples=[100]
+        None,
+        ge=1,
+        description="passages each retriever contributes (default search.default_candidates, at most "
+        "search.max_candidates)",
+        examples=[100],
     )
     fusion: Literal["rrf", "weighted"] | None = Field(
         None, description="how hybrid rankings are fused", examples=["rrf"]
     )
     rrf_k: int | None = Field(None, ge=1, le=10000, description="RRF constant (default 60)", examples=[60])
-    weights: dict[Literal["bm25", "dense"], float] | None = Field(
+    weights: dict[Literal["bm25", "dense"], Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
         None,
         description="per-retriever weights for `weighted` fusion over min-max normalised scores",
         examples=[{"bm25": 0.3, "dense": 0.7}],
     )
     rerank: bool | None = Field(
-        None, description="rerank with the cross-encoder (default: on when one is configured)", examples=[True]
+        None,
+        description="rerank with the configured second stage (default: on when one is configured; true without "
+        "one is a 422)",
+        examples=[False],
     )
     rerank_depth: int | None = Field(
-        None, ge=1, le=200, description="fused candidates reranked (default 50)", examples=[50]
+        None,
+        ge=1,
+        description="fused candidates reranked (default reranker.depth, at most reranker.max_depth)",
+        examples=[20],
     )
     filters: dict[str, FilterValue | list[FilterValue]] | None = Field(
         None,
@@ -52,13 +64,6 @@ class SearchParams(BaseModel):
     collection: str | None = Field(
         None, description="which served collection to search (default: the first; see /v1/collections)"
     )
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_non_negative(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value is not None and any(w < 0 for w in value.values()):
-            raise ValueError("weights must be >= 0")
-        return value
 
     @field_validator("filters")
     @classmethod
@@ -88,7 +93,10 @@ _OFFSET = Field(
 
 class SearchRequest(SearchParams):
     query: str = Field(
-        ..., min_length=1, max_length=MAX_QUERY_CHARS, description="the search query", examples=["how do stars form?"]
+        ...,
+        min_length=1,
+        description="the search query (non-blank, at most search.max_query_chars)",
+        examples=["how do stars form?"],
     )
     offset: int = _OFFSET
     cursor: str | None = Field(
@@ -103,7 +111,11 @@ class SearchRequest(SearchParams):
 
 class BatchSearchRequest(SearchParams):
     queries: list[str] = Field(
-        ..., min_length=1, max_length=1000, description="queries, answered in order", examples=[["black holes", "tea"]]
+        ...,
+        min_length=1,
+        description="queries, answered in order (at most search.max_batch_queries, each at most "
+        "search.max_query_chars; queries × candidates at most search.max_batch_work)",
+        examples=[["black holes", "tea"]],
     )
     offset: int = _OFFSET
 
@@ -113,9 +125,20 @@ class BatchSearchRequest(SearchParams):
         for i, query in enumerate(value):
             if not query.strip():
                 raise ValueError(f"queries[{i}] must contain non-whitespace text")
-            if len(query) > MAX_QUERY_CHARS:
-                raise ValueError(f"queries[{i}] is longer than {MAX_QUERY_CHARS} characters")
         return value
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="machine-readable kind, e.g. validation_error, unauthorized, rate_limited")
+    message: str = Field(description="what went wrong and what to do next")
+    fields: list[dict[str, str]] | None = Field(None, description="each bad field and why (422s)")
+    request_id: str | None = Field(None, description="the X-Request-ID this error is logged under")
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever its status."""
+
+    error: ErrorDetail
 
 
 class StageExplain(BaseModel):

@@ -10,6 +10,20 @@ from app.api.schemas import SearchHit, SearchResponse, StageExplain
 from app.pipeline import RETRIEVERS_BY_MODE, SearchOptions, SearchResult
 
 _WORD = re.compile(r"\w\w+", re.UNICODE)
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(?:/[^\s/'\"(),;]+)+/?")
+PRIVATE_KEYS = {"host"}
+
+
+def redact(value: Any) -> Any:
+    """`value` without what tells where things live: absolute paths become their last component, host names
+    are dropped. For responses to callers without the admin scope."""
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items() if k not in PRIVATE_KEYS}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], value)
+    return value
 
 
 def snippet(text: str, query: str, chars: int, highlight: bool) -> str:

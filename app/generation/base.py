@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,12 +18,18 @@ class GenerationOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(128, ge=1, le=2048, description="most tokens to generate", examples=[128])
+    max_new_tokens: int = Field(
+        128, ge=1, description="most tokens to generate (at most answer.max_tokens_limit)", examples=[128]
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy; > 0 samples", examples=[0.0])
-    top_k: int | None = Field(None, ge=1, le=1000, description="sample from the k likeliest tokens", examples=[50])
-    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass", examples=[0.9])
+    top_k: int | None = Field(
+        None, ge=1, le=1000, description="sample from the k likeliest tokens (only with temperature > 0)"
+    )
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="nucleus sampling mass (only with temperature > 0)")
     repetition_penalty: float = Field(1.0, gt=0.0, le=3.0, description="> 1 discourages repeats", examples=[1.1])
-    num_beams: int = Field(1, ge=1, le=8, description="beam search width (greedy decoding only)", examples=[1])
+    num_beams: int = Field(
+        1, ge=1, le=8, description="beam search width (only with temperature 0 and stream false)", examples=[1]
+    )
     seed: int | None = Field(None, ge=0, description="makes sampling reproducible", examples=[7])
     stop: list[str] = Field(default_factory=list, max_length=4, description="stop sequences", examples=[["\n\n"]])
 
@@ -56,17 +63,67 @@ class Generation:
     finish_reason: str  # "stop" | "length"
 
 
+class GenerationError(RuntimeError):
+    """A backend failed. `str()` is safe to show to API clients (no URLs, no upstream bodies); `detail` is
+    for the server's log only."""
+
+    def __init__(self, public: str, detail: str = "") -> None:
+        super().__init__(public)
+        self.detail = detail or public
+
+
+class Cancel:
+    """Set when the client has gone: a generation checks `is_set()` between tokens, and callbacks registered
+    with `on_cancel` (e.g. closing an upstream connection) run at once."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._callbacks: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds, waking early when cancelled; True when cancelled."""
+        return self._event.wait(timeout)
+
+    def set(self) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - best effort: the generation also checks is_set()
+                pass
+
+    def on_cancel(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+
 class Generator(Protocol):
-    """What the answer and chat endpoints need from a backend."""
+    """What the answer and chat endpoints need from a backend. Both calls stop early (within a token or a
+    read) once `cancel` is set."""
 
     name: str
     context_window: int
 
     def count_tokens(self, text: str) -> int: ...
 
-    def generate(self, messages: list[Message], options: GenerationOptions) -> Generation: ...
+    def generate(
+        self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None
+    ) -> Generation: ...
 
-    def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[str]: ...
+    def stream(
+        self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None
+    ) -> Iterator[str]: ...
 
 
 class StopTrimmer:

@@ -23,6 +23,7 @@ def load_generator(settings: GeneratorSettings, device: str | None = None) -> Ge
             max_retries=settings.max_retries,
             backoff_s=settings.backoff_s,
             context_window=settings.context_window,
+            deadline_s=settings.deadline_s,
         )
     from app.generation.local import LocalGenerator
 

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.generation.base import Generation, GenerationOptions, Message, StopTrimmer, trim_at_stop
+from app.generation.base import Cancel, Generation, GenerationOptions, Message, StopTrimmer, trim_at_stop
 from indexer.encoders import pick_device
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,16 @@ class _StopOnStrings:
         return any(s in text for s in self.stops)
 
 
+class _StopOnCancel:
+    """Ends generation at the next token once the client has gone."""
+
+    def __init__(self, cancel: Cancel) -> None:
+        self.cancel = cancel
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:  # noqa: ANN001
+        return self.cancel.is_set()
+
+
 class LocalGenerator:
     """Causal (or seq2seq) language model run in-process; one generation at a time per instance."""
 
@@ -100,6 +110,13 @@ class LocalGenerator:
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(loaded, tokenizer, "SmolLM2-135M-Instruct" if model == SMOLLM2 else model, device)
 
+    def _acquire(self, cancel: Cancel | None) -> bool:
+        """Wait for the model (one generation at a time), giving up once `cancel` is set."""
+        while not self._lock.acquire(timeout=0.05):
+            if cancel is not None and cancel.is_set():
+                return False
+        return True
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -113,7 +130,7 @@ class LocalGenerator:
             ids = self.tokenizer(prompt, return_tensors="pt")
         return {k: v.to(self.device) for k, v in ids.items()}
 
-    def _kwargs(self, options: GenerationOptions, inputs, stops: list[str]) -> dict:  # noqa: ANN001
+    def _kwargs(self, options: GenerationOptions, inputs, stops: list[str], cancel: Cancel | None = None) -> dict:  # noqa: ANN001
         from transformers import StoppingCriteriaList
 
         kwargs = {
@@ -128,9 +145,14 @@ class LocalGenerator:
             kwargs.update(temperature=options.temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0)
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
+        criteria = []
         if stops:
             prompt_len = 0 if self.model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(self.tokenizer, prompt_len, stops)])
+            criteria.append(_StopOnStrings(self.tokenizer, prompt_len, stops))
+        if cancel is not None:
+            criteria.append(_StopOnCancel(cancel))
+        if criteria:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
         return kwargs
 
     def _seed(self, options: GenerationOptions) -> None:
@@ -139,53 +161,74 @@ class LocalGenerator:
 
             torch.manual_seed(options.seed)
 
-    def generate(self, messages: list[Message], options: GenerationOptions) -> Generation:
+    def generate(self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None) -> Generation:
         import torch
 
         inputs = self._inputs(messages)
         prompt_len = inputs["input_ids"].shape[1]
-        with self._lock, torch.inference_mode():
-            self._seed(options)
-            output = self.model.generate(**self._kwargs(options, inputs, options.stop))
+        if not self._acquire(cancel):
+            return Generation("", int(prompt_len), 0, "cancelled")
+        try:
+            with torch.inference_mode():
+                self._seed(options)
+                output = self.model.generate(**self._kwargs(options, inputs, options.stop, cancel))
+        finally:
+            self._lock.release()
         new = output[0] if self.model.config.is_encoder_decoder else output[0, prompt_len:]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         text, stopped = trim_at_stop(text, options.stop)
         finish = "stop" if stopped or len(new) < options.max_new_tokens else "length"
         return Generation(text.strip(), int(prompt_len), int(len(new)), finish)
 
-    def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[str]:
-        """Text pieces as they are generated (generation runs on a worker thread)."""
+    def stream(
+        self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None
+    ) -> Iterator[str]:
+        """Text pieces as they are generated (generation runs on a worker thread; it ends at the next token
+        once `cancel` is set, or once this iterator is closed)."""
         import torch
         from transformers import TextIteratorStreamer
 
+        stop = Cancel()  # ends the model thread: the client left (`cancel`), or this iterator was closed early
+        if cancel is not None:
+            cancel.on_cancel(stop.set)
         inputs = self._inputs(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-        kwargs = {**self._kwargs(options, inputs, options.stop), "streamer": streamer}
+        kwargs = {**self._kwargs(options, inputs, options.stop, stop), "streamer": streamer}
         errors: list[BaseException] = []
 
         def run() -> None:
-            with self._lock, torch.inference_mode():
-                try:
+            if not self._acquire(stop):  # the client left while waiting for the model
+                streamer.end()
+                return
+            try:
+                with torch.inference_mode():
                     self._seed(options)
                     self.model.generate(**kwargs)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                    errors.append(exc)
-                    streamer.end()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                errors.append(exc)
+                streamer.end()
+            finally:
+                self._lock.release()
 
         worker = threading.Thread(target=run, name="generate", daemon=True)
         worker.start()
         trimmer = StopTrimmer(options.stop)
         first = True
-        for piece in streamer:
-            out = trimmer.feed(piece.lstrip() if first else piece)
-            if out:
-                first = False
-                yield out
-            if trimmer.stopped:
-                break
-        tail = trimmer.flush().rstrip()
-        if tail:
-            yield tail
-        worker.join()
+        try:
+            for piece in streamer:
+                if stop.is_set():
+                    break
+                out = trimmer.feed(piece.lstrip() if first else piece)
+                if out:
+                    first = False
+                    yield out
+                if trimmer.stopped:
+                    break
+            tail = trimmer.flush().rstrip()
+            if tail and not stop.is_set():
+                yield tail
+        finally:
+            stop.set()  # a no-op once generation is over; else (stop string, client gone) it ends at the next token
+            worker.join()
         if errors:
             raise errors[0]

@@ -1,6 +1,6 @@
 """`OpenAICompatibleGenerator`: chat completions from any OpenAI-compatible server (vLLM, TGI, Ollama,
-llama.cpp server, OpenAI, or another Sift) over httpx, with timeouts, bounded retries with exponential
-backoff, and streaming."""
+llama.cpp server, OpenAI, or another Sift) over httpx, with a total deadline, bounded retries with exponential
+backoff (before the first token only), cancellation and streaming."""
 
 from __future__ import annotations
 
@@ -12,17 +12,29 @@ from collections.abc import Iterator
 
 import httpx
 
-from app.generation.base import Generation, GenerationOptions, Message, StopTrimmer, trim_at_stop
+from app.generation.base import (
+    Cancel,
+    Generation,
+    GenerationError,
+    GenerationOptions,
+    Message,
+    StopTrimmer,
+    trim_at_stop,
+)
 
 log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
-class RemoteGenerationError(RuntimeError):
-    """The remote server failed or refused after the allowed retries."""
+class RemoteGenerationError(GenerationError):
+    """The remote server failed or refused after the allowed retries (or the deadline passed)."""
 
 
 class OpenAICompatibleGenerator:
+    """Chat completions from a remote server. Every call has a total deadline (`deadline_s`) across its
+    attempts; a stream is retried only before its first token (after that a retry would repeat text);
+    upstream URLs and bodies go to the log, never into the error clients see."""
+
     def __init__(
         self,
         base_url: str,
@@ -33,12 +45,15 @@ class OpenAICompatibleGenerator:
         backoff_s: float = 0.5,
         context_window: int = 8192,
         transport: httpx.BaseTransport | None = None,
+        deadline_s: float = 120.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.name = model
         self.context_window = context_window
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
         headers = {"content-type": "application/json"}
         key = os.environ.get(api_key_env) if api_key_env else None
         if key:
@@ -73,65 +88,115 @@ class OpenAICompatibleGenerator:
             body["stop"] = options.stop
         return body
 
-    def _post(self, body: dict) -> httpx.Response:
+    # -- failures ------------------------------------------------------------------------------------------
+
+    def _fail(self, public: str, detail: str) -> RemoteGenerationError:
+        log.warning(json.dumps({"event": "generator_failed", "upstream": self.base_url, "detail": detail[:500]}))
+        return RemoteGenerationError(f"the generator backend failed ({public}); see the server log", detail)
+
+    def _timeout(self, deadline: float) -> httpx.Timeout:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._fail("deadline passed", f"no answer within generator.deadline_s={self.deadline_s}")
+        return httpx.Timeout(min(self.timeout_s, remaining))
+
+    def _wait(self, attempt: int, deadline: float, cancel: Cancel | None) -> None:
+        """Back off before the next attempt (never past the deadline; woken early by a cancel)."""
+        delay = min(self.backoff_s * (2**attempt), max(0.0, deadline - time.monotonic()))
+        if cancel is not None:
+            cancel.wait(delay)
+        else:
+            time.sleep(delay)
+
+    def _open(self, body: dict, deadline: float, cancel: Cancel | None) -> httpx.Response:
+        """A response whose status is neither retryable nor an error (body not read yet)."""
         for attempt in range(self.max_retries + 1):
+            if cancel is not None and cancel.is_set():
+                raise GenerationError("cancelled: the client went away")
             try:
-                response = self.client.post("/chat/completions", json=body)
+                request = self.client.build_request(
+                    "POST", "/chat/completions", json=body, timeout=self._timeout(deadline)
+                )
+                response = self.client.send(request, stream=True)
+                if cancel is not None:
+                    cancel.on_cancel(response.close)
                 if response.status_code not in RETRY_STATUS:
-                    break
+                    if response.status_code >= 400:
+                        response.read()
+                        response.close()
+                        raise self._fail(
+                            f"HTTP {response.status_code}", f"HTTP {response.status_code}: {response.text[:300]}"
+                        )
+                    return response
+                response.read()
+                response.close()
                 reason = f"HTTP {response.status_code}"
             except httpx.TransportError as exc:
-                response, reason = None, f"{type(exc).__name__}: {exc}"
-            if attempt == self.max_retries:
-                raise RemoteGenerationError(f"{self.base_url}: {reason} after {attempt + 1} attempts")
-            delay = self.backoff_s * (2**attempt)
-            log.warning("generator %s: %s; retrying in %.2f s", self.base_url, reason, delay)
-            time.sleep(delay)
-        assert response is not None
-        if response.status_code >= 400:
-            raise RemoteGenerationError(f"{self.base_url}: HTTP {response.status_code}: {response.text[:300]}")
-        return response
+                reason = f"{type(exc).__name__}: {exc}"
+            if attempt == self.max_retries or time.monotonic() >= deadline:
+                raise self._fail(reason.split(":")[0], f"{reason} after {attempt + 1} attempts")
+            log.warning(json.dumps({"event": "generator_retry", "upstream": self.base_url, "reason": reason}))
+            self._wait(attempt, deadline, cancel)
+        raise AssertionError("unreachable")
 
-    def generate(self, messages: list[Message], options: GenerationOptions) -> Generation:
-        data = self._post(self._body(messages, options, stream=False)).json()
-        choice = data["choices"][0]
-        text, stopped = trim_at_stop(choice["message"]["content"] or "", options.stop)
+    # -- calls ---------------------------------------------------------------------------------------------
+
+    def generate(self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None) -> Generation:
+        deadline = time.monotonic() + self.deadline_s
+        response = self._open(self._body(messages, options, stream=False), deadline, cancel)
+        try:
+            response.read()
+        except httpx.HTTPError as exc:
+            if cancel is not None and cancel.is_set():
+                raise GenerationError("cancelled: the client went away") from exc
+            raise self._fail(type(exc).__name__, str(exc)) from exc
+        finally:
+            response.close()
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            content = choice["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise self._fail("unreadable response", f"{type(exc).__name__}: {response.text[:300]}") from exc
+        text, stopped = trim_at_stop(content, options.stop)
         usage = data.get("usage") or {}
         finish = "stop" if stopped else choice.get("finish_reason") or "stop"
         return Generation(text.strip(), usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), finish)
 
-    def stream(self, messages: list[Message], options: GenerationOptions) -> Iterator[str]:
-        body = self._body(messages, options, stream=True)
+    def stream(
+        self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None
+    ) -> Iterator[str]:
+        deadline = time.monotonic() + self.deadline_s
+        response = self._open(self._body(messages, options, stream=True), deadline, cancel)
         trimmer = StopTrimmer(options.stop)
-        for attempt in range(self.max_retries + 1):
-            try:
-                with self.client.stream("POST", "/chat/completions", json=body) as response:
-                    if response.status_code in RETRY_STATUS and attempt < self.max_retries:
-                        time.sleep(self.backoff_s * (2**attempt))
-                        continue
-                    if response.status_code >= 400:
-                        response.read()
-                        raise RemoteGenerationError(
-                            f"{self.base_url}: HTTP {response.status_code}: {response.text[:300]}"
-                        )
-                    for line in response.iter_lines():
-                        if not line.startswith("data:"):
-                            continue
-                        payload = line[5:].strip()
-                        if payload == "[DONE]":
-                            break
-                        delta = json.loads(payload)["choices"][0].get("delta", {}).get("content")
-                        if delta:
-                            out = trimmer.feed(delta)
-                            if out:
-                                yield out
-                            if trimmer.stopped:
-                                return
-                    tail = trimmer.flush()
-                    if tail:
-                        yield tail
+        try:
+            for line in response.iter_lines():
+                if cancel is not None and cancel.is_set():
                     return
-            except httpx.TransportError as exc:
-                if attempt == self.max_retries:
-                    raise RemoteGenerationError(f"{self.base_url}: {exc} after {attempt + 1} attempts") from exc
-                time.sleep(self.backoff_s * (2**attempt))
+                if time.monotonic() > deadline:
+                    raise self._fail("deadline passed", f"stream still open after {self.deadline_s} s")
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                try:
+                    delta = json.loads(payload)["choices"][0].get("delta", {}).get("content")
+                except (ValueError, KeyError, IndexError, TypeError) as exc:
+                    raise self._fail("unreadable stream", f"{type(exc).__name__}: {payload[:300]}") from exc
+                if delta:
+                    out = trimmer.feed(delta)
+                    if out:
+                        yield out
+                    if trimmer.stopped:
+                        return
+            tail = trimmer.flush()
+            if tail:
+                yield tail
+        except httpx.HTTPError as exc:
+            # after the first token a retry would repeat text, so a broken stream is an error
+            if cancel is not None and cancel.is_set():
+                return
+            raise self._fail(type(exc).__name__, f"stream broke: {exc}") from exc
+        finally:
+            response.close()

@@ -129,14 +129,28 @@ class _Job:
     remaining: int = 0
 
 
-class MicroBatcher:
-    """Pools rerank pairs from concurrent requests into batches scored on one worker thread."""
+class QueueFull(RuntimeError):
+    """The rerank queue holds as many pairs as it may; the request is refused rather than queued."""
 
-    def __init__(self, reranker: Reranker, max_batch_size: int = 64, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, queued: int, wanted: int, limit: int) -> None:
+        super().__init__(
+            f"the rerank queue is full ({queued} pairs waiting, {wanted} more asked, limit {limit}: "
+            "reranker.max_queued_pairs); retry in a second"
+        )
+
+
+class MicroBatcher:
+    """Pools rerank pairs from concurrent requests into batches scored on one worker thread. At most
+    `max_queued` pairs wait at once; a request that would exceed that is refused (`QueueFull`)."""
+
+    def __init__(
+        self, reranker: Reranker, max_batch_size: int = 64, max_wait_ms: float = 5.0, max_queued: int = 4096
+    ) -> None:
         self.reranker = reranker
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_pending = 16 * max_batch_size
+        self.max_queued = max_queued
         self._queue: asyncio.Queue[tuple[_Job, int]] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -157,6 +171,8 @@ class MicroBatcher:
         if not pairs:
             return np.zeros(0, dtype=np.float32)
         queue = self._ensure_started()
+        if queue.qsize() + len(pairs) > self.max_queued:
+            raise QueueFull(queue.qsize(), len(pairs), self.max_queued)
         job = _Job(pairs, asyncio.get_running_loop().create_future(), [None] * len(pairs), len(pairs))
         for i in range(len(pairs)):
             queue.put_nowait((job, i))

@@ -27,9 +27,16 @@ function showError(message) {
   box.hidden = !message;
 }
 
+function headers(json) {
+  const out = json ? { "content-type": "application/json" } : {};
+  const key = $("api-key").value.trim();
+  if (key) out.authorization = `Bearer ${key}`;
+  return out;
+}
+
 async function api(path, body) {
-  const init = body === undefined ? {} : {
-    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body),
+  const init = body === undefined ? { headers: headers(false) } : {
+    method: "POST", headers: headers(true), body: JSON.stringify(body),
   };
   const response = await fetch(path, init);
   const data = await response.json().catch(() => ({}));
@@ -215,7 +222,7 @@ async function ask(event) {
   try {
     const response = await fetch("/v1/answer", {
       method: "POST",
-      headers: { "content-type": "application/json" },
+      headers: headers(true),
       body: JSON.stringify({
         question: $("question").value, stream: true, collection: state.collection,
         mode: $("mode").value, rerank: $("rerank").checked,
@@ -267,6 +274,11 @@ async function ask(event) {
   }
 }
 
+$("api-key").value = localStorage.getItem("sift-api-key") || "";
+$("api-key").addEventListener("change", () => {
+  localStorage.setItem("sift-api-key", $("api-key").value.trim());
+  loadServed();
+});
 $("search-form").addEventListener("submit", runSearch);
 $("more-btn").addEventListener("click", moreResults);
 $("ask-form").addEventListener("submit", ask);

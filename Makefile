@@ -7,7 +7,7 @@ INDEX  ?= var/index
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: install browser index run test lint bench eval screenshot clean
+.PHONY: install browser index run test test-llama lint bench eval screenshot clean
 
 install: $(STAMP)  ## create .venv and install everything (torch 2.13.0 CPU first)
 
@@ -39,6 +39,11 @@ test: install browser  ## lint and run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+test-llama: install  ## the remote generator against llama.cpp's server (builds llama-cpp-python, ~15 min; not in CI)
+	test -x .venv-llama/bin/python || $(PYTHON) -m venv .venv-llama
+	.venv-llama/bin/python -m pip install --quiet "llama-cpp-python[server]"
+	SIFT_LLAMA_PYTHON=.venv-llama/bin/python $(BIN)/python -m pytest -q -m llama tests/test_llama_server.py
+
 screenshot: install browser index  ## refresh docs/playground.png (the README's screenshot) from a real browser
 	SIFT_PLAYGROUND_SCREENSHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_playground.py
 
@@ -49,4 +54,4 @@ eval: install  ## quality table on SciFact (needs ../shared/data)
 	$(BIN)/sift eval retrieval --dataset ../shared/data/scifact --build
 
 clean:
-	rm -rf $(VENV) var .cache .pytest_cache
+	rm -rf $(VENV) .venv-llama var .cache .pytest_cache

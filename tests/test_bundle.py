@@ -117,7 +117,7 @@ def _build_cmd(out: Path) -> list[str]:
 def test_kill_9_at_any_point_leaves_previous_bundle_served(tmp_path):
     """Kill a build at spread-out moments (model load, chunking, BM25, encoding, publish); after each kill the
     published bundle still verifies and answers searches, and the next build cleans up the leftovers."""
-    from app.services import load_pipeline
+    from app.services import Models, load_pipeline
     from app.settings import load_settings
 
     out = tmp_path / "index"
@@ -126,8 +126,10 @@ def test_kill_9_at_any_point_leaves_previous_bundle_served(tmp_path):
     subprocess.run(_build_cmd(out), check=True, env=env, capture_output=True, cwd=ROOT)
     duration = time.perf_counter() - started
     published = {open_bundle(out).build_id}
+    settings = load_settings(bundle=out, reranker={"model": None})
+    models = Models()  # the bi-encoder loads once for every check below
     killed_mid_build = 0
-    for fraction in (0.05, 0.25, 0.45, 0.6, 0.75, 0.85, 0.93, 0.98):
+    for fraction in (0.1, 0.35, 0.6, 0.8, 0.95):
         process = subprocess.Popen(
             _build_cmd(out), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -138,8 +140,9 @@ def test_kill_9_at_any_point_leaves_previous_bundle_served(tmp_path):
         info = open_bundle(out, verify=True)  # whatever `current` points at is complete and intact
         if info.build_id not in published:  # the build finished before the kill landed
             published.add(info.build_id)
-        pipeline = load_pipeline(load_settings(bundle=out, reranker={"model": None}))
+        pipeline = load_pipeline(settings, out, models)
         assert pipeline.searchers["bm25"].search("sourdough starter", 3)[0].doc_id == "cook-003"
+        pipeline.docstore.close()
     build_bundle(EXAMPLES, out, IndexConfig(dense={"enabled": False}), show_progress=False)
     assert not list(out.glob(".building-*")), "the next build removes what killed builds left behind"
-    assert killed_mid_build >= 4, "too few kills landed mid-build; the test did not exercise what it claims"
+    assert killed_mid_build >= 3, "too few kills landed mid-build; the test did not exercise what it claims"

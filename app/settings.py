@@ -33,7 +33,7 @@ class SearchSettings(BaseModel):
     max_query_chars: int = Field(2000, ge=1)
     max_batch_queries: int = Field(1000, ge=1)
     max_batch_work: int = Field(
-        200_000, ge=1, description="most queries × candidates × retrievers in one /v1/search/batch request"
+        400_000, ge=1, description="most queries × candidates × retrievers in one /v1/search/batch request"
     )
     snippet_chars: int = Field(240, ge=40)
 

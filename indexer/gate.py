@@ -52,6 +52,7 @@ def make_gate(dataset: Path, max_drop: float = 0.01, config: Path | None = None,
     """A gate function for `build_bundle`/`update_bundle`: (new build, published build or None) → (passed,
     message). The message carries both figures."""
     mode = (read_yaml(config_path(config)).get("search") or {}).get("default_mode", "hybrid")
+    published_scores: dict[Path, float] = {}  # a published build never changes, so its score is kept
 
     def gate(new: Path, published: Path | None) -> tuple[bool, str]:
         try:
@@ -60,7 +61,10 @@ def make_gate(dataset: Path, max_drop: float = 0.01, config: Path | None = None,
             return False, f"quality gate refused build {new.name}: {exc}"
         if published is None:
             return True, f"{mode} nDCG@10 {new_score:.4f} on {dataset.name} (no published build to compare)"
-        old_score = evaluate_build(published, dataset, mode, config)
+        key = published.resolve()
+        if key not in published_scores:
+            published_scores[key] = evaluate_build(published, dataset, mode, config)
+        old_score = published_scores[key]
         figures = (
             f"{mode} nDCG@10 on {dataset.name}: new build {new.name} {new_score:.4f}, "
             f"published build {published.name} {old_score:.4f} (max drop {max_drop})"

@@ -15,14 +15,15 @@ PRIVATE_KEYS = {"host"}
 
 
 def redact(value: Any) -> Any:
-    """`value` without what tells where things live: absolute paths become their last component, host names
-    are dropped. For responses to callers without the admin scope."""
+    """`value` without what tells where things live: absolute paths keep only their last two components
+    (`.../<build id>/docstore.sqlite`), host names are dropped. For responses to callers without the admin
+    scope."""
     if isinstance(value, dict):
         return {k: redact(v) for k, v in value.items() if k not in PRIVATE_KEYS}
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     if isinstance(value, str):
-        return _ABSOLUTE_PATH.sub(lambda m: ".../" + m.group(0).rstrip("/").rsplit("/", 1)[-1], value)
+        return _ABSOLUTE_PATH.sub(lambda m: ".../" + "/".join(m.group(0).rstrip("/").split("/")[-2:]), value)
     return value
 
 

@@ -35,9 +35,9 @@ browser:  ## Debian's Chromium + ChromeDriver for the playground test (it skips 
 	    { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
 	  else echo "no chromedriver and no root apt-get: the playground browser test will be skipped"; fi; }
 
-test: install browser  ## lint and run the whole test suite
+test: install browser  ## lint and run the whole test suite (two workers: one takes the ../shared/data suites)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 test-llama: install  ## the remote generator against llama.cpp's server (builds llama-cpp-python, ~15 min; not in CI)
 	test -x .venv-llama/bin/python || $(PYTHON) -m venv .venv-llama

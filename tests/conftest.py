@@ -36,6 +36,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+# the suites over ../shared/data run on one pytest-xdist worker (`make test` runs `-n 2 --dist loadgroup`):
+# one builds the SciFact bundle while the other runs everything else
+SHARED_DATA_WORKER = pytest.mark.xdist_group("shared-data")
+
 needs_scifact = pytest.mark.skipif(
     not (SCIFACT / "corpus.jsonl").exists(),
     reason=f"SciFact not found at {SCIFACT} (../shared/data is provided on the team's machines and in CI)",

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 
 from app.api.main import create_app
 from app.settings import load_settings
-from tests.conftest import SCIFACT, needs_scifact
+from tests.conftest import SCIFACT, SHARED_DATA_WORKER, needs_scifact
 from tests.test_lifecycle import clone_build
+
+pytestmark = SHARED_DATA_WORKER
 
 
 def _queries() -> list[str]:

@@ -14,7 +14,9 @@ from app.eval.qa import (
     qa_scores,
     sample,
 )
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, SHARED_DATA_WORKER
+
+pytestmark = SHARED_DATA_WORKER
 
 SQUAD = SHARED_DATA / "squad" / "dev-v1.1.json"
 

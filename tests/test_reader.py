@@ -14,8 +14,10 @@ from fastapi.testclient import TestClient
 
 from app.api.main import create_app
 from app.generation.reader import Calibration, ExtractiveReader, features
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, SHARED_DATA_WORKER
 from tests.servers import sift_server
+
+pytestmark = SHARED_DATA_WORKER
 
 READER = ROOT / "models" / "sift-reader-minilm-l6"
 SQUAD = SHARED_DATA / "squad" / "dev-v1.1.json"

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from app.eval.retrieval import BeirDataset, load_beir, run_pipelines
-from tests.conftest import ROOT, SCIFACT, needs_scifact
+from tests.conftest import ROOT, SCIFACT, SHARED_DATA_WORKER, needs_scifact
 
-pytestmark = [needs_scifact, pytest.mark.slow]
+pytestmark = [needs_scifact, pytest.mark.slow, SHARED_DATA_WORKER]
 PIN = yaml.safe_load((ROOT / "configs" / "regression" / "scifact.yaml").read_text())["reranker"]
 MODEL = ROOT / PIN["model"]
 

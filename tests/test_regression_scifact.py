@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from app.api.main import create_app
 from app.eval.retrieval import PIPELINES, document_run, evaluate, load_beir
 from app.retrieval.types import Hit
-from tests.conftest import ROOT, SCIFACT, needs_scifact
+from tests.conftest import ROOT, SCIFACT, SHARED_DATA_WORKER, needs_scifact
 
-pytestmark = [needs_scifact, pytest.mark.slow]
+pytestmark = [needs_scifact, pytest.mark.slow, SHARED_DATA_WORKER]
 PINNED = yaml.safe_load((ROOT / "configs" / "regression" / "scifact.yaml").read_text())
 
 

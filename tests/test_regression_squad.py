@@ -20,11 +20,12 @@ from app.eval.qa import (
 from app.generation import GenerationOptions
 from app.services import load_pipeline
 from app.settings import load_settings
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, SHARED_DATA_WORKER
 
 SQUAD = SHARED_DATA / "squad" / "dev-v1.1.json"
 PINNED = yaml.safe_load((ROOT / "configs" / "regression" / "squad_qa.yaml").read_text())
 pytestmark = [
+    SHARED_DATA_WORKER,
     pytest.mark.skipif(not SQUAD.exists(), reason=f"SQuAD dev not found at {SQUAD} (../shared/data is provided in CI)"),
     pytest.mark.slow,
 ]

@@ -17,7 +17,9 @@ from app.training.reranker import (
     squad_groups,
     train,
 )
-from tests.conftest import EXAMPLES, SHARED_DATA
+from tests.conftest import EXAMPLES, SHARED_DATA, SHARED_DATA_WORKER
+
+pytestmark = SHARED_DATA_WORKER
 
 
 def test_pseudo_queries_come_from_the_corpus_with_mined_negatives():

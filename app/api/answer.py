@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -17,10 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.answering import Answerer, AnswerResult, PreparedAnswer
 from app.api.errors import ApiError
 from app.api.openapi import event_stream
-from app.api.routes import ERRORS, SEARCH, acquire_build, check_text, to_options
+from app.api.routes import ERRORS, SEARCH, acquire_build, check_max, check_text, to_options
 from app.api.schemas import SearchParams
 from app.generation.base import GenerationError, GenerationOptions
-from app.services import Build
+from app.pipeline import SearchOptions
+from app.services import Build, Collection
 from app.tracing import REQUEST_ID
 
 log = logging.getLogger("sift.api")
@@ -111,6 +112,33 @@ def check_generation(options: GenerationOptions, stream: bool, prefix: str, limi
         raise ApiError(422, "validation_error", f"{prefix}{field}: {why}", f"{prefix}{field}")
 
 
+async def admit_and_prepare(
+    collection: Collection,
+    build: Build,
+    reader: Answerer,
+    question: str,
+    options: SearchOptions,
+    passages: int | None = None,
+) -> tuple[PreparedAnswer, Callable[[], Awaitable[None]]]:
+    """Take a generation slot (or 429 at once) and retrieve. Returns the prepared answer and `done`, which
+    frees the slot and the build; on failure both are freed here."""
+
+    async def done() -> None:
+        reader.dismiss()
+        await collection.release(build)
+
+    try:
+        reader.admit()
+    except BaseException:
+        await collection.release(build)
+        raise
+    try:
+        return await reader.prepare(question, options, passages), done
+    except BaseException:
+        await done()
+        raise
+
+
 def stream_error(exc: Exception) -> str:
     """What a stream's error event says: a backend's public message, or an internal error with the request
     id (the details go to the log, never to the client)."""
@@ -157,31 +185,15 @@ async def answer(body: AnswerRequest, request: Request) -> Any:
         reader = answerer_of(build)
         limits = build.pipeline.settings
         check_text(body.question, "question", limits.search.max_query_chars, "search.max_query_chars")
-        if body.passages is not None and body.passages > limits.answer.max_passages:
-            raise ApiError(
-                422,
-                "validation_error",
-                f"passages: must be <= {limits.answer.max_passages} (answer.max_passages)",
-                "passages",
-            )
+        check_max(body.passages, limits.answer.max_passages, "passages", "answer.max_passages")
         check_question_tokens(reader, [body.question], limits.answer.max_question_tokens, "question")
         check_generation(body.generation, body.stream, "generation.", limits.answer.max_tokens_limit)
         options = to_options(build.pipeline, body)
-        reader.admit()  # a generation slot, or 429 at once
     except BaseException:
         await collection.release(build)
         raise
-
-    async def done() -> None:
-        reader.dismiss()
-        await collection.release(build)
-
-    try:
-        started = time.perf_counter()
-        prepared = await reader.prepare(body.question, options, body.passages)
-    except BaseException:
-        await done()
-        raise
+    started = time.perf_counter()
+    prepared, done = await admit_and_prepare(collection, build, reader, body.question, options, body.passages)
     generation = body.generation.model_copy()
     if "max_new_tokens" not in body.generation.model_fields_set:
         generation.max_new_tokens = reader.settings.max_new_tokens
@@ -288,20 +300,10 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
         caller_text = [m.text() for m in body.messages if m.role in ("system", "developer")] + [query]
         check_question_tokens(reader, caller_text, limits.answer.max_question_tokens, "messages")
         options = to_options(build.pipeline, params)
-        reader.admit()  # a generation slot, or 429 at once
     except BaseException:
         await collection.release(build)
         raise
-
-    async def done() -> None:
-        reader.dismiss()
-        await collection.release(build)
-
-    try:
-        prepared = await reader.prepare(query, options)
-    except BaseException:
-        await done()
-        raise
+    prepared, done = await admit_and_prepare(collection, build, reader, query, options)
     system_and_history = [m for m in body.messages if m.role in ("system", "developer")]
     if system_and_history:
         prepared.messages[0]["content"] += "\n" + "\n".join(m.text() for m in system_and_history)

@@ -91,6 +91,12 @@ def check_text(value: str, field: str, limit: int, setting: str) -> None:
         raise ApiError(422, "validation_error", f"{field}: longer than {limit} characters ({setting})", field)
 
 
+def check_max(value: int | None, limit: int, field: str, setting: str) -> None:
+    """422 naming the field and the setting when `value` is over its limit."""
+    if value is not None and value > limit:
+        raise ApiError(422, "validation_error", f"{field}: must be <= {limit} ({setting})", field)
+
+
 def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> SearchOptions:
     """Merge request parameters over configured defaults and check they fit this bundle and the limits."""
     settings = pipeline.settings
@@ -103,15 +109,8 @@ def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> Sea
             f"mode: {mode!r} is not available for this bundle; use one of {pipeline.available_modes()}",
             "mode",
         )
-    if params.k > settings.search.max_k:
-        raise ApiError(422, "validation_error", f"k: must be <= {settings.search.max_k} (search.max_k)", "k")
-    if params.rerank_depth is not None and params.rerank_depth > settings.reranker.max_depth:
-        raise ApiError(
-            422,
-            "validation_error",
-            f"rerank_depth: must be <= {settings.reranker.max_depth} (reranker.max_depth)",
-            "rerank_depth",
-        )
+    check_max(params.k, settings.search.max_k, "k", "search.max_k")
+    check_max(params.rerank_depth, settings.reranker.max_depth, "rerank_depth", "reranker.max_depth")
     if params.rerank and pipeline.reranker is None:
         raise ApiError(
             422,
@@ -125,13 +124,7 @@ def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> Sea
         dict(params.weights) if params.weights is not None else defaults.fusion.weights,
     )
     candidates = params.candidates or defaults.candidates
-    if candidates > settings.search.max_candidates:
-        raise ApiError(
-            422,
-            "validation_error",
-            f"candidates: must be <= {settings.search.max_candidates} (search.max_candidates)",
-            "candidates",
-        )
+    check_max(candidates, settings.search.max_candidates, "candidates", "search.max_candidates")
     return SearchOptions(
         k=params.k,
         mode=mode,

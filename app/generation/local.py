@@ -54,7 +54,12 @@ def cached_smollm2(cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.replace(tmp, target)  # atomic; another process may have published the same copy first
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

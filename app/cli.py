@@ -44,6 +44,20 @@ def setup_logging(level: str = "info") -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+def limit_malloc_arenas(arenas: int | None) -> None:
+    """Cap glibc's malloc arenas (mallopt M_ARENA_MAX), before the server starts its threads; a no-op off
+    glibc. Worker processes inherit MALLOC_ARENA_MAX from the environment set here."""
+    if arenas is None:
+        return
+    os.environ.setdefault("MALLOC_ARENA_MAX", str(arenas))
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8 is M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def anonymous_refusal(settings, host: str) -> str | None:  # noqa: ANN001
     """Why serving on `host` without API keys is refused (None when it is allowed)."""
     from app.api.auth import Auth, is_loopback
@@ -83,6 +97,7 @@ def serve(
     common = dict(
         host=host or settings.server.host, port=port or settings.server.port, log_level=settings.server.log_level
     )
+    limit_malloc_arenas(settings.server.malloc_arena_max)
     refusal = anonymous_refusal(settings, common["host"])
     if refusal:
         typer.echo(f"error: {refusal}", err=True)

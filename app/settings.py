@@ -163,6 +163,12 @@ class ServerSettings(BaseModel):
         None, gt=0, description="requests per second per key (per client address when anonymous); null: none"
     )
     rate_limit_burst: int = Field(20, ge=1, description="requests a key may send at once above the steady rate")
+    malloc_arena_max: int | None = Field(
+        2,
+        ge=1,
+        description="cap glibc's per-thread heap arenas in `sift serve` (as MALLOC_ARENA_MAX): with many threads "
+        "running native code, more arenas mean steady RSS growth from fragmentation; null leaves glibc's default",
+    )
     max_concurrent_generations: int = Field(
         4, ge=1, description="answers/chats generating at once; more get 429 at once (generation has its own threads)"
     )

@@ -7,7 +7,7 @@ INDEX  ?= var/index
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: install browser index run test test-llama lint bench eval screenshot clean
+.PHONY: install browser index run test test-heavy test-llama lint bench eval screenshot clean
 
 install: $(STAMP)  ## create .venv and install everything (torch 2.13.0 CPU first)
 
@@ -35,9 +35,12 @@ browser:  ## Debian's Chromium + ChromeDriver for the playground test (it skips 
 	    { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }; \
 	  else echo "no chromedriver and no root apt-get: the playground browser test will be skipped"; fi; }
 
-test: install browser  ## lint and run the whole test suite (two workers: one takes the ../shared/data suites)
+test: install browser  ## lint and run the suite CI runs (all but the `heavy` and `llama` marks: ≤ 20 min)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -m "not heavy"
+
+test-heavy: install  ## the minutes-long checks: kill -9 builds, the quality gate, training steps, SmolLM2 QA pins
+	$(BIN)/python -m pytest -m heavy
 
 test-llama: install  ## the remote generator against llama.cpp's server (builds llama-cpp-python, ~15 min; not in CI)
 	test -x .venv-llama/bin/python || $(PYTHON) -m venv .venv-llama

@@ -114,6 +114,7 @@ def _build_cmd(out: Path) -> list[str]:
     return [sys.executable, "-c", code, "index", "build", "--input", str(EXAMPLES), "--out", str(out), "--no-progress"]
 
 
+@pytest.mark.heavy
 def test_kill_9_at_any_point_leaves_previous_bundle_served(tmp_path):
     """Kill a build at spread-out moments (model load, chunking, BM25, encoding, publish); after each kill the
     published bundle still verifies and answers searches, and the next build cleans up the leftovers."""

@@ -46,6 +46,7 @@ def gold_span_probability(model, tokenizer, examples) -> float:  # noqa: ANN001
 
 
 @needs_squad
+@pytest.mark.heavy
 def test_a_few_training_steps_raise_the_gold_span_probability_on_held_out_questions(tmp_path):
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 

@@ -56,6 +56,7 @@ def test_retrieval_only_qa_on_the_full_sample(squad_pipeline, questions):
     close(retrieval_qa(questions, hits, (1, 5)), PINNED["retrieval"])
 
 
+@pytest.mark.heavy
 def test_local_generator_em_f1_on_ci_subset(squad_pipeline, questions, local_generator):
     subset = questions[: PINNED["ci_subset"]["questions"]]
     options = GenerationOptions(max_new_tokens=24, stop=["\n"])

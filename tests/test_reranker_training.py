@@ -54,6 +54,7 @@ def tiny_config(out, **overrides) -> TrainConfig:  # noqa: ANN001
     )
 
 
+@pytest.mark.heavy
 def test_a_few_steps_make_the_loss_fall_and_rank_positives_higher(tmp_path):
     groups = pseudo_query_groups(EXAMPLES, Mining(hard=1, easy=1), rng=random.Random(1), limit=16)
     config = tiny_config(tmp_path / "ce", max_length=64, epochs=5, lr=3e-4, validation=0.0)

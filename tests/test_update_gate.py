@@ -113,6 +113,7 @@ def gate_dataset(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.heavy
 def test_gate_refuses_broken_builds_and_passes_a_good_one(tmp_path, gate_dataset):
     out = tmp_path / "index"
     first = build_bundle(EXAMPLES, out, show_progress=False).build_id

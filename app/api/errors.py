@@ -1,5 +1,6 @@
 """Error responses: always JSON `{"error": {"type", "message", "fields"?, "request_id"}}` with a message that
-says what to do, for every status, 500 included (no traceback: the request id finds it in the logs)."""
+says what to do, for every status. Unhandled errors become JSON 500s in `RequestMiddleware` (app/api/main.py),
+which sees every request and its id."""
 
 from __future__ import annotations
 
@@ -106,13 +107,3 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _generation(_: Request, exc: GenerationError) -> JSONResponse:
         log.warning("generation failed: %s", exc.detail, extra={"request_id": REQUEST_ID.get()})
         return JSONResponse(status_code=502, content=error_body("generator_failed", str(exc)))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error(
-            "unhandled error",
-            exc_info=exc,
-            extra={"request_id": REQUEST_ID.get(), "path": request.url.path},
-        )
-        message = "internal error; it is logged with this request_id: report it, or retry if the cause was transient"
-        return JSONResponse(status_code=500, content=error_body("internal_error", message))

@@ -58,7 +58,6 @@ def _limits(settings: Settings) -> dict[str, dict[str, tuple[str, int]]]:
             "max_tokens": ("maximum", settings.answer.max_tokens_limit),
             "max_completion_tokens": ("maximum", settings.answer.max_tokens_limit),
         },
-        "EmbeddingsRequest": {},
     }
 
 

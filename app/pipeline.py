@@ -227,6 +227,20 @@ class Pipeline:
     def available_modes(self) -> list[str]:
         return [m for m, names in RETRIEVERS_BY_MODE.items() if all(n in self.searchers for n in names)]
 
+    def runtimes(self) -> dict[str, str | None]:
+        """What runs each model: passages as recorded by the build, queries and reranker as loaded here."""
+        dense = self.searchers.get("dense")
+        reranker = self.reranker
+        return {
+            "passages": (self.bundle.manifest.get("dense") or {}).get("runtime", "torch") if dense else None,
+            "queries": getattr(dense.encoder, "sift_runtime", "torch") if dense else None,
+            "reranker": getattr(
+                getattr(reranker, "model", None) or getattr(reranker, "encoder", None), "sift_runtime", "torch"
+            )
+            if reranker is not None
+            else None,
+        }
+
     async def close(self) -> None:
         """Stop this pipeline's micro-batcher and close its docstore (shared models stay loaded)."""
         if self.batcher is not None:

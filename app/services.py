@@ -35,6 +35,7 @@ from app.generation import load_generator
 from app.generation.pool import GenerationPool
 from app.pipeline import Pipeline, Searcher
 from app.retrieval import BM25Searcher, DenseSearcher
+from app.retrieval.cache import QueryCache
 from app.retrieval.maxsim import MaxSimReranker, is_maxsim
 from app.retrieval.reranker import Reranker
 from app.settings import Settings
@@ -68,6 +69,13 @@ class Models:
     encoders: dict[str, Any] = field(default_factory=dict)  # bi-encoders by model name
     tracer: Tracer = field(default_factory=Tracer)  # off unless settings.tracing (or a test) says otherwise
     generation: GenerationPool = field(default_factory=lambda: GenerationPool(4))  # answers' own threads
+    queries: QueryCache | None = None  # query embeddings, shared by every build and collection
+
+    def query_cache(self, settings: Settings) -> QueryCache | None:
+        """The process's query-embedding cache (`runtime.query_cache_size` entries; None when 0)."""
+        if self.queries is None and settings.runtime.query_cache_size > 0:
+            self.queries = QueryCache(settings.runtime.query_cache_size)
+        return self.queries
 
     @classmethod
     def load(cls, settings: Settings, generator: bool = True, reader: bool = True) -> Models:
@@ -77,28 +85,55 @@ class Models:
 
     def warm_up(self, settings: Settings, generator: bool = True, reader: bool = True) -> Models:
         """Load the configured models into this instance (which collections already hold)."""
+        if settings.runtime.threads:  # torch's intra-op threads, set once per process before any model runs
+            import torch
+
+            torch.set_num_threads(settings.runtime.threads)
         spec, device = settings.reranker.model, settings.reranker.device or settings.device
         if spec:
             if is_maxsim(spec):
                 name = MaxSimReranker.model_name(spec)
                 self.reranker = MaxSimReranker.load(
-                    spec, settings.reranker.max_length, device, encoder=self.encoder(name, settings.device)
+                    spec, settings.reranker.max_length, device, encoder=self.encoder(name, settings)
                 )
             else:
-                self.reranker = Reranker.load(spec, settings.reranker.max_length, device)
+                runtime = settings.runtime
+                self.reranker = Reranker.load(
+                    spec,
+                    settings.reranker.max_length,
+                    device,
+                    runtime=runtime.reranker,
+                    cache_dir=runtime.cache_dir,
+                    threads=runtime.threads,
+                )
         if generator and settings.answer.mode != "extractive":  # extractive answers need no generator
             self.generator = load_generator(settings.generator, settings.device)
         if reader and settings.answer.mode != "generative" and settings.answer.reader:
             from app.generation.reader import ExtractiveReader
 
-            self.reader = ExtractiveReader.load(settings.answer.reader, settings.device)
+            runtime = settings.runtime
+            self.reader = ExtractiveReader.load(
+                settings.answer.reader,
+                settings.device,
+                runtime=runtime.reader,
+                cache_dir=runtime.cache_dir,
+                threads=runtime.threads,
+            )
         return self
 
-    def encoder(self, name: str, device: str | None = None) -> Any:
+    def encoder(self, name: str, settings: Settings | None = None) -> Any:
+        """The bi-encoder `name`, loaded once per process with the query runtime of `settings`."""
         if name not in self.encoders:
             from indexer.encoders import load_encoder
 
-            self.encoders[name] = load_encoder(name, device)
+            runtime = settings.runtime if settings is not None else None
+            self.encoders[name] = load_encoder(
+                name,
+                settings.device if settings is not None else None,
+                runtime.queries if runtime else "torch",
+                runtime.threads if runtime else None,
+                runtime.cache_dir if runtime else None,
+            )
         return self.encoders[name]
 
 
@@ -118,8 +153,10 @@ def load_pipeline(
     searchers: dict[str, Searcher] = {"bm25": BM25Searcher.from_bundle(info, passage_ids, doc_ids)}
     dense = info.manifest.get("dense") or {}
     if dense.get("enabled"):
-        encoder = models.encoder(dense["model"], settings.device)
-        searchers["dense"] = DenseSearcher.from_bundle(info, passage_ids, doc_ids, encoder=encoder)
+        encoder = models.encoder(dense["model"], settings)
+        searchers["dense"] = DenseSearcher.from_bundle(
+            info, passage_ids, doc_ids, encoder=encoder, cache=models.query_cache(settings)
+        )
     log.info(
         "pipeline ready",
         extra={"build": info.build_id, "searchers": list(searchers), "seconds": round(time.perf_counter() - t, 3)},
@@ -371,6 +408,7 @@ class Services:
             reader=reader,
             tracer=pipeline.tracer,
             generation=GenerationPool(pipeline.settings.server.max_concurrent_generations),
+            queries=getattr(pipeline.searchers.get("dense"), "cache", None),
         )
         collection = Collection(DEFAULT_COLLECTION, pipeline.bundle.root, pipeline.settings, models)
         collection.current = Build(pipeline, build_answerer(pipeline, models), None)

@@ -172,6 +172,33 @@ class ServerSettings(BaseModel):
     max_concurrent_generations: int = Field(
         4, ge=1, description="answers/chats generating at once; more get 429 at once (generation has its own threads)"
     )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="threads of the one pool that runs retrieval, fetching and encoding off the event loop; "
+        "null: one per core (bench/search_latency.py --threads compares)",
+    )
+
+
+RuntimeName = Literal["torch", "torch-bf16", "onnx", "onnx-int8"]
+
+
+class RuntimeSettings(BaseModel):
+    """How each model runs at serving time (see `indexer.runtime`). Passages are encoded at build time with
+    `index.dense.runtime`, recorded in the manifest. Every non-torch runtime is exported once, cached, and
+    verified against torch float32 when loaded (refused below cosine 0.99). On CUDA, every runtime but torch
+    means torch fp16; torch-bf16 needs a CPU with native bfloat16 (AVX512-BF16/AMX), else it runs as torch."""
+
+    queries: RuntimeName = Field("torch", description="bi-encoder at query time: dense search, embeddings, MaxSim")
+    reranker: RuntimeName = Field("torch", description="cross-encoder")
+    reader: RuntimeName = Field("torch", description="extractive reader")
+    cache_dir: Path | None = Field(
+        None, description="exports cache; null: $SIFT_RUNTIME_CACHE or ~/.cache/sift/runtimes"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="intra-op threads of every model call (torch and ONNX Runtime); null: one per core"
+    )
+    query_cache_size: int = Field(4096, ge=0, description="query embeddings kept (LRU by model and text); 0: off")
 
 
 class TracingSettings(BaseModel):
@@ -207,6 +234,7 @@ class Settings(BaseSettings):
     answer: AnswerSettings = AnswerSettings()
     server: ServerSettings = ServerSettings()
     tracing: TracingSettings = TracingSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -70,21 +72,94 @@ def command_line() -> str:
     return "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
 
 
-def append_report(title: str, body: str) -> None:
-    """Append a dated section (command, machine, body) to docs/benchmarks.md and print it."""
+SUMMARY_START = "<!-- summary:start: generated from the sections below by bench/common.py; do not edit -->"
+SUMMARY_END = "<!-- summary:end -->"
+ROWS_MARK = "<!-- summary-rows: "
+HEADER = (
+    "# Sift benchmarks\n\nEvery section below was appended by a script in `bench/`; rerun the command shown to "
+    "reproduce it. Figures are medians of the stated number of runs after a warm-up; ratios compare runs made in "
+    "the same process or the same run. The summary is generated from the sections (the latest run of each).\n"
+)
+
+
+def append_report(title: str, body: str, summary: list[dict[str, str]] | None = None) -> None:
+    """Append a dated section (command, machine, body) to docs/benchmarks.md, print it, and regenerate the
+    summary. `summary` rows (claim, figure, target, holds) are stored in the section as a comment and are the
+    only source of the summary table: nothing in it is written by hand."""
     section = (
         f"\n## {title}\n\n"
         f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}\n"
         f"- command: `{command_line()}`\n"
         f"- machine: {machine()}\n\n{body.strip()}\n"
     )
+    if summary:
+        section += f"\n{ROWS_MARK}{json.dumps(summary, ensure_ascii=False)} -->\n"
     print(section)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     if not REPORT.exists():
-        REPORT.write_text(
-            "# Sift benchmarks\n\nEvery section below was appended by a script in `bench/`; rerun the "
-            "command shown to reproduce it. Figures are medians of the stated number of runs after a "
-            "warm-up; ratios compare runs made in the same process.\n"
-        )
+        REPORT.write_text(HEADER)
     with open(REPORT, "a", encoding="utf-8") as handle:
         handle.write(section)
+    write_summary()
+
+
+def parse_sections(text: str) -> list[dict[str, Any]]:
+    """Every `## ` section of the report: title, date, command and its summary rows (if it has any)."""
+    sections = []
+    for chunk in re.split(r"\n(?=## )", text):
+        if not chunk.startswith("## "):
+            continue
+        title = chunk.splitlines()[0][3:].strip()
+        date = re.search(r"^- date: (.+)$", chunk, re.M)
+        command = re.search(r"^- command: `(.+)`$", chunk, re.M)
+        rows = re.search(re.escape(ROWS_MARK) + r"(.+) -->", chunk)
+        sections.append(
+            {
+                "title": title,
+                "date": date.group(1) if date else "",
+                "command": command.group(1) if command else "",
+                "rows": json.loads(rows.group(1)) if rows else None,
+            }
+        )
+    return sections
+
+
+def summary_table(sections: list[dict[str, Any]]) -> str:
+    """The summary: for the latest section of each title, its rows, or a pointer when it has none."""
+    latest: dict[str, dict[str, Any]] = {}
+    for section in sections:
+        if section["title"] != "Summary":
+            latest[section["title"]] = section
+    lines = [
+        "## Summary",
+        "",
+        "Generated from the latest section of each title; a section without summary rows predates generated "
+        "summaries (rerun its command to add them).",
+        "",
+        "| section (latest run) | claim | figure | target | holds |",
+        "|---|---|---:|---:|---|",
+    ]
+    for title, section in latest.items():
+        where = f"{title} ({section['date'] or 'undated'})"
+        if not section["rows"]:
+            lines.append(f"| {where} | see the section | – | – | – |")
+            continue
+        for row in section["rows"]:
+            lines.append(
+                f"| {where} | {row.get('claim', '')} | {row.get('figure', '')} | {row.get('target', '–')} "
+                f"| {row.get('holds', '–')} |"
+            )
+    return "\n".join(lines)
+
+
+def write_summary() -> None:
+    """Rewrite the summary block at the top of docs/benchmarks.md from its sections."""
+    text = REPORT.read_text(encoding="utf-8")
+    body = text
+    if SUMMARY_START in text:
+        before, rest = text.split(SUMMARY_START, 1)
+        body = before + rest.split(SUMMARY_END, 1)[1]
+    head, _, sections_text = body.partition("\n## ")
+    sections_text = "## " + sections_text if sections_text else ""
+    block = f"{SUMMARY_START}\n{summary_table(parse_sections(sections_text))}\n{SUMMARY_END}\n"
+    REPORT.write_text(f"{HEADER}\n{block}\n{sections_text.lstrip()}", encoding="utf-8")

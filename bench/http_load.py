@@ -1,7 +1,13 @@
 """End-to-end HTTP load against the real server: queries/s and p50/p99 latency at concurrency 1, 8 and 32,
 with the error count (must be 0). An httpx async client is the load generator.
 
-    python bench/http_load.py [--bundle DIR] [--requests 300] [--runs 5]
+    python bench/http_load.py [--bundle DIR] [--requests 300] [--runs 5] [--baseline-rev REV] [--env K=V ...]
+
+With --baseline-rev, the same load first runs against a server started from that commit's source (exported
+with `git archive` into a temporary folder, same Python environment, its own default configuration), then
+against this tree's server with --env overrides: before and after in one run, on one machine. The after
+server runs with the query-embedding cache off unless --cache: the load repeats its queries across runs, so a
+cache would turn later runs into lookups.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,47 +57,113 @@ async def run_load(base: str, queries: list[str], concurrency: int) -> tuple[flo
     return len(queries) / wall, latencies, errors
 
 
+def measure(base: str, queries: list[str], runs: int, label: str) -> list[dict]:
+    asyncio.run(run_load(base, queries[:20], 4))  # warm-up
+    out = []
+    bar = progress(3 * runs, f"load runs ({label})")
+    for concurrency in (1, 8, 32):
+        qps_runs, p50s, p99s, errors = [], [], [], 0
+        for _ in range(runs):
+            qps, latencies, errs = asyncio.run(run_load(base, queries, concurrency))
+            bar.update()
+            qps_runs.append(qps)
+            p50s.append(float(np.percentile(latencies, 50)))
+            p99s.append(float(np.percentile(latencies, 99)))
+            errors += errs
+        out.append(
+            {
+                "label": label,
+                "concurrency": concurrency,
+                "qps": statistics.median(qps_runs),
+                "p50": statistics.median(p50s),
+                "p99": statistics.median(p99s),
+                "errors": errors,
+            }
+        )
+        print(out[-1], flush=True)
+    bar.close()
+    return out
+
+
+def export_tree(rev: str, dest: Path) -> Path:
+    """The source of commit `rev`, as `git archive` writes it, under `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--baseline-rev", default=None, help="commit whose server is measured first (before)")
+    parser.add_argument("--env", nargs="*", default=[], help="KEY=VALUE settings for this tree's server (after)")
+    parser.add_argument("--cache", action="store_true", help="keep the query-embedding cache on (after)")
     args = parser.parse_args()
-    bundle = args.bundle or next(iter(sorted((ROOT / ".cache").glob("scifact-*"))), ROOT / "var" / "index")
-    queries = [json.loads(line)["text"] for line in open(SCIFACT / "queries.jsonl", encoding="utf-8")][: args.requests]
-    process, base = start_server(bundle, None)
-    rows = []
-    try:
-        asyncio.run(run_load(base, queries[:20], 4))  # warm-up
-        bar = progress(3 * args.runs, "load runs")
-        for concurrency in (1, 8, 32):
-            qps_runs, p50s, p99s, errors = [], [], [], 0
-            for _ in range(args.runs):
-                qps, latencies, errs = asyncio.run(run_load(base, queries, concurrency))
-                bar.update()
-                qps_runs.append(qps)
-                p50s.append(float(np.percentile(latencies, 50)))
-                p99s.append(float(np.percentile(latencies, 99)))
-                errors += errs
-            rows.append(
-                f"| {concurrency} | {len(queries)} × {args.runs} | {statistics.median(qps_runs):.1f} | "
-                f"{statistics.median(p50s):.1f} | {statistics.median(p99s):.1f} | {errors} |"
-            )
-            print(rows[-1], flush=True)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-    body = "\n".join(
-        [
-            f"`POST /v1/search`, hybrid (bm25 + dense, RRF), k=10, no rerank, bundle `{bundle.name}`, one uvicorn "
-            "worker; load generator (httpx async) on the same 2-core machine. Medians over runs.",
-            "",
-            "| concurrency | requests | queries/s | p50 ms | p99 ms | errors |",
-            "|---:|---:|---:|---:|---:|---:|",
-            *rows,
-        ]
+    default_bundle = ROOT / "var" / "eval" / "scifact"
+    bundle = args.bundle or (
+        default_bundle
+        if default_bundle.exists()
+        else next(iter(sorted((ROOT / ".cache").glob("scifact-*"))), ROOT / "var" / "index")
     )
-    append_report("End-to-end HTTP load (bench/http_load.py)", body)
+    queries = [json.loads(line)["text"] for line in open(SCIFACT / "queries.jsonl", encoding="utf-8")][: args.requests]
+    env = dict(item.split("=", 1) for item in args.env)
+    if not args.cache:
+        env.setdefault("SIFT_RUNTIME__QUERY_CACHE_SIZE", "0")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.baseline_rev:
+            tree = export_tree(args.baseline_rev, Path(tmp) / "baseline")
+            process, base = start_server(bundle, None, root=tree)
+            try:
+                results += measure(base, queries, args.runs, f"before ({args.baseline_rev})")
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+        process, base = start_server(bundle, None, env=env)
+        try:
+            results += measure(base, queries, args.runs, "after" if args.baseline_rev else "this tree")
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    settings = ", ".join(f"`{k}={v}`" for k, v in env.items()) or "none"
+    lines = [
+        f"`POST /v1/search`, hybrid (bm25 + dense, RRF), k=10, no rerank, bundle `{bundle.name}`, one uvicorn "
+        f"worker; load generator (httpx async) on the same 2-core machine; {len(queries)} SciFact claims × "
+        f"{args.runs} runs per concurrency, medians over runs. Settings of this tree's server: {settings}.",
+        "",
+        "| server | concurrency | queries/s | p50 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['label']} | {r['concurrency']} | {r['qps']:.1f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['errors']} |"
+        for r in results
+    ]
+    summary = []
+    after = {r["concurrency"]: r for r in results if not r["label"].startswith("before")}
+    before = {r["concurrency"]: r for r in results if r["label"].startswith("before")}
+    if before:
+        ratio = after[8]["qps"] / before[8]["qps"]
+        lines += ["", f"Queries/s at concurrency 8, after ÷ before: **{ratio:.2f}×**."]
+        summary.append(
+            {
+                "claim": f"hybrid /v1/search queries/s at c=8 vs {args.baseline_rev} (same run)",
+                "figure": f"{after[8]['qps']:.1f} vs {before[8]['qps']:.1f} ({ratio:.2f}×)",
+                "target": "≥ 3×",
+                "holds": "yes" if ratio >= 3 and not any(r["errors"] for r in results) else "no",
+            }
+        )
+    summary.append(
+        {
+            "claim": "hybrid /v1/search p50 at c=1",
+            "figure": f"{after[1]['p50']:.1f} ms",
+            "target": "≤ 8 ms",
+            "holds": "yes" if after[1]["p50"] <= 8 else "no",
+        }
+    )
+    append_report("End-to-end HTTP load (bench/http_load.py)", "\n".join(lines), summary)
 
 
 if __name__ == "__main__":

@@ -70,8 +70,8 @@ def main() -> None:
         process, base = start_server(bundle, ce)  # default config: local generator loads too
         try:
             ready_kb = status_kb(process.pid, "VmRSS")
-            httpx.post(f"{base}/v1/search", json={"query": "vitamin D and bone", "rerank": True}, timeout=120)
-            httpx.post(
+            search = httpx.post(f"{base}/v1/search", json={"query": "vitamin D and bone", "rerank": True}, timeout=120)
+            answer = httpx.post(
                 f"{base}/v1/answer",
                 json={
                     "question": "Does vitamin D affect bone density?",
@@ -80,6 +80,12 @@ def main() -> None:
                 },
                 timeout=300,
             )
+            # a failed request must not yield an "after" row: the memory it did not use would look like a win
+            for name, response in (("search", search), ("answer", answer)):
+                if response.status_code != 200:
+                    raise SystemExit(f"{name} failed with {response.status_code}: {response.text[:300]}")
+            if not answer.json().get("answer"):
+                raise SystemExit(f"the answer request generated nothing: {answer.text[:300]}")
             info = httpx.get(f"{base}/v1/info", timeout=10).json()
             after_kb, peak_kb = status_kb(process.pid, "VmRSS"), status_kb(process.pid, "VmHWM")
         finally:

@@ -91,7 +91,7 @@ def build_bundle(
         encoder = None
         if config.dense.enabled:
             t = time.perf_counter()
-            encoder = load_encoder(config.dense.model, config.dense.device)
+            encoder = load_encoder(config.dense.model, config.dense.device, config.dense.runtime)
             timings["load_encoder"] = time.perf_counter() - t
             tokenizer = encoder.tokenizer
         else:
@@ -194,6 +194,7 @@ def write_indexes(
         "index_type": config.dense.index_type,
         "built_on": "gpu" if gpu_available() else "cpu",
         "encoded_on": pick_device(config.dense.device),
+        "runtime": getattr(encoder, "sift_runtime", "torch") if encoder is not None else None,
     }
 
 

@@ -59,6 +59,11 @@ class DenseSettings(BaseModel):
     normalize: bool = True
     batch_size: int = Field(32, ge=1)
     device: str | None = Field(None, description="cpu, cuda, ...; null picks CUDA when present")
+    runtime: Literal["torch", "torch-bf16", "onnx", "onnx-int8"] = Field(
+        "torch",
+        description="how passages are encoded: torch (float32), torch-bf16, ONNX Runtime float32, or ONNX Runtime "
+        "dynamic int8 (see indexer.runtime)",
+    )
     index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200

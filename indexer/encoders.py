@@ -60,21 +60,41 @@ def pick_device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_encoder(name: str, device: str | None = None) -> SentenceTransformer:
-    """Load a sentence-transformers bi-encoder by id or path."""
+def load_encoder(
+    name: str,
+    device: str | None = None,
+    runtime: str = "torch",
+    threads: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> SentenceTransformer:
+    """Load a sentence-transformers bi-encoder by id or path, run by `runtime` (torch, onnx or onnx-int8;
+    see `indexer.runtime.use_runtime`). `encoder.sift_runtime` names what actually runs."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(resolve_model_path(name), device=pick_device(device))
+    from indexer.runtime import use_runtime
+
+    encoder = SentenceTransformer(resolve_model_path(name), device=pick_device(device))
+    return use_runtime(encoder, "feature-extraction", runtime, cache_dir=cache_dir, threads=threads)
 
 
 def encode_passages(encoder: SentenceTransformer, texts: list[str], settings: DenseSettings, progress: bool = False):  # noqa: ANN201
-    """Passage vectors (float32) exactly as a build stores them: the configured batch size and normalisation."""
+    """Passage vectors (float32) exactly as a build stores them: the configured batch size and normalisation
+    (re-done in float32, so that vectors from a bf16/fp16 runtime are unit length to float32 precision)."""
     import numpy as np
 
-    return encoder.encode(
+    vectors = encoder.encode(
         texts,
         batch_size=settings.batch_size,
         normalize_embeddings=settings.normalize,
         show_progress_bar=progress,
         convert_to_numpy=True,
     ).astype(np.float32)
+    return unit_rows(vectors) if settings.normalize else vectors
+
+
+def unit_rows(vectors):  # noqa: ANN001, ANN201
+    """Rows scaled to unit L2 norm in float32 (zero rows stay zero)."""
+    import numpy as np
+
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)

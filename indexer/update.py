@@ -109,7 +109,7 @@ def update_bundle(
             kept_rows.extend(rows)
             counts["kept"] += 1
         counts["added"] = len(incoming) - counts["changed"]
-        encoder = load_encoder(config.dense.model, config.dense.device) if dense else None
+        encoder = load_encoder(config.dense.model, config.dense.device, config.dense.runtime) if dense else None
         if encoder is not None:
             tokenizer = encoder.tokenizer
         else:

@@ -104,6 +104,26 @@ def test_documents_info_health_and_metrics(client):
     assert 'sift_requests_total{method="POST",route="/v1/search",status="200"}' in metrics
     assert 'sift_stage_latency_seconds_count{collection="default",stage="dense"}' in metrics
     assert "sift_in_flight_requests" in metrics and "sift_reranked_candidates_total" in metrics
+    assert info["runtimes"] == {"passages": "torch", "queries": "torch", "reranker": None}
+
+
+def metric(client, name: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_query_embeddings_are_cached_and_counted(client):
+    hits, misses = metric(client, "sift_query_cache_hits_total"), metric(client, "sift_query_cache_misses_total")
+    first = search(client, query="a query nobody sent before: comets and their tails", mode="dense", k=5)
+    second = search(client, query="a query nobody sent before:  comets and their tails ", mode="dense", k=5)
+    assert metric(client, "sift_query_cache_misses_total") == misses + 1
+    assert metric(client, "sift_query_cache_hits_total") == hits + 1
+    assert [(h["passage_id"], h["score"]) for h in second["hits"]] == [
+        (h["passage_id"], h["score"]) for h in first["hits"]
+    ]
+    assert metric(client, "sift_query_cache_entries") >= 1
 
 
 BAD_BODIES = [

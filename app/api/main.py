@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -174,6 +176,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # one pool, sized for the machine, runs every blocking stage (asyncio.to_thread uses it)
+        pool = ThreadPoolExecutor(max_workers=settings.server.threads or os.cpu_count() or 1, thread_name_prefix="sift")
+        asyncio.get_running_loop().set_default_executor(pool)
         tasks = []
         if watch:
 
@@ -192,6 +197,7 @@ def create_app(
             for task in tasks:
                 task.cancel()
             await services.close()
+            pool.shutdown(wait=False)
 
     app = FastAPI(
         title="Sift",
@@ -203,6 +209,7 @@ def create_app(
     app.state.services = services
     app.state.auth = Auth(settings.server)
     app.state.metrics = metrics
+    metrics.watch_query_cache(lambda: services.models.queries)
     install_error_handlers(app)
     install_openapi(app, settings)
     app.include_router(router)

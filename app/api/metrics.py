@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -44,6 +48,20 @@ class Metrics:
             ["collection", "outcome"],
             registry=self.registry,
         )
+
+    def watch_query_cache(self, cache: Callable[[], Any]) -> None:
+        """Export the query-embedding cache's hits, misses and size (`cache()` is read at each scrape: the
+        cache is created when the first build loads)."""
+
+        class Collector:
+            def collect(self):  # noqa: ANN202
+                current = cache()
+                hits, misses, size = (current.hits, current.misses, len(current)) if current is not None else (0, 0, 0)
+                yield CounterMetricFamily("sift_query_cache_hits", "Query embeddings served from the cache", value=hits)
+                yield CounterMetricFamily("sift_query_cache_misses", "Query embeddings computed", value=misses)
+                yield GaugeMetricFamily("sift_query_cache_entries", "Query embeddings held", value=size)
+
+        self.registry.register(Collector())
 
     def observe_timings(self, timings_ms: dict[str, float], collection: str = "default") -> None:
         for stage, ms in timings_ms.items():

@@ -25,7 +25,7 @@ from app.api.schemas import (
     SearchRequest,
     SearchResponse,
 )
-from app.api.shaping import redact, search_response
+from app.api.shaping import FastJSON, redact, search_response
 from app.pipeline import RETRIEVERS_BY_MODE, Pipeline, SearchOptions
 from app.retrieval import FusionConfig
 from app.services import Build, Collection, NotReady, Services, UnknownCollection
@@ -140,13 +140,13 @@ def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> Sea
 
 
 @router.post("/v1/search", response_model=SearchResponse, responses=ERRORS, tags=["search"], dependencies=SEARCH)
-async def search(body: SearchRequest, request: Request) -> SearchResponse:
+async def search(body: SearchRequest, request: Request) -> FastJSON:
     """Retrieve (bm25, dense or hybrid), optionally rerank, and return the top `k` passages with per-stage explain."""
     async with use_build(request, body.collection) as (collection, build):
         return await _search(body, request, collection, build.pipeline)
 
 
-async def _search(body: SearchRequest, request: Request, collection: Collection, pipeline: Pipeline) -> SearchResponse:
+async def _search(body: SearchRequest, request: Request, collection: Collection, pipeline: Pipeline) -> FastJSON:
     check_text(body.query, "query", pipeline.settings.search.max_query_chars, "search.max_query_chars")
     build_id = pipeline.bundle.build_id
     options = to_options(pipeline, body, body.offset)
@@ -163,22 +163,24 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
     metrics.observe_timings(result.timings_ms, collection.name)
     metrics.reranked.labels(collection.name).inc(result.reranked)
     metrics.searches.labels(collection.name).inc()
-    return search_response(
-        body.query,
-        result,
-        options,
-        pipeline.bundle.build_id,
-        body.return_text,
-        body.highlight,
-        pipeline.settings.search.snippet_chars,
-        next_cursor,
+    return FastJSON(
+        search_response(
+            body.query,
+            result,
+            options,
+            pipeline.bundle.build_id,
+            body.return_text,
+            body.highlight,
+            pipeline.settings.search.snippet_chars,
+            next_cursor,
+        )
     )
 
 
 @router.post(
     "/v1/search/batch", response_model=BatchSearchResponse, responses=ERRORS, tags=["search"], dependencies=SEARCH
 )
-async def search_batch(body: BatchSearchRequest, request: Request) -> BatchSearchResponse:
+async def search_batch(body: BatchSearchRequest, request: Request) -> FastJSON:
     """Many queries in one request, encoded and reranked in batches (for batch jobs and evaluation)."""
     async with use_build(request, body.collection) as (collection, build):
         return await _search_batch(body, request, collection, build.pipeline)
@@ -186,7 +188,7 @@ async def search_batch(body: BatchSearchRequest, request: Request) -> BatchSearc
 
 async def _search_batch(
     body: BatchSearchRequest, request: Request, collection: Collection, pipeline: Pipeline
-) -> BatchSearchResponse:
+) -> FastJSON:
     limits = pipeline.settings.search
     if len(body.queries) > limits.max_batch_queries:
         raise ApiError(
@@ -237,7 +239,7 @@ async def _search_batch(
         for q, r in zip(body.queries, results)
     ]
     total = {**timings, "total": round((time.perf_counter() - started) * 1000, 3)}
-    return BatchSearchResponse(results=shaped, timings_ms=total, bundle=pipeline.bundle.build_id)
+    return FastJSON({"results": shaped, "timings_ms": total, "bundle": pipeline.bundle.build_id})
 
 
 @router.get(
@@ -302,6 +304,7 @@ def _info(pipeline: Pipeline, collection: Collection) -> dict[str, Any]:
             "dense": (pipeline.bundle.manifest.get("dense") or {}).get("model"),
             "reranker": settings.reranker.model,
         },
+        "runtimes": pipeline.runtimes(),
         "collection": collection.status(),
         "settings": {
             "search": settings.search.model_dump(),

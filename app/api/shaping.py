@@ -1,4 +1,8 @@
-"""Turn pipeline results into API responses: explain blocks, snippets and highlights."""
+"""Turn pipeline results into API responses: explain blocks, snippets and highlights.
+
+Search responses are plain dicts in the shape of `SearchResponse` (the OpenAPI schema), serialised once by
+orjson in `FastJSON`: no pydantic model per hit is built and then validated again on the way out. The
+shape is checked against the schema by the tests (tests/test_api.py, the schema fuzzer in test_fuzz.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import html
 import re
 from typing import Any
 
-from app.api.schemas import SearchHit, SearchResponse, StageExplain
+import orjson
+from fastapi.responses import Response
+
 from app.pipeline import RETRIEVERS_BY_MODE, SearchOptions, SearchResult
 
 _WORD = re.compile(r"\w\w+", re.UNICODE)
@@ -53,16 +59,25 @@ def snippet(text: str, query: str, chars: int, highlight: bool) -> str:
     return ("…" if start > 0 else "") + window + ("…" if end < len(text) else "")
 
 
-def explain(stages: dict[str, Any], options: SearchOptions) -> dict[str, StageExplain | None]:
+class FastJSON(Response):
+    """application/json rendered by orjson (numpy scalars and arrays included; NaN/Inf become null)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:  # noqa: ANN401
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def explain(stages: dict[str, Any], options: SearchOptions) -> dict[str, dict[str, Any] | None]:
     names = list(RETRIEVERS_BY_MODE[options.mode])
     if len(names) > 1:
         names.append("fused")
     if options.rerank:
         names.append("rerank")
-    out: dict[str, StageExplain | None] = {}
+    out: dict[str, dict[str, Any] | None] = {}
     for name in names:
         stage = stages.get(name)
-        out[name] = StageExplain(score=stage.score, rank=stage.rank, note=stage.note) if stage else None
+        out[name] = {"score": stage.score, "rank": stage.rank, "note": stage.note} if stage else None
     return out
 
 
@@ -75,32 +90,33 @@ def search_response(
     highlight: bool,
     snippet_chars: int = 240,
     next_cursor: str | None = None,
-) -> SearchResponse:
+) -> dict[str, Any]:
+    """A `SearchResponse` as a dict (see the module docstring)."""
     hits = []
     for hit in result.hits:
         passage = result.passages[hit.idx]
         text = passage["text"]
         hits.append(
-            SearchHit(
-                doc_id=hit.doc_id,
-                passage_id=hit.passage_id,
-                title=passage["title"],
-                text=text if return_text else None,
-                snippet=snippet(text, query, snippet_chars, highlight) if (highlight or not return_text) else None,
-                score=hit.score,
-                position=passage["position"],
-                start=passage["start"],
-                end=passage["end"],
-                metadata=passage["metadata"],
-                explain=explain(hit.stages, options),
-            )
+            {
+                "doc_id": hit.doc_id,
+                "passage_id": hit.passage_id,
+                "title": passage["title"],
+                "text": text if return_text else None,
+                "snippet": snippet(text, query, snippet_chars, highlight) if (highlight or not return_text) else None,
+                "score": float(hit.score),
+                "position": passage["position"],
+                "start": passage["start"],
+                "end": passage["end"],
+                "metadata": passage["metadata"],
+                "explain": explain(hit.stages, options),
+            }
         )
-    return SearchResponse(
-        query=query,
-        mode=options.mode,
-        hits=hits,
-        timings_ms=result.timings_ms,
-        bundle=bundle_id,
-        offset=options.offset,
-        next_cursor=next_cursor,
-    )
+    return {
+        "query": query,
+        "mode": options.mode,
+        "hits": hits,
+        "timings_ms": result.timings_ms,
+        "bundle": bundle_id,
+        "offset": options.offset,
+        "next_cursor": next_cursor,
+    }

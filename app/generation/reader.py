@@ -124,23 +124,41 @@ class ExtractiveReader:
         self.calibration = calibration or Calibration()
         self.batch_size = batch_size
         self._lock = threading.Lock()
+        self.runtime = "torch"
 
     @classmethod
-    def load(cls, path: str, device: str | None = None, max_length: int = 384, **kwargs: object) -> ExtractiveReader:
+    def load(
+        cls,
+        path: str,
+        device: str | None = None,
+        max_length: int = 384,
+        runtime: str = "torch",
+        cache_dir: str | None = None,
+        threads: int | None = None,
+        **kwargs: object,
+    ) -> ExtractiveReader:
+        """Load a span reader (a transformers question-answering model) run by `runtime` (see
+        `indexer.runtime`); on CUDA the torch weights run in fp16."""
         from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
         from indexer.encoders import pick_device, resolve_model_path
+        from indexer.runtime import runtime_model
 
         folder = resolve_model_path(path)
         device = pick_device(device)
         model = AutoModelForQuestionAnswering.from_pretrained(folder)
-        model = (model.float() if device == "cpu" else model.half()).to(device).eval()
+        model = model.float().to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        if device != "cpu" and runtime == "torch":
+            runtime = "onnx"  # on CUDA every runtime but torch means fp16; the reader always ran in fp16 there
+        model = runtime_model(model, tokenizer, "question-answering", runtime, cache_dir, threads, max_length)
         calibration = None
         calib_file = Path(folder) / CALIBRATION_FILE
         if calib_file.is_file():
             calibration = Calibration(**json.loads(calib_file.read_text()))
-        return cls(model, tokenizer, max_length=max_length, calibration=calibration, **kwargs)
+        reader = cls(model, tokenizer, max_length=max_length, calibration=calibration, **kwargs)
+        reader.runtime = model.sift_runtime
+        return reader
 
     def logits(self, questions: Sequence[str], contexts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list, list]:
         """Start/end logits per window, each window's pair index and offsets."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from app.retrieval.cache import QueryCache
 from app.retrieval.types import Hit, ranked
 from indexer.bundle import DENSE_DIR, BundleError, BundleInfo
 from indexer.config import DenseSettings
 from indexer.dense import load_index
-from indexer.encoders import load_encoder, model_lock
+from indexer.encoders import load_encoder, model_lock, unit_rows
 
 
 class DenseSearcher:
@@ -19,9 +20,17 @@ class DenseSearcher:
     name = "dense"
 
     def __init__(
-        self, encoder, index: faiss.Index, settings: DenseSettings, passage_ids: list[str], doc_ids: list[str]
-    ) -> None:  # noqa: ANN001
+        self,
+        encoder,  # noqa: ANN001
+        index: faiss.Index,
+        settings: DenseSettings,
+        passage_ids: list[str],
+        doc_ids: list[str],
+        cache: QueryCache | None = None,
+    ) -> None:
         self.encoder = encoder
+        self.cache = cache
+        self._cache_key = (settings.model, getattr(encoder, "sift_runtime", "torch"), settings.normalize)
         self.index = index
         self.settings = settings
         self.passage_ids = passage_ids
@@ -36,6 +45,7 @@ class DenseSearcher:
         doc_ids: list[str],
         device: str | None = None,
         encoder=None,  # noqa: ANN001
+        cache: QueryCache | None = None,
     ) -> DenseSearcher:
         info = bundle.manifest.get("dense") or {}
         if not info.get("enabled"):
@@ -51,10 +61,15 @@ class DenseSearcher:
             raise BundleError(
                 f"query encoder {info['model']} gives {dim}-d vectors but the bundle holds {info['dimension']}-d ones"
             )
-        return cls(encoder, load_index(bundle.path(DENSE_DIR), settings), settings, passage_ids, doc_ids)
+        return cls(encoder, load_index(bundle.path(DENSE_DIR), settings), settings, passage_ids, doc_ids, cache)
 
     def encode(self, queries: list[str]) -> np.ndarray:
-        """Query vectors, normalised as the passages were."""
+        """Query vectors, normalised as the passages were (from the query cache when one is set)."""
+        if self.cache is not None:
+            return self.cache.encode(self._cache_key, queries, self._encode)
+        return self._encode(queries)
+
+    def _encode(self, queries: list[str]) -> np.ndarray:
         with self._encode_lock:
             vectors = self.encoder.encode(
                 queries,
@@ -63,6 +78,7 @@ class DenseSearcher:
                 show_progress_bar=False,
                 convert_to_numpy=True,
             )
+        vectors = unit_rows(vectors) if self.settings.normalize else vectors
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
@@ -70,7 +86,7 @@ class DenseSearcher:
         so counting happens under the same lock as encoding."""
         with self._encode_lock:
             tokens = sum(len(ids) for ids in self.encoder.tokenizer(texts)["input_ids"])
-        return self.encode(texts), int(tokens)
+        return self._encode(texts), int(tokens)
 
     def search(self, query: str, k: int, mask: np.ndarray | None = None) -> list[Hit]:
         return self.search_many([query], k, mask)[0]

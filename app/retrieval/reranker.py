@@ -36,16 +36,33 @@ class Reranker:
         self._identity = torch.nn.Identity()
 
     @classmethod
-    def load(cls, name: str, max_length: int = 256, device: str | None = None, batch_size: int = 32) -> Reranker:
-        """Load any CrossEncoder by local path or hub id; on CPU the weights are used in float32 (a model
-        stored in fp16, like Sift's shipped one, is up-cast: half precision is slow on CPUs)."""
+    def load(
+        cls,
+        name: str,
+        max_length: int = 256,
+        device: str | None = None,
+        batch_size: int = 32,
+        runtime: str = "torch",
+        cache_dir: str | None = None,
+        threads: int | None = None,
+    ) -> Reranker:
+        """Load any CrossEncoder by local path or hub id, run by `runtime` (see `indexer.runtime`); on CPU
+        the weights are used in float32 (a model stored in fp16, like Sift's shipped one, is up-cast: half
+        precision is slow on CPUs)."""
         import torch
         from sentence_transformers import CrossEncoder
+
+        from indexer.runtime import use_runtime
 
         device = pick_device(device)
         kwargs = {"model_kwargs": {"dtype": torch.float32}} if device == "cpu" else {}
         model = CrossEncoder(resolve_model_path(name), max_length=max_length, device=device, **kwargs)
+        use_runtime(model, "sequence-classification", runtime, cache_dir=cache_dir, threads=threads)
         return cls(model, batch_size=batch_size)
+
+    @property
+    def runtime(self) -> str:
+        return getattr(self.model, "sift_runtime", "torch")
 
     @property
     def max_length(self) -> int:

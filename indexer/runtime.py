@@ -1,0 +1,474 @@
+"""Model runtimes: run a transformer under torch, ONNX Runtime fp32, or ONNX Runtime dynamic int8.
+
+Every encoder Sift runs (bi-encoder for passages and queries, cross-encoder, MaxSim, extractive reader) is
+a Hugging Face transformer inside a wrapper (sentence-transformers or Sift's reader). `use_runtime` swaps
+that transformer for an `OnnxModel` with the same call signature and output names, so tokenisation,
+pooling, normalisation, batching and length sorting stay the wrapper's own and do not depend on the runtime.
+
+Invariants:
+- An export is made once per (source weights, task, runtime, instruction set, exporter versions) and cached
+  under `cache_dir` (default `$SIFT_RUNTIME_CACHE` or `~/.cache/sift/runtimes`) with a `meta.json` that
+  records the SHA-256 of the `.onnx` file; it is published by an atomic rename, so concurrent processes
+  (several server workers) never see half a file.
+- A loaded export must (a) match its recorded SHA-256 and (b) agree with the torch model it replaces on a
+  fixed probe set (cosine ≥ `MIN_AGREEMENT`, computed live at load). Either failure raises `RuntimeMismatch`
+  naming the file and what to do; a mismatched export is never used.
+- Dynamic int8 quantises only weight MatMuls (activations stay fp32 between layers, the embedding table is
+  not quantised), per output channel; `reduce_range` (7-bit weights) is used only on CPUs without VNNI,
+  where the 8-bit AVX2 kernels can saturate.
+- On a GPU, `onnx*` runtimes fall back to torch in fp16 (ONNX Runtime's CUDA build is not a dependency).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Runtime = Literal["torch", "torch-bf16", "onnx", "onnx-int8"]
+RUNTIMES: tuple[str, ...] = ("torch", "torch-bf16", "onnx", "onnx-int8")
+Task = Literal["feature-extraction", "sequence-classification", "question-answering"]
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "feature-extraction": ("last_hidden_state",),
+    "sequence-classification": ("logits",),
+    "question-answering": ("start_logits", "end_logits"),
+}
+MIN_AGREEMENT = 0.99
+EXPORT_VERSION = 1  # bump when the export recipe changes: old cache entries are then ignored
+PROBES: tuple[tuple[str, str], ...] = (
+    ("what causes ozone depletion", "Chlorofluorocarbons release chlorine in the stratosphere, which destroys ozone."),
+    ("when was the eiffel tower built", "The Eiffel Tower was completed in 1889 for the World's Fair in Paris."),
+    ("effect of aspirin on heart attacks", "Low-dose aspirin reduced the risk of a first myocardial infarction."),
+    (
+        "boundary layer transition",
+        "Transition of the laminar boundary layer depends on pressure gradient and roughness.",
+    ),
+    ("who wrote hamlet", "Photosynthesis converts light energy into chemical energy stored in glucose."),
+    ("gene expression in mice", "Knockout mice lacking the receptor showed reduced expression of the target gene."),
+    ("a", "b"),
+    ("Supersonic flow over a wedge produces an oblique shock wave " * 4, "Shock waves " * 30),
+)
+
+_GUARD = threading.Lock()
+
+
+class RuntimeMismatch(RuntimeError):
+    """An export that is corrupt or does not reproduce the torch model it stands for."""
+
+
+def cpu_isa() -> str:
+    """The best integer-dot-product instruction set this CPU has: avx512_vnni, avx_vnni, avx512, avx2 or
+    generic (read from /proc/cpuinfo; generic elsewhere)."""
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return "generic"
+    for isa in ("avx512_vnni", "avx_vnni"):
+        if isa in flags:
+            return isa
+    if "avx512bw" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "generic"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    root = cache_dir or os.environ.get("SIFT_RUNTIME_CACHE") or Path.home() / ".cache" / "sift" / "runtimes"
+    return Path(root).expanduser()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX); elsewhere torch
+    emulates them, slower than float32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in text or "amx_bf16" in text
+
+
+def resolve_runtime(runtime: str, device: str) -> str:
+    """The runtime actually used on `device`: on CUDA every runtime but `torch` means `torch-fp16` (ONNX
+    Runtime's CUDA build is not a dependency); `torch-bf16` on a CPU without native bf16 means `torch`."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if str(device).startswith("cuda"):
+        return "torch" if runtime == "torch" else "torch-fp16"
+    if runtime == "torch-bf16" and not cpu_has_bf16():
+        log.warning("this CPU has no native bfloat16 (avx512_bf16/amx_bf16): running torch-bf16 as torch")
+        return "torch"
+    return runtime
+
+
+def weights_fingerprint(model) -> str:  # noqa: ANN001 - a transformers PreTrainedModel
+    """SHA-256 over the model's parameters and buffers (names, shapes, bytes): identifies the weights
+    whatever folder or hub id they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _probe_inputs(tokenizer, task: str, max_length: int) -> dict[str, np.ndarray]:  # noqa: ANN001
+    if task == "feature-extraction":
+        texts = [t for pair in PROBES for t in pair]
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+    else:
+        queries, passages = zip(*PROBES)
+        enc = tokenizer(
+            list(queries),
+            list(passages),
+            padding=True,
+            truncation="longest_first",
+            max_length=max_length,
+            return_tensors="np",
+        )
+    return {
+        k: np.asarray(v, dtype=np.int64)
+        for k, v in enc.items()
+        if k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+
+
+def _torch_outputs(model, inputs: dict[str, np.ndarray], task: str) -> list[np.ndarray]:  # noqa: ANN001
+    import torch
+
+    with torch.inference_mode():
+        out = model(**{k: torch.from_numpy(v).to(_device_of(model)) for k, v in inputs.items()}, return_dict=True)
+    return [out[name].float().cpu().numpy() for name in OUTPUTS[task]]
+
+
+def agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], mask: np.ndarray, task: str) -> float:
+    """How well `candidate` outputs reproduce `reference`: for token states, the mean over probe texts of the
+    cosine between the two mean-pooled vectors of a text; for scores and span logits, the cosine of the whole
+    output over real (unpadded) tokens, centred (so that a constant shift does not count as agreement)."""
+    if task == "feature-extraction":
+        m = mask[..., None].astype(np.float32)
+        a = (reference[0] * m).sum(1) / m.sum(1)
+        b = (candidate[0] * m).sum(1) / m.sum(1)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+        return float(cos.mean())
+    if task == "sequence-classification":
+        a, b = reference[0].ravel(), candidate[0].ravel()
+    else:
+        keep = mask.astype(bool)
+        a = np.concatenate([r[keep] for r in reference])
+        b = np.concatenate([c[keep] for c in candidate])
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
+
+
+def _device_of(model) -> Any:  # noqa: ANN001, ANN401
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - every transformer has parameters
+        return "cpu"
+
+
+class OnnxModel:
+    """An ONNX Runtime session that stands in for a transformers model: called with the tokenizer's tensors,
+    it returns a dict of torch tensors named as the model's outputs (`last_hidden_state`, `logits`, or
+    `start_logits`/`end_logits`), also readable as attributes. Thread-safe (ONNX Runtime sessions are)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):  # noqa: ANN204
+        import torch
+
+        # A torch.nn.Module subclass created lazily, so that importing this module does not import torch.
+        module_cls = type("OnnxModule", (_OnnxModuleMixin, torch.nn.Module), {})
+        return module_cls(*args, **kwargs)
+
+
+class _Outputs(dict):
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+
+class _OnnxModuleMixin:
+    def __init__(self, path: Path, config: Any, task: str, runtime: str, threads: int | None = None) -> None:  # noqa: ANN401
+        import onnxruntime as ort
+        import torch
+
+        super().__init__()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.config = config
+        self.task = task
+        self.runtime = runtime
+        self.path = path
+        self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # so .parameters() names a device
+
+    @property
+    def dtype(self) -> Any:  # noqa: ANN401
+        import torch
+
+        return torch.float32
+
+    @property
+    def device(self) -> Any:  # noqa: ANN401
+        import torch
+
+        return torch.device("cpu")
+
+    def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        feeds = {name: np.asarray(inputs[name], dtype=np.int64) for name in self.input_names if name in inputs}
+        if "token_type_ids" in self.input_names and "token_type_ids" not in feeds:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        return self.session.run(self.output_names, feeds)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **_: Any) -> _Outputs:  # noqa: ANN001, ANN401
+        import torch
+
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        arrays = {k: v.cpu().numpy() for k, v in inputs.items() if v is not None}
+        return _Outputs(zip(self.output_names, (torch.from_numpy(o) for o in self.run(arrays))))
+
+
+def _export(model, tokenizer, task: str, dest: Path, max_length: int) -> None:  # noqa: ANN001
+    """torch.export-based ONNX export of `model` (fp32, dynamic batch and sequence axes) to `dest`."""
+    import torch
+
+    inputs = _probe_inputs(tokenizer, task, max_length)
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in inputs]
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner) -> None:  # noqa: ANN001
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):  # noqa: ANN001, ANN202
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, **extra, return_dict=True)
+            return tuple(out[name] for name in OUTPUTS[task])
+
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max(512, max_length))
+    shapes = {n: {0: batch, 1: seq} for n in names}
+    model = model.float().cpu().eval()
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            Wrapped(model),
+            tuple(torch.from_numpy(inputs[n]) for n in names),
+            input_names=names,
+            output_names=list(OUTPUTS[task]),
+            dynamic_shapes=shapes,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    for logger, level in zip(quiet, levels):
+        logger.setLevel(level)
+    program.save(str(dest), external_data=False)
+
+
+def _quantize(source: Path, dest: Path, isa: str) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(source),
+        str(dest),
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        reduce_range=isa not in ("avx512_vnni", "avx_vnni"),
+        weight_type=QuantType.QInt8,
+        extra_options={"MatMulConstBOnly": True},
+    )
+
+
+def export_key(fingerprint: str, task: str, runtime: str, isa: str) -> str:
+    import onnxruntime
+    import torch
+
+    raw = json.dumps([EXPORT_VERSION, fingerprint, task, runtime, isa, torch.__version__, onnxruntime.__version__])
+    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def export_folder(fingerprint: str, task: str, runtime: str, cache_dir: str | Path | None = None) -> Path:
+    """Where the export of weights `fingerprint` for `task` under `runtime` lives in the cache."""
+    return cache_root(cache_dir) / f"{task}-{runtime}-{export_key(fingerprint, task, runtime, cpu_isa())}"
+
+
+def get_export(
+    model,
+    tokenizer,
+    task: str,
+    runtime: str,
+    cache_dir: str | Path | None = None,
+    max_length: int = 256,  # noqa: ANN001
+) -> Path:
+    """The cached `.onnx` file for `model` under `runtime` (`onnx` or `onnx-int8`), exporting it first if
+    there is none. Returns the folder holding `model.onnx` and `meta.json`."""
+    isa = cpu_isa()
+    fingerprint = weights_fingerprint(model)
+    folder = export_folder(fingerprint, task, runtime, cache_dir)
+    if (folder / "meta.json").is_file():
+        return folder
+    with _GUARD:
+        if (folder / "meta.json").is_file():
+            return folder
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
+        try:
+            log.info("exporting model to ONNX", extra={"task": task, "runtime": runtime, "isa": isa, "to": str(folder)})
+            _export(model, tokenizer, task, work / "fp32.onnx", max_length)
+            if runtime == "onnx-int8":
+                _quantize(work / "fp32.onnx", work / "model.onnx", isa)
+                (work / "fp32.onnx").unlink()
+            else:
+                (work / "fp32.onnx").rename(work / "model.onnx")
+            meta = {
+                "task": task,
+                "runtime": runtime,
+                "isa": isa,
+                "weights": fingerprint,
+                "sha256": _sha256(work / "model.onnx"),
+                "export_version": EXPORT_VERSION,
+            }
+            (work / "meta.json").write_text(json.dumps(meta, indent=2))
+            try:
+                os.rename(work, folder)  # atomic publish; fails if another process published first
+            except OSError:
+                if not (folder / "meta.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return folder
+
+
+def load_export(folder: Path, config: Any, task: str, runtime: str, threads: int | None = None):  # noqa: ANN201, ANN401
+    """Open a cached export after checking its SHA-256 against `meta.json`."""
+    meta_file = folder / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise RuntimeMismatch(f"{meta_file}: unreadable ({e}); delete {folder} to export again") from e
+    onnx_file = folder / "model.onnx"
+    if not onnx_file.is_file() or _sha256(onnx_file) != meta.get("sha256"):
+        raise RuntimeMismatch(
+            f"{onnx_file}: corrupt or replaced (SHA-256 differs from meta.json); delete {folder} to export again"
+        )
+    try:
+        return OnnxModel(onnx_file, config, task, runtime, threads)
+    except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
+        raise RuntimeMismatch(f"{onnx_file}: ONNX Runtime cannot load it ({e}); delete {folder} to export again") from e
+
+
+def onnx_for(
+    model,  # noqa: ANN001 - a transformers PreTrainedModel (torch)
+    tokenizer,  # noqa: ANN001
+    task: str,
+    runtime: str,
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+    max_length: int = 256,
+    min_agreement: float = MIN_AGREEMENT,
+):  # noqa: ANN201
+    """The ONNX stand-in for `model`: exported (or found in the cache), checked, and verified against the
+    torch model's own outputs on `PROBES`. Raises `RuntimeMismatch` below `min_agreement`."""
+    folder = get_export(model, tokenizer, task, runtime, cache_dir, max_length)
+    onnx_model = load_export(folder, model.config, task, runtime, threads)
+    inputs = _probe_inputs(tokenizer, task, max_length)
+    score = agreement(_torch_outputs(model, inputs, task), onnx_model.run(inputs), inputs["attention_mask"], task)
+    onnx_model.agreement = score
+    if score < min_agreement:
+        raise RuntimeMismatch(
+            f"{folder / 'model.onnx'}: {runtime} output agrees with torch at cosine {score:.4f} < {min_agreement}; "
+            f"use runtime torch (or onnx), or delete {folder} if the export is stale"
+        )
+    log.info(
+        "runtime ready", extra={"task": task, "runtime": runtime, "agreement": round(score, 5), "path": str(folder)}
+    )
+    return onnx_model
+
+
+def runtime_model(
+    model,  # noqa: ANN001 - a transformers PreTrainedModel (torch, float32)
+    tokenizer,  # noqa: ANN001
+    task: str,
+    runtime: str,
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+    max_length: int = 256,
+    min_agreement: float = MIN_AGREEMENT,
+):  # noqa: ANN201
+    """`model` as `runtime` runs it (see `resolve_runtime` for the device rules): itself (torch), cast to
+    bfloat16 or float16 (verified on `PROBES` against its float32 outputs), or an ONNX stand-in
+    (`onnx_for`). The result has `.sift_runtime` and, unless torch, `.agreement`."""
+    actual = resolve_runtime(runtime, str(_device_of(model)))
+    if actual == "torch":
+        model.sift_runtime = "torch"
+        return model
+    if actual in ("onnx", "onnx-int8"):
+        onnx_model = onnx_for(model, tokenizer, task, actual, cache_dir, threads, max_length, min_agreement)
+        onnx_model.sift_runtime = actual
+        return onnx_model
+    import torch
+
+    inputs = _probe_inputs(tokenizer, task, max_length)
+    reference = _torch_outputs(model, inputs, task) if actual == "torch-bf16" else None
+    model = model.to(torch.bfloat16 if actual == "torch-bf16" else torch.float16)
+    model.sift_runtime = actual
+    if reference is not None:
+        score = agreement(reference, _torch_outputs(model, inputs, task), inputs["attention_mask"], task)
+        model.agreement = score
+        if score < min_agreement:
+            raise RuntimeMismatch(
+                f"{task} model in bfloat16 agrees with float32 at cosine {score:.4f} < {min_agreement}; "
+                "use runtime torch"
+            )
+        log.info("runtime ready", extra={"task": task, "runtime": actual, "agreement": round(score, 5)})
+    return model
+
+
+def use_runtime(
+    wrapper,  # noqa: ANN001 - SentenceTransformer | CrossEncoder
+    task: str,
+    runtime: str,
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+):  # noqa: ANN201
+    """Run a sentence-transformers model (bi-encoder or cross-encoder) under `runtime`, in place: its
+    transformer module's model becomes `runtime_model(...)`, so tokenisation, pooling and batching stay
+    sentence-transformers' own. Returns `wrapper`, with `wrapper.sift_runtime` naming what runs."""
+    module = wrapper[0]
+    max_length = int(getattr(wrapper, "max_seq_length", None) or getattr(wrapper, "max_length", None) or 256)
+    module.model = runtime_model(module.model, wrapper.tokenizer, task, runtime, cache_dir, threads, max_length)
+    wrapper.sift_runtime = module.model.sift_runtime
+    return wrapper

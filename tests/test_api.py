@@ -91,7 +91,7 @@ def test_batch_matches_single_queries(client):
         assert [h["score"] for h in result["hits"]] == pytest.approx([h["score"] for h in single["hits"]], rel=1e-5)
 
 
-def test_documents_info_health_and_metrics(client):
+def test_documents_info_health_and_metrics(client, example_pipeline):
     assert client.get("/v1/documents/astro-003").json()["title"] == "Black holes"
     missing = client.get("/v1/documents/no-such-doc")
     assert missing.status_code == 404 and "no document with id 'no-such-doc'" in missing.json()["error"]["message"]
@@ -104,7 +104,8 @@ def test_documents_info_health_and_metrics(client):
     assert 'sift_requests_total{method="POST",route="/v1/search",status="200"}' in metrics
     assert 'sift_stage_latency_seconds_count{collection="default",stage="dense"}' in metrics
     assert "sift_in_flight_requests" in metrics and "sift_reranked_candidates_total" in metrics
-    assert info["runtimes"] == {"passages": "torch", "queries": "torch", "reranker": None}
+    queries = example_pipeline.settings.runtime.queries  # configs/default.yaml: onnx
+    assert info["runtimes"] == {"passages": "torch", "queries": queries, "reranker": None}
 
 
 def metric(client, name: str) -> float:

@@ -234,11 +234,7 @@ class Pipeline:
         return {
             "passages": (self.bundle.manifest.get("dense") or {}).get("runtime", "torch") if dense else None,
             "queries": getattr(dense.encoder, "sift_runtime", "torch") if dense else None,
-            "reranker": getattr(
-                getattr(reranker, "model", None) or getattr(reranker, "encoder", None), "sift_runtime", "torch"
-            )
-            if reranker is not None
-            else None,
+            "reranker": reranker.runtime if reranker is not None else None,
         }
 
     async def close(self) -> None:

@@ -121,18 +121,14 @@ class Models:
             )
         return self
 
-    def encoder(self, name: str, settings: Settings | None = None) -> Any:
+    def encoder(self, name: str, settings: Settings) -> Any:
         """The bi-encoder `name`, loaded once per process with the query runtime of `settings`."""
         if name not in self.encoders:
             from indexer.encoders import load_encoder
 
-            runtime = settings.runtime if settings is not None else None
+            runtime = settings.runtime
             self.encoders[name] = load_encoder(
-                name,
-                settings.device if settings is not None else None,
-                runtime.queries if runtime else "torch",
-                runtime.threads if runtime else None,
-                runtime.cache_dir if runtime else None,
+                name, settings.device, runtime.queries, runtime.threads, runtime.cache_dir
             )
         return self.encoders[name]
 

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from indexer.config import DEFAULT_CONFIG, PROJECT_ROOT, IndexConfig, config_path, load_index_config
+from indexer.config import DEFAULT_CONFIG, PROJECT_ROOT, IndexConfig, Runtime, config_path, load_index_config
 
 __all__ = ["DEFAULT_CONFIG", "PROJECT_ROOT", "Settings", "load_settings", "project_path"]
 
@@ -180,18 +180,15 @@ class ServerSettings(BaseModel):
     )
 
 
-RuntimeName = Literal["torch", "torch-bf16", "onnx", "onnx-int8"]
-
-
 class RuntimeSettings(BaseModel):
     """How each model runs at serving time (see `indexer.runtime`). Passages are encoded at build time with
     `index.dense.runtime`, recorded in the manifest. Every non-torch runtime is exported once, cached, and
     verified against torch float32 when loaded (refused below cosine 0.99). On CUDA, every runtime but torch
     means torch fp16; torch-bf16 needs a CPU with native bfloat16 (AVX512-BF16/AMX), else it runs as torch."""
 
-    queries: RuntimeName = Field("torch", description="bi-encoder at query time: dense search, embeddings, MaxSim")
-    reranker: RuntimeName = Field("torch", description="cross-encoder")
-    reader: RuntimeName = Field("torch", description="extractive reader")
+    queries: Runtime = Field("torch", description="bi-encoder at query time: dense search, embeddings, MaxSim")
+    reranker: Runtime = Field("torch", description="cross-encoder")
+    reader: Runtime = Field("torch", description="extractive reader")
     cache_dir: Path | None = Field(
         None, description="exports cache; null: $SIFT_RUNTIME_CACHE or ~/.cache/sift/runtimes"
     )

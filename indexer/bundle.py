@@ -40,6 +40,17 @@ class BundleError(RuntimeError):
     """A bundle that is missing, incomplete or damaged; the message says what to do."""
 
 
+def publish_folder(work: Path, target: Path, ready: str) -> None:
+    """Move the finished folder `work` to `target` in one rename. Another process may have published the same
+    content first (its `target/ready` file exists): that copy is kept and `work` removed."""
+    try:
+        os.replace(work, target)
+    except OSError:
+        if not (target / ready).exists():
+            raise
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -15,6 +15,8 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+# how a model runs (indexer/runtime.py); the one list every setting that names a runtime uses
+Runtime = Literal["torch", "torch-bf16", "onnx", "onnx-int8"]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
 
@@ -59,7 +61,7 @@ class DenseSettings(BaseModel):
     normalize: bool = True
     batch_size: int = Field(32, ge=1)
     device: str | None = Field(None, description="cpu, cuda, ...; null picks CUDA when present")
-    runtime: Literal["torch", "torch-bf16", "onnx", "onnx-int8"] = Field(
+    runtime: Runtime = Field(
         "torch",
         description="how passages are encoded: torch (float32), torch-bf16, ONNX Runtime float32, or ONNX Runtime "
         "dynamic int8 (see indexer.runtime)",

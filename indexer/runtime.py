@@ -1,8 +1,10 @@
-"""Model runtimes: run a transformer under torch, ONNX Runtime fp32, or ONNX Runtime dynamic int8.
+"""Model runtimes: run a transformer under torch (float32 or bfloat16), ONNX Runtime fp32, or ONNX Runtime
+dynamic int8.
 
 Every encoder Sift runs (bi-encoder for passages and queries, cross-encoder, MaxSim, extractive reader) is
-a Hugging Face transformer inside a wrapper (sentence-transformers or Sift's reader). `use_runtime` swaps
-that transformer for an `OnnxModel` with the same call signature and output names, so tokenisation,
+a Hugging Face transformer inside a wrapper (sentence-transformers or Sift's reader). `runtime_model` gives
+the transformer to run instead (an `OnnxModel` with the same call signature and output names, or the same
+model cast to bfloat16), and `use_runtime` swaps it into a sentence-transformers wrapper, so tokenisation,
 pooling, normalisation, batching and length sorting stay the wrapper's own and do not depend on the runtime.
 
 Invariants:
@@ -21,6 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -31,14 +34,16 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
+from indexer.bundle import publish_folder, sha256_file
+from indexer.config import Runtime
+
 log = logging.getLogger(__name__)
 
-Runtime = Literal["torch", "torch-bf16", "onnx", "onnx-int8"]
-RUNTIMES: tuple[str, ...] = ("torch", "torch-bf16", "onnx", "onnx-int8")
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 Task = Literal["feature-extraction", "sequence-classification", "question-answering"]
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "feature-extraction": ("last_hidden_state",),
@@ -68,17 +73,22 @@ class RuntimeMismatch(RuntimeError):
     """An export that is corrupt or does not reproduce the torch model it stands for."""
 
 
-def cpu_isa() -> str:
-    """The best integer-dot-product instruction set this CPU has: avx512_vnni, avx_vnni, avx512, avx2 or
-    generic (read from /proc/cpuinfo; generic elsewhere)."""
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags from /proc/cpuinfo (empty where there is none); read once per process."""
     try:
-        flags = set()
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        return "generic"
+        pass
+    return frozenset()
+
+
+def cpu_isa() -> str:
+    """The best integer-dot-product instruction set this CPU has: avx512_vnni, avx_vnni, avx512, avx2 or
+    generic."""
+    flags = _cpu_flags()
     for isa in ("avx512_vnni", "avx_vnni"):
         if isa in flags:
             return isa
@@ -95,11 +105,7 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX); elsewhere torch
     emulates them, slower than float32."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in text or "amx_bf16" in text
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
 
 
 def resolve_runtime(runtime: str, device: str) -> str:
@@ -123,14 +129,6 @@ def weights_fingerprint(model) -> str:  # noqa: ANN001 - a transformers PreTrain
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -190,17 +188,20 @@ def _device_of(model) -> Any:  # noqa: ANN001, ANN401
         return "cpu"
 
 
-class OnnxModel:
+def OnnxModel(path: Path, config: Any, runtime: str, threads: int | None = None):  # noqa: ANN201, ANN401, N802
     """An ONNX Runtime session that stands in for a transformers model: called with the tokenizer's tensors,
     it returns a dict of torch tensors named as the model's outputs (`last_hidden_state`, `logits`, or
     `start_logits`/`end_logits`), also readable as attributes. Thread-safe (ONNX Runtime sessions are)."""
+    return _onnx_module_class()(path, config, runtime, threads)
 
-    def __new__(cls, *args: Any, **kwargs: Any):  # noqa: ANN204
-        import torch
 
-        # A torch.nn.Module subclass created lazily, so that importing this module does not import torch.
-        module_cls = type("OnnxModule", (_OnnxModuleMixin, torch.nn.Module), {})
-        return module_cls(*args, **kwargs)
+@functools.cache
+def _onnx_module_class() -> type:
+    """The torch.nn.Module subclass behind `OnnxModel`, made on first use so that importing this module does
+    not import torch."""
+    import torch
+
+    return type("OnnxModule", (_OnnxModuleMixin, torch.nn.Module), {})
 
 
 class _Outputs(dict):
@@ -212,7 +213,7 @@ class _Outputs(dict):
 
 
 class _OnnxModuleMixin:
-    def __init__(self, path: Path, config: Any, task: str, runtime: str, threads: int | None = None) -> None:  # noqa: ANN401
+    def __init__(self, path: Path, config: Any, runtime: str, threads: int | None = None) -> None:  # noqa: ANN401
         import onnxruntime as ort
         import torch
 
@@ -226,9 +227,7 @@ class _OnnxModuleMixin:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.config = config
-        self.task = task
-        self.runtime = runtime
-        self.path = path
+        self.sift_runtime = runtime
         self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # so .parameters() names a device
 
     @property
@@ -281,20 +280,22 @@ def _export(model, tokenizer, task: str, dest: Path, max_length: int) -> None:  
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            Wrapped(model),
-            tuple(torch.from_numpy(inputs[n]) for n in names),
-            input_names=names,
-            output_names=list(OUTPUTS[task]),
-            dynamic_shapes=shapes,
-            dynamo=True,
-            optimize=True,
-            verbose=False,
-        )
-    for logger, level in zip(quiet, levels):
-        logger.setLevel(level)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                Wrapped(model),
+                tuple(torch.from_numpy(inputs[n]) for n in names),
+                input_names=names,
+                output_names=list(OUTPUTS[task]),
+                dynamic_shapes=shapes,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     program.save(str(dest), external_data=False)
 
 
@@ -358,21 +359,17 @@ def get_export(
                 "runtime": runtime,
                 "isa": isa,
                 "weights": fingerprint,
-                "sha256": _sha256(work / "model.onnx"),
+                "sha256": sha256_file(work / "model.onnx"),
                 "export_version": EXPORT_VERSION,
             }
             (work / "meta.json").write_text(json.dumps(meta, indent=2))
-            try:
-                os.rename(work, folder)  # atomic publish; fails if another process published first
-            except OSError:
-                if not (folder / "meta.json").is_file():
-                    raise
+            publish_folder(work, folder, "meta.json")  # another process may have published it first
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return folder
 
 
-def load_export(folder: Path, config: Any, task: str, runtime: str, threads: int | None = None):  # noqa: ANN201, ANN401
+def load_export(folder: Path, config: Any, runtime: str, threads: int | None = None):  # noqa: ANN201, ANN401
     """Open a cached export after checking its SHA-256 against `meta.json`."""
     meta_file = folder / "meta.json"
     try:
@@ -380,42 +377,14 @@ def load_export(folder: Path, config: Any, task: str, runtime: str, threads: int
     except (OSError, ValueError) as e:
         raise RuntimeMismatch(f"{meta_file}: unreadable ({e}); delete {folder} to export again") from e
     onnx_file = folder / "model.onnx"
-    if not onnx_file.is_file() or _sha256(onnx_file) != meta.get("sha256"):
+    if not onnx_file.is_file() or sha256_file(onnx_file) != meta.get("sha256"):
         raise RuntimeMismatch(
             f"{onnx_file}: corrupt or replaced (SHA-256 differs from meta.json); delete {folder} to export again"
         )
     try:
-        return OnnxModel(onnx_file, config, task, runtime, threads)
+        return OnnxModel(onnx_file, config, runtime, threads)
     except Exception as e:  # onnxruntime raises its own exception types for invalid graphs
         raise RuntimeMismatch(f"{onnx_file}: ONNX Runtime cannot load it ({e}); delete {folder} to export again") from e
-
-
-def onnx_for(
-    model,  # noqa: ANN001 - a transformers PreTrainedModel (torch)
-    tokenizer,  # noqa: ANN001
-    task: str,
-    runtime: str,
-    cache_dir: str | Path | None = None,
-    threads: int | None = None,
-    max_length: int = 256,
-    min_agreement: float = MIN_AGREEMENT,
-):  # noqa: ANN201
-    """The ONNX stand-in for `model`: exported (or found in the cache), checked, and verified against the
-    torch model's own outputs on `PROBES`. Raises `RuntimeMismatch` below `min_agreement`."""
-    folder = get_export(model, tokenizer, task, runtime, cache_dir, max_length)
-    onnx_model = load_export(folder, model.config, task, runtime, threads)
-    inputs = _probe_inputs(tokenizer, task, max_length)
-    score = agreement(_torch_outputs(model, inputs, task), onnx_model.run(inputs), inputs["attention_mask"], task)
-    onnx_model.agreement = score
-    if score < min_agreement:
-        raise RuntimeMismatch(
-            f"{folder / 'model.onnx'}: {runtime} output agrees with torch at cosine {score:.4f} < {min_agreement}; "
-            f"use runtime torch (or onnx), or delete {folder} if the export is stale"
-        )
-    log.info(
-        "runtime ready", extra={"task": task, "runtime": runtime, "agreement": round(score, 5), "path": str(folder)}
-    )
-    return onnx_model
 
 
 def runtime_model(
@@ -429,32 +398,38 @@ def runtime_model(
     min_agreement: float = MIN_AGREEMENT,
 ):  # noqa: ANN201
     """`model` as `runtime` runs it (see `resolve_runtime` for the device rules): itself (torch), cast to
-    bfloat16 or float16 (verified on `PROBES` against its float32 outputs), or an ONNX stand-in
-    (`onnx_for`). The result has `.sift_runtime` and, unless torch, `.agreement`."""
-    actual = resolve_runtime(runtime, str(_device_of(model)))
-    if actual == "torch":
-        model.sift_runtime = "torch"
-        return model
-    if actual in ("onnx", "onnx-int8"):
-        onnx_model = onnx_for(model, tokenizer, task, actual, cache_dir, threads, max_length, min_agreement)
-        onnx_model.sift_runtime = actual
-        return onnx_model
+    float16 (CUDA), or — verified on `PROBES` against its own float32 outputs — cast to bfloat16 or replaced by
+    its ONNX export (made or found in the cache). Raises `RuntimeMismatch` below `min_agreement`. The result
+    has `.sift_runtime` and, when verified, `.agreement`."""
     import torch
 
+    actual = resolve_runtime(runtime, str(_device_of(model)))
+    if actual in ("torch", "torch-fp16"):
+        model = model if actual == "torch" else model.to(torch.float16)
+        model.sift_runtime = actual
+        return model
     inputs = _probe_inputs(tokenizer, task, max_length)
-    reference = _torch_outputs(model, inputs, task) if actual == "torch-bf16" else None
-    model = model.to(torch.bfloat16 if actual == "torch-bf16" else torch.float16)
-    model.sift_runtime = actual
-    if reference is not None:
-        score = agreement(reference, _torch_outputs(model, inputs, task), inputs["attention_mask"], task)
-        model.agreement = score
-        if score < min_agreement:
-            raise RuntimeMismatch(
-                f"{task} model in bfloat16 agrees with float32 at cosine {score:.4f} < {min_agreement}; "
-                "use runtime torch"
-            )
-        log.info("runtime ready", extra={"task": task, "runtime": actual, "agreement": round(score, 5)})
-    return model
+    reference = _torch_outputs(model, inputs, task)
+    if actual == "torch-bf16":
+        candidate = model.to(torch.bfloat16)
+        outputs, what, remedy = (
+            _torch_outputs(candidate, inputs, task),
+            f"{task} model in bfloat16",
+            "use runtime torch",
+        )
+    else:
+        folder = get_export(model, tokenizer, task, actual, cache_dir, max_length)
+        candidate = load_export(folder, model.config, actual, threads)
+        outputs, what = candidate.run(inputs), str(folder / "model.onnx")
+        remedy = f"use runtime torch (or onnx), or delete {folder} if the export is stale"
+    score = agreement(reference, outputs, inputs["attention_mask"], task)
+    candidate.sift_runtime, candidate.agreement = actual, score
+    if score < min_agreement:
+        raise RuntimeMismatch(
+            f"{what}: {actual} output agrees with torch at cosine {score:.4f} < {min_agreement}; {remedy}"
+        )
+    log.info("runtime ready", extra={"task": task, "runtime": actual, "agreement": round(score, 5)})
+    return candidate
 
 
 def use_runtime(

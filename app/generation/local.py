@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from app.generation.base import Cancel, Generation, GenerationOptions, Message, StopTrimmer, trim_at_stop
+from indexer.bundle import publish_folder
 from indexer.encoders import pick_device
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,7 @@ def cached_smollm2(cache_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)  # atomic; another process may have published the same copy first
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    publish_folder(tmp, target, "config.json")  # another process may have published the same copy first
     return target
 
 

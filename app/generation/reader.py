@@ -149,9 +149,11 @@ class ExtractiveReader:
         model = AutoModelForQuestionAnswering.from_pretrained(folder)
         model = model.float().to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        if device != "cpu" and runtime == "torch":
-            runtime = "onnx"  # on CUDA every runtime but torch means fp16; the reader always ran in fp16 there
-        model = runtime_model(model, tokenizer, "question-answering", runtime, cache_dir, threads, max_length)
+        if device == "cpu":
+            model = runtime_model(model, tokenizer, "question-answering", runtime, cache_dir, threads, max_length)
+        else:  # on a GPU the reader runs in fp16 whatever the runtime (as every runtime but torch does there)
+            model = model.half()
+            model.sift_runtime = "torch-fp16"
         calibration = None
         calib_file = Path(folder) / CALIBRATION_FILE
         if calib_file.is_file():

@@ -54,4 +54,4 @@ class QueryCache:
                     self._items.move_to_end(k)
                 while len(self._items) > self.size:
                     self._items.popitem(last=False)
-        return np.stack([found[k] for k in keys]).astype(np.float32, copy=True)
+        return np.stack([found[k] for k in keys])  # a new array: callers cannot alter the cached rows

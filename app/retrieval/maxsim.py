@@ -50,6 +50,11 @@ class MaxSimReranker:
         return cls(encoder, batch_size)
 
     @property
+    def runtime(self) -> str:
+        """The runtime of the bi-encoder it scores with (see `indexer.runtime`)."""
+        return getattr(self.encoder, "sift_runtime", "torch")
+
+    @property
     def max_length(self) -> int:
         return int(self.encoder.max_seq_length)
 

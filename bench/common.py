@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,61 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks.md"
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    bundle: Path,
+    reranker: Path | None = None,
+    root: Path = ROOT,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 300,
+) -> tuple[subprocess.Popen, str]:
+    """`sift serve` from the source tree `root` (default: this one; a baseline's, see `source_tree`) on a free
+    loopback port, with `env` over the environment; returns (process, base URL) once `/readyz` answers 200,
+    and raises if the server exits or is not ready within `ready_timeout` seconds."""
+    import httpx
+
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "SIFT_BUNDLE": str(bundle),
+        "SIFT_SERVER__LOG_LEVEL": "warning",
+        **(env or {}),
+    }
+    if reranker:
+        full_env["SIFT_RERANKER__MODEL"] = str(reranker)
+    cmd = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port)]
+    process = subprocess.Popen(cmd, env=full_env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return process, base
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"server from {root} exited during start-up")
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"server from {root} not ready in {ready_timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def source_tree(rev: str) -> Iterator[Path]:
+    """The source of commit `rev` (as `git archive` writes it) in a temporary folder, for before/after runs
+    of a baseline server with this checkout's Python environment."""
+    with tempfile.TemporaryDirectory(prefix="sift-baseline-") as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield Path(tmp)
 
 
 def cpu_model() -> str:

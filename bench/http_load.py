@@ -3,8 +3,8 @@ with the error count (must be 0). An httpx async client is the load generator.
 
     python bench/http_load.py [--bundle DIR] [--requests 300] [--runs 5] [--baseline-rev REV] [--env K=V ...]
 
-With --baseline-rev, the same load first runs against a server started from that commit's source (exported
-with `git archive` into a temporary folder, same Python environment, its own default configuration), then
+With --baseline-rev, the same load first runs against a server started from that commit's source
+(`bench.common.source_tree`: same Python environment, its own default configuration), then
 against this tree's server with --env overrides: before and after in one run, on one machine. The after
 server runs with the query-embedding cache off unless --cache: the load repeats its queries across runs, so a
 cache would turn later runs into lookups.
@@ -16,9 +16,7 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, SCIFACT, append_report, progress  # noqa: E402
-from bench.search_latency import start_server  # noqa: E402
+from bench.common import ROOT, SCIFACT, append_report, progress, source_tree, start_server  # noqa: E402
 
 
 async def run_load(base: str, queries: list[str], concurrency: int) -> tuple[float, list[float], int]:
@@ -85,14 +82,6 @@ def measure(base: str, queries: list[str], runs: int, label: str) -> list[dict]:
     return out
 
 
-def export_tree(rev: str, dest: Path) -> Path:
-    """The source of commit `rev`, as `git archive` writes it, under `dest`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=None)
@@ -113,21 +102,20 @@ def main() -> None:
     if not args.cache:
         env.setdefault("SIFT_RUNTIME__QUERY_CACHE_SIZE", "0")
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.baseline_rev:
-            tree = export_tree(args.baseline_rev, Path(tmp) / "baseline")
+    if args.baseline_rev:
+        with source_tree(args.baseline_rev) as tree:
             process, base = start_server(bundle, None, root=tree)
             try:
                 results += measure(base, queries, args.runs, f"before ({args.baseline_rev})")
             finally:
                 process.terminate()
                 process.wait(timeout=30)
-        process, base = start_server(bundle, None, env=env)
-        try:
-            results += measure(base, queries, args.runs, "after" if args.baseline_rev else "this tree")
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    process, base = start_server(bundle, None, env=env)
+    try:
+        results += measure(base, queries, args.runs, "after" if args.baseline_rev else "this tree")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
     settings = ", ".join(f"`{k}={v}`" for k, v in env.items()) or "none"
     lines = [
         f"`POST /v1/search`, hybrid (bm25 + dense, RRF), k=10, no rerank, bundle `{bundle.name}`, one uvicorn "

@@ -12,13 +12,10 @@ timed-out or failed search counts as an error and its time as the timeout. Figur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,43 +24,10 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ROOT, SCIFACT, append_report, progress  # noqa: E402
+from bench.common import ROOT, SCIFACT, append_report, progress, source_tree, start_server  # noqa: E402
 
 BASELINE = "6daa8f0"  # main before this work: generation shared asyncio's default executor with retrieval
 QUESTION = "Describe the Eiffel Tower: its history, construction, height and visitors."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(code: Path, bundle: Path, extra: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(code),
-        "SIFT_BUNDLE": str(bundle),
-        "SIFT_RERANKER__MODEL": "none",
-        "SIFT_SERVER__LOG_LEVEL": "warning",
-        **extra,
-    }
-    cmd = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port)]
-    process = subprocess.Popen(cmd, env=env, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"server from {code} exited during start-up")
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("server not ready in 300 s")
 
 
 def searches(base: str, queries: list[str], timeout: float) -> tuple[list[float], int]:
@@ -117,7 +81,7 @@ class Generators:
 
 
 def measure(code: Path, bundle: Path, extra: dict[str, str], queries: list[str], args, bar) -> dict:  # noqa: ANN001
-    process, base = start(code, bundle, extra)
+    process, base = start_server(bundle, root=code, env={"SIFT_RERANKER__MODEL": "none", **extra})
     rows = {"alone": [], "generating": []}
     load = {"answers": 0, "refused": 0, "failed": 0, "errors": 0}
     try:
@@ -162,19 +126,13 @@ def main() -> None:
     versions: list[tuple[str, Path, dict[str, str]]] = [
         ("this checkout", ROOT, {"SIFT_SERVER__MAX_CONCURRENT_GENERATIONS": str(args.clients)})
     ]
-    tmp = None
-    if args.baseline:
-        tmp = tempfile.mkdtemp(prefix="sift-baseline-")
-        subprocess.run(["git", "worktree", "add", "--detach", tmp, args.baseline], cwd=ROOT, check=True)
-        versions.insert(0, (f"`{args.baseline}` (before)", Path(tmp), {}))
     results = {}
-    bar = progress(2 * args.runs * len(versions), "phases")
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.baseline:
+            versions.insert(0, (f"`{args.baseline}` (before)", stack.enter_context(source_tree(args.baseline)), {}))
+        bar = progress(2 * args.runs * len(versions), "phases")
         for name, code, extra in versions:
             results[name] = measure(code, args.bundle, extra, queries, args, bar)
-    finally:
-        if tmp:
-            subprocess.run(["git", "worktree", "remove", "--force", tmp], cwd=ROOT, check=False)
     lines = [
         f"{len(queries)} sequential hybrid `/v1/search` requests per phase, alone and while {args.clients} clients "
         f"send non-streamed `/v1/answer` requests back to back (local SmolLM2, max_new_tokens {args.max_new_tokens}); "

@@ -22,8 +22,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, SCIFACT, append_report  # noqa: E402
-from bench.search_latency import make_cross_encoder, start_server  # noqa: E402
+from bench.common import ROOT, SCIFACT, append_report, start_server  # noqa: E402
+from bench.search_latency import make_cross_encoder  # noqa: E402
 
 
 def status_kb(pid: int, key: str) -> int:

@@ -87,7 +87,7 @@ def rerank_rows(base, rerankers: dict, splits: dict, claims_per_split: int) -> d
     the first `claims_per_split` claims of each split; the qrels are cut to those claims, so the mean is over
     the claims actually reranked."""
     from app.eval.retrieval import document_run, evaluate
-    from app.retrieval.reranker import apply_rerank
+    from bench.rerank import rerank_prefix
 
     out: dict[tuple[str, str], float] = {}
     for split, data in splits.items():
@@ -98,9 +98,8 @@ def rerank_rows(base, rerankers: dict, splits: dict, claims_per_split: int) -> d
         for rt, reranker in rerankers.items():
             reranked = []
             for claim, hits in progress_iter(list(zip(texts, ranked)), f"rerank {split} {rt}"):
-                head = hits[:20]
-                pairs, _ = base.rerank_pairs([claim], [head])
-                reranked.append(apply_rerank(head, reranker.score(pairs), 0.5) + hits[20:])
+                pairs, _ = base.rerank_pairs([claim], [hits[:20]])
+                reranked.append(rerank_prefix(hits, reranker.score(pairs), 20, 0.5))
             out[split, rt] = evaluate(qrels, document_run(q_ids, reranked))["ndcg@10"]
             print(split, rt, out[split, rt], flush=True)
     return out
@@ -130,7 +129,11 @@ def main() -> None:
     abstracts = [json.loads(line) for line in open(SCIFACT / "corpus.jsonl", encoding="utf-8")]
     texts = [f"{a['title']} {a['text']}" for a in abstracts[:512]]
     reranker_path = str(project_path(RERANKER))
-    encoders = {rt: load_encoder("default", "cpu", rt, cache_dir=args.cache_dir) for rt in RUNTIMES}
+    encoders = (
+        {}
+        if args.only_rerank
+        else {rt: load_encoder("default", "cpu", rt, cache_dir=args.cache_dir) for rt in RUNTIMES}
+    )
     rerankers = {rt: Reranker.load(reranker_path, 128, "cpu", runtime=rt, cache_dir=args.cache_dir) for rt in RUNTIMES}
     by_id = {str(a["_id"]): f"{a['title']} {a['text']}" for a in abstracts}
     pairs = [(claims[i], by_id[d]) for i, q in enumerate(qids[:64]) for d in list(dataset.qrels[q])[:1]]

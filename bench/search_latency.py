@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, SCIFACT, append_report, progress  # noqa: E402
+from bench.common import ROOT, SCIFACT, append_report, progress, start_server  # noqa: E402
 
 
 def make_cross_encoder(path: Path) -> Path:
@@ -42,43 +39,6 @@ def make_cross_encoder(path: Path) -> Path:
     torch.manual_seed(0)
     CrossEncoder(resolve_model_path("default"), num_labels=1, max_length=256, device="cpu").save(str(path))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(
-    bundle: Path, reranker: Path | None, root: Path = ROOT, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen, str]:
-    """`sift serve` from the source tree `root` (default: this one; a baseline checkout for before/after
-    runs) on a free loopback port, with `env` over the environment; returns once `/readyz` answers 200."""
-    port = free_port()
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": str(root),
-        "SIFT_BUNDLE": str(bundle),
-        "SIFT_SERVER__LOG_LEVEL": "warning",
-        **(env or {}),
-    }
-    if reranker:
-        full_env["SIFT_RERANKER__MODEL"] = str(reranker)
-    cmd = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port)]
-    process = subprocess.Popen(cmd, env=full_env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(480):
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            break
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"server from {root} did not start")
 
 
 async def load(

@@ -12,10 +12,7 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,15 +21,9 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import ROOT, SCIFACT, append_report, progress  # noqa: E402
+from bench.common import ROOT, SCIFACT, append_report, progress, start_server  # noqa: E402
 
 MIX = (("search", 0.6), ("batch", 0.15), ("answer", 0.15), ("chat", 0.10))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def request_for(kind: str, rng: random.Random, queries: list[str]) -> tuple[str, dict]:
@@ -92,19 +83,8 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=ROOT / "var" / "index")
     args = parser.parse_args()
     queries = [json.loads(line)["text"] for line in open(SCIFACT / "queries.jsonl", encoding="utf-8")][:300]
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SIFT_BUNDLE": str(args.bundle), "SIFT_SERVER__LOG_LEVEL": "warning"}
-    cmd = [sys.executable, "-c", "from app.cli import main; main()", "serve", "--port", str(port)]
-    server = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_server(args.bundle)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
         counts, samples = asyncio.run(soak(base, queries, args, server.pid))
     finally:
         server.terminate()

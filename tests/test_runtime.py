@@ -3,6 +3,7 @@ int8, agrees with torch, and a corrupt or mismatched export is refused. Also the
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -75,15 +76,20 @@ def test_bi_encoder_runtime_agrees_with_torch(runtime, cache_dir, corpus, encode
     assert float(np.corrcoef(tokens.float().numpy().ravel(), ref_tokens.numpy().ravel())[0, 1]) >= 0.99
 
 
-def cross_encoder_rankings(runtime: str, cache_dir, corpus: list[str]):  # noqa: ANN001, ANN201
+@functools.cache
+def reranker(runtime: str, cache_dir) -> object:  # noqa: ANN001
+    """Each cross-encoder runtime loaded once for the module's tests."""
     from app.retrieval.reranker import Reranker
 
-    torch_ce = Reranker.load(RERANKER, 128, "cpu")
-    ce = Reranker.load(RERANKER, 128, "cpu", runtime=runtime, cache_dir=cache_dir)
-    assert ce.runtime == runtime and torch_ce.runtime == "torch"
+    loaded = Reranker.load(RERANKER, 128, "cpu", runtime=runtime, cache_dir=cache_dir)
+    assert loaded.runtime == runtime
+    return loaded
+
+
+def cross_encoder_rankings(runtime: str, cache_dir, corpus: list[str]):  # noqa: ANN001, ANN201
     for query in QUERIES:
         pairs = [(query, passage) for passage in corpus[:30]]
-        yield torch_ce.score(pairs), ce.score(pairs)
+        yield reranker("torch", cache_dir).score(pairs), reranker(runtime, cache_dir).score(pairs)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -113,11 +119,17 @@ def test_int8_cross_encoder_keeps_the_top_10(cache_dir, corpus):
         assert same_top(ref, got, tie=0.1)
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
-def test_reader_runtime_agrees_with_torch(runtime, cache_dir, corpus):
+@pytest.fixture(scope="module")
+def torch_reader():
     from app.generation.reader import ExtractiveReader
 
-    torch_reader = ExtractiveReader.load(READER, "cpu")
+    return ExtractiveReader.load(READER, "cpu")
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_reader_runtime_agrees_with_torch(runtime, cache_dir, corpus, torch_reader):
+    from app.generation.reader import ExtractiveReader
+
     reader = ExtractiveReader.load(READER, "cpu", runtime=runtime, cache_dir=cache_dir)
     assert reader.runtime == runtime
     questions = ["At what temperature does hydrogen fusion begin?", "What do stars form inside?"]

@@ -81,7 +81,9 @@ def serve(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (default configs/default.yaml)"),
     host: str | None = typer.Option(None, help="interface to bind (default from config: 127.0.0.1)"),
     port: int | None = typer.Option(None, help="port (default from config: 8000)"),
-    workers: int | None = typer.Option(None, help="uvicorn worker processes; each loads the models"),
+    workers: int | None = typer.Option(
+        None, help="worker processes (default server.workers); models load once, shared"
+    ),
 ) -> None:
     """Serve the HTTP API with uvicorn. The server watches each collection's `current` link and switches
     to a newly published build without a restart (`POST /v1/admin/reload` checks at once)."""
@@ -105,13 +107,9 @@ def serve(
     if n == 1:
         uvicorn.run(create_app(settings), **common)
         return
-    # several worker processes import the app by name; they read the same config and overrides from the
-    # environment (the only channel uvicorn gives its workers)
-    if bundle is not None:
-        os.environ["SIFT_BUNDLE"] = str(bundle)
-    if config is not None:
-        os.environ["SIFT_CONFIG"] = str(config)
-    uvicorn.run("app.api.asgi:app", workers=n, **common)
+    from app.serving import serve_workers
+
+    serve_workers(settings, n, common["host"], common["port"])
 
 
 eval_app = typer.Typer(help="Measure retrieval quality and latency on BEIR-layout datasets.", no_args_is_help=True)

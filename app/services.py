@@ -70,6 +70,7 @@ class Models:
     tracer: Tracer = field(default_factory=Tracer)  # off unless settings.tracing (or a test) says otherwise
     generation: GenerationPool = field(default_factory=lambda: GenerationPool(4))  # answers' own threads
     queries: QueryCache | None = None  # query embeddings, shared by every build and collection
+    loaded_in: int | None = None  # pid of the process that loaded the models (a pre-fork master, or this one)
 
     def query_cache(self, settings: Settings) -> QueryCache | None:
         """The process's query-embedding cache (`runtime.query_cache_size` entries; None when 0)."""
@@ -83,12 +84,19 @@ class Models:
         bundle's bi-encoder when it is the same model; see `encoder`)."""
         return cls().warm_up(settings, generator, reader)
 
-    def warm_up(self, settings: Settings, generator: bool = True, reader: bool = True) -> Models:
-        """Load the configured models into this instance (which collections already hold)."""
-        if settings.runtime.threads:  # torch's intra-op threads, set once per process before any model runs
-            import torch
+    def warm_up(
+        self, settings: Settings, generator: bool = True, reader: bool = True, fork_safe: bool = False
+    ) -> Models:
+        """Load the configured models into this instance (which collections already hold). `fork_safe`: this
+        is a pre-fork master; torch runs single-threaded here (a child cannot use an OpenMP pool its parent
+        started: it hangs), and each worker sets its own threads in `after_fork`."""
+        import torch
 
+        if fork_safe:
+            torch.set_num_threads(1)
+        elif settings.runtime.threads:  # torch's intra-op threads, set once per process before any model runs
             torch.set_num_threads(settings.runtime.threads)
+        self.loaded_in = os.getpid()
         spec, device = settings.reranker.model, settings.reranker.device or settings.device
         if spec:
             if is_maxsim(spec):
@@ -120,6 +128,13 @@ class Models:
                 threads=runtime.threads,
             )
         return self
+
+    def after_fork(self, settings: Settings) -> None:
+        """In a worker forked from the master that loaded the models: its own torch threads (ONNX Runtime
+        sessions reopen themselves on first use in a new process)."""
+        import torch
+
+        torch.set_num_threads(settings.runtime.threads or max(1, (os.cpu_count() or 1) // settings.server.workers))
 
     def encoder(self, name: str, settings: Settings) -> Any:
         """The bi-encoder `name`, loaded once per process with the query runtime of `settings`."""
@@ -374,6 +389,7 @@ class Services:
         self.settings, self.models, self.collections = settings, models, collections
         self.load_error: str | None = None
         self.owns_builds = True  # False when handed a pipeline: its owner closes it
+        self.needs_start = False  # True when built from settings: the app's lifespan starts and watches them
 
     @classmethod
     def from_settings(
@@ -390,6 +406,7 @@ class Services:
             generation=GenerationPool(settings.server.max_concurrent_generations),
         )
         services = cls(settings, models, {})
+        services.needs_start = True
         services.collections = {
             name: Collection(name, Path(root), settings, services.models, on_reload) for name, root in roots.items()
         }
@@ -412,17 +429,47 @@ class Services:
         services.owns_builds = False
         return services
 
+    def on_reload(self, listener: Callable[[str, str], None]) -> None:
+        """Call `listener(collection, outcome)` after every reload attempt that loads or fails."""
+        for collection in self.collections.values():
+            collection._on_reload = listener
+
+    def preload(self) -> None:
+        """Pre-fork master (`server.workers` > 1): load the models, and the bi-encoder each collection's
+        newest build names, in this process before the workers are forked, so that every worker shares them
+        copy-on-write instead of loading its own. Builds are not loaded here: each worker opens them itself
+        (BM25 memory-mapped, the docstore read-only), so reloads stay per worker. A failure is kept for
+        `/readyz`, as in `start`."""
+        try:
+            self.models.warm_up(self.settings, fork_safe=True)
+            for collection in self.collections.values():
+                with contextlib.suppress(BundleError):
+                    dense = open_bundle(collection.root, False).manifest.get("dense") or {}
+                    if dense.get("enabled"):
+                        self.models.encoder(dense["model"], self.settings)
+            from indexer.runtime import release_sessions
+
+            release_sessions()  # each worker opens its own ONNX Runtime sessions (their threads do not fork)
+        except Exception as exc:  # noqa: BLE001 - reported on /readyz by every worker
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error(json.dumps({"event": "load_failed", "error": self.load_error}))
+
     async def start(self) -> None:
-        """Warm-up (models, off the event loop), then the first build of every collection. A collection whose
-        folder has no build yet reports why at once (`/readyz`) and is loaded by the watcher once one is
-        published."""
+        """Warm-up (models, off the event loop; in a forked worker, only its threads), then the first build of
+        every collection. A collection whose folder has no build yet reports why at once (`/readyz`) and is
+        loaded by the watcher once one is published."""
         for collection in self.collections.values():
             try:
                 await asyncio.to_thread(open_bundle, collection.root, False)
             except BundleError as exc:
                 collection.error = str(exc)
+        if self.load_error is not None:
+            return
         try:
-            await asyncio.to_thread(self.models.warm_up, self.settings)
+            if self.models.loaded_in is None:
+                await asyncio.to_thread(self.models.warm_up, self.settings)
+            elif self.models.loaded_in != os.getpid():
+                self.models.after_fork(self.settings)
         except Exception as exc:  # noqa: BLE001 - reported on /readyz
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error(json.dumps({"event": "load_failed", "error": self.load_error}))

@@ -55,9 +55,10 @@ def start_server(
     process = subprocess.Popen(cmd, env=full_env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout
+    workers = int(full_env.get("SIFT_SERVER__WORKERS") or 1)
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200 and _workers_ready(base, workers, deadline):
                 return process, base
         except httpx.HTTPError:
             pass
@@ -66,6 +67,21 @@ def start_server(
         time.sleep(0.5)
     process.kill()
     raise RuntimeError(f"server from {root} not ready in {ready_timeout:.0f} s")
+
+
+def _workers_ready(base: str, workers: int, deadline: float) -> bool:
+    """With several worker processes, `/readyz` answers for one of them: wait until `workers` distinct
+    processes have answered `/v1/info` (which needs a loaded build)."""
+    import httpx
+
+    seen: set[int] = set()
+    while workers > 1 and len(seen) < workers and time.monotonic() < deadline:
+        r = httpx.get(f"{base}/v1/info", timeout=5)
+        if r.status_code == 200:
+            seen.add(r.json()["process"]["pid"])
+        else:
+            time.sleep(0.2)
+    return workers <= 1 or len(seen) >= workers
 
 
 @contextlib.contextmanager

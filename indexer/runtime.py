@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -188,6 +189,18 @@ def _device_of(model) -> Any:  # noqa: ANN001, ANN401
         return "cpu"
 
 
+_SESSIONS: weakref.WeakSet = weakref.WeakSet()  # every OnnxModel of this process
+
+
+def release_sessions() -> int:
+    """Free every ONNX Runtime session of this process (each model reopens its own on next use). A pre-fork
+    master calls this before forking, so that each worker opens one session, not inherits a dead one."""
+    modules = list(_SESSIONS)
+    for module in modules:
+        module.release_session()
+    return len(modules)
+
+
 def OnnxModel(path: Path, config: Any, runtime: str, threads: int | None = None):  # noqa: ANN201, ANN401, N802
     """An ONNX Runtime session that stands in for a transformers model: called with the tokenizer's tensors,
     it returns a dict of torch tensors named as the model's outputs (`last_hidden_state`, `logits`, or
@@ -214,16 +227,12 @@ class _Outputs(dict):
 
 class _OnnxModuleMixin:
     def __init__(self, path: Path, config: Any, runtime: str, threads: int | None = None) -> None:  # noqa: ANN401
-        import onnxruntime as ort
         import torch
 
         super().__init__()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path, self.threads = Path(path), threads
+        self._reopen = threading.Lock()
+        self._open_session()
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.config = config
@@ -242,7 +251,32 @@ class _OnnxModuleMixin:
 
         return torch.device("cpu")
 
+    def _open_session(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self._pid = os.getpid()
+        _SESSIONS.add(self)
+
+    def release_session(self) -> None:
+        """Free the session (in the process that opened it); the next call opens a new one."""
+        with self._reopen:
+            self.session = None
+
     def run(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.session is None or self._pid != os.getpid():
+            with self._reopen:
+                if self.session is not None and self._pid != os.getpid():
+                    # a forked worker: the parent's session is kept, never freed here (its destructor would join
+                    # intra-op threads that exist only in the parent, and hang holding the GIL)
+                    self._inherited = self.session
+                if self.session is None or self._pid != os.getpid():
+                    self._open_session()
         feeds = {name: np.asarray(inputs[name], dtype=np.int64) for name in self.input_names if name in inputs}
         if "token_type_ids" in self.input_names and "token_type_ids" not in feeds:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
@@ -447,3 +481,68 @@ def use_runtime(
     module.model = runtime_model(module.model, wrapper.tokenizer, task, runtime, cache_dir, threads, max_length)
     wrapper.sift_runtime = module.model.sift_runtime
     return wrapper
+
+
+class DirectEncoder:
+    """A sentence-transformers bi-encoder on an ONNX runtime, run as Rust tokenizer → ONNX Runtime → pooling
+    in numpy: no torch, no Python-side batching and no lock on the query path (the tokenizer copy is
+    configured once and only read afterwards; ONNX Runtime sessions are thread-safe). Gives the vectors
+    `wrapper.encode` gives (tests: cosine ≥ 0.9999), before normalisation.
+
+    `DirectEncoder.of(wrapper)` is None unless the wrapper is exactly Transformer → Pooling (mean or cls) →
+    optional Normalize, on an ONNX runtime, without a default prompt or lower-casing: anything else keeps
+    the wrapper's own path."""
+
+    def __init__(self, wrapper) -> None:  # noqa: ANN001 - a SentenceTransformer accepted by `of`
+        from tokenizers import Tokenizer
+
+        transformer, pooling = wrapper[0], wrapper[1]
+        self.model = transformer.model
+        self.pooling = pooling.pooling_mode
+        self.tokenizer = Tokenizer.from_str(wrapper.tokenizer.backend_tokenizer.to_str())
+        self.tokenizer.enable_truncation(int(transformer.max_seq_length))
+        self.tokenizer.no_padding()
+        self.pad_id = int(wrapper.tokenizer.pad_token_id or 0)
+
+    @classmethod
+    def of(cls, wrapper) -> DirectEncoder | None:  # noqa: ANN001
+        try:
+            modules = list(wrapper)
+            names = [type(m).__name__ for m in modules]
+            ok = (
+                names[:2] == ["Transformer", "Pooling"]
+                and names[2:] in ([], ["Normalize"])
+                and isinstance(modules[0].model, _OnnxModuleMixin)
+                and getattr(modules[1], "pooling_mode", None) in ("mean", "cls")
+                and not getattr(modules[0], "do_lower_case", False)
+                and not getattr(wrapper, "default_prompt_name", None)
+                and hasattr(wrapper.tokenizer, "backend_tokenizer")
+            )
+        except (TypeError, IndexError, AttributeError):
+            return None
+        return cls(wrapper) if ok else None
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Pooled float32 vectors for `texts`, in order, not normalised (batches of similar lengths)."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        if len(encodings) <= batch_size:
+            return self._pooled(encodings)
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        out = np.empty((len(encodings), self.model.config.hidden_size), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            out[rows] = self._pooled([encodings[i] for i in rows])
+        return out
+
+    def _pooled(self, encodings: list) -> np.ndarray:
+        longest = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), longest), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            ids[row, : len(encoding.ids)] = encoding.ids
+            mask[row, : len(encoding.ids)] = 1
+        hidden = self.model.run({"input_ids": ids, "attention_mask": mask})[0]
+        if self.pooling == "cls":
+            return np.ascontiguousarray(hidden[:, 0], dtype=np.float32)
+        weights = mask[:, :, None].astype(np.float32)
+        return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)

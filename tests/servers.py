@@ -54,7 +54,11 @@ def sift_server(env: dict[str, str], ready_timeout: float = 180) -> Iterator[tup
             time.sleep(0.5)
         yield base, process
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
+        if process.poll() is None:  # SIGTERM first: a pre-fork master stops its workers
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=30)
         os.unlink(log.name)

@@ -69,6 +69,26 @@ def test_bi_encoder_runtime_agrees_with_torch(runtime, cache_dir, corpus, encode
         assert top(got_p, got_q) == top(ref_p, ref_q)  # fp32: the same ranking, order included
     else:  # the same top-10 documents, near-ties at rank 10 (cosines within 0.01) excepted
         assert all(same_top(ref_p @ q, got_p @ g, tie=0.01) for q, g in zip(ref_q, got_q))
+    # the query path's direct encoder (tokenizer → session → numpy pooling) gives the wrapper's vectors, for a
+    # single query and for a batch longer than its chunk, in order; torch runtimes keep the wrapper's path
+    from indexer.encoders import unit_rows
+    from indexer.runtime import DirectEncoder
+
+    direct = DirectEncoder.of(model)
+    if runtime == "torch-bf16":
+        assert direct is None
+    else:
+        assert direct is not None
+        many = QUERIES + corpus[:40]
+        wrapped = model.encode(many, normalize_embeddings=True)
+        # (dynamic int8 scales activations per batch, so other batches give slightly other vectors)
+        batched = float((unit_rows(direct.encode(many, batch_size=8)) * wrapped).sum(1).min())
+        assert batched >= (0.9999 if runtime == "onnx" else 0.98), batched
+        for query in QUERIES:  # one query alone, as the server encodes it: the same input, the same vector
+            one = float(
+                (unit_rows(direct.encode([query]))[0] * model.encode([query], normalize_embeddings=True)[0]).sum()
+            )
+            assert one >= 0.9999, (query, one)
     # MaxSim runs on the same encoder: its token vectors come from the ONNX session too
     tokens = model.encode(["how do stars form"], output_value="token_embeddings")[0]
     ref_tokens = encoder.encode(["how do stars form"], output_value="token_embeddings")[0]

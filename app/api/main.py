@@ -162,17 +162,17 @@ def create_app(
     reader=None,  # noqa: ANN001
 ) -> FastAPI:
     """Build the app around `services` (the composition root, `app.services`). Without them, services are
-    built from `settings` and load in the background at start-up (`/readyz` answers 503 until every
-    collection has a build), and a watcher reloads each collection when its `current` changes. With a
+    built from `settings`; services built from settings (here, or pre-loaded by a pre-fork master) load in
+    the background at start-up (`/readyz` answers 503 until every collection has a build), and a watcher
+    reloads each collection when its `current` changes. With a
     `pipeline` (and optionally a `generator`/`reader`) the app is ready at once and does not reload."""
     if services is None and pipeline is not None:
         services = Services.from_pipeline(pipeline, generator, reader)
     settings = settings or (services.settings if services is not None else load_settings())
     metrics = Metrics()
-    watch = services is None
-    services = services or Services.from_settings(
-        settings, on_reload=lambda collection, outcome: metrics.reloads.labels(collection, outcome).inc()
-    )
+    services = services or Services.from_settings(settings)
+    watch = services.needs_start
+    services.on_reload(lambda collection, outcome: metrics.reloads.labels(collection, outcome).inc())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -306,6 +307,7 @@ def _info(pipeline: Pipeline, collection: Collection) -> dict[str, Any]:
         },
         "runtimes": pipeline.runtimes(),
         "collection": collection.status(),
+        "process": {"pid": os.getpid(), "workers": settings.server.workers, "threads": settings.runtime.threads},
         "settings": {
             "search": settings.search.model_dump(),
             "fusion": settings.fusion.model_dump(),

@@ -12,6 +12,7 @@ from indexer.bundle import DENSE_DIR, BundleError, BundleInfo
 from indexer.config import DenseSettings
 from indexer.dense import load_index
 from indexer.encoders import load_encoder, model_lock, unit_rows
+from indexer.runtime import DirectEncoder
 
 
 class DenseSearcher:
@@ -36,6 +37,8 @@ class DenseSearcher:
         self.passage_ids = passage_ids
         self.doc_ids = doc_ids
         self._encode_lock = model_lock(encoder)  # shared with every stage using this encoder (e.g. MaxSim)
+        self._threads = faiss.omp_get_max_threads()
+        self._direct = DirectEncoder.of(encoder)  # ONNX runtimes: tokenizer → session → numpy, lock-free
 
     @classmethod
     def from_bundle(
@@ -70,6 +73,9 @@ class DenseSearcher:
         return self._encode(queries)
 
     def _encode(self, queries: list[str]) -> np.ndarray:
+        if self._direct is not None:
+            vectors = self._direct.encode(queries)
+            return unit_rows(vectors) if self.settings.normalize else np.ascontiguousarray(vectors, dtype=np.float32)
         with self._encode_lock:
             vectors = self.encoder.encode(
                 queries,
@@ -105,6 +111,9 @@ class DenseSearcher:
             if allowed.size == 0:
                 return [[] for _ in range(len(vectors))]
             params = self._params(faiss.IDSelectorBatch(allowed))
+        # a few queries: one thread (OpenMP's barrier costs more than it saves, and contends with the encoder's
+        # threads); the setting is per calling thread, so a batch on another thread keeps every core
+        faiss.omp_set_num_threads(1 if len(vectors) < 8 else self._threads)
         scores, ids = self.index.search(vectors, k, params=params) if params else self.index.search(vectors, k)
         results = []
         for row_scores, row_ids in zip(scores, ids):

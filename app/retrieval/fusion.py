@@ -34,26 +34,25 @@ def _minmax(hits: list[Hit]) -> dict[int, float]:
 def fuse(rankings: dict[str, list[Hit]], config: FusionConfig | None = None, name: str = "fused") -> list[Hit]:
     """Fuse named rankings (each in rank order) into one ranking, recording stage `name` on every hit."""
     config = config or FusionConfig()
-    fused: dict[int, float] = {}
-    best_rank: dict[int, int] = {}
-    first: dict[int, Hit] = {}
-    stages: dict[int, dict[str, StageScore]] = {}
+    # passage row -> [fused score, best single-retriever rank, first hit seen, stages so far]
+    entries: dict[int, list] = {}
     for retriever, hits in rankings.items():
-        normalised = _minmax(hits) if config.method == "weighted" else {}
-        weight = config.weights.get(retriever, 1.0)
-        for rank, hit in enumerate(hits, start=1):
-            if config.method == "rrf":
-                contribution = 1.0 / (config.rrf_k + rank)
+        if config.method == "rrf":
+            contributions = [1.0 / (config.rrf_k + rank) for rank in range(1, len(hits) + 1)]
+        else:
+            normalised, weight = _minmax(hits), config.weights.get(retriever, 1.0)
+            contributions = [weight * normalised[hit.idx] for hit in hits]
+        for rank, (hit, contribution) in enumerate(zip(hits, contributions), start=1):
+            entry = entries.get(hit.idx)
+            if entry is None:
+                entries[hit.idx] = [contribution, rank, hit, dict(hit.stages)]
             else:
-                contribution = weight * normalised[hit.idx]
-            fused[hit.idx] = fused.get(hit.idx, 0.0) + contribution
-            best_rank[hit.idx] = min(best_rank.get(hit.idx, rank), rank)
-            first.setdefault(hit.idx, hit)
-            stages.setdefault(hit.idx, {}).update(hit.stages)
-    order = sorted(fused, key=lambda i: (-fused[i], best_rank[i], i))
+                entry[0] += contribution
+                entry[1] = min(entry[1], rank)
+                entry[3].update(hit.stages)
+    order = sorted(entries.items(), key=lambda item: (-item[1][0], item[1][1], item[0]))
     result = []
-    for rank, idx in enumerate(order, start=1):
-        hit = first[idx]
-        merged = {**stages[idx], name: StageScore(fused[idx], rank)}
-        result.append(Hit(hit.idx, hit.passage_id, hit.doc_id, fused[idx], merged))
+    for rank, (_, (score, _, hit, stages)) in enumerate(order, start=1):
+        stages[name] = StageScore(score, rank)
+        result.append(Hit(hit.idx, hit.passage_id, hit.doc_id, score, stages))
     return result

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -134,7 +134,7 @@ def apply_rerank(hits: list[Hit], scores: np.ndarray, interpolation: float = 1.0
     result = []
     for rank, i in enumerate(order, start=1):
         hit = hits[i].with_stage("rerank", float(scores[i]), rank)
-        result.append(hit if interpolation >= 1.0 else replace(hit, score=float(final[i])))
+        result.append(hit if interpolation >= 1.0 else hit._replace(score=float(final[i])))
     return result
 
 

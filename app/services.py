@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -450,6 +451,8 @@ class Services:
             from indexer.runtime import release_sessions
 
             release_sessions()  # each worker opens its own ONNX Runtime sessions (their threads do not fork)
+            gc.collect()
+            gc.freeze()  # what is loaded now is never scanned by a worker's GC, so its pages stay shared
         except Exception as exc:  # noqa: BLE001 - reported on /readyz by every worker
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error(json.dumps({"event": "load_failed", "error": self.load_error}))

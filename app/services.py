@@ -149,6 +149,16 @@ class Models:
         return self.encoders[name]
 
 
+def _return_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_pipeline(
     settings: Settings, bundle: Path | None = None, models: Models | None = None, verify: bool = True
 ) -> Pipeline:
@@ -453,6 +463,7 @@ class Services:
             release_sessions()  # each worker opens its own ONNX Runtime sessions (their threads do not fork)
             gc.collect()
             gc.freeze()  # what is loaded now is never scanned by a worker's GC, so its pages stay shared
+            _return_free_memory()  # freed heap pages would be inherited, then copied by whichever worker reuses them
         except Exception as exc:  # noqa: BLE001 - reported on /readyz by every worker
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error(json.dumps({"event": "load_failed", "error": self.load_error}))

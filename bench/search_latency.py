@@ -136,7 +136,8 @@ def main() -> None:
         ce = make_cross_encoder(Path(tmp) / "ce")
         rows = []
         for rerank in () if args.only_rerank_throughput else (False, True):
-            process, base = start_server(bundle, ce if rerank else None)
+            # no query cache: the concurrency-16 load repeats the concurrency-1 claims
+            process, base = start_server(bundle, ce if rerank else None, env={"SIFT_RUNTIME__QUERY_CACHE_SIZE": "0"})
             try:
                 n = args.rerank_requests if rerank else args.requests
                 body = {"k": 10, "mode": "hybrid", "rerank": rerank, "rerank_depth": 50 if rerank else None}

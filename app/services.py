@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -131,11 +130,11 @@ class Models:
         return self
 
     def after_fork(self, settings: Settings) -> None:
-        """In a worker forked from the master that loaded the models: its own torch threads (ONNX Runtime
-        sessions reopen themselves on first use in a new process)."""
+        """In a worker forked from the master that loaded the models: its own torch threads, `runtime.threads`
+        (the pre-fork server sets it per worker; ONNX Runtime sessions reopen themselves on first use)."""
         import torch
 
-        torch.set_num_threads(settings.runtime.threads or max(1, (os.cpu_count() or 1) // settings.server.workers))
+        torch.set_num_threads(settings.runtime.threads or os.cpu_count() or 1)
 
     def encoder(self, name: str, settings: Settings) -> Any:
         """The bi-encoder `name`, loaded once per process with the query runtime of `settings`."""
@@ -147,16 +146,6 @@ class Models:
                 name, settings.device, runtime.queries, runtime.threads, runtime.cache_dir
             )
         return self.encoders[name]
-
-
-def _return_free_memory() -> None:
-    """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def load_pipeline(
@@ -406,11 +395,10 @@ class Services:
     def from_settings(
         cls,
         settings: Settings,
-        on_reload: Callable[[str, str], None] | None = None,
         tracer: Tracer | None = None,
     ) -> Services:
-        """Unloaded services for `settings` (call `start()` to warm up and load every collection). The tracer
-        is built from `settings.tracing` unless one is given."""
+        """Unloaded services for `settings` (call `start()` to warm up and load every collection; `on_reload`
+        to be told of reloads). The tracer is built from `settings.tracing` unless one is given."""
         roots = dict(settings.collections) or {DEFAULT_COLLECTION: settings.bundle}
         models = Models(
             tracer=tracer or Tracer.from_settings(settings.tracing),
@@ -419,7 +407,7 @@ class Services:
         services = cls(settings, models, {})
         services.needs_start = True
         services.collections = {
-            name: Collection(name, Path(root), settings, services.models, on_reload) for name, root in roots.items()
+            name: Collection(name, Path(root), settings, services.models) for name, root in roots.items()
         }
         return services
 
@@ -458,12 +446,6 @@ class Services:
                     dense = open_bundle(collection.root, False).manifest.get("dense") or {}
                     if dense.get("enabled"):
                         self.models.encoder(dense["model"], self.settings)
-            from indexer.runtime import release_sessions
-
-            release_sessions()  # each worker opens its own ONNX Runtime sessions (their threads do not fork)
-            gc.collect()
-            gc.freeze()  # what is loaded now is never scanned by a worker's GC, so its pages stay shared
-            _return_free_memory()  # freed heap pages would be inherited, then copied by whichever worker reuses them
         except Exception as exc:  # noqa: BLE001 - reported on /readyz by every worker
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error(json.dumps({"event": "load_failed", "error": self.load_error}))

@@ -16,6 +16,9 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import os
 from typing import Any
@@ -30,6 +33,20 @@ log = logging.getLogger("sift.serving")
 def worker_threads(settings: Settings, workers: int) -> int:
     """Intra-op threads per worker: `runtime.threads` when set, else the cores shared out (at least 1)."""
     return settings.runtime.threads or max(1, (os.cpu_count() or 1) // workers)
+
+
+def prepare_fork() -> None:
+    """The master's last step before forking: free its ONNX Runtime sessions (their threads do not fork; each
+    worker opens its own), keep what is loaded out of every worker's GC (a GC pass writes to every object it
+    scans, copying its page), and give the heap's free pages back to the OS (glibc `malloc_trim`), since a
+    worker reusing an inherited free page copies it."""
+    from indexer.runtime import release_sessions
+
+    release_sessions()
+    gc.collect()
+    gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PreforkServer(BaseApplication):
@@ -65,6 +82,7 @@ class PreforkServer(BaseApplication):
 
         services = Services.from_settings(self.settings)
         services.preload()
+        prepare_fork()
         log.info("models loaded once for %d workers (%d threads each)", self.workers, self.settings.runtime.threads)
         return create_app(self.settings, services=services)
 

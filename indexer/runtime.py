@@ -233,6 +233,7 @@ class _OnnxModuleMixin:
         self.path, self.threads = Path(path), threads
         self._reopen = threading.Lock()
         self._open_session()
+        _SESSIONS.add(self)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.config = config
@@ -264,7 +265,6 @@ class _OnnxModuleMixin:
         options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self._pid = os.getpid()
-        _SESSIONS.add(self)
 
     def release_session(self) -> None:
         """Free the session (in the process that opened it); the next call opens a new one."""

@@ -75,15 +75,15 @@ class DenseSearcher:
     def _encode(self, queries: list[str]) -> np.ndarray:
         if self._direct is not None:
             vectors = self._direct.encode(queries)
-            return unit_rows(vectors) if self.settings.normalize else np.ascontiguousarray(vectors, dtype=np.float32)
-        with self._encode_lock:
-            vectors = self.encoder.encode(
-                queries,
-                batch_size=64,
-                normalize_embeddings=self.settings.normalize,
-                show_progress_bar=False,
-                convert_to_numpy=True,
-            )
+        else:
+            with self._encode_lock:
+                vectors = self.encoder.encode(
+                    queries,
+                    batch_size=64,
+                    normalize_embeddings=self.settings.normalize,
+                    show_progress_bar=False,
+                    convert_to_numpy=True,
+                )
         vectors = unit_rows(vectors) if self.settings.normalize else vectors
         return np.ascontiguousarray(vectors, dtype=np.float32)
 

@@ -19,7 +19,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from app.retrieval import FusionConfig, Hit, fuse
-from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank
+from app.retrieval.maxsim import LateInteraction
+from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank, combine_stages
 from app.settings import Settings
 from app.tracing import Tracer
 from indexer.bundle import BundleInfo
@@ -86,17 +87,30 @@ class Pipeline:
         reranker: Reranker | None = None,
         settings: Settings | None = None,
         tracer: Tracer | None = None,
+        late: LateInteraction | None = None,
     ) -> None:
         self.bundle = bundle
         self.docstore = docstore
         self.searchers = searchers
         self.reranker = reranker
+        self.late = late
         self.settings = settings or Settings()
         self.tracer = tracer or Tracer()
         rs = self.settings.reranker
         self.batcher = (
             MicroBatcher(reranker, rs.max_batch_size, rs.max_wait_ms, rs.max_queued_pairs) if reranker else None
         )
+        # the second stage's fusion weights, fixed here (None: one reranker interpolated as before)
+        self.stage_weights = (
+            rs.stage_weights(cross_encoder=reranker is not None, maxsim=late is not None)
+            if late is not None or rs.weights is not None
+            else None
+        )
+
+    @property
+    def second_stage(self) -> bool:
+        """True when a second stage is configured (a reranker model and/or MaxSim)."""
+        return self.batcher is not None or self.late is not None
 
     # -- stages ------------------------------------------------------------------------------------------
 
@@ -152,15 +166,18 @@ class Pipeline:
         self, queries: list[str], ranked: list[list[Hit]], depth: int
     ) -> tuple[list[list[Hit]], float, dict[int, dict[str, Any]]]:
         """Second stage for many queries within the timeout; returns (rankings, ms, the passages it read).
-        On timeout the rankings keep their order, each hit marked `skipped (timeout)`."""
-        assert self.batcher is not None
+        The reranker (micro-batched) and MaxSim score the first `depth` hits of each ranking side by side;
+        one reranker alone is interpolated as `reranker.interpolation` says, otherwise the stages are fused
+        with `stage_weights` (`combine_stages`). On timeout the rankings keep their order, each hit marked
+        `skipped (timeout)`."""
         t = time.perf_counter()
         heads = [hits[:depth] for hits in ranked]
         with self.tracer.span("sift.rerank", **{"sift.depth": depth, **self._trace_attrs(queries)}) as span:
             pairs, passages = await asyncio.to_thread(self.rerank_pairs, queries, heads)
             try:
-                scores = await asyncio.wait_for(
-                    self.batcher.score(pairs), timeout=self.settings.reranker.timeout_ms / 1000.0
+                ce, late = await asyncio.wait_for(
+                    asyncio.gather(self._cross_encoder(pairs), self._late(queries, heads, pairs)),
+                    timeout=self.settings.reranker.timeout_ms / 1000.0,
                 )
             except TimeoutError:
                 if span is not None:
@@ -168,12 +185,35 @@ class Pipeline:
                 skipped = [[h.with_stage("rerank", None, None, "skipped (timeout)") for h in hits] for hits in ranked]
                 return skipped, _ms(t), passages
         out, offset = [], 0
-        for hits, head in zip(ranked, heads):
-            head_scores = scores[offset : offset + len(head)]
+        for hits, head, late_scores in zip(ranked, heads, late or [None] * len(heads)):
+            head_ce = ce[offset : offset + len(head)] if ce is not None else None
             offset += len(head)
             tail = [h.with_stage("rerank", None, None, "below rerank_depth") for h in hits[len(head) :]]
-            out.append(apply_rerank(head, head_scores, self.settings.reranker.interpolation) + tail)
+            if late_scores is not None:
+                tail = [h.with_stage("maxsim", None, None, "below rerank_depth") for h in tail]
+            if self.stage_weights is None:
+                out.append(apply_rerank(head, head_ce, self.settings.reranker.interpolation) + tail)
+            else:
+                scores = {"cross_encoder": head_ce, "maxsim": late_scores}
+                scores = {k: v for k, v in scores.items() if v is not None}
+                out.append(combine_stages(head, scores, self.stage_weights) + tail)
         return out, _ms(t), passages
+
+    async def _cross_encoder(self, pairs: list[tuple[str, str]]) -> np.ndarray | None:
+        return await self.batcher.score(pairs) if self.batcher is not None else None
+
+    async def _late(
+        self, queries: list[str], heads: list[list[Hit]], pairs: list[tuple[str, str]]
+    ) -> list[np.ndarray] | None:
+        if self.late is None:
+            return None
+        texts, offset = [], 0
+        for head in heads:
+            texts.append([p for _, p in pairs[offset : offset + len(head)]])
+            offset += len(head)
+        rows = [[h.idx for h in head] for head in heads]
+        with self.tracer.span("sift.maxsim", **{"sift.stored": self.late.stored, **self._trace_attrs(queries)}):
+            return await asyncio.to_thread(self.late.score_many, queries, rows, texts)
 
     # -- entry points ------------------------------------------------------------------------------------
 
@@ -187,7 +227,7 @@ class Pipeline:
         ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
         passages: dict[int, dict[str, Any]] = {}
         reranked = [0] * len(queries)
-        if options.rerank and self.batcher is not None:
+        if options.rerank and self.second_stage:
             ranked, timings["rerank"], passages = await self.rerank(queries, ranked, options.rerank_depth)
             reranked = [
                 sum(1 for h in hits if "rerank" in h.stages and h.stages["rerank"].score is not None) for hits in ranked
@@ -219,7 +259,7 @@ class Pipeline:
             mode=s.search.default_mode if s.search.default_mode in self.available_modes() else "bm25",
             candidates=s.search.default_candidates,
             fusion=FusionConfig(s.fusion.method, s.fusion.rrf_k, dict(s.fusion.weights)),
-            rerank=self.reranker is not None,
+            rerank=self.second_stage,
             rerank_depth=s.reranker.depth,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -235,6 +275,7 @@ class Pipeline:
             "passages": (self.bundle.manifest.get("dense") or {}).get("runtime", "torch") if dense else None,
             "queries": getattr(dense.encoder, "sift_runtime", "torch") if dense else None,
             "reranker": reranker.runtime if reranker is not None else None,
+            "maxsim": ("stored token vectors" if self.late.stored else "re-encoded") if self.late is not None else None,
         }
 
     async def close(self) -> None:

@@ -36,12 +36,22 @@ from app.generation.pool import GenerationPool
 from app.pipeline import Pipeline, Searcher
 from app.retrieval import BM25Searcher, DenseSearcher
 from app.retrieval.cache import QueryCache
-from app.retrieval.maxsim import MaxSimReranker, is_maxsim
+from app.retrieval.maxsim import LateInteraction, MaxSimReranker, is_maxsim
 from app.retrieval.reranker import Reranker
 from app.settings import Settings
 from app.tracing import Tracer
-from indexer.bundle import CURRENT, DOCSTORE, BuildLease, BundleError, open_bundle, resolve_bundle
+from indexer.bundle import (
+    CURRENT,
+    DENSE_DIR,
+    DOCSTORE,
+    BuildLease,
+    BundleError,
+    BundleInfo,
+    open_bundle,
+    resolve_bundle,
+)
 from indexer.docstore import Docstore
+from indexer.tokens import TokenStore, TokenStoreError
 
 log = logging.getLogger("sift.services")
 
@@ -168,19 +178,45 @@ def load_pipeline(
         searchers["dense"] = DenseSearcher.from_bundle(
             info, passage_ids, doc_ids, encoder=encoder, cache=models.query_cache(settings)
         )
+    late = late_interaction(settings, info, searchers.get("dense"), len(passage_ids))
     log.info(
         "pipeline ready",
         extra={"build": info.build_id, "searchers": list(searchers), "seconds": round(time.perf_counter() - t, 3)},
     )
-    return Pipeline(info, docstore, searchers, models.reranker, settings, models.tracer)
+    return Pipeline(info, docstore, searchers, models.reranker, settings, models.tracer, late)
+
+
+def late_interaction(settings: Settings, info: BundleInfo, dense: Any, passages: int) -> LateInteraction | None:
+    """MaxSim for the combined second stage when `reranker.maxsim` asks for it: over the bundle's stored
+    token vectors (checked: a corrupt or mismatched store refuses the bundle), else re-encoding candidates
+    (logged, since it costs an encoder pass per candidate). None without a dense index."""
+    if not settings.reranker.maxsim:
+        return None
+    if dense is None:
+        log.warning("reranker.maxsim is on but build %s has no dense index: MaxSim is skipped", info.build_id)
+        return None
+    directory = info.path(DENSE_DIR)
+    if not TokenStore.exists(directory):
+        log.warning(
+            "build %s stores no token vectors: MaxSim re-encodes every candidate (slow); rebuild with "
+            "index.dense.token_vectors: int8",
+            info.build_id,
+        )
+        return LateInteraction(dense)
+    try:
+        return LateInteraction(dense, TokenStore.open(directory, passages))
+    except TokenStoreError as exc:
+        raise BundleError(f"{info.root}: {exc}") from exc
 
 
 _SAME = object()
 
 
-def derive_pipeline(base: Pipeline, settings: Settings | None = None, reranker: Any = _SAME) -> Pipeline:
+def derive_pipeline(
+    base: Pipeline, settings: Settings | None = None, reranker: Any = _SAME, late: Any = _SAME
+) -> Pipeline:
     """A pipeline over `base`'s already loaded build (docstore, searchers) with other settings and/or another
-    reranker (tests and benches that compare configurations without reloading the bundle)."""
+    reranker or MaxSim stage (tests and benches that compare configurations without reloading the bundle)."""
     return Pipeline(
         base.bundle,
         base.docstore,
@@ -188,6 +224,7 @@ def derive_pipeline(base: Pipeline, settings: Settings | None = None, reranker: 
         base.reranker if reranker is _SAME else reranker,
         settings or base.settings,
         base.tracer,
+        base.late if late is _SAME else late,
     )
 
 

@@ -70,7 +70,43 @@ class RerankerSettings(BaseModel):
     interpolation: float = Field(
         1.0, ge=0, le=1, description="final = w·z(reranker) + (1-w)·z(first stage); 1.0 = reranker only"
     )
+    maxsim: bool = Field(
+        False,
+        description="add MaxSim (late interaction over the bundle's bi-encoder token vectors, stored at build time "
+        "with index.dense.token_vectors, else re-encoded) to the second stage, fused with `weights`",
+    )
+    weights: dict[str, float] | None = Field(
+        None,
+        description="z-score fusion weights of the second stage: first_stage, cross_encoder, maxsim (a missing key "
+        "weighs 0); null: from `interpolation` (split evenly between cross_encoder and maxsim when both run)",
+    )
     device: str | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        unknown = set(value) - {"first_stage", "cross_encoder", "maxsim"}
+        if unknown:
+            raise ValueError(f"unknown second-stage weights {sorted(unknown)}; use first_stage, cross_encoder, maxsim")
+        if any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
+            raise ValueError("second-stage weights must be ≥ 0, at least one > 0")
+        return value
+
+    def stage_weights(self, cross_encoder: bool, maxsim: bool) -> dict[str, float]:
+        """The fusion weights for the stages that run (0 for a stage that does not)."""
+        if self.weights is not None:
+            w = {"first_stage": 0.0, "cross_encoder": 0.0, "maxsim": 0.0, **self.weights}
+        else:
+            i = self.interpolation
+            share = i / 2 if cross_encoder and maxsim else i
+            w = {"first_stage": 1 - i, "cross_encoder": share, "maxsim": share}
+        if not cross_encoder:
+            w["cross_encoder"] = 0.0
+        if not maxsim:
+            w["maxsim"] = 0.0
+        return w
 
     @field_validator("model")
     @classmethod

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from indexer.docstore import DocstoreWriter
 from indexer.encoders import encode_passages, load_encoder, pick_device, resolve_model_path
 from indexer.models import passage_index_text
 from indexer.sources import ReadReport, SourceError, estimate_documents, read_documents
+from indexer.tokens import TokenWriter
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +119,16 @@ def build_bundle(
         timings["read_chunk"] = time.perf_counter() - t
         if docstore.document_count == 0:
             raise SourceError(f"{input_path}: no documents to index")
-        vectors = None
+        vectors, token_info = None, None
         if encoder is not None:
             t = time.perf_counter()
-            vectors = encode_passages(encoder, index_texts, config.dense, show_progress)
+            with token_writer(writer.root, config) as tokens:
+                vectors = encode_passages(encoder, index_texts, config.dense, show_progress, tokens)
+                token_info = tokens.close() if tokens is not None else None
             timings["encode"] = time.perf_counter() - t
         dense_info = write_indexes(writer.root, index_texts, vectors, encoder, config, timings, show_progress)
+        if token_info is not None:
+            dense_info["token_vectors"] = token_info
         seconds = time.perf_counter() - started
         manifest = make_manifest(str(input_path), docstore, len(report.skipped), dense_info, config, seconds, timings)
         path = publish(writer, out, manifest, config, gate)
@@ -140,6 +146,16 @@ def build_bundle(
         skipped=report.skipped,
         timings=timings,
     )
+
+
+@contextmanager
+def token_writer(root: Path, config: IndexConfig) -> Iterator[TokenWriter | None]:
+    """The writer of the build's token vectors when `index.dense.token_vectors` asks for them, else None."""
+    if not (config.dense.enabled and config.dense.token_vectors):
+        yield None
+        return
+    with TokenWriter(root / DENSE_DIR, config.dense.token_vectors) as writer:
+        yield writer
 
 
 def make_manifest(

@@ -66,6 +66,11 @@ class DenseSettings(BaseModel):
         description="how passages are encoded: torch (float32), torch-bf16, ONNX Runtime float32, or ONNX Runtime "
         "dynamic int8 (see indexer.runtime)",
     )
+    token_vectors: Literal["float16", "int8"] | None = Field(
+        None,
+        description="also keep each passage's token vectors (from the same encoder pass) for MaxSim at query time "
+        "without re-encoding: int8 (~0.4 KB per token with 384 dimensions) or float16 (~0.8 KB); null: none",
+    )
     index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200

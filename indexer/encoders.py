@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
     from indexer.config import DenseSettings
+    from indexer.tokens import TokenWriter
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +78,47 @@ def load_encoder(
     return use_runtime(encoder, "feature-extraction", runtime, cache_dir=cache_dir, threads=threads)
 
 
-def encode_passages(encoder: SentenceTransformer, texts: list[str], settings: DenseSettings, progress: bool = False):  # noqa: ANN201
+def encode_passages(
+    encoder: SentenceTransformer,
+    texts: list[str],
+    settings: DenseSettings,
+    progress: bool = False,
+    tokens: TokenWriter | None = None,
+):  # noqa: ANN201
     """Passage vectors (float32) exactly as a build stores them: the configured batch size and normalisation
-    (re-done in float32, so that vectors from a bf16/fp16 runtime are unit length to float32 precision)."""
+    (re-done in float32, so that vectors from a bf16/fp16 runtime are unit length to float32 precision).
+    With `tokens`, each passage's token vectors from the same forward pass are appended to it, in order
+    (texts are then encoded in slices, so memory stays bounded)."""
     import numpy as np
 
-    vectors = encoder.encode(
-        texts,
-        batch_size=settings.batch_size,
-        normalize_embeddings=settings.normalize,
-        show_progress_bar=progress,
-        convert_to_numpy=True,
-    ).astype(np.float32)
+    if tokens is None:
+        vectors = encoder.encode(
+            texts,
+            batch_size=settings.batch_size,
+            normalize_embeddings=settings.normalize,
+            show_progress_bar=progress,
+            convert_to_numpy=True,
+        ).astype(np.float32)
+        return unit_rows(vectors) if settings.normalize else vectors
+    from tqdm.auto import tqdm
+
+    pooled = []
+    step = max(settings.batch_size, TOKEN_SLICE)
+    with tqdm(total=len(texts), desc="encode+tokens", unit="passage", disable=not progress) as bar:
+        for start in range(0, len(texts), step):
+            outputs = encoder.encode(
+                texts[start : start + step], batch_size=settings.batch_size, output_value=None, show_progress_bar=False
+            )
+            for out in outputs:
+                pooled.append(out["sentence_embedding"].float().cpu().numpy())
+                length = int(out["attention_mask"].sum())
+                tokens.add(out["token_embeddings"][:length].float().cpu().numpy())
+            bar.update(len(outputs))
+    vectors = np.stack(pooled).astype(np.float32) if pooled else np.zeros((0, 0), dtype=np.float32)
     return unit_rows(vectors) if settings.normalize else vectors
+
+
+TOKEN_SLICE = 256  # passages per encode call when token vectors are kept (~100 MB of padded outputs)
 
 
 def unit_rows(vectors):  # noqa: ANN001, ANN201

@@ -537,14 +537,26 @@ class DirectEncoder:
             out[rows] = self._pooled([encodings[i] for i in rows])
         return out
 
-    def _pooled(self, encodings: list) -> np.ndarray:
+    def tokens(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text's token vectors (tokens × hidden, padding excluded, not normalised), in order: what
+        `wrapper.encode(..., output_value="token_embeddings")` gives."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        if not encodings:
+            return []
+        hidden, _ = self._hidden(encodings)
+        return [np.asarray(hidden[row, : len(e.ids)], dtype=np.float32) for row, e in enumerate(encodings)]
+
+    def _hidden(self, encodings: list) -> tuple[np.ndarray, np.ndarray]:
         longest = max(len(e.ids) for e in encodings)
         ids = np.full((len(encodings), longest), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), longest), dtype=np.int64)
         for row, encoding in enumerate(encodings):
             ids[row, : len(encoding.ids)] = encoding.ids
             mask[row, : len(encoding.ids)] = 1
-        hidden = self.model.run({"input_ids": ids, "attention_mask": mask})[0]
+        return self.model.run({"input_ids": ids, "attention_mask": mask})[0], mask
+
+    def _pooled(self, encodings: list) -> np.ndarray:
+        hidden, mask = self._hidden(encodings)
         if self.pooling == "cls":
             return np.ascontiguousarray(hidden[:, 0], dtype=np.float32)
         weights = mask[:, :, None].astype(np.float32)

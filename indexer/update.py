@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from indexer.build import BuildResult, GateFn, make_manifest, publish, write_indexes
+from indexer.build import BuildResult, GateFn, make_manifest, publish, token_writer, write_indexes
 from indexer.bundle import DENSE_DIR, DOCSTORE, BundleError, BundleWriter, open_bundle
 from indexer.chunking import Chunker
 from indexer.config import IndexConfig
@@ -30,6 +30,7 @@ from indexer.docstore import Docstore, DocstoreWriter
 from indexer.encoders import encode_passages, load_encoder, resolve_model_path
 from indexer.models import Document, passage_index_text
 from indexer.sources import ReadReport, SourceError, read_documents
+from indexer.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -126,16 +127,22 @@ def update_bundle(
         timings["copy_chunk"] = time.perf_counter() - t
         if docstore.document_count == 0:
             raise SourceError("the update would leave no documents; refusing to publish an empty build")
-        vectors = None
+        vectors, token_info = None, None
         if encoder is not None:
             t = time.perf_counter()
-            fresh = encode_passages(encoder, new_texts, config.dense, show_progress) if new_texts else None
+            with token_writer(writer.root, config) as tokens:
+                if tokens is not None:  # kept passages' token vectors are copied as stored, new ones follow
+                    tokens.add_stored(TokenStore.open(parent.path(DENSE_DIR), parent.manifest["counts"]["passages"]), kept_rows)
+                fresh = encode_passages(encoder, new_texts, config.dense, show_progress, tokens) if new_texts else None
+                token_info = tokens.close() if tokens is not None else None
             timings["encode"] = time.perf_counter() - t
             kept = old_vectors[np.asarray(kept_rows, dtype=np.int64)] if kept_rows else None
             vectors = np.concatenate([v for v in (kept, fresh) if v is not None]).astype(np.float32)
         dense_info = write_indexes(
             writer.root, index_texts + new_texts, vectors, encoder, config, timings, show_progress
         )
+        if token_info is not None:
+            dense_info["token_vectors"] = token_info
         seconds = time.perf_counter() - started
         manifest = make_manifest(
             str(add) if add else parent.manifest.get("source"),

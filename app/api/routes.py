@@ -112,7 +112,7 @@ def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> Sea
         )
     check_max(params.k, settings.search.max_k, "k", "search.max_k")
     check_max(params.rerank_depth, settings.reranker.max_depth, "rerank_depth", "reranker.max_depth")
-    if params.rerank and pipeline.reranker is None:
+    if params.rerank and not pipeline.second_stage:
         raise ApiError(
             422,
             "validation_error",

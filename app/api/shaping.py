@@ -74,6 +74,8 @@ def explain(stages: dict[str, Any], options: SearchOptions) -> dict[str, dict[st
         names.append("fused")
     if options.rerank:
         names.append("rerank")
+        if "maxsim" in stages:  # MaxSim as a stage of the combined second stage
+            names.append("maxsim")
     out: dict[str, dict[str, Any] | None] = {}
     for name in names:
         stage = stages.get(name)

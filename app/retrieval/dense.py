@@ -13,6 +13,7 @@ from indexer.config import DenseSettings
 from indexer.dense import load_index
 from indexer.encoders import load_encoder, model_lock, unit_rows
 from indexer.runtime import DirectEncoder
+from indexer.tokens import unit_tokens
 
 
 class DenseSearcher:
@@ -86,6 +87,19 @@ class DenseSearcher:
                 )
         vectors = unit_rows(vectors) if self.settings.normalize else vectors
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def token_vectors(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's unit-normalised token vectors from this searcher's encoder (what a bundle's token store
+        holds for passages; see `indexer.tokens`)."""
+        if self._direct is not None:
+            tokens = self._direct.tokens(texts)
+        else:
+            with self._encode_lock:
+                out = self.encoder.encode(
+                    texts, batch_size=32, output_value="token_embeddings", show_progress_bar=False
+                )
+            tokens = [t.float().cpu().numpy() for t in out]
+        return [unit_tokens(t) for t in tokens]
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors for arbitrary texts (as `encode`) and their token count. The tokenizer is not thread-safe,

@@ -81,3 +81,35 @@ class MaxSimReranker:
 
 def is_maxsim(spec: str | None) -> bool:
     return bool(spec) and (spec == PREFIX or spec.startswith(PREFIX + ":"))
+
+
+class LateInteraction:
+    """MaxSim as one stage of the combined second stage, over one bundle: passages' token vectors come from
+    the bundle's token store (`indexer.tokens`, a dot product per candidate) or, for a bundle built without
+    one, from re-encoding the candidates (an encoder pass per candidate: slow). Queries' token vectors come
+    from the bundle's own bi-encoder (`DenseSearcher.token_vectors`), so both sides use the model the
+    passages were encoded with. Holds no per-request state."""
+
+    name = "maxsim"
+
+    def __init__(self, dense, store=None) -> None:  # noqa: ANN001 - DenseSearcher, TokenStore | None
+        self.dense = dense
+        self.store = store
+
+    @property
+    def stored(self) -> bool:
+        return self.store is not None
+
+    def score(self, query: str, rows: list[int], texts: list[str]) -> np.ndarray:
+        """MaxSim of `query` against the passages `rows` (whose index texts are `texts`, used only when
+        the bundle stores no token vectors)."""
+        if not rows:
+            return np.zeros(0, dtype=np.float32)
+        (q,) = self.dense.token_vectors([query])
+        if self.store is not None:
+            return self.store.maxsim(q, rows)
+        passages = self.dense.token_vectors(texts)
+        return np.array([float((q @ p.T).max(axis=1).mean()) for p in passages], dtype=np.float32)
+
+    def score_many(self, queries: list[str], heads: list[list[int]], texts: list[list[str]]) -> list[np.ndarray]:
+        return [self.score(q, rows, t) for q, rows, t in zip(queries, heads, texts)]

@@ -138,6 +138,33 @@ def apply_rerank(hits: list[Hit], scores: np.ndarray, interpolation: float = 1.0
     return result
 
 
+def combine_stages(hits: list[Hit], scores: dict[str, np.ndarray], weights: dict[str, float]) -> list[Hit]:
+    """Re-order `hits` by the weighted sum of z-normalised scores (within the list): `weights["first_stage"]`
+    times the hits' own scores, plus `weights[name]` times `scores[name]` for each second-stage component
+    (`cross_encoder`, `maxsim`). Records stage `rerank` (the cross-encoder's raw score, else MaxSim's, and
+    the final rank) and, when MaxSim ran, stage `maxsim` (its raw score and its own rank); the hit's score
+    becomes the fused one. Ties keep the first-stage order."""
+    if not hits:
+        return []
+    final = weights.get("first_stage", 0.0) * _zscore(np.array([h.score for h in hits], dtype=np.float64))
+    for name, values in scores.items():
+        final = final + weights.get(name, 0.0) * _zscore(np.asarray(values, dtype=np.float64))
+    order = sorted(range(len(hits)), key=lambda i: (-final[i], i))
+    primary = scores.get("cross_encoder", scores.get("maxsim"))
+    maxsim = scores.get("maxsim")
+    maxsim_rank = {}
+    if maxsim is not None:
+        maxsim_rank = {i: r for r, i in enumerate(sorted(range(len(hits)), key=lambda i: (-maxsim[i], i)), start=1)}
+    result = []
+    for rank, i in enumerate(order, start=1):
+        hit = hits[i]
+        if maxsim is not None:
+            hit = hit.with_stage("maxsim", float(maxsim[i]), maxsim_rank[i])
+        hit = hit.with_stage("rerank", float(primary[i]) if primary is not None else None, rank)
+        result.append(hit._replace(score=float(final[i])))
+    return result
+
+
 @dataclass
 class _Job:
     pairs: list[tuple[str, str]]

@@ -1,0 +1,232 @@
+"""Choosing the default second stage: which stages, their fusion weights and the rerank depth, on training
+and validation data only.
+
+    python -m app.training.second_stage [--out var/second_stage]   (bench/second_stage.py reports it)
+
+Procedure (the one `configs/default.yaml` was chosen with):
+
+1. For every query of each dataset, the hybrid top-100 passages (`Pipeline.coarse`, the API's first stage) are
+   scored once by each candidate stage: the cross-encoder on the first `CE_DEPTH` of them, MaxSim over the
+   bundle's stored token vectors on the first `MAX_DEPTH`. A pair's score does not depend on the other pairs,
+   so reranking the first d passages for any d ≤ those depths is then exact, without re-scoring.
+2. Each configuration (depth d, weights w on the simplex in steps of `STEP`) re-ranks the first d passages by
+   Σ w·z(score) exactly as `combine_stages` does in the server, collapses to documents (best passage) and is
+   scored with ir-measures.
+3. Selection uses only **validation** sets: SciFact `qrels/train.tsv` (nDCG@10) and SQuAD v1.1 dev articles
+   0–23 as retrieval (MRR@10; the gold paragraph is the one relevant passage). The objective is the mean gain
+   over hybrid across them; a configuration qualifies only if it gains on every validation set. Among the
+   depths, the smallest whose best objective is within `DEPTH_SLACK` of the overall best is kept (latency
+   grows with depth: the cross-encoder dominates it).
+4. The chosen configuration is then reported, never re-tuned, on the **test** sets: SciFact test, SQuAD
+   articles 24–47, and Cranfield (test only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import pickle
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.eval.retrieval import document_run, evaluate
+from app.retrieval.reranker import combine_stages
+from app.retrieval.types import Hit
+
+log = logging.getLogger(__name__)
+
+CE_DEPTH = 30  # the cross-encoder scores at most this many candidates per query (its cost dominates latency)
+MAX_DEPTH = 50  # MaxSim over stored vectors is cheap: scored this deep
+DEPTHS = (10, 15, 20, 30)
+STEP = 0.05
+DEPTH_SLACK = 0.002
+COMPONENTS = ("first_stage", "cross_encoder", "maxsim")
+VALIDATION = {"scifact-train": "ndcg@10", "squad-a0-23": "mrr@10"}
+TEST = {"scifact-test": "ndcg@10", "squad-a24-47": "mrr@10", "cranfield": "ndcg@10"}
+
+
+@dataclass
+class Features:
+    """One dataset's first-stage rankings and per-stage scores of their heads."""
+
+    name: str
+    qids: list[str]
+    qrels: dict[str, dict[str, int]]
+    ranked: list[list[Hit]]
+    cross_encoder: list[np.ndarray] = field(default_factory=list)  # first CE_DEPTH hits of each ranking
+    maxsim: list[np.ndarray] = field(default_factory=list)  # first MAX_DEPTH hits
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def collect(name: str, pipeline, reranker, queries: dict[str, str], qrels, progress: bool = True) -> Features:  # noqa: ANN001
+    """Score the hybrid top-100 of every query with the cross-encoder (`reranker.score`) and MaxSim
+    (`pipeline.late`, required)."""
+    from tqdm.auto import tqdm
+
+    qids, texts = list(queries), list(queries.values())
+    options = pipeline.options(mode="hybrid", k=100, candidates=100, rerank=False)
+    features = Features(name, qids, qrels, [])
+    t = time.perf_counter()
+    for text in tqdm(texts, desc=f"{name}: first stage", disable=not progress):
+        features.ranked.append(pipeline.coarse([text], options)[0][0])
+    features.seconds["first_stage"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for text, hits in tqdm(list(zip(texts, features.ranked)), desc=f"{name}: maxsim", disable=not progress):
+        head = hits[:MAX_DEPTH]
+        features.maxsim.append(pipeline.late.score(text, [h.idx for h in head], []))
+    features.seconds["maxsim"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for text, hits in tqdm(list(zip(texts, features.ranked)), desc=f"{name}: cross-encoder", disable=not progress):
+        pairs, _ = pipeline.rerank_pairs([text], [hits[:CE_DEPTH]])
+        features.cross_encoder.append(reranker.score(pairs))
+    features.seconds["cross_encoder"] = time.perf_counter() - t
+    return features
+
+
+def rerank(features: Features, depth: int, weights: dict[str, float]) -> list[list[Hit]]:
+    """What the server returns for each query with this depth and these weights (then best passage per
+    document, as `sift eval retrieval` scores it)."""
+    out = []
+    for hits, ce, ms in zip(features.ranked, features.cross_encoder, features.maxsim):
+        head = hits[:depth]
+        scores = {}
+        if weights.get("cross_encoder", 0) > 0:
+            scores["cross_encoder"] = ce[: len(head)]
+        if weights.get("maxsim", 0) > 0:
+            scores["maxsim"] = ms[: len(head)]
+        out.append(combine_stages(head, scores, weights) + hits[len(head) :])
+    return out
+
+
+def score(features: Features, depth: int | None, weights: dict[str, float] | None) -> dict[str, float]:
+    ranked = features.ranked if depth is None else rerank(features, depth, weights or {})
+    collapsed = []
+    for hits in ranked:
+        seen, docs = set(), []
+        for h in hits:
+            if h.doc_id not in seen:
+                seen.add(h.doc_id)
+                docs.append(h)
+        collapsed.append(docs)
+    return evaluate(features.qrels, document_run(features.qids, collapsed))
+
+
+def weight_grid(step: float = STEP) -> list[dict[str, float]]:
+    """Every weighting of the three components on the simplex (steps of `step`), at least one reranker > 0."""
+    n = round(1 / step)
+    grid = []
+    for a, b in itertools.product(range(n + 1), repeat=2):
+        if a + b <= n and (b > 0 or n - a - b > 0):
+            grid.append({"first_stage": a / n, "cross_encoder": b / n, "maxsim": (n - a - b) / n})
+    return grid
+
+
+def select(validation: dict[str, Features], depths: Sequence[int] = DEPTHS, grid=None) -> dict[str, Any]:  # noqa: ANN001
+    """The configuration chosen by the procedure of the module docstring, with every validation figure."""
+    grid = grid or weight_grid()
+    base = {name: score(f, None, None)[VALIDATION[name]] for name, f in validation.items()}
+    table = []
+    for depth in depths:
+        for weights in grid:
+            gains = {name: score(f, depth, weights)[VALIDATION[name]] - base[name] for name, f in validation.items()}
+            table.append({"depth": depth, "weights": weights, "gains": gains, "objective": float(np.mean(list(gains.values())))})
+    qualified = [row for row in table if all(g > 0 for g in row["gains"].values())] or table
+    best = max(row["objective"] for row in qualified)
+    for depth in sorted(depths):
+        rows = [r for r in qualified if r["depth"] == depth]
+        top = max(rows, key=lambda r: r["objective"])
+        if top["objective"] >= best - DEPTH_SLACK:
+            return {"chosen": top, "best_objective": best, "hybrid": base, "table": table}
+    raise AssertionError("unreachable: the best depth qualifies")
+
+
+def report(chosen: dict[str, Any], datasets: dict[str, Features], metrics: dict[str, str]) -> dict[str, dict]:
+    """Hybrid vs the chosen configuration (and each stage alone at the same depth) on `datasets`."""
+    depth, weights = chosen["depth"], chosen["weights"]
+    out = {}
+    for name, f in datasets.items():
+        hybrid = score(f, None, None)
+        fused = score(f, depth, weights)
+        out[name] = {
+            "metric": metrics[name],
+            "hybrid": hybrid,
+            "chosen": fused,
+            "ce_0.5": score(f, 20, {"first_stage": 0.5, "cross_encoder": 0.5}),
+            "maxsim_0.5": score(f, 20, {"first_stage": 0.5, "maxsim": 0.5}),
+            "queries": len(f.qids),
+        }
+    return out
+
+
+# -- datasets ------------------------------------------------------------------------------------------
+
+
+def dataset_queries(name: str, shared: Path) -> tuple[dict[str, str], dict[str, dict[str, int]], Path]:
+    """(queries, qrels, corpus) of a named dataset from `shared/data`."""
+    from app.eval.qa import load_squad, paragraphs_corpus, sample
+    from app.eval.retrieval import load_beir
+
+    data = shared / "data"
+    if name.startswith("scifact-") or name == "cranfield":
+        folder, split = ("scifact", name.split("-", 1)[1]) if name != "cranfield" else ("cranfield", "test")
+        ds = load_beir(data / folder, split)
+        return ds.queries, ds.qrels, ds.corpus
+    articles = range(0, 24) if name == "squad-a0-23" else range(24, 48)
+    squad = data / "squad" / "dev-v1.1.json"
+    questions = sample(load_squad(squad, articles), 500)
+    corpus = Path(f"var/second_stage/{name}/corpus.jsonl")
+    if not corpus.exists():
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("".join(json.dumps(d) + "\n" for d in paragraphs_corpus(squad, articles)), encoding="utf-8")
+    return {q.id: q.question for q in questions}, {q.id: {q.paragraph_id: 1} for q in questions}, corpus
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("var/second_stage"))
+    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2].parent / "shared")
+    parser.add_argument("--datasets", nargs="*", default=[*VALIDATION, *TEST])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    from app.retrieval.reranker import Reranker
+    from app.services import Models, load_pipeline
+    from app.settings import load_settings
+    from indexer.build import ensure_bundle
+    from indexer.config import load_index_config
+
+    settings = load_settings()
+    index = load_index_config()
+    index.dense.token_vectors = index.dense.token_vectors or "int8"
+    reranker = Reranker.load(
+        "models/sift-reranker-minilm-l6", max_length=128, runtime=settings.runtime.reranker,
+        cache_dir=settings.runtime.cache_dir,
+    )
+    s = load_settings(reranker={"model": None, "maxsim": True})
+    models = Models()
+    for name in args.datasets:
+        cache = args.out / f"{name}.pkl"
+        if cache.exists():
+            continue
+        queries, qrels, corpus = dataset_queries(name, args.shared)
+        bundle_dir = args.out / "bundles" / corpus.parent.name if "squad" not in name else corpus.parent / "index"
+        bundle = ensure_bundle(corpus, bundle_dir, index, show_progress=True)
+        pipeline = load_pipeline(s, bundle, models, verify=False)
+        features = collect(name, pipeline, reranker, queries, qrels)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps(features))
+        log.info("%s: %s", name, features.seconds)
+
+
+def load_features(out: Path, names: Sequence[str]) -> dict[str, Features]:
+    return {name: pickle.loads((out / f"{name}.pkl").read_bytes()) for name in names}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The combined second stage: token vectors stored in the bundle (round trip, equality with re-encoding,
+corrupt files refused, kept by updates), the z-score fusion of first stage, cross-encoder and MaxSim, and
+its explain output through the API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from app.retrieval.reranker import combine_stages
+from app.retrieval.types import Hit, StageScore
+from indexer.bundle import BundleError
+from indexer.tokens import TokenStore, TokenStoreError, TokenWriter, quantize_int8
+from tests.conftest import ROOT
+
+CORPUS = ROOT / "examples" / "corpus.jsonl"
+
+
+@pytest.fixture(scope="module")
+def token_index(tmp_path_factory):
+    from indexer.build import build_bundle
+    from indexer.config import DenseSettings, IndexConfig
+
+    out = tmp_path_factory.mktemp("tokens") / "index"
+    build_bundle(CORPUS, out, IndexConfig(dense=DenseSettings(token_vectors="int8")), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def maxsim_pipeline(token_index):
+    from app.services import load_pipeline
+    from app.settings import load_settings
+
+    settings = load_settings(bundle=token_index, reranker={"model": None, "maxsim": True, "interpolation": 0.5})
+    return load_pipeline(settings)
+
+
+def test_int8_quantisation_round_trips_unit_vectors():
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(50, 384)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    q, scales = quantize_int8(v)
+    assert q.dtype == np.int8 and scales.shape == (50,)
+    assert np.abs(q.astype(np.float32) * scales[:, None] - v).max() < 0.5 * scales.max() + 1e-6
+
+
+def test_bundle_round_trip_and_manifest(token_index):
+    from indexer.bundle import open_bundle
+
+    info = open_bundle(token_index, verify=True)
+    meta = info.manifest["dense"]["token_vectors"]
+    store = TokenStore.open(info.path("dense"), info.manifest["counts"]["passages"])
+    assert meta["passages"] == info.manifest["counts"]["passages"] == len(store.offsets) - 1
+    assert meta["tokens"] == store.data.shape[0] > 50 * meta["passages"]  # whole passages, not a token or two
+    assert meta["dtype"] == "int8" and meta["dimension"] == 384
+    norms = np.linalg.norm(store.vectors(0), axis=1)
+    assert np.allclose(norms, 1.0, atol=0.01)
+    # the files are covered by the manifest's checksums
+    assert {"dense/tokens.int8.bin", "dense/tokens.offsets.npy", "dense/tokens.scales.npy"} <= set(info.manifest["files"])
+
+
+def test_stored_maxsim_equals_maxsim_from_reencoding(maxsim_pipeline):
+    from app.retrieval.maxsim import LateInteraction
+
+    pipeline = maxsim_pipeline
+    assert pipeline.late is not None and pipeline.late.stored
+    reencoded = LateInteraction(pipeline.searchers["dense"])
+    correlations = []
+    for query in ("how do vaccines train the immune system", "baking bread with sourdough", "python programming"):
+        hits = asyncio.run(pipeline.search(query, pipeline.options(k=40, rerank=False))).hits
+        pairs, _ = pipeline.rerank_pairs([query], [hits])
+        stored = pipeline.late.score(query, [h.idx for h in hits], [])
+        fresh = reencoded.score(query, [h.idx for h in hits], [t for _, t in pairs])
+        assert np.abs(stored - fresh).max() < 0.01
+        correlations.append(np.corrcoef(stored, fresh)[0, 1])
+    assert min(correlations) >= 0.999, correlations
+
+
+def test_a_corrupt_or_mismatched_store_is_refused(token_index, tmp_path):
+    from app.services import load_pipeline
+    from app.settings import load_settings
+
+    copy = tmp_path / "index"
+    shutil.copytree(token_index, copy, symlinks=True)
+    build = (copy / "current").resolve()
+    passages = json.loads((build / "manifest.json").read_text())["counts"]["passages"]
+    data = build / "dense" / "tokens.int8.bin"
+    with pytest.raises(TokenStoreError, match="cover"):
+        TokenStore.open(build / "dense", passages + 1)
+    with open(data, "r+b") as handle:  # truncated by a byte
+        handle.truncate(data.stat().st_size - 1)
+    with pytest.raises(TokenStoreError, match="truncated or corrupt"):
+        TokenStore.open(build / "dense", passages)
+    settings = load_settings(bundle=copy, reranker={"model": None, "maxsim": True})
+    with pytest.raises(BundleError):
+        load_pipeline(settings, verify=False)  # the store's own checks, even without checksums
+    with pytest.raises(BundleError):
+        load_pipeline(settings, verify=True)
+
+
+def test_offsets_must_agree_with_the_data(tmp_path):
+    with TokenWriter(tmp_path, "float16") as writer:
+        writer.add(np.eye(3, 8, dtype=np.float32))
+        writer.add(np.ones((2, 8), dtype=np.float32))
+        meta = writer.close()
+    assert meta["tokens"] == 5 and meta["passages"] == 2
+    store = TokenStore.open(tmp_path, 2)
+    assert np.allclose(store.vectors(1), np.full((2, 8), 8**-0.5), atol=1e-3)
+    np.save(tmp_path / "tokens.offsets.npy", np.array([0, 4, 3], dtype=np.int64))
+    with pytest.raises(TokenStoreError, match="offsets"):
+        TokenStore.open(tmp_path, 2)
+
+
+def test_an_update_keeps_stored_token_vectors(token_index, tmp_path):
+    from indexer.bundle import open_bundle
+    from indexer.update import update_bundle
+
+    copy = tmp_path / "index"
+    shutil.copytree(token_index, copy, symlinks=True)
+    parent = open_bundle(copy)
+    parent_store = TokenStore.open(parent.path("dense"), parent.manifest["counts"]["passages"])
+    added = tmp_path / "add.jsonl"
+    added.write_text(json.dumps({"_id": "new-1", "title": "Tea", "text": "Green tea is steamed, black tea oxidised."}) + "\n")
+    update_bundle(copy, add=added, show_progress=False)
+    child = open_bundle(copy)
+    store = TokenStore.open(child.path("dense"), child.manifest["counts"]["passages"])
+    assert len(store.offsets) - 1 == len(parent_store.offsets)  # one new passage
+    assert np.array_equal(store.vectors(0), parent_store.vectors(0))  # kept rows copied as stored
+    assert child.manifest["dense"]["token_vectors"]["passages"] == child.manifest["counts"]["passages"]
+
+
+def _hit(idx: int, score: float) -> Hit:
+    return Hit(idx, f"p{idx}", f"d{idx}", score, {"fused": StageScore(score, idx + 1)})
+
+
+def test_combine_stages_fuses_z_scores_and_records_every_stage():
+    hits = [_hit(i, s) for i, s in enumerate([3.0, 2.0, 1.0, 0.0])]
+    ce = np.array([0.0, 0.0, 5.0, 0.0])
+    ms = np.array([0.1, 0.9, 0.2, 0.3])
+    only_first = combine_stages(hits, {"cross_encoder": ce, "maxsim": ms}, {"first_stage": 1.0})
+    assert [h.idx for h in only_first] == [0, 1, 2, 3]
+    out = combine_stages(hits, {"cross_encoder": ce, "maxsim": ms}, {"first_stage": 0.2, "cross_encoder": 0.5, "maxsim": 0.3})
+    assert out[0].idx == 2  # the cross-encoder's clear favourite
+    z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
+    expected = 0.2 * z(np.array([3.0, 2, 1, 0])) + 0.5 * z(ce) + 0.3 * z(ms)
+    assert [h.idx for h in out] == sorted(range(4), key=lambda i: (-expected[i], i))
+    assert [round(h.score, 6) for h in out] == [round(expected[h.idx], 6) for h in out]
+    top = out[0].stages
+    assert top["rerank"] == StageScore(5.0, 1, None)  # the cross-encoder's raw score, final rank
+    assert top["maxsim"].score == pytest.approx(0.2) and top["maxsim"].rank == 3  # MaxSim's own rank
+    assert top["fused"].rank == 3  # first-stage provenance kept
+
+
+def test_settings_validate_weights():
+    from pydantic import ValidationError
+
+    from app.settings import RerankerSettings
+
+    with pytest.raises(ValidationError, match="unknown second-stage weights"):
+        RerankerSettings(weights={"bm25": 1.0})
+    with pytest.raises(ValidationError, match="at least one"):
+        RerankerSettings(weights={"maxsim": 0.0})
+    s = RerankerSettings(interpolation=0.6)
+    assert s.stage_weights(cross_encoder=True, maxsim=True) == pytest.approx(
+        {"first_stage": 0.4, "cross_encoder": 0.3, "maxsim": 0.3}
+    )
+    s = RerankerSettings(weights={"first_stage": 0.3, "cross_encoder": 0.4, "maxsim": 0.3})
+    assert s.stage_weights(cross_encoder=False, maxsim=True)["cross_encoder"] == 0.0
+
+
+def test_search_explains_maxsim_and_rerank_through_http(maxsim_pipeline, token_index):
+    from fastapi.testclient import TestClient
+
+    from app.api.main import create_app
+    from app.settings import load_settings
+
+    settings = load_settings(bundle=token_index, reranker={"model": None, "maxsim": True, "interpolation": 0.5})
+    with TestClient(create_app(settings, pipeline=maxsim_pipeline)) as client:
+        response = client.post("/v1/search", json={"query": "immune system vaccines", "k": 5})
+        assert response.status_code == 200, response.text
+        body = response.json()
+    hits = body["hits"]
+    assert len(hits) == 5
+    ranks = [h["explain"]["rerank"]["rank"] for h in hits]
+    assert ranks == [1, 2, 3, 4, 5]
+    assert all(h["explain"]["maxsim"]["score"] > 0 for h in hits)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)

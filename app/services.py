@@ -179,18 +179,21 @@ def load_pipeline(
             info, passage_ids, doc_ids, encoder=encoder, cache=models.query_cache(settings)
         )
     late = late_interaction(settings, info, searchers.get("dense"), len(passage_ids))
+    reranker = models.reranker
+    if late is not None and is_maxsim(settings.reranker.model):
+        reranker = None  # `model: maxsim` with `maxsim: true`: the bundle's MaxSim stage replaces re-encoding
     log.info(
         "pipeline ready",
         extra={"build": info.build_id, "searchers": list(searchers), "seconds": round(time.perf_counter() - t, 3)},
     )
-    return Pipeline(info, docstore, searchers, models.reranker, settings, models.tracer, late)
+    return Pipeline(info, docstore, searchers, reranker, settings, models.tracer, late)
 
 
 def late_interaction(settings: Settings, info: BundleInfo, dense: Any, passages: int) -> LateInteraction | None:
     """MaxSim for the combined second stage when `reranker.maxsim` asks for it: over the bundle's stored
     token vectors (checked: a corrupt or mismatched store refuses the bundle), else re-encoding candidates
     (logged, since it costs an encoder pass per candidate). None without a dense index."""
-    if not settings.reranker.maxsim:
+    if not (settings.reranker.maxsim and settings.reranker.model):  # `model: null` turns the second stage off
         return None
     if dense is None:
         log.warning("reranker.maxsim is on but build %s has no dense index: MaxSim is skipped", info.build_id)

@@ -73,7 +73,8 @@ class RerankerSettings(BaseModel):
     maxsim: bool = Field(
         False,
         description="add MaxSim (late interaction over the bundle's bi-encoder token vectors, stored at build time "
-        "with index.dense.token_vectors, else re-encoded) to the second stage, fused with `weights`",
+        "with index.dense.token_vectors, else re-encoded) to the second stage, fused with `weights`; only with a "
+        "`model` (null turns the whole second stage off; `model: maxsim` + `maxsim: true` is MaxSim alone)",
     )
     weights: dict[str, float] | None = Field(
         None,

@@ -92,16 +92,17 @@ def _source_key() -> str:
 
 @pytest.fixture(scope="session")
 def scifact_index() -> Path:
-    """SciFact built with the default config; cached under .cache/ keyed by the indexer's source code,
-    so a change to the indexer always rebuilds (≈6 min on a 2-core CPU)."""
+    """SciFact built with the default config (int8 token vectors included, as configs/default.yaml builds);
+    cached under .cache/ keyed by the indexer's source code, so a change to the indexer always rebuilds (≈7 min
+    on a 2-core CPU)."""
     from indexer.build import ensure_bundle
-    from indexer.config import IndexConfig
+    from indexer.config import DenseSettings, IndexConfig
 
     out = ROOT / ".cache" / f"scifact-{_source_key()}"
     for stale in (ROOT / ".cache").glob("scifact-*"):
         if stale != out:
             shutil.rmtree(stale, ignore_errors=True)
-    return ensure_bundle(SCIFACT / "corpus.jsonl", out, IndexConfig())
+    return ensure_bundle(SCIFACT / "corpus.jsonl", out, IndexConfig(dense=DenseSettings(token_vectors="int8")))
 
 
 @pytest.fixture(scope="session")

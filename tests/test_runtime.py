@@ -231,7 +231,7 @@ def test_build_records_runtime_and_server_reports_it(cache_dir, tmp_path, monkey
         bundle=tmp_path / "index", reranker={"model": None}, runtime={"queries": "onnx-int8", "cache_dir": cache_dir}
     )
     pipeline = load_pipeline(settings)
-    assert pipeline.runtimes() == {"passages": "onnx", "queries": "onnx-int8", "reranker": None}
+    assert pipeline.runtimes() == {"passages": "onnx", "queries": "onnx-int8", "reranker": None, "maxsim": None}
     hits, _ = pipeline.coarse(["how do stars form"], pipeline.options(mode="dense", k=3, rerank=False))
     assert hits[0][0].doc_id == "astro-001"
 

@@ -35,7 +35,7 @@ def maxsim_pipeline(token_index):
     from app.services import load_pipeline
     from app.settings import load_settings
 
-    settings = load_settings(bundle=token_index, reranker={"model": None, "maxsim": True, "interpolation": 0.5})
+    settings = load_settings(bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5})
     return load_pipeline(settings)
 
 
@@ -95,7 +95,7 @@ def test_a_corrupt_or_mismatched_store_is_refused(token_index, tmp_path):
         handle.truncate(data.stat().st_size - 1)
     with pytest.raises(TokenStoreError, match="truncated or corrupt"):
         TokenStore.open(build / "dense", passages)
-    settings = load_settings(bundle=copy, reranker={"model": None, "maxsim": True})
+    settings = load_settings(bundle=copy, reranker={"model": "maxsim", "maxsim": True})
     with pytest.raises(BundleError):
         load_pipeline(settings, verify=False)  # the store's own checks, even without checksums
     with pytest.raises(BundleError):
@@ -178,7 +178,7 @@ def test_search_explains_maxsim_and_rerank_through_http(maxsim_pipeline, token_i
     from app.api.main import create_app
     from app.settings import load_settings
 
-    settings = load_settings(bundle=token_index, reranker={"model": None, "maxsim": True, "interpolation": 0.5})
+    settings = load_settings(bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5})
     with TestClient(create_app(settings, pipeline=maxsim_pipeline)) as client:
         response = client.post("/v1/search", json={"query": "immune system vaccines", "k": 5})
         assert response.status_code == 200, response.text

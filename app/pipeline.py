@@ -172,7 +172,10 @@ class Pipeline:
         `skipped (timeout)`."""
         t = time.perf_counter()
         heads = [hits[:depth] for hits in ranked]
-        with self.tracer.span("sift.rerank", **{"sift.depth": depth, **self._trace_attrs(queries)}) as span:
+        attrs = {"sift.depth": depth, **self._trace_attrs(queries)}
+        if self.late is not None:
+            attrs["sift.maxsim"] = "stored" if self.late.stored else "re-encoded"
+        with self.tracer.span("sift.rerank", **attrs) as span:
             pairs, passages = await asyncio.to_thread(self.rerank_pairs, queries, heads)
             try:
                 ce, late = await asyncio.wait_for(
@@ -212,8 +215,7 @@ class Pipeline:
             texts.append([p for _, p in pairs[offset : offset + len(head)]])
             offset += len(head)
         rows = [[h.idx for h in head] for head in heads]
-        with self.tracer.span("sift.maxsim", **{"sift.stored": self.late.stored, **self._trace_attrs(queries)}):
-            return await asyncio.to_thread(self.late.score_many, queries, rows, texts)
+        return await asyncio.to_thread(self.late.score_many, queries, rows, texts)  # inside the sift.rerank span
 
     # -- entry points ------------------------------------------------------------------------------------
 

@@ -78,8 +78,12 @@ def quality(lines: list[str], summary: list[dict[str, str]]) -> None:
                     "squad-a24-47": (f"≥ hybrid + 0.015 = {h + 0.015:.4f}", c >= h + 0.015),
                 }.get(name, (f"> hybrid {h:.4f}", c > h))
                 summary.append(
-                    {"claim": f"default second stage: {name} {m}", "figure": f"{c:.4f} (hybrid {h:.4f})",
-                     "target": target, "holds": "yes" if holds else "no"}
+                    {
+                        "claim": f"default second stage: {name} {m}",
+                        "figure": f"{c:.4f} (hybrid {h:.4f})",
+                        "target": target,
+                        "holds": "yes" if holds else "no",
+                    }
                 )
     lines.append("")
 
@@ -134,9 +138,12 @@ def latency(lines: list[str], summary: list[dict[str, str]], requests: int, runs
                     else:
                         target, holds = "0 rerank timeouts", timeouts == 0 and not errors
                     summary.append(
-                        {"claim": f"default second stage over HTTP, c={concurrency}",
-                         "figure": f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, {errors} errors, {timeouts} timeouts",
-                         "target": target, "holds": "yes" if holds else "no"}
+                        {
+                            "claim": f"default second stage over HTTP, c={concurrency}",
+                            "figure": f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, {errors} errors, {timeouts} timeouts",
+                            "target": target,
+                            "holds": "yes" if holds else "no",
+                        }
                     )
         finally:
             process.terminate()

@@ -145,7 +145,12 @@ class TokenStore:
         directory = Path(directory)
         try:
             meta = json.loads((directory / META_FILE).read_text())
-            dtype, dim, tokens, count = meta["dtype"], int(meta["dimension"]), int(meta["tokens"]), int(meta["passages"])
+            dtype, dim, tokens, count = (
+                meta["dtype"],
+                int(meta["dimension"]),
+                int(meta["tokens"]),
+                int(meta["passages"]),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise TokenStoreError(f"{directory / META_FILE}: unreadable token-vector metadata ({exc})") from exc
         if meta.get("format") != FORMAT or dtype not in ("float16", "int8") or dim <= 0:
@@ -171,13 +176,13 @@ class TokenStore:
             or (count >= 0 and (offsets[0] != 0 or offsets[-1] != tokens))
             or bool(np.any(np.diff(offsets) < 0))
         ):
-            raise TokenStoreError(f"{directory / OFFSETS_FILE}: offsets disagree with {count} passages, {tokens} tokens")
+            raise TokenStoreError(
+                f"{directory / OFFSETS_FILE}: offsets disagree with {count} passages, {tokens} tokens"
+            )
         if scales is not None and scales.shape != (tokens,):
             raise TokenStoreError(f"{directory / SCALES_FILE}: {scales.shape[0]} scales for {tokens} token rows")
         data = (
-            np.memmap(path, dtype=dtype, mode="r", shape=(tokens, dim))
-            if tokens
-            else np.zeros((0, dim), dtype=dtype)
+            np.memmap(path, dtype=dtype, mode="r", shape=(tokens, dim)) if tokens else np.zeros((0, dim), dtype=dtype)
         )
         return cls(directory, meta, data, offsets, scales)
 
@@ -185,8 +190,13 @@ class TokenStore:
     def nbytes(self) -> int:
         """Bytes on disk: vectors, offsets and scales."""
         return sum(
-            p.stat().st_size for p in (self.directory / data_file(self.dtype), self.directory / OFFSETS_FILE,
-                                       self.directory / SCALES_FILE) if p.is_file()
+            p.stat().st_size
+            for p in (
+                self.directory / data_file(self.dtype),
+                self.directory / OFFSETS_FILE,
+                self.directory / SCALES_FILE,
+            )
+            if p.is_file()
         )
 
     def vectors(self, row: int) -> np.ndarray:

@@ -132,7 +132,9 @@ def update_bundle(
             t = time.perf_counter()
             with token_writer(writer.root, config) as tokens:
                 if tokens is not None:  # kept passages' token vectors are copied as stored, new ones follow
-                    tokens.add_stored(TokenStore.open(parent.path(DENSE_DIR), parent.manifest["counts"]["passages"]), kept_rows)
+                    tokens.add_stored(
+                        TokenStore.open(parent.path(DENSE_DIR), parent.manifest["counts"]["passages"]), kept_rows
+                    )
                 fresh = encode_passages(encoder, new_texts, config.dense, show_progress, tokens) if new_texts else None
                 token_info = tokens.close() if tokens is not None else None
             timings["encode"] = time.perf_counter() - t

@@ -65,11 +65,13 @@ def tokenizer(encoder):
 
 @pytest.fixture(scope="session")
 def example_index(tmp_path_factory) -> Path:
-    """An index folder (with `current`) built from examples/corpus.jsonl."""
+    """An index folder (with `current`) built from examples/corpus.jsonl, with int8 token vectors as
+    configs/default.yaml builds it (so servers with the default second stage read stored MaxSim vectors)."""
     from indexer.build import build_bundle
+    from indexer.config import DenseSettings, IndexConfig
 
     out = tmp_path_factory.mktemp("example-index")
-    build_bundle(EXAMPLES, out, show_progress=False)
+    build_bundle(EXAMPLES, out, IndexConfig(dense=DenseSettings(token_vectors="int8")), show_progress=False)
     return out
 
 

@@ -105,7 +105,7 @@ def test_documents_info_health_and_metrics(client, example_pipeline):
     assert 'sift_stage_latency_seconds_count{collection="default",stage="dense"}' in metrics
     assert "sift_in_flight_requests" in metrics and "sift_reranked_candidates_total" in metrics
     queries = example_pipeline.settings.runtime.queries  # configs/default.yaml: onnx
-    assert info["runtimes"] == {"passages": "torch", "queries": queries, "reranker": None}
+    assert info["runtimes"] == {"passages": "torch", "queries": queries, "reranker": None, "maxsim": None}
 
 
 def metric(client, name: str) -> float:

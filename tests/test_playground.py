@@ -125,7 +125,7 @@ def test_playground_searches_toggles_bm25_and_streams_a_cited_answer(browser, pl
     assert len(hits) == 10 and hits[0]["title"] == "How stars form"
     assert "stars" in hits[0]["marks"]
     for hit in hits:
-        assert set(hit["explain"]) == {"bm25", "dense", "fused", "rerank"}
+        assert set(hit["explain"]) == {"bm25", "dense", "fused", "rerank", "maxsim"}  # the default second stage
         assert hit["explain"]["rerank"].startswith("#")
     assert [int(h["explain"]["rerank"][1:]) for h in hits] == list(range(1, 11))
     summary = browser.find_element(By.ID, "summary").text

@@ -31,6 +31,7 @@ def scores(scifact_pipeline, subset):
     settings = scifact_pipeline.settings.model_copy(deep=True)
     settings.reranker.model = str(MODEL)
     settings.reranker.interpolation = PIN["interpolation"]
+    settings.reranker.maxsim, settings.reranker.weights = False, None  # the cross-encoder alone, interpolated
     settings.reranker.max_length = PIN["max_length"]
     reranker = Reranker.load(str(MODEL), PIN["max_length"], "cpu")
     pipeline = derive_pipeline(scifact_pipeline, settings, reranker)

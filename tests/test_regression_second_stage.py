@@ -30,8 +30,12 @@ def default_pipeline(scifact_pipeline, scifact_index):
     rs = settings.reranker
     assert rs.model and rs.maxsim, "configs/default.yaml ships the second stage on"
     reranker = Reranker.load(rs.model, rs.max_length, "cpu", runtime=settings.runtime.reranker)
-    late = late_interaction(settings, scifact_pipeline.bundle, scifact_pipeline.searchers["dense"],
-                            len(scifact_pipeline.searchers["dense"].passage_ids))
+    late = late_interaction(
+        settings,
+        scifact_pipeline.bundle,
+        scifact_pipeline.searchers["dense"],
+        len(scifact_pipeline.searchers["dense"].passage_ids),
+    )
     assert late is not None and late.stored
     return derive_pipeline(scifact_pipeline, settings, reranker, late)
 
@@ -42,8 +46,16 @@ def features(default_pipeline):
 
     ds = load_beir(SCIFACT, "test")
     depth = max(20, default_pipeline.settings.reranker.depth)
-    return collect("scifact-test", default_pipeline, default_pipeline.reranker, ds.queries, ds.qrels,
-                   progress=False, ce_depth=depth, maxsim_depth=depth)
+    return collect(
+        "scifact-test",
+        default_pipeline,
+        default_pipeline.reranker,
+        ds.queries,
+        ds.qrels,
+        progress=False,
+        ce_depth=depth,
+        maxsim_depth=depth,
+    )
 
 
 def scores(features, depth, weights):  # noqa: ANN001, ANN201

@@ -74,6 +74,7 @@ def test_micro_batcher_pools_concurrent_requests(reranker):
 def reranking_pipeline(example_pipeline, reranker):
     settings = example_pipeline.settings.model_copy(deep=True)
     settings.reranker.model = "test-cross-encoder"
+    settings.reranker.maxsim, settings.reranker.weights, settings.reranker.interpolation = False, None, 1.0
     return derive_pipeline(example_pipeline, settings, reranker)
 
 
@@ -125,6 +126,7 @@ def test_maxsim_reranker_scores_late_interaction_and_plugs_into_the_pipeline(exa
     assert scores[0] > scores[1] and scores[2] == pytest.approx(1.0, abs=1e-4)
     settings = example_pipeline.settings.model_copy(deep=True)
     settings.reranker.model, settings.reranker.interpolation = "maxsim", 0.5
+    settings.reranker.maxsim, settings.reranker.weights = False, None  # MaxSimReranker, interpolated
     pipeline = derive_pipeline(example_pipeline, settings, maxsim)
     result = asyncio.run(pipeline.search("how do honeybees communicate", pipeline.options(k=5, rerank_depth=10)))
     assert result.hits[0].doc_id == "bio-012"

@@ -35,7 +35,7 @@ def maxsim_pipeline(token_index):
     from app.services import load_pipeline
     from app.settings import load_settings
 
-    settings = load_settings(bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5})
+    settings = load_settings(bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5, "weights": None})
     return load_pipeline(settings)
 
 
@@ -60,7 +60,9 @@ def test_bundle_round_trip_and_manifest(token_index):
     norms = np.linalg.norm(store.vectors(0), axis=1)
     assert np.allclose(norms, 1.0, atol=0.01)
     # the files are covered by the manifest's checksums
-    assert {"dense/tokens.int8.bin", "dense/tokens.offsets.npy", "dense/tokens.scales.npy"} <= set(info.manifest["files"])
+    assert {"dense/tokens.int8.bin", "dense/tokens.offsets.npy", "dense/tokens.scales.npy"} <= set(
+        info.manifest["files"]
+    )
 
 
 def test_stored_maxsim_equals_maxsim_from_reencoding(maxsim_pipeline):
@@ -124,7 +126,9 @@ def test_an_update_keeps_stored_token_vectors(token_index, tmp_path):
     parent = open_bundle(copy)
     parent_store = TokenStore.open(parent.path("dense"), parent.manifest["counts"]["passages"])
     added = tmp_path / "add.jsonl"
-    added.write_text(json.dumps({"_id": "new-1", "title": "Tea", "text": "Green tea is steamed, black tea oxidised."}) + "\n")
+    added.write_text(
+        json.dumps({"_id": "new-1", "title": "Tea", "text": "Green tea is steamed, black tea oxidised."}) + "\n"
+    )
     update_bundle(copy, add=added, show_progress=False)
     child = open_bundle(copy)
     store = TokenStore.open(child.path("dense"), child.manifest["counts"]["passages"])
@@ -143,7 +147,9 @@ def test_combine_stages_fuses_z_scores_and_records_every_stage():
     ms = np.array([0.1, 0.9, 0.2, 0.3])
     only_first = combine_stages(hits, {"cross_encoder": ce, "maxsim": ms}, {"first_stage": 1.0})
     assert [h.idx for h in only_first] == [0, 1, 2, 3]
-    out = combine_stages(hits, {"cross_encoder": ce, "maxsim": ms}, {"first_stage": 0.2, "cross_encoder": 0.5, "maxsim": 0.3})
+    out = combine_stages(
+        hits, {"cross_encoder": ce, "maxsim": ms}, {"first_stage": 0.2, "cross_encoder": 0.5, "maxsim": 0.3}
+    )
     assert out[0].idx == 2  # the cross-encoder's clear favourite
     z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
     expected = 0.2 * z(np.array([3.0, 2, 1, 0])) + 0.5 * z(ce) + 0.3 * z(ms)
@@ -178,7 +184,7 @@ def test_search_explains_maxsim_and_rerank_through_http(maxsim_pipeline, token_i
     from app.api.main import create_app
     from app.settings import load_settings
 
-    settings = load_settings(bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5})
+    settings = load_settings(bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5, "weights": None})
     with TestClient(create_app(settings, pipeline=maxsim_pipeline)) as client:
         response = client.post("/v1/search", json={"query": "immune system vaccines", "k": 5})
         assert response.status_code == 200, response.text

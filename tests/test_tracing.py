@@ -67,7 +67,9 @@ def test_a_search_has_one_span_per_stage_under_its_request_span(traced):
     start = {s.name: s.start_time for s in spans}
     assert start["sift.dense.encode"] < start["sift.dense.search"] < start["sift.fusion"] < start["sift.rerank"]
     assert start["sift.rerank"] < start["sift.fetch"]
-    assert next(s for s in spans if s.name == "sift.rerank").attributes["sift.depth"] == 50
+    rerank = next(s for s in spans if s.name == "sift.rerank")
+    assert rerank.attributes["sift.depth"] == load_settings().reranker.depth  # configs/default.yaml
+    assert rerank.attributes["sift.maxsim"] == "stored"  # the default second stage reads the bundle's vectors
 
 
 def test_bm25_mode_traces_only_its_stages_and_ids_are_generated_when_absent(traced):

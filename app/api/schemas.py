@@ -158,7 +158,9 @@ class SearchHit(BaseModel):
     start: int = Field(description="character offset of the passage in the document text")
     end: int = Field(description="character offset just past the passage")
     metadata: dict[str, Any] = Field(description="the document's metadata")
-    explain: dict[str, StageExplain | None] = Field(description="score and rank per stage: bm25, dense, fused, rerank, and maxsim when it is part of the second stage")
+    explain: dict[str, StageExplain | None] = Field(
+        description="score and rank per stage: bm25, dense, fused, rerank, and maxsim when the second stage has it"
+    )
 
 
 class SearchResponse(BaseModel):

@@ -233,7 +233,9 @@ def main() -> None:
     index = load_index_config()
     index.dense.token_vectors = index.dense.token_vectors or "int8"
     reranker = Reranker.load(
-        "models/sift-reranker-minilm-l6", max_length=128, runtime=settings.runtime.reranker,
+        "models/sift-reranker-minilm-l6",
+        max_length=128,
+        runtime=settings.runtime.reranker,
         cache_dir=settings.runtime.cache_dir,
     )
     s = load_settings(reranker={"model": "maxsim", "maxsim": True})

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, SCIFACT, append_report, command_line, start_server  # noqa: E402
+from bench.common import ROOT, SCIFACT, append_report, start_server  # noqa: E402
 
 OUT = ROOT / "var" / "second_stage"
 
@@ -32,10 +32,7 @@ def quality(lines: list[str], summary: list[dict[str, str]]) -> None:
     from app.settings import load_settings
     from app.training import second_stage as ss
 
-    missing = [n for n in [*ss.VALIDATION, *ss.TEST] if not (OUT / f"{n}.pkl").exists()]
-    if missing:
-        sys.argv = [sys.argv[0], "--out", str(OUT), "--datasets", *missing]
-        ss.main()
+    ss.collect_all(OUT, ROOT.parent / "shared", [*ss.VALIDATION, *ss.TEST])
     validation = ss.load_features(OUT, list(ss.VALIDATION))
     test = ss.load_features(OUT, list(ss.TEST))
     selected = ss.select(validation)
@@ -158,7 +155,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=150)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    lines: list[str] = [f"Command: `{command_line()}`", ""]
+    lines: list[str] = []
     summary: list[dict[str, str]] = []
     if not args.skip_quality:
         quality(lines, summary)

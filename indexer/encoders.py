@@ -78,6 +78,9 @@ def load_encoder(
     return use_runtime(encoder, "feature-extraction", runtime, cache_dir=cache_dir, threads=threads)
 
 
+TOKEN_SLICE = 256  # passages per encode call when token vectors are kept (~100 MB of padded outputs)
+
+
 def encode_passages(
     encoder: SentenceTransformer,
     texts: list[str],
@@ -116,9 +119,6 @@ def encode_passages(
             bar.update(len(outputs))
     vectors = np.stack(pooled).astype(np.float32) if pooled else np.zeros((0, 0), dtype=np.float32)
     return unit_rows(vectors) if settings.normalize else vectors
-
-
-TOKEN_SLICE = 256  # passages per encode call when token vectors are kept (~100 MB of padded outputs)
 
 
 def unit_rows(vectors):  # noqa: ANN001, ANN201

@@ -173,7 +173,8 @@ class TokenStore:
         if (
             offsets.shape != (count + 1,)
             or offsets.dtype != np.int64
-            or (count >= 0 and (offsets[0] != 0 or offsets[-1] != tokens))
+            or offsets[0] != 0
+            or offsets[-1] != tokens
             or bool(np.any(np.diff(offsets) < 0))
         ):
             raise TokenStoreError(

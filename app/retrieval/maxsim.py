@@ -90,8 +90,6 @@ class LateInteraction:
     from the bundle's own bi-encoder (`DenseSearcher.token_vectors`), so both sides use the model the
     passages were encoded with. Holds no per-request state."""
 
-    name = "maxsim"
-
     def __init__(self, dense, store=None) -> None:  # noqa: ANN001 - DenseSearcher, TokenStore | None
         self.dense = dense
         self.store = store
@@ -103,13 +101,17 @@ class LateInteraction:
     def score(self, query: str, rows: list[int], texts: list[str]) -> np.ndarray:
         """MaxSim of `query` against the passages `rows` (whose index texts are `texts`, used only when
         the bundle stores no token vectors)."""
-        if not rows:
-            return np.zeros(0, dtype=np.float32)
-        (q,) = self.dense.token_vectors([query])
-        if self.store is not None:
-            return self.store.maxsim(q, rows)
-        passages = self.dense.token_vectors(texts)
-        return np.array([float((q @ p.T).max(axis=1).mean()) for p in passages], dtype=np.float32)
+        return self.score_many([query], [rows], [texts])[0]
 
     def score_many(self, queries: list[str], heads: list[list[int]], texts: list[list[str]]) -> list[np.ndarray]:
-        return [self.score(q, rows, t) for q, rows, t in zip(queries, heads, texts)]
+        """`score` for many queries, their token vectors encoded in one call."""
+        out = [np.zeros(0, dtype=np.float32) for _ in queries]
+        todo = [i for i, rows in enumerate(heads) if rows]
+        encoded = self.dense.token_vectors([queries[i] for i in todo]) if todo else []
+        for i, q in zip(todo, encoded):
+            if self.store is not None:
+                out[i] = self.store.maxsim(q, heads[i])
+            else:
+                passages = self.dense.token_vectors(texts[i])
+                out[i] = np.array([float((q @ p.T).max(axis=1).mean()) for p in passages], dtype=np.float32)
+        return out

@@ -122,20 +122,16 @@ def _zscore(values: np.ndarray) -> np.ndarray:
 
 
 def apply_rerank(hits: list[Hit], scores: np.ndarray, interpolation: float = 1.0) -> list[Hit]:
-    """Re-order `hits` by reranker `scores` (optionally interpolated with their first-stage scores, both
-    z-normalised within the list); records stage `rerank` with the raw reranker score."""
-    if not hits:
-        return []
-    final = np.asarray(scores, dtype=np.float64)
+    """Re-order `hits` by one reranker's `scores`, interpolated with their first-stage scores (both
+    z-normalised within the list) unless `interpolation` is 1: `combine_stages` with weights 1 − w and w.
+    Records stage `rerank` with the raw reranker score; with interpolation 1 that raw score stays the hit's
+    score, otherwise the fused one does."""
+    combined = combine_stages(
+        hits, {"cross_encoder": scores}, {"first_stage": 1 - interpolation, "cross_encoder": interpolation}
+    )
     if interpolation < 1.0:
-        first = np.array([h.score for h in hits], dtype=np.float64)
-        final = interpolation * _zscore(final) + (1 - interpolation) * _zscore(first)
-    order = sorted(range(len(hits)), key=lambda i: (-final[i], i))
-    result = []
-    for rank, i in enumerate(order, start=1):
-        hit = hits[i].with_stage("rerank", float(scores[i]), rank)
-        result.append(hit if interpolation >= 1.0 else hit._replace(score=float(final[i])))
-    return result
+        return combined
+    return [hit._replace(score=hit.stages["rerank"].score) for hit in combined]
 
 
 def combine_stages(hits: list[Hit], scores: dict[str, np.ndarray], weights: dict[str, float]) -> list[Hit]:

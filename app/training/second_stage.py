@@ -119,16 +119,10 @@ def rerank(features: Features, depth: int, weights: dict[str, float]) -> list[li
 
 
 def score(features: Features, depth: int | None, weights: dict[str, float] | None) -> dict[str, float]:
+    """Metrics of hybrid (`depth` None) or of reranking with `depth` and `weights` (documents ranked by their
+    best passage, as `document_run` does)."""
     ranked = features.ranked if depth is None else rerank(features, depth, weights or {})
-    collapsed = []
-    for hits in ranked:
-        seen, docs = set(), []
-        for h in hits:
-            if h.doc_id not in seen:
-                seen.add(h.doc_id)
-                docs.append(h)
-        collapsed.append(docs)
-    return evaluate(features.qrels, document_run(features.qids, collapsed))
+    return evaluate(features.qrels, document_run(features.qids, ranked))
 
 
 def weight_grid(step: float = STEP) -> list[dict[str, float]]:
@@ -162,14 +156,14 @@ def select(validation: dict[str, Features], depths: Sequence[int] = DEPTHS, grid
             gains = {name: score(f, depth, weights)[VALIDATION[name]] - base[name] for name, f in validation.items()}
             table.append({"depth": depth, "weights": weights, "gains": gains})
     # each set counts equally: a gain is measured as a share of the best gain any configuration reaches there
-    top = {name: max(row["gains"][name] for row in table) for name in validation}
+    best_gain = {name: max(row["gains"][name] for row in table) for name in validation}
     for row in table:
-        row["objective"] = float(np.mean([row["gains"][n] / top[n] if top[n] > 0 else 0.0 for n in validation]))
+        shares = [row["gains"][n] / best_gain[n] if best_gain[n] > 0 else 0.0 for n in validation]
+        row["objective"] = float(np.mean(shares))
     qualified = [row for row in table if all(g > 0 for g in row["gains"].values())] or table
     best = max(row["objective"] for row in qualified)
     for depth in sorted(depths):
-        rows = [r for r in qualified if r["depth"] == depth]
-        top = max(rows, key=lambda r: r["objective"])
+        top = max((r for r in qualified if r["depth"] == depth), key=lambda r: r["objective"])
         if top["objective"] >= best - DEPTH_SLACK:
             return {"chosen": top, "best_objective": best, "hybrid": base, "table": table, "depths": depths}
     raise AssertionError("unreachable: the best depth qualifies")
@@ -196,8 +190,8 @@ def report(chosen: dict[str, Any], datasets: dict[str, Features], metrics: dict[
 # -- datasets ------------------------------------------------------------------------------------------
 
 
-def dataset_queries(name: str, shared: Path) -> tuple[dict[str, str], dict[str, dict[str, int]], Path]:
-    """(queries, qrels, corpus) of a named dataset from `shared/data`."""
+def dataset_queries(name: str, shared: Path, out: Path) -> tuple[dict[str, str], dict[str, dict[str, int]], Path]:
+    """(queries, qrels, corpus) of a named dataset from `shared/data` (SQuAD corpora are written under `out`)."""
     from app.eval.qa import load_squad, paragraphs_corpus, sample
     from app.eval.retrieval import load_beir
 
@@ -209,11 +203,42 @@ def dataset_queries(name: str, shared: Path) -> tuple[dict[str, str], dict[str, 
     articles = range(0, 24) if name == "squad-a0-23" else range(24, 48)
     squad = data / "squad" / "dev-v1.1.json"
     questions = sample(load_squad(squad, articles), 500)
-    corpus = Path(f"var/second_stage/{name}/corpus.jsonl")
+    corpus = out / name / "corpus.jsonl"
     if not corpus.exists():
         corpus.parent.mkdir(parents=True, exist_ok=True)
         corpus.write_text("".join(json.dumps(d) + "\n" for d in paragraphs_corpus(squad, articles)), encoding="utf-8")
     return {q.id: q.question for q in questions}, {q.id: {q.paragraph_id: 1} for q in questions}, corpus
+
+
+def collect_all(out: Path, shared: Path, names: Sequence[str]) -> None:
+    """Score and cache (`out/<name>.pkl`) every dataset in `names` not cached yet: each gets a bundle built
+    with configs/default.yaml's index config (int8 token vectors at least), scored by the configured
+    cross-encoder at its max length and the runtime of `runtime.reranker`, and by stored-vector MaxSim."""
+    from app.retrieval.reranker import Reranker
+    from app.services import Models, load_pipeline
+    from app.settings import load_settings
+    from indexer.build import ensure_bundle
+
+    names = [n for n in names if not (out / f"{n}.pkl").exists()]
+    if not names:
+        return
+    settings = load_settings(reranker={"maxsim": True})
+    index = settings.index.model_copy(deep=True)
+    index.dense.token_vectors = index.dense.token_vectors or "int8"
+    rs, runtime = settings.reranker, settings.runtime
+    reranker = Reranker.load(rs.model, rs.max_length, runtime=runtime.reranker, cache_dir=runtime.cache_dir)
+    first_stage = settings.model_copy(deep=True)
+    first_stage.reranker.model = "maxsim"  # the pipeline's own MaxSim stage; no model is loaded for it
+    models = Models()
+    for name in names:
+        queries, qrels, corpus = dataset_queries(name, shared, out)
+        bundle_dir = out / "bundles" / corpus.parent.name if "squad" not in name else corpus.parent / "index"
+        bundle = ensure_bundle(corpus, bundle_dir, index, show_progress=True)
+        pipeline = load_pipeline(first_stage, bundle, models, verify=False)
+        features = collect(name, pipeline, reranker, queries, qrels)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.pkl").write_bytes(pickle.dumps(features))
+        log.info("%s: %s", name, features.seconds)
 
 
 def main() -> None:
@@ -223,35 +248,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="*", default=[*VALIDATION, *TEST])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    from app.retrieval.reranker import Reranker
-    from app.services import Models, load_pipeline
-    from app.settings import load_settings
-    from indexer.build import ensure_bundle
-    from indexer.config import load_index_config
-
-    settings = load_settings()
-    index = load_index_config()
-    index.dense.token_vectors = index.dense.token_vectors or "int8"
-    reranker = Reranker.load(
-        "models/sift-reranker-minilm-l6",
-        max_length=128,
-        runtime=settings.runtime.reranker,
-        cache_dir=settings.runtime.cache_dir,
-    )
-    s = load_settings(reranker={"model": "maxsim", "maxsim": True})
-    models = Models()
-    for name in args.datasets:
-        cache = args.out / f"{name}.pkl"
-        if cache.exists():
-            continue
-        queries, qrels, corpus = dataset_queries(name, args.shared)
-        bundle_dir = args.out / "bundles" / corpus.parent.name if "squad" not in name else corpus.parent / "index"
-        bundle = ensure_bundle(corpus, bundle_dir, index, show_progress=True)
-        pipeline = load_pipeline(s, bundle, models, verify=False)
-        features = collect(name, pipeline, reranker, queries, qrels)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_bytes(pickle.dumps(features))
-        log.info("%s: %s", name, features.seconds)
+    collect_all(args.out, args.shared, args.datasets)
 
 
 class _Unpickler(pickle.Unpickler):

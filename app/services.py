@@ -38,6 +38,7 @@ from app.retrieval import BM25Searcher, DenseSearcher
 from app.retrieval.cache import QueryCache
 from app.retrieval.maxsim import LateInteraction, MaxSimReranker, is_maxsim
 from app.retrieval.reranker import Reranker
+from app.retrieval.shards import ShardedDenseSearcher, ShardedDocstore, ShardedSearcher, ShardedTokenStore, ShardFanout
 from app.settings import Settings
 from app.tracing import Tracer
 from indexer.bundle import (
@@ -51,6 +52,7 @@ from indexer.bundle import (
     resolve_bundle,
 )
 from indexer.docstore import Docstore
+from indexer.shards import shard_map
 from indexer.tokens import TokenStore, TokenStoreError
 
 log = logging.getLogger("sift.services")
@@ -167,6 +169,8 @@ def load_pipeline(
     t = time.perf_counter()
     models = models if models is not None else Models.load(settings, generator=False, reader=False)
     info = open_bundle(bundle or settings.bundle, verify=verify)
+    if info.manifest.get("shards"):
+        return load_sharded_pipeline(settings, info, models, verify)
     docstore = Docstore(info.path(DOCSTORE))
     rows = docstore.passage_rows()
     passage_ids = [r[0] for r in rows]
@@ -187,6 +191,49 @@ def load_pipeline(
         extra={"build": info.build_id, "searchers": list(searchers), "seconds": round(time.perf_counter() - t, 3)},
     )
     return Pipeline(info, docstore, searchers, reranker, settings, models.tracer, late)
+
+
+def load_sharded_pipeline(settings: Settings, info: BundleInfo, models: Models, verify: bool = True) -> Pipeline:
+    """The pipeline of a sharded build with every shard in this process: each shard's searchers, docstore and
+    token vectors behind the fan-out of `app.retrieval.shards` (the same stages and results as the unsharded
+    build; see `indexer.shards` for why). Ray Serve puts shards in their own replicas instead."""
+    t = time.perf_counter()
+    entries = shard_map(info.manifest)
+    offsets = [int(e["offset"]) for e in entries]
+    shards = [open_bundle(info.root / e["name"], verify=False) for e in entries]  # files checked by the parent
+    docstores = [Docstore(s.path(DOCSTORE)) for s in shards]
+    fanout = ShardFanout([e["name"] for e in entries])
+    bm25, dense, stores = [], [], []
+    encoder = None
+    for shard, store in zip(shards, docstores, strict=True):
+        rows = store.passage_rows()
+        pids, dids = [r[0] for r in rows], [r[1] for r in rows]
+        bm25.append(BM25Searcher.from_bundle(shard, pids, dids))
+        if (shard.manifest.get("dense") or {}).get("enabled"):
+            encoder = encoder or models.encoder(shard.manifest["dense"]["model"], settings)
+            dense.append(
+                DenseSearcher.from_bundle(shard, pids, dids, encoder=encoder, cache=models.query_cache(settings))
+            )
+            stores.append(late_interaction(settings, shard, dense[-1], len(pids)))
+    searchers: dict[str, Searcher] = {"bm25": ShardedSearcher("bm25", bm25, offsets, fanout)}
+    if dense:
+        searchers["dense"] = ShardedDenseSearcher(dense, offsets, fanout, dense[0])
+    late = None
+    if dense and all(s is not None for s in stores):
+        stored = [s.store for s in stores]
+        late = LateInteraction(
+            searchers["dense"], ShardedTokenStore(stored, offsets) if all(x is not None for x in stored) else None
+        )
+    reranker = models.reranker
+    if late is not None and is_maxsim(settings.reranker.model):
+        reranker = None
+    log.info(
+        "sharded pipeline ready",
+        extra={"build": info.build_id, "shards": len(entries), "seconds": round(time.perf_counter() - t, 3)},
+    )
+    return Pipeline(
+        info, ShardedDocstore(docstores, offsets, fanout), searchers, reranker, settings, models.tracer, late
+    )
 
 
 def late_interaction(settings: Settings, info: BundleInfo, dense: Any, passages: int) -> LateInteraction | None:

@@ -81,6 +81,19 @@ def new_build_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
+def seal_folder(root: Path, manifest: dict[str, Any], build_id: str) -> None:
+    """Write `root/manifest.json`: `manifest` plus the format version, the build id and the sha256 and size of
+    every file under `root` (a shard's own manifest excepted: each shard seals its own folder), then fsync."""
+    manifest = dict(manifest)
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["build_id"] = build_id
+    manifest["files"] = {
+        str(p.relative_to(root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _files(root)
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    _fsync_tree(root)
+
+
 class BundleWriter:
     """Owns the temporary build folder; `publish()` makes it visible atomically, `abort()` removes it."""
 
@@ -98,15 +111,7 @@ class BundleWriter:
         """Write the manifest with checksums, move the build into place and (unless `switch` is False, e.g.
         while a quality gate decides) switch `current` to it."""
         (self.root / ".pid").unlink(missing_ok=True)
-        manifest = dict(manifest)
-        manifest["format_version"] = FORMAT_VERSION
-        manifest["build_id"] = self.build_id
-        manifest["files"] = {
-            str(p.relative_to(self.root)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in _files(self.root)
-        }
-        (self.root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _fsync_tree(self.root)
+        seal_folder(self.root, manifest, self.build_id)
         final = self.out / self.build_id
         with folder_lock(self.out):
             os.rename(self.root, final)
@@ -291,7 +296,11 @@ def open_bundle(path: Path, verify: bool = True) -> BundleInfo:
             f"{root}: bundle format {version!r}, this Sift reads format {FORMAT_VERSION}; rebuild with this version"
         )
     files = manifest.get("files") or {}
-    if DOCSTORE not in files:
+    shards = [entry["name"] for entry in (manifest.get("shards") or {}).get("map") or []]
+    for name in shards:  # a sharded build: each shard is a bundle of its own, checked by its own manifest
+        if not (root / name / MANIFEST).is_file():
+            raise BundleError(f"{root}/{name}: shard listed in the manifest but missing; rebuild the bundle")
+    if not shards and DOCSTORE not in files:
         raise BundleError(f"{root}: manifest lists no {DOCSTORE}; rebuild the bundle")
     for relative, entry in files.items():
         file = root / relative

@@ -42,10 +42,23 @@ def build(
         None, "--gate", help="BEIR dataset folder: publish only if nDCG@10 drops at most --max-drop"
     ),
     max_drop: float = typer.Option(0.01, "--max-drop", help="largest nDCG@10 drop the gate accepts"),
+    shards: int = typer.Option(
+        1, "--shards", min=1, help="write S shard bundles and a shard map (BM25 keeps corpus-wide statistics)"
+    ),
+    engine: str = typer.Option(
+        "local", "--engine", help="who encodes passages: local (this process) or ray (a Ray Data actor pool)"
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="--engine ray: cluster to join (auto, ray://host:10001); default: a local Ray"
+    ),
+    num_encoders: int = typer.Option(1, "--num-encoders", min=1, help="--engine ray: encoder actors"),
+    gpus_per_encoder: float = typer.Option(0.0, "--gpus-per-encoder", min=0.0, help="--engine ray: GPUs per actor"),
 ) -> None:
     """Read documents, split them into passages and publish a new bundle atomically. With --gate, the new
     build is scored on the dataset's qrels (`sift eval retrieval`) before it becomes current, and refused
-    (exit 3, the published build kept) if it scores more than --max-drop below the published one."""
+    (exit 3, the published build kept) if it scores more than --max-drop below the published one.
+    With --engine ray, passages are encoded by a Ray Data actor pool (install `sift[ray]`); everything else
+    (reading, chunking, the docstore, BM25, publishing) is the same as a local build."""
     try:
         cfg = load_index_config(config)
     except Exception as exc:  # noqa: BLE001 - pydantic / YAML errors alike
@@ -56,8 +69,37 @@ def build(
             setattr(cfg.csv, name, value)
     if no_dense:
         cfg.dense.enabled = False
+    if engine not in ("local", "ray"):
+        typer.echo(f"error: --engine must be local or ray, not {engine!r}", err=True)
+        raise typer.Exit(2)
+    runner = None
+    if engine == "ray":
+        try:
+            from indexer.ray_engine import RayEncoding
+        except ImportError as exc:
+            typer.echo(f"error: --engine ray needs Ray: pip install 'sift[ray]' ({exc})", err=True)
+            raise typer.Exit(2) from exc
+        runner = RayEncoding(address=address, encoders=num_encoders, gpus_per_encoder=gpus_per_encoder)
     gate_fn = make_gate(gate, max_drop, config, echo=lambda m: typer.echo(m, err=True)) if gate else None
-    _publish_job(lambda: build_bundle(input, out, cfg, skip_bad=skip_bad, show_progress=progress, gate=gate_fn))
+    _publish_job(
+        lambda: build_bundle(
+            input, out, cfg, skip_bad=skip_bad, show_progress=progress, gate=gate_fn, shards=shards, engine=runner
+        )
+    )
+
+
+@app.command("reshard")
+def reshard(
+    source: Path = typer.Option(..., "--from", help="unsharded bundle (or index folder with `current`) to split"),
+    out: Path = typer.Option(..., "--out", "-o", help="index folder for the sharded build"),
+    shards: int = typer.Option(..., "--shards", min=2, help="number of shards"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Split a published build into S shards without re-encoding (vectors and token vectors are copied;
+    BM25 is rescored per shard with corpus-wide statistics). Published atomically under OUT."""
+    from indexer.build import reshard_bundle
+
+    _publish_job(lambda: reshard_bundle(source, out, shards, show_progress=progress), "resharded:")
 
 
 def _publish_job(job: Callable[[], BuildResult], verb: str = "built") -> None:

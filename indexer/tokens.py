@@ -84,6 +84,19 @@ class TokenWriter:
         self._data.write(np.ascontiguousarray(rows).tobytes())
         self._lengths.append(int(rows.shape[0]))
 
+    def add_quantized(self, rows: np.ndarray, scales: np.ndarray | None) -> None:
+        """One passage already in stored form (as `add` writes it: unit-normalised, int8 with per-token scales
+        or float16), e.g. from a Ray encoder actor."""
+        self._check_dimension(int(rows.shape[1]))
+        if rows.dtype != np.dtype(self.dtype) or (self.dtype == "int8") != (scales is not None):
+            raise TokenStoreError(f"{rows.dtype} token rows cannot go into a {self.dtype} store")
+        if scales is not None:
+            if scales.shape != (rows.shape[0],):
+                raise TokenStoreError(f"{scales.shape[0]} scales for {rows.shape[0]} token rows")
+            self._scales.append(np.asarray(scales, dtype=np.float32))
+        self._data.write(np.ascontiguousarray(rows).tobytes())
+        self._lengths.append(int(rows.shape[0]))
+
     def add_stored(self, store: TokenStore, rows: list[int]) -> None:
         """Passages `rows` of another store with the same dtype, copied as stored."""
         if store.dtype != self.dtype:

@@ -70,6 +70,11 @@ def update_bundle(
         raise SourceError("nothing to do: pass --add FILE and/or --delete IDS_FILE")
     started = time.perf_counter()
     parent = open_bundle(out, verify=True)
+    if parent.manifest.get("shards"):
+        raise BundleError(
+            f"{parent.root} is a sharded build: `sift index update` works on unsharded builds; build the new corpus "
+            "with `sift index build --shards N`, or update an unsharded build and `sift index reshard` it"
+        )
     config = IndexConfig.model_validate(parent.manifest["config"])
     timings: dict[str, float] = {}
     report = ReadReport()
@@ -140,8 +145,13 @@ def update_bundle(
             timings["encode"] = time.perf_counter() - t
             kept = old_vectors[np.asarray(kept_rows, dtype=np.int64)] if kept_rows else None
             vectors = np.concatenate([v for v in (kept, fresh) if v is not None]).astype(np.float32)
+        encoding = (
+            {"max_seq_length": int(encoder.max_seq_length), "runtime": getattr(encoder, "sift_runtime", "torch")}
+            if encoder is not None
+            else {}
+        )
         dense_info = write_indexes(
-            writer.root, index_texts + new_texts, vectors, encoder, config, timings, show_progress
+            writer.root, index_texts + new_texts, vectors, encoding, config, timings, show_progress
         )
         if token_info is not None:
             dense_info["token_vectors"] = token_info

@@ -84,9 +84,19 @@ def serve(
     workers: int | None = typer.Option(
         None, help="worker processes (default server.workers); models load once, shared"
     ),
+    engine: str = typer.Option("uvicorn", "--engine", help="uvicorn (this machine) or ray (Ray Serve replicas)"),
+    replicas: int | None = typer.Option(
+        None, "--replicas", min=1, help="--engine ray: replicas (default ray.replicas)"
+    ),
+    shards: bool = typer.Option(
+        False, "--shards", help="--engine ray, a sharded build: one deployment per shard behind a fan-out ingress"
+    ),
+    address: str | None = typer.Option(None, "--address", help="--engine ray: cluster to join (default ray.address)"),
 ) -> None:
     """Serve the HTTP API with uvicorn. The server watches each collection's `current` link and switches
-    to a newly published build without a restart (`POST /v1/admin/reload` checks at once)."""
+    to a newly published build without a restart (`POST /v1/admin/reload` checks at once).
+    With --engine ray (install `sift[ray]`), Ray Serve runs --replicas replicas of the service (autoscaling
+    from the config's `ray.autoscaling`), or with --shards one deployment per shard of a sharded build."""
     import uvicorn
 
     from app.api.main import create_app
@@ -103,6 +113,19 @@ def serve(
     refusal = anonymous_refusal(settings, common["host"])
     if refusal:
         typer.echo(f"error: {refusal}", err=True)
+        raise typer.Exit(2)
+    if engine == "ray":
+        try:
+            from app import serving_ray
+        except ImportError as exc:
+            typer.echo(f"error: --engine ray needs Ray: pip install 'sift[ray]' ({exc})", err=True)
+            raise typer.Exit(2) from exc
+        settings.ray.replicas = replicas or settings.ray.replicas
+        settings.ray.address = address or settings.ray.address
+        serving_ray.run(settings, common["host"], common["port"], sharded=shards)
+        return
+    if engine != "uvicorn":
+        typer.echo(f"error: --engine must be uvicorn or ray, not {engine!r}", err=True)
         raise typer.Exit(2)
     if n == 1:
         uvicorn.run(create_app(settings), **common)

@@ -51,6 +51,7 @@ from indexer.bundle import (
     open_bundle,
     resolve_bundle,
 )
+from indexer.config import DenseSettings
 from indexer.docstore import Docstore
 from indexer.shards import shard_map
 from indexer.tokens import TokenStore, TokenStoreError
@@ -83,6 +84,7 @@ class Models:
     generation: GenerationPool = field(default_factory=lambda: GenerationPool(4))  # answers' own threads
     queries: QueryCache | None = None  # query embeddings, shared by every build and collection
     loaded_in: int | None = None  # pid of the process that loaded the models (a pre-fork master, or this one)
+    shards: Any = None  # where a sharded build's shards live: None = this process; app.serving_ray.RemoteShards
 
     def query_cache(self, settings: Settings) -> QueryCache | None:
         """The process's query-embedding cache (`runtime.query_cache_size` entries; None when 0)."""
@@ -193,37 +195,64 @@ def load_pipeline(
     return Pipeline(info, docstore, searchers, reranker, settings, models.tracer, late)
 
 
+@dataclass
+class ShardParts:
+    """One shard of a sharded build as the fan-out uses it: searchers answering in the shard's own rows
+    (`bm25.search_many`, `dense.search_vectors`), its docstore and its token vectors (None: not stored)."""
+
+    docstore: Any
+    bm25: Any
+    dense: Any = None
+    tokens: Any = None
+
+
+def open_local_shard(settings: Settings, shard: BundleInfo, models: Models) -> ShardParts:
+    """A shard opened in this process (BM25 and FAISS memory-mapped, the docstore read-only)."""
+    store = Docstore(shard.path(DOCSTORE))
+    rows = store.passage_rows()
+    pids, dids = [r[0] for r in rows], [r[1] for r in rows]
+    parts = ShardParts(store, BM25Searcher.from_bundle(shard, pids, dids))
+    dense = shard.manifest.get("dense") or {}
+    if dense.get("enabled"):
+        encoder = models.encoder(dense["model"], settings)
+        parts.dense = DenseSearcher.from_bundle(shard, pids, dids, encoder=encoder)
+        if TokenStore.exists(shard.path(DENSE_DIR)):
+            try:
+                parts.tokens = TokenStore.open(shard.path(DENSE_DIR), len(pids))
+            except TokenStoreError as exc:
+                raise BundleError(f"{shard.root}: {exc}") from exc
+    return parts
+
+
 def load_sharded_pipeline(settings: Settings, info: BundleInfo, models: Models, verify: bool = True) -> Pipeline:
-    """The pipeline of a sharded build with every shard in this process: each shard's searchers, docstore and
-    token vectors behind the fan-out of `app.retrieval.shards` (the same stages and results as the unsharded
-    build; see `indexer.shards` for why). Ray Serve puts shards in their own replicas instead."""
+    """The pipeline of a sharded build: each shard's searchers, docstore and token vectors behind the fan-out
+    of `app.retrieval.shards` (the same stages and results as the unsharded build; see `indexer.shards` for
+    why). Shards are opened in this process, or reached through `models.shards` (Ray Serve deployments).
+    Queries are encoded once, here, by the build's bi-encoder; only vectors go to the shards."""
     t = time.perf_counter()
     entries = shard_map(info.manifest)
     offsets = [int(e["offset"]) for e in entries]
-    shards = [open_bundle(info.root / e["name"], verify=False) for e in entries]  # files checked by the parent
-    docstores = [Docstore(s.path(DOCSTORE)) for s in shards]
+    if models.shards is not None:
+        parts = models.shards.open(info, entries)
+    else:  # each shard's files were checked by the parent's manifest
+        parts = [open_local_shard(settings, open_bundle(info.root / e["name"], verify=False), models) for e in entries]
     fanout = ShardFanout([e["name"] for e in entries])
-    bm25, dense, stores = [], [], []
-    encoder = None
-    for shard, store in zip(shards, docstores, strict=True):
-        rows = store.passage_rows()
-        pids, dids = [r[0] for r in rows], [r[1] for r in rows]
-        bm25.append(BM25Searcher.from_bundle(shard, pids, dids))
-        if (shard.manifest.get("dense") or {}).get("enabled"):
-            encoder = encoder or models.encoder(shard.manifest["dense"]["model"], settings)
-            dense.append(
-                DenseSearcher.from_bundle(shard, pids, dids, encoder=encoder, cache=models.query_cache(settings))
-            )
-            stores.append(late_interaction(settings, shard, dense[-1], len(pids)))
-    searchers: dict[str, Searcher] = {"bm25": ShardedSearcher("bm25", bm25, offsets, fanout)}
-    if dense:
-        searchers["dense"] = ShardedDenseSearcher(dense, offsets, fanout, dense[0])
+    searchers: dict[str, Searcher] = {"bm25": ShardedSearcher("bm25", [p.bm25 for p in parts], offsets, fanout)}
+    dense_info = info.manifest.get("dense") or {}
     late = None
-    if dense and all(s is not None for s in stores):
-        stored = [s.store for s in stores]
-        late = LateInteraction(
-            searchers["dense"], ShardedTokenStore(stored, offsets) if all(x is not None for x in stored) else None
+    if dense_info.get("enabled"):
+        encoder = models.encoder(dense_info["model"], settings)
+        queries = DenseSearcher(
+            encoder, None, DenseSettings(**info.manifest["config"]["dense"]), [], [], models.query_cache(settings)
         )
+        searchers["dense"] = ShardedDenseSearcher([p.dense for p in parts], offsets, fanout, queries)
+        if settings.reranker.maxsim and settings.reranker.model:
+            stored = all(p.tokens is not None for p in parts)
+            if not stored:
+                log.warning("sharded build %s stores no token vectors: MaxSim re-encodes candidates", info.build_id)
+            late = LateInteraction(
+                searchers["dense"], ShardedTokenStore([p.tokens for p in parts], offsets) if stored else None
+            )
     reranker = models.reranker
     if late is not None and is_maxsim(settings.reranker.model):
         reranker = None
@@ -231,9 +260,8 @@ def load_sharded_pipeline(settings: Settings, info: BundleInfo, models: Models, 
         "sharded pipeline ready",
         extra={"build": info.build_id, "shards": len(entries), "seconds": round(time.perf_counter() - t, 3)},
     )
-    return Pipeline(
-        info, ShardedDocstore(docstores, offsets, fanout), searchers, reranker, settings, models.tracer, late
-    )
+    docstore = ShardedDocstore([p.docstore for p in parts], offsets, fanout)
+    return Pipeline(info, docstore, searchers, reranker, settings, models.tracer, late)
 
 
 def late_interaction(settings: Settings, info: BundleInfo, dense: Any, passages: int) -> LateInteraction | None:
@@ -586,6 +614,14 @@ class Services:
     @property
     def ready(self) -> bool:
         return self.load_error is None and all(c.current is not None for c in self.collections.values())
+
+    def unavailable_shards(self) -> list[str]:
+        """Shards of the served sharded builds that do not answer now (`/readyz` is ready only when none)."""
+        down = []
+        for collection in self.collections.values():
+            check = getattr(collection.current.pipeline.docstore, "unavailable", None) if collection.current else None
+            down.extend(check() if check is not None else [])
+        return down
 
     @property
     def tracer(self) -> Tracer:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from indexer.config import DEFAULT_CONFIG, PROJECT_ROOT, IndexConfig, Runtime, config_path, load_index_config
@@ -247,6 +247,33 @@ class TracingSettings(BaseModel):
     sample_ratio: float = Field(1.0, ge=0, le=1, description="share of new traces recorded (parents decide theirs)")
 
 
+class AutoscalingSettings(BaseModel):
+    """Ray Serve autoscaling of the replicas (`sift serve --engine ray`); see Ray Serve's autoscaling_config."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="requests in flight per replica to aim for")
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        return self
+
+
+class RaySettings(BaseModel):
+    """`sift serve --engine ray`: replicas of the service (and of each shard) on Ray Serve."""
+
+    address: str | None = Field(None, description="Ray cluster to join (auto, ray://host:10001); null: start one")
+    replicas: int = Field(1, ge=1, description="replicas of the service (fixed; see autoscaling)")
+    autoscaling: AutoscalingSettings | None = Field(None, description="when set, replaces the fixed `replicas`")
+    cpus_per_replica: float = Field(1.0, gt=0)
+    shard_replicas: int = Field(1, ge=1, description="replicas of each shard deployment (sharded builds)")
+    shard_timeout_s: float = Field(5.0, gt=0, description="a shard slower than this is unavailable (503 or partial)")
+
+
 class Settings(BaseSettings):
     """Everything Sift reads at start. See `configs/default.yaml` for every field with comments."""
 
@@ -269,6 +296,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     tracing: TracingSettings = TracingSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    ray: RaySettings = RaySettings()
 
     @classmethod
     def settings_customise_sources(

@@ -160,18 +160,26 @@ def test_sharded_scifact_over_http_matches_the_unsharded_bundle(scifact_index, t
         return out
 
     one, three = run(scifact_index), run(sharded)
+    reordered = 0
     for mode in ("bm25", "dense"):
         for qid in dataset.queries:
-            a, b = one[mode][qid], three[mode][qid]
-            assert len(a) == 100 or mode == "bm25"
-            assert [h["passage_id"] for h in a] == [h["passage_id"] for h in b], (mode, qid)
-            assert max([abs(x["score"] - y["score"]) for x, y in zip(a, b)] or [0]) <= 1e-4, (mode, qid)
+            a = {h["passage_id"]: h["score"] for h in one[mode][qid]}
+            b = {h["passage_id"]: h["score"] for h in three[mode][qid]}
+            assert len(a) == len(b) and (len(a) == 100 or mode == "bm25"), (mode, qid)
+            assert all(abs(a[p] - b[p]) <= 1e-4 for p in a.keys() & b.keys()), (mode, qid)
+            # the same passages; FAISS sums a shard's inner products in other blocks than the whole index's,
+            # so two scores within float rounding may swap, and only such a near-tie may cross the 100th place
+            cut = min(min(a.values(), default=0), min(b.values(), default=0))
+            assert all(abs({**a, **b}[p] - cut) <= 1e-4 for p in a.keys() ^ b.keys()), (mode, qid)
+            reordered += list(a) != list(b)
+    assert reordered <= 30  # near-ties reordered in at most a few rankings (of 600)
     scores = {}
     for name, runs in (("one", one), ("three", three)):
         docs: dict[str, dict[str, float]] = {}
         for qid, ranked in runs["hybrid"].items():
             for rank, hit in enumerate(ranked):
                 docs.setdefault(qid, {}).setdefault(hit["doc_id"], float(len(ranked) - rank))
-        scores[name] = evaluate(dataset.qrels, docs)["nDCG@10"]
+        scores[name] = evaluate(dataset.qrels, docs)["ndcg@10"]
     assert scores["one"] > 0.65
+    print(f"sharded SciFact over HTTP: hybrid nDCG@10 {scores}, rankings with near-ties reordered: {reordered}")
     assert abs(scores["one"] - scores["three"]) <= 0.001, scores

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.generation.base import GenerationError
 from app.generation.pool import Busy
 from app.retrieval.reranker import QueueFull
+from app.retrieval.shards import ShardUnavailable
 from app.tracing import REQUEST_ID
 
 log = logging.getLogger("sift.api")
@@ -92,6 +93,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             status_code=exc.status_code, content=error_body("http_error", message), headers=exc.headers or None
         )
+
+    @app.exception_handler(ShardUnavailable)
+    async def _shard(_: Request, exc: ShardUnavailable) -> JSONResponse:
+        log.warning("shard unavailable: %s", exc, extra={"request_id": REQUEST_ID.get()})
+        body = error_body(
+            "shard_unavailable",
+            f"shard {exc.shard} did not answer; retry shortly, or send allow_partial: true to get the other "
+            "shards' results",
+        )
+        body["error"]["shard"] = exc.shard
+        return JSONResponse(status_code=503, content=body, headers={"Retry-After": "1"})
 
     @app.exception_handler(Busy)
     async def _busy(_: Request, exc: Busy) -> JSONResponse:

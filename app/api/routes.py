@@ -29,6 +29,7 @@ from app.api.schemas import (
 from app.api.shaping import FastJSON, redact, search_response
 from app.pipeline import RETRIEVERS_BY_MODE, Pipeline, SearchOptions
 from app.retrieval import FusionConfig
+from app.retrieval.shards import Partial
 from app.services import Build, Collection, NotReady, Services, UnknownCollection
 
 router = APIRouter()
@@ -156,7 +157,12 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
         max_depth = max(pipeline.settings.search.max_candidates, pipeline.settings.search.max_k)
         cursor = resume(body.cursor, body.offset, build_id, collection.name, ranking, max_depth)
         options = replace(options, offset=cursor.offset, candidates=cursor.depth)
-    result = await pipeline.search(body.query, options)
+    partial, token = Partial.allow() if body.allow_partial else (None, None)
+    try:
+        result = await pipeline.search(body.query, options)
+    finally:
+        if token is not None:
+            Partial.reset(token)
     end = options.offset + len(result.hits)
     more = bool(result.hits) and end < result.ranked
     next_cursor = encode_cursor(Cursor(build_id, collection.name, end, options.candidates, ranking)) if more else None
@@ -164,18 +170,20 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
     metrics.observe_timings(result.timings_ms, collection.name)
     metrics.reranked.labels(collection.name).inc(result.reranked)
     metrics.searches.labels(collection.name).inc()
-    return FastJSON(
-        search_response(
-            body.query,
-            result,
-            options,
-            pipeline.bundle.build_id,
-            body.return_text,
-            body.highlight,
-            pipeline.settings.search.snippet_chars,
-            next_cursor,
-        )
+    response = search_response(
+        body.query,
+        result,
+        options,
+        pipeline.bundle.build_id,
+        body.return_text,
+        body.highlight,
+        pipeline.settings.search.snippet_chars,
+        next_cursor,
     )
+    if partial is not None and partial.missing:
+        response["missing_shards"] = sorted(partial.missing)
+        response["next_cursor"] = None  # a partial ranking cannot be paged on consistently
+    return FastJSON(response)
 
 
 @router.post(
@@ -332,6 +340,11 @@ async def readyz(request: Request) -> Any:
     `details` shows each collection's build and the last failed reload (the old build keeps serving)."""
     services: Services = request.app.state.services
     details = redact({c.name: c.status() for c in services.collections.values()})  # a public probe
+    down = await asyncio.to_thread(services.unavailable_shards)
+    if services.ready and down:
+        body = error_body("not_ready", f"not ready: shard(s) {', '.join(down)} do not answer")
+        body["details"] = details
+        return JSONResponse(status_code=503, content=body)
     if not services.ready:
         error = services.load_error or "; ".join(
             f"{c.name}: {c.error}" for c in services.collections.values() if c.current is None and c.error

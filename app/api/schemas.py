@@ -64,6 +64,12 @@ class SearchParams(BaseModel):
     collection: str | None = Field(
         None, description="which served collection to search (default: the first; see /v1/collections)"
     )
+    allow_partial: bool = Field(
+        False,
+        description="sharded builds: answer from the shards that respond when one does not (its name is listed "
+        "in `missing_shards`) instead of a 503 naming it",
+        examples=[False],
+    )
 
     @field_validator("filters")
     @classmethod
@@ -174,6 +180,10 @@ class SearchResponse(BaseModel):
     offset: int = Field(0, description="hits skipped before this page")
     next_cursor: str | None = Field(
         None, description="send as `cursor` (with the same query and options) for the next page; null on the last"
+    )
+    missing_shards: list[str] = Field(
+        default_factory=list,
+        description="shards that did not answer (only with allow_partial; the hits come from the others)",
     )
 
 

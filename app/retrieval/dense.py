@@ -37,9 +37,10 @@ class DenseSearcher:
         self.settings = settings
         self.passage_ids = passage_ids
         self.doc_ids = doc_ids
-        self._encode_lock = model_lock(encoder)  # shared with every stage using this encoder (e.g. MaxSim)
+        # shared with every stage using this encoder (e.g. MaxSim); no encoder: a shard that only searches vectors
+        self._encode_lock = model_lock(encoder) if encoder is not None else None
         self._threads = faiss.omp_get_max_threads()
-        self._direct = DirectEncoder.of(encoder)  # ONNX runtimes: tokenizer → session → numpy, lock-free
+        self._direct = DirectEncoder.of(encoder) if encoder is not None else None  # ONNX: lock-free numpy path
 
     @classmethod
     def from_bundle(
@@ -66,6 +67,12 @@ class DenseSearcher:
                 f"query encoder {info['model']} gives {dim}-d vectors but the bundle holds {info['dimension']}-d ones"
             )
         return cls(encoder, load_index(bundle.path(DENSE_DIR), settings), settings, passage_ids, doc_ids, cache)
+
+    @classmethod
+    def vectors_only(cls, bundle: BundleInfo, passage_ids: list[str], doc_ids: list[str]) -> DenseSearcher:
+        """A shard's FAISS index without a query encoder: queries arrive as vectors (`search_vectors`)."""
+        settings = DenseSettings(**bundle.manifest["config"]["dense"])
+        return cls(None, load_index(bundle.path(DENSE_DIR), settings), settings, passage_ids, doc_ids)
 
     def encode(self, queries: list[str]) -> np.ndarray:
         """Query vectors, normalised as the passages were (from the query cache when one is set)."""

@@ -183,6 +183,15 @@ class ShardedDocstore:
     def _shard_of(self, row: int) -> int:
         return bisect.bisect_right(self.offsets, row) - 1
 
+    def unavailable(self) -> list[str]:
+        """Names of the shards that do not answer a ping now (shards in this process always answer)."""
+        names = self.fanout.names if self.fanout is not None else [str(i) for i in range(len(self.docstores))]
+        return [
+            name
+            for name, store in zip(names, self.docstores)
+            if getattr(store, "ping", None) is not None and not store.ping()
+        ]
+
     def passages(self, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
         by_shard: dict[int, list[int]] = {}
         for row in indices:

@@ -1,0 +1,244 @@
+"""On a local Ray instance (`make test-ray`): the Ray Data build equals a local build, also with an encoder
+actor killed mid-build; Ray Serve replicas answer like one server and survive a replica's death."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import faiss
+import numpy as np
+import psutil
+import pytest
+
+from indexer.build import build_bundle
+from indexer.bundle import open_bundle
+from indexer.config import DenseSettings, IndexConfig
+from indexer.dense import INDEX_FILE
+from indexer.docstore import Docstore
+from indexer.tokens import TokenStore
+from tests.conftest import EXAMPLES
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'sift[ray]'")
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray")]
+
+
+def _contents(index_folder):
+    info = open_bundle(index_folder, verify=True)
+    store = Docstore(info.path("docstore.sqlite"))
+    ids = [r[0] for r in store.passage_rows()]
+    store.close()
+    vectors = faiss.read_index(str(info.path("dense") / INDEX_FILE)).reconstruct_n(0, len(ids))
+    tokens = TokenStore.open(info.path("dense"), len(ids))
+    return info, ids, vectors, tokens
+
+
+def _encoder_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if "PassageEncoder" in " ".join(process.info["cmdline"] or []):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _ray_build(out, on_batch=None):
+    from indexer.ray_engine import RayEncoding
+
+    engine = RayEncoding(encoders=1, batch_size=32, init_kwargs={"num_cpus": 2}, on_batch=on_batch)
+    config = IndexConfig(dense=DenseSettings(token_vectors="int8"))
+    return build_bundle(EXAMPLES, out, config, show_progress=False, engine=engine)
+
+
+def _assert_same_as_local(ray_index, example_index) -> None:
+    local, local_ids, local_vectors, local_tokens = _contents(example_index)
+    info, ids, vectors, tokens = _contents(ray_index)
+    assert ids == local_ids  # same passages, same order, none lost or duplicated
+    assert float(np.abs(vectors - local_vectors).max()) <= 1e-4
+    assert info.manifest["engine"] == {"name": "ray", "encoders": 1, "gpus_per_encoder": 0.0, "address": "local"}
+    assert {"read_chunk", "encode", "bm25", "faiss"} <= set(info.manifest["build"]["timings"])
+    np.testing.assert_array_equal(tokens.offsets, local_tokens.offsets)
+    assert float(np.abs(tokens.vectors(7) - local_tokens.vectors(7)).max()) <= 0.02  # int8 steps at most
+
+
+def test_ray_build_equals_the_local_build(example_index, tmp_path) -> None:
+    batches: list[tuple[int, int]] = []
+    result = _ray_build(tmp_path / "ray", on_batch=lambda done, total: batches.append((done, total)))
+    assert len(batches) >= 4 and batches[-1][0] == batches[-1][1] == result.passages  # several actor batches
+    _assert_same_as_local(tmp_path / "ray", example_index)
+    assert not ray.is_initialized()  # the build started a local Ray and shut it down
+
+
+def test_ray_build_survives_a_killed_encoder_actor(example_index, tmp_path) -> None:
+    killed: list[int] = []
+
+    def kill_once(done: int, total: int) -> None:
+        if killed:
+            return
+        victims = _encoder_processes()
+        assert victims, "no encoder actor process found to kill"
+        for process in victims:
+            os.kill(process.pid, signal.SIGKILL)
+            killed.append(process.pid)
+
+    result = _ray_build(tmp_path / "ray", on_batch=kill_once)
+    assert killed and result.passages == 156
+    _assert_same_as_local(tmp_path / "ray", example_index)
+
+
+# -- Ray Serve -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_serve():
+    from ray import serve
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical CPUs: 2 replicas + shards
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _queries(n: int) -> list[str]:
+    import json
+
+    docs = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
+    out = [d["title"] for d in docs] + [" ".join(d["text"].split()[:6]) for d in docs]
+    return out[:n]
+
+
+def _replica_processes(deployment: str) -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if " ".join(p.info["cmdline"] or []).strip() == f"ray::ServeReplica:sift:{deployment}"
+    ]
+
+
+async def _ask(client, base: str, queries: list[str], **extra) -> list:
+    import asyncio
+
+    async def one(query: str):
+        body = {"query": query, "k": 10, "rerank": False, "return_text": False, **extra}
+        try:
+            response = await client.post(f"{base}/v1/search", json=body)
+        except Exception as exc:  # noqa: BLE001 - counted as a failed request
+            return exc
+        return response
+
+    return await asyncio.gather(*(one(q) for q in queries))
+
+
+def _ranking(response) -> list[tuple[str, float]]:
+    return [(h["passage_id"], round(h["score"], 5)) for h in response.json()["hits"]]
+
+
+def test_serve_two_replicas_match_one_server_and_survive_a_killed_replica(example_index, ray_serve) -> None:
+    import asyncio
+
+    import httpx
+
+    from app import serving_ray
+    from app.settings import load_settings
+    from tests.servers import free_port, sift_server
+
+    queries = _queries(200)
+    assert len(set(queries)) >= 190
+    with sift_server({"SIFT_BUNDLE": str(example_index)}) as (single, _):
+        with httpx.Client(timeout=60) as client:
+            expected = {}
+            for q in queries:
+                response = client.post(f"{single}/v1/search", json={"query": q, "k": 10, "rerank": False})
+                assert response.status_code == 200
+                expected[q] = _ranking(response)
+
+    settings = load_settings(bundle=example_index, reranker={"model": None})
+    settings.ray.replicas = 2
+    port = free_port()
+    serving_ray.run(settings, "127.0.0.1", port, block=False)
+    base = f"http://127.0.0.1:{port}"
+    assert len(_replica_processes("sift")) == 2
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+            first = await _ask(client, base, queries)  # 200 concurrent requests
+            task = asyncio.ensure_future(_ask(client, base, queries * 2))  # 400 more, one replica killed meanwhile
+            await asyncio.sleep(0.5)
+            victim = _replica_processes("sift")[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            second = await task
+            after = await _ask(client, base, queries[:50])
+            return first, second, after
+
+    first, second, after = asyncio.run(scenario())
+    assert all(not isinstance(r, Exception) and r.status_code == 200 for r in first)
+    assert all(_ranking(r) == expected[q] for q, r in zip(queries, first))  # identical to a single server
+    failed = [r for r in second if isinstance(r, Exception) or r.status_code != 200]
+    ok = [(q, r) for q, r in zip(queries * 2, second) if not isinstance(r, Exception) and r.status_code == 200]
+    print(f"replica killed during 400 concurrent requests: {len(failed)} failed, {len(ok)} answered")
+    # only requests in flight on the killed replica may fail (Serve does not replay a request a replica was
+    # running); everything answered is identical, and the service keeps answering on the other replica
+    assert len(failed) <= 200 and len(ok) >= 200
+    assert all(_ranking(r) == expected[q] for q, r in ok)
+    assert all(not isinstance(r, Exception) and r.status_code == 200 for r in after)
+    from ray import serve
+
+    serve.delete("sift")
+
+
+def test_serve_sharded_fans_out_and_names_a_dead_shard(example_index, ray_serve, tmp_path) -> None:
+    import time
+
+    import httpx
+
+    from app import serving_ray
+    from app.settings import load_settings
+    from indexer.build import reshard_bundle
+    from tests.servers import free_port
+
+    sharded = reshard_bundle(example_index, tmp_path / "sharded", 3, show_progress=False).path
+    settings = load_settings(bundle=example_index, reranker={"model": None})
+    from app.services import load_pipeline
+
+    pipeline = load_pipeline(settings)  # the unsharded answer, in process
+    settings = load_settings(bundle=sharded, reranker={"model": None})
+    port = free_port()
+    serving_ray.run(settings, "127.0.0.1", port, sharded=True, block=False)
+    base = f"http://127.0.0.1:{port}"
+    with httpx.Client(timeout=60) as client:
+        assert client.get(f"{base}/readyz").status_code == 200
+        for query in _queries(30):
+            for mode in ("bm25", "dense", "hybrid"):
+                got = client.post(f"{base}/v1/search", json={"query": query, "k": 10, "mode": mode, "rerank": False})
+                assert got.status_code == 200
+                want = pipeline.searchers[mode].search(query, 10) if mode != "hybrid" else None
+                if want is not None:
+                    assert [h["passage_id"] for h in got.json()["hits"]] == [h.passage_id for h in want]
+        victim = _replica_processes("sift-shard-001")
+        assert len(victim) == 1
+        os.kill(victim[0].pid, signal.SIGKILL)
+        seen_503 = seen_partial = False
+        deadline = time.time() + 20
+        while time.time() < deadline and not (seen_503 and seen_partial):
+            strict = client.post(f"{base}/v1/search", json={"query": "stars", "rerank": False})
+            if strict.status_code == 503:
+                assert strict.json()["error"]["type"] == "shard_unavailable"
+                assert strict.json()["error"]["shard"] == "shard-001"
+                seen_503 = True
+                ready = client.get(f"{base}/readyz")
+                assert ready.status_code == 503 and "shard-001" in ready.json()["error"]["message"]
+            partial = client.post(f"{base}/v1/search", json={"query": "stars", "rerank": False, "allow_partial": True})
+            assert partial.status_code == 200
+            if partial.json()["missing_shards"] == ["shard-001"]:
+                seen_partial = True
+        assert seen_503 and seen_partial
+        deadline = time.time() + 60  # Serve replaces the dead shard replica: ready again
+        while client.get(f"{base}/readyz").status_code != 200:
+            assert time.time() < deadline, "the shard did not come back"
+            time.sleep(1)
+        assert client.post(f"{base}/v1/search", json={"query": "stars", "rerank": False}).status_code == 200
+    from ray import serve
+
+    serve.delete("sift")

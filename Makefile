@@ -7,7 +7,7 @@ INDEX  ?= var/index
 HOST   ?= 0.0.0.0
 PORT   ?= 8000
 
-.PHONY: install browser index run test test-heavy test-llama lint bench eval screenshot clean
+.PHONY: install install-ray browser index run test test-heavy test-ray test-llama lint bench eval screenshot clean
 
 install: $(STAMP)  ## create .venv and install everything (torch 2.13.0 CPU first)
 
@@ -37,7 +37,13 @@ browser:  ## Debian's Chromium + ChromeDriver for the playground test (it skips 
 
 test: install browser  ## lint and run the suite CI runs (all but the `heavy` and `llama` marks: ≤ 20 min)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not heavy"
+	$(BIN)/python -m pytest -m "not heavy and not ray"
+
+install-ray: install  ## the optional Ray extra (`--engine ray` builds and serving)
+	$(BIN)/python -m pip install --quiet -e ".[ray]"
+
+test-ray: install-ray  ## on a local Ray instance: Ray Data build (+ a killed actor), Ray Serve replicas and shards (~4 min)
+	$(BIN)/python -m pytest -p no:xdist -m ray tests/test_ray.py
 
 test-heavy: install  ## the minutes-long checks: kill -9 builds, the quality gate, training steps, SmolLM2 QA pins
 	$(BIN)/python -m pytest -m heavy

@@ -4,6 +4,7 @@ environment overrides, nested with `__` (e.g. `SIFT_RERANKER__MODEL=/models/ce`,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -127,7 +128,11 @@ class GeneratorSettings(BaseModel):
         "smollm2",
         description="`smollm2` (bundled SmolLM2-135M-Instruct), a local path or hub id, or the remote model name",
     )
-    cache_dir: Path = Field(PROJECT_ROOT / "var" / "models", description="where the dequantised SmolLM2 copy is kept")
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sift" / "models",
+        description="where the dequantised SmolLM2 copy is kept (a user cache: an installed package's own folder "
+        "is not writable)",
+    )
     device: str | None = None
     base_url: str | None = Field(None, description="OpenAI-compatible base URL, e.g. http://localhost:8001/v1")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")

@@ -218,7 +218,10 @@ class SiftReplica:
 def serve_options(settings: Settings) -> dict[str, Any]:
     """Deployment options of the ingress: fixed replicas, or autoscaling when configured."""
     ray_settings = settings.ray
-    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": ray_settings.cpus_per_replica}}
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": ray_settings.cpus_per_replica},
+        "max_ongoing_requests": ray_settings.max_ongoing_requests,
+    }
     if ray_settings.autoscaling is not None:
         options["autoscaling_config"] = ray_settings.autoscaling.model_dump()
     else:
@@ -241,6 +244,7 @@ def build_application(settings: Settings, sharded: bool = False) -> Any:
             ShardServer,
             name=deployment_name(e["name"]),
             num_replicas=settings.ray.shard_replicas,
+            max_ongoing_requests=settings.ray.max_ongoing_requests,
             ray_actor_options={"num_cpus": 0.5},
         ).bind(str(info.root / e["name"]))
         for e in entries

@@ -76,7 +76,7 @@ assert hits and hits[0]["doc_id"] == "astro-001", hits[0]["doc_id"]'
 if [ "${SIFT_CUDA:-0}" = 1 ]; then
   step "CUDA variant (as far as this machine allows)"
   docker build --build-arg VARIANT=cuda --build-arg BASE="${SIFT_CUDA_BASE:-nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04}" \
-    "${CERT_ARGS[@]}" -t sift:cuda . 2>&1 | grep -E '^Step |ERROR|error' \
-    | head -8 || true
+    "${CERT_ARGS[@]}" -t sift:cuda . 2>&1 | tail -3 || true
+  echo "(the CUDA variant needs its base image from a registry; where none is reachable the build stops at FROM)"
 fi
 step "PASS"

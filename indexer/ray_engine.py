@@ -52,7 +52,10 @@ class _Collected:
 class PassageEncoder:
     """A Ray Data actor: loads the bi-encoder once, then encodes batches of (row, text)."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], threads: int = 1) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, threads))  # the CPUs Ray gave this actor (Ray's default would be one)
         self.settings = DenseSettings(**settings)
         self.encoder = load_encoder(self.settings.model, self.settings.device, self.settings.runtime)
 
@@ -84,9 +87,12 @@ class RayEncoding:
         init_kwargs: dict[str, Any] | None = None,
         batch_size: int | None = None,
         on_batch: Any = None,
+        cpus_per_encoder: float | None = None,
     ) -> None:
         """`batch_size`: passages per actor call (default: the slice a local build encodes at once);
-        `on_batch(rows_done, total)` is called after each batch arrives (progress, tests)."""
+        `on_batch(rows_done, total)` is called after each batch arrives (progress, tests); `cpus_per_encoder`
+        (default: the cluster's CPUs shared out between the encoders) is both what each actor reserves and its
+        torch threads."""
         if encoders < 1:
             raise ValueError("--num-encoders must be at least 1")
         if gpus_per_encoder < 0:
@@ -98,6 +104,7 @@ class RayEncoding:
         self.init_kwargs = init_kwargs or {}
         self.batch_size = batch_size
         self.on_batch = on_batch
+        self.cpus_per_encoder = cpus_per_encoder
         self._started_ray = False
         self._local: Any = None
         self.timings: dict[str, float] = {}
@@ -129,14 +136,16 @@ class RayEncoding:
         actor_settings["token_vectors"] = tokens.dtype if tokens is not None else None
         if self.gpus_per_encoder > 0 and settings.device in (None, "cpu"):
             actor_settings["device"] = "cuda"
+        cpus = self.cpus_per_encoder or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.encoders)
         rows = ray.data.from_items([{"row": i, "text": text} for i, text in enumerate(texts)])
         encoded = rows.map_batches(
             PassageEncoder,
-            fn_constructor_kwargs={"settings": actor_settings},
+            fn_constructor_kwargs={"settings": actor_settings, "threads": int(cpus)},
             batch_size=self.batch_size or max(settings.batch_size, TOKEN_SLICE),
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=self.encoders),
             num_gpus=self.gpus_per_encoder or None,
+            num_cpus=cpus,
             ray_remote_args_fn=lambda: {"max_restarts": self.max_restarts, "max_task_retries": self.max_restarts},
         )
         vectors: list[np.ndarray] = []

@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, SCIFACT, append_report, free_port, progress  # noqa: E402
+from bench.http_load import run_load  # noqa: E402
 
 OUT = ROOT / "var" / "scale_out"
 
@@ -191,34 +192,6 @@ def bench_fanout(runs: int, lines: list[str], summary: list[dict], figures: dict
     )
 
 
-async def _load(base: str, queries: list[str], concurrency: int) -> tuple[float, list[float], int]:
-    import httpx
-
-    latencies: list[float] = []
-    errors = 0
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for q in queries:
-        queue.put_nowait(q)
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
-
-        async def worker() -> None:
-            nonlocal errors
-            while not queue.empty():
-                q = queue.get_nowait()
-                started = time.perf_counter()
-                try:
-                    body = {"query": q, "k": 10, "rerank": False, "return_text": False}
-                    response = await client.post(f"{base}/v1/search", json=body)
-                    errors += response.status_code != 200  # a failed or timed-out request is an error
-                except httpx.HTTPError:
-                    errors += 1
-                latencies.append((time.perf_counter() - started) * 1000)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return len(queries) / (time.perf_counter() - started), latencies, errors
-
-
 def bench_serve(runs: int, n_requests: int, lines: list[str], summary: list[dict]) -> None:
     import ray
     from ray import serve
@@ -234,17 +207,17 @@ def bench_serve(runs: int, n_requests: int, lines: list[str], summary: list[dict
     rows = []
     try:
         for replicas in (1, 2):
-            settings = load_settings(bundle=bundle, reranker={"model": None})
+            settings = load_settings(bundle=bundle, reranker={"model": None})  # no second stage: search only
             settings.ray.replicas = replicas
             settings.runtime.query_cache_size = 0  # repeated queries must not turn into cache lookups
             port = free_port()
             serving_ray.run(settings, "127.0.0.1", port, block=False)
             base = f"http://127.0.0.1:{port}"
-            asyncio.run(_load(base, queries[:20], 4))  # warm-up
+            asyncio.run(run_load(base, queries[:20], 4))  # warm-up
             for concurrency in (8, 16):
                 qps, p50, errors = [], [], 0
                 for _ in range(runs):
-                    q, lat, err = asyncio.run(_load(base, queries, concurrency))
+                    q, lat, err = asyncio.run(run_load(base, queries, concurrency))
                     qps.append(q)
                     p50.append(float(np.percentile(lat, 50)))
                     errors += err

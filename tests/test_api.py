@@ -190,3 +190,30 @@ def test_openapi_documents_every_search_field_with_examples(client):
     for name in ("query", "k", "mode", "candidates", "fusion", "rrf_k", "weights", "rerank", "rerank_depth", "filters"):
         assert props[name].get("description"), name
         assert props[name].get("examples"), name
+
+
+def test_snippet_window_is_the_first_densest_cluster_of_query_terms() -> None:
+    """The window starts at the first match with the most matches within `chars` after it (checked against the
+    quadratic count it replaced), backed up to a word boundary."""
+    import random
+    import re
+
+    from app.api.shaping import snippet
+
+    rng = random.Random(7)
+    words = ["star", "gas", "cloud", "the", "of", "collapse", "core", "disk", "dust", "heat"]
+    for _ in range(200):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(20, 120)))
+        query = " ".join(rng.sample(words, 2))
+        chars = rng.choice([30, 60, 120])
+        terms = set(query.split())
+        starts = [m.start() for m in re.finditer(r"\w+", text) if m.group() in terms]
+        out = snippet(text, query, chars, highlight=False)
+        if len(text) <= chars or not starts:
+            continue
+        counts = [sum(1 for n in starts if s <= n < s + chars) for s in starts]
+        start = max(0, starts[counts.index(max(counts))] - chars // 6)
+        end = min(len(text), start + chars)
+        while start > 0 and not text[start - 1].isspace():
+            start -= 1
+        assert out.removeprefix("…").removesuffix("…") == text[start:end]

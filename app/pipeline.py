@@ -226,29 +226,51 @@ class Pipeline:
         but not on `offset` or `k` (as long as `candidates` does not change), so consecutive pages
         concatenate to the result of one request for the whole range; ties are broken by passage row."""
         started = time.perf_counter()
-        ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
         passages: dict[int, dict[str, Any]] = {}
         reranked = [0] * len(queries)
         if options.rerank and self.second_stage:
+            ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
             ranked, timings["rerank"], passages = await self.rerank(queries, ranked, options.rerank_depth)
             reranked = [
                 sum(1 for h in hits if "rerank" in h.stages and h.stages["rerank"].score is not None) for hits in ranked
             ]
-        if options.collapse:
-            ranked = [_best_passage_per_document(hits) for hits in ranked]
-        top = [hits[options.offset : options.offset + options.k] for hits in ranked]
-        t = time.perf_counter()
-        missing = {h.idx for hits in top for h in hits} - passages.keys()
-        with self.tracer.span("sift.fetch", **{"sift.passages": len(missing), **self._trace_attrs(queries)}):
-            if missing:  # (passages the reranker read are not read again)
-                passages.update(await asyncio.to_thread(self.docstore.passages, missing))
-        timings["fetch"] = _ms(t)
+            ranked, top = await asyncio.to_thread(self._page, queries, ranked, options, passages, timings)
+        else:  # first stage only: retrieval, the page and its passages in one hand-off to the thread pool
+            ranked, top, timings = await asyncio.to_thread(self._first_stage_page, queries, options, passages)
         timings["total"] = _ms(started)
         timings = {k: round(v, 3) for k, v in timings.items()}
         return [
             SearchResult(hits, {h.idx: passages[h.idx] for h in hits}, dict(timings), n, len(whole))
             for hits, n, whole in zip(top, reranked, ranked)
         ]
+
+    def _first_stage_page(
+        self, queries: list[str], options: SearchOptions, passages: dict[int, dict[str, Any]]
+    ) -> tuple[list[list[Hit]], list[list[Hit]], dict[str, float]]:
+        ranked, timings = self.coarse(queries, options)
+        ranked, top = self._page(queries, ranked, options, passages, timings)
+        return ranked, top, timings
+
+    def _page(
+        self,
+        queries: list[str],
+        ranked: list[list[Hit]],
+        options: SearchOptions,
+        passages: dict[int, dict[str, Any]],
+        timings: dict[str, float],
+    ) -> tuple[list[list[Hit]], list[list[Hit]]]:
+        """Collapse when asked, cut each ranking's page and read its passages into `passages` (those the
+        reranker already read are not read again)."""
+        if options.collapse:
+            ranked = [_best_passage_per_document(hits) for hits in ranked]
+        top = [hits[options.offset : options.offset + options.k] for hits in ranked]
+        t = time.perf_counter()
+        missing = {h.idx for hits in top for h in hits} - passages.keys()
+        with self.tracer.span("sift.fetch", **{"sift.passages": len(missing), **self._trace_attrs(queries)}):
+            if missing:
+                passages.update(self.docstore.passages(missing))
+        timings["fetch"] = _ms(t)
+        return ranked, top
 
     async def search(self, query: str, options: SearchOptions) -> SearchResult:
         return (await self.search_many([query], options))[0]

@@ -43,7 +43,9 @@ async def run_load(base: str, queries: list[str], concurrency: int) -> tuple[flo
                 q = queue.get_nowait()
                 started = time.perf_counter()
                 try:
-                    r = await client.post(f"{base}/v1/search", json={"query": q, "k": 10, "rerank": False, "return_text": False})
+                    r = await client.post(
+                        f"{base}/v1/search", json={"query": q, "k": 10, "rerank": False, "return_text": False}
+                    )
                     errors += r.status_code != 200
                 except httpx.HTTPError:
                     errors += 1

@@ -35,7 +35,9 @@ def maxsim_pipeline(token_index):
     from app.services import load_pipeline
     from app.settings import load_settings
 
-    settings = load_settings(bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5, "weights": None})
+    settings = load_settings(
+        bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5, "weights": None}
+    )
     return load_pipeline(settings)
 
 
@@ -184,7 +186,9 @@ def test_search_explains_maxsim_and_rerank_through_http(maxsim_pipeline, token_i
     from app.api.main import create_app
     from app.settings import load_settings
 
-    settings = load_settings(bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5, "weights": None})
+    settings = load_settings(
+        bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5, "weights": None}
+    )
     with TestClient(create_app(settings, pipeline=maxsim_pipeline)) as client:
         response = client.post("/v1/search", json={"query": "immune system vaccines", "k": 5})
         assert response.status_code == 200, response.text

@@ -64,6 +64,8 @@ class ShardServer:
             "documents": self.docstore.num_documents,
             "dense": self.dense is not None,
             "tokens": self.tokens is not None,
+            "token_dtype": self.tokens.dtype if self.tokens is not None else None,
+            "token_dimension": self.tokens.dimension if self.tokens is not None else None,
         }
 
     def ping(self) -> str:
@@ -111,6 +113,8 @@ class RemoteShard:
         self.timeout_s = timeout_s
         self.num_passages = 0
         self.num_documents = 0
+        self.dtype: str | None = None  # of the shard's token vectors (set from `describe`)
+        self.dimension: int | None = None
 
     def call(self, method: str, *args: Any) -> Any:
         try:
@@ -181,6 +185,7 @@ class RemoteShards:
                     "redeploy the shards with the ingress (`sift serve --engine ray --shards`)"
                 )
             shard.num_passages, shard.num_documents = described["passages"], described["documents"]
+            shard.dtype, shard.dimension = described["token_dtype"], described["token_dimension"]
             parts.append(
                 ShardParts(shard, shard, shard if described["dense"] else None, shard if described["tokens"] else None)
             )
@@ -206,7 +211,9 @@ class SiftReplica:
         started = time.perf_counter()
         await self.services.start()
         if not self.services.ready:
-            raise RuntimeError(f"replica could not load its build: {self.services.load_error or 'see the logs'}")
+            errors = [c.error for c in self.services.collections.values() if c.error]
+            reason = self.services.load_error or "; ".join(errors) or "see the replica's log"
+            raise RuntimeError(f"replica could not load its build: {reason}")
         log.info("replica ready in %.1f s", time.perf_counter() - started)
 
     def __serve_build_asgi_app__(self) -> Any:  # noqa: ANN401 - the ASGI app

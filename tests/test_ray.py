@@ -189,6 +189,7 @@ def test_serve_two_replicas_match_one_server_and_survive_a_killed_replica(exampl
 
 
 def test_serve_sharded_fans_out_and_names_a_dead_shard(example_index, ray_serve, tmp_path) -> None:
+    import asyncio
     import time
 
     import httpx
@@ -199,11 +200,12 @@ def test_serve_sharded_fans_out_and_names_a_dead_shard(example_index, ray_serve,
     from tests.servers import free_port
 
     sharded = reshard_bundle(example_index, tmp_path / "sharded", 3, show_progress=False).path
-    settings = load_settings(bundle=example_index, reranker={"model": None})
+    settings = load_settings(bundle=example_index)  # the default second stage: MaxSim reads remote token vectors
     from app.services import load_pipeline
 
     pipeline = load_pipeline(settings)  # the unsharded answer, in process
-    settings = load_settings(bundle=sharded, reranker={"model": None})
+    reranked = asyncio.run(pipeline.search("how do stars form", pipeline.options(k=10, rerank=True)))
+    settings = load_settings(bundle=sharded)
     settings.ray.shard_timeout_s = 2.0
     port = free_port()
     serving_ray.run(settings, "127.0.0.1", port, sharded=True, block=False)
@@ -217,6 +219,9 @@ def test_serve_sharded_fans_out_and_names_a_dead_shard(example_index, ray_serve,
                 want = pipeline.searchers[mode].search(query, 10) if mode != "hybrid" else None
                 if want is not None:
                     assert [h["passage_id"] for h in got.json()["hits"]] == [h.passage_id for h in want]
+        got = client.post(f"{base}/v1/search", json={"query": "how do stars form", "k": 10})  # reranked
+        assert got.status_code == 200 and "maxsim" in got.json()["hits"][0]["explain"]
+        assert [h["passage_id"] for h in got.json()["hits"]] == [h.passage_id for h in reranked.hits]
         victim = _replica_processes("sift-shard-001")
         assert len(victim) == 1
         # a shard that stops answering (frozen): a 503 naming it, partial results when asked, /readyz 503

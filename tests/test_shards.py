@@ -183,3 +183,24 @@ def test_sharded_scifact_over_http_matches_the_unsharded_bundle(scifact_index, t
     assert scores["one"] > 0.65
     print(f"sharded SciFact over HTTP: hybrid nDCG@10 {scores}, rankings with near-ties reordered: {reordered}")
     assert abs(scores["one"] - scores["three"]) <= 0.001, scores
+
+
+def test_sharded_default_second_stage_reranks_as_the_unsharded_one(sharded_examples, example_index) -> None:
+    """The default second stage (cross-encoder + MaxSim over each shard's stored token vectors) gives the
+    unsharded ranking, scores and per-stage explain on a sharded build."""
+    import asyncio
+
+    from app.services import Models, load_pipeline
+    from app.settings import load_settings
+
+    settings = load_settings()
+    models = Models.load(settings, generator=False, reader=False)
+    one = load_pipeline(settings, example_index, models)
+    three = load_pipeline(settings, sharded_examples, models)
+    assert three.late is not None and three.late.stored and three.second_stage
+    for query in QUERIES[:3]:
+        a = asyncio.run(one.search(query, one.options(k=10, rerank=True)))
+        b = asyncio.run(three.search(query, three.options(k=10, rerank=True)))
+        assert [h.passage_id for h in a.hits] == [h.passage_id for h in b.hits]
+        assert all(abs(x.score - y.score) <= 1e-4 for x, y in zip(a.hits, b.hits))
+        assert all(abs(x.stages["maxsim"].score - y.stages["maxsim"].score) <= 1e-5 for x, y in zip(a.hits, b.hits))

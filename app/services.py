@@ -167,24 +167,21 @@ def load_pipeline(
 ) -> Pipeline:
     """Open and verify a bundle (default `settings.bundle`) and build its pipeline. Models in `models` are
     reused (the bi-encoder when the bundle names the same model); without it the configured reranker is
-    loaded for this pipeline alone."""
+    loaded for this pipeline alone. A sharded build gets the same pipeline over the fan-out of
+    `app.retrieval.shards` (the same stages and results as the unsharded build; see `indexer.shards`)."""
     t = time.perf_counter()
     models = models if models is not None else Models.load(settings, generator=False, reader=False)
     info = open_bundle(bundle or settings.bundle, verify=verify)
+    tokens = bool(settings.reranker.maxsim and settings.reranker.model)  # `model: null` turns the second stage off
+    dense_info = info.manifest.get("dense") or {}
+    encoder = models.encoder(dense_info["model"], settings) if dense_info.get("enabled") else None
     if info.manifest.get("shards"):
-        return load_sharded_pipeline(settings, info, models, verify)
-    docstore = Docstore(info.path(DOCSTORE))
-    rows = docstore.passage_rows()
-    passage_ids = [r[0] for r in rows]
-    doc_ids = [r[1] for r in rows]
-    searchers: dict[str, Searcher] = {"bm25": BM25Searcher.from_bundle(info, passage_ids, doc_ids)}
-    dense = info.manifest.get("dense") or {}
-    if dense.get("enabled"):
-        encoder = models.encoder(dense["model"], settings)
-        searchers["dense"] = DenseSearcher.from_bundle(
-            info, passage_ids, doc_ids, encoder=encoder, cache=models.query_cache(settings)
-        )
-    late = late_interaction(settings, info, searchers.get("dense"), len(passage_ids))
+        docstore, searchers, store = _sharded(settings, info, models, encoder, tokens)
+    else:
+        parts = open_parts(info, encoder, models.query_cache(settings), tokens)
+        docstore, store = parts.docstore, parts.tokens
+        searchers = {"bm25": parts.bm25, **({"dense": parts.dense} if parts.dense is not None else {})}
+    late = late_interaction(info.build_id, searchers.get("dense"), store) if tokens else None
     reranker = models.reranker
     if late is not None and is_maxsim(settings.reranker.model):
         reranker = None  # `model: maxsim` with `maxsim: true`: the bundle's MaxSim stage replaces re-encoding
@@ -196,9 +193,10 @@ def load_pipeline(
 
 
 @dataclass
-class ShardParts:
-    """One shard of a sharded build as the fan-out uses it: searchers answering in the shard's own rows
-    (`bm25.search_many`, `dense.search_vectors`), its docstore and its token vectors (None: not stored)."""
+class BundleParts:
+    """What a pipeline reads from one bundle (a whole build, or one shard of a sharded one): its docstore,
+    BM25 and dense searchers (rows are the bundle's own) and its token vectors (None: not stored or not
+    asked for)."""
 
     docstore: Any
     bm25: Any
@@ -206,85 +204,69 @@ class ShardParts:
     tokens: Any = None
 
 
-def open_local_shard(settings: Settings, shard: BundleInfo, models: Models) -> ShardParts:
-    """A shard opened in this process (BM25 and FAISS memory-mapped, the docstore read-only)."""
-    store = Docstore(shard.path(DOCSTORE))
+def open_parts(
+    info: BundleInfo, encoder: Any = None, cache: QueryCache | None = None, tokens: bool = True
+) -> BundleParts:
+    """Open a bundle's parts in this process (BM25 and FAISS memory-mapped, the docstore read-only). Without
+    an `encoder` the dense searcher only searches vectors (a shard behind a fan-out). With `tokens`, the
+    stored token vectors are opened and checked (a corrupt or mismatched store refuses the bundle)."""
+    store = Docstore(info.path(DOCSTORE))
     rows = store.passage_rows()
     pids, dids = [r[0] for r in rows], [r[1] for r in rows]
-    parts = ShardParts(store, BM25Searcher.from_bundle(shard, pids, dids))
-    dense = shard.manifest.get("dense") or {}
-    if dense.get("enabled"):
-        encoder = models.encoder(dense["model"], settings)
-        parts.dense = DenseSearcher.from_bundle(shard, pids, dids, encoder=encoder)
-        if TokenStore.exists(shard.path(DENSE_DIR)):
-            try:
-                parts.tokens = TokenStore.open(shard.path(DENSE_DIR), len(pids))
-            except TokenStoreError as exc:
-                raise BundleError(f"{shard.root}: {exc}") from exc
+    parts = BundleParts(store, BM25Searcher.from_bundle(info, pids, dids))
+    if not (info.manifest.get("dense") or {}).get("enabled"):
+        return parts
+    if encoder is None:
+        parts.dense = DenseSearcher.vectors_only(info, pids, dids)
+    else:
+        parts.dense = DenseSearcher.from_bundle(info, pids, dids, encoder=encoder, cache=cache)
+    directory = info.path(DENSE_DIR)
+    if tokens and TokenStore.exists(directory):
+        try:
+            parts.tokens = TokenStore.open(directory, len(pids))
+        except TokenStoreError as exc:
+            raise BundleError(f"{info.root}: {exc}") from exc
     return parts
 
 
-def load_sharded_pipeline(settings: Settings, info: BundleInfo, models: Models, verify: bool = True) -> Pipeline:
-    """The pipeline of a sharded build: each shard's searchers, docstore and token vectors behind the fan-out
-    of `app.retrieval.shards` (the same stages and results as the unsharded build; see `indexer.shards` for
-    why). Shards are opened in this process, or reached through `models.shards` (Ray Serve deployments).
-    Queries are encoded once, here, by the build's bi-encoder; only vectors go to the shards."""
-    t = time.perf_counter()
+def _sharded(
+    settings: Settings, info: BundleInfo, models: Models, encoder: Any, tokens: bool
+) -> tuple[ShardedDocstore, dict[str, Searcher], ShardedTokenStore | None]:
+    """A sharded build's docstore, searchers and token store behind one fan-out. Shards are opened in this
+    process, or reached through `models.shards` (Ray Serve deployments). Queries are encoded once, here,
+    by the build's bi-encoder; only vectors go to the shards."""
     entries = shard_map(info.manifest)
     offsets = [int(e["offset"]) for e in entries]
     if models.shards is not None:
         parts = models.shards.open(info, entries)
-    else:  # each shard's files were checked by the parent's manifest
-        parts = [open_local_shard(settings, open_bundle(info.root / e["name"], verify=False), models) for e in entries]
+    else:  # each shard's files were checked by the parent's manifest; vectors only: queries are encoded here
+        parts = [open_parts(open_bundle(info.root / e["name"], verify=False), None, None, tokens) for e in entries]
     fanout = ShardFanout([e["name"] for e in entries])
     searchers: dict[str, Searcher] = {"bm25": ShardedSearcher("bm25", [p.bm25 for p in parts], offsets, fanout)}
-    dense_info = info.manifest.get("dense") or {}
-    late = None
-    if dense_info.get("enabled"):
-        encoder = models.encoder(dense_info["model"], settings)
+    if encoder is not None:
         queries = DenseSearcher(
             encoder, None, DenseSettings(**info.manifest["config"]["dense"]), [], [], models.query_cache(settings)
         )
         searchers["dense"] = ShardedDenseSearcher([p.dense for p in parts], offsets, fanout, queries)
-        if settings.reranker.maxsim and settings.reranker.model:
-            stored = all(p.tokens is not None for p in parts)
-            if not stored:
-                log.warning("sharded build %s stores no token vectors: MaxSim re-encodes candidates", info.build_id)
-            late = LateInteraction(
-                searchers["dense"], ShardedTokenStore([p.tokens for p in parts], offsets) if stored else None
-            )
-    reranker = models.reranker
-    if late is not None and is_maxsim(settings.reranker.model):
-        reranker = None
-    log.info(
-        "sharded pipeline ready",
-        extra={"build": info.build_id, "shards": len(entries), "seconds": round(time.perf_counter() - t, 3)},
-    )
-    docstore = ShardedDocstore([p.docstore for p in parts], offsets, fanout)
-    return Pipeline(info, docstore, searchers, reranker, settings, models.tracer, late)
+    stored = all(p.tokens is not None for p in parts)
+    store = ShardedTokenStore([p.tokens for p in parts], offsets) if stored else None
+    return ShardedDocstore([p.docstore for p in parts], offsets, fanout), searchers, store
 
 
-def late_interaction(settings: Settings, info: BundleInfo, dense: Any, passages: int) -> LateInteraction | None:
-    """MaxSim for the combined second stage when `reranker.maxsim` asks for it: over the bundle's stored
-    token vectors (checked: a corrupt or mismatched store refuses the bundle), else re-encoding candidates
-    (logged, since it costs an encoder pass per candidate). None without a dense index."""
-    if not (settings.reranker.maxsim and settings.reranker.model):  # `model: null` turns the second stage off
-        return None
+def late_interaction(build_id: str, dense: Any, store: Any) -> LateInteraction | None:
+    """MaxSim for the combined second stage (when `reranker.maxsim` asks for it): over the build's stored
+    token vectors `store`, else re-encoding candidates (logged, since it costs an encoder pass per
+    candidate). None without a dense index."""
     if dense is None:
-        log.warning("reranker.maxsim is on but build %s has no dense index: MaxSim is skipped", info.build_id)
+        log.warning("reranker.maxsim is on but build %s has no dense index: MaxSim is skipped", build_id)
         return None
-    directory = info.path(DENSE_DIR)
-    if not TokenStore.exists(directory):
+    if store is None:
         log.warning(
             "build %s stores no token vectors: MaxSim re-encodes every candidate (slow); rebuild with "
             "index.dense.token_vectors: int8",
-            info.build_id,
+            build_id,
         )
-        return LateInteraction(dense)
-    try:
-        return LateInteraction(dense, TokenStore.open(directory, passages))
-    except TokenStoreError as exc:
-        raise BundleError(f"{info.root}: {exc}") from exc
+    return LateInteraction(dense, store)
 
 
 _SAME = object()
@@ -568,7 +550,10 @@ class Services:
     async def start(self) -> None:
         """Warm-up (models, off the event loop; in a forked worker, only its threads), then the first build of
         every collection. A collection whose folder has no build yet reports why at once (`/readyz`) and is
-        loaded by the watcher once one is published."""
+        loaded by the watcher once one is published. Once everything is loaded, calling it again does nothing
+        (a Ray Serve replica starts its services before the app's lifespan runs)."""
+        if self.ready:
+            return
         for collection in self.collections.values():
             try:
                 await asyncio.to_thread(open_bundle, collection.root, False)

@@ -27,14 +27,11 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from app.retrieval import BM25Searcher, DenseSearcher
 from app.retrieval.shards import ShardUnavailable
 from app.retrieval.types import ranked
 from app.settings import Settings
-from indexer.bundle import DENSE_DIR, DOCSTORE, BundleError, BundleInfo, open_bundle
-from indexer.docstore import Docstore
+from indexer.bundle import BundleError, BundleInfo, open_bundle
 from indexer.shards import shard_map
-from indexer.tokens import TokenStore
 
 log = logging.getLogger("sift.ray")
 
@@ -46,15 +43,11 @@ class ShardServer:
     as vectors for dense). Answers in the shard's own rows."""
 
     def __init__(self, root: str) -> None:
+        from app.services import open_parts
+
         self.info = open_bundle(Path(root), verify=False)
-        self.docstore = Docstore(self.info.path(DOCSTORE))
-        rows = self.docstore.passage_rows()
-        pids, dids = [r[0] for r in rows], [r[1] for r in rows]
-        self.bm25 = BM25Searcher.from_bundle(self.info, pids, dids)
-        dense = self.info.manifest.get("dense") or {}
-        self.dense = DenseSearcher.vectors_only(self.info, pids, dids) if dense.get("enabled") else None
-        directory = self.info.path(DENSE_DIR)
-        self.tokens = TokenStore.open(directory, len(pids)) if TokenStore.exists(directory) else None
+        parts = open_parts(self.info)  # no encoder: dense searches the vectors the ingress sends
+        self.docstore, self.bm25, self.dense, self.tokens = parts.docstore, parts.bm25, parts.dense, parts.tokens
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -171,7 +164,7 @@ class RemoteShards:
         self.timeout_s = timeout_s
 
     def open(self, info: BundleInfo, entries: list[dict[str, Any]]) -> list[Any]:
-        from app.services import ShardParts
+        from app.services import BundleParts
 
         parts = []
         for entry in entries:
@@ -187,7 +180,7 @@ class RemoteShards:
             shard.num_passages, shard.num_documents = described["passages"], described["documents"]
             shard.dtype, shard.dimension = described["token_dtype"], described["token_dimension"]
             parts.append(
-                ShardParts(shard, shard, shard if described["dense"] else None, shard if described["tokens"] else None)
+                BundleParts(shard, shard, shard if described["dense"] else None, shard if described["tokens"] else None)
             )
         return parts
 
@@ -252,7 +245,7 @@ def build_application(settings: Settings, sharded: bool = False) -> Any:
             name=deployment_name(e["name"]),
             num_replicas=settings.ray.shard_replicas,
             max_ongoing_requests=settings.ray.max_ongoing_requests,
-            ray_actor_options={"num_cpus": 0.5},
+            ray_actor_options={"num_cpus": settings.ray.cpus_per_shard},
         ).bind(str(info.root / e["name"]))
         for e in entries
     }

@@ -276,6 +276,7 @@ class RaySettings(BaseModel):
     autoscaling: AutoscalingSettings | None = Field(None, description="when set, replaces the fixed `replicas`")
     cpus_per_replica: float = Field(1.0, gt=0)
     shard_replicas: int = Field(1, ge=1, description="replicas of each shard deployment (sharded builds)")
+    cpus_per_shard: float = Field(0.5, gt=0, description="CPUs Ray reserves for each shard replica")
     shard_timeout_s: float = Field(5.0, gt=0, description="a shard slower than this is unavailable (503 or partial)")
     max_ongoing_requests: int = Field(
         64, ge=1, description="requests a replica takes at once (Serve queues the rest at its proxy)"

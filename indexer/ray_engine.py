@@ -26,7 +26,7 @@ import numpy as np
 
 from indexer.config import DenseSettings, IndexConfig
 from indexer.encoders import TOKEN_SLICE, encode_passages, load_encoder, pick_device
-from indexer.tokens import TokenWriter, quantize_int8, unit_tokens
+from indexer.tokens import TokenWriter, stored_form
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,10 @@ class _Collected:
         self.scales: list[np.ndarray] = []
 
     def add(self, vectors: np.ndarray) -> None:
-        vectors = unit_tokens(vectors)
-        if self.dtype == "int8":
-            rows, scales = quantize_int8(vectors)
-            self.scales.append(scales.astype(np.float32))
-        else:
-            rows = vectors.astype(np.float16)
+        rows, scales = stored_form(vectors, self.dtype)
         self.rows.append(np.ascontiguousarray(rows))
+        if scales is not None:
+            self.scales.append(scales.astype(np.float32))
 
 
 class PassageEncoder:

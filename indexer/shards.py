@@ -103,8 +103,7 @@ class CorpusBM25:
         self.stats = stats
         self.settings = settings
         self.vocab = stats.vocabulary()
-        self._template = bm25s.BM25(method=settings.method, k1=settings.k1, b=settings.b)
-        model = self._template
+        model = bm25s.BM25(method=settings.method, k1=settings.k1, b=settings.b)  # for its scoring parameters
         df_by_id = {self.vocab[t]: df for t, df in stats.doc_freqs.items()}
         self.idf = _build_idf_array(df_by_id, stats.documents, _select_idf_scorer(model.idf_method), model.dtype)
         self.nonoccurrence = (

@@ -51,6 +51,15 @@ def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(vectors / scales[:, None]), -127, 127).astype(np.int8), scales
 
 
+def stored_form(vectors: np.ndarray, dtype: TokenDtype) -> tuple[np.ndarray, np.ndarray | None]:
+    """One passage's float token vectors as a store keeps them: unit-normalised, then int8 with per-token
+    scales, or float16 (scales None)."""
+    vectors = unit_tokens(vectors)
+    if dtype == "int8":
+        return quantize_int8(vectors)
+    return vectors.astype(np.float16), None
+
+
 class TokenWriter:
     """Appends passages' token vectors, in passage order, to a bundle's dense folder. Use as a context
     manager, or call `close()`; `add_stored` copies rows from another store without re-quantising them."""
@@ -74,15 +83,7 @@ class TokenWriter:
 
     def add(self, vectors: np.ndarray) -> None:
         """One passage: float (tokens × dimension); stored unit-normalised in the store's dtype."""
-        vectors = unit_tokens(vectors)
-        self._check_dimension(int(vectors.shape[1]))
-        if self.dtype == "int8":
-            rows, scales = quantize_int8(vectors)
-            self._scales.append(scales)
-        else:
-            rows = vectors.astype(np.float16)
-        self._data.write(np.ascontiguousarray(rows).tobytes())
-        self._lengths.append(int(rows.shape[0]))
+        self.add_quantized(*stored_form(vectors, self.dtype))
 
     def add_quantized(self, rows: np.ndarray, scales: np.ndarray | None) -> None:
         """One passage already in stored form (as `add` writes it: unit-normalised, int8 with per-token scales

@@ -30,12 +30,11 @@ def default_pipeline(scifact_pipeline, scifact_index):
     rs = settings.reranker
     assert rs.model and rs.maxsim, "configs/default.yaml ships the second stage on"
     reranker = Reranker.load(rs.model, rs.max_length, "cpu", runtime=settings.runtime.reranker)
-    late = late_interaction(
-        settings,
-        scifact_pipeline.bundle,
-        scifact_pipeline.searchers["dense"],
-        len(scifact_pipeline.searchers["dense"].passage_ids),
-    )
+    from indexer.tokens import TokenStore
+
+    dense = scifact_pipeline.searchers["dense"]
+    store = TokenStore.open(scifact_pipeline.bundle.path("dense"), len(dense.passage_ids))
+    late = late_interaction(scifact_pipeline.bundle.build_id, dense, store)
     assert late is not None and late.stored
     return derive_pipeline(scifact_pipeline, settings, reranker, late)
 

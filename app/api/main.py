@@ -183,8 +183,7 @@ def create_app(
         if watch:
 
             async def start_then_watch() -> None:
-                if not services.ready:  # a Ray Serve replica starts its services before it takes traffic
-                    await services.start()
+                await services.start()
                 metrics.ready.set(1 if services.ready else 0)
                 if services.load_error is None:
                     await services.watch(settings.server.reload_interval_s)

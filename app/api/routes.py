@@ -340,8 +340,8 @@ async def readyz(request: Request) -> Any:
     `details` shows each collection's build and the last failed reload (the old build keeps serving)."""
     services: Services = request.app.state.services
     details = redact({c.name: c.status() for c in services.collections.values()})  # a public probe
-    down = await asyncio.to_thread(services.unavailable_shards)
-    if services.ready and down:
+    down = await asyncio.to_thread(services.unavailable_shards) if services.ready else []
+    if down:
         body = error_body("not_ready", f"not ready: shard(s) {', '.join(down)} do not answer")
         body["details"] = details
         return JSONResponse(status_code=503, content=body)

@@ -106,6 +106,11 @@ class Models:
         started: it hangs), and each worker sets its own threads in `after_fork`."""
         import torch
 
+        from indexer.runtime import share_cores
+
+        # one thread policy for the runtimes sharing these cores, before any model runs
+        applied = share_cores(settings.runtime.spin_wait, settings.runtime.blas_threads)
+        log.info("thread policy", extra=applied)
         if fork_safe:
             torch.set_num_threads(1)
         elif settings.runtime.threads:  # torch's intra-op threads, set once per process before any model runs

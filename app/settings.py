@@ -238,6 +238,17 @@ class RuntimeSettings(BaseModel):
         None, ge=1, description="intra-op threads of every model call (torch and ONNX Runtime); null: one per core"
     )
     query_cache_size: int = Field(4096, ge=0, description="query embeddings kept (LRU by model and text); 0: off")
+    spin_wait: bool = Field(
+        False,
+        description="ONNX Runtime's intra-op threads busy-wait between runs (its default); off in a server, where "
+        "a spinning thread holds a core the cross-encoder needs (indexer.runtime.share_cores)",
+    )
+    blas_threads: int | None = Field(
+        1,
+        ge=1,
+        description="numpy's BLAS threads in a server (MaxSim's small products; idle OpenBLAS threads spin); "
+        "null: numpy's default",
+    )
 
 
 class TracingSettings(BaseModel):

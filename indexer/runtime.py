@@ -190,6 +190,35 @@ def _device_of(model) -> Any:  # noqa: ANN001, ANN401
 
 
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()  # every OnnxModel of this process
+_SPIN_WAIT = [True]  # ONNX Runtime's default; a server turns it off (`share_cores`)
+
+
+def share_cores(spin_wait: bool = False, blas_threads: int | None = 1) -> dict[str, Any]:
+    """Thread policy of a process where several runtimes take turns on the same cores (a server: ONNX Runtime
+    for queries, torch for the cross-encoder, numpy for MaxSim, FAISS), set once before its models run.
+
+    - `spin_wait`: whether ONNX Runtime's intra-op threads busy-wait for work between runs (its default). A
+      spinning thread holds a core that torch's next call needs: on 2 cores a 12-pair cross-encoder batch took
+      ~35 ms longer right after a query encode (bench: `bench/runtimes.py`'s thread-policy section).
+      Sessions opened afterwards follow it (a session reads it when it opens).
+    - `blas_threads`: threads of numpy's BLAS (not FAISS's own: it has its own library and threads). MaxSim's
+      products are small; a multi-threaded OpenBLAS keeps its idle threads spinning, which slowed the
+      cross-encoder running beside it by ~50 ms a reranked query. None leaves it alone.
+
+    Returns what was applied. Batch work (`sift index build`) keeps the defaults: one runtime at a time."""
+    _SPIN_WAIT[0] = spin_wait
+    applied: dict[str, Any] = {"onnx_spin_wait": spin_wait, "numpy_blas_threads": None}
+    if blas_threads is not None:
+        import numpy
+        from threadpoolctl import ThreadpoolController
+
+        numpy_dir = str(Path(numpy.__file__).resolve().parent)
+        for lib in ThreadpoolController().lib_controllers:
+            # numpy's own BLAS lives in numpy/ or numpy.libs/ beside it
+            if lib.user_api == "blas" and str(Path(lib.filepath).resolve()).startswith(numpy_dir):
+                lib.set_num_threads(blas_threads)
+                applied["numpy_blas_threads"] = blas_threads
+    return applied
 
 
 def release_sessions() -> int:
@@ -260,6 +289,8 @@ class _OnnxModuleMixin:
         if self.threads:
             options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        if not _SPIN_WAIT[0]:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # no arena: it keeps the peak of the largest batch ever run (+0.7 GB for MiniLM after 32 × 256 tokens);
         # without it a session costs ~0.1 GB and a single query runs as fast (bench/workers.py)
         options.enable_cpu_mem_arena = False

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
 
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, ROOT
 
 RUNTIMES = ("torch-bf16", "onnx", "onnx-int8")
 EXACT = ("torch-bf16", "onnx")  # the same top-10 as torch float32; int8 see below
@@ -261,3 +262,46 @@ def test_query_cache_returns_identical_vectors_and_counts(encoder):
     assert calls[-1] == ["causes of inflation"]  # evicted, so encoded again
     other = cache.encode(("other-model", "torch", True), ["a"], encode)  # another model never hits
     assert calls[-1] == ["a"] and np.array_equal(other[0], encode(["a"])[0])
+
+
+def test_share_cores_sets_the_servers_thread_policy(tmp_path):
+    """A server's thread policy (`indexer.runtime.share_cores`, applied by `Models.warm_up`): numpy's BLAS on
+    one thread and FAISS's own BLAS left alone; ONNX Runtime sessions opened afterwards do not spin-wait,
+    sessions opened before it kept ONNX Runtime's default. Run in a fresh process: the policy is per process."""
+    import subprocess
+    import sys
+
+    code = r"""
+import json, numpy, faiss, onnx, onnxruntime
+from onnx import TensorProto, helper
+from threadpoolctl import threadpool_info
+from indexer.runtime import OnnxModel, share_cores
+
+graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["last_hidden_state"])], "g",
+    [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None])],
+    [helper.make_tensor_value_info("last_hidden_state", TensorProto.INT64, [None, None])])
+path = "%s"
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+before = OnnxModel(path, None, "onnx", 2)
+blas = lambda: {"numpy" if "numpy" in i["filepath"] else "faiss" if "faiss" in i["filepath"] else "other": i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+blas_before = blas()
+applied = share_cores(spin_wait=False, blas_threads=1)
+after = OnnxModel(path, None, "onnx", 2)
+def spin(m):
+    try:
+        return m.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    except RuntimeError:  # not set: ONNX Runtime's default (spinning)
+        return "default"
+print(json.dumps({"applied": applied, "before": spin(before), "after": spin(after),
+    "blas_before": blas_before, "blas_after": blas(),
+    "out": after.run({"input_ids": numpy.array([[1, 2]])})[0].tolist()}))
+""" % (tmp_path / "identity.onnx")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["applied"] == {"onnx_spin_wait": False, "numpy_blas_threads": 1}
+    assert report["before"] == "default" and report["after"] == "0"  # only sessions opened after the policy
+    assert report["blas_after"]["numpy"] == 1
+    assert report["blas_before"]["numpy"] > 1 or (os.cpu_count() or 1) == 1  # it was numpy's default before
+    assert report["blas_after"]["faiss"] == report["blas_before"]["faiss"]  # FAISS's own BLAS: not touched
+    assert report["out"] == [[1, 2]]  # the session still runs

@@ -199,3 +199,14 @@ def test_search_explains_maxsim_and_rerank_through_http(maxsim_pipeline, token_i
     assert ranks == [1, 2, 3, 4, 5]
     assert all(h["explain"]["maxsim"]["score"] > 0 for h in hits)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_selection_limits_depth_by_measured_latency():
+    """The selection's depth limit: with a measured p50 per depth (`measure_latency`), the deepest within
+    `MEASURED_HEADROOM` of the budget; none fits → 0 (select then falls back to the smallest depth)."""
+    from app.training import second_stage as ss
+
+    measured = {8: 113.0, 10: 146.0, 12: 153.0, 15: 203.0, 20: 247.0}
+    assert ss.max_depth_within_budget([], 200, latency=measured) == 12  # 180 ms allowed at 90 %
+    assert ss.max_depth_within_budget([], 250, latency=measured) == 15
+    assert ss.max_depth_within_budget([], 100, latency=measured) == 0

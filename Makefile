@@ -37,7 +37,7 @@ browser:  ## Debian's Chromium + ChromeDriver for the playground test (it skips 
 
 test: install browser  ## lint and run the suite CI runs (all but the `heavy` and `llama` marks: ≤ 20 min)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -m "not heavy and not ray"
+	$(BIN)/python -m pytest -m "not heavy and not ray" --durations=15
 
 install-ray: install  ## the optional Ray extra (`--engine ray` builds and serving)
 	$(BIN)/python -m pip install --quiet -e ".[ray]"

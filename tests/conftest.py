@@ -36,8 +36,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
-# the suites over ../shared/data run on one pytest-xdist worker (`make test` runs `-n 2 --dist loadgroup`):
-# one builds the SciFact bundle while the other runs everything else
+# the suites over ../shared/data form one pytest-xdist group (`pytest -n 2 --dist loadgroup` runs them on one
+# worker, which builds the SciFact bundle while the other runs everything else; `make test` runs one process)
 SHARED_DATA_WORKER = pytest.mark.xdist_group("shared-data")
 
 needs_scifact = pytest.mark.skipif(

@@ -243,8 +243,8 @@ class ShardedTokenStore:
     def __init__(self, stores: Sequence[Any], offsets: Sequence[int]) -> None:
         self.stores = list(stores)
         self.offsets = list(offsets)
-        self.dtype = getattr(self.stores[0], "dtype", None)  # a remote shard's store says what it holds
-        self.dimension = getattr(self.stores[0], "dimension", None)
+        self.dtype = self.stores[0].dtype  # a local TokenStore, or a RemoteShard set from its shard's `describe`
+        self.dimension = self.stores[0].dimension
 
     def maxsim(self, query: np.ndarray, rows: list[int]) -> np.ndarray:
         out = np.zeros(len(rows), dtype=np.float32)

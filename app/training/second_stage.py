@@ -16,13 +16,13 @@ Procedure (the one `configs/default.yaml` was chosen with):
    0–23 as retrieval (MRR@10; the gold paragraph is the one relevant passage). The objective is the mean over
    them of the gain over hybrid as a share of the best gain any configuration reaches on that set (so each set
    counts equally, whatever its metric's range); a configuration qualifies only if it gains on every set. Depths are
-   limited to those whose **measured** p50 fits `HEADROOM` of `BUDGET_MS`: `measure_latency` times the served
-   path itself (`Pipeline.search` with the shipped stages, one query at a time, query cache off) on
+   limited to those whose **measured** p50 fits `MEASURED_HEADROOM` of `BUDGET_MS`: `measure_latency` times
+   the served path itself (`Pipeline.search` with the shipped stages, one query at a time, query cache off) on
    `LATENCY_QUERIES` SciFact train claims at every depth, on this machine (`latency.json` beside the features).
-   Without that file, the estimate is first stage + cross-encoder pairs at the batch speed measured while
-   collecting, which under-predicts the served p50 (12 pairs: estimated ≤ 160 ms, served 229 ms over HTTP).
-   Among the allowed depths, the smallest whose best objective is within `DEPTH_SLACK` of the best is kept
-   (the cross-encoder dominates latency).
+   Without that file, an estimate must fit `HEADROOM`: first stage + cross-encoder pairs at the batch speed
+   measured while collecting, which under-predicts the served p50 (12 pairs: estimated ≤ 160 ms, served 229 ms
+   over HTTP). Among the allowed depths, the smallest whose best objective is within `DEPTH_SLACK` of the best
+   is kept (the cross-encoder dominates latency).
 4. The chosen configuration is then reported, never re-tuned, on the **test** sets: SciFact test, SQuAD
    articles 24–47, and Cranfield (test only).
 """

@@ -210,3 +210,49 @@ def test_selection_limits_depth_by_measured_latency():
     assert ss.max_depth_within_budget([], 200, latency=measured) == 12  # 180 ms allowed at 90 %
     assert ss.max_depth_within_budget([], 250, latency=measured) == 15
     assert ss.max_depth_within_budget([], 100, latency=measured) == 0
+
+
+def test_pseudo_queries_are_cut_out_of_their_document():
+    """The label-free validation set: each query is a usable sentence of one document (never its first
+    usable one), gone from that document's text in the corpus, and that document is its one relevant
+    document; other documents are unchanged; the same seed gives the same set."""
+    from app.eval.pseudo import pseudo_query_set, sentences
+
+    records = [
+        {
+            "_id": f"d{i}",
+            "title": f"d{i}",
+            "text": f"Object {i} parses the given input quickly. It returns a list of tokens for record {i}. "
+            f"Each token keeps its offset within the source text {i}. Errors raise a ValueError naming line {i}.",
+        }
+        for i in range(20)
+    ]
+    found = pseudo_query_set(records, 5, seed=3)
+    assert len(found.queries) == 5 and set(found.queries) == set(found.qrels)
+    by_id = {r["_id"]: r for r in found.corpus}
+    original = {r["_id"]: r for r in records}
+    for qid, query in found.queries.items():
+        (doc,) = found.qrels[qid]
+        assert query in sentences(original[doc]["text"])[1:]
+        assert query in original[doc]["text"] and query not in by_id[doc]["text"]
+        assert len(sentences(by_id[doc]["text"])) == 3
+    untouched = set(original) - {d for rel in found.qrels.values() for d in rel}
+    assert len(untouched) == 15 and all(by_id[d] == original[d] for d in untouched)
+    assert pseudo_query_set(records, 5, seed=3) == found and pseudo_query_set(records, 5, seed=4) != found
+
+
+def test_stdlib_docstrings_make_an_out_of_domain_corpus():
+    """`stdlib_docs` (run in its own process: it imports the standard library) yields hundreds of distinct
+    docstrings with at least 3 usable sentences each, named by their qualified names, in a fixed order."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from app.eval.pseudo import stdlib_docs, sentences; d = stdlib_docs(); "
+        "print(json.dumps([len(d), len({r['text'] for r in d}), min(len(sentences(r['text'])) for r in d), "
+        "[r['_id'] for r in d] == sorted(r['_id'] for r in d), 'json.dumps' in {r['_id'] for r in d}]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    count, distinct, fewest, ordered, has_json = json.loads(out.stdout.strip().splitlines()[-1])
+    assert count >= 300 and distinct == count and fewest >= 3 and ordered, (count, distinct, fewest, ordered)
+    assert has_json, "json.dumps's docstring (several sentences of prose) is missing"

@@ -8,6 +8,11 @@ the query-embedding cache off (the load repeats its queries). Memory is read aft
 /proc/<pid>/smaps_rollup for the master and every worker: PSS (each shared page split between the processes
 sharing it) summed over the process tree is the memory the server really costs; the summed RSS, which
 counts shared pages once per process, is shown beside it.
+
+CPU: during each run, the CPU seconds of the server's process tree and of the load generator (this process)
+are divided by the wall time: the cores each used, and the server's CPU per query. Those bound what workers
+can add on this machine: at the workers' own CPU per query, the cores left by the load generator serve at most
+(cores − load generator's cores) ÷ (CPU per query) queries/s, reported as a multiple of one worker's.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import resource
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -40,15 +48,30 @@ def tree_memory(pid: int) -> dict[str, float]:
     }
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of the process and its live children (their threads included)."""
+    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(bundle: Path, workers: int, queries: list[str], concurrency: int, runs: int) -> dict:
     env = {"SIFT_SERVER__WORKERS": str(workers), "SIFT_RUNTIME__QUERY_CACHE_SIZE": "0"}
     process, base = start_server(bundle, None, env=env)
     try:
         asyncio.run(run_load(base, queries[:40], concurrency))  # warm-up: every worker encodes and searches
-        qps, p50s, errors = [], [], 0
+        qps, p50s, errors, server_cores, client_cores = [], [], 0, [], []
         bar = progress(runs, f"{workers} worker(s), c={concurrency}")
         for _ in range(runs):
+            server0, client0, wall0 = tree_cpu_seconds(process.pid), own_cpu_seconds(), time.perf_counter()
             rate, latencies, errs = asyncio.run(run_load(base, queries, concurrency))
+            wall = time.perf_counter() - wall0
+            server_cores.append((tree_cpu_seconds(process.pid) - server0) / wall)
+            client_cores.append((own_cpu_seconds() - client0) / wall)
             qps.append(rate)
             p50s.append(statistics.median(latencies))
             errors += errs
@@ -58,7 +81,15 @@ def measure(bundle: Path, workers: int, queries: list[str], concurrency: int, ru
     finally:
         process.terminate()
         process.wait(timeout=60)
-    row = {"workers": workers, "qps": statistics.median(qps), "p50": statistics.median(p50s), "errors": errors}
+    row = {
+        "workers": workers,
+        "qps": statistics.median(qps),
+        "p50": statistics.median(p50s),
+        "errors": errors,
+        "server_cores": statistics.median(server_cores),
+        "client_cores": statistics.median(client_cores),
+    }
+    row["cpu_ms_per_query"] = row["server_cores"] / row["qps"] * 1000
     row.update(memory)
     print(row, flush=True)
     return row
@@ -84,18 +115,28 @@ def main() -> None:
         "the master and its workers (PSS splits shared pages between the processes sharing them; summed RSS "
         "counts them once per process).",
         "",
-        "| server | processes | queries/s | p50 ms | errors | PSS MB | USS MB | summed RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | processes | queries/s | p50 ms | errors | PSS MB | USS MB | summed RSS MB | server cores "
+        "| load-generator cores | server CPU ms/query |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in (one, many):
         label = "1 worker (uvicorn)" if r["workers"] == 1 else f"{r['workers']} workers (pre-forked)"
         lines.append(
             f"| {label} | {r['processes']} | {r['qps']:.1f} | {r['p50']:.1f} | {r['errors']} | {r['pss']:.0f} | "
-            f"{r['uss']:.0f} | {r['rss']:.0f} |"
+            f"{r['uss']:.0f} | {r['rss']:.0f} | {r['server_cores']:.2f} | {r['client_cores']:.2f} "
+            f"| {r['cpu_ms_per_query']:.1f} |"
         )
+    cores = os.cpu_count() or 1
+    bound = (cores - many["client_cores"]) / (many["cpu_ms_per_query"] / 1000)
+    ceiling = bound / one["qps"]
     lines += [
         "",
         f"{args.workers} workers ÷ 1: memory (PSS) **{memory_ratio:.2f}×**, queries/s **{speed_ratio:.2f}×**.",
+        "",
+        f"Headroom on this {cores}-core machine: the {args.workers} workers used {many['server_cores']:.2f} cores "
+        f"and the load generator {many['client_cores']:.2f}. At the workers' {many['cpu_ms_per_query']:.1f} ms of "
+        f"CPU per query, all {cores} cores less the load generator's serve at most {bound:.0f} queries/s: "
+        f"**{ceiling:.2f}×** one worker's.",
     ]
     errors = one["errors"] + many["errors"]
     summary = [
@@ -107,7 +148,8 @@ def main() -> None:
         },
         {
             "claim": f"hybrid queries/s at c={args.concurrency}, {args.workers} workers ÷ 1",
-            "figure": f"{many['qps']:.1f} vs {one['qps']:.1f} ({speed_ratio:.2f}×)",
+            "figure": f"{many['qps']:.1f} vs {one['qps']:.1f} ({speed_ratio:.2f}×; ceiling on {cores} cores "
+            f"{ceiling:.2f}×)",
             "target": "≥ 1.5×",
             "holds": "yes" if speed_ratio >= 1.5 and errors == 0 else "no",
         },

@@ -97,6 +97,9 @@ class Pipeline:
         self.settings = settings or Settings()
         self.tracer = tracer or Tracer()
         rs = self.settings.reranker
+        # reranked searches of this pipeline between their first stage and their rerank (on the event loop);
+        # with one alone, its cross-encoder batch need not wait for company (`MicroBatcher.score`)
+        self._reranking = 0
         self.batcher = (
             MicroBatcher(reranker, rs.max_batch_size, rs.max_wait_ms, rs.max_queued_pairs) if reranker else None
         )
@@ -203,7 +206,10 @@ class Pipeline:
         return out, _ms(t), passages
 
     async def _cross_encoder(self, pairs: list[tuple[str, str]]) -> np.ndarray | None:
-        return await self.batcher.score(pairs) if self.batcher is not None else None
+        if self.batcher is None:
+            return None
+        # a lone reranked search does not wait `max_wait_ms` for company that is not coming
+        return await self.batcher.score(pairs, company=self._reranking > 1)
 
     async def _late(
         self, queries: list[str], heads: list[list[Hit]], pairs: list[tuple[str, str]]
@@ -229,8 +235,12 @@ class Pipeline:
         passages: dict[int, dict[str, Any]] = {}
         reranked = [0] * len(queries)
         if options.rerank and self.second_stage:
-            ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
-            ranked, timings["rerank"], passages = await self.rerank(queries, ranked, options.rerank_depth)
+            self._reranking += 1
+            try:
+                ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
+                ranked, timings["rerank"], passages = await self.rerank(queries, ranked, options.rerank_depth)
+            finally:
+                self._reranking -= 1
             reranked = [
                 sum(1 for h in hits if "rerank" in h.stages and h.stages["rerank"].score is not None) for hits in ranked
             ]

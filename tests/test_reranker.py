@@ -70,6 +70,56 @@ def test_micro_batcher_pools_concurrent_requests(reranker):
         assert scores == pytest.approx(reranker.score(pairs), abs=1e-4)
 
 
+def test_micro_batcher_waits_for_company_only_when_some_may_come(reranker):
+    """A batch started by a request that expects company waits `max_wait` for others; one started by a lone
+    request (`company=False`, what a lone reranked search passes) is scored at once."""
+    import time
+
+    batcher = MicroBatcher(reranker, max_batch_size=64, max_wait_ms=400)
+    pairs = [("query", f"passage {i} about a topic") for i in range(3)]
+
+    async def timed(company: bool) -> float:
+        started = time.perf_counter()
+        await batcher.score(pairs, company=company)
+        return time.perf_counter() - started
+
+    asyncio.run(timed(False))  # warm-up
+    assert asyncio.run(timed(True)) >= 0.4
+    assert asyncio.run(timed(False)) < 0.3
+
+
+def test_lone_reranked_search_does_not_wait_but_concurrent_ones_pool(example_pipeline, reranker):
+    """Through the pipeline: one reranked search at a time never pays `max_wait_ms`; 6 at once still share
+    cross-encoder batches."""
+    import time
+
+    settings = example_pipeline.settings.model_copy(deep=True)
+    settings.reranker.model = "test-cross-encoder"
+    settings.reranker.maxsim, settings.reranker.weights, settings.reranker.interpolation = False, None, 1.0
+    settings.reranker.max_wait_ms = 400
+    pipeline = derive_pipeline(example_pipeline, settings, reranker)
+    options = pipeline.options(k=5, rerank_depth=8)
+
+    async def lone() -> list[float]:
+        times = []
+        for query in ("how do stars form", "volcano eruptions", "ocean tides"):
+            started = time.perf_counter()
+            result = await pipeline.search(query, options)
+            times.append(time.perf_counter() - started)
+            assert result.hits[0].stages["rerank"].score is not None
+        return times
+
+    assert max(asyncio.run(lone())) < 0.4
+    batches = pipeline.batcher.batches
+
+    async def together() -> None:
+        await asyncio.gather(*(pipeline.search(f"query number {i} about stars", options) for i in range(6)))
+
+    asyncio.run(together())
+    assert pipeline.batcher.batches - batches < 6  # pooled across the concurrent searches
+    assert pipeline._reranking == 0
+
+
 @pytest.fixture(scope="module")
 def reranking_pipeline(example_pipeline, reranker):
     settings = example_pipeline.settings.model_copy(deep=True)

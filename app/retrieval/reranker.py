@@ -167,6 +167,7 @@ class _Job:
     future: asyncio.Future
     scores: list[float | None] = field(default_factory=list)
     remaining: int = 0
+    company: bool = True  # other requests may be about to queue pairs: a batch starting with it waits for them
 
 
 class QueueFull(RuntimeError):
@@ -206,14 +207,16 @@ class MicroBatcher:
             self._worker = loop.create_task(self._run(self._queue))
         return self._queue
 
-    async def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        """Scores for `pairs`, in order; resolves when every pair has been through a batch."""
+    async def score(self, pairs: list[tuple[str, str]], company: bool = True) -> np.ndarray:
+        """Scores for `pairs`, in order; resolves when every pair has been through a batch. `company=False`
+        says the caller knows no other request is on its way (a lone search): a batch it starts does not wait
+        `max_wait` for others to join."""
         if not pairs:
             return np.zeros(0, dtype=np.float32)
         queue = self._ensure_started()
         if queue.qsize() + len(pairs) > self.max_queued:
             raise QueueFull(queue.qsize(), len(pairs), self.max_queued)
-        job = _Job(pairs, asyncio.get_running_loop().create_future(), [None] * len(pairs), len(pairs))
+        job = _Job(pairs, asyncio.get_running_loop().create_future(), [None] * len(pairs), len(pairs), company)
         for i in range(len(pairs)):
             queue.put_nowait((job, i))
         try:
@@ -223,14 +226,15 @@ class MicroBatcher:
                 job.future.cancel()
 
     async def _run(self, queue: asyncio.Queue) -> None:
-        """Wait `max_wait` for a batch to fill (unless it is full), take everything queued (up to
+        """Wait `max_wait` for a batch to fill (unless it is full, or its first request expects no company),
+        take everything queued (up to
         `max_pending`), sort it all by length, and score it in batches of `max_batch_size`, answering each
         request as its pairs finish. (No `asyncio.wait_for` here: on Python 3.11 it can swallow the
         cancellation that stops this task.)"""
         loop = asyncio.get_running_loop()
         while True:
             items = [await queue.get()]
-            if self.max_wait > 0 and queue.qsize() + 1 < self.max_batch_size:
+            if self.max_wait > 0 and items[0][0].company and queue.qsize() + 1 < self.max_batch_size:
                 await asyncio.sleep(self.max_wait)  # let concurrent requests join this batch
             while len(items) < self.max_pending and not queue.empty():
                 items.append(queue.get_nowait())

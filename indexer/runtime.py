@@ -34,6 +34,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -190,7 +191,16 @@ def _device_of(model) -> Any:  # noqa: ANN001, ANN401
 
 
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()  # every OnnxModel of this process
-_SPIN_WAIT = [True]  # ONNX Runtime's default; a server turns it off (`share_cores`)
+
+
+@dataclass
+class _ThreadPolicy:
+    """This process's thread policy (`share_cores`), read by each ONNX Runtime session as it opens."""
+
+    spin_wait: bool = True  # ONNX Runtime's default; a server turns it off
+
+
+_POLICY = _ThreadPolicy()
 
 
 def share_cores(spin_wait: bool = False, blas_threads: int | None = 1) -> dict[str, Any]:
@@ -199,14 +209,14 @@ def share_cores(spin_wait: bool = False, blas_threads: int | None = 1) -> dict[s
 
     - `spin_wait`: whether ONNX Runtime's intra-op threads busy-wait for work between runs (its default). A
       spinning thread holds a core that torch's next call needs: on 2 cores a 12-pair cross-encoder batch took
-      ~35 ms longer right after a query encode (bench: `bench/runtimes.py`'s thread-policy section).
+      ~35 ms longer right after a query encode (measured in process; docs/architecture.md, thread policy).
       Sessions opened afterwards follow it (a session reads it when it opens).
     - `blas_threads`: threads of numpy's BLAS (not FAISS's own: it has its own library and threads). MaxSim's
       products are small; a multi-threaded OpenBLAS keeps its idle threads spinning, which slowed the
       cross-encoder running beside it by ~50 ms a reranked query. None leaves it alone.
 
     Returns what was applied. Batch work (`sift index build`) keeps the defaults: one runtime at a time."""
-    _SPIN_WAIT[0] = spin_wait
+    _POLICY.spin_wait = spin_wait
     applied: dict[str, Any] = {"onnx_spin_wait": spin_wait, "numpy_blas_threads": None}
     if blas_threads is not None:
         import numpy
@@ -289,7 +299,7 @@ class _OnnxModuleMixin:
         if self.threads:
             options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        if not _SPIN_WAIT[0]:
+        if not _POLICY.spin_wait:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # no arena: it keeps the peak of the largest batch ever run (+0.7 GB for MiniLM after 32 × 256 tokens);
         # without it a session costs ~0.1 GB and a single query runs as fast (bench/workers.py)

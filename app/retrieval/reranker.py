@@ -227,10 +227,9 @@ class MicroBatcher:
 
     async def _run(self, queue: asyncio.Queue) -> None:
         """Wait `max_wait` for a batch to fill (unless it is full, or its first request expects no company),
-        take everything queued (up to
-        `max_pending`), sort it all by length, and score it in batches of `max_batch_size`, answering each
-        request as its pairs finish. (No `asyncio.wait_for` here: on Python 3.11 it can swallow the
-        cancellation that stops this task.)"""
+        take everything queued (up to `max_pending`), sort it all by length, and score it in batches of
+        `max_batch_size`, answering each request as its pairs finish. (No `asyncio.wait_for` here: on Python
+        3.11 it can swallow the cancellation that stops this task.)"""
         loop = asyncio.get_running_loop()
         while True:
             items = [await queue.get()]

@@ -6,7 +6,8 @@ latency over HTTP next to hybrid without rerank and the 0.5-interpolated cross-e
 1. Quality: `app.training.second_stage` scores the hybrid top-100 of every query of SciFact train/test, SQuAD
    dev articles 0–23 / 24–47 (500 questions each) and Cranfield with the cross-encoder and stored-vector
    MaxSim (cached under var/second_stage/), selects depth and weights on the validation sets (SciFact train,
-   SQuAD 0–23, label-free pseudo-queries on the Python standard library's docstrings) and reports them on the test sets; the selected values must equal configs/default.yaml's.
+   SQuAD 0–23, label-free pseudo-queries on the Python standard library's docstrings) and reports them on the
+   test sets; the selected values must equal configs/default.yaml's.
 2. Latency: `sift serve` on SciFact (bundle with int8 token vectors) three times — hybrid without rerank,
    the cross-encoder interpolated 0.5 at depth 20, and configs/default.yaml as shipped — SciFact test claims
    at concurrency 1 and 8 (--requests each, median of --runs for the percentiles). A non-200, a transport
@@ -52,7 +53,8 @@ def quality(lines: list[str], summary: list[dict[str, str]]) -> None:
         + ", ".join(f"{name} ({metric})" for name, metric in ss.VALIDATION.items())
         + " of the gain over hybrid as a share of the best gain reached on that set, gaining on every one "
         "(pydocs-ict: label-free, a sentence cut out of a Python standard-library docstring is the query, that "
-        "docstring the answer; out of the domains both learned stages were trained on); depths limited to a **measured** p50 within "
+        "docstring the answer; out of the domains both learned stages were trained on); depths limited to a "
+        "**measured** p50 within "
         f"{ss.MEASURED_HEADROOM:.0%} of {ss.BUDGET_MS} ms (the served path in process, {ss.LATENCY_QUERIES} SciFact "
         "train claims one at a time, median of 3 passes: "
         + ", ".join(f"depth {d} {ms:.0f} ms" for d, ms in sorted(served.items()))

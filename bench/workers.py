@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -35,9 +34,19 @@ from bench.common import ROOT, SCIFACT, append_report, progress, start_server  #
 from bench.http_load import run_load  # noqa: E402
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and its live children."""
+    return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds of `processes` (their threads included)."""
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
+
+
 def tree_memory(pid: int) -> dict[str, float]:
     """PSS, USS and RSS in MB, summed over the process and its children, and the process count."""
-    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    processes = process_tree(pid)
     infos = [p.memory_full_info() for p in processes]
     mb = 1024 * 1024
     return {
@@ -48,17 +57,6 @@ def tree_memory(pid: int) -> dict[str, float]:
     }
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of the process and its live children (their threads included)."""
-    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    return sum(sum(p.cpu_times()[:2]) for p in processes)
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def measure(bundle: Path, workers: int, queries: list[str], concurrency: int, runs: int) -> dict:
     env = {"SIFT_SERVER__WORKERS": str(workers), "SIFT_RUNTIME__QUERY_CACHE_SIZE": "0"}
     process, base = start_server(bundle, None, env=env)
@@ -67,11 +65,12 @@ def measure(bundle: Path, workers: int, queries: list[str], concurrency: int, ru
         qps, p50s, errors, server_cores, client_cores = [], [], 0, [], []
         bar = progress(runs, f"{workers} worker(s), c={concurrency}")
         for _ in range(runs):
-            server0, client0, wall0 = tree_cpu_seconds(process.pid), own_cpu_seconds(), time.perf_counter()
+            server, client = process_tree(process.pid), [psutil.Process()]  # the server: this process's child
+            server0, client0, wall0 = cpu_seconds(server), cpu_seconds(client), time.perf_counter()
             rate, latencies, errs = asyncio.run(run_load(base, queries, concurrency))
             wall = time.perf_counter() - wall0
-            server_cores.append((tree_cpu_seconds(process.pid) - server0) / wall)
-            client_cores.append((own_cpu_seconds() - client0) / wall)
+            server_cores.append((cpu_seconds(server) - server0) / wall)
+            client_cores.append((cpu_seconds(client) - client0) / wall)
             qps.append(rate)
             p50s.append(statistics.median(latencies))
             errors += errs

@@ -1,4 +1,6 @@
-"""Label-free validation sets: pseudo-queries made from a corpus itself (the inverse cloze task).
+"""Label-free validation sets: pseudo-queries made from a corpus itself (the inverse cloze task; the
+reranker's training pseudo-queries, `app.training.reranker.pseudo_query_groups`, pick their sentences the same
+way).
 
 One sentence of a document becomes the query and is cut out of that document in the corpus, so the query
 must be matched by what the rest of the document says, not by an exact copy of itself. The document it came

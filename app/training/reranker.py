@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -26,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from app.eval.pseudo import MIN_SENTENCES
+from app.eval.pseudo import sentences as usable_sentences
 from app.training.common import set_seed
 
 log = logging.getLogger(__name__)
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
 
 
 @dataclass
@@ -176,8 +176,8 @@ def pseudo_query_groups(
     groups = []
     for i in order:
         record = records[i]
-        sentences = [s for s in _SENTENCE.split(record["text"]) if 6 <= len(s.split()) <= 40]
-        if len(sentences) < 3:
+        sentences = usable_sentences(record["text"])
+        if len(sentences) < MIN_SENTENCES:
             continue
         exclude = {str(record["_id"])}
         for query in rng.sample(sentences[1:], min(per_document, len(sentences) - 1)):

@@ -20,7 +20,7 @@ import numpy as np
 
 from app.retrieval import FusionConfig, Hit, fuse
 from app.retrieval.maxsim import LateInteraction
-from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank, combine_stages
+from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank, combine_stages, stack_below
 from app.settings import Settings
 from app.tracing import Tracer
 from indexer.bundle import BundleInfo
@@ -198,11 +198,11 @@ class Pipeline:
             if late_scores is not None:
                 tail = [h.with_stage("maxsim", None, None, "below rerank_depth") for h in tail]
             if self.stage_weights is None:
-                out.append(apply_rerank(head, head_ce, self.settings.reranker.interpolation) + tail)
+                head = apply_rerank(head, head_ce, self.settings.reranker.interpolation)
             else:
                 scores = {"cross_encoder": head_ce, "maxsim": late_scores}
-                scores = {k: v for k, v in scores.items() if v is not None}
-                out.append(combine_stages(head, scores, self.stage_weights) + tail)
+                head = combine_stages(head, {k: v for k, v in scores.items() if v is not None}, self.stage_weights)
+            out.append(stack_below(head, tail))  # scores fall as rank falls, below the depth too
         return out, _ms(t), passages
 
     async def _cross_encoder(self, pairs: list[tuple[str, str]]) -> np.ndarray | None:

@@ -161,6 +161,20 @@ def combine_stages(hits: list[Hit], scores: dict[str, np.ndarray], weights: dict
     return result
 
 
+def stack_below(head: list[Hit], tail: list[Hit], gap: float = 1e-3) -> list[Hit]:
+    """`head` (re-scored by the second stage) followed by `tail` (the hits below the depth it re-scored),
+    with the tail's scores moved below the head's lowest: each tail hit keeps its distance to the first
+    tail hit, and the first lies `gap` below the last head hit.
+
+    Invariant: scores never rise as rank falls, so a client that sorts or thresholds by score gets the
+    served ranking. The stages a hit went through keep their own scores in `stages`."""
+    if not head or not tail:
+        return head + tail
+    floor = min(h.score for h in head)
+    shift = floor - gap - tail[0].score
+    return head + [h._replace(score=h.score + shift) for h in tail]
+
+
 @dataclass
 class _Job:
     pairs: list[tuple[str, str]]

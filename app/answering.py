@@ -5,9 +5,10 @@ passages into the generator's token budget and renders the prompt template. `Ans
 the answer text piece by piece for any `answer.mode`:
 
 - `generative`: the generator's tokens; `citations()` maps each `[n]` in the answer back to its passage;
-- `extractive`: the reader's best span over the chosen passages, as one piece; its citation carries the
-  passage id and the span's character offsets (`passage_text[start:end] == answer`); a span whose
-  calibrated confidence is below `answer.min_reader_confidence` declines the question;
+- `extractive`: the reader's best span over the chosen passages, as one piece: the sentence that holds it
+  (`answer.extractive_text: sentence`, so a chat reads a sentence) or the bare span (`span`). Its citation
+  carries the passage id and the span's character offsets (`passage_text[start:end] == span.text`); a span
+  whose calibrated confidence is below `answer.min_reader_confidence` declines the question;
 - `extract-then-generate`: the span and its sentence are the generator's only context.
 
 `Answerer.finish()` turns the full text into the final `AnswerResult` (citations, usage, finish reason).
@@ -16,12 +17,14 @@ the answer text piece by piece for any `answer.mode`:
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pysbd
 import yaml
 
 from app.generation.base import Cancel, Generation, GenerationOptions, Generator, Message
@@ -29,6 +32,7 @@ from app.generation.pool import GenerationPool
 from app.pipeline import Pipeline, SearchOptions
 from app.settings import AnswerSettings
 
+log = logging.getLogger(__name__)
 _CITE = re.compile(r"\[(\d{1,2})\]")
 _WORD = re.compile(r"\w\w+", re.UNICODE)
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed answer checks that its client is still there
@@ -117,6 +121,8 @@ class Answerer:
         if self.mode != "extractive" and generator is None:
             raise ValueError(f"answer.mode {self.mode!r} needs a generator (generator.backend)")
         self.template = PromptTemplate.load(settings.template)
+        # sentence boundaries for extractive answers (rule-based, no model; one per answerer, used read-only)
+        self.segmenter = pysbd.Segmenter(language="en", clean=False, char_span=True)
         self.name = (
             getattr(reader, "name", "extractive-reader") if self.mode == "extractive" else generator.name  # type: ignore[union-attr]
         )
@@ -143,13 +149,15 @@ class Answerer:
             return
         run.span_passage = prepared.passages[span.passage]
 
+    def span_sentence(self, run: _Run) -> str:
+        """The sentence of the span's passage that holds the span (all the sentences it crosses)."""
+        text = run.span_passage["text"]  # type: ignore[index]
+        left, right = sentence_bounds(self.segmenter, text, run.span.start, run.span.end)
+        return text[left:right]
+
     def span_messages(self, prepared: PreparedAnswer, run: _Run) -> list[Message]:
         """extract-then-generate: the span's sentence (and the span) as the only context."""
-        text = run.span_passage["text"]  # type: ignore[index]
-        start, end = run.span.start, run.span.end
-        left = max(text.rfind(". ", 0, start) + 2, 0) if text.rfind(". ", 0, start) >= 0 else 0
-        right = text.find(". ", end)
-        sentence = text[left : right + 1 if right >= 0 else len(text)].strip()
+        sentence = self.span_sentence(run)
         context = self.template.passage.format(n=1, title=run.span_passage["title"], text=sentence)  # type: ignore[index]
         context += f"\n(Extracted answer: {run.span.text})"
         return self.template.messages(context, prepared.question)
@@ -165,7 +173,7 @@ class Answerer:
         if run.declined:
             return prepared.no_answer, None
         if self.mode == "extractive":
-            return run.span.text, None
+            return (self.span_sentence(run) if self.settings.extractive_text == "sentence" else run.span.text), None
         return None, self.span_messages(prepared, run)
 
     def pieces(
@@ -370,6 +378,29 @@ class Answerer:
             return text[: tokens * 4]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
         return tokenizer.decode(ids)
+
+
+def sentence_bounds(segmenter: pysbd.Segmenter, text: str, start: int, end: int) -> tuple[int, int]:
+    """Character bounds `(left, right)` of the sentences of `text` that hold `text[start:end]`, trailing
+    whitespace excluded. Invariant: `left <= start` and `end <= right`, so the sentence contains the span."""
+    left, right = 0, len(text)
+    try:
+        spans = segmenter.segment(text)
+    except Exception:  # noqa: BLE001 - a rule-based splitter's bug on odd text: the passage holds the span too
+        log.warning("sentence splitting failed; answering with the whole passage", exc_info=True)
+        spans = []
+    for sentence in spans:
+        if sentence.end <= start:
+            left = sentence.end
+        elif sentence.start >= end:
+            right = min(right, sentence.start)
+            break
+    left, right = min(left, start), max(right, end)
+    while right > end and text[right - 1].isspace():
+        right -= 1
+    while left < start and text[left].isspace():
+        left += 1
+    return left, right
 
 
 def citations(answer: str, passages: list[dict[str, Any]]) -> list[dict[str, Any]]:

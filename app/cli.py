@@ -75,6 +75,24 @@ def anonymous_refusal(settings, host: str) -> str | None:  # noqa: ANN001
     return None
 
 
+def serving_banner(settings, host: str, port: int) -> str:  # noqa: ANN001
+    """What a newcomer needs on start-up: where to look, when it is ready, how to expose it safely."""
+    from app.api.auth import is_loopback
+
+    shown = f"[{host}]" if ":" in host else host
+    lines = [
+        f"sift: loading models and builds; ready when http://{shown}:{port}/readyz answers 200 "
+        f"(a \"ready\" log line says so). Playground: http://{shown}:{port}/ · API docs: http://{shown}:{port}/docs"
+    ]
+    if is_loopback(host):
+        lines.append(
+            "sift: listening on loopback only. To serve other machines, set a key and bind all interfaces: "
+            "SIFT_SERVER__API_KEYS='[\"'$(openssl rand -hex 24)'\"]' make run HOST=0.0.0.0 "
+            "(or sift serve --host 0.0.0.0); clients then send Authorization: Bearer <key>"
+        )
+    return "\n".join(lines)
+
+
 @app.command("serve")
 def serve(
     bundle: Path | None = typer.Option(None, "--bundle", "-b", help="bundle folder or index folder with `current`"),
@@ -127,6 +145,7 @@ def serve(
     if engine != "uvicorn":
         typer.echo(f"error: --engine must be uvicorn or ray, not {engine!r}", err=True)
         raise typer.Exit(2)
+    typer.echo(serving_banner(settings, common["host"], common["port"]), err=True)
     if n == 1:
         uvicorn.run(create_app(settings), **common)
         return
@@ -229,7 +248,12 @@ def eval_qa(
     reader: str | None = typer.Option(
         None, help="extractive reader for the extractive modes (default: answer.reader, else the shipped one)"
     ),
-    sample_size: int = typer.Option(500, "--sample", help="questions sampled (fixed seed) from articles 24–47"),
+    split: str = typer.Option(
+        "test",
+        help="test: held-out articles 24–47 (report figures); validation: articles 0–23 (make choices here, e.g. "
+        "answer.mode; the shipped reader and cross-encoder were trained on them, so they favour the extractive modes)",
+    ),
+    sample_size: int = typer.Option(500, "--sample", help="questions sampled (fixed seed) from the split's articles"),
     limit: int | None = typer.Option(None, help="evaluate only the first N sampled questions"),
     k: int = typer.Option(5, help="passages retrieved per question"),
     passages: int = typer.Option(2, help="retrieved passages read (or put into the prompt)"),
@@ -245,6 +269,7 @@ def eval_qa(
 
     from app.eval.qa import (
         MODES,
+        SPLITS,
         answer_questions,
         latency_summary,
         load_squad,
@@ -267,7 +292,11 @@ def eval_qa(
     if unknown:
         typer.echo(f"error: unknown mode(s) {unknown}; choose from {list(MODES)} or none", err=True)
         raise typer.Exit(2)
-    questions = sample(load_squad(squad), sample_size)
+    if split not in SPLITS:
+        typer.echo(f"error: unknown split {split!r}; choose from {list(SPLITS)}", err=True)
+        raise typer.Exit(2)
+    articles = SPLITS[split]
+    questions = sample(load_squad(squad, articles), sample_size)
     fingerprint = sample_fingerprint(questions)
     questions = questions[:limit] if limit else questions
     gen = None
@@ -281,9 +310,11 @@ def eval_qa(
     runnable = [m for m in wanted if (m == "extractive" or gen is not None)]
     options = GenerationOptions(max_new_tokens=max_new_tokens, stop=["\n"])
     typer.echo(
-        f"SQuAD v1.1 dev articles 24–47: {len(questions)} questions (sample {sample_size}, fingerprint {fingerprint})"
+        f"SQuAD v1.1 dev articles {articles.start}–{articles.stop - 1} ({split}): {len(questions)} questions "
+        f"(sample {sample_size}, fingerprint {fingerprint})"
     )
-    index_dir = squad_bundle(squad, Path("var") / "eval" / "squad-dev-a24-47", settings.index)
+    name = f"squad-dev-a{articles.start}-{articles.stop - 1}"
+    index_dir = squad_bundle(squad, Path("var") / "eval" / name, settings.index, articles)
     pipeline = load_pipeline(load_settings(config, bundle=index_dir))
     results: dict[str, dict] = {}
     predictions: dict[str, list[str]] = {}
@@ -310,11 +341,12 @@ def eval_qa(
         )
     for name, value in results.get("retrieval", {}).items():
         typer.echo(f"retrieval-only QA: {name} = {value:.1f}%")
-    out = out or Path("var") / "eval" / "squad-qa"
+    out = out or Path("var") / "eval" / ("squad-qa" if split == "test" else f"squad-qa-{split}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
         json.dumps(
             {
+                "split": split,
                 "sample": sample_size,
                 "evaluated": len(questions),
                 "fingerprint": fingerprint,

@@ -152,6 +152,11 @@ class AnswerSettings(BaseModel):
     reader: str | None = Field(
         None, description="extractive reader (span-QA model folder or hub id), used by the extractive modes"
     )
+    extractive_text: Literal["sentence", "span"] = Field(
+        "sentence",
+        description="extractive mode's answer text: the sentence holding the reader's span (reads as an answer "
+        "in a chat), or the bare span; the response's `span` and the citation's offsets are the exact span",
+    )
     min_reader_confidence: float | None = Field(
         0.42,
         ge=0,

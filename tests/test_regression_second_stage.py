@@ -99,3 +99,9 @@ def test_the_server_path_ranks_exactly_as_the_pinned_computation(features, defau
         got = asyncio.run(default_pipeline.search(text, options)).hits
         assert [h.idx for h in got] == [h.idx for h in want[:30]]
         assert [h.score for h in got] == pytest.approx([h.score for h in want[:30]], abs=2e-3)
+        # scores fall as rank falls, across the reranked depth too: sorting by score keeps the served ranking
+        scores = [h.score for h in got]
+        assert all(a >= b for a, b in zip(scores, scores[1:])), scores
+        depth = options.rerank_depth
+        assert scores[depth - 1] > scores[depth], "the first hit below the depth must score below the last above"
+        assert sorted(got, key=lambda h: -h.score) == got

@@ -183,8 +183,12 @@ def create_app(
         if watch:
 
             async def start_then_watch() -> None:
+                started = time.perf_counter()
                 await services.start()
                 metrics.ready.set(1 if services.ready else 0)
+                if services.ready:
+                    builds = {c.name: c.current.build_id for c in services.collections.values() if c.current}
+                    log.info("ready", extra={"builds": builds, "start_s": round(time.perf_counter() - started, 1)})
                 if services.load_error is None:
                     await services.watch(settings.server.reload_interval_s)
 

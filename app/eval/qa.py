@@ -194,7 +194,9 @@ def answer_questions(
             prepared = asyncio.run(answerer.prepare(q.question, search))
         result = asyncio.run(answerer.answer(prepared, options))
         latencies.append((time.perf_counter() - started) * 1000)
-        preds.append(clean_prediction(result.text))
+        # extractive: the reader's exact span is the prediction (the answer text may be its whole sentence)
+        span = result.span["text"] if answerer.mode == "extractive" and result.span else None
+        preds.append(span if span is not None else clean_prediction(result.text))
     return preds, latencies
 
 
@@ -207,12 +209,16 @@ def latency_summary(latencies: Sequence[float]) -> dict[str, float]:
     }
 
 
-def squad_bundle(squad: Path, index_dir: Path, index_config) -> Path:  # noqa: ANN001
-    """Build (once) a bundle whose documents are the paragraphs of the evaluation articles."""
+SPLITS = {"test": EVAL_ARTICLES, "validation": TRAIN_ARTICLES}  # `sift eval qa --split`; choices use validation
+
+
+def squad_bundle(squad: Path, index_dir: Path, index_config, articles: range = EVAL_ARTICLES) -> Path:  # noqa: ANN001
+    """Build (once) a bundle whose documents are the paragraphs of `articles` (the evaluation articles)."""
     from indexer.build import ensure_bundle
 
     corpus = Path(index_dir) / "corpus.jsonl"
     if not corpus.exists():
         corpus.parent.mkdir(parents=True, exist_ok=True)
-        corpus.write_text("".join(json.dumps(d) + "\n" for d in paragraphs_corpus(squad)), encoding="utf-8")
+        records = paragraphs_corpus(squad, articles)
+        corpus.write_text("".join(json.dumps(d) + "\n" for d in records), encoding="utf-8")
     return ensure_bundle(corpus, index_dir, index_config)

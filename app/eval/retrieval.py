@@ -69,7 +69,8 @@ def document_run(query_ids: Sequence[str], results: Sequence[Sequence[Hit]]) -> 
         docs: dict[str, float] = {}
         for rank, hit in enumerate(hits):
             if hit.doc_id not in docs:
-                # rank-derived score keeps the pipeline's order exactly, whatever its score scale
+                # rank-derived: served scores fall with rank too (`stack_below`), but first-stage ties would let
+                # trec_eval reorder tied documents by id; a rank keeps the pipeline's order exactly
                 docs[hit.doc_id] = float(len(hits) - rank)
         run[qid] = docs
     return run

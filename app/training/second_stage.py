@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from app.eval.retrieval import document_run, evaluate
-from app.retrieval.reranker import combine_stages
+from app.retrieval.reranker import combine_stages, stack_below
 from app.retrieval.types import Hit
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def rerank(features: Features, depth: int, weights: dict[str, float]) -> list[li
             scores["cross_encoder"] = ce[: len(head)]
         if weights.get("maxsim", 0) > 0:
             scores["maxsim"] = ms[: len(head)]
-        out.append(combine_stages(head, scores, weights) + hits[len(head) :])
+        out.append(stack_below(combine_stages(head, scores, weights), hits[len(head) :]))
     return out
 
 

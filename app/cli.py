@@ -82,7 +82,7 @@ def serving_banner(settings, host: str, port: int) -> str:  # noqa: ANN001
     shown = f"[{host}]" if ":" in host else host
     lines = [
         f"sift: loading models and builds; ready when http://{shown}:{port}/readyz answers 200 "
-        f"(a \"ready\" log line says so). Playground: http://{shown}:{port}/ · API docs: http://{shown}:{port}/docs"
+        f'(a "ready" log line says so). Playground: http://{shown}:{port}/ · API docs: http://{shown}:{port}/docs'
     ]
     if is_loopback(host):
         lines.append(

@@ -27,6 +27,7 @@ from app.tracing import REQUEST_ID
 log = logging.getLogger("sift.api")
 router = APIRouter()
 SIFT_MODEL_ID = "sift-rag"
+ANSWER_K = 5  # passages an answer retrieves unless the request says (`k` of /v1/answer, `sift.k` of a chat)
 
 
 class AnswerRequest(SearchParams):
@@ -36,7 +37,7 @@ class AnswerRequest(SearchParams):
         description="non-blank, at most search.max_query_chars characters",
         examples=["When was the Eiffel Tower completed?"],
     )
-    k: int = Field(5, ge=1, description="passages retrieved (the best fitting ones go into the prompt)")
+    k: int = Field(ANSWER_K, ge=1, description="passages retrieved (the best fitting ones go into the prompt)")
     passages: int | None = Field(
         None,
         ge=1,
@@ -271,7 +272,9 @@ async def models(request: Request) -> dict[str, Any]:
 )
 async def chat_completions(body: ChatRequest, request: Request) -> Any:
     """OpenAI-compatible chat completion answered from the index; citations ride in an extra `citations` field."""
-    params = body.sift or SearchParams(k=5)
+    params = body.sift or SearchParams()
+    if params.k is None:
+        params = params.model_copy(update={"k": ANSWER_K})
     collection, build = acquire_build(request, body.collection or params.collection)
     try:
         reader = answerer_of(build)

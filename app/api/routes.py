@@ -111,7 +111,8 @@ def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> Sea
             f"mode: {mode!r} is not available for this bundle; use one of {pipeline.available_modes()}",
             "mode",
         )
-    check_max(params.k, settings.search.max_k, "k", "search.max_k")
+    k = params.k if params.k is not None else defaults.k
+    check_max(k, settings.search.max_k, "k", "search.max_k")
     check_max(params.rerank_depth, settings.reranker.max_depth, "rerank_depth", "reranker.max_depth")
     if params.rerank and not pipeline.second_stage:
         raise ApiError(
@@ -128,10 +129,10 @@ def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> Sea
     candidates = params.candidates or defaults.candidates
     check_max(candidates, settings.search.max_candidates, "candidates", "search.max_candidates")
     return SearchOptions(
-        k=params.k,
+        k=k,
         mode=mode,
         # the first page may ask for more than `candidates`; later pages are cut from a ranking of fixed depth
-        candidates=candidates if offset else max(candidates, params.k),
+        candidates=candidates if offset else max(candidates, k),
         fusion=fusion,
         rerank=defaults.rerank if params.rerank is None else params.rerank,
         rerank_depth=params.rerank_depth or defaults.rerank_depth,

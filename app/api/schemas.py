@@ -17,10 +17,16 @@ class SearchParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(10, ge=1, description="number of hits to return (at most search.max_k)", examples=[10])
+    # None, not a number: the default is the server's `search.default_k`, so the document shows none
+    k: int | None = Field(
+        None,
+        ge=1,
+        description="number of hits to return (default search.default_k, at most search.max_k)",
+        examples=[10],
+    )
     mode: Literal["bm25", "dense", "hybrid"] | None = Field(
         None,
-        description="coarse retrieval: bm25, dense, or both fused (default from config: hybrid)",
+        description="coarse retrieval: bm25, dense, or both fused (default search.default_mode)",
         examples=["hybrid"],
     )
     candidates: int | None = Field(

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
+from indexer.build import reshard_bundle
 from tests.servers import sift_server
 
 QUERY = "how do stars form"
@@ -28,6 +30,12 @@ def maxsim_server(example_index):
         yield base
 
 
+@pytest.fixture(scope="module")
+def sharded_index(example_index, tmp_path_factory):
+    """examples/ in two shards (the passages and vectors of `example_index`, split)."""
+    return reshard_bundle(example_index, tmp_path_factory.mktemp("two-shards") / "index", 2, show_progress=False).path
+
+
 # -- 1. search.default_k -----------------------------------------------------------------------------------------
 
 
@@ -41,3 +49,81 @@ def test_omitted_k_defaults_to_search_default_k_over_http(maxsim_server):
     # the document does not promise a fixed default: it names the setting
     k = httpx.get(f"{maxsim_server}/openapi.json").json()["components"]["schemas"]["SearchRequest"]["properties"]["k"]
     assert k.get("default") is None and "search.default_k" in k["description"]
+
+
+# -- 2. allow_partial on /v1/search/batch, /v1/answer and chat ---------------------------------------------------
+
+
+class _DeadShard:
+    """A shard that does not answer."""
+
+    def search_many(self, *args, **kwargs):
+        raise TimeoutError("shard frozen")
+
+    def search_vectors(self, *args, **kwargs):
+        raise TimeoutError("shard frozen")
+
+
+@pytest.fixture(scope="module")
+def partial_client(sharded_index):
+    from app.api.main import create_app
+    from app.services import Models, load_pipeline
+    from app.settings import load_settings
+
+    settings = load_settings(
+        bundle=sharded_index, reranker={"model": None}, generator={"backend": "none"}, answer={"mode": "extractive"}
+    )
+    models = Models().warm_up(settings, generator=False)
+    pipeline = load_pipeline(settings, sharded_index, models)
+    for name in ("bm25", "dense"):
+        pipeline.searchers[name].shards[1] = _DeadShard()
+    lost = {row[1] for row in pipeline.docstore.docstores[1].passage_rows()}  # documents of shard-001
+    with TestClient(create_app(pipeline=pipeline, reader=models.reader)) as client:
+        yield client, lost
+
+
+def _assert_names_the_dead_shard(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert (
+        error["type"] == "shard_unavailable" and error["shard"] == "shard-001" and "allow_partial" in error["message"]
+    )
+
+
+def test_batch_search_honours_allow_partial(partial_client):
+    client, lost = partial_client
+    body = {"queries": [QUERY, "bread and yeast"], "k": 5, "mode": "hybrid"}
+    _assert_names_the_dead_shard(client.post("/v1/search/batch", json=body))
+    partial = client.post("/v1/search/batch", json={**body, "allow_partial": True})
+    assert partial.status_code == 200, partial.text
+    data = partial.json()
+    assert data["missing_shards"] == ["shard-001"]
+    assert [r["missing_shards"] for r in data["results"]] == [["shard-001"], ["shard-001"]]
+    hits = [h for r in data["results"] for h in r["hits"]]
+    assert [len(r["hits"]) for r in data["results"]] == [5, 5] and not {h["doc_id"] for h in hits} & lost
+    # the same as /v1/search with allow_partial, query by query
+    for query, result in zip(body["queries"], data["results"]):
+        one = client.post("/v1/search", json={"query": query, "k": 5, "allow_partial": True}).json()
+        assert one["missing_shards"] == ["shard-001"]
+        assert [h["passage_id"] for h in one["hits"]] == [h["passage_id"] for h in result["hits"]]
+
+
+def test_answer_and_chat_honour_allow_partial(partial_client):
+    client, lost = partial_client
+    body = {"question": QUESTION, "k": 5}
+    _assert_names_the_dead_shard(client.post("/v1/answer", json=body))
+    answer = client.post("/v1/answer", json={**body, "allow_partial": True})
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    assert data["missing_shards"] == ["shard-001"]
+    assert data["passages"] and not {p["doc_id"] for p in data["passages"]} & lost
+    with client.stream("POST", "/v1/answer", json={**body, "allow_partial": True, "stream": True}) as stream:
+        assert stream.status_code == 200
+        text = "".join(stream.iter_text())
+    assert '"missing_shards": ["shard-001"]' in text.split("event: token")[0]  # the passages event says so
+    chat = {"messages": [{"role": "user", "content": QUESTION}], "sift": {"k": 5}}
+    _assert_names_the_dead_shard(client.post("/v1/chat/completions", json=chat))
+    chat["sift"]["allow_partial"] = True
+    completion = client.post("/v1/chat/completions", json=chat)
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["missing_shards"] == ["shard-001"]

@@ -17,7 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.answering import Answerer, AnswerResult, PreparedAnswer
 from app.api.errors import ApiError
 from app.api.openapi import event_stream
-from app.api.routes import ERRORS, SEARCH, acquire_build, check_max, check_text, to_options
+from app.api.routes import (
+    ERRORS,
+    SEARCH,
+    acquire_build,
+    check_max,
+    check_text,
+    missing_shards,
+    partial_results,
+    to_options,
+)
 from app.api.schemas import SearchParams
 from app.generation.base import GenerationError, GenerationOptions
 from app.pipeline import SearchOptions
@@ -194,7 +203,9 @@ async def answer(body: AnswerRequest, request: Request) -> Any:
         await collection.release(build)
         raise
     started = time.perf_counter()
-    prepared, done = await admit_and_prepare(collection, build, reader, body.question, options, body.passages)
+    with partial_results(body.allow_partial) as partial:
+        prepared, done = await admit_and_prepare(collection, build, reader, body.question, options, body.passages)
+    missing = missing_shards(partial)
     generation = body.generation.model_copy()
     if "max_new_tokens" not in body.generation.model_fields_set:
         generation.max_new_tokens = reader.settings.max_new_tokens
@@ -216,6 +227,7 @@ async def answer(body: AnswerRequest, request: Request) -> Any:
             "timings_ms": timings,
             "bundle": build.build_id,
             "collection": collection.name,
+            "missing_shards": missing,
         }
         if result.span is not None:
             out["span"] = result.span
@@ -231,7 +243,8 @@ async def answer(body: AnswerRequest, request: Request) -> Any:
 
     async def events() -> AsyncIterator[str]:
         try:
-            yield sse("passages", {"passages": passages_payload(prepared), "answered": prepared.answerable})
+            passages = {"passages": passages_payload(prepared), "answered": prepared.answerable}
+            yield sse("passages", {**passages, "missing_shards": missing})
             t = time.perf_counter()
             try:
                 async for piece in reader.stream(prepared, generation, request.is_disconnected):
@@ -306,7 +319,9 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     except BaseException:
         await collection.release(build)
         raise
-    prepared, done = await admit_and_prepare(collection, build, reader, query, options)
+    with partial_results(params.allow_partial) as partial:
+        prepared, done = await admit_and_prepare(collection, build, reader, query, options)
+    missing = missing_shards(partial)
     system_and_history = [m for m in body.messages if m.role in ("system", "developer")]
     if system_and_history:
         prepared.messages[0]["content"] += "\n" + "\n".join(m.text() for m in system_and_history)
@@ -336,6 +351,7 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             "citations": result.citations,
             "bundle": build.build_id,
             "collection": collection.name,
+            "missing_shards": missing,
         }
 
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
@@ -355,7 +371,13 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             try:
                 async for piece in reader.stream(prepared, generation, request.is_disconnected):
                     if isinstance(piece, AnswerResult):
-                        yield chunk({}, piece.finish_reason, citations=piece.citations, bundle=build.build_id)
+                        yield chunk(
+                            {},
+                            piece.finish_reason,
+                            citations=piece.citations,
+                            bundle=build.build_id,
+                            missing_shards=missing,
+                        )
                     else:
                         yield chunk({"content": piece})
             except Exception as exc:  # noqa: BLE001 - the status line has been sent: end with an error event

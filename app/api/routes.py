@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -87,6 +87,25 @@ async def use_build(request: Request, name: str | None = None) -> AsyncIterator[
         await collection.release(build)
 
 
+@contextlib.contextmanager
+def partial_results(allow: bool) -> Iterator[Partial | None]:
+    """Within the block, a sharded build's shard that does not answer is recorded in the yielded `Partial`
+    (its `missing`) and the others' results are used, when the request sent `allow_partial`; without it
+    (None is yielded) such a shard raises `ShardUnavailable` (a 503 naming it)."""
+    if not allow:
+        yield None
+        return
+    partial, token = Partial.allow()
+    try:
+        yield partial
+    finally:
+        Partial.reset(token)
+
+
+def missing_shards(partial: Partial | None) -> list[str]:
+    return sorted(partial.missing) if partial is not None else []
+
+
 def check_text(value: str, field: str, limit: int, setting: str) -> None:
     """422 naming the field and the setting when a query-like text is longer than its limit."""
     if len(value) > limit:
@@ -158,12 +177,8 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
         max_depth = max(pipeline.settings.search.max_candidates, pipeline.settings.search.max_k)
         cursor = resume(body.cursor, body.offset, build_id, collection.name, ranking, max_depth)
         options = replace(options, offset=cursor.offset, candidates=cursor.depth)
-    partial, token = Partial.allow() if body.allow_partial else (None, None)
-    try:
+    with partial_results(body.allow_partial) as partial:
         result = await pipeline.search(body.query, options)
-    finally:
-        if token is not None:
-            Partial.reset(token)
     end = options.offset + len(result.hits)
     more = bool(result.hits) and end < result.ranked
     next_cursor = encode_cursor(Cursor(build_id, collection.name, end, options.candidates, ranking)) if more else None
@@ -181,8 +196,8 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
         pipeline.settings.search.snippet_chars,
         next_cursor,
     )
-    if partial is not None and partial.missing:
-        response["missing_shards"] = sorted(partial.missing)
+    if missing_shards(partial):
+        response["missing_shards"] = missing_shards(partial)
         response["next_cursor"] = None  # a partial ranking cannot be paged on consistently
     return FastJSON(response)
 
@@ -230,7 +245,8 @@ async def _search_batch(
             "queries",
         )
     started = time.perf_counter()
-    results = await pipeline.search_many(body.queries, options)
+    with partial_results(body.allow_partial) as partial:
+        results = await pipeline.search_many(body.queries, options)
     timings = results[0].timings_ms if results else {}
     metrics = request.app.state.metrics
     metrics.observe_timings(timings, collection.name)
@@ -248,8 +264,13 @@ async def _search_batch(
         )
         for q, r in zip(body.queries, results)
     ]
+    missing = missing_shards(partial)
+    for item in shaped:  # one fan-out served every query: the same shards are missing from each result
+        item["missing_shards"] = missing
     total = {**timings, "total": round((time.perf_counter() - started) * 1000, 3)}
-    return FastJSON({"results": shaped, "timings_ms": total, "bundle": pipeline.bundle.build_id})
+    return FastJSON(
+        {"results": shaped, "timings_ms": total, "bundle": pipeline.bundle.build_id, "missing_shards": missing}
+    )
 
 
 @router.get(

@@ -197,3 +197,7 @@ class BatchSearchResponse(BaseModel):
     results: list[SearchResponse] = Field(description="one result per query, in order")
     timings_ms: dict[str, float] = Field(description="milliseconds per stage for the whole batch")
     bundle: str = Field(description="build id of the bundle that answered")
+    missing_shards: list[str] = Field(
+        default_factory=list,
+        description="shards that did not answer (only with allow_partial; every result comes from the others)",
+    )

@@ -127,3 +127,33 @@ def test_answer_and_chat_honour_allow_partial(partial_client):
     completion = client.post("/v1/chat/completions", json=chat)
     assert completion.status_code == 200, completion.text
     assert completion.json()["missing_shards"] == ["shard-001"]
+
+
+# -- 3. the chat stream's usage chunk (stream_options.include_usage) -------------------------------------------
+
+
+def test_openai_stream_with_include_usage_ends_with_a_usage_chunk(maxsim_server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{maxsim_server}/v1", api_key="unused")
+    messages = [{"role": "user", "content": QUESTION}]
+    chunks = list(
+        client.chat.completions.create(
+            model="sift-rag", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    usage = last.usage
+    assert all(isinstance(n, int) and n > 0 for n in (usage.prompt_tokens, usage.completion_tokens))
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1]) and all(c.choices for c in chunks[:-1])
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    assert "1889" in streamed
+    # the numbers a non-streamed reply reports for the same answer
+    plain = client.chat.completions.create(model="sift-rag", messages=messages)
+    assert plain.choices[0].message.content == streamed
+    assert (plain.usage.prompt_tokens, plain.usage.completion_tokens) == (usage.prompt_tokens, usage.completion_tokens)
+    # without include_usage: no usage chunk, no usage field
+    chunks = list(client.chat.completions.create(model="sift-rag", messages=messages, stream=True))
+    assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)

@@ -74,6 +74,17 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's `stream_options` (used with stream=true; ignored without it)."""
+
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = Field(
+        False,
+        description="one more chunk before `data: [DONE]` carries `usage` and an empty `choices`; every other "
+        "chunk carries `usage: null`",
+    )
+
+
 class ChatRequest(BaseModel):
     """The OpenAI chat-completions request; unknown OpenAI fields are accepted and ignored. Sift's own
     retrieval options may be sent in `sift` (mode, k, rerank, filters)."""
@@ -86,6 +97,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="at most answer.max_tokens_limit")
     max_completion_tokens: int | None = Field(None, ge=1, description="at most answer.max_tokens_limit")
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=1)
@@ -168,6 +180,22 @@ def check_question_tokens(reader: Answerer, texts: list[str], limit: int, field:
             f"{field}: {tokens} prompt tokens exceed answer.max_question_tokens ({limit}); shorten them",
             field,
         )
+
+
+def usage_of(reader: Answerer, prepared: PreparedAnswer, result: AnswerResult) -> dict[str, int]:
+    """OpenAI `usage` of one answer: the generator's own counts when it reports them (a non-streamed
+    generation), else counted with the answerer's tokenizer: for an extractive answer the question and the
+    passages the reader read, otherwise the prompt's message texts; and the answer's text. Streamed and
+    non-streamed extractive answers therefore report the same numbers."""
+    prompt, completion = result.prompt_tokens, result.completion_tokens
+    if not prompt and not completion:
+        if reader.mode == "extractive":
+            texts = [prepared.question, *(p["text"] for p in prepared.passages)]
+        else:
+            texts = [m["content"] for m in prepared.messages]
+        prompt = sum(reader.count_tokens(t) for t in texts if t)
+        completion = reader.count_tokens(result.text) if result.text else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def sse(event: str, data: Any) -> str:
@@ -333,7 +361,6 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             result = await reader.answer(prepared, generation, request.is_disconnected)
         finally:
             await done()
-        usage = (result.prompt_tokens, result.completion_tokens)
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -347,20 +374,25 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
                     "finish_reason": result.finish_reason,
                 }
             ],
-            "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": usage[0] + usage[1]},
+            "usage": usage_of(reader, prepared, result),
             "citations": result.citations,
             "bundle": build.build_id,
             "collection": collection.name,
             "missing_shards": missing,
         }
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> str:
+        """A chunk with one choice carrying `delta`, or (delta None) with no choice: the usage chunk."""
+        choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if delta is not None else []
         payload = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": body.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": choices,
+            **({"usage": None} if include_usage else {}),
             **extra,
         }
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -378,6 +410,8 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
                             bundle=build.build_id,
                             missing_shards=missing,
                         )
+                        if include_usage:  # OpenAI's last chunk before [DONE]: no choices, the whole usage
+                            yield chunk(None, usage=usage_of(reader, prepared, piece))
                     else:
                         yield chunk({"content": piece})
             except Exception as exc:  # noqa: BLE001 - the status line has been sent: end with an error event

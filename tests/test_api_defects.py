@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from indexer.build import reshard_bundle
+from indexer.models import passage_index_text
 from tests.servers import sift_server
 
 QUERY = "how do stars form"
@@ -157,3 +158,42 @@ def test_openai_stream_with_include_usage_ends_with_a_usage_chunk(maxsim_server)
     # without include_usage: no usage chunk, no usage field
     chunks = list(client.chat.completions.create(model="sift-rag", messages=messages, stream=True))
     assert all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
+
+
+# -- 4. /v1/rerank with MaxSim alone as the second stage -------------------------------------------------------
+
+
+def test_cohere_client_rerank_with_maxsim_alone_equals_the_search_maxsim_stage(maxsim_server):
+    import cohere
+
+    search = httpx.post(
+        f"{maxsim_server}/v1/search", json={"query": QUERY, "k": 6, "rerank": True, "rerank_depth": 6}, timeout=60
+    ).json()
+    hits = search["hits"]
+    assert len(hits) == 6 and all(h["explain"]["maxsim"]["score"] is not None for h in hits)
+    maxsim = {h["passage_id"]: h["explain"]["maxsim"]["score"] for h in hits}
+    # by passage id: the stored token vectors /v1/search scores with, so exactly its numbers
+    by_ids = httpx.post(
+        f"{maxsim_server}/v1/rerank",
+        json={"query": QUERY, "documents": [{"id": h["passage_id"]} for h in hits], "return_documents": True},
+        timeout=60,
+    )
+    assert by_ids.status_code == 200, by_ids.text
+    results = by_ids.json()["results"]
+    assert sorted(r["index"] for r in results) == list(range(6))
+    for r in results:
+        assert r["relevance_score"] == pytest.approx(maxsim[hits[r["index"]]["passage_id"]], abs=1e-5)
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and by_ids.json()["meta"]["model"] == "maxsim"
+    assert by_ids.json()["usage"]["total_tokens"] > 0
+    # free texts through the official client: encoded by the bundle's bi-encoder (the stored vectors are int8)
+    texts = [passage_index_text(h["title"], h["text"]) for h in hits]
+    client = cohere.ClientV2(api_key="unused", base_url=maxsim_server)
+    reply = client.rerank(model="sift", query=QUERY, documents=texts[::-1], top_n=4)
+    assert len(reply.results) == 4
+    got = [r.relevance_score for r in reply.results]
+    assert got == sorted(got, reverse=True) and 0.3 < got[0] <= 1.0
+    for result in reply.results:
+        assert result.relevance_score == pytest.approx(maxsim[hits[::-1][result.index]["passage_id"]], abs=5e-3)
+    unrelated = client.rerank(model="sift", query=QUERY, documents=["Bread rises because of yeast.", texts[0]])
+    assert [r.index for r in unrelated.results] == [1, 0]

@@ -5,10 +5,13 @@ defects were."""
 from __future__ import annotations
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from indexer.build import reshard_bundle
+from indexer.bundle import open_bundle
+from indexer.docstore import Docstore
 from indexer.models import passage_index_text
 from tests.servers import sift_server
 
@@ -197,3 +200,27 @@ def test_cohere_client_rerank_with_maxsim_alone_equals_the_search_maxsim_stage(m
         assert result.relevance_score == pytest.approx(maxsim[hits[::-1][result.index]["passage_id"]], abs=5e-3)
     unrelated = client.rerank(model="sift", query=QUERY, documents=["Bread rises because of yeast.", texts[0]])
     assert [r.index for r in unrelated.results] == [1, 0]
+
+
+# -- 5. /v1/embeddings over a sharded build -----------------------------------------------------------------------
+
+
+def test_openai_client_embeddings_over_a_sharded_build_equal_the_unsharded_ones(maxsim_server, sharded_index):
+    from openai import OpenAI
+
+    store = Docstore(sharded_index / "shard-001" / "docstore.sqlite")
+    texts = [passage_index_text(title, text) for _, title, text in store.passage_texts()[:3]] + [QUERY]
+    store.close()
+
+    def embed(base: str) -> tuple[np.ndarray, int]:
+        reply = OpenAI(base_url=f"{base}/v1", api_key="unused").embeddings.create(model="sift", input=texts)
+        return np.asarray([d.embedding for d in reply.data], dtype=np.float32), reply.usage.prompt_tokens
+
+    env = {"SIFT_BUNDLE": str(sharded_index), "SIFT_RERANKER__MODEL": "none", "SIFT_GENERATOR__BACKEND": "none"}
+    assert len(open_bundle(sharded_index).manifest["shards"]["map"]) == 2
+    with sift_server(env) as (sharded, _):
+        got, tokens = embed(sharded)
+    want, want_tokens = embed(maxsim_server)
+    assert got.shape == want.shape == (4, 384) and tokens == want_tokens > 0
+    cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosine.min() >= 0.9999, cosine

@@ -162,6 +162,10 @@ class ShardedDenseSearcher(ShardedSearcher):
     def token_vectors(self, texts: list[str]) -> list[np.ndarray]:
         return self.query_encoder.token_vectors(texts)
 
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Vectors for arbitrary texts and their token count (`/v1/embeddings`), by the same encoder as queries."""
+        return self.query_encoder.embed(texts)
+
     def search_vectors(self, vectors: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[list[Hit]]:
         answers = self.fanout.map(lambda i: self.shards[i].search_vectors(vectors, k, self._slice(mask, i)))
         return self._merge(answers, len(vectors), k)

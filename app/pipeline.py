@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from app.retrieval import FusionConfig, Hit, fuse
+from app.retrieval.calibration import DepthCalibration
 from app.retrieval.maxsim import LateInteraction
 from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank, combine_stages, stack_below
 from app.settings import Settings
@@ -109,11 +110,33 @@ class Pipeline:
             if late is not None or rs.weights is not None
             else None
         )
+        # how deep the second stage goes by default on this machine: set once by the services when they load
+        # the build for serving, before it is served (app.retrieval.calibration); None: `reranker.depth`
+        self.calibration: DepthCalibration | None = None
 
     @property
     def second_stage(self) -> bool:
         """True when a second stage is configured (a reranker model and/or MaxSim)."""
         return self.batcher is not None or self.late is not None
+
+    @property
+    def default_depth(self) -> int:
+        """The second stage's default depth: `reranker.depth`, capped by the calibration when there is one."""
+        return self.calibration.depth if self.calibration is not None else self.settings.reranker.depth
+
+    def second_stage_report(self) -> dict[str, Any] | None:
+        """The second stage's default depth and what it was chosen from (`/v1/info`, `/metrics`, the log);
+        None without a second stage."""
+        if not self.second_stage:
+            return None
+        rs = self.settings.reranker
+        return {
+            "depth": self.default_depth,
+            "configured_depth": rs.depth,
+            "max_depth": rs.max_depth,
+            "latency_budget_ms": rs.latency_budget_ms or None,
+            "calibration": self.calibration.as_dict() if self.calibration is not None else None,
+        }
 
     # -- stages ------------------------------------------------------------------------------------------
 
@@ -294,7 +317,7 @@ class Pipeline:
             candidates=s.search.default_candidates,
             fusion=FusionConfig(s.fusion.method, s.fusion.rrf_k, dict(s.fusion.weights)),
             rerank=self.second_stage,
-            rerank_depth=s.reranker.depth,
+            rerank_depth=self.default_depth,
         )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -36,6 +36,7 @@ from app.generation.pool import GenerationPool
 from app.pipeline import Pipeline, Searcher
 from app.retrieval import BM25Searcher, DenseSearcher
 from app.retrieval.cache import QueryCache
+from app.retrieval.calibration import SharedCalibrations, calibrate
 from app.retrieval.maxsim import LateInteraction, MaxSimReranker, is_maxsim
 from app.retrieval.reranker import Reranker
 from app.retrieval.shards import ShardedDenseSearcher, ShardedDocstore, ShardedSearcher, ShardedTokenStore, ShardFanout
@@ -85,6 +86,8 @@ class Models:
     queries: QueryCache | None = None  # query embeddings, shared by every build and collection
     loaded_in: int | None = None  # pid of the process that loaded the models (a pre-fork master, or this one)
     shards: Any = None  # where a sharded build's shards live: None = this process; app.serving_ray.RemoteShards
+    # pre-fork workers: one second-stage calibration per build, measured by the first worker that loads it
+    calibrations: SharedCalibrations | None = None
 
     def query_cache(self, settings: Settings) -> QueryCache | None:
         """The process's query-embedding cache (`runtime.query_cache_size` entries; None when 0)."""
@@ -404,6 +407,7 @@ class Collection:
                 build = await asyncio.to_thread(self._load, target)
             except Exception as exc:  # noqa: BLE001 - any load failure keeps the old build
                 return self._failed(f"{type(exc).__name__}: {exc}", str(target))
+            await self._calibrate(build.pipeline)
             old, self.current = self.current, build
             self.error = self.failed_target = None
             self.reloads["ok"] += 1
@@ -424,6 +428,27 @@ class Collection:
                 self._draining.add(old)
                 await self._close_if_drained(old)
             return {"collection": self.name, "outcome": "loaded", "build": build.build_id}
+
+    async def _calibrate(self, pipeline: Pipeline) -> None:
+        """Before a build is served: time its second stage on this machine and cap its default depth within
+        `reranker.latency_budget_ms` (app.retrieval.calibration), on this event loop as requests run it. The
+        workers of a pre-fork server share one measurement per build. A failed calibration is logged and
+        leaves the configured depth; it never refuses a build."""
+        if not pipeline.second_stage or not self.settings.reranker.latency_budget_ms:
+            return
+        build = pipeline.bundle.build_id
+        try:
+            if self.models.calibrations is None:
+                pipeline.calibration = await calibrate(pipeline)
+            else:
+                key = f"{self.name}\0{build}\0{self.settings.reranker.model_dump_json()}"
+                pipeline.calibration = await self.models.calibrations.get(key, lambda: calibrate(pipeline))
+        except Exception as exc:  # noqa: BLE001 - a measurement must not cost the build
+            event = {"event": "second_stage_calibration_failed", "collection": self.name, "build": build}
+            log.warning(json.dumps({**event, "error": f"{type(exc).__name__}: {exc}"}))
+            return
+        event = {"event": "second_stage_calibrated", "collection": self.name, "build": build}
+        log.info(json.dumps({**event, **(pipeline.second_stage_report() or {})}))
 
     def _failed(self, error: str, target: str | None) -> dict[str, Any]:
         repeated = error == self.error
@@ -543,6 +568,7 @@ class Services:
         `/readyz`, as in `start`."""
         try:
             self.models.warm_up(self.settings, fork_safe=True)
+            self.models.calibrations = SharedCalibrations.create()
             for collection in self.collections.values():
                 with contextlib.suppress(BundleError):
                     dense = open_bundle(collection.root, False).manifest.get("dense") or {}
@@ -604,6 +630,12 @@ class Services:
     @property
     def ready(self) -> bool:
         return self.load_error is None and all(c.current is not None for c in self.collections.values())
+
+    def second_stages(self) -> dict[str, dict[str, Any]]:
+        """Each collection's served second stage: its default depth and calibration (`/metrics`); collections
+        without a build or without a second stage are absent."""
+        reports = {name: c.current.pipeline.second_stage_report() for name, c in self.collections.items() if c.current}
+        return {name: report for name, report in reports.items() if report is not None}
 
     def unavailable_shards(self) -> list[str]:
         """Shards of the served sharded builds that do not answer now (`/readyz` is ready only when none)."""

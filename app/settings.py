@@ -60,6 +60,13 @@ class RerankerSettings(BaseModel):
     max_length: int = Field(256, ge=8, description="tokens per (query, passage) pair; longer passages are truncated")
     depth: int = Field(50, ge=1, description="default number of fused candidates reranked")
     max_depth: int = Field(200, ge=1)
+    latency_budget_ms: float | None = Field(
+        200,
+        ge=0,
+        description="the default depth is capped at the deepest `depth` whose whole in-process search (first stage + "
+        "second stage) fits this many ms, measured on this machine when a build loads "
+        "(app.retrieval.calibration); null or 0: no calibration, the default depth is `depth`",
+    )
     max_batch_size: int = Field(64, ge=1, description="pairs per micro-batch across concurrent requests")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a micro-batch waits to fill")
     max_queued_pairs: int = Field(

@@ -219,7 +219,9 @@ def test_serve_sharded_fans_out_and_names_a_dead_shard(example_index, ray_serve,
                 want = pipeline.searchers[mode].search(query, 10) if mode != "hybrid" else None
                 if want is not None:
                     assert [h["passage_id"] for h in got.json()["hits"]] == [h.passage_id for h in want]
-        got = client.post(f"{base}/v1/search", json={"query": "how do stars form", "k": 10})  # reranked
+        # reranked at the in-process pipeline's depth (the replica's default is calibrated to this machine)
+        body = {"query": "how do stars form", "k": 10, "rerank_depth": pipeline.options().rerank_depth}
+        got = client.post(f"{base}/v1/search", json=body)
         assert got.status_code == 200 and "maxsim" in got.json()["hits"][0]["explain"]
         assert [h["passage_id"] for h in got.json()["hits"]] == [h.passage_id for h in reranked.hits]
         victim = _replica_processes("sift-shard-001")

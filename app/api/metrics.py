@@ -63,6 +63,45 @@ class Metrics:
 
         self.registry.register(Collector())
 
+    def watch_second_stage(self, reports: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Export each collection's second stage as `reports()` gives it at each scrape (collection ->
+        `Pipeline.second_stage_report()`, as `Services.second_stages`): its default depth, and when it was
+        calibrated, the predicted cost of a search at that depth and the budget it was chosen under."""
+
+        class Collector:
+            def collect(self):  # noqa: ANN202
+                current = reports()
+                depth = GaugeMetricFamily(
+                    "sift_second_stage_depth",
+                    "Default depth of the second stage (reranker.depth capped by the calibration)",
+                    labels=["collection"],
+                )
+                cost = GaugeMetricFamily(
+                    "sift_second_stage_cost_ms",
+                    "Calibrated in-process cost of a lone search at the default depth (first + second stage), ms",
+                    labels=["collection"],
+                )
+                budget = GaugeMetricFamily(
+                    "sift_second_stage_budget_ms",
+                    "reranker.latency_budget_ms it was calibrated under",
+                    labels=["collection"],
+                )
+                fits = GaugeMetricFamily(
+                    "sift_second_stage_fits",
+                    "1 when the calibrated default depth fits the budget",
+                    labels=["collection"],
+                )
+                for collection, report in current.items():
+                    depth.add_metric([collection], report["depth"])
+                    calibration = report.get("calibration")
+                    if calibration is not None:
+                        cost.add_metric([collection], calibration["cost_ms_at_depth"])
+                        budget.add_metric([collection], calibration["budget_ms"])
+                        fits.add_metric([collection], 1.0 if calibration["fits"] else 0.0)
+                yield from (depth, cost, budget, fits)
+
+        self.registry.register(Collector())
+
     def observe_timings(self, timings_ms: dict[str, float], collection: str = "default") -> None:
         for stage, ms in timings_ms.items():
             self.stage_latency.labels(stage, collection).observe(ms / 1000.0)

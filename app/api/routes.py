@@ -336,6 +336,7 @@ def _info(pipeline: Pipeline, collection: Collection) -> dict[str, Any]:
             "reranker": settings.reranker.model,
         },
         "runtimes": pipeline.runtimes(),
+        "second_stage": pipeline.second_stage_report(),  # default depth and its calibration on this machine
         "collection": collection.status(),
         "process": {"pid": os.getpid(), "workers": settings.server.workers, "threads": settings.runtime.threads},
         "settings": {

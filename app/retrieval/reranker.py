@@ -212,6 +212,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
         self.batches = 0
         self.pairs_scored = 0
+        self.waits = 0  # batches that waited `max_wait` for company (how often a batch paid that latency)
 
     def _ensure_started(self) -> asyncio.Queue:
         loop = asyncio.get_running_loop()
@@ -248,6 +249,7 @@ class MicroBatcher:
         while True:
             items = [await queue.get()]
             if self.max_wait > 0 and items[0][0].company and queue.qsize() + 1 < self.max_batch_size:
+                self.waits += 1
                 await asyncio.sleep(self.max_wait)  # let concurrent requests join this batch
             while len(items) < self.max_pending and not queue.empty():
                 items.append(queue.get_nowait())

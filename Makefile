@@ -4,10 +4,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.sift-installed
 INDEX  ?= var/index
-HOST   ?= 0.0.0.0
+# loopback by default: `sift serve` refuses other hosts without API keys (make run prints how to expose it)
+HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: install install-ray browser index run test test-heavy test-ray test-llama lint bench eval screenshot clean
+.PHONY: install install-ray browser index run test test-heavy test-ray test-llama test-cpu-baseline quickstart-check lint bench eval screenshot clean
 
 install: $(STAMP)  ## create .venv and install everything (torch 2.13.0 CPU first)
 
@@ -52,6 +53,12 @@ test-llama: install  ## the remote generator against llama.cpp's server (builds 
 	test -x .venv-llama/bin/python || $(PYTHON) -m venv .venv-llama
 	.venv-llama/bin/python -m pip install --quiet "llama-cpp-python[server]"
 	SIFT_LLAMA_PYTHON=.venv-llama/bin/python $(BIN)/python -m pytest -q -m llama tests/test_llama_server.py
+
+test-cpu-baseline: install  ## the CPU-dependent tests with every flag beyond AVX2 hidden (no bf16, no VNNI: the documented fallbacks; ~5 min)
+	SIFT_CPU_MASK=baseline $(BIN)/python -m pytest -q tests/test_runtime.py --durations=5
+
+quickstart-check:  ## a fresh clone runs `make run` and the README's examples, answers checked (CI runs it; ~5 min)
+	$(PYTHON) .ci/quickstart.py
 
 screenshot: install browser index  ## refresh docs/playground.png (the README's screenshot) from a real browser
 	SIFT_PLAYGROUND_SCREENSHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_playground.py

@@ -152,7 +152,7 @@ class GeneratorSettings(BaseModel):
 
 class AnswerSettings(BaseModel):
     mode: Literal["generative", "extractive", "extract-then-generate"] = Field(
-        "generative",
+        "extractive",
         description="generative: the generator writes the answer; extractive: the reader returns the best exact "
         "span of a passage; extract-then-generate: the generator rewrites the span with its sentence as context",
     )

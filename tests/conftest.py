@@ -80,8 +80,9 @@ def example_pipeline(example_index):
     from app.services import load_pipeline
     from app.settings import load_settings
 
-    # first stage only: the reranker's tests build their own pipelines (tests/test_reranker.py)
-    return load_pipeline(load_settings(bundle=example_index, reranker={"model": None}))
+    # first stage only: the reranker's tests build their own pipelines (tests/test_reranker.py); generative
+    # answers, for the tests that hand the app a generator (the shipped extractive default: test_shipped_answers)
+    return load_pipeline(load_settings(bundle=example_index, reranker={"model": None}, answer={"mode": "generative"}))
 
 
 def _source_key() -> str:

@@ -24,6 +24,7 @@ STOPWORDS = {"the", "was", "and", "for", "with", "that", "this", "from", "are", 
 def rag_server(example_index):
     env = {
         "SIFT_BUNDLE": str(example_index),
+        "SIFT_ANSWER__MODE": "generative",  # the local SmolLM2 generator (the shipped default is extractive)
         "SIFT_ANSWER__MAX_NEW_TOKENS": "40",
         "SIFT_RERANKER__MODEL": "none",
         "SIFT_SERVER__MAX_CONCURRENT_GENERATIONS": "8",
@@ -267,6 +268,7 @@ def test_a_disconnect_stops_the_remote_generation_too(rag_server, example_index)
     env = {
         "SIFT_BUNDLE": str(example_index),
         "SIFT_RERANKER__MODEL": "none",
+        "SIFT_ANSWER__MODE": "generative",
         "SIFT_GENERATOR__BACKEND": "openai",
         "SIFT_GENERATOR__BASE_URL": f"{rag_server}/v1",
         "SIFT_GENERATOR__MODEL": "sift-rag",

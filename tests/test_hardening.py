@@ -197,7 +197,7 @@ def test_limits_are_read_from_settings(example_pipeline):
 
 def test_chat_has_the_query_limit_and_a_prompt_token_budget(example_pipeline, local_generator):
     settings = load_settings(
-        bundle=example_pipeline.bundle.root, reranker={"model": None}, answer={"max_question_tokens": 200}
+        bundle=example_pipeline.bundle.root, reranker={"model": None}, answer={"max_question_tokens": 200, "mode": "generative"}
     )
     app = create_app(pipeline=derive_pipeline(example_pipeline, settings), generator=local_generator)
     with TestClient(app) as client:

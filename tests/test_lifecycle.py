@@ -202,7 +202,7 @@ def test_two_collections_in_one_process_on_every_endpoint(tmp_path, example_inde
         collections={"examples": example_index, "recipes": second},
         generator={"backend": "none"},
         reranker={"model": None},
-        answer={"mode": "extractive"},
+        answer={"mode": "extractive", "extractive_text": "span"},
     )
     with TestClient(create_app(settings)) as client:
         for _ in range(600):

@@ -73,6 +73,7 @@ def playground_server(example_index):
         "SIFT_RERANKER__INTERPOLATION": "0.5",
         # the configured depth (12), not one calibrated to this CPU: every one of the 10 hits shown is reranked
         "SIFT_RERANKER__LATENCY_BUDGET_MS": "0",
+        "SIFT_ANSWER__MODE": "generative",  # token by token, so the page's streaming shows (shipped: extractive)
         "SIFT_ANSWER__MAX_NEW_TOKENS": "48",
     }
     with sift_server(env, ready_timeout=300) as (base, _):

@@ -124,7 +124,10 @@ def extractive_client(example_pipeline, reader):
     from app.services import derive_pipeline
 
     p = example_pipeline
-    settings = p.settings.model_copy(update={"answer": p.settings.answer.model_copy(update={"mode": "extractive"})})
+    # the bare span as the answer text (answer.extractive_text: span); the shipped sentence answers are tested in
+    # tests/test_shipped_answers.py
+    answer = p.settings.answer.model_copy(update={"mode": "extractive", "extractive_text": "span"})
+    settings = p.settings.model_copy(update={"answer": answer})
     pipeline = derive_pipeline(p, settings, reranker=None)  # the same loaded build, extractive answers
     with TestClient(create_app(settings, pipeline=pipeline, reader=reader)) as client:
         yield client
@@ -167,6 +170,7 @@ def test_openai_client_gets_the_span_and_offsets_from_a_real_server(example_inde
     env = {
         "SIFT_BUNDLE": str(example_index),
         "SIFT_ANSWER__MODE": "extractive",
+        "SIFT_ANSWER__EXTRACTIVE_TEXT": "span",
         "SIFT_GENERATOR__BACKEND": "none",
         "SIFT_RERANKER__MODEL": "none",
     }

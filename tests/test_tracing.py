@@ -29,7 +29,7 @@ def traced(example_index, local_generator):
     settings = load_settings(
         bundle=example_index,
         reranker={"model": "models/sift-reranker-minilm-l6", "max_length": 128},
-        answer={"max_new_tokens": 12},
+        answer={"max_new_tokens": 12, "mode": "generative"},
     )
     models = Models(tracer=Tracer(provider)).warm_up(settings, generator=False, reader=False)
     pipeline = load_pipeline(settings, example_index, models)

@@ -23,7 +23,8 @@ How (bounded: it runs at every start and reload):
    in [`MIN_DEPTH`, configured depth] with first stage + cost(depth) ≤ budget. When even `MIN_DEPTH` does not
    fit, it is `MIN_DEPTH` and `fits` is False.
 About 1 + `PROBE_QUERIES`·(1 + 1/4) times a configured-depth second stage: ~1.5–2 s at depth 12 on a 2-core
-AVX2 machine, ~0.7 s on an AVX-512 one (more with a deeper configured depth).
+AVX2 machine, ~0.7 s on an AVX-512 one (more with a deeper configured depth). The probes see the machine as it
+is then: at a reload the old build still serves, and a busy machine calibrates shallower.
 
 No global state: the result (`DepthCalibration`) is part of the loaded build (`Pipeline.calibration`). The
 workers of a pre-fork server share one measurement per build through `SharedCalibrations` (a folder the master

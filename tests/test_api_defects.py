@@ -224,3 +224,103 @@ def test_openai_client_embeddings_over_a_sharded_build_equal_the_unsharded_ones(
     assert got.shape == want.shape == (4, 384) and tokens == want_tokens > 0
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert cosine.min() >= 0.9999, cosine
+
+
+# -- 6. the OpenAPI document agrees with the server (tests/test_fuzz.py fuzzes every operation) -----------------
+
+
+@pytest.fixture(scope="module")
+def documented_client(example_index):
+    """In process, as tests/test_fuzz.py serves it: MaxSim alone, extractive answers."""
+    from app.api.main import create_app
+    from app.services import Models, load_pipeline
+    from app.settings import load_settings
+
+    settings = load_settings(
+        bundle=example_index,
+        reranker={"model": "maxsim", "maxsim": True},
+        generator={"backend": "none"},
+        answer={"mode": "extractive"},
+    )
+    models = Models().warm_up(settings, generator=False)
+    pipeline = load_pipeline(settings, example_index, models)
+    with TestClient(create_app(pipeline=pipeline, reader=models.reader)) as client:
+        yield client
+
+
+def _validator(document: dict, path: str):
+    import jsonschema
+
+    schema = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return jsonschema.Draft202012Validator({**schema, "components": document["components"]})
+
+
+USER = [{"role": "user", "content": QUESTION}]
+AGREEMENT = [  # (path, body, whether the document allows it): the server must agree (2xx, or a 4xx)
+    ("/v1/search", {"query": "tea", "k": 3}, True),
+    ("/v1/search", {"query": "tea", "k": 3.0}, True),  # JSON Schema's integer admits 3.0
+    ("/v1/search", {"query": " \t"}, False),
+    ("/v1/search", {"query": "tea", "k": "3"}, False),
+    ("/v1/search", {"query": "tea", "rerank": 1}, False),
+    ("/v1/search", {"query": "tea", "cursor": "not a cursor!"}, False),
+    ("/v1/search", {"query": "tea", "cursor": "eyJ2IjoxfQ", "offset": 3}, False),
+    ("/v1/search", {"query": "tea", "filters": {" ": "x"}}, False),
+    ("/v1/search/batch", {"queries": ["tea", ""]}, False),
+    ("/v1/search/batch", {"queries": ["tea"], "offset": "2"}, False),
+    ("/v1/search/batch", {"queries": ["tea"], "offset": 2}, True),
+    ("/v1/rerank", {"query": "tea", "documents": ["tea leaves", ""]}, False),
+    ("/v1/rerank", {"query": "tea", "documents": ["tea leaves"], "return_documents": "yes"}, False),
+    ("/v1/rerank", {"query": "tea", "documents": ["tea leaves"], "return_documents": True}, True),
+    ("/v1/rerank", {"query": "tea", "documents": [{"id": "cook-003#0", "text": "tea"}]}, False),
+    ("/v1/embeddings", {"input": ""}, False),
+    ("/v1/embeddings", {"input": []}, False),
+    ("/v1/embeddings", {"input": "tea", "dimensions": 12}, False),
+    ("/v1/embeddings", {"input": "tea", "dimensions": 384}, True),
+    ("/v1/answer", {"question": QUESTION, "generation": {"top_k": 5}}, False),
+    ("/v1/answer", {"question": QUESTION, "generation": {"top_k": 5, "temperature": 0.5}}, True),
+    ("/v1/answer", {"question": QUESTION, "generation": {"max_new_tokens": "5"}}, False),
+    ("/v1/answer", {"question": QUESTION, "generation": {"num_beams": 2}, "stream": True}, False),
+    ("/v1/answer", {"question": QUESTION, "generation": {"stop": [""]}}, False),
+    ("/v1/chat/completions", {"messages": [{"role": "tool"}]}, False),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, False),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "Eiffel?"}]}]}, True),
+    ("/v1/chat/completions", {"messages": USER, "stop": ""}, False),
+    ("/v1/chat/completions", {"messages": USER, "seed": -1}, False),
+    ("/v1/chat/completions", {"messages": USER, "stream": "false"}, False),
+    ("/v1/chat/completions", {"messages": USER, "seed": 7}, True),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "allowed"), AGREEMENT)
+def test_the_document_allows_what_the_server_accepts(documented_client, path, body, allowed):
+    document = documented_client.get("/openapi.json").json()
+    assert _validator(document, path).is_valid(body) is allowed, body
+    response = documented_client.post(path, json=body)
+    if allowed:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["type"] == "validation_error" and error["fields"][0]["field"], error
+
+
+def test_the_document_follows_the_configuration(documented_client, example_pipeline):
+    """What a server cannot do leaves its document: without a second stage `rerank: true` and /v1/rerank
+    (both 422s); a `dimensions` other than the bi-encoder's; a made-up cursor or passage id (formats)."""
+    document = documented_client.get("/openapi.json").json()
+    components = document["components"]["schemas"]
+    dimensions = components["EmbeddingsRequest"]["properties"]["dimensions"]["anyOf"][0]
+    assert dimensions["enum"] == [384]
+    cursor = components["SearchRequest"]["properties"]["cursor"]["anyOf"][0]
+    assert cursor["format"] == "sift-cursor" and cursor["pattern"] == "^[A-Za-z0-9_-]+$"
+    assert "/v1/rerank" in document["paths"]
+    from app.api.main import create_app
+
+    with TestClient(create_app(pipeline=example_pipeline)) as client:  # no second stage
+        bare = client.get("/openapi.json").json()
+        assert "/v1/rerank" not in bare["paths"]
+        rerank = bare["components"]["schemas"]["SearchRequest"]["properties"]["rerank"]["anyOf"][0]
+        assert rerank == {"type": "boolean", "enum": [False]}
+        assert not _validator(bare, "/v1/search").is_valid({"query": "tea", "rerank": True})
+        assert client.post("/v1/search", json={"query": "tea", "rerank": True}).status_code == 422
+        assert client.post("/v1/search", json={"query": "tea", "rerank": False}).status_code == 200

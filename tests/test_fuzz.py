@@ -1,6 +1,8 @@
 """Schema-driven fuzzing: Schemathesis generates valid and invalid requests for every operation in the served
-OpenAPI document and checks each response against it: never a 5xx, and status, content type and body shape
-as documented (errors included). A bounded number of examples per operation keeps it inside `make test`."""
+OpenAPI document and runs every check it has on each response: never a 5xx; status, content type, headers and
+body shape as documented (errors included); and the server accepts each request the document allows and
+refuses each one it forbids. A bounded number of derandomized examples per operation keeps it inside
+`make test` and the same on every run."""
 
 from __future__ import annotations
 
@@ -10,39 +12,91 @@ schemathesis = pytest.importorskip("schemathesis", reason="schema fuzzing needs 
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import (  # noqa: E402
+    allow_header_conformance,
     content_type_conformance,
+    ensure_resource_availability,
+    ignored_auth,
+    missing_required_header,
+    negative_data_rejection,
     not_a_server_error,
+    object_level_authorization,
+    positive_data_acceptance,
+    response_headers_conformance,
     response_schema_conformance,
     status_code_conformance,
+    unsupported_method,
+    use_after_free,
 )
 
 from app.api.main import create_app  # noqa: E402
 from app.services import Models, load_pipeline  # noqa: E402
 from app.settings import load_settings  # noqa: E402
 
-CHECKS = (not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance)
+# every built-in check, including that the server accepts what the document allows (positive_data_acceptance) and
+# refuses what it forbids (negative_data_rejection)
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    positive_data_acceptance,
+    negative_data_rejection,
+    missing_required_header,
+    unsupported_method,
+    allow_header_conformance,
+    use_after_free,
+    ensure_resource_availability,
+    ignored_auth,
+    object_level_authorization,
+]
 EXAMPLES_PER_OPERATION = 20
 
 
 @pytest.fixture(scope="module")
 def fuzzed_app(example_index):
-    # the answer endpoints run extractively with the shipped reader: real answers, fast enough to fuzz
+    # the answer endpoints run extractively with the shipped reader: real answers, fast enough to fuzz; the
+    # second stage is MaxSim alone over the stored token vectors (so `rerank` and /v1/rerank answer, cheaply)
     settings = load_settings(
         bundle=example_index,
-        reranker={"model": None},
+        reranker={"model": "maxsim", "maxsim": True},
         generator={"backend": "none"},
         answer={"mode": "extractive"},
     )
     models = Models().warm_up(settings, generator=False)
     pipeline = load_pipeline(settings, example_index, models)
-    return create_app(pipeline=pipeline, reader=models.reader)
+    return create_app(pipeline=pipeline, reader=models.reader), pipeline
+
+
+def register_formats(pipeline) -> None:
+    """Values of the document's formats for what the server issued: a passage id of the served build, and a
+    cursor (one of another build: its 409 is documented; a cursor of this build would be bound to a query)."""
+    from hypothesis import strategies as st
+
+    from app.api.ecosystem import PASSAGE_ID_FORMAT
+    from app.api.pagination import Cursor, encode_cursor
+    from app.api.schemas import CURSOR_FORMAT
+
+    ids = sorted(row[0] for row in pipeline.docstore.passage_rows())
+    schemathesis.openapi.format(PASSAGE_ID_FORMAT, st.sampled_from(ids))
+    cursors = st.builds(
+        Cursor,
+        build=st.just("an-earlier-build"),
+        collection=st.just("default"),
+        offset=st.integers(0, 500),
+        depth=st.integers(1, 1000),
+        fingerprint=st.text("0123456789abcdef", min_size=16, max_size=16),
+    )
+    schemathesis.openapi.format(CURSOR_FORMAT, cursors.map(encode_cursor))
 
 
 def test_every_operation_answers_as_documented(fuzzed_app):
     from hypothesis import given
     from hypothesis.errors import Unsatisfiable
 
-    api = schemathesis.openapi.from_asgi("/openapi.json", fuzzed_app)
+    app, pipeline = fuzzed_app
+    register_formats(pipeline)
+    api = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in api.get_all_operations()]
     assert len(operations) >= 14, [op.label for op in operations]
     failures = []
@@ -65,6 +119,6 @@ def test_every_operation_answers_as_documented(fuzzed_app):
             check()
         except Unsatisfiable:
             assert mode == schemathesis.GenerationMode.NEGATIVE, operation.label  # no parameters to break
-        except Exception as exc:  # noqa: BLE001 - collect every operation's failure, then report them all
+        except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - collect every operation's failures
             failures.append(f"{operation.label} ({mode.value}): {type(exc).__name__}: {str(exc)[:1500]}")
     assert not failures, "\n\n".join(failures)

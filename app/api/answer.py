@@ -8,11 +8,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from app.answering import Answerer, AnswerResult, PreparedAnswer
 from app.api.errors import ApiError
@@ -27,7 +27,7 @@ from app.api.routes import (
     partial_results,
     to_options,
 )
-from app.api.schemas import SearchParams
+from app.api.schemas import NON_BLANK, JsonModel, SearchParams, Text, integral_floats
 from app.generation.base import GenerationError, GenerationOptions
 from app.pipeline import SearchOptions
 from app.services import Build, Collection
@@ -39,8 +39,30 @@ SIFT_MODEL_ID = "sift-rag"
 ANSWER_K = 5  # passages an answer retrieves unless the request says (`k` of /v1/answer, `sift.k` of a chat)
 
 
+# `GenerationOptions.problems()` refuses (422) top_k or top_p without sampling, beams with sampling and empty stop
+# sequences: the document says so (sampling, or greedy without top_k and top_p)
+GENERATION_RULES: dict[str, Any] = {
+    "properties": {"stop": {"items": {"minLength": 1}}},
+    "anyOf": [
+        {
+            "properties": {"temperature": {"exclusiveMinimum": 0}, "num_beams": {"maximum": 1}},
+            "required": ["temperature"],
+        },
+        {"properties": {"temperature": {"maximum": 0}, "top_k": {"type": "null"}, "top_p": {"type": "null"}}},
+    ],
+}
+
+
 class AnswerRequest(SearchParams):
-    question: str = Field(
+    # beams cannot stream (a 422): the document allows num_beams above 1 only without stream
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+            "then": {"properties": {"generation": {"properties": {"num_beams": {"maximum": 1}}}}},
+        }
+    )
+
+    question: Text = Field(
         ...,
         min_length=1,
         description="non-blank, at most search.max_query_chars characters",
@@ -52,8 +74,18 @@ class AnswerRequest(SearchParams):
         ge=1,
         description="most passages put into the prompt (default answer.passages, at most answer.max_passages)",
     )
-    generation: GenerationOptions = Field(default_factory=GenerationOptions, description="decoding controls")
+    generation: GenerationOptions = Field(
+        default_factory=GenerationOptions, description="decoding controls", json_schema_extra=GENERATION_RULES
+    )
     stream: bool = Field(False, description="send Server-Sent Events: passages, then tokens, then a final event")
+
+    @field_validator("generation", mode="before")
+    @classmethod
+    def _generation_strict(cls, value: Any) -> Any:
+        """Typed as JSON is (see `JsonModel`): "5" is not a number here either."""
+        if isinstance(value, dict):
+            return GenerationOptions.model_validate(integral_floats(GenerationOptions, value), strict=True)
+        return value
 
     @field_validator("question")
     @classmethod
@@ -63,18 +95,44 @@ class AnswerRequest(SearchParams):
         return value
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(JsonModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
+        """The message's text: its content, or the `text` strings of its content parts."""
         if isinstance(self.content, list):
-            return " ".join(str(part.get("text", "")) for part in self.content if isinstance(part, dict))
+            parts = (part.get("text") for part in self.content if isinstance(part, dict))
+            return " ".join(text for text in parts if isinstance(text, str))
         return self.content or ""
 
 
-class StreamOptions(BaseModel):
+# what `_has_user_message` requires, for the document: a user message whose content, or a content part's text,
+# has text
+USER_TEXT: dict[str, Any] = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"const": "user"},
+        "content": {
+            "anyOf": [
+                {"type": "string", "pattern": NON_BLANK},
+                {
+                    "type": "array",
+                    "contains": {
+                        "type": "object",
+                        "required": ["text"],
+                        "properties": {"text": {"type": "string", "pattern": NON_BLANK}},
+                    },
+                },
+            ]
+        },
+    },
+}
+
+
+class StreamOptions(JsonModel):
     """OpenAI's `stream_options` (used with stream=true; ignored without it)."""
 
     model_config = ConfigDict(extra="allow")
@@ -85,21 +143,24 @@ class StreamOptions(BaseModel):
     )
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(JsonModel):
     """The OpenAI chat-completions request; unknown OpenAI fields are accepted and ignored. Sift's own
     retrieval options may be sent in `sift` (mode, k, rerank, filters)."""
 
     model_config = ConfigDict(extra="allow")
     model: str = Field(SIFT_MODEL_ID, examples=[SIFT_MODEL_ID])
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, json_schema_extra={"contains": USER_TEXT})
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1, description="at most answer.max_tokens_limit")
     max_completion_tokens: int | None = Field(None, ge=1, description="at most answer.max_tokens_limit")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    # up to 4 non-empty stop sequences, as `GenerationOptions` takes them (it refused others with a 422)
+    stop: (
+        Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
+    ) | None = None
+    seed: int | None = Field(None, ge=0, description="makes sampling reproducible")
     n: int = Field(1, ge=1, le=1)
     sift: SearchParams | None = None
     collection: str | None = Field(None, description="which served collection answers (default: the first)")

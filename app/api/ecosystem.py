@@ -14,14 +14,15 @@ import asyncio
 import base64
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from app.api.errors import ApiError
 from app.api.routes import ERRORS, SEARCH, use_build
+from app.api.schemas import JsonModel, Text
 from app.retrieval.maxsim import LateInteraction
 from app.retrieval.reranker import prepare_documents
 from indexer.encoders import model_lock
@@ -30,21 +31,38 @@ from indexer.models import passage_index_text
 router = APIRouter()
 
 
-class RerankDocument(BaseModel):
+PASSAGE_ID_FORMAT = "sift-passage-id"
+
+
+class RerankDocument(JsonModel):
     """A document to rerank: its text, or (Sift's addition) the id of a passage of the served bundle."""
 
-    model_config = ConfigDict(extra="forbid")
-    text: str | None = Field(None, description="the document text")
-    id: str | None = Field(None, description="a passage id of the served bundle (`<doc_id>#<position>`)")
+    # exactly one of text and id (`_documents_valid`); an id names a passage of the served build (format
+    # sift-passage-id: another is a 422), so the document does not allow any string there
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["text"], "properties": {"text": {"type": "string"}, "id": {"type": "null"}}},
+                {"required": ["id"], "properties": {"id": {"type": "string"}, "text": {"type": "null"}}},
+            ]
+        },
+    )
+    text: Text | None = Field(None, description="the document text")
+    id: Annotated[str, Field(json_schema_extra={"format": PASSAGE_ID_FORMAT})] | None = Field(
+        None, description="a passage id of the served bundle (`<doc_id>#<position>`, see hits[].passage_id)"
+    )
 
 
-class RerankRequest(BaseModel):
+class RerankRequest(JsonModel):
     """Cohere v2 / Jina rerank request; unknown fields of those APIs are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
     model: str | None = Field(None, description="ignored: the configured reranker answers", examples=["sift"])
-    query: str = Field(..., min_length=1, examples=["how do stars form?"])
-    documents: list[str | RerankDocument] = Field(
+    query: Text = Field(
+        ..., min_length=1, description="non-blank, at most search.max_query_chars", examples=["how do stars form?"]
+    )
+    documents: list[Text | RerankDocument] = Field(
         ...,
         min_length=1,
         description='texts, `{"text": ...}` or `{"id": passage id}` (at most reranker.max_depth)',
@@ -220,13 +238,19 @@ def maxsim_scores(late: LateInteraction, query: str, texts: list[str], rows: lis
     return out
 
 
-class EmbeddingsRequest(BaseModel):
+class EmbeddingsRequest(JsonModel):
     """OpenAI embeddings request; unknown OpenAI fields (e.g. `user`) are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
-    input: str | list[str] = Field(..., description="a text or a list of texts", examples=[["how do stars form?"]])
+    input: Text | Annotated[list[Text], Field(json_schema_extra={"minItems": 1})] = Field(
+        ...,
+        description="a text or a non-empty list of texts (at most embeddings.max_inputs, each at most "
+        "embeddings.max_input_chars)",
+        examples=[["how do stars form?"]],
+    )
     model: str | None = Field(None, description="ignored: the served bundle's bi-encoder answers")
     encoding_format: Literal["float", "base64"] = Field("float", description="float list or base64 float32")
+    # no other size is given (vectors are not cut): the served document lists the models' dimensions
     dimensions: int | None = Field(None, ge=1, description="must equal the model's dimension when given")
     collection: str | None = Field(None, description="collection whose bi-encoder encodes")
 

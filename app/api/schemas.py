@@ -5,24 +5,60 @@ routes enforce them, and `app.api.openapi` writes them into the served OpenAPI d
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FilterValue = str | int | float | bool
 
+# "has text": a character that is not whitespace as `str.strip()` counts it (the validators' rule), spelled out
+# because `\s` means other sets in Python and in JSON Schema's ECMA regexes. The validators stay the check
+# (their messages name the field); this pattern tells the OpenAPI document that blank strings are refused.
+NON_BLANK = r"[^\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+Text = Annotated[str, Field(json_schema_extra={"pattern": NON_BLANK})]
 
-class SearchParams(BaseModel):
+
+def integral_floats(model: type[BaseModel], data: Any) -> Any:
+    """`data` with an integral float (7.0) given for an int field of `model` made that int: JSON has one
+    number type, and JSON Schema's `integer` admits 7.0."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        value = out.get(key)
+        args = get_args(field.annotation) or (field.annotation,)
+        if isinstance(value, float) and value.is_integer() and int in args and float not in args:
+            out[key] = int(value)
+    return out
+
+
+class JsonModel(BaseModel):
+    """A request body, validated strictly: a JSON value of the wrong type is a 422 (pydantic's lax mode took
+    "5" for 5 and "true" or 1 for true, which the OpenAPI document forbids), except that an integral float
+    is an integer, as JSON Schema has it."""
+
+    model_config = ConfigDict(strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        return integral_floats(cls, data)
+
+
+class SearchParams(JsonModel):
     """Options shared by `/v1/search`, `/v1/search/batch` and `/v1/answer`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # None, not a number: the default is the server's `search.default_k`, so the document shows none
-    k: int | None = Field(
+    # omitted, it is the server's `search.default_k` (None until `to_options`), so the document shows no default;
+    # an explicit null is refused like any other non-integer
+    k: int = Field(
         None,
         ge=1,
         description="number of hits to return (default search.default_k, at most search.max_k)",
         examples=[10],
+        json_schema_extra=lambda schema: schema.pop("default", None),
     )
     mode: Literal["bm25", "dense", "hybrid"] | None = Field(
         None,
@@ -57,10 +93,14 @@ class SearchParams(BaseModel):
         description="fused candidates reranked (default reranker.depth, at most reranker.max_depth)",
         examples=[20],
     )
-    filters: dict[str, FilterValue | list[FilterValue]] | None = Field(
-        None,
-        description="document metadata filters: a value means equality, a list means 'any of'",
-        examples=[{"topic": "astronomy", "year": [2020, 2021]}],
+    # the document refuses what `_filters_valid` refuses: blank keys and empty lists
+    filters: dict[str, FilterValue | Annotated[list[FilterValue], Field(json_schema_extra={"minItems": 1})]] | None = (
+        Field(
+            None,
+            description="document metadata filters: a value means equality, a list means 'any of'",
+            examples=[{"topic": "astronomy", "year": [2020, 2021]}],
+            json_schema_extra={"propertyNames": {"pattern": NON_BLANK}},
+        )
     )
     collapse: bool = Field(
         False, description="one hit per document (its best passage); `k` then counts documents", examples=[False]
@@ -103,17 +143,32 @@ _OFFSET = Field(
 )
 
 
+CURSOR_FORMAT = "sift-cursor"
+
+
 class SearchRequest(SearchParams):
-    query: str = Field(
+    # a cursor carries its own offset: one with an offset is a 422, so the document allows only offset 0 with it
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"cursor": {"type": "string"}}, "required": ["cursor"]},
+            "then": {"properties": {"offset": {"const": 0}}},
+        }
+    )
+
+    query: Text = Field(
         ...,
         min_length=1,
         description="the search query (non-blank, at most search.max_query_chars)",
         examples=["how do stars form?"],
     )
     offset: int = _OFFSET
-    cursor: str | None = Field(
+    # not any string: only a `next_cursor` this server issued, for this query and options (format sift-cursor;
+    # a made-up one is a 422, one from another build a 409); the pattern is its alphabet (unpadded base64url)
+    cursor: (
+        Annotated[str, Field(max_length=1024, pattern=r"^[A-Za-z0-9_-]+$", json_schema_extra={"format": CURSOR_FORMAT})]
+        | None
+    ) = Field(
         None,
-        max_length=1024,
         description="`next_cursor` of the previous page (send the same query and options; k may change); it fixes "
         "the ranking's depth and is bound to the build that issued it: 409 once another build serves",
     )
@@ -122,7 +177,7 @@ class SearchRequest(SearchParams):
 
 
 class BatchSearchRequest(SearchParams):
-    queries: list[str] = Field(
+    queries: list[Text] = Field(
         ...,
         min_length=1,
         description="queries, answered in order (at most search.max_batch_queries, each at most "

@@ -136,6 +136,16 @@ def test_calibrate_times_each_probe_query_at_each_probe_depth_after_an_untimed_w
     assert asyncio.run(calibrate(fake, budget_ms=0, clock=clock)) is None  # no budget: nothing measured
 
 
+def test_a_slow_machine_times_fewer_probe_queries_to_stay_within_the_target(example_pipeline):
+    """2.45 s a configured-depth search: one probe query after the warm-up, not three (≈ 5.5 s, not 12 s)."""
+    clock = FakeClock()
+    fake = CostedPipeline(example_pipeline, clock, first_ms=20, fixed_ms=30, per_pair_ms=200)
+    cal = asyncio.run(calibrate(fake, clock=clock))
+    assert fake.reranked == [12, 12, 3] and cal.probes == 1
+    assert (cal.depth, cal.fits) == (1, False) and cal.per_pair_ms == pytest.approx(200)
+    assert cal.seconds == pytest.approx((20 + 2430) * 2 / 1000 + 630 / 1000)
+
+
 def test_options_default_to_the_calibrated_depth_and_a_request_may_ask_deeper(example_pipeline):
     from app.services import derive_pipeline
 

@@ -22,9 +22,11 @@ How (bounded: it runs at every start and reload):
 3. Medians per depth; a line cost(depth) = fixed + per_pair·depth through them; the chosen depth is the deepest
    in [`MIN_DEPTH`, configured depth] with first stage + cost(depth) ≤ budget. When even `MIN_DEPTH` does not
    fit, it is `MIN_DEPTH` and `fits` is False.
-About 1 + `PROBE_QUERIES`·(1 + 1/4) times a configured-depth second stage: ~1.5–2 s at depth 12 on a 2-core
-AVX2 machine, ~0.7 s on an AVX-512 one (more with a deeper configured depth). The probes see the machine as it
-is then: at a reload the old build still serves, and a busy machine calibrates shallower.
+About 1 + `PROBE_QUERIES`·(1 + 1/4) times a configured-depth second stage: ~1.5–2 s at depth 12 on an idle 2-core
+AVX2 machine, ~0.7 s on an AVX-512 one. Bounded: when the warm-up shows that `PROBE_QUERIES` probes would take
+more than `TARGET_SECONDS`, fewer are timed (at least one), so a slow or busy machine spends at most about
+2.25 times one configured-depth search. The probes see the machine as it is then: at a reload the old build
+still serves, and a busy machine calibrates shallower.
 
 No global state: the result (`DepthCalibration`) is part of the loaded build (`Pipeline.calibration`). The
 workers of a pre-fork server share one measurement per build through `SharedCalibrations` (a folder the master
@@ -58,6 +60,7 @@ PROBE_QUERIES = 3  # timed probe queries (each: one first stage, one second stag
 PROBE_WORDS = 12  # words of a probe query: about a SciFact claim or a typed question
 LOW_DEPTH_DIVISOR = 4  # the probe depths: the configured depth and this fraction of it
 MIN_DEPTH = 1  # the default depth never goes below this, even when it does not fit the budget
+TARGET_SECONDS = 2.0  # timed probes beyond the warm-up: fewer probe queries (≥ 1) when they would take longer
 
 Clock = Callable[[], float]
 
@@ -194,18 +197,27 @@ def probe_queries(docstore: Any, n: int, words: int = PROBE_WORDS) -> list[str]:
 
 
 async def measure(
-    pipeline: Pipeline, depths: Sequence[int], probes: int = PROBE_QUERIES, clock: Clock = time.perf_counter
+    pipeline: Pipeline,
+    depths: Sequence[int],
+    probes: int = PROBE_QUERIES,
+    clock: Clock = time.perf_counter,
+    max_seconds: float | None = TARGET_SECONDS,
 ) -> Measurements:
-    """Time the served path on `probes` queries of the bundle (plus one untimed warm-up): each query's first
-    stage (`Pipeline.coarse` with the default options, off the event loop as a request runs it), then its
-    second stage (`Pipeline.rerank`) at each of `depths` over those candidates."""
+    """Time the served path on up to `probes` queries of the bundle (plus one untimed warm-up): each query's
+    first stage (`Pipeline.coarse` with the default options, off the event loop as a request runs it), then
+    its second stage (`Pipeline.rerank`) at each of `depths` over those candidates. Fewer queries (at least
+    one) when the warm-up says `probes` of them would take more than `max_seconds`."""
     queries = await asyncio.to_thread(probe_queries, pipeline.docstore, probes + 1)
     if not queries:
         raise ValueError("the build has no passages to draw probe queries from")
     options = pipeline.options(rerank=True)
     warm, timed = queries[0], queries[1:]
+    started = clock()
     ranked, _ = await asyncio.to_thread(pipeline.coarse, [warm], options)
     await pipeline.rerank([warm], ranked, max(depths))
+    if max_seconds is not None:  # one probe costs about the warm-up (deepest depth) plus the shallower depths
+        per_probe = (clock() - started) * sum(depths) / max(depths)
+        timed = timed[: max(1, min(len(timed), int(max_seconds / max(per_probe, 1e-9))))]
     first: list[float] = []
     second: dict[int, list[float]] = {d: [] for d in depths}
     for query in timed:

@@ -70,6 +70,40 @@ def test_local_stop_sequence_and_length_limit(local_generator):
     assert short.completion_tokens == 3 and short.finish_reason == "length"
 
 
+def test_local_generation_waiting_for_the_model_gives_up_once_cancelled(local_generator):
+    """A generation waiting for the model (another holds it: one generation at a time) ends once cancelled,
+    streamed or not, without ever running the model. The join's deadline only catches a hang."""
+    import threading
+
+    from app.generation.base import Cancel
+
+    def run(stream: bool, cancel: Cancel, out: list) -> None:
+        if stream:
+            out.append(list(local_generator.stream(MESSAGES, GenerationOptions(), cancel)))
+        else:
+            out.append(local_generator.generate(MESSAGES, GenerationOptions(), cancel))
+
+    passes = []
+    hook = local_generator.model.register_forward_hook(lambda *args: passes.append(1))
+    local_generator._lock.acquire()  # another generation holds the model
+    try:
+        for stream in (False, True):
+            cancel, out = Cancel(), []
+            waiter = threading.Thread(target=run, args=(stream, cancel, out))
+            waiter.start()
+            cancel.set()
+            waiter.join(60)
+            assert not waiter.is_alive(), f"a cancelled generation (stream={stream}) kept waiting for the model"
+            if stream:
+                assert out == [[]]
+            else:
+                assert out[0].finish_reason == "cancelled" and out[0].completion_tokens == 0
+    finally:
+        local_generator._lock.release()
+        hook.remove()
+    assert passes == []
+
+
 def _completion(text: str) -> dict:
     return {
         "choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -134,23 +168,67 @@ def test_remote_gives_up_after_bounded_retries_and_does_not_retry_client_errors(
 
 
 def test_remote_has_a_total_deadline_across_attempts(monkeypatch):
-    """Each attempt stalls until its read timeout; the deadline stops the whole call, not max_retries."""
-    import time as real_time
+    """Each attempt stalls 0.4 s, then times out; the deadline stops the whole call, not max_retries. The
+    generator's clock is virtual (stalls and backoffs advance it), so nothing here depends on real time."""
+    clock = [0.0]
 
-    attempts = []
+    class VirtualTime:
+        @staticmethod
+        def monotonic() -> float:
+            return clock[0]
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            clock[0] += seconds
+
+    monkeypatch.setattr("app.generation.remote.time", VirtualTime)
+    timeouts = []
 
     def stall(request):
-        attempts.append(real_time.monotonic())
-        real_time.sleep(0.4)
+        timeouts.append(request.extensions["timeout"]["read"])
+        clock[0] += 0.4
         raise httpx.ReadTimeout("stalled", request=request)
 
     generator = OpenAICompatibleGenerator(
         "http://r/v1", "m", max_retries=10, backoff_s=0.05, deadline_s=1.0, transport=httpx.MockTransport(stall)
     )
-    started = real_time.monotonic()
-    with pytest.raises(RemoteGenerationError):
+    with pytest.raises(RemoteGenerationError, match=r"generator backend failed \(ReadTimeout\)") as failed:
         generator.generate(MESSAGES, GenerationOptions())
-    assert real_time.monotonic() - started < 1.6 and 2 <= len(attempts) < 6
+    # attempts at 0, 0.45 (after 0.05 backoff) and 0.95 (after 0.1): the third ends past the 1.0 s deadline
+    assert failed.value.detail == "ReadTimeout: stalled after 3 attempts"
+    # no attempt may wait past the deadline: each one's timeout is what is left of it
+    assert timeouts == pytest.approx([1.0, 0.55, 0.05])
+
+
+def test_local_generation_stops_within_a_token_of_a_cancel(local_generator):
+    """A cancel (the client left) set while the model is generating stops it at its next token, streamed or
+    not. A forward hook counts the model's passes (one per new token) and sets the cancel at the fifth, so the
+    count, not a clock, shows where generation stopped (sampled at a high temperature: no early end of text)."""
+    from app.generation.base import Cancel
+
+    options = GenerationOptions(max_new_tokens=200, temperature=1.6, seed=3)
+    for stream in (False, True):
+        cancel, passes = Cancel(), []
+
+        def count(*args, passes=passes, cancel=cancel):
+            passes.append(1)
+            if len(passes) == 5:
+                cancel.set()
+
+        hook = local_generator.model.register_forward_hook(count)
+        try:
+            if stream:
+                pieces = list(local_generator.stream(MESSAGES, options, cancel))  # returns once the model stopped
+                assert len(pieces) <= 5
+            else:
+                result = local_generator.generate(MESSAGES, options, cancel)
+                assert result.completion_tokens == 5 and result.finish_reason == "stop"
+        finally:
+            hook.remove()
+        assert len(passes) == 5, (stream, len(passes))
+    # the same options run on without a cancel: generation went past 5 tokens on its own
+    uncancelled = local_generator.generate(MESSAGES, GenerationOptions(max_new_tokens=12, temperature=1.6, seed=3))
+    assert uncancelled.completion_tokens == 12
 
 
 def test_a_stream_is_retried_only_before_its_first_token():

@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -87,16 +88,19 @@ def test_anonymous_serving_is_refused_off_loopback():
     assert run.returncode == 2 and "SIFT_SERVER__API_KEYS" in run.stderr
 
 
-def test_rate_limit_per_key_answers_429_with_retry_after(example_pipeline):
+def test_rate_limit_per_key_answers_429_with_retry_after(example_pipeline, monkeypatch):
     app = app_with(
         example_pipeline,
         server={"api_keys": [SEARCH_KEY, "other-key-0123456789abcdef"], "rate_limit_per_s": 0.5, "rate_limit_burst": 3},
     )
+    # the limiter's clock stands still: no token refills between requests, however slowly they run
+    monkeypatch.setattr("app.api.auth.time", SimpleNamespace(monotonic=lambda: 1000.0))
     with TestClient(app) as client:
         codes = [client.get("/v1/collections", headers=bearer(SEARCH_KEY)).status_code for _ in range(5)]
         assert codes == [200, 200, 200, 429, 429]
         limited = client.get("/v1/collections", headers=bearer(SEARCH_KEY))
-        assert limited.json()["error"]["type"] == "rate_limited" and 1 <= int(limited.headers["retry-after"]) <= 2
+        # an empty bucket refills one token in 1 / 0.5 = 2 s
+        assert limited.json()["error"]["type"] == "rate_limited" and limited.headers["retry-after"] == "2"
         # another key has its own bucket
         assert client.get("/v1/collections", headers=bearer("other-key-0123456789abcdef")).status_code == 200
 
@@ -197,7 +201,9 @@ def test_limits_are_read_from_settings(example_pipeline):
 
 def test_chat_has_the_query_limit_and_a_prompt_token_budget(example_pipeline, local_generator):
     settings = load_settings(
-        bundle=example_pipeline.bundle.root, reranker={"model": None}, answer={"max_question_tokens": 200, "mode": "generative"}
+        bundle=example_pipeline.bundle.root,
+        reranker={"model": None},
+        answer={"max_question_tokens": 200, "mode": "generative"},
     )
     app = create_app(pipeline=derive_pipeline(example_pipeline, settings), generator=local_generator)
     with TestClient(app) as client:
@@ -216,21 +222,25 @@ def test_chat_has_the_query_limit_and_a_prompt_token_budget(example_pipeline, lo
 
 
 def test_the_rerank_queue_is_bounded():
+    import threading
+
+    taken, release = threading.Event(), threading.Event()
+
     class Slow:
         def score(self, pairs):
-            import time
-
-            time.sleep(0.2)
+            taken.set()  # the worker took a batch
+            assert release.wait(60), "the test never released the worker"
             return np.zeros(len(pairs))
 
     async def scenario():
         batcher = MicroBatcher(Slow(), max_batch_size=4, max_wait_ms=0, max_queued=10)
         first = asyncio.ensure_future(batcher.score([("q", "p")] * 4))
-        await asyncio.sleep(0.05)  # the worker took the first batch
+        assert await asyncio.to_thread(taken.wait, 60)  # the worker is busy with the first batch
         second = asyncio.ensure_future(batcher.score([("q", "p")] * 8))
         await asyncio.sleep(0)
         with pytest.raises(QueueFull, match="max_queued_pairs"):
-            await batcher.score([("q", "p")] * 3)
+            await batcher.score([("q", "p")] * 3)  # 8 queued + 3 > 10
+        release.set()
         assert len(await first) == 4 and len(await second) == 8
         await batcher.close()
 

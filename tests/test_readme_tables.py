@@ -1,0 +1,78 @@
+"""The README's quality and QA tables are the pinned figures (configs/regression/*.yaml), so that a hand-copied
+number cannot drift from what `make test` checks: each cell must equal its pin at the precision it is shown."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+SCIFACT = yaml.safe_load((ROOT / "configs" / "regression" / "scifact.yaml").read_text())
+SQUAD = yaml.safe_load((ROOT / "configs" / "regression" / "squad_qa.yaml").read_text())
+
+
+def table(header: str) -> dict[str, list[str]]:
+    """The README table whose header row starts with `header`: first cell (bold marks dropped) → other cells."""
+    lines = README[README.index(f"| {header}") :].splitlines()
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip().replace("**", "") for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def row(rows: dict[str, list[str]], prefix: str) -> list[str]:
+    [match] = [cells for name, cells in rows.items() if name.startswith(prefix)]
+    return match
+
+
+def shown(cell: str, pinned: float) -> None:
+    """`cell`'s first number equals `pinned` rounded to the decimals the cell shows."""
+    number = re.search(r"\d+(?:\.\d+)?", cell.replace(",", "")).group(0)
+    decimals = len(number.split(".")[1]) if "." in number else 0
+    assert abs(float(number) - pinned) <= 0.5 * 10**-decimals + 1e-9, f"README shows {number}, pinned {pinned}"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "ndcg", "recall"),
+    [
+        ("BM25", ("pipelines", "bm25"), ("pipelines", "bm25")),
+        ("dense", ("pipelines", "dense"), ("pipelines", "dense")),
+        ("hybrid (RRF", ("pipelines", "hybrid"), ("pipelines", "hybrid")),
+        # reranking the top 12 leaves Recall@100 to the first stage
+        ("default: hybrid + second stage", ("second_stage", "default"), ("pipelines", "hybrid")),
+        ("hybrid + MaxSim only", ("second_stage", "maxsim_0.5_top20"), ("pipelines", "hybrid")),
+        ("hybrid + shipped cross-encoder only", ("second_stage", "cross_encoder_0.5_top20"), ("pipelines", "hybrid")),
+    ],
+)
+def test_quality_table_is_the_scifact_pins(prefix, ndcg, recall):
+    cells = row(table("pipeline | nDCG@10"), prefix)
+    section, name = ndcg
+    pinned = SCIFACT["pipelines"][name]["ndcg@10"]["pinned"] if section == "pipelines" else None
+    shown(cells[0], pinned if pinned is not None else SCIFACT[section]["pinned"][name]["ndcg@10"])
+    shown(cells[1], SCIFACT["pipelines"][recall[1]]["recall@100"]["pinned"])
+
+
+@pytest.mark.parametrize("mode", ["generative", "extractive", "extract-then-generate"])
+def test_qa_table_is_the_squad_pins(mode):
+    cells = row(table("answer mode"), mode)
+    pins = SQUAD["modes"][mode]["full_sample"]
+    gold, end_to_end = cells[0].split("/"), cells[1].split("/")
+    shown(gold[0], pins["gold_context"]["exact_match"])
+    shown(gold[1], pins["gold_context"]["f1"])
+    shown(end_to_end[0], pins["end_to_end"]["exact_match"])
+    shown(end_to_end[1], pins["end_to_end"]["f1"])
+    shown(cells[2], pins["end_to_end"]["latency_ms_p50"])
+
+
+def test_the_readme_names_the_shipped_answer_mode_and_its_validation_choice():
+    validation = SQUAD["validation"]["end_to_end_f1"]
+    best = max(validation, key=validation.get)
+    assert yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["answer"]["mode"] == best
+    assert f"**{best}**" in README

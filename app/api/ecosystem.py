@@ -231,7 +231,7 @@ def maxsim_scores(late: LateInteraction, query: str, texts: list[str], rows: lis
     by_row = [i for i, row in enumerate(rows or []) if row is not None]
     if by_row:
         out[by_row] = late.store.maxsim(q, [rows[i] for i in by_row])  # type: ignore[index]
-    encode = [i for i in range(len(texts)) if i not in set(by_row)]
+    encode = sorted(set(range(len(texts))) - set(by_row))
     if encode:
         vectors = late.dense.token_vectors([texts[i] for i in encode])
         out[encode] = [float((q @ p.T).max(axis=1).mean()) for p in vectors]

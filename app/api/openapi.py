@@ -134,7 +134,8 @@ def _narrow(schema: dict[str, Any], settings: Settings, served: tuple[list[str],
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
-    """Serve an OpenAPI document carrying this server's limits (built once, on first request)."""
+    """Serve an OpenAPI document carrying this server's limits and what its builds offer (built on request, and
+    kept from the first request that finds every collection loaded)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:

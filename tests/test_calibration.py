@@ -49,8 +49,9 @@ def test_the_deepest_depth_whose_whole_search_fits_the_budget_is_chosen():
 
 def test_a_budget_below_the_fixed_cost_gives_the_minimum_depth_and_says_it_does_not_fit():
     depth, cost, fits = choose_depth(50, 12, 20, 40, 10)
-    assert depth == MIN_DEPTH == 1 and not fits and cost == pytest.approx(70)
-    assert choose_depth(1, 12, 0, 0, 10) == (1, 10, False)  # even one pair is over a 1 ms budget
+    assert depth == MIN_DEPTH == 2 and not fits and cost == pytest.approx(80)
+    assert choose_depth(1, 12, 0, 0, 10) == (2, 20, False)  # even the minimum is over a 1 ms budget
+    assert choose_depth(1, 1, 0, 0, 10) == (1, 10, False)  # never deeper than configured
 
 
 def test_no_budget_keeps_the_configured_depth():
@@ -61,7 +62,7 @@ def test_no_budget_keeps_the_configured_depth():
 
 def test_depth_is_free_when_it_costs_nothing_per_pair():
     assert choose_depth(200, 12, 20, 30, 0)[0] == 12
-    assert choose_depth(40, 12, 20, 30, 0) == (1, 50, False)
+    assert choose_depth(40, 12, 20, 30, 0) == (2, 50, False)
 
 
 def test_the_fitted_line_recovers_the_cost_model_and_noise_never_makes_depth_free_or_negative():
@@ -88,7 +89,8 @@ def test_calibration_from_measurements_uses_medians_and_records_what_it_chose_fr
 
 
 def test_probe_depths_and_queries_are_deterministic_and_drawn_from_the_bundle(example_pipeline):
-    assert probe_depths(12) == [3, 12] and probe_depths(1) == [1] and probe_depths(2) == [1, 2]
+    assert probe_depths(12) == [3, 12] and probe_depths(8) == [2, 8] and probe_depths(2) == [2]
+    assert probe_depths(1) == [1]  # never deeper than configured
     queries = probe_queries(example_pipeline.docstore, 4)
     assert queries == probe_queries(example_pipeline.docstore, 4) and len(set(queries)) == 4
     assert all(1 <= len(q.split()) <= 12 for q in queries)
@@ -142,7 +144,7 @@ def test_a_slow_machine_times_fewer_probe_queries_to_stay_within_the_target(exam
     fake = CostedPipeline(example_pipeline, clock, first_ms=20, fixed_ms=30, per_pair_ms=200)
     cal = asyncio.run(calibrate(fake, clock=clock))
     assert fake.reranked == [12, 12, 3] and cal.probes == 1
-    assert (cal.depth, cal.fits) == (1, False) and cal.per_pair_ms == pytest.approx(200)
+    assert (cal.depth, cal.fits) == (2, False) and cal.per_pair_ms == pytest.approx(200)
     assert cal.seconds == pytest.approx((20 + 2430) * 2 / 1000 + 630 / 1000)
 
 
@@ -228,7 +230,7 @@ def test_a_server_calibrates_its_second_stage_at_start_and_serves_that_depth(exa
         assert stage["configured_depth"] == configured and stage["latency_budget_ms"] == 200
         assert cal is not None and cal["budget_ms"] == 200 and cal["configured_depth"] == configured
         assert 1 <= stage["depth"] == cal["depth"] <= configured
-        assert cal["per_pair_ms"] > 0 and cal["first_stage_ms"] > 0 and cal["probes"] >= 3
+        assert cal["per_pair_ms"] > 0 and cal["first_stage_ms"] > 0 and cal["probes"] >= 1
         assert cal["fits"] == (cal["cost_ms_at_depth"] <= 200)
         assert reranked(client.post(f"{base}/v1/search", json=QUERY)) == stage["depth"]
         deeper = stage["depth"] + 4
@@ -245,8 +247,8 @@ def test_a_server_calibrates_its_second_stage_at_start_and_serves_that_depth(exa
 
 
 def test_a_budget_nothing_fits_serves_the_minimum_depth_measured_once_for_both_workers(example_index):
-    """A 1 ms budget: depth 1 and `fits` false, whatever the CPU. With two pre-forked workers, one measures and
-    both serve its result (the same default depth, so the same ranking from either)."""
+    """A 1 ms budget: the minimum depth (2) and `fits` false, whatever the CPU. With two pre-forked workers, one
+    measures and both serve its result (the same default depth, so the same ranking from either)."""
     from tests.servers import sift_server
 
     env = {
@@ -265,10 +267,34 @@ def test_a_budget_nothing_fits_serves_the_minimum_depth_measured_once_for_both_w
                     time.sleep(0.2)
                     continue
                 pid, stage = info.json()["process"]["pid"], info.json()["second_stage"]
-                assert stage["depth"] == 1 and stage["calibration"]["fits"] is False
-                assert reranked(client.post(f"{base}/v1/search", json=QUERY)) == 1
+                assert stage["depth"] == MIN_DEPTH and stage["calibration"]["fits"] is False
+                assert reranked(client.post(f"{base}/v1/search", json=QUERY)) == MIN_DEPTH
                 assert reranked(client.post(f"{base}/v1/search", json={**QUERY, "rerank_depth": 6})) == 6
                 seen[pid] = stage["calibration"]
         assert len(seen) == 2, f"only workers {set(seen)} answered"
         first, second = seen.values()
         assert first == second  # one measurement (same pid, same time), read by the other worker
+
+
+def test_metrics_of_a_started_app_carry_the_depth_its_info_reports(example_index):
+    """Through the app (services built from settings, started by its lifespan): the gauges `Metrics` exports
+    from `Services.second_stages` agree with /v1/info (watched here as app/api/main.py should watch them)."""
+    from fastapi.testclient import TestClient
+
+    from app.api.main import create_app
+
+    settings = load_settings(bundle=example_index, generator={"backend": "none"}, reranker={"latency_budget_ms": 1})
+    app = create_app(settings)
+    if not _metrics_wired():
+        app.state.metrics.watch_second_stage(app.state.services.second_stages)
+    with TestClient(app) as client:
+        for _ in range(600):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        stage = client.get("/v1/info").json()["second_stage"]
+        metrics = client.get("/metrics").text
+    assert stage["depth"] == MIN_DEPTH and not stage["calibration"]["fits"]
+    assert gauge(metrics, "sift_second_stage_depth") == MIN_DEPTH
+    assert gauge(metrics, "sift_second_stage_cost_ms") == pytest.approx(stage["calibration"]["cost_ms_at_depth"])
+    assert gauge(metrics, "sift_second_stage_budget_ms") == 1 and gauge(metrics, "sift_second_stage_fits") == 0

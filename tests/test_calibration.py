@@ -5,7 +5,6 @@ clock, workers sharing one measurement, and real servers that report and serve t
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import re
 import time
@@ -210,12 +209,6 @@ def gauge(metrics: str, name: str, collection: str = "default") -> float | None:
     return float(found.group(1)) if found else None
 
 
-def _metrics_wired() -> bool:
-    from app.api import main
-
-    return "watch_second_stage" in inspect.getsource(main.create_app)
-
-
 def test_a_server_calibrates_its_second_stage_at_start_and_serves_that_depth(example_index):
     """configs/default.yaml's second stage (shipped cross-encoder + stored-vector MaxSim) under its 200 ms budget:
     whatever this CPU gives, the depth is in [1, reranker.depth], reported in /v1/info and the log, and is what
@@ -239,8 +232,6 @@ def test_a_server_calibrates_its_second_stage_at_start_and_serves_that_depth(exa
         log = open(process.log_path, encoding="utf-8").read()
         line = next(json.loads(x[x.index("{") :]) for x in log.splitlines() if "second_stage_calibrated" in x)
         assert line["depth"] == stage["depth"] and line["calibration"]["pid"] == info["process"]["pid"]
-        if not _metrics_wired():
-            pytest.xfail("app/api/main.py does not call metrics.watch_second_stage(services.second_stages) yet")
         metrics = client.get(f"{base}/metrics").text
         assert gauge(metrics, "sift_second_stage_depth") == stage["depth"]
         assert gauge(metrics, "sift_second_stage_cost_ms") == pytest.approx(cal["cost_ms_at_depth"], abs=0.01)
@@ -284,9 +275,7 @@ def test_metrics_of_a_started_app_carry_the_depth_its_info_reports(example_index
     from app.api.main import create_app
 
     settings = load_settings(bundle=example_index, generator={"backend": "none"}, reranker={"latency_budget_ms": 1})
-    app = create_app(settings)
-    if not _metrics_wired():
-        app.state.metrics.watch_second_stage(app.state.services.second_stages)
+    app = create_app(settings)  # it exports every collection's second stage to /metrics
     with TestClient(app) as client:
         for _ in range(600):
             if client.get("/readyz").status_code == 200:

@@ -214,6 +214,7 @@ def create_app(
     app.state.auth = Auth(settings.server)
     app.state.metrics = metrics
     metrics.watch_query_cache(lambda: services.models.queries)
+    metrics.watch_second_stage(services.second_stages)  # each collection's calibrated default depth and its cost
     install_error_handlers(app)
     install_openapi(app, settings)
     app.include_router(router)

@@ -90,7 +90,8 @@ class SearchParams(JsonModel):
     rerank_depth: int | None = Field(
         None,
         ge=1,
-        description="fused candidates reranked (default reranker.depth, at most reranker.max_depth)",
+        description="fused candidates reranked (default: the calibrated depth, reranker.depth capped by "
+        "reranker.latency_budget_ms on this machine, shown in /v1/info second_stage.depth; at most reranker.max_depth)",
         examples=[20],
     )
     # the document refuses what `_filters_valid` refuses: blank keys and empty lists

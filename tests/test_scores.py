@@ -22,3 +22,32 @@ def test_hits_below_the_reranked_depth_score_below_the_reranked_ones():
     assert np.allclose(np.diff(scores[3:]), -0.0005)
     assert out[3].stages["rrf"].score == first[3].score
     assert stack_below([], first) == first and stack_below(head, []) == head
+
+
+def test_scores_fall_with_rank_over_http_on_every_path(example_index):
+    """A real server with the shipped second stage at its configured depth (12): one page, consecutive pages,
+    a batch and a collapsed ranking all carry scores that never rise as rank falls, across the depth too."""
+    import httpx
+
+    from tests.servers import sift_server
+
+    env = {"SIFT_BUNDLE": str(example_index), "SIFT_RERANKER__LATENCY_BUDGET_MS": "0"}
+    query = {"query": "how do stars form", "k": 30, "candidates": 60}
+
+    def falling(hits: list[dict]) -> list[float]:
+        scores = [h["score"] for h in hits]
+        assert all(a >= b for a, b in zip(scores, scores[1:])), scores
+        return scores
+
+    with sift_server(env) as (base, _), httpx.Client(base_url=base, timeout=120) as client:
+        whole = client.post("/v1/search", json=query).json()["hits"]
+        scores = falling(whole)
+        reranked = [h for h in whole if (h["explain"].get("rerank") or {}).get("score") is not None]
+        assert len(reranked) == 12 and scores[11] > scores[12]  # the first-stage tail sits below the head
+        pages = [client.post("/v1/search", json={**query, "k": 10, "offset": o}).json()["hits"] for o in (0, 10, 20)]
+        assert [h["score"] for page in pages for h in page] == scores  # pages concatenate to the same scores
+        batch = client.post("/v1/search/batch", json={"queries": ["how do stars form", "ocean tides"], "k": 30})
+        for result in batch.json()["results"]:
+            falling(result["hits"])
+        collapsed = client.post("/v1/search", json={**query, "collapse": True}).json()["hits"]
+        falling(collapsed)

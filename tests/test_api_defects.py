@@ -232,19 +232,9 @@ def test_openai_client_embeddings_over_a_sharded_build_equal_the_unsharded_ones(
 @pytest.fixture(scope="module")
 def documented_client(example_index):
     """In process, as tests/test_fuzz.py serves it: MaxSim alone, extractive answers."""
-    from app.api.main import create_app
-    from app.services import Models, load_pipeline
-    from app.settings import load_settings
+    from tests.test_fuzz import documented_app
 
-    settings = load_settings(
-        bundle=example_index,
-        reranker={"model": "maxsim", "maxsim": True},
-        generator={"backend": "none"},
-        answer={"mode": "extractive"},
-    )
-    models = Models().warm_up(settings, generator=False)
-    pipeline = load_pipeline(settings, example_index, models)
-    with TestClient(create_app(pipeline=pipeline, reader=models.reader)) as client:
+    with TestClient(documented_app(example_index)[0]) as client:
         yield client
 
 

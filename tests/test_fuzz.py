@@ -53,10 +53,10 @@ CHECKS = [
 EXAMPLES_PER_OPERATION = 20
 
 
-@pytest.fixture(scope="module")
-def fuzzed_app(example_index):
-    # the answer endpoints run extractively with the shipped reader: real answers, fast enough to fuzz; the
-    # second stage is MaxSim alone over the stored token vectors (so `rerank` and /v1/rerank answer, cheaply)
+def documented_app(example_index):  # noqa: ANN001, ANN201 - also tests/test_api_defects.py's app
+    """The app the fuzzer serves: extractive answers with the shipped reader (real answers, fast enough to
+    fuzz) and MaxSim alone over the stored token vectors as the second stage (so `rerank` and /v1/rerank
+    answer, cheaply). Returns (app, pipeline)."""
     settings = load_settings(
         bundle=example_index,
         reranker={"model": "maxsim", "maxsim": True},
@@ -66,6 +66,11 @@ def fuzzed_app(example_index):
     models = Models().warm_up(settings, generator=False)
     pipeline = load_pipeline(settings, example_index, models)
     return create_app(pipeline=pipeline, reader=models.reader), pipeline
+
+
+@pytest.fixture(scope="module")
+def fuzzed_app(example_index):
+    return documented_app(example_index)
 
 
 def register_formats(pipeline) -> None:

@@ -24,7 +24,7 @@ from app.api.errors import ApiError
 from app.api.routes import ERRORS, SEARCH, use_build
 from app.api.schemas import JsonModel, Text
 from app.retrieval.maxsim import LateInteraction
-from app.retrieval.reranker import prepare_documents
+from app.retrieval.reranker import prepare_documents, truncate_texts
 from indexer.encoders import model_lock
 from indexer.models import passage_index_text
 
@@ -209,13 +209,7 @@ def prepare_late(
     limit = int(encoder.max_seq_length)
     with model_lock(encoder):
         tokenizer = encoder.tokenizer
-        texts = list(texts)
-        cut = set()
-        if max_tokens_per_doc:
-            for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
-                if len(ids) > max_tokens_per_doc:
-                    texts[i] = tokenizer.decode(ids[:max_tokens_per_doc])
-                    cut.add(i)
+        texts, cut = truncate_texts(tokenizer, texts, max_tokens_per_doc)
         counts = [len(ids) for ids in tokenizer([query, *texts])["input_ids"]]
     truncated = cut | {i for i, n in enumerate(counts[1:]) if n > limit}
     tokens = int(sum(min(n, limit) for n in counts))

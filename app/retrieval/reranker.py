@@ -93,6 +93,19 @@ class Reranker:
         return scores
 
 
+def truncate_texts(tokenizer, texts: list[str], max_tokens: int | None) -> tuple[list[str], set[int]]:  # noqa: ANN001
+    """`texts` with each longer than `max_tokens` tokenizer tokens cut to that many, and the indices cut.
+    The caller holds the lock of the model that owns `tokenizer` (tokenizers are not thread-safe)."""
+    texts = list(texts)
+    cut: set[int] = set()
+    if max_tokens:
+        for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+            if len(ids) > max_tokens:
+                texts[i] = tokenizer.decode(ids[:max_tokens])
+                cut.add(i)
+    return texts, cut
+
+
 def prepare_documents(
     reranker,
     query: str,
@@ -104,13 +117,7 @@ def prepare_documents(
     thread-safe and the micro-batcher may be scoring on another thread."""
     with reranker._lock:
         tokenizer = reranker.tokenizer
-        texts = list(texts)
-        truncated = set()
-        if max_tokens_per_doc:
-            for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
-                if len(ids) > max_tokens_per_doc:
-                    texts[i] = tokenizer.decode(ids[:max_tokens_per_doc])
-                    truncated.add(i)
+        texts, truncated = truncate_texts(tokenizer, texts, max_tokens_per_doc)
         pair_tokens = [len(ids) for ids in tokenizer([query] * len(texts), texts)["input_ids"]]
     truncated |= {i for i, n in enumerate(pair_tokens) if n > reranker.max_length}
     return texts, sorted(truncated), pair_tokens

@@ -46,7 +46,7 @@ install-ray: install  ## the optional Ray extra (`--engine ray` builds and servi
 test-ray: install-ray  ## on a local Ray instance: Ray Data build (+ a killed actor), Ray Serve replicas and shards (~4 min)
 	$(BIN)/python -m pytest -p no:xdist -m ray tests/test_ray.py
 
-test-heavy: install  ## the minutes-long checks: kill -9 builds, the quality gate, training steps, SmolLM2 QA pins
+test-heavy: install  ## the minutes-long checks: SciFact quality pins, kill -9 builds, the quality gate, training steps, SmolLM2 QA pins
 	$(BIN)/python -m pytest -m heavy
 
 test-llama: install  ## the remote generator against llama.cpp's server (builds llama-cpp-python, ~15 min; not in CI)

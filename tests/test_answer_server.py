@@ -150,7 +150,9 @@ def test_answer_without_generator_is_503(example_pipeline):
 LONG = {
     "question": "Describe the Eiffel Tower: its history, construction, height and visitors.",
     "stream": True,
-    "generation": {"max_new_tokens": 800, "temperature": 1.6, "seed": 3},
+    # the request limit (answer.max_tokens_limit): a holder must outlast every step a test takes meanwhile, even
+    # on a slow, loaded machine (at 800 tokens it ended on its own once while a second server started)
+    "generation": {"max_new_tokens": 2048, "temperature": 1.6, "seed": 3},
 }
 
 
@@ -310,6 +312,8 @@ def test_a_disconnect_stops_the_remote_generation_too(rag_server, example_index)
         "SIFT_GENERATOR__DEADLINE_S": "3600",
     }
     with sift_server(env) as (front, _):
+        # A's first search pays its lazy warm-up before B's model is held, not while the holder's tokens run
+        searches_succeed(front, n=2)
         holder = hold_the_model(rag_server)
         try:
             stream = Streamer(front, LONG, tokens=0)

@@ -47,6 +47,7 @@ def _split(total: int, cuts: list[int]) -> list[tuple[int, int]]:
 
 
 @needs_scifact
+@pytest.mark.heavy  # over the SciFact bundle (see tests/test_regression_scifact.py)
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     query=st.sampled_from(QUERIES),
@@ -79,6 +80,7 @@ def test_pages_concatenate_to_one_request_for_the_whole_range(scifact_client, qu
 
 
 @needs_scifact
+@pytest.mark.heavy
 def test_a_cursor_walks_the_whole_ranking_and_stops_at_its_end(scifact_client):
     base = {"query": QUERIES[0], "mode": "bm25", "candidates": 30, "return_text": False}
     whole = _ids(scifact_client.post("/v1/search", json={**base, "k": 30}))
@@ -92,6 +94,7 @@ def test_a_cursor_walks_the_whole_ranking_and_stops_at_its_end(scifact_client):
 
 
 @needs_scifact
+@pytest.mark.heavy
 def test_a_first_page_deeper_than_candidates_fixes_the_depth_for_its_cursor(scifact_client):
     base = {"query": QUERIES[1], "mode": "hybrid", "candidates": 20, "return_text": False}
     whole = _ids(scifact_client.post("/v1/search", json={**base, "k": 40}))

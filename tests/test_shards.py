@@ -142,6 +142,7 @@ def test_reshard_equals_a_sharded_build_and_refusals(sharded_examples, example_i
 @needs_scifact
 @SHARED_DATA_WORKER
 @pytest.mark.slow
+@pytest.mark.heavy  # over the SciFact bundle (see tests/test_regression_scifact.py)
 def test_sharded_scifact_over_http_matches_the_unsharded_bundle(scifact_index, tmp_path) -> None:
     from app.eval.retrieval import evaluate, load_beir
 

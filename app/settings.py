@@ -1,5 +1,9 @@
 """The one settings model: `configs/default.yaml` (or `--config FILE` / `SIFT_CONFIG`) plus `SIFT_*`
 environment overrides, nested with `__` (e.g. `SIFT_RERANKER__MODEL=/models/ce`, `SIFT_SEARCH__MAX_K=200`).
+
+`Settings` extends `indexer.config.SiftSettings` (the `index:` section and the search mode the indexer reads)
+and is loaded by the same `indexer.config.load_config`, so the server, `sift index` and the quality gate read
+one file and one environment the same way. Every code default equals `configs/default.yaml`.
 """
 
 from __future__ import annotations
@@ -9,9 +13,17 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic_settings import SettingsConfigDict
 
-from indexer.config import DEFAULT_CONFIG, PROJECT_ROOT, IndexConfig, Runtime, config_path, load_index_config
+from indexer.config import (
+    DEFAULT_CONFIG,
+    PROJECT_ROOT,
+    IndexConfig,
+    Runtime,
+    SearchModeSettings,
+    SiftSettings,
+    load_config,
+)
 
 __all__ = ["DEFAULT_CONFIG", "PROJECT_ROOT", "Settings", "load_settings", "project_path"]
 
@@ -25,8 +37,10 @@ def project_path(value: str | Path) -> str | Path:
     return value
 
 
-class SearchSettings(BaseModel):
-    default_mode: Literal["bm25", "dense", "hybrid"] = "hybrid"
+class SearchSettings(SearchModeSettings):
+    """`default_mode` (from `indexer.config.SearchModeSettings`, which the quality gate reads) and the API's
+    limits."""
+
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
     default_candidates: int = Field(100, ge=1)
@@ -54,11 +68,12 @@ class FusionSettings(BaseModel):
 
 class RerankerSettings(BaseModel):
     model: str | None = Field(
-        None,
+        "models/sift-reranker-minilm-l6",
+        validate_default=True,
         description="CrossEncoder path or hub id, or `maxsim[:bi-encoder]` (training-free); null disables reranking",
     )
-    max_length: int = Field(256, ge=8, description="tokens per (query, passage) pair; longer passages are truncated")
-    depth: int = Field(50, ge=1, description="default number of fused candidates reranked")
+    max_length: int = Field(128, ge=8, description="tokens per (query, passage) pair; longer passages are truncated")
+    depth: int = Field(12, ge=1, description="default number of fused candidates reranked")
     max_depth: int = Field(200, ge=1)
     latency_budget_ms: float | None = Field(
         200,
@@ -79,13 +94,13 @@ class RerankerSettings(BaseModel):
         1.0, ge=0, le=1, description="final = w·z(reranker) + (1-w)·z(first stage); 1.0 = reranker only"
     )
     maxsim: bool = Field(
-        False,
+        True,
         description="add MaxSim (late interaction over the bundle's bi-encoder token vectors, stored at build time "
         "with index.dense.token_vectors, else re-encoded) to the second stage, fused with `weights`; only with a "
         "`model` (null turns the whole second stage off; `model: maxsim` + `maxsim: true` is MaxSim alone)",
     )
     weights: dict[str, float] | None = Field(
-        None,
+        default_factory=lambda: {"first_stage": 0.25, "cross_encoder": 0.45, "maxsim": 0.3},
         description="z-score fusion weights of the second stage: first_stage, cross_encoder, maxsim (a missing key "
         "weighs 0); null: from `interpolation` (split evenly between cross_encoder and maxsim when both run)",
     )
@@ -157,7 +172,9 @@ class AnswerSettings(BaseModel):
         "span of a passage; extract-then-generate: the generator rewrites the span with its sentence as context",
     )
     reader: str | None = Field(
-        None, description="extractive reader (span-QA model folder or hub id), used by the extractive modes"
+        "models/sift-reader-minilm-l6",
+        validate_default=True,
+        description="extractive reader (span-QA model folder or hub id), used by the extractive modes",
     )
     extractive_text: Literal["sentence", "span"] = Field(
         "sentence",
@@ -171,7 +188,9 @@ class AnswerSettings(BaseModel):
         description="decline when the reader's calibrated span confidence is below this (0.42 was chosen on "
         "validation data: bench/reader_threshold.py)",
     )
-    template: Path = Field(PROJECT_ROOT / "configs" / "prompts" / "answer.yaml", description="prompt template file")
+    template: Path = Field(
+        Path("configs/prompts/answer.yaml"), validate_default=True, description="prompt template file"
+    )
     passages: int = Field(3, ge=1, description="most passages put into the prompt")
     max_passages: int = Field(20, ge=1, description="most passages a request may ask for")
     context_budget: int = Field(1536, ge=128, description="prompt tokens available for passages")
@@ -240,8 +259,8 @@ class RuntimeSettings(BaseModel):
     verified against torch float32 when loaded (refused below cosine 0.99). On CUDA, every runtime but torch
     means torch fp16; torch-bf16 needs a CPU with native bfloat16 (AVX512-BF16/AMX), else it runs as torch."""
 
-    queries: Runtime = Field("torch", description="bi-encoder at query time: dense search, embeddings, MaxSim")
-    reranker: Runtime = Field("torch", description="cross-encoder")
+    queries: Runtime = Field("onnx", description="bi-encoder at query time: dense search, embeddings, MaxSim")
+    reranker: Runtime = Field("torch-bf16", description="cross-encoder")
     reader: Runtime = Field("torch", description="extractive reader")
     cache_dir: Path | None = Field(
         None, description="exports cache; null: $SIFT_RUNTIME_CACHE or ~/.cache/sift/runtimes"
@@ -307,12 +326,16 @@ class RaySettings(BaseModel):
     )
 
 
-class Settings(BaseSettings):
-    """Everything Sift reads at start. See `configs/default.yaml` for every field with comments."""
+class Settings(SiftSettings):
+    """Everything Sift reads at start. See `configs/default.yaml` for every field with comments. Loaded by
+    `load_settings` (the file, `SIFT_*` env, overrides); `Settings()` is the code defaults plus the env."""
 
-    model_config = SettingsConfigDict(env_prefix="SIFT_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid")  # SIFT_ prefix, `__` nesting, sources: SiftSettings
 
-    bundle: Path = Field(PROJECT_ROOT / "var" / "index", description="bundle folder or index folder with `current`")
+    bundle: Path = Field(
+        Path("var/index"),
+        description="bundle folder or index folder with `current` (relative: to the working directory)",
+    )
     collections: dict[str, Path] = Field(
         default_factory=dict,
         description="several collections in one server: name -> index folder (the first is the default); "
@@ -323,38 +346,18 @@ class Settings(BaseSettings):
     search: SearchSettings = SearchSettings()
     fusion: FusionSettings = FusionSettings()
     embeddings: EmbeddingsSettings = EmbeddingsSettings()
-    reranker: RerankerSettings = RerankerSettings()
+    # built per instance: their path defaults (models/..., configs/prompts/...) resolve from the working
+    # directory of that moment, as a file's values do (`project_path`)
+    reranker: RerankerSettings = Field(default_factory=RerankerSettings)
     generator: GeneratorSettings = GeneratorSettings()
-    answer: AnswerSettings = AnswerSettings()
+    answer: AnswerSettings = Field(default_factory=AnswerSettings)
     server: ServerSettings = ServerSettings()
     tracing: TracingSettings = TracingSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     ray: RaySettings = RaySettings()
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if settings_cls.model_config.get("yaml_file"):
-            sources.append(YamlConfigSettingsSource(settings_cls))
-        return tuple(sources)
-
 
 def load_settings(config: Path | str | None = None, **overrides: object) -> Settings:
-    """Settings from `config` (default: `$SIFT_CONFIG` or `configs/default.yaml`), env, then `overrides`.
-    The `index:` section is read by `indexer.config.load_index_config`, the same function `sift index build`
-    uses."""
-    path = config_path(config)
-
-    class FileSettings(Settings):
-        model_config = SettingsConfigDict(**{**Settings.model_config, "yaml_file": str(path)})
-
-    if "index" not in overrides:
-        overrides["index"] = load_index_config(path)
-    return FileSettings(**overrides)
+    """Settings from `config` (default: `$SIFT_CONFIG` or `configs/default.yaml`), env, then `overrides`:
+    `indexer.config.load_config`, the loader `sift index build` and the quality gate use."""
+    return load_config(Settings, config, **overrides)

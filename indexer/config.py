@@ -1,18 +1,23 @@
-"""Build parameters of an index bundle, read from the `index:` section of `configs/*.yaml`.
+"""Build parameters of an index bundle (the `index:` section of `configs/*.yaml`), and the base of Sift's one
+settings model.
 
-`SIFT_INDEX__<SECTION>__<FIELD>` environment variables override the file, e.g.
-`SIFT_INDEX__DENSE__INDEX_TYPE=hnsw`.
+Sift has one settings model and one way to load it: `SiftSettings` here holds the sections the indexer reads
+(`index:`, and `search.default_mode` for the quality gate); `app.settings.Settings` extends it with every other
+section (the indexer never imports the app). Both are loaded by `load_config`: a YAML file, then `SIFT_*`
+environment variables nested with `__` over it (`SIFT_INDEX__DENSE__INDEX_TYPE=hnsw`,
+`SIFT_SEARCH__DEFAULT_MODE=bm25`), then the caller's overrides over both. The code defaults equal
+`configs/default.yaml` (tests/test_settings_defaults.py compares them).
 """
 
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-import yaml
-from pydantic import BaseModel, Field, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 # how a model runs (indexer/runtime.py); the one list every setting that names a runtime uses
@@ -27,10 +32,6 @@ def config_path(config: Path | str | None = None) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; pass --config or set SIFT_CONFIG")
     return path
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    return yaml.safe_load(Path(path).read_text()) or {}
 
 
 class ChunkingSettings(BaseModel):
@@ -67,7 +68,7 @@ class DenseSettings(BaseModel):
         "dynamic int8 (see indexer.runtime)",
     )
     token_vectors: Literal["float16", "int8"] | None = Field(
-        None,
+        "int8",
         description="also keep each passage's token vectors (from the same encoder pass) for MaxSim at query time "
         "without re-encoding: int8 (~0.4 KB per token with 384 dimensions) or float16 (~0.8 KB); null: none",
     )
@@ -92,10 +93,11 @@ class CsvSettings(BaseModel):
     )
 
 
-class IndexConfig(BaseSettings):
-    """Everything that determines the contents of a bundle (recorded in its manifest)."""
+class IndexConfig(BaseModel):
+    """Everything that determines the contents of a bundle (recorded in its manifest). A plain section of
+    `SiftSettings`: it is loaded (file, `SIFT_INDEX__*` environment, overrides) only through `load_config`."""
 
-    model_config = SettingsConfigDict(env_prefix="SIFT_INDEX__", env_nested_delimiter="__", extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     chunking: ChunkingSettings = ChunkingSettings()
     bm25: BM25Settings = BM25Settings()
@@ -104,29 +106,71 @@ class IndexConfig(BaseSettings):
     keep_builds: int = Field(3, ge=1, description="published builds kept on publish (older ones are pruned)")
 
 
-class _Section(PydanticBaseSettingsSource):
-    """A pydantic-settings source that yields one section of an already-read YAML file."""
+def recorded_config(manifest: dict[str, Any]) -> IndexConfig:
+    """The index config a bundle's manifest records. A manifest written before `dense.token_vectors` existed
+    does not name it, and that build kept none (today's default, int8, must not be assumed for it)."""
+    config = dict(manifest["config"])
+    config["dense"] = {"token_vectors": None, **(config.get("dense") or {})}
+    return IndexConfig.model_validate(config)
 
-    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
-        super().__init__(settings_cls)
-        self.data = data
 
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
-        return self.data.get(field_name), field_name, False
+SearchMode = Literal["bm25", "dense", "hybrid"]
 
-    def __call__(self) -> dict[str, Any]:
-        return dict(self.data)
+
+class SearchModeSettings(BaseModel):
+    """The part of the `search:` section the indexer reads: the mode the quality gate evaluates. The server's
+    `app.settings.SearchSettings` extends it with the API's limits."""
+
+    default_mode: SearchMode = "hybrid"
+
+
+# the YAML file `load_config` is reading, for `SiftSettings.settings_customise_sources` (None: no file)
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("sift_config_file", default=None)
+
+
+class SiftSettings(BaseSettings):
+    """The sections of Sift's settings the indexer reads, and the base of `app.settings.Settings`: one env
+    prefix (`SIFT_`, nested with `__`), one YAML source, one loader (`load_config`). Other top-level sections
+    of the file are ignored here (the server's `Settings` declares them all and forbids unknown ones)."""
+
+    model_config = SettingsConfigDict(env_prefix="SIFT_", env_nested_delimiter="__", extra="ignore")
+
+    index: IndexConfig = IndexConfig()
+    search: SearchModeSettings = SearchModeSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Overrides, then `SIFT_*` environment variables, then the YAML file being loaded (none when the
+        model is built directly: `Settings()` is the code defaults plus the environment)."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _CONFIG_FILE.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+S = TypeVar("S", bound=SiftSettings)
+
+
+def load_config(model: type[S], config: Path | str | None = None, **overrides: Any) -> S:
+    """`model` (`SiftSettings` or `app.settings.Settings`) from the config Sift reads (`config_path`), with
+    `SIFT_*` environment variables over the file and `overrides` (nested dicts merge into the file's sections)
+    over both. The one loader of Sift's settings: `load_settings`, `sift index` and the quality gate use it."""
+    token = _CONFIG_FILE.set(config_path(config))
+    try:
+        return model(**overrides)
+    finally:
+        _CONFIG_FILE.reset(token)
 
 
 def load_index_config(config: Path | str | None = None, **overrides: Any) -> IndexConfig:
-    """The `index:` section of the config Sift reads (`config_path`), with `SIFT_INDEX__*` environment
-    variables over the file and `overrides` over both: exactly how `load_settings` reads it for the server."""
-    section = read_yaml(config_path(config)).get("index") or {}
-
-    class FromFile(IndexConfig):
-        @classmethod
-        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, **_: Any):  # noqa: ANN001, ANN206
-            return (init_settings, env_settings, _Section(settings_cls, section))
-
-    loaded = FromFile(**overrides)
-    return IndexConfig.model_validate(loaded.model_dump())
+    """The `index:` section of the config Sift reads, with `SIFT_INDEX__*` environment variables over the file
+    and `overrides` (fields of `IndexConfig`) over both: `load_config`, exactly as `load_settings` reads it."""
+    return load_config(SiftSettings, config, **({"index": overrides} if overrides else {})).index

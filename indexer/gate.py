@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from indexer.config import config_path, read_yaml
+from indexer.config import SearchMode, SiftSettings, load_config
 
 
 class GateError(RuntimeError):
@@ -48,10 +48,16 @@ def evaluate_build(build: Path, dataset: Path, mode: str, config: Path | None = 
         return float(scores[mode]["ndcg@10"])
 
 
+def gate_mode(config: Path | None = None) -> SearchMode:
+    """The search mode the gate evaluates: `search.default_mode` as Sift's settings loader reads it (the config
+    file, then `SIFT_SEARCH__DEFAULT_MODE` over it), the mode `sift eval retrieval` and the server default to."""
+    return load_config(SiftSettings, config).search.default_mode
+
+
 def make_gate(dataset: Path, max_drop: float = 0.01, config: Path | None = None, echo=print):  # noqa: ANN001, ANN201
     """A gate function for `build_bundle`/`update_bundle`: (new build, published build or None) → (passed,
     message). The message carries both figures."""
-    mode = (read_yaml(config_path(config)).get("search") or {}).get("default_mode", "hybrid")
+    mode = gate_mode(config)
     published_scores: dict[Path, float] = {}  # a published build never changes, so its score is kept
 
     def gate(new: Path, published: Path | None) -> tuple[bool, str]:

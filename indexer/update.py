@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from indexer.build import BuildResult, GateFn, make_manifest, publish, token_writer, write_indexes
 from indexer.bundle import DENSE_DIR, DOCSTORE, BundleError, BundleWriter, open_bundle
 from indexer.chunking import Chunker
-from indexer.config import IndexConfig
+from indexer.config import recorded_config
 from indexer.dense import EMBEDDINGS_FILE, INDEX_FILE
 from indexer.docstore import Docstore, DocstoreWriter
 from indexer.encoders import encode_passages, load_encoder, resolve_model_path
@@ -75,7 +75,7 @@ def update_bundle(
             f"{parent.root} is a sharded build: `sift index update` works on unsharded builds; build the new corpus "
             "with `sift index build --shards N`, or update an unsharded build and `sift index reshard` it"
         )
-    config = IndexConfig.model_validate(parent.manifest["config"])
+    config = recorded_config(parent.manifest)
     timings: dict[str, float] = {}
     report = ReadReport()
     incoming: dict[str, Document] = {}

@@ -172,7 +172,7 @@ def test_settings_validate_weights():
         RerankerSettings(weights={"bm25": 1.0})
     with pytest.raises(ValidationError, match="at least one"):
         RerankerSettings(weights={"maxsim": 0.0})
-    s = RerankerSettings(interpolation=0.6)
+    s = RerankerSettings(interpolation=0.6, weights=None)  # no weights: split from `interpolation`
     assert s.stage_weights(cross_encoder=True, maxsim=True) == pytest.approx(
         {"first_stage": 0.4, "cross_encoder": 0.3, "maxsim": 0.3}
     )

@@ -37,6 +37,7 @@ from app.pipeline import Pipeline, Searcher
 from app.retrieval import BM25Searcher, DenseSearcher
 from app.retrieval.cache import QueryCache
 from app.retrieval.calibration import SharedCalibrations, calibrate
+from app.retrieval.dense import query_encoder
 from app.retrieval.maxsim import LateInteraction, MaxSimReranker, is_maxsim
 from app.retrieval.reranker import Reranker
 from app.retrieval.shards import ShardedDenseSearcher, ShardedDocstore, ShardedSearcher, ShardedTokenStore, ShardFanout
@@ -52,7 +53,6 @@ from indexer.bundle import (
     open_bundle,
     resolve_bundle,
 )
-from indexer.config import DenseSettings
 from indexer.docstore import Docstore
 from indexer.shards import shard_map
 from indexer.tokens import TokenStore, TokenStoreError
@@ -89,9 +89,10 @@ class Models:
     # pre-fork workers: one second-stage calibration per build, measured by the first worker that loads it
     calibrations: SharedCalibrations | None = None
 
-    def query_cache(self, settings: Settings) -> QueryCache | None:
-        """The process's query-embedding cache (`runtime.query_cache_size` entries; None when 0)."""
-        if self.queries is None and settings.runtime.query_cache_size > 0:
+    def query_cache(self, settings: Settings) -> QueryCache:
+        """The process's query-embedding cache (`runtime.query_cache_size` vectors; 0: none kept, though the
+        queries' token vectors still pass from a search's first stage to its MaxSim through it)."""
+        if self.queries is None:
             self.queries = QueryCache(settings.runtime.query_cache_size)
         return self.queries
 
@@ -227,7 +228,7 @@ def open_parts(
     if encoder is None:
         parts.dense = DenseSearcher.vectors_only(info, pids, dids)
     else:
-        parts.dense = DenseSearcher.from_bundle(info, pids, dids, encoder=encoder, cache=cache)
+        parts.dense = DenseSearcher.from_bundle(info, pids, dids, encoder=encoder, cache=cache, query_tokens=tokens)
     directory = info.path(DENSE_DIR)
     if tokens and TokenStore.exists(directory):
         try:
@@ -252,9 +253,7 @@ def _sharded(
     fanout = ShardFanout([e["name"] for e in entries])
     searchers: dict[str, Searcher] = {"bm25": ShardedSearcher("bm25", [p.bm25 for p in parts], offsets, fanout)}
     if encoder is not None:
-        queries = DenseSearcher(
-            encoder, None, DenseSettings(**info.manifest["config"]["dense"]), [], [], models.query_cache(settings)
-        )
+        queries = query_encoder(info, encoder, models.query_cache(settings), tokens)
         searchers["dense"] = ShardedDenseSearcher([p.dense for p in parts], offsets, fanout, queries)
     stored = all(p.tokens is not None for p in parts)
     store = ShardedTokenStore([p.tokens for p in parts], offsets) if stored else None

@@ -49,7 +49,7 @@ def rate(fn, n: int, runs: int, desc: str) -> float:  # noqa: ANN001
 def query_p50(encoder, claims: list[str]) -> float:  # noqa: ANN001
     """p50 ms to encode one claim the way the server does (`DirectEncoder` on ONNX runtimes, else the
     wrapper)."""
-    from indexer.runtime import DirectEncoder
+    from app.retrieval.queries import DirectEncoder
 
     direct = DirectEncoder.of(encoder)
     encode = direct.encode if direct is not None else (lambda texts: encoder.encode(texts, normalize_embeddings=True))
@@ -103,11 +103,13 @@ def dense_pipeline(base, encoder, vectors: np.ndarray):  # noqa: ANN001, ANN201
 
     from app.pipeline import Pipeline
     from app.retrieval.dense import DenseSearcher
+    from app.retrieval.queries import QueryEncoder
 
     old = base.searchers["dense"]
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    dense = DenseSearcher(encoder, index, old.settings, old.passage_ids, old.doc_ids)
+    queries = QueryEncoder(encoder, old.settings.model, old.settings.normalize)
+    dense = DenseSearcher(queries, index, old.settings, old.passage_ids, old.doc_ids)
     return Pipeline(base.bundle, base.docstore, {**base.searchers, "dense": dense}, None, base.settings)
 
 

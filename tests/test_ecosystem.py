@@ -154,4 +154,4 @@ def test_maxsim_and_dense_search_share_one_lock_per_encoder(example_pipeline):
 
     dense = example_pipeline.searchers["dense"]
     maxsim = MaxSimReranker.load("maxsim", 128, "cpu", encoder=dense.encoder)
-    assert maxsim._lock is dense._encode_lock
+    assert maxsim._lock is dense.queries._lock

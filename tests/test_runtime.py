@@ -121,8 +121,8 @@ def test_bi_encoder_runtime_agrees_with_torch(runtime, cache_dir, corpus, encode
             assert same_top(ref, got, **tolerance), (tolerance, margins)
     # the query path's direct encoder (tokenizer → session → numpy pooling) gives the wrapper's vectors, for a
     # single query and for a batch longer than its chunk, in order; torch runtimes keep the wrapper's path
+    from app.retrieval.queries import DirectEncoder
     from indexer.encoders import unit_rows
-    from indexer.runtime import DirectEncoder
 
     direct = DirectEncoder.of(model)
     if actual.startswith("torch"):

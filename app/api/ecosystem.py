@@ -220,7 +220,7 @@ def prepare_late(
 def maxsim_scores(late: LateInteraction, query: str, texts: list[str], rows: list[int | None] | None) -> np.ndarray:
     """MaxSim of `query` against each text: from the stored token vectors of `rows[i]` when given, else by
     encoding the text (the mean over query tokens of the best cosine among the text's tokens)."""
-    q = late.dense.token_vectors([query])[0]
+    q = late.dense.query_tokens([query])[0]
     out = np.zeros(len(texts), dtype=np.float32)
     by_row = [i for i, row in enumerate(rows or []) if row is not None]
     if by_row:

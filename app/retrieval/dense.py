@@ -3,44 +3,44 @@ passages were encoded (same model and normalisation, read from the manifest)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import faiss
 import numpy as np
 
 from app.retrieval.cache import QueryCache
+from app.retrieval.queries import QueryEncoder
 from app.retrieval.types import Hit, ranked
 from indexer.bundle import DENSE_DIR, BundleError, BundleInfo
 from indexer.config import DenseSettings
 from indexer.dense import load_index
-from indexer.encoders import load_encoder, model_lock, unit_rows
-from indexer.runtime import DirectEncoder
-from indexer.tokens import unit_tokens
+from indexer.encoders import load_encoder
 
 
 class DenseSearcher:
-    """Inner-product search of encoded queries against passage vectors. Thread-safe."""
+    """Inner-product search of encoded queries against passage vectors. Thread-safe. Queries are encoded by
+    its `QueryEncoder` (None: a shard that only searches vectors)."""
 
     name = "dense"
 
     def __init__(
         self,
-        encoder,  # noqa: ANN001
-        index: faiss.Index,
+        queries: QueryEncoder | None,
+        index: faiss.Index | None,
         settings: DenseSettings,
         passage_ids: list[str],
         doc_ids: list[str],
-        cache: QueryCache | None = None,
     ) -> None:
-        self.encoder = encoder
-        self.cache = cache
-        self._cache_key = (settings.model, getattr(encoder, "sift_runtime", "torch"), settings.normalize)
+        self.queries = queries
         self.index = index
         self.settings = settings
         self.passage_ids = passage_ids
         self.doc_ids = doc_ids
-        # shared with every stage using this encoder (e.g. MaxSim); no encoder: a shard that only searches vectors
-        self._encode_lock = model_lock(encoder) if encoder is not None else None
         self._threads = faiss.omp_get_max_threads()
-        self._direct = DirectEncoder.of(encoder) if encoder is not None else None  # ONNX: lock-free numpy path
+
+    @property
+    def encoder(self) -> Any:  # noqa: ANN401 - the SentenceTransformer behind the query encoder
+        return self.queries.encoder if self.queries is not None else None
 
     @classmethod
     def from_bundle(
@@ -49,24 +49,18 @@ class DenseSearcher:
         passage_ids: list[str],
         doc_ids: list[str],
         device: str | None = None,
-        encoder=None,  # noqa: ANN001
+        encoder: Any = None,  # noqa: ANN401
         cache: QueryCache | None = None,
+        query_tokens: bool = False,
     ) -> DenseSearcher:
+        """The bundle's FAISS index and a query encoder of the bundle's model (`encoder` when given).
+        `query_tokens`: the second stage runs MaxSim, so queries' token vectors come from the same pass."""
         info = bundle.manifest.get("dense") or {}
         if not info.get("enabled"):
             raise BundleError(f"{bundle.root}: built without a dense index; rebuild with index.dense.enabled=true")
         settings = DenseSettings(**bundle.manifest["config"]["dense"])
-        encoder = encoder or load_encoder(info["model"], device)
-        dim = (
-            encoder.get_embedding_dimension()
-            if hasattr(encoder, "get_embedding_dimension")
-            else encoder.get_sentence_embedding_dimension()
-        )
-        if dim != info["dimension"]:
-            raise BundleError(
-                f"query encoder {info['model']} gives {dim}-d vectors but the bundle holds {info['dimension']}-d ones"
-            )
-        return cls(encoder, load_index(bundle.path(DENSE_DIR), settings), settings, passage_ids, doc_ids, cache)
+        queries = query_encoder(bundle, encoder or load_encoder(info["model"], device), cache, query_tokens)
+        return cls(queries, load_index(bundle.path(DENSE_DIR), settings), settings, passage_ids, doc_ids)
 
     @classmethod
     def vectors_only(cls, bundle: BundleInfo, passage_ids: list[str], doc_ids: list[str]) -> DenseSearcher:
@@ -74,46 +68,27 @@ class DenseSearcher:
         settings = DenseSettings(**bundle.manifest["config"]["dense"])
         return cls(None, load_index(bundle.path(DENSE_DIR), settings), settings, passage_ids, doc_ids)
 
-    def encode(self, queries: list[str]) -> np.ndarray:
-        """Query vectors, normalised as the passages were (from the query cache when one is set)."""
-        if self.cache is not None:
-            return self.cache.encode(self._cache_key, queries, self._encode)
-        return self._encode(queries)
+    def _encoder(self) -> QueryEncoder:
+        if self.queries is None:
+            raise TypeError("this dense searcher has no query encoder (a shard searched by vectors)")
+        return self.queries
 
-    def _encode(self, queries: list[str]) -> np.ndarray:
-        if self._direct is not None:
-            vectors = self._direct.encode(queries)
-        else:
-            with self._encode_lock:
-                vectors = self.encoder.encode(
-                    queries,
-                    batch_size=64,
-                    normalize_embeddings=self.settings.normalize,
-                    show_progress_bar=False,
-                    convert_to_numpy=True,
-                )
-        vectors = unit_rows(vectors) if self.settings.normalize else vectors
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+    def encode(self, queries: list[str]) -> np.ndarray:
+        """Query vectors, normalised as the passages were (see `QueryEncoder.encode`)."""
+        return self._encoder().encode(queries)
+
+    def query_tokens(self, queries: list[str]) -> list[np.ndarray]:
+        """Queries' unit token vectors, from the pass that encoded them when MaxSim is on."""
+        return self._encoder().query_tokens(queries)
 
     def token_vectors(self, texts: list[str]) -> list[np.ndarray]:
         """Each text's unit-normalised token vectors from this searcher's encoder (what a bundle's token store
         holds for passages; see `indexer.tokens`)."""
-        if self._direct is not None:
-            tokens = self._direct.tokens(texts)
-        else:
-            with self._encode_lock:
-                out = self.encoder.encode(
-                    texts, batch_size=32, output_value="token_embeddings", show_progress_bar=False
-                )
-            tokens = [t.float().cpu().numpy() for t in out]
-        return [unit_tokens(t) for t in tokens]
+        return self._encoder().passage_tokens(texts)
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """Vectors for arbitrary texts (as `encode`) and their token count. The tokenizer is not thread-safe,
-        so counting happens under the same lock as encoding."""
-        with self._encode_lock:
-            tokens = sum(len(ids) for ids in self.encoder.tokenizer(texts)["input_ids"])
-        return self._encode(texts), int(tokens)
+        """Vectors for arbitrary texts (as `encode`) and their token count."""
+        return self._encoder().embed(texts)
 
     def search(self, query: str, k: int, mask: np.ndarray | None = None) -> list[Hit]:
         return self.search_many([query], k, mask)[0]
@@ -125,6 +100,8 @@ class DenseSearcher:
         return self.search_vectors(self.encode(queries), k, mask)
 
     def search_vectors(self, vectors: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[list[Hit]]:
+        if self.index is None:
+            raise TypeError("this dense searcher holds no index (a query encoder only)")
         k = min(k, self.index.ntotal)
         params = None
         if mask is not None:
@@ -150,3 +127,22 @@ class DenseSearcher:
         if self.settings.index_type == "ivfpq":
             return faiss.SearchParametersIVF(sel=selector, nprobe=self.settings.ivf_nprobe)
         return faiss.SearchParameters(sel=selector)
+
+
+def query_encoder(
+    bundle: BundleInfo,
+    encoder: Any,  # noqa: ANN401 - a SentenceTransformer
+    cache: QueryCache | None = None,
+    tokens: bool = False,
+) -> QueryEncoder:
+    """A query encoder for `bundle`'s dense index: `encoder` must give vectors of the bundle's dimension
+    (normalised as the bundle's passages were)."""
+    info = bundle.manifest.get("dense") or {}
+    settings = DenseSettings(**bundle.manifest["config"]["dense"])
+    queries = QueryEncoder(encoder, settings.model, settings.normalize, cache, tokens)
+    if queries.dimension != info["dimension"]:
+        raise BundleError(
+            f"query encoder {info['model']} gives {queries.dimension}-d vectors but the bundle holds "
+            f"{info['dimension']}-d ones"
+        )
+    return queries

@@ -87,8 +87,9 @@ class LateInteraction:
     """MaxSim as one stage of the combined second stage, over one bundle: passages' token vectors come from
     the bundle's token store (`indexer.tokens`, a dot product per candidate) or, for a bundle built without
     one, from re-encoding the candidates (an encoder pass per candidate: slow). Queries' token vectors come
-    from the bundle's own bi-encoder (`DenseSearcher.token_vectors`), so both sides use the model the
-    passages were encoded with. Holds no per-request state."""
+    from the bundle's own bi-encoder (`DenseSearcher.query_tokens`: the forward pass that encoded the query
+    for dense retrieval, read back from the query cache), so both sides use the model the passages were
+    encoded with. Holds no per-request state."""
 
     def __init__(self, dense, store=None) -> None:  # noqa: ANN001 - DenseSearcher, TokenStore | None
         self.dense = dense
@@ -107,7 +108,7 @@ class LateInteraction:
         """`score` for many queries, their token vectors encoded in one call."""
         out = [np.zeros(0, dtype=np.float32) for _ in queries]
         todo = [i for i, rows in enumerate(heads) if rows]
-        encoded = self.dense.token_vectors([queries[i] for i in todo]) if todo else []
+        encoded = self.dense.query_tokens([queries[i] for i in todo]) if todo else []
         for i, q in zip(todo, encoded):
             if self.store is not None:
                 out[i] = self.store.maxsim(q, heads[i])

@@ -146,11 +146,7 @@ class ShardedDenseSearcher(ShardedSearcher):
 
     def __init__(self, shards: Sequence[Any], offsets: Sequence[int], fanout: ShardFanout, encoder: Any) -> None:
         super().__init__("dense", shards, offsets, fanout)
-        self.query_encoder = encoder  # a DenseSearcher (in this process) that encodes queries
-
-    @property
-    def settings(self) -> Any:
-        return self.query_encoder.settings
+        self.query_encoder = encoder  # a QueryEncoder (in this process): only vectors go to the shards
 
     @property
     def encoder(self) -> Any:
@@ -159,8 +155,11 @@ class ShardedDenseSearcher(ShardedSearcher):
     def encode(self, queries: list[str]) -> np.ndarray:
         return self.query_encoder.encode(queries)
 
+    def query_tokens(self, queries: list[str]) -> list[np.ndarray]:
+        return self.query_encoder.query_tokens(queries)
+
     def token_vectors(self, texts: list[str]) -> list[np.ndarray]:
-        return self.query_encoder.token_vectors(texts)
+        return self.query_encoder.passage_tokens(texts)
 
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors for arbitrary texts and their token count (`/v1/embeddings`), by the same encoder as queries."""

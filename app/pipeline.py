@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -64,6 +64,18 @@ class SearchOptions:
     filters: dict[str, Any] | None = None
     collapse: bool = False
     offset: int = 0  # a page is ranking[offset : offset + k] of the ranking at depth `candidates`
+
+
+@dataclass
+class _Prepared:
+    """What `Pipeline._prepare_rerank` hands to the model-bound part of the second stage."""
+
+    heads: list[list[Hit]]
+    pairs: list[tuple[str, str]]
+    passages: dict[int, dict[str, Any]]
+    late: list[np.ndarray] | None  # stored-vector MaxSim scores per head (None: not run yet, or no MaxSim)
+    span: Any  # the open `sift.rerank` span (None when tracing is off)
+    ms: float  # time spent so far
 
 
 @dataclass
@@ -176,11 +188,11 @@ class Pipeline:
         return {"sift.queries": len(queries), "sift.build": self.bundle.build_id}
 
     def rerank_pairs(
-        self, queries: list[str], heads: list[list[Hit]]
+        self, queries: list[str], heads: list[list[Hit]], also: set[int] | None = None
     ) -> tuple[list[tuple[str, str]], dict[int, dict[str, Any]]]:
         """The (query, title + passage text) pairs the reranker scores for each query's `heads`, in order,
-        and the passages read for them."""
-        passages = self.docstore.passages({h.idx for hits in heads for h in hits})
+        and the passages read for them (with the rows `also`, in the same docstore call)."""
+        passages = self.docstore.passages({h.idx for hits in heads for h in hits} | (also or set()))
         pairs = [
             (query, passage_index_text(passages[h.idx]["title"], passages[h.idx]["text"]))
             for query, hits in zip(queries, heads)
@@ -196,23 +208,58 @@ class Pipeline:
         one reranker alone is interpolated as `reranker.interpolation` says, otherwise the stages are fused
         with `stage_weights` (`combine_stages`). On timeout the rankings keep their order, each hit marked
         `skipped (timeout)`."""
+        prepared = await asyncio.to_thread(self._prepare_rerank, queries, ranked, depth)
+        return await self._second_stage(queries, ranked, prepared)
+
+    def _prepare_rerank(
+        self, queries: list[str], ranked: list[list[Hit]], depth: int, also: set[int] | None = None
+    ) -> _Prepared:
+        """The second stage's work that needs no model queue, on the calling (worker) thread: the heads'
+        (query, passage) pairs with their passages (and the rows `also`, read in the same docstore call), and
+        MaxSim over stored token vectors (a dot product per candidate; the query's token vectors come from
+        the query cache, filled by the first stage's encode). Opens the `sift.rerank` span."""
         t = time.perf_counter()
         heads = [hits[:depth] for hits in ranked]
         attrs = {"sift.depth": depth, **self._trace_attrs(queries)}
         if self.late is not None:
             attrs["sift.maxsim"] = "stored" if self.late.stored else "re-encoded"
-        with self.tracer.span("sift.rerank", **attrs) as span:
-            pairs, passages = await asyncio.to_thread(self.rerank_pairs, queries, heads)
+        span = self.tracer.start("sift.rerank", **attrs)
+        try:
+            pairs, passages = self.rerank_pairs(queries, heads, also)
+            late = None
+            if self.late is not None and self.late.stored:
+                late = self.late.score_many(queries, [[h.idx for h in head] for head in heads], [[]] * len(heads))
+        except BaseException as exc:
+            self.tracer.end(span, exc)
+            raise
+        return _Prepared(heads, pairs, passages, late, span, _ms(t))
+
+    async def _second_stage(
+        self, queries: list[str], ranked: list[list[Hit]], prepared: _Prepared
+    ) -> tuple[list[list[Hit]], float, dict[int, dict[str, Any]]]:
+        """The model-bound part of `rerank`: the cross-encoder through the micro-batcher and, for a bundle
+        without stored token vectors, MaxSim re-encoding the candidates, side by side, within the timeout."""
+        t = time.perf_counter()
+        heads, pairs, passages, span = prepared.heads, prepared.pairs, prepared.passages, prepared.span
+        try:
+            late = prepared.late
+            scoring = [self._cross_encoder(pairs)]
+            if self.late is not None and late is None:
+                scoring.append(self._late(queries, heads, pairs))
             try:
-                ce, late = await asyncio.wait_for(
-                    asyncio.gather(self._cross_encoder(pairs), self._late(queries, heads, pairs)),
-                    timeout=self.settings.reranker.timeout_ms / 1000.0,
+                scores = await asyncio.wait_for(
+                    asyncio.gather(*scoring), timeout=self.settings.reranker.timeout_ms / 1000.0
                 )
             except TimeoutError:
                 if span is not None:
                     span.set_attribute("sift.rerank.timed_out", True)
                 skipped = [[h.with_stage("rerank", None, None, "skipped (timeout)") for h in hits] for hits in ranked]
-                return skipped, _ms(t), passages
+                return skipped, prepared.ms + _ms(t), passages
+        finally:
+            self.tracer.end(span)
+        ce = scores[0]
+        if len(scores) > 1:
+            late = scores[1]
         out, offset = [], 0
         for hits, head, late_scores in zip(ranked, heads, late or [None] * len(heads)):
             head_ce = ce[offset : offset + len(head)] if ce is not None else None
@@ -223,10 +270,12 @@ class Pipeline:
             if self.stage_weights is None:
                 head = apply_rerank(head, head_ce, self.settings.reranker.interpolation)
             else:
-                scores = {"cross_encoder": head_ce, "maxsim": late_scores}
-                head = combine_stages(head, {k: v for k, v in scores.items() if v is not None}, self.stage_weights)
+                scores_by_stage = {"cross_encoder": head_ce, "maxsim": late_scores}
+                head = combine_stages(
+                    head, {k: v for k, v in scores_by_stage.items() if v is not None}, self.stage_weights
+                )
             out.append(stack_below(head, tail))  # scores fall as rank falls, below the depth too
-        return out, _ms(t), passages
+        return out, prepared.ms + _ms(t), passages
 
     async def _cross_encoder(self, pairs: list[tuple[str, str]]) -> np.ndarray | None:
         if self.batcher is None:
@@ -237,6 +286,7 @@ class Pipeline:
     async def _late(
         self, queries: list[str], heads: list[list[Hit]], pairs: list[tuple[str, str]]
     ) -> list[np.ndarray] | None:
+        """MaxSim re-encoding the candidates (a bundle without stored token vectors), on a worker thread."""
         if self.late is None:
             return None
         texts, offset = [], 0
@@ -253,21 +303,30 @@ class Pipeline:
 
         Invariant: each result is `ranking[offset : offset + k]` of one ranking that depends on the options
         but not on `offset` or `k` (as long as `candidates` does not change), so consecutive pages
-        concatenate to the result of one request for the whole range; ties are broken by passage row."""
+        concatenate to the result of one request for the whole range; ties are broken by passage row.
+
+        Thread hand-offs: a first-stage search makes one (retrieval, fusion and the page's passages on one
+        worker thread); a reranked search makes two: the first stage with the second stage's passages and
+        stored-vector MaxSim on one worker thread, then the cross-encoder's batch on the micro-batcher's
+        thread (a third only when the page needs passages the second stage did not read, or MaxSim
+        re-encodes candidates)."""
         started = time.perf_counter()
         passages: dict[int, dict[str, Any]] = {}
         reranked = [0] * len(queries)
         if options.rerank and self.second_stage:
             self._reranking += 1
             try:
-                ranked, timings = await asyncio.to_thread(self.coarse, queries, options)
-                ranked, timings["rerank"], passages = await self.rerank(queries, ranked, options.rerank_depth)
+                ranked, timings, prepared = await asyncio.to_thread(self._first_stage_for_rerank, queries, options)
+                ranked, timings["rerank"], passages = await self._second_stage(queries, ranked, prepared)
             finally:
                 self._reranking -= 1
             reranked = [
                 sum(1 for h in hits if "rerank" in h.stages and h.stages["rerank"].score is not None) for hits in ranked
             ]
-            ranked, top = await asyncio.to_thread(self._page, queries, ranked, options, passages, timings)
+            if options.collapse or self._missing(ranked, options, passages):
+                ranked, top = await asyncio.to_thread(self._page, queries, ranked, options, passages, timings)
+            else:  # every passage of the page was read with the second stage's: no hand-off
+                ranked, top = self._page(queries, ranked, options, passages, timings)
         else:  # first stage only: retrieval, the page and its passages in one hand-off to the thread pool
             ranked, top, timings = await asyncio.to_thread(self._first_stage_page, queries, options, passages)
         timings["total"] = _ms(started)
@@ -276,6 +335,22 @@ class Pipeline:
             SearchResult(hits, {h.idx: passages[h.idx] for h in hits}, dict(timings), n, len(whole))
             for hits, n, whole in zip(top, reranked, ranked)
         ]
+
+    def _first_stage_for_rerank(
+        self, queries: list[str], options: SearchOptions
+    ) -> tuple[list[list[Hit]], dict[str, float], _Prepared]:
+        """The first stage and the second stage's thread-side work (`_prepare_rerank`) in one hand-off. Without
+        collapse, the page's rows of the first-stage ranking are read too: reranking only permutes the top
+        `rerank_depth`, so the page's hits are among those rows and the head's."""
+        ranked, timings = self.coarse(queries, options)
+        window = set()
+        if not options.collapse:
+            window = {h.idx for hits in ranked for h in hits[options.offset : options.offset + options.k]}
+        return ranked, timings, self._prepare_rerank(queries, ranked, options.rerank_depth, window)
+
+    @staticmethod
+    def _missing(ranked: list[list[Hit]], options: SearchOptions, passages: dict[int, dict[str, Any]]) -> bool:
+        return any(h.idx not in passages for hits in ranked for h in hits[options.offset : options.offset + options.k])
 
     def _first_stage_page(
         self, queries: list[str], options: SearchOptions, passages: dict[int, dict[str, Any]]
@@ -308,18 +383,60 @@ class Pipeline:
     async def search(self, query: str, options: SearchOptions) -> SearchResult:
         return (await self.search_many([query], options))[0]
 
-    def options(self, **overrides: Any) -> SearchOptions:
-        """Search options with defaults from settings, then `overrides` (None values ignored)."""
+    def options(
+        self,
+        *,
+        fusion: str | FusionConfig | None = None,
+        rrf_k: int | None = None,
+        weights: dict[str, float] | None = None,
+        **overrides: Any,
+    ) -> SearchOptions:
+        """The one merge of configured defaults and per-call overrides, for the API, eval, training and the
+        benches alike: each override given (not None) replaces its default, and the result is checked against
+        this build and the configured limits (`InvalidOption` names the field and what to do).
+
+        Rules: `mode` must be one this build can run; `k` ≤ `search.max_k`, `candidates` ≤
+        `search.max_candidates`, `rerank_depth` ≤ `reranker.max_depth`; `rerank=True` needs a second stage.
+        `fusion` is a method name (with `rrf_k` and `weights` over the configured ones) or a whole
+        `FusionConfig`. A first page (offset 0) ranks at least `k` candidates, so it may ask for more than
+        `candidates`; later pages keep the depth their cursor fixed."""
         s = self.settings
-        base = SearchOptions(
-            k=s.search.default_k,
-            mode=s.search.default_mode if s.search.default_mode in self.available_modes() else "bm25",
-            candidates=s.search.default_candidates,
-            fusion=FusionConfig(s.fusion.method, s.fusion.rrf_k, dict(s.fusion.weights)),
-            rerank=self.second_stage,
-            rerank_depth=self.default_depth,
+        default_mode = s.search.default_mode if s.search.default_mode in self.available_modes() else "bm25"
+        if isinstance(fusion, FusionConfig):
+            merged_fusion = fusion
+        else:
+            merged_fusion = FusionConfig(
+                fusion or s.fusion.method,
+                rrf_k or s.fusion.rrf_k,
+                dict(weights) if weights is not None else dict(s.fusion.weights),
+            )
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(given) - {f.name for f in fields(SearchOptions)}
+        if unknown:
+            raise TypeError(f"unknown search options: {sorted(unknown)}")
+        options = replace(
+            SearchOptions(
+                k=s.search.default_k,
+                mode=default_mode,
+                candidates=s.search.default_candidates,
+                fusion=merged_fusion,
+                rerank=self.second_stage,
+                rerank_depth=self.default_depth,
+            ),
+            **given,
         )
-        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        if options.mode not in self.available_modes():
+            raise InvalidOption(
+                "mode", f"{options.mode!r} is not available for this bundle; use one of {self.available_modes()}"
+            )
+        _check_max(options.k, s.search.max_k, "k", "search.max_k")
+        _check_max(options.candidates, s.search.max_candidates, "candidates", "search.max_candidates")
+        _check_max(options.rerank_depth, s.reranker.max_depth, "rerank_depth", "reranker.max_depth")
+        if options.rerank and not self.second_stage:
+            raise InvalidOption("rerank", "no reranker is configured; set reranker.model or send rerank=false")
+        if not options.offset and options.candidates < options.k:
+            options = replace(options, candidates=options.k)
+        return options
 
     def available_modes(self) -> list[str]:
         return [m for m, names in RETRIEVERS_BY_MODE.items() if all(n in self.searchers for n in names)]
@@ -340,6 +457,20 @@ class Pipeline:
         if self.batcher is not None:
             await self.batcher.close()
         self.docstore.close()
+
+
+class InvalidOption(ValueError):
+    """A search option that does not fit this build or a configured limit: `field` names it (the API answers
+    422 with it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def _check_max(value: int, limit: int, field: str, setting: str) -> None:
+    if value > limit:
+        raise InvalidOption(field, f"must be <= {limit} ({setting})")
 
 
 def _best_passage_per_document(hits: list[Hit]) -> list[Hit]:

@@ -192,8 +192,8 @@ def eval_retrieval(
         ensure_bundle(data.corpus, index_dir, settings.index, rebuild=build, show_progress=True)
     settings = load_settings(config, bundle=index_dir)
     pipeline = load_pipeline(settings)
-    if "hybrid+rerank" in names and pipeline.reranker is None:
-        typer.echo("note: no reranker configured (reranker.model); skipping hybrid+rerank", err=True)
+    if "hybrid+rerank" in names and not pipeline.second_stage:
+        typer.echo("note: no second stage configured (reranker.model); skipping hybrid+rerank", err=True)
         names.remove("hybrid+rerank")
     unavailable = [n for n in names if PIPELINES[n]["mode"] not in pipeline.available_modes()]
     if unavailable:

@@ -27,8 +27,7 @@ from app.api.schemas import (
     SearchResponse,
 )
 from app.api.shaping import FastJSON, redact, search_response
-from app.pipeline import RETRIEVERS_BY_MODE, Pipeline, SearchOptions
-from app.retrieval import FusionConfig
+from app.pipeline import RETRIEVERS_BY_MODE, InvalidOption, Pipeline, SearchOptions
 from app.retrieval.shards import Partial
 from app.services import Build, Collection, NotReady, Services, UnknownCollection
 
@@ -119,46 +118,24 @@ def check_max(value: int | None, limit: int, field: str, setting: str) -> None:
 
 
 def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> SearchOptions:
-    """Merge request parameters over configured defaults and check they fit this bundle and the limits."""
-    settings = pipeline.settings
-    defaults = pipeline.options()
-    mode = params.mode or defaults.mode
-    if mode not in pipeline.available_modes():
-        raise ApiError(
-            422,
-            "validation_error",
-            f"mode: {mode!r} is not available for this bundle; use one of {pipeline.available_modes()}",
-            "mode",
+    """The request's search options: `Pipeline.options` merges them over the configured defaults and checks
+    them (the same merge eval and the benches use); an option that does not fit is a 422 naming it."""
+    try:
+        return pipeline.options(
+            k=params.k,
+            mode=params.mode,
+            candidates=params.candidates,
+            fusion=params.fusion,
+            rrf_k=params.rrf_k,
+            weights=dict(params.weights) if params.weights is not None else None,
+            rerank=params.rerank,
+            rerank_depth=params.rerank_depth,
+            filters=params.filters,
+            collapse=params.collapse,
+            offset=offset,
         )
-    k = params.k if params.k is not None else defaults.k
-    check_max(k, settings.search.max_k, "k", "search.max_k")
-    check_max(params.rerank_depth, settings.reranker.max_depth, "rerank_depth", "reranker.max_depth")
-    if params.rerank and not pipeline.second_stage:
-        raise ApiError(
-            422,
-            "validation_error",
-            "rerank: no reranker is configured; set reranker.model or send rerank=false",
-            "rerank",
-        )
-    fusion = FusionConfig(
-        params.fusion or defaults.fusion.method,
-        params.rrf_k or defaults.fusion.rrf_k,
-        dict(params.weights) if params.weights is not None else defaults.fusion.weights,
-    )
-    candidates = params.candidates or defaults.candidates
-    check_max(candidates, settings.search.max_candidates, "candidates", "search.max_candidates")
-    return SearchOptions(
-        k=k,
-        mode=mode,
-        # the first page may ask for more than `candidates`; later pages are cut from a ranking of fixed depth
-        candidates=candidates if offset else max(candidates, k),
-        fusion=fusion,
-        rerank=defaults.rerank if params.rerank is None else params.rerank,
-        rerank_depth=params.rerank_depth or defaults.rerank_depth,
-        filters=params.filters,
-        collapse=params.collapse,
-        offset=offset,
-    )
+    except InvalidOption as exc:
+        raise ApiError(422, "validation_error", str(exc), exc.field) from exc
 
 
 @router.post("/v1/search", response_model=SearchResponse, responses=ERRORS, tags=["search"], dependencies=SEARCH)

@@ -101,7 +101,11 @@ class Pipeline:
         settings: Settings | None = None,
         tracer: Tracer | None = None,
         late: LateInteraction | None = None,
+        batcher: MicroBatcher | None = None,
     ) -> None:
+        """`batcher`: the process's micro-batcher of `reranker` (`app.services.Models.batcher`: one per model,
+        shared by every build and collection); without one, a pipeline with a reranker makes its own and
+        closes it with itself (a pipeline derived for a bench or a test)."""
         self.bundle = bundle
         self.docstore = docstore
         self.searchers = searchers
@@ -110,10 +114,10 @@ class Pipeline:
         self.settings = settings or Settings()
         self.tracer = tracer or Tracer()
         rs = self.settings.reranker
-        # reranked searches of this pipeline between their first stage and their rerank (on the event loop);
-        # with one alone, its cross-encoder batch need not wait for company (`MicroBatcher.score`)
-        self._reranking = 0
-        self.batcher = (
+        self._owns_batcher = batcher is None and reranker is not None
+        if batcher is not None and batcher.reranker is not reranker:
+            raise ValueError("the micro-batcher given scores with another reranker than the pipeline's")
+        self.batcher = batcher or (
             MicroBatcher(reranker, rs.max_batch_size, rs.max_wait_ms, rs.max_queued_pairs) if reranker else None
         )
         # the second stage's fusion weights, fixed here (None: one reranker interpolated as before)
@@ -125,6 +129,11 @@ class Pipeline:
         # how deep the second stage goes by default on this machine: set once by the services when they load
         # the build for serving, before it is served (app.retrieval.calibration); None: `reranker.depth`
         self.calibration: DepthCalibration | None = None
+
+    @property
+    def owns_batcher(self) -> bool:
+        """True when this pipeline made its micro-batcher (and closes it), not the process's `Models`."""
+        return self._owns_batcher
 
     @property
     def second_stage(self) -> bool:
@@ -281,7 +290,7 @@ class Pipeline:
         if self.batcher is None:
             return None
         # a lone reranked search does not wait `max_wait_ms` for company that is not coming
-        return await self.batcher.score(pairs, company=self._reranking > 1)
+        return await self.batcher.score(pairs, company=self.batcher.searching > 1)
 
     async def _late(
         self, queries: list[str], heads: list[list[Hit]], pairs: list[tuple[str, str]]
@@ -314,12 +323,14 @@ class Pipeline:
         passages: dict[int, dict[str, Any]] = {}
         reranked = [0] * len(queries)
         if options.rerank and self.second_stage:
-            self._reranking += 1
+            if self.batcher is not None:
+                self.batcher.searching += 1
             try:
                 ranked, timings, prepared = await asyncio.to_thread(self._first_stage_for_rerank, queries, options)
                 ranked, timings["rerank"], passages = await self._second_stage(queries, ranked, prepared)
             finally:
-                self._reranking -= 1
+                if self.batcher is not None:
+                    self.batcher.searching -= 1
             reranked = [
                 sum(1 for h in hits if "rerank" in h.stages and h.stages["rerank"].score is not None) for hits in ranked
             ]
@@ -379,6 +390,34 @@ class Pipeline:
                 passages.update(self.docstore.passages(missing))
         timings["fetch"] = _ms(t)
         return ranked, top
+
+    async def rerank_texts(
+        self, query: str, texts: list[str], rows: list[int | None], max_tokens_per_doc: int | None = None
+    ) -> RerankedTexts:
+        """Score arbitrary texts against `query` with this pipeline's reranker (`/v1/rerank`): the
+        cross-encoder through the process's micro-batcher, or, when MaxSim is the only second stage, MaxSim
+        (texts sent by passage id, `rows[i]`, from the build's stored token vectors, as search scores them).
+        Raises `NoReranker` without either, `RerankTimeout` past `reranker.timeout_ms` (and `QueueFull`)."""
+        late = self.late if self.batcher is None else None
+        if late is None and self.batcher is None:
+            raise NoReranker(
+                "no reranker is configured; set reranker.model "
+                "(e.g. SIFT_RERANKER__MODEL=models/sift-reranker-minilm-l6 or maxsim) and restart"
+            )
+        if late is not None:
+            texts, truncated, tokens, stored = await asyncio.to_thread(
+                late.prepare_texts, query, texts, rows, max_tokens_per_doc
+            )
+            work = asyncio.to_thread(late.score_texts, query, texts, stored)
+        else:
+            assert self.batcher is not None and self.reranker is not None
+            texts, truncated, tokens = await asyncio.to_thread(self.reranker.prepare, query, texts, max_tokens_per_doc)
+            work = self.batcher.score([(query, t) for t in texts])
+        try:
+            scores = await asyncio.wait_for(work, timeout=self.settings.reranker.timeout_ms / 1000.0)
+        except TimeoutError as exc:
+            raise RerankTimeout("reranking took longer than reranker.timeout_ms; retry with fewer documents") from exc
+        return RerankedTexts(texts, np.asarray(scores, dtype=np.float32), truncated, tokens)
 
     async def search(self, query: str, options: SearchOptions) -> SearchResult:
         return (await self.search_many([query], options))[0]
@@ -453,10 +492,30 @@ class Pipeline:
         }
 
     async def close(self) -> None:
-        """Stop this pipeline's micro-batcher and close its docstore (shared models stay loaded)."""
-        if self.batcher is not None:
+        """Close its docstore, and its micro-batcher when it made its own (shared models and the process's
+        batchers stay: `Models.close`)."""
+        if self.batcher is not None and self._owns_batcher:
             await self.batcher.close()
         self.docstore.close()
+
+
+@dataclass
+class RerankedTexts:
+    """`Pipeline.rerank_texts`' result: the texts as scored (cut to the token limit asked), their raw reranker
+    scores in order, the indices cut, and the tokens billed."""
+
+    texts: list[str]
+    scores: np.ndarray
+    truncated: list[int]
+    tokens: int
+
+
+class NoReranker(LookupError):
+    """No second stage can score texts here (the API answers 422 naming `reranker.model`)."""
+
+
+class RerankTimeout(TimeoutError):
+    """The reranker did not answer within `reranker.timeout_ms` (the API answers 503)."""
 
 
 class InvalidOption(ValueError):

@@ -39,7 +39,7 @@ from app.retrieval.cache import QueryCache
 from app.retrieval.calibration import SharedCalibrations, calibrate
 from app.retrieval.dense import query_encoder
 from app.retrieval.maxsim import LateInteraction, MaxSimReranker, is_maxsim
-from app.retrieval.reranker import Reranker
+from app.retrieval.reranker import MicroBatcher, Reranker
 from app.retrieval.shards import ShardedDenseSearcher, ShardedDocstore, ShardedSearcher, ShardedTokenStore, ShardFanout
 from app.settings import Settings
 from app.tracing import Tracer
@@ -88,6 +88,26 @@ class Models:
     shards: Any = None  # where a sharded build's shards live: None = this process; app.serving_ray.RemoteShards
     # pre-fork workers: one second-stage calibration per build, measured by the first worker that loads it
     calibrations: SharedCalibrations | None = None
+    # one micro-batcher per reranker model: every build and collection of the process queues its pairs there
+    batchers: dict[int, MicroBatcher] = field(default_factory=dict)
+
+    def batcher(self, reranker: Any, settings: Settings) -> MicroBatcher | None:  # noqa: ANN401
+        """The process's micro-batcher of `reranker` (made on first use; None without a reranker), so that
+        `reranker.max_queued_pairs` bounds the model, not each build's queue."""
+        if reranker is None:
+            return None
+        batcher = self.batchers.get(id(reranker))
+        if batcher is None:
+            rs = settings.reranker
+            batcher = MicroBatcher(reranker, rs.max_batch_size, rs.max_wait_ms, rs.max_queued_pairs)
+            self.batchers[id(reranker)] = batcher
+        return batcher
+
+    async def close(self) -> None:
+        """Stop the micro-batchers (after every pipeline using them closed) and the answer threads."""
+        for batcher in self.batchers.values():
+            await batcher.close()
+        self.batchers.clear()
 
     def query_cache(self, settings: Settings) -> QueryCache:
         """The process's query-embedding cache (`runtime.query_cache_size` vectors; 0: none kept, though the
@@ -198,7 +218,8 @@ def load_pipeline(
         "pipeline ready",
         extra={"build": info.build_id, "searchers": list(searchers), "seconds": round(time.perf_counter() - t, 3)},
     )
-    return Pipeline(info, docstore, searchers, reranker, settings, models.tracer, late)
+    batcher = models.batcher(reranker, settings)
+    return Pipeline(info, docstore, searchers, reranker, settings, models.tracer, late, batcher)
 
 
 @dataclass
@@ -284,14 +305,23 @@ def derive_pipeline(
 ) -> Pipeline:
     """A pipeline over `base`'s already loaded build (docstore, searchers) with other settings and/or another
     reranker or MaxSim stage (tests and benches that compare configurations without reloading the bundle)."""
+    reranker = base.reranker if reranker is _SAME else reranker
+    # the process's batcher is shared when the reranker and its settings are the same; a batcher the base made
+    # for itself is not (it closes with the base)
+    same_batcher = (
+        reranker is base.reranker
+        and not base.owns_batcher
+        and (settings is None or settings.reranker == base.settings.reranker)
+    )
     return Pipeline(
         base.bundle,
         base.docstore,
         base.searchers,
-        base.reranker if reranker is _SAME else reranker,
+        reranker,
         settings or base.settings,
         base.tracer,
         base.late if late is _SAME else late,
+        base.batcher if same_batcher else None,  # None: the derived pipeline makes (and closes) its own
     )
 
 
@@ -546,7 +576,7 @@ class Services:
             reader=reader,
             tracer=pipeline.tracer,
             generation=GenerationPool(pipeline.settings.server.max_concurrent_generations),
-            queries=getattr(pipeline.searchers.get("dense"), "cache", None),
+            queries=getattr(getattr(pipeline.searchers.get("dense"), "queries", None), "cache", None),
         )
         collection = Collection(DEFAULT_COLLECTION, pipeline.bundle.root, pipeline.settings, models)
         collection.current = Build(pipeline, build_answerer(pipeline, models), None)
@@ -653,5 +683,6 @@ class Services:
             return
         for collection in self.collections.values():
             await collection.close()
+        await self.models.close()
         self.models.generation.shutdown()
         self.models.tracer.shutdown()

@@ -118,7 +118,7 @@ def test_lone_reranked_search_does_not_wait_but_concurrent_ones_pool(example_pip
     asyncio.run(together())
     assert pipeline.batcher.batches - batches < 6  # pooled across the concurrent searches
     assert pipeline.batcher.waits >= 1  # their batch waited for company
-    assert pipeline._reranking == 0
+    assert pipeline.batcher.searching == 0
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,7 @@ from pydantic import ConfigDict, Field, field_validator
 from app.api.errors import ApiError
 from app.api.routes import ERRORS, SEARCH, use_build
 from app.api.schemas import JsonModel, Text
-from app.retrieval.maxsim import LateInteraction
-from app.retrieval.reranker import prepare_documents, truncate_texts
-from indexer.encoders import model_lock
+from app.pipeline import NoReranker, RerankTimeout
 from indexer.models import passage_index_text
 
 router = APIRouter()
@@ -102,15 +100,6 @@ async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
     `explain.rerank` for the same pairs (`explain.maxsim` when MaxSim alone is the second stage)."""
     async with use_build(request, body.collection) as (_, build):
         pipeline = build.pipeline
-        late = pipeline.late if pipeline.batcher is None else None  # MaxSim alone (`reranker.model: maxsim`)
-        if late is None and (pipeline.reranker is None or pipeline.batcher is None):
-            raise ApiError(
-                422,
-                "no_reranker",
-                "no reranker is configured; set reranker.model "
-                "(e.g. SIFT_RERANKER__MODEL=models/sift-reranker-minilm-l6 or maxsim) and restart",
-                "model",
-            )
         limit = pipeline.settings.reranker.max_depth
         if len(body.documents) > limit:
             raise ApiError(
@@ -150,23 +139,13 @@ async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
                 texts.append(passage_index_text(row["title"], row["text"]))
                 passage_rows.append(int(row["idx"]))
         started = time.perf_counter()
-        if late is not None:
-            texts, truncated, tokens, stored = await asyncio.to_thread(
-                prepare_late, late, body.query, texts, passage_rows, body.max_tokens_per_doc
-            )
-            work = asyncio.to_thread(maxsim_scores, late, body.query, texts, stored)
-        else:
-            texts, truncated, pair_tokens = await asyncio.to_thread(
-                prepare_documents, pipeline.reranker, body.query, texts, body.max_tokens_per_doc
-            )
-            tokens = int(sum(min(n, pipeline.reranker.max_length) for n in pair_tokens))
-            work = pipeline.batcher.score([(body.query, t) for t in texts])
         try:
-            scores = await asyncio.wait_for(work, timeout=pipeline.settings.reranker.timeout_ms / 1000.0)
-        except TimeoutError as exc:
-            raise ApiError(
-                503, "rerank_timeout", "reranking took longer than reranker.timeout_ms; retry with fewer documents"
-            ) from exc
+            reranked = await pipeline.rerank_texts(body.query, texts, passage_rows, body.max_tokens_per_doc)
+        except NoReranker as exc:
+            raise ApiError(422, "no_reranker", str(exc), "model") from exc
+        except RerankTimeout as exc:
+            raise ApiError(503, "rerank_timeout", str(exc)) from exc
+        texts, scores, truncated, tokens = reranked.texts, reranked.scores, reranked.truncated, reranked.tokens
         order = sorted(range(len(texts)), key=lambda i: (-float(scores[i]), i))  # ties: earlier document first
         if body.top_n:
             order = order[: body.top_n]
@@ -191,45 +170,6 @@ async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
             },
             "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
         }
-
-
-def prepare_late(
-    late: LateInteraction,
-    query: str,
-    texts: list[str],
-    rows: list[int | None],
-    max_tokens_per_doc: int | None,
-) -> tuple[list[str], list[int], int, list[int | None] | None]:
-    """MaxSim alone as the reranker: truncate texts to `max_tokens_per_doc` bi-encoder tokens (under the
-    encoder's lock: its tokenizer is not thread-safe); returns (texts, indices truncated here or by the
-    encoder's max length, tokens of the query and the documents, the stored rows to score by). A document
-    sent by id whose text is unchanged is scored from the build's stored token vectors, as `/v1/search`
-    scores it; other texts are encoded by the bundle's bi-encoder, token by token (`maxsim_scores`)."""
-    encoder = late.dense.encoder
-    limit = int(encoder.max_seq_length)
-    with model_lock(encoder):
-        tokenizer = encoder.tokenizer
-        texts, cut = truncate_texts(tokenizer, texts, max_tokens_per_doc)
-        counts = [len(ids) for ids in tokenizer([query, *texts])["input_ids"]]
-    truncated = cut | {i for i, n in enumerate(counts[1:]) if n > limit}
-    tokens = int(sum(min(n, limit) for n in counts))
-    stored = [r if i not in cut else None for i, r in enumerate(rows)] if late.store is not None else None
-    return texts, sorted(truncated), tokens, stored
-
-
-def maxsim_scores(late: LateInteraction, query: str, texts: list[str], rows: list[int | None] | None) -> np.ndarray:
-    """MaxSim of `query` against each text: from the stored token vectors of `rows[i]` when given, else by
-    encoding the text (the mean over query tokens of the best cosine among the text's tokens)."""
-    q = late.dense.query_tokens([query])[0]
-    out = np.zeros(len(texts), dtype=np.float32)
-    by_row = [i for i, row in enumerate(rows or []) if row is not None]
-    if by_row:
-        out[by_row] = late.store.maxsim(q, [rows[i] for i in by_row])  # type: ignore[index]
-    encode = sorted(set(range(len(texts))) - set(by_row))
-    if encode:
-        vectors = late.dense.token_vectors([texts[i] for i in encode])
-        out[encode] = [float((q @ p.T).max(axis=1).mean()) for p in vectors]
-    return out
 
 
 class EmbeddingsRequest(JsonModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from app.retrieval.reranker import truncate_texts
 from indexer.config import DEFAULT_ENCODER
 from indexer.encoders import load_encoder, model_lock
 
@@ -115,4 +116,37 @@ class LateInteraction:
             else:
                 passages = self.dense.token_vectors(texts[i])
                 out[i] = np.array([float((q @ p.T).max(axis=1).mean()) for p in passages], dtype=np.float32)
+        return out
+
+    def prepare_texts(
+        self, query: str, texts: list[str], rows: list[int | None], max_tokens_per_doc: int | None
+    ) -> tuple[list[str], list[int], int, list[int | None] | None]:
+        """MaxSim alone as `/v1/rerank`'s reranker: cut texts to `max_tokens_per_doc` bi-encoder tokens (under
+        the encoder's lock: its tokenizer is not thread-safe); returns (texts, indices cut here or by the
+        encoder's max length, tokens of the query and the documents, the stored rows to score by). A text
+        sent by passage id and not cut is scored from the stored token vectors, as `/v1/search` scores it."""
+        encoder = self.dense.encoder
+        limit = int(encoder.max_seq_length)
+        with model_lock(encoder):
+            tokenizer = encoder.tokenizer
+            texts, cut = truncate_texts(tokenizer, texts, max_tokens_per_doc)
+            counts = [len(ids) for ids in tokenizer([query, *texts])["input_ids"]]
+        truncated = cut | {i for i, n in enumerate(counts[1:]) if n > limit}
+        tokens = int(sum(min(n, limit) for n in counts))
+        stored = [r if i not in cut else None for i, r in enumerate(rows)] if self.store is not None else None
+        return texts, sorted(truncated), tokens, stored
+
+    def score_texts(self, query: str, texts: list[str], rows: list[int | None] | None) -> np.ndarray:
+        """MaxSim of `query` against each text: from the stored token vectors of `rows[i]` when given, else by
+        encoding the text (the mean over query tokens of the best cosine among the text's tokens)."""
+        q = self.dense.query_tokens([query])[0]
+        out = np.zeros(len(texts), dtype=np.float32)
+        stored = {i: row for i, row in enumerate(rows or []) if row is not None}
+        by_row = sorted(stored)
+        if by_row and self.store is not None:
+            out[by_row] = self.store.maxsim(q, [stored[i] for i in by_row])
+        encode = sorted(set(range(len(texts))) - set(by_row))
+        if encode:
+            vectors = self.dense.token_vectors([texts[i] for i in encode])
+            out[encode] = [float((q @ p.T).max(axis=1).mean()) for p in vectors]
         return out

@@ -72,6 +72,16 @@ class Reranker:
     def tokenizer(self):  # noqa: ANN201 - a Hugging Face tokenizer
         return self.model.tokenizer
 
+    def prepare(self, query: str, texts: list[str], max_tokens_per_doc: int | None) -> tuple[list[str], list[int], int]:
+        """Texts to score against `query` (`/v1/rerank`): each cut to `max_tokens_per_doc` tokens; returns
+        (texts, indices cut here or by `max_length`, tokens billed: each pair's, capped at `max_length`).
+        Under this model's lock: its tokenizer is not thread-safe and a batch may be scoring meanwhile."""
+        with self._lock:
+            texts, truncated = truncate_texts(self.tokenizer, texts, max_tokens_per_doc)
+            pair_tokens = [len(ids) for ids in self.tokenizer([query] * len(texts), texts)["input_ids"]]
+        truncated |= {i for i, n in enumerate(pair_tokens) if n > self.max_length}
+        return texts, sorted(truncated), int(sum(min(n, self.max_length) for n in pair_tokens))
+
     def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         """Relevance logits for (query, passage) pairs, computed in length-sorted batches."""
         if not pairs:
@@ -104,23 +114,6 @@ def truncate_texts(tokenizer, texts: list[str], max_tokens: int | None) -> tuple
                 texts[i] = tokenizer.decode(ids[:max_tokens])
                 cut.add(i)
     return texts, cut
-
-
-def prepare_documents(
-    reranker,
-    query: str,
-    texts: list[str],
-    max_tokens_per_doc: int | None,  # noqa: ANN001
-) -> tuple[list[str], list[int], list[int]]:
-    """Truncate each text to `max_tokens_per_doc` reranker tokens; returns (texts, indices truncated here or
-    by the reranker's max length, tokens per pair). Runs under the reranker's lock: its tokenizer is not
-    thread-safe and the micro-batcher may be scoring on another thread."""
-    with reranker._lock:
-        tokenizer = reranker.tokenizer
-        texts, truncated = truncate_texts(tokenizer, texts, max_tokens_per_doc)
-        pair_tokens = [len(ids) for ids in tokenizer([query] * len(texts), texts)["input_ids"]]
-    truncated |= {i for i, n in enumerate(pair_tokens) if n > reranker.max_length}
-    return texts, sorted(truncated), pair_tokens
 
 
 def _zscore(values: np.ndarray) -> np.ndarray:
@@ -203,7 +196,11 @@ class QueueFull(RuntimeError):
 
 class MicroBatcher:
     """Pools rerank pairs from concurrent requests into batches scored on one worker thread. At most
-    `max_queued` pairs wait at once; a request that would exceed that is refused (`QueueFull`)."""
+    `max_queued` pairs wait at once; a request that would exceed that is refused (`QueueFull`).
+
+    One per reranker model per process (`app.services.Models.batcher`): every build and collection served by
+    the process queues its pairs here, so `max_queued` bounds the model, and `searching` counts the reranked
+    searches of all of them between their first stage and their rerank (company a batch may wait for)."""
 
     def __init__(
         self, reranker: Reranker, max_batch_size: int = 64, max_wait_ms: float = 5.0, max_queued: int = 4096
@@ -220,6 +217,7 @@ class MicroBatcher:
         self.batches = 0
         self.pairs_scored = 0
         self.waits = 0  # batches that waited `max_wait` for company (how often a batch paid that latency)
+        self.searching = 0  # reranked searches on their way to this batcher (kept by `Pipeline.search_many`)
 
     def _ensure_started(self) -> asyncio.Queue:
         loop = asyncio.get_running_loop()

@@ -154,25 +154,32 @@ class Docstore:
             return {r[0] for r in connection.execute("SELECT id FROM documents")}
 
     def documents(self) -> Iterator[tuple[Document, list[Passage], list[int]]]:
-        """Every document with its passages and their rows, in row order (what an update copies)."""
+        """Every document with its passages and their rows, in row order (what an update or a reshard copies),
+        read as it goes: one document is held at a time."""
+        query = (
+            'SELECT p.idx, p.id, p.doc_id, p.position, p.text, p.start, p."end", d.title, d.text AS doc_text, '
+            "d.metadata FROM passages p JOIN documents d ON d.id = p.doc_id ORDER BY p.idx"
+        )
         with self._connect() as connection:
-            docs = {
-                row["id"]: Document(row["id"], row["title"], row["text"], json.loads(row["metadata"]))
-                for row in connection.execute("SELECT * FROM documents")
-            }
-            query = 'SELECT idx, id, doc_id, position, text, start, "end" FROM passages ORDER BY idx'
-            current: str | None = None
+            document: Document | None = None
             passages: list[Passage] = []
             rows: list[int] = []
             for r in connection.execute(query):
-                if r["doc_id"] != current and current is not None:
-                    yield docs[current], passages, rows
+                if document is None or r["doc_id"] != document.id:
+                    if document is not None:
+                        yield document, passages, rows
+                    document = Document(r["doc_id"], r["title"], r["doc_text"], json.loads(r["metadata"]))
                     passages, rows = [], []
-                current = r["doc_id"]
                 passages.append(Passage(r["id"], r["doc_id"], r["position"], r["text"], r["start"], r["end"]))
                 rows.append(r["idx"])
-            if current is not None:
-                yield docs[current], passages, rows
+            if document is not None:
+                yield document, passages, rows
+
+    def passage_counts(self) -> list[int]:
+        """Passages of every document, in row order (documents are contiguous runs of rows)."""
+        with self._connect() as connection:
+            query = "SELECT doc_id, COUNT(*) FROM passages GROUP BY doc_id ORDER BY MIN(idx)"
+            return [r[1] for r in connection.execute(query)]
 
     def passage_texts(self) -> list[tuple[str, str, str]]:
         """(passage id, document title, passage text) of every passage, in row order."""

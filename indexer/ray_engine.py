@@ -1,9 +1,15 @@
 """`sift index build --engine ray`: passages encoded by a Ray Data actor pool (install `sift[ray]`).
 
-    driver: read → chunk → docstore (as a local build) ──► Ray Data dataset of (row, text)
+    driver: read → chunk (the build pipeline, indexer/pipeline.py) ──► a block of passages (`block_passages`)
+      ──► Ray Data dataset of (row, text)
       ──► map_batches(PassageEncoder, ActorPoolStrategy(size=N), num_gpus=G): each actor loads the encoder once
       ──► batches come back in input order ──► vectors (and token vectors, already in their stored form)
-          assembled in row order ──► BM25, FAISS, shards, manifest, atomic publish (as a local build)
+          assembled in row order ──► the pipeline writes them (docstore, BM25, FAISS, one bundle or shards),
+          then manifest, atomic publish (as a local build)
+
+The engine serves a build and an update alike (`update_bundle(..., engine=RayEncoding(...))` encodes the
+added and changed passages on Ray; kept ones reuse the parent's vectors). Each block is one dataset, so the
+actor pool starts once per block: blocks are large (default 200,000 passages) and bound what the driver holds.
 
 Invariants:
 - Every passage row comes back exactly once, in order: the driver checks the rows it receives against
@@ -71,7 +77,7 @@ class PassageEncoder:
 
 
 class RayEncoding:
-    """The Ray engine for `indexer.build.build_bundle` (see the module docstring)."""
+    """The Ray engine of the build pipeline, for `build_bundle` and `update_bundle` (see the module docstring)."""
 
     name = "ray"
 
@@ -85,15 +91,19 @@ class RayEncoding:
         batch_size: int | None = None,
         on_batch: Any = None,
         cpus_per_encoder: float | None = None,
+        block_passages: int = 200_000,
     ) -> None:
         """`batch_size`: passages per actor call (default: the slice a local build encodes at once);
-        `on_batch(rows_done, total)` is called after each batch arrives (progress, tests); `cpus_per_encoder`
-        (default: the cluster's CPUs shared out between the encoders) is both what each actor reserves and its
-        torch threads."""
+        `on_batch(rows_done, total)` is called after each batch arrives, with the rows of the current block
+        (progress, tests); `cpus_per_encoder` (default: the cluster's CPUs shared out between the encoders) is
+        both what each actor reserves and its torch threads; `block_passages`: about how many passages the
+        build pipeline hands one `encode` call (one Ray dataset)."""
         if encoders < 1:
             raise ValueError("--num-encoders must be at least 1")
         if gpus_per_encoder < 0:
             raise ValueError("--gpus-per-encoder must be 0 or more")
+        if block_passages < 1:
+            raise ValueError("block_passages must be at least 1")
         self.address = address
         self.encoders = encoders
         self.gpus_per_encoder = gpus_per_encoder
@@ -102,6 +112,7 @@ class RayEncoding:
         self.batch_size = batch_size
         self.on_batch = on_batch
         self.cpus_per_encoder = cpus_per_encoder
+        self.block_passages = block_passages
         self._started_ray = False
         self._local: Any = None
         self.timings: dict[str, float] = {}

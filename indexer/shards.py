@@ -17,6 +17,9 @@ Invariants:
 - Dense vectors are the same float32 rows as the unsharded build; each shard has the configured FAISS index.
 - Each shard opens on its own (`open_bundle(<build>/shard-000)`), so one server or Ray Serve replica can hold
   one shard; the shard's manifest names its place (`shard`: index, count, offset, parent build).
+- Writes stream (`ShardWriter`): the plan is made from every document's passage count (a counting pass),
+  then documents go to their shard as the build pipeline (indexer/pipeline.py) produces them; a build, an
+  update's corpus and a reshard all write shards this way, and the same corpus gives the same shard files.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +48,8 @@ from indexer.bm25 import tokenize
 from indexer.bundle import BM25_DIR, DENSE_DIR, DOCSTORE, seal_folder
 from indexer.config import BM25Settings, IndexConfig
 from indexer.dense import save_dense
-from indexer.docstore import Docstore, DocstoreWriter
+from indexer.docstore import DocstoreWriter
+from indexer.models import Document, Passage
 from indexer.tokens import TokenStore, TokenWriter
 
 log = logging.getLogger(__name__)
@@ -125,14 +129,18 @@ class CorpusBM25:
 
     def shard_model(self, token_lists: Sequence[Sequence[str]]) -> bm25s.BM25:
         """A bm25s model over one shard's passages (rows in shard order), scored with corpus-wide statistics."""
-        model = bm25s.BM25(method=self.settings.method, k1=self.settings.k1, b=self.settings.b)
         ids = [[self.vocab[t] for t in passage] for passage in token_lists]
-        sizing = Counter(t for passage in ids for t in set(passage))  # only sizes bm25s's scratch arrays
+        return self.shard_model_ids(ids, len(ids), sum(len(set(passage)) for passage in ids))
+
+    def shard_model_ids(self, ids: Iterable[Sequence[int]], passages: int, pairs: int) -> bm25s.BM25:
+        """`shard_model` over `passages` passages given as columns of the corpus vocabulary, in row order
+        (`pairs`: their distinct (passage, token) pairs, which only size bm25s's scratch arrays)."""
+        model = bm25s.BM25(method=self.settings.method, k1=self.settings.k1, b=self.settings.b)
         scores, doc_idx, vocab_idx = _build_scores_and_indices_for_matrix(
             corpus_token_ids=ids,
             idf_array=self.idf,
             avg_doc_len=self.stats.avg_length,
-            doc_frequencies=sizing,
+            doc_frequencies={0: pairs},
             k1=model.k1,
             b=model.b,
             delta=model.delta,
@@ -142,12 +150,12 @@ class CorpusBM25:
             int_dtype=model.int_dtype,
             show_progress=False,
         )
-        matrix = sp.csc_matrix((scores, (doc_idx, vocab_idx)), shape=(len(ids), len(self.vocab)), dtype=model.dtype)
+        matrix = sp.csc_matrix((scores, (doc_idx, vocab_idx)), shape=(passages, len(self.vocab)), dtype=model.dtype)
         model.scores = {
             "data": matrix.data,
             "indices": matrix.indices,
             "indptr": matrix.indptr,
-            "num_docs": len(ids),
+            "num_docs": passages,
         }
         model.vocab_dict = dict(self.vocab)
         model.nonoccurrence_array = self.nonoccurrence
@@ -175,63 +183,236 @@ def plan_shards(doc_sizes: Sequence[int], shards: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
-def write_shards(
-    root: Path,
-    docstore: Docstore,
-    index_texts: Sequence[str],
-    vectors: np.ndarray | None,
-    tokens: TokenStore | None,
-    config: IndexConfig,
-    shards: int,
-    dense_info: dict[str, Any],
-    build_id: str,
-    show_progress: bool = False,
-) -> dict[str, Any]:
-    """Write `shards` shard bundles under `root` from an unsharded docstore, its passages' index texts, their
-    vectors and (optionally) token vectors, all in row order. Returns the manifest's `shards` entry."""
-    documents = list(docstore.documents())
-    if any(rows != list(range(rows[0], rows[0] + len(rows))) for _, _, rows in documents):
-        raise ValueError("the docstore's passages are not contiguous per document; rebuild the bundle")
-    ranges = plan_shards([len(rows) for _, _, rows in documents], shards)
-    t = time.perf_counter()
-    token_lists = tokenize(list(index_texts), config.bm25, show_progress=show_progress)
-    bounds = [(documents[a][2][0], documents[b - 1][2][-1] + 1) for a, b in ranges]
-    stats = BM25Stats.merge(BM25Stats.of(token_lists[lo:hi]) for lo, hi in bounds)
-    corpus = CorpusBM25(stats, config.bm25)
-    log.info("corpus-wide BM25 statistics over %d shards in %.1f s", shards, time.perf_counter() - t)
-    entries = []
-    for i, ((a, b), (lo, hi)) in enumerate(
-        tqdm(list(zip(ranges, bounds, strict=True)), desc="shards", unit="shard", disable=not show_progress)
-    ):
-        folder = root / shard_name(i)
-        folder.mkdir()
-        writer = DocstoreWriter(folder / DOCSTORE)
-        for document, passages, _ in documents[a:b]:
-            writer.add(document, passages)
-        writer.close()
-        corpus.shard_model(token_lists[lo:hi]).save(str(folder / BM25_DIR), show_progress=False)
-        shard_dense: dict[str, Any] = dict(dense_info)
-        if vectors is not None:
-            save_dense(vectors[lo:hi], config.dense, folder / DENSE_DIR)
-        if tokens is not None:
-            with TokenWriter(folder / DENSE_DIR, tokens.dtype) as token_writer:
-                token_writer.add_stored(tokens, list(range(lo, hi)))
-                shard_dense["token_vectors"] = token_writer.close()
-        place = {"index": i, "count": shards, "offset": lo, "parent": build_id}
-        manifest = {
-            "counts": {"documents": b - a, "passages": hi - lo, "skipped": 0},
-            "tokenizer": config.dense.model,
-            "dense": shard_dense,
-            "config": config.model_dump(mode="json"),
-            "shard": place,
+class ShardWriter:
+    """Writes a corpus into `shards` shard bundles under `root` as it streams past, in row order.
+
+    The plan (`plan_shards` over `doc_sizes`, the passages of every document: a first, cheap counting pass) is
+    fixed up front. Then each block of documents goes to its shard's docstore as it arrives (`add`), its
+    vectors to that shard, and its token vectors to that shard's token store (`tokens`: the writer an encoder
+    appends to, routed by passage row); a shard's docstore, token vectors and FAISS index are finished as
+    soon as its last passage has arrived. BM25 needs corpus-wide statistics, so each passage's BM25 tokens
+    are kept only as int32 ids (4 bytes a token) with running document frequencies, and `finish` scores and
+    seals every shard once all are in. Nothing holds the corpus's texts, token strings, vectors or token
+    vectors beyond the shard being written."""
+
+    def __init__(
+        self,
+        root: Path,
+        doc_sizes: Sequence[int],
+        shards: int,
+        config: IndexConfig,
+        build_id: str,
+        token_dtype: str | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.config = config
+        self.build_id = build_id
+        self.count = shards
+        self.sizes = np.asarray(doc_sizes, dtype=np.int64)
+        self.ranges = plan_shards(self.sizes, shards)
+        first_rows = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.bounds = [(int(first_rows[a]), int(first_rows[b])) for a, b in self.ranges]  # passage rows
+        self.documents = 0  # documents written so far (= the next document's index in the plan)
+        self.passages = 0
+        self.vocab: dict[str, int] = {}  # BM25 token → provisional id (in order of first appearance)
+        self.doc_freqs = np.zeros(0, dtype=np.int64)  # by provisional id, over the whole corpus
+        self._open: dict[int, _Shard] = {}
+        self._done: list[_Shard] = []
+        self._current = 0
+        self.tokens = _RoutedTokens(self, token_dtype) if token_dtype else None
+        self.timings: dict[str, float] = {"faiss": 0.0}
+
+    def _shard(self, index: int) -> _Shard:
+        if index >= self.count:
+            raise ValueError(f"more passages than the shard plan holds ({self.bounds[-1][1]})")
+        if index not in self._open:
+            if any(s.index == index for s in self._done):
+                raise ValueError(f"{shard_name(index)} is already written")
+            self._open[index] = _Shard(index, self.root / shard_name(index), self.tokens.dtype if self.tokens else None)
+        return self._open[index]
+
+    def add(self, documents: Sequence[tuple[Document, Sequence[Passage]]], texts: Sequence[str], vectors) -> None:  # noqa: ANN001
+        """The next documents in row order with their passages, the passages' index texts and (dense builds)
+        their vectors, one row per passage."""
+        token_lists = tokenize(list(texts), self.config.bm25)
+        row = 0
+        for document, passages in documents:
+            if self.documents >= len(self.sizes) or len(passages) != self.sizes[self.documents]:
+                raise ValueError(
+                    f"document {document.id!r} (#{self.documents}, {len(passages)} passages) is not the one the shard "
+                    "plan counted: the input changed during the build; run it again"
+                )
+            while self.documents >= self.ranges[self._current][1]:
+                self._current += 1
+            shard = self._shard(self._current)
+            shard.docstore.add(document, passages)
+            n = len(passages)
+            for tokens in token_lists[row : row + n]:
+                ids = np.fromiter((self.vocab.setdefault(t, len(self.vocab)) for t in tokens), np.int32, len(tokens))
+                unique = np.unique(ids)
+                self._count(unique)
+                shard.add_bm25(ids, unique.size)
+            if vectors is not None:
+                shard.vectors.append(np.asarray(vectors[row : row + n], dtype=np.float32))
+            row += n
+            self.documents += 1
+            self.passages += n
+            if self.documents == self.ranges[self._current][1]:
+                self._finish_rows(self._current)
+        if row != len(texts):
+            raise ValueError(f"{len(texts)} index texts for {row} passages")
+
+    def _count(self, unique: np.ndarray) -> None:
+        """One passage's distinct tokens (provisional ids) into the corpus's document frequencies."""
+        if len(self.vocab) > self.doc_freqs.size:
+            grown = np.zeros(max(len(self.vocab), 2 * self.doc_freqs.size), dtype=np.int64)
+            grown[: self.doc_freqs.size] = self.doc_freqs
+            self.doc_freqs = grown
+        self.doc_freqs[unique] += 1
+
+    def _finish_rows(self, index: int) -> None:
+        """Shard `index` has all its documents: finish its docstore and FAISS index (its vectors are freed)."""
+        shard = self._open[index]
+        shard.docstore.close()
+        shard.compact()
+        if shard.vectors:
+            t = time.perf_counter()
+            save_dense(np.concatenate(shard.vectors), self.config.dense, shard.folder / DENSE_DIR)
+            self.timings["faiss"] += time.perf_counter() - t
+            shard.vectors = []
+        shard.rows_done = True
+        self._retire(index)
+
+    def _retire(self, index: int) -> None:
+        shard = self._open[index]
+        if shard.rows_done and (shard.token_writer is None or shard.token_info is not None):
+            self._done.append(self._open.pop(index))
+
+    def finish(self, dense_info: dict[str, Any], show_progress: bool = False) -> dict[str, Any]:
+        """Score every shard's BM25 with the corpus-wide statistics, write the shard manifests and seal the
+        shards. Returns the parent manifest's `shards` entry."""
+        if self.documents != len(self.sizes):
+            raise ValueError(f"{self.documents} of the {len(self.sizes)} planned documents arrived")
+        if self.tokens is not None:
+            self.tokens.close()
+        if self._open:
+            raise ValueError(f"shards {sorted(self._open)} were not completed")
+        t = time.perf_counter()
+        order = sorted(self.vocab)
+        columns = np.empty(len(self.vocab), dtype=np.int32)  # provisional id → column of the sorted vocabulary
+        columns[[self.vocab[token] for token in order]] = np.arange(len(order), dtype=np.int32)
+        tokens = sum(s.tokens for s in self._done)
+        doc_freqs = {token: int(self.doc_freqs[self.vocab[token]]) for token in order}
+        stats = BM25Stats(self.passages, tokens, doc_freqs)
+        corpus = CorpusBM25(stats, self.config.bm25)
+        log.info("corpus-wide BM25 statistics over %d shards in %.1f s", self.count, time.perf_counter() - t)
+        entries = []
+        for shard in tqdm(sorted(self._done, key=lambda s: s.index), desc="seal shards", disable=not show_progress):
+            (a, b), (lo, hi) = self.ranges[shard.index], self.bounds[shard.index]
+            model = corpus.shard_model_ids(shard.bm25_ids(columns), hi - lo, shard.pairs)
+            model.save(str(shard.folder / BM25_DIR), show_progress=False)
+            shard_dense = dict(dense_info)
+            if shard.token_info is not None:
+                shard_dense["token_vectors"] = shard.token_info
+            place = {"index": shard.index, "count": self.count, "offset": lo, "parent": self.build_id}
+            manifest = {
+                "counts": {"documents": b - a, "passages": hi - lo, "skipped": 0},
+                "tokenizer": self.config.dense.model,
+                "dense": shard_dense,
+                "config": self.config.model_dump(mode="json"),
+                "shard": place,
+            }
+            seal_folder(shard.folder, manifest, f"{self.build_id}.{shard_name(shard.index)}")
+            entries.append({"name": shard_name(shard.index), "offset": lo, "passages": hi - lo, "documents": b - a})
+        self.timings["bm25"] = time.perf_counter() - t
+        return {
+            "count": self.count,
+            "map": entries,
+            "bm25": {"documents": stats.documents, "avg_length": stats.avg_length, "vocabulary": len(corpus.vocab)},
         }
-        seal_folder(folder, manifest, f"{build_id}.{shard_name(i)}")
-        entries.append({"name": shard_name(i), "offset": lo, "passages": hi - lo, "documents": b - a})
-    return {
-        "count": shards,
-        "map": entries,
-        "bm25": {"documents": stats.documents, "avg_length": stats.avg_length, "vocabulary": len(corpus.vocab)},
-    }
+
+
+class _Shard:
+    """One shard being written: its docstore and token writer open, its vectors and BM25 ids so far."""
+
+    def __init__(self, index: int, folder: Path, token_dtype: str | None) -> None:
+        self.index = index
+        self.folder = folder
+        folder.mkdir()
+        self.docstore = DocstoreWriter(folder / DOCSTORE)
+        self.token_writer = TokenWriter(folder / DENSE_DIR, token_dtype) if token_dtype else None
+        self.token_info: dict[str, Any] | None = None
+        self.vectors: list[np.ndarray] = []
+        self.rows_done = False
+        self._ids: list[np.ndarray] = []  # one array per passage while the shard fills; one flat array after
+        self._offsets = np.zeros(1, dtype=np.int64)
+        self.tokens = 0  # BM25 tokens
+        self.pairs = 0  # distinct (passage, token) pairs: what sizes bm25s's scratch arrays
+
+    def add_bm25(self, ids: np.ndarray, distinct: int) -> None:
+        self._ids.append(ids)
+        self.tokens += len(ids)
+        self.pairs += distinct
+
+    def compact(self) -> None:
+        """The shard's BM25 ids as one flat int32 array and row offsets (no per-passage objects)."""
+        self._offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in self._ids], dtype=np.int64)])
+        self._ids = [np.concatenate(self._ids) if self._ids else np.zeros(0, dtype=np.int32)]
+
+    def bm25_ids(self, columns: np.ndarray) -> Iterator[list[int]]:
+        """Each passage's BM25 tokens as columns of the corpus vocabulary, in row order."""
+        flat = columns[self._ids[0]]
+        for start, end in zip(self._offsets[:-1], self._offsets[1:]):
+            yield flat[start:end].tolist()
+
+
+class _RoutedTokens:
+    """The token writer an engine appends to for a sharded build: each passage's token vectors go to the
+    token store of the shard that holds its row (rows arrive in order)."""
+
+    def __init__(self, writer: ShardWriter, dtype: str) -> None:
+        self.writer = writer
+        self.dtype = dtype
+        self.row = 0
+        self._index = 0
+
+    def _target(self) -> TokenWriter:
+        bounds = self.writer.bounds
+        while self._index < len(bounds) and self.row >= bounds[self._index][1]:
+            self._close(self._index)
+            self._index += 1
+        return self.writer._shard(self._index).token_writer
+
+    def _close(self, index: int) -> None:
+        shard = self.writer._open.get(index)
+        if shard is not None and shard.token_info is None:
+            shard.token_info = shard.token_writer.close()
+            self.writer._retire(index)
+
+    def add(self, vectors: np.ndarray) -> None:
+        self._target().add(vectors)
+        self.row += 1
+
+    def add_quantized(self, rows: np.ndarray, scales: np.ndarray | None) -> None:
+        self._target().add_quantized(rows, scales)
+        self.row += 1
+
+    def add_stored(self, store: TokenStore, rows: Sequence[int]) -> None:
+        """Passages `rows` of another store, copied as stored (split where a shard ends)."""
+        rows = list(rows)
+        while rows:
+            target = self._target()
+            take = min(len(rows), self.writer.bounds[self._index][1] - self.row)
+            target.add_stored(store, rows[:take])
+            self.row += take
+            rows = rows[take:]
+
+    def close(self) -> None:
+        """All token vectors are in: finish the last shard's."""
+        if self.row != self.writer.passages:
+            raise ValueError(f"token vectors for {self.row} passages, {self.writer.passages} written")
+        for index in list(self.writer._open):
+            self._close(index)
 
 
 def shard_map(manifest: dict[str, Any]) -> list[dict[str, Any]]:

@@ -5,6 +5,9 @@
                  ──► docstore written anew from both, BM25 rebuilt over the whole corpus (its statistics are
                      corpus-wide), FAISS rebuilt from the vectors ──► manifest (parent, counts) ──► publish
 
+It is the build pipeline (indexer/pipeline.py) over another corpus: kept documents carry their parent rows,
+and the added/changed ones go through the same engine as a build's (`engine=`: local or Ray).
+
 Invariants: the parent's index config (chunking, BM25, dense model) is used, never the caller's, so the
 result equals a full build of the same final corpus with the parent's config (same passages, same BM25
 scores, dense scores equal up to float rounding); kept documents keep their order, added ones follow in
@@ -16,19 +19,27 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from tqdm.auto import tqdm
-
-from indexer.build import BuildResult, GateFn, make_manifest, publish, token_writer, write_indexes
 from indexer.bundle import DENSE_DIR, DOCSTORE, BundleError, BundleWriter, open_bundle
 from indexer.chunking import Chunker
 from indexer.config import recorded_config
-from indexer.dense import EMBEDDINGS_FILE, INDEX_FILE
-from indexer.docstore import Docstore, DocstoreWriter
-from indexer.encoders import encode_passages, load_encoder, resolve_model_path
-from indexer.models import Document, passage_index_text
+from indexer.docstore import Docstore
+from indexer.models import Document
+from indexer.pipeline import (
+    BuildResult,
+    Entry,
+    GateFn,
+    LocalEncoding,
+    Stored,
+    engine_record,
+    make_manifest,
+    publish,
+    run_pipeline,
+    stored_vectors,
+)
 from indexer.sources import ReadReport, SourceError, read_documents
 from indexer.tokens import TokenStore
 
@@ -45,14 +56,42 @@ def read_delete_ids(path: Path) -> set[str]:
     return ids
 
 
-def stored_vectors(root: Path, index_type: str) -> np.ndarray:
-    """The parent's passage vectors: exact float32 from a flat FAISS index, else the float16 copy."""
-    import faiss
+class UpdatedCorpus:
+    """The corpus of an update: the parent's documents minus deleted and changed ones, as stored (their parent
+    rows kept), then the added and changed documents in input order, to be chunked and encoded."""
 
-    if index_type == "flat":
-        index = faiss.read_index(str(root / DENSE_DIR / INDEX_FILE))
-        return index.reconstruct_n(0, index.ntotal).astype(np.float32)
-    return np.load(root / DENSE_DIR / EMBEDDINGS_FILE).astype(np.float32)
+    def __init__(self, parent: Docstore, deleted: set[str], incoming: dict[str, Document]) -> None:
+        self.parent = parent
+        self.deleted = deleted
+        self.incoming = incoming
+        # documents sent again unchanged are kept as stored; the others are (re-)chunked, in input order
+        self.fresh = dict(incoming)
+        self.counts = {"kept": 0, "changed": 0, "added": 0, "deleted": len(deleted), "unchanged_resent": 0}
+        for doc_id, new in incoming.items():
+            old = parent.document(doc_id)
+            if old is None:
+                continue
+            if new == Document(old["id"], old["title"], old["text"], old["metadata"]):
+                del self.fresh[doc_id]
+                self.counts["unchanged_resent"] += 1
+            else:
+                self.counts["changed"] += 1
+        self.counts["added"] = len(self.fresh) - self.counts["changed"]
+        self.counts["kept"] = parent.num_documents - len(deleted) - self.counts["changed"]
+        self.chunks = bool(self.fresh)
+        self.documents = self.counts["kept"] + len(self.fresh)
+
+    def entries(self, chunker: Chunker | None) -> Iterator[Entry]:
+        for document, passages, rows in self.parent.documents():
+            if document.id not in self.deleted and document.id not in self.fresh:
+                yield Entry(document, passages, rows)
+        if self.fresh:
+            assert chunker is not None
+            for document, passages in chunker.chunk(self.fresh.values()):
+                yield Entry(document, passages)
+
+    def sizes(self, chunker: Chunker | None) -> list[int]:
+        return [len(entry.passages) for entry in self.entries(chunker)]
 
 
 def update_bundle(
@@ -63,11 +102,14 @@ def update_bundle(
     skip_bad: bool = False,
     show_progress: bool = True,
     gate: GateFn | None = None,
+    engine: Any = None,
 ) -> BuildResult:
     """Write and publish a new build of `out` from its current one plus `add` (new or changed documents, any
-    input format) minus the ids listed in `delete`."""
+    input format) minus the ids listed in `delete`. Added and changed passages are encoded by `engine` (default
+    `LocalEncoding`; `indexer.ray_engine.RayEncoding` on Ray), kept ones reuse the parent's vectors."""
     if add is None and delete is None:
         raise SourceError("nothing to do: pass --add FILE and/or --delete IDS_FILE")
+    engine = engine or LocalEncoding()
     started = time.perf_counter()
     parent = open_bundle(out, verify=True)
     if parent.manifest.get("shards"):
@@ -84,106 +126,75 @@ def update_bundle(
             incoming[document.id] = document
     deleted = read_delete_ids(delete) if delete is not None else set()
     parent_store = Docstore(parent.path(DOCSTORE), connections=1)
-    unknown = sorted(deleted - parent_store.document_ids())
-    if unknown:
-        raise SourceError(f"{delete}: {len(unknown)} id(s) not in build {parent.build_id}, e.g. {unknown[:3]}")
-    both = sorted(deleted & incoming.keys())
-    if both:
-        raise SourceError(f"ids both added and deleted: {both[:3]}; an added document replaces an existing one")
-
-    dense = config.dense.enabled and (parent.manifest.get("dense") or {}).get("enabled")
-    old_vectors = stored_vectors(parent.root, config.dense.index_type) if dense else None
-    writer = BundleWriter(out)
     try:
-        docstore = DocstoreWriter(writer.root / DOCSTORE)
-        index_texts: list[str] = []
-        kept_rows: list[int] = []
-        counts = {"kept": 0, "changed": 0, "added": 0, "deleted": len(deleted), "unchanged_resent": 0}
-        t = time.perf_counter()
-        for document, passages, rows in parent_store.documents():
-            if document.id in deleted:
-                continue
-            new = incoming.get(document.id)
-            if new is not None and new != document:
-                counts["changed"] += 1
-                continue  # re-chunked below, with the added documents
-            if new is not None:
-                counts["unchanged_resent"] += 1
-                del incoming[document.id]
-            docstore.add(document, passages)
-            index_texts.extend(passage_index_text(document.title, p.text) for p in passages)
-            kept_rows.extend(rows)
-            counts["kept"] += 1
-        counts["added"] = len(incoming) - counts["changed"]
-        encoder = load_encoder(config.dense.model, config.dense.device, config.dense.runtime) if dense else None
-        if encoder is not None:
-            tokenizer = encoder.tokenizer
-        else:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.dense.model))
-        new_texts: list[str] = []
-        with tqdm(total=len(incoming), desc="chunk new", unit="doc", disable=not show_progress) as bar:
-            for document, passages in Chunker(tokenizer, config.chunking).chunk(incoming.values()):
-                docstore.add(document, passages)
-                new_texts.extend(passage_index_text(document.title, p.text) for p in passages)
-                bar.update(1)
-        docstore.close()
-        timings["copy_chunk"] = time.perf_counter() - t
-        if docstore.document_count == 0:
-            raise SourceError("the update would leave no documents; refusing to publish an empty build")
-        vectors, token_info = None, None
-        if encoder is not None:
-            t = time.perf_counter()
-            with token_writer(writer.root, config) as tokens:
-                if tokens is not None:  # kept passages' token vectors are copied as stored, new ones follow
-                    tokens.add_stored(
-                        TokenStore.open(parent.path(DENSE_DIR), parent.manifest["counts"]["passages"]), kept_rows
-                    )
-                fresh = encode_passages(encoder, new_texts, config.dense, show_progress, tokens) if new_texts else None
-                token_info = tokens.close() if tokens is not None else None
-            timings["encode"] = time.perf_counter() - t
-            kept = old_vectors[np.asarray(kept_rows, dtype=np.int64)] if kept_rows else None
-            vectors = np.concatenate([v for v in (kept, fresh) if v is not None]).astype(np.float32)
-        encoding = (
-            {"max_seq_length": int(encoder.max_seq_length), "runtime": getattr(encoder, "sift_runtime", "torch")}
-            if encoder is not None
-            else {}
+        unknown = sorted(deleted - parent_store.document_ids())
+        if unknown:
+            raise SourceError(f"{delete}: {len(unknown)} id(s) not in build {parent.build_id}, e.g. {unknown[:3]}")
+        both = sorted(deleted & incoming.keys())
+        if both:
+            raise SourceError(f"ids both added and deleted: {both[:3]}; an added document replaces an existing one")
+        parent_dense = parent.manifest.get("dense") or {}
+        dense = bool(config.dense.enabled and parent_dense.get("enabled"))
+        token_dtype = config.dense.token_vectors if dense else None
+        stored = Stored(
+            stored_vectors(parent.root, config.dense.index_type) if dense else None,
+            TokenStore.open(parent.path(DENSE_DIR), parent.manifest["counts"]["passages"]) if token_dtype else None,
         )
-        dense_info = write_indexes(
-            writer.root, index_texts + new_texts, vectors, encoding, config, timings, show_progress
-        )
-        if token_info is not None:
-            dense_info["token_vectors"] = token_info
-        seconds = time.perf_counter() - started
-        manifest = make_manifest(
-            str(add) if add else parent.manifest.get("source"),
-            docstore,
-            len(report.skipped),
-            dense_info,
-            config,
-            seconds,
-            timings,
-            parent=parent.build_id,
-            update={**counts, "passages_encoded": len(new_texts), "passages_reused": len(kept_rows)},
-        )
-        manifest["build"]["kind"] = "update"
-        path = publish(writer, out, manifest, config, gate)
-    except BaseException:
-        writer.abort()
-        raise
+        corpus = UpdatedCorpus(parent_store, deleted, incoming)
+        writer = BundleWriter(out)
+        try:
+            written = run_pipeline(
+                writer.root,
+                corpus,
+                config,
+                engine,
+                build_id=writer.build_id,
+                dense=dense,
+                token_dtype=token_dtype,
+                stored=stored,
+                # nothing to encode (only deletions, or documents sent again unchanged): the parent's encoding
+                unencoded={
+                    "max_seq_length": parent_dense.get("max_seq_length"),
+                    "runtime": parent_dense.get("runtime"),
+                    "device": parent_dense.get("encoded_on"),
+                },
+                timings=timings,
+                show_progress=show_progress,
+                empty="the update would leave no documents; refusing to publish an empty build",
+            )
+            seconds = time.perf_counter() - started
+            update = {**corpus.counts, "passages_encoded": written.encoded, "passages_reused": written.reused}
+            manifest = make_manifest(
+                str(add) if add else parent.manifest.get("source"),
+                written.documents,
+                written.passages,
+                len(report.skipped),
+                written.dense,
+                config,
+                seconds,
+                timings,
+                parent=parent.build_id,
+                engine=engine_record(engine, written.encoding),
+                update=update,
+            )
+            manifest["build"]["kind"] = "update"
+            path = publish(writer, out, manifest, config, gate)
+        except BaseException:
+            writer.abort()
+            raise
     finally:
+        engine.close()
         parent_store.close()
     log.info("update %s", json.dumps(manifest["update"]))
     return BuildResult(
         path=path,
         build_id=writer.build_id,
-        documents=docstore.document_count,
-        passages=docstore.passage_count,
+        documents=written.documents,
+        passages=written.passages,
         seconds=seconds,
         skipped=report.skipped,
         timings=timings,
     )
 
 
-__all__ = ["BundleError", "read_delete_ids", "update_bundle"]
+__all__ = ["BundleError", "read_delete_ids", "stored_vectors", "update_bundle"]

@@ -88,6 +88,45 @@ def test_ray_build_survives_a_killed_encoder_actor(example_index, tmp_path) -> N
     _assert_same_as_local(tmp_path / "ray", example_index)
 
 
+def test_ray_update_equals_the_local_update(example_index, tmp_path) -> None:
+    """An update's added and changed passages go through the engine: on Ray they come back as a local update
+    encodes them, and kept passages keep the parent's vectors either way."""
+    import json
+    import shutil
+
+    from indexer.ray_engine import RayEncoding
+    from indexer.update import update_bundle
+    from tests.conftest import write_jsonl
+
+    docs = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
+    changed = {**docs[5], "text": docs[5]["text"] + " Zebras also migrate here every year."}
+    added = [{"_id": f"new-{i}", "title": "Zebras", "text": f"Zebra herd {i} crosses the river."} for i in range(40)]
+    add = write_jsonl(tmp_path / "add.jsonl", [changed, *added])
+    batches: list[tuple[int, int]] = []
+    engines = {
+        "local": None,
+        "ray": RayEncoding(
+            encoders=1, batch_size=8, init_kwargs={"num_cpus": 2}, on_batch=lambda *b: batches.append(b)
+        ),
+    }
+    contents = {}
+    for name, engine in engines.items():
+        out = tmp_path / name
+        shutil.copytree(example_index, out, symlinks=True)
+        update_bundle(out, add, show_progress=False, engine=engine)
+        contents[name] = _contents(out)
+    assert not ray.is_initialized()  # the update started a local Ray and shut it down
+    assert batches[-1] == (41, 41) and len(batches) >= 4  # only the 41 new passages, in several actor batches
+    local, (info, ids, vectors, tokens) = contents["local"], contents["ray"]
+    assert ids == local[1] and ids[-1] == "new-39#0"
+    assert float(np.abs(vectors - local[2]).max()) <= 1e-4
+    assert info.manifest["engine"] == {"name": "ray", "encoders": 1, "gpus_per_encoder": 0.0, "address": "local"}
+    assert info.manifest["update"] == local[0].manifest["update"]
+    assert info.manifest["update"]["passages_encoded"] == 41
+    np.testing.assert_array_equal(tokens.offsets, local[3].offsets)
+    assert float(np.abs(tokens.vectors(len(ids) - 1) - local[3].vectors(len(ids) - 1)).max()) <= 0.02
+
+
 # -- Ray Serve -------------------------------------------------------------------------------------------
 
 

@@ -314,6 +314,24 @@ class Answerer:
             return True
         return dense is not None and dense.score is not None and dense.score >= limit
 
+    @staticmethod
+    def chat_query(user_texts: list[str]) -> str:
+        """A chat's retrieval query from its user messages, in order: the last one, prefixed by the one before
+        when it is a short follow-up (fewer than 8 words: "and in 1890?")."""
+        users = [t.strip() for t in user_texts if t.strip()]
+        last = users[-1]
+        if len(users) > 1 and len(last.split()) < 8:
+            return f"{users[-2]} {last}"
+        return last
+
+    @staticmethod
+    def with_instructions(prepared: PreparedAnswer, instructions: list[str]) -> PreparedAnswer:
+        """`prepared` with a chat's system and developer texts appended to its prompt's first (system)
+        message, so the caller's instructions reach the generator beside the template's."""
+        if instructions:
+            prepared.messages[0]["content"] += "\n" + "\n".join(instructions)
+        return prepared
+
     async def prepare(self, question: str, options: SearchOptions, passages: int | None = None) -> PreparedAnswer:
         result = await self.pipeline.search(question, options)
         wanted = passages or self.settings.passages

@@ -391,6 +391,14 @@ class Pipeline:
         timings["fetch"] = _ms(t)
         return ranked, top
 
+    def check_rerank_texts(self) -> None:
+        """Raise `NoReranker` unless `rerank_texts` can score (a cross-encoder, or MaxSim)."""
+        if self.batcher is None and self.late is None:
+            raise NoReranker(
+                "no reranker is configured; set reranker.model "
+                "(e.g. SIFT_RERANKER__MODEL=models/sift-reranker-minilm-l6 or maxsim) and restart"
+            )
+
     async def rerank_texts(
         self, query: str, texts: list[str], rows: list[int | None], max_tokens_per_doc: int | None = None
     ) -> RerankedTexts:
@@ -398,12 +406,8 @@ class Pipeline:
         cross-encoder through the process's micro-batcher, or, when MaxSim is the only second stage, MaxSim
         (texts sent by passage id, `rows[i]`, from the build's stored token vectors, as search scores them).
         Raises `NoReranker` without either, `RerankTimeout` past `reranker.timeout_ms` (and `QueueFull`)."""
+        self.check_rerank_texts()
         late = self.late if self.batcher is None else None
-        if late is None and self.batcher is None:
-            raise NoReranker(
-                "no reranker is configured; set reranker.model "
-                "(e.g. SIFT_RERANKER__MODEL=models/sift-reranker-minilm-l6 or maxsim) and restart"
-            )
         if late is not None:
             texts, truncated, tokens, stored = await asyncio.to_thread(
                 late.prepare_texts, query, texts, rows, max_tokens_per_doc

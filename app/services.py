@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from app.answering import Answerer
+from app.engine import Engine
 from app.generation import load_generator
 from app.generation.pool import GenerationPool
 from app.pipeline import Pipeline, Searcher
@@ -345,6 +346,10 @@ class Build:
     loaded_at: float = field(default_factory=time.time)
     in_flight: int = 0
     retired: bool = False
+    engine: Engine = field(init=False)  # what the HTTP layer calls: the pipeline and answerer behind one interface
+
+    def __post_init__(self) -> None:
+        self.engine = Engine(self.pipeline, self.answerer)
 
     @property
     def build_id(self) -> str:

@@ -282,12 +282,12 @@ async def answer(body: AnswerRequest, request: Request) -> Any:
     collection, build = acquire_build(request, body.collection)
     try:
         reader = answerer_of(build)
-        limits = build.pipeline.settings
+        limits = build.engine.settings
         check_text(body.question, "question", limits.search.max_query_chars, "search.max_query_chars")
         check_max(body.passages, limits.answer.max_passages, "passages", "answer.max_passages")
         check_question_tokens(reader, [body.question], limits.answer.max_question_tokens, "question")
         check_generation(body.generation, body.stream, "generation.", limits.answer.max_tokens_limit)
-        options = to_options(build.pipeline, body)
+        options = to_options(build.engine, body)
     except BaseException:
         await collection.release(build)
         raise
@@ -349,15 +349,6 @@ async def answer(body: AnswerRequest, request: Request) -> Any:
     return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
-def chat_query(messages: list[ChatMessage]) -> str:
-    """The retrieval query: the last user message, prefixed by the previous one when it is a short follow-up."""
-    users = [m.text().strip() for m in messages if m.role == "user" and m.text().strip()]
-    last = users[-1]
-    if len(users) > 1 and len(last.split()) < 8:
-        return f"{users[-2]} {last}"
-    return last
-
-
 @router.get("/v1/models", tags=["chat"], responses=ERRORS, dependencies=SEARCH)
 async def models(request: Request) -> dict[str, Any]:
     """OpenAI-style model list: Sift's RAG model."""
@@ -398,22 +389,20 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
             )
         except ValueError as exc:
             raise ApiError(422, "validation_error", f"stop: {exc}", "stop") from exc
-        check_generation(generation, body.stream, "", build.pipeline.settings.answer.max_tokens_limit)
-        query = chat_query(body.messages)
-        limits = build.pipeline.settings
+        check_generation(generation, body.stream, "", build.engine.settings.answer.max_tokens_limit)
+        query = reader.chat_query([m.text() for m in body.messages if m.role == "user"])
+        limits = build.engine.settings
         check_text(query, "messages", limits.search.max_query_chars, "search.max_query_chars")
         caller_text = [m.text() for m in body.messages if m.role in ("system", "developer")] + [query]
         check_question_tokens(reader, caller_text, limits.answer.max_question_tokens, "messages")
-        options = to_options(build.pipeline, params)
+        options = to_options(build.engine, params)
     except BaseException:
         await collection.release(build)
         raise
     with partial_results(params.allow_partial) as partial:
         prepared, done = await admit_and_prepare(collection, build, reader, query, options)
     missing = missing_shards(partial)
-    system_and_history = [m for m in body.messages if m.role in ("system", "developer")]
-    if system_and_history:
-        prepared.messages[0]["content"] += "\n" + "\n".join(m.text() for m in system_and_history)
+    reader.with_instructions(prepared, [m.text() for m in body.messages if m.role in ("system", "developer")])
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
 

@@ -10,7 +10,6 @@ Routes validate, call the served build and shape; the scoring and encoding live 
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 import uuid
@@ -20,11 +19,9 @@ import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import ConfigDict, Field, field_validator
 
-from app.api.errors import ApiError
 from app.api.routes import ERRORS, SEARCH, use_build
 from app.api.schemas import JsonModel, Text
-from app.pipeline import NoReranker, RerankTimeout
-from indexer.models import passage_index_text
+from app.engine import PassageRef
 
 router = APIRouter()
 
@@ -99,52 +96,13 @@ async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
     reranker's raw relevance scores (cross-encoder logits, or MaxSim), the same numbers `/v1/search` shows in
     `explain.rerank` for the same pairs (`explain.maxsim` when MaxSim alone is the second stage)."""
     async with use_build(request, body.collection) as (_, build):
-        pipeline = build.pipeline
-        limit = pipeline.settings.reranker.max_depth
-        if len(body.documents) > limit:
-            raise ApiError(
-                413, "too_many_documents", f"documents: at most {limit} per request (reranker.max_depth)", "documents"
-            )
-        if len(body.query) > pipeline.settings.search.max_query_chars:
-            raise ApiError(
-                422,
-                "validation_error",
-                f"query: longer than {pipeline.settings.search.max_query_chars} characters",
-                "query",
-            )
-        ids = [d.id for d in body.documents if isinstance(d, RerankDocument) and d.id is not None]
-        rows = {}
-        if ids:
-            rows = await asyncio.to_thread(pipeline.docstore.passages_by_id, ids)
-            missing = [i for i in ids if i not in rows]
-            if missing:
-                raise ApiError(
-                    422,
-                    "validation_error",
-                    f"documents: unknown passage id(s) {missing[:5]} in build {build.build_id}; "
-                    "see hits[].passage_id of /v1/search",
-                    "documents",
-                )
-        texts: list[str] = []
-        passage_rows: list[int | None] = []  # the served passage's row, for documents sent by id
-        for doc in body.documents:
-            if isinstance(doc, str):
-                texts.append(doc)
-                passage_rows.append(None)
-            elif doc.text is not None:
-                texts.append(doc.text)
-                passage_rows.append(None)
-            else:
-                row = rows[doc.id]
-                texts.append(passage_index_text(row["title"], row["text"]))
-                passage_rows.append(int(row["idx"]))
+        engine = build.engine
+        documents: list[str | PassageRef] = [
+            doc if isinstance(doc, str) else doc.text if doc.text is not None else PassageRef(str(doc.id))
+            for doc in body.documents
+        ]
         started = time.perf_counter()
-        try:
-            reranked = await pipeline.rerank_texts(body.query, texts, passage_rows, body.max_tokens_per_doc)
-        except NoReranker as exc:
-            raise ApiError(422, "no_reranker", str(exc), "model") from exc
-        except RerankTimeout as exc:
-            raise ApiError(503, "rerank_timeout", str(exc)) from exc
+        reranked = await engine.rerank_texts(body.query, documents, body.max_tokens_per_doc)
         texts, scores, truncated, tokens = reranked.texts, reranked.scores, reranked.truncated, reranked.tokens
         order = sorted(range(len(texts)), key=lambda i: (-float(scores[i]), i))  # ties: earlier document first
         if body.top_n:
@@ -164,7 +122,7 @@ async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
                 "api_version": {"version": "2"},
                 "billed_units": {"search_units": 1},
                 "truncated_documents": truncated,
-                "model": pipeline.settings.reranker.model,
+                "model": engine.settings.reranker.model,
                 "bundle": build.build_id,
                 "ms": round((time.perf_counter() - started) * 1000, 3),
             },
@@ -204,28 +162,9 @@ class EmbeddingsRequest(JsonModel):
 async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
     """Embed texts with the served bundle's bi-encoder (OpenAI shape), normalised as the index's vectors."""
     async with use_build(request, body.collection) as (_, build):
-        pipeline = build.pipeline
-        limits = pipeline.settings.embeddings
         texts = [body.input] if isinstance(body.input, str) else body.input
-        if len(texts) > limits.max_inputs:
-            raise ApiError(
-                413, "too_many_inputs", f"input: at most {limits.max_inputs} texts (embeddings.max_inputs)", "input"
-            )
-        too_long = [i for i, t in enumerate(texts) if len(t) > limits.max_input_chars]
-        if too_long:
-            raise ApiError(
-                413,
-                "input_too_long",
-                f"input[{too_long[0]}]: longer than {limits.max_input_chars} characters (embeddings.max_input_chars)",
-                "input",
-            )
-        dense = pipeline.searchers.get("dense")
-        if dense is None:
-            raise ApiError(422, "no_dense_index", f"build {build.build_id} has no bi-encoder; rebuild with dense on")
-        info = pipeline.bundle.manifest["dense"]
-        if body.dimensions is not None and body.dimensions != info["dimension"]:
-            raise ApiError(422, "validation_error", f"dimensions: this model gives {info['dimension']}", "dimensions")
-        vectors, tokens = await asyncio.to_thread(dense.embed, texts)
+        embedded = await build.engine.embed(texts, body.dimensions)
+        vectors, tokens = embedded.vectors, embedded.tokens
         data = []
         for i, vector in enumerate(vectors):
             if body.encoding_format == "base64":
@@ -236,6 +175,6 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any
         return {
             "object": "list",
             "data": data,
-            "model": info["model"],
+            "model": embedded.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }

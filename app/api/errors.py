@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.engine import EngineError
 from app.generation.base import GenerationError
 from app.generation.pool import Busy
 from app.retrieval.reranker import QueueFull
@@ -110,6 +111,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             status_code=429, content=error_body("generation_busy", str(exc)), headers={"Retry-After": "1"}
         )
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        body = error_body(exc.kind, str(exc), [{"field": exc.field, "message": str(exc)}] if exc.field else None)
+        return JSONResponse(status_code=exc.status, content=body)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:

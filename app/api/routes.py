@@ -27,7 +27,8 @@ from app.api.schemas import (
     SearchResponse,
 )
 from app.api.shaping import FastJSON, redact, search_response
-from app.pipeline import RETRIEVERS_BY_MODE, InvalidOption, Pipeline, SearchOptions
+from app.engine import Engine
+from app.pipeline import Pipeline, SearchOptions
 from app.retrieval.shards import Partial
 from app.services import Build, Collection, NotReady, Services, UnknownCollection
 
@@ -117,45 +118,42 @@ def check_max(value: int | None, limit: int, field: str, setting: str) -> None:
         raise ApiError(422, "validation_error", f"{field}: must be <= {limit} ({setting})", field)
 
 
-def to_options(pipeline: Pipeline, params: SearchParams, offset: int = 0) -> SearchOptions:
-    """The request's search options: `Pipeline.options` merges them over the configured defaults and checks
-    them (the same merge eval and the benches use); an option that does not fit is a 422 naming it."""
-    try:
-        return pipeline.options(
-            k=params.k,
-            mode=params.mode,
-            candidates=params.candidates,
-            fusion=params.fusion,
-            rrf_k=params.rrf_k,
-            weights=dict(params.weights) if params.weights is not None else None,
-            rerank=params.rerank,
-            rerank_depth=params.rerank_depth,
-            filters=params.filters,
-            collapse=params.collapse,
-            offset=offset,
-        )
-    except InvalidOption as exc:
-        raise ApiError(422, "validation_error", str(exc), exc.field) from exc
+def to_options(engine: Engine, params: SearchParams, offset: int = 0) -> SearchOptions:
+    """The request's search options: `Engine.options` merges them over the configured defaults and checks
+    them (the same merge eval and the benches use; one that does not fit is a 422 naming it)."""
+    return engine.options(
+        k=params.k,
+        mode=params.mode,
+        candidates=params.candidates,
+        fusion=params.fusion,
+        rrf_k=params.rrf_k,
+        weights=dict(params.weights) if params.weights is not None else None,
+        rerank=params.rerank,
+        rerank_depth=params.rerank_depth,
+        filters=params.filters,
+        collapse=params.collapse,
+        offset=offset,
+    )
 
 
 @router.post("/v1/search", response_model=SearchResponse, responses=ERRORS, tags=["search"], dependencies=SEARCH)
 async def search(body: SearchRequest, request: Request) -> FastJSON:
     """Retrieve (bm25, dense or hybrid), optionally rerank, and return the top `k` passages with per-stage explain."""
     async with use_build(request, body.collection) as (collection, build):
-        return await _search(body, request, collection, build.pipeline)
+        return await _search(body, request, collection, build.engine)
 
 
-async def _search(body: SearchRequest, request: Request, collection: Collection, pipeline: Pipeline) -> FastJSON:
-    check_text(body.query, "query", pipeline.settings.search.max_query_chars, "search.max_query_chars")
-    build_id = pipeline.bundle.build_id
-    options = to_options(pipeline, body, body.offset)
+async def _search(body: SearchRequest, request: Request, collection: Collection, engine: Engine) -> FastJSON:
+    settings, build_id = engine.settings, engine.build_id
+    engine.check_query(body.query, "query")
+    options = to_options(engine, body, body.offset)
     ranking = fingerprint(body.query, options, collection.name)
     if body.cursor is not None:
-        max_depth = max(pipeline.settings.search.max_candidates, pipeline.settings.search.max_k)
+        max_depth = max(settings.search.max_candidates, settings.search.max_k)
         cursor = resume(body.cursor, body.offset, build_id, collection.name, ranking, max_depth)
         options = replace(options, offset=cursor.offset, candidates=cursor.depth)
     with partial_results(body.allow_partial) as partial:
-        result = await pipeline.search(body.query, options)
+        result = await engine.search(body.query, options)
     end = options.offset + len(result.hits)
     more = bool(result.hits) and end < result.ranked
     next_cursor = encode_cursor(Cursor(build_id, collection.name, end, options.candidates, ranking)) if more else None
@@ -167,10 +165,10 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
         body.query,
         result,
         options,
-        pipeline.bundle.build_id,
+        build_id,
         body.return_text,
         body.highlight,
-        pipeline.settings.search.snippet_chars,
+        settings.search.snippet_chars,
         next_cursor,
     )
     if missing_shards(partial):
@@ -185,45 +183,14 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
 async def search_batch(body: BatchSearchRequest, request: Request) -> FastJSON:
     """Many queries in one request, encoded and reranked in batches (for batch jobs and evaluation)."""
     async with use_build(request, body.collection) as (collection, build):
-        return await _search_batch(body, request, collection, build.pipeline)
+        return await _search_batch(body, request, collection, build.engine)
 
 
-async def _search_batch(
-    body: BatchSearchRequest, request: Request, collection: Collection, pipeline: Pipeline
-) -> FastJSON:
-    limits = pipeline.settings.search
-    if len(body.queries) > limits.max_batch_queries:
-        raise ApiError(
-            413,
-            "too_many_queries",
-            f"queries: at most {limits.max_batch_queries} per batch (search.max_batch_queries)",
-            "queries",
-        )
-    for i, query in enumerate(body.queries):
-        check_text(query, f"queries[{i}]", limits.max_query_chars, "search.max_query_chars")
-    options = to_options(pipeline, body, body.offset)
-    work = len(body.queries) * options.candidates * len(RETRIEVERS_BY_MODE[options.mode])
-    if work > limits.max_batch_work:
-        raise ApiError(
-            413,
-            "batch_too_large",
-            f"queries: {len(body.queries)} queries × {options.candidates} candidates × "
-            f"{len(RETRIEVERS_BY_MODE[options.mode])} retrievers = {work} exceeds search.max_batch_work "
-            f"({limits.max_batch_work}); send fewer queries or fewer candidates",
-            "queries",
-        )
-    queued = pipeline.settings.reranker.max_queued_pairs
-    if options.rerank and pipeline.batcher is not None and len(body.queries) * options.rerank_depth > queued:
-        raise ApiError(
-            413,
-            "batch_too_large",
-            f"queries: {len(body.queries)} queries × rerank_depth {options.rerank_depth} pairs exceed "
-            f"reranker.max_queued_pairs ({queued}); send fewer queries, a smaller rerank_depth or rerank=false",
-            "queries",
-        )
+async def _search_batch(body: BatchSearchRequest, request: Request, collection: Collection, engine: Engine) -> FastJSON:
+    options = to_options(engine, body, body.offset)
     started = time.perf_counter()
     with partial_results(body.allow_partial) as partial:
-        results = await pipeline.search_many(body.queries, options)
+        results = await engine.search_many(body.queries, options)
     timings = results[0].timings_ms if results else {}
     metrics = request.app.state.metrics
     metrics.observe_timings(timings, collection.name)
@@ -234,10 +201,10 @@ async def _search_batch(
             q,
             r,
             options,
-            pipeline.bundle.build_id,
+            engine.build_id,
             body.return_text,
             body.highlight,
-            pipeline.settings.search.snippet_chars,
+            engine.settings.search.snippet_chars,
         )
         for q, r in zip(body.queries, results)
     ]
@@ -245,9 +212,7 @@ async def _search_batch(
     for item in shaped:  # one fan-out served every query: the same shards are missing from each result
         item["missing_shards"] = missing
     total = {**timings, "total": round((time.perf_counter() - started) * 1000, 3)}
-    return FastJSON(
-        {"results": shaped, "timings_ms": total, "bundle": pipeline.bundle.build_id, "missing_shards": missing}
-    )
+    return FastJSON({"results": shaped, "timings_ms": total, "bundle": engine.build_id, "missing_shards": missing})
 
 
 @router.get(
@@ -259,13 +224,12 @@ async def _search_batch(
 async def get_document(doc_id: str, request: Request, collection: str | None = None) -> dict[str, Any]:
     """A document with all its passages (`?collection=` picks the collection)."""
     async with use_build(request, collection) as (_, build):
-        pipeline = build.pipeline
-        document = await asyncio.to_thread(pipeline.docstore.document, doc_id)
+        document = await build.engine.document(doc_id)
     if document is None:
         raise ApiError(
             404,
             "not_found",
-            f"no document with id {doc_id!r} in bundle {pipeline.bundle.build_id}; check the id (see hits[].doc_id)",
+            f"no document with id {doc_id!r} in bundle {build.build_id}; check the id (see hits[].doc_id)",
         )
     return document
 

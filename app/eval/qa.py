@@ -125,14 +125,17 @@ def clean_prediction(text: str) -> str:
 
 
 def retrieve_hits(pipeline, questions: Sequence[SquadQuestion], k: int, progress: bool = True) -> list[list]:  # noqa: ANN001
-    """Hybrid top-k documents (best passage each) for every question, through `Pipeline.search`."""
+    """Hybrid top-k documents (best passage each) for every question, through the engine the API calls."""
     import asyncio
 
     from tqdm import tqdm
 
-    options = pipeline.options(k=k, mode="hybrid", collapse=True)
+    from app.engine import Engine
+
+    engine = Engine(pipeline)
+    options = engine.options(k=k, mode="hybrid", collapse=True)
     return [
-        asyncio.run(pipeline.search(q.question, options)).hits
+        asyncio.run(engine.search(q.question, options)).hits
         for q in tqdm(questions, desc="retrieve", disable=not progress)
     ]
 

@@ -127,11 +127,15 @@ def run_pipelines(  # noqa: ANN201
     specs: dict[str, dict[str, object]] | None = None,
     progress: bool = False,
 ):
-    """Run each named pipeline (from `specs`, default `PIPELINES`) query by query through `Pipeline.search`
-    (the API's code path), timing each query; returns (rows, runs) where runs[name] is the document run.
+    """Run each named pipeline (from `specs`, default `PIPELINES`) query by query through `Engine.search`
+    (what the API calls), timing each query; returns (rows, runs) where runs[name] is the document run.
     `progress` shows a bar with ETA per pipeline."""
     import asyncio
     import time
+
+    from app.engine import Engine
+
+    engine = Engine(pipeline)
 
     import numpy as np
     from tqdm.auto import tqdm
@@ -144,7 +148,7 @@ def run_pipelines(  # noqa: ANN201
         latencies, results = [], []
         for text in tqdm(texts, desc=name, unit="query", disable=not progress):
             started = time.perf_counter()
-            result = await pipeline.search(text, options)
+            result = await engine.search(text, options)
             latencies.append((time.perf_counter() - started) * 1000)
             results.append(result.hits)
         return latencies, results
@@ -154,8 +158,8 @@ def run_pipelines(  # noqa: ANN201
         overrides = {"k": k, "collapse": True, **spec}
         if rerank_depth:
             overrides["rerank_depth"] = rerank_depth
-        options = pipeline.options(**overrides)
-        asyncio.run(pipeline.search(texts[0], options))  # warm-up
+        options = engine.options(**overrides)
+        asyncio.run(engine.search(texts[0], options))  # warm-up
         latencies, results = asyncio.run(evaluate_one(options, name))
         runs[name] = document_run(qids, results)
         rows.append(

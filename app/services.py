@@ -43,6 +43,7 @@ from app.retrieval.maxsim import LateInteraction, MaxSimReranker, is_maxsim
 from app.retrieval.reranker import MicroBatcher, Reranker
 from app.retrieval.shards import ShardedDenseSearcher, ShardedDocstore, ShardedSearcher, ShardedTokenStore, ShardFanout
 from app.settings import Settings
+from app.threads import release_sessions, share_cores
 from app.tracing import Tracer
 from indexer.bundle import (
     CURRENT,
@@ -86,6 +87,7 @@ class Models:
     generation: GenerationPool = field(default_factory=lambda: GenerationPool(4))  # answers' own threads
     queries: QueryCache | None = None  # query embeddings, shared by every build and collection
     loaded_in: int | None = None  # pid of the process that loaded the models (a pre-fork master, or this one)
+    spin_wait: bool | None = None  # ONNX Runtime's spin-wait policy once `warm_up` set it (app/threads.py)
     shards: Any = None  # where a sharded build's shards live: None = this process; app.serving_ray.RemoteShards
     # pre-fork workers: one second-stage calibration per build, measured by the first worker that loads it
     calibrations: SharedCalibrations | None = None
@@ -131,11 +133,6 @@ class Models:
         started: it hangs), and each worker sets its own threads in `after_fork`."""
         import torch
 
-        from indexer.runtime import share_cores
-
-        # one thread policy for the runtimes sharing these cores, before any model runs
-        applied = share_cores(settings.runtime.spin_wait, settings.runtime.blas_threads)
-        log.info("thread policy", extra=applied)
         if fork_safe:
             torch.set_num_threads(1)
         elif settings.runtime.threads:  # torch's intra-op threads, set once per process before any model runs
@@ -171,7 +168,20 @@ class Models:
                 cache_dir=runtime.cache_dir,
                 threads=runtime.threads,
             )
+        # one thread policy for the runtimes sharing these cores (app/threads.py), before any request runs;
+        # bi-encoders loaded later (`encoder`) get it as they load
+        self.spin_wait = settings.runtime.spin_wait
+        applied = share_cores(self.loaded(), settings.runtime.spin_wait, settings.runtime.blas_threads)
+        log.info("thread policy", extra=applied)
         return self
+
+    def loaded(self) -> list[Any]:
+        """Every model this process holds (those that may run on ONNX Runtime)."""
+        return [self.reranker, self.reader, *self.encoders.values()]
+
+    def release_sessions(self) -> int:
+        """Free the models' ONNX Runtime sessions (a pre-fork master, before forking); each reopens on use."""
+        return release_sessions(self.loaded())
 
     def after_fork(self, settings: Settings) -> None:
         """In a worker forked from the master that loaded the models: its own torch threads, `runtime.threads`
@@ -189,6 +199,8 @@ class Models:
             self.encoders[name] = load_encoder(
                 name, settings.device, runtime.queries, runtime.threads, runtime.cache_dir
             )
+            if self.spin_wait is not None:  # the process's thread policy, once set by `warm_up`
+                share_cores([self.encoders[name]], self.spin_wait, None)
         return self.encoders[name]
 
 

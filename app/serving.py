@@ -21,11 +21,14 @@ import ctypes
 import gc
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gunicorn.app.base import BaseApplication
 
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.services import Models
 
 log = logging.getLogger("sift.serving")
 
@@ -35,14 +38,12 @@ def worker_threads(settings: Settings, workers: int) -> int:
     return settings.runtime.threads or max(1, (os.cpu_count() or 1) // workers)
 
 
-def prepare_fork() -> None:
+def prepare_fork(models: Models) -> None:
     """The master's last step before forking: free its ONNX Runtime sessions (their threads do not fork; each
     worker opens its own), keep what is loaded out of every worker's GC (a GC pass writes to every object it
     scans, copying its page), and give the heap's free pages back to the OS (glibc `malloc_trim`), since a
     worker reusing an inherited free page copies it."""
-    from indexer.runtime import release_sessions
-
-    release_sessions()
+    models.release_sessions()
     gc.collect()
     gc.freeze()
     with contextlib.suppress(OSError, AttributeError):  # not glibc
@@ -82,7 +83,7 @@ class PreforkServer(BaseApplication):
 
         services = Services.from_settings(self.settings)
         services.preload()
-        prepare_fork()
+        prepare_fork(services.models)
         log.info("models loaded once for %d workers (%d threads each)", self.workers, self.settings.runtime.threads)
         return create_app(self.settings, services=services)
 

@@ -273,7 +273,7 @@ class RuntimeSettings(BaseModel):
         False,
         description="ONNX Runtime's intra-op threads busy-wait between runs (its default); off in a server, where "
         "a spinning thread holds a core the cross-encoder needs: a default reranked query ~25 ms faster on 2 cores, "
-        "a query without rerank ~1 ms slower at concurrency 1 (indexer.runtime.share_cores)",
+        "a query without rerank ~1 ms slower at concurrency 1 (app.threads.share_cores)",
     )
     blas_threads: int | None = Field(
         1,

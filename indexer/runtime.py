@@ -42,9 +42,7 @@ import shutil
 import tempfile
 import threading
 import warnings
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -241,56 +239,6 @@ def _device_of(model) -> Any:  # noqa: ANN001, ANN401
         return "cpu"
 
 
-_SESSIONS: weakref.WeakSet = weakref.WeakSet()  # every OnnxModel of this process
-
-
-@dataclass
-class _ThreadPolicy:
-    """This process's thread policy (`share_cores`), read by each ONNX Runtime session as it opens."""
-
-    spin_wait: bool = True  # ONNX Runtime's default; a server turns it off
-
-
-_POLICY = _ThreadPolicy()
-
-
-def share_cores(spin_wait: bool = False, blas_threads: int | None = 1) -> dict[str, Any]:
-    """Thread policy of a process where several runtimes take turns on the same cores (a server: ONNX Runtime
-    for queries, torch for the cross-encoder, numpy for MaxSim, FAISS), set once before its models run.
-
-    - `spin_wait`: whether ONNX Runtime's intra-op threads busy-wait for work between runs (its default). A
-      spinning thread holds a core that torch's next call needs: on 2 cores a 12-pair cross-encoder batch took
-      ~35 ms longer right after a query encode (measured in process; docs/architecture.md, thread policy).
-      Sessions opened afterwards follow it (a session reads it when it opens).
-    - `blas_threads`: threads of numpy's BLAS (not FAISS's own: it has its own library and threads). MaxSim's
-      products are small; a multi-threaded OpenBLAS keeps its idle threads spinning, which slowed the
-      cross-encoder running beside it by ~50 ms a reranked query. None leaves it alone.
-
-    Returns what was applied. Batch work (`sift index build`) keeps the defaults: one runtime at a time."""
-    _POLICY.spin_wait = spin_wait
-    applied: dict[str, Any] = {"onnx_spin_wait": spin_wait, "numpy_blas_threads": None}
-    if blas_threads is not None:
-        import numpy
-        from threadpoolctl import ThreadpoolController
-
-        numpy_dir = str(Path(numpy.__file__).resolve().parent)
-        for lib in ThreadpoolController().lib_controllers:
-            # numpy's own BLAS lives in numpy/ or numpy.libs/ beside it
-            if lib.user_api == "blas" and str(Path(lib.filepath).resolve()).startswith(numpy_dir):
-                lib.set_num_threads(blas_threads)
-                applied["numpy_blas_threads"] = blas_threads
-    return applied
-
-
-def release_sessions() -> int:
-    """Free every ONNX Runtime session of this process (each model reopens its own on next use). A pre-fork
-    master calls this before forking, so that each worker opens one session, not inherits a dead one."""
-    modules = list(_SESSIONS)
-    for module in modules:
-        module.release_session()
-    return len(modules)
-
-
 def OnnxModel(path: Path, config: Any, runtime: str, threads: int | None = None):  # noqa: ANN201, ANN401, N802
     """An ONNX Runtime session that stands in for a transformers model: called with the tokenizer's tensors,
     it returns a dict of torch tensors named as the model's outputs (`last_hidden_state`, `logits`, or
@@ -321,9 +269,11 @@ class _OnnxModuleMixin:
 
         super().__init__()
         self.path, self.threads = Path(path), threads
+        # whether ONNX Runtime's intra-op threads busy-wait between runs (its default); a server turns it off
+        # for its models (app/threads.py) and the session reopens with it
+        self.spin_wait = True
         self._reopen = threading.Lock()
         self._open_session()
-        _SESSIONS.add(self)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.config = config
@@ -350,7 +300,7 @@ class _OnnxModuleMixin:
         if self.threads:
             options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        if not _POLICY.spin_wait:
+        if not self.spin_wait:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # no arena: it keeps the peak of the largest batch ever run (+0.7 GB for MiniLM after 32 × 256 tokens);
         # without it a session costs ~0.1 GB and a single query runs as fast (bench/workers.py)
@@ -359,7 +309,8 @@ class _OnnxModuleMixin:
         self._pid = os.getpid()
 
     def release_session(self) -> None:
-        """Free the session (in the process that opened it); the next call opens a new one."""
+        """Free the session (in the process that opened it); the next call opens a new one (with the
+        module's `spin_wait` then)."""
         with self._reopen:
             self.session = None
 

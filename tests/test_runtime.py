@@ -409,9 +409,10 @@ def test_query_cache_returns_identical_vectors_and_counts(encoder):
 
 
 def test_share_cores_sets_the_servers_thread_policy(tmp_path):
-    """A server's thread policy (`indexer.runtime.share_cores`, applied by `Models.warm_up`): numpy's BLAS on
-    one thread and FAISS's own BLAS left alone; ONNX Runtime sessions opened afterwards do not spin-wait,
-    sessions opened before it kept ONNX Runtime's default. Run in a fresh process: the policy is per process."""
+    """A server's thread policy (`app.threads.share_cores`, applied by `Models.warm_up` to the models it
+    loaded): numpy's BLAS on one thread and FAISS's own BLAS left alone; the models' ONNX Runtime sessions
+    reopen without spin-waiting, a model it was not given (a build's) keeps ONNX Runtime's default. Run in a
+    fresh process: numpy's BLAS threads are per process."""
     import subprocess
     import sys
 
@@ -419,32 +420,34 @@ def test_share_cores_sets_the_servers_thread_policy(tmp_path):
 import json, numpy, faiss, onnx, onnxruntime
 from onnx import TensorProto, helper
 from threadpoolctl import threadpool_info
-from indexer.runtime import OnnxModel, share_cores
+from app.threads import share_cores
+from indexer.runtime import OnnxModel
 
 graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["last_hidden_state"])], "g",
     [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [None, None])],
     [helper.make_tensor_value_info("last_hidden_state", TensorProto.INT64, [None, None])])
 path = "%s"
 onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-before = OnnxModel(path, None, "onnx", 2)
+other = OnnxModel(path, None, "onnx", 2)
+after = OnnxModel(path, None, "onnx", 2)
 blas = lambda: {"numpy" if "numpy" in i["filepath"] else "faiss" if "faiss" in i["filepath"] else "other": i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
 blas_before = blas()
-applied = share_cores(spin_wait=False, blas_threads=1)
-after = OnnxModel(path, None, "onnx", 2)
+applied = share_cores([after], spin_wait=False, blas_threads=1)
+after.run({"input_ids": numpy.array([[1]])})  # reopens its session with the policy
 def spin(m):
     try:
         return m.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
     except RuntimeError:  # not set: ONNX Runtime's default (spinning)
         return "default"
-print(json.dumps({"applied": applied, "before": spin(before), "after": spin(after),
+print(json.dumps({"applied": applied, "before": spin(other), "after": spin(after),
     "blas_before": blas_before, "blas_after": blas(),
     "out": after.run({"input_ids": numpy.array([[1, 2]])})[0].tolist()}))
 """ % (tmp_path / "identity.onnx")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["applied"] == {"onnx_spin_wait": False, "numpy_blas_threads": 1}
-    assert report["before"] == "default" and report["after"] == "0"  # only sessions opened after the policy
+    assert report["applied"] == {"onnx_spin_wait": False, "onnx_sessions": 1, "numpy_blas_threads": 1}
+    assert report["before"] == "default" and report["after"] == "0"  # only the models given the policy
     assert report["blas_after"]["numpy"] == 1
     assert report["blas_before"]["numpy"] > 1 or (os.cpu_count() or 1) == 1  # it was numpy's default before
     assert report["blas_after"]["faiss"] == report["blas_before"]["faiss"]  # FAISS's own BLAS: not touched

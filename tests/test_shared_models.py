@@ -64,3 +64,15 @@ def test_rerank_texts_scores_as_search_does(two_builds):
     reranked = asyncio.run(first.rerank_texts("how do stars form", texts, [hit.idx]))
     assert reranked.truncated == [] and reranked.tokens > 0
     assert reranked.scores[0] == pytest.approx(hit.stages["rerank"].score, abs=1e-4)
+
+
+def test_the_process_thread_policy_reaches_every_onnx_model_it_holds(two_builds):
+    """`Models.warm_up` applies `runtime.spin_wait` to the models it loaded, `Models.encoder` to the
+    bi-encoders loaded after it (the query encoder runs on ONNX Runtime by default)."""
+    from app.threads import onnx_modules
+
+    first, _, models = two_builds
+    modules = onnx_modules(*models.loaded())
+    assert modules, "the default query runtime is onnx: the bi-encoder runs an ONNX Runtime session"
+    assert models.spin_wait is first.settings.runtime.spin_wait is False
+    assert all(m.spin_wait is False for m in modules)

@@ -75,6 +75,7 @@ class PreparedAnswer:
     no_answer: str
     considered: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    missing_shards: list[str] = field(default_factory=list)  # shards left out of retrieval (`allow_partial`)
 
 
 @dataclass
@@ -375,6 +376,7 @@ class Answerer:
             answerable and bool(chosen),
             self.template.no_answer,
             considered=len(result.hits),
+            missing_shards=list(result.missing_shards),
         )
 
     def given(self, question: str, passages: list[dict[str, Any]], render: bool = True) -> PreparedAnswer:

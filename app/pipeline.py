@@ -22,6 +22,7 @@ from app.retrieval import FusionConfig, Hit, fuse
 from app.retrieval.calibration import DepthCalibration
 from app.retrieval.maxsim import LateInteraction
 from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank, combine_stages, stack_below
+from app.retrieval.shards import Partial
 from app.settings import Settings
 from app.tracing import Tracer
 from indexer.bundle import BundleInfo
@@ -64,6 +65,7 @@ class SearchOptions:
     filters: dict[str, Any] | None = None
     collapse: bool = False
     offset: int = 0  # a page is ranking[offset : offset + k] of the ranking at depth `candidates`
+    allow_partial: bool = False  # a sharded build's shard that does not answer is left out (`missing_shards`)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class SearchResult:
     timings_ms: dict[str, float]
     reranked: int = 0  # (query, passage) pairs the reranker scored for this query
     ranked: int = 0  # length of the whole ranking the page was cut from (pages end there)
+    missing_shards: list[str] = field(default_factory=list)  # shards left out (only with `allow_partial`)
 
 
 class Pipeline:
@@ -308,6 +311,21 @@ class Pipeline:
     # -- entry points ------------------------------------------------------------------------------------
 
     async def search_many(self, queries: list[str], options: SearchOptions) -> list[SearchResult]:
+        """`_search_many`, with a sharded build's unanswered shards left out of the results (and named in each
+        result's `missing_shards`) when `options.allow_partial`, else raising `ShardUnavailable`."""
+        if not options.allow_partial:
+            return await self._search_many(queries, options)
+        partial, token = Partial.allow()  # read by the shard fan-out, in this request's context only
+        try:
+            results = await self._search_many(queries, options)
+        finally:
+            Partial.reset(token)
+        missing = sorted(partial.missing)
+        for result in results:
+            result.missing_shards = list(missing)
+        return results
+
+    async def _search_many(self, queries: list[str], options: SearchOptions) -> list[SearchResult]:
         """Run the whole pipeline for a batch of queries (encoded and reranked in batches).
 
         Invariant: each result is `ranking[offset : offset + k]` of one ranking that depends on the options

@@ -65,3 +65,36 @@ def test_options_that_do_not_fit_name_their_field(shallow, overrides, field):
 def test_unknown_options_are_refused(shallow):
     with pytest.raises(TypeError, match="unknown search options"):
         shallow.options(topk=3)
+
+
+def test_allow_partial_is_a_search_option(example_index, tmp_path):
+    """Before: a context variable the API set around the call; now an option every caller passes, and the
+    results name the shards left out."""
+    from app.retrieval.shards import ShardUnavailable
+    from app.services import load_pipeline
+    from app.settings import load_settings
+    from indexer.build import reshard_bundle
+
+    sharded = reshard_bundle(example_index, tmp_path / "index", 2, show_progress=False).path
+    pipeline = load_pipeline(load_settings(bundle=sharded, reranker={"model": None}))
+
+    class Dead:
+        def search_many(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise TimeoutError("shard frozen")
+
+        search_vectors = search_many
+
+    try:
+        for name in ("bm25", "dense"):
+            pipeline.searchers[name].shards[1] = Dead()
+        with pytest.raises(ShardUnavailable):
+            asyncio.run(pipeline.search("how do stars form", pipeline.options(k=5)))
+        results = asyncio.run(
+            pipeline.search_many(["how do stars form", "tides"], pipeline.options(k=5, allow_partial=True))
+        )
+        assert [r.missing_shards for r in results] == [["shard-001"], ["shard-001"]]
+        assert all(r.hits for r in results)
+        whole = asyncio.run(pipeline.search("tides", pipeline.options(k=5, allow_partial=True)))
+        assert whole.missing_shards == ["shard-001"]
+    finally:
+        asyncio.run(pipeline.close())

@@ -23,8 +23,6 @@ from app.api.routes import (
     acquire_build,
     check_max,
     check_text,
-    missing_shards,
-    partial_results,
     to_options,
 )
 from app.api.schemas import NON_BLANK, JsonModel, SearchParams, Text, integral_floats
@@ -292,9 +290,8 @@ async def answer(body: AnswerRequest, request: Request) -> Any:
         await collection.release(build)
         raise
     started = time.perf_counter()
-    with partial_results(body.allow_partial) as partial:
-        prepared, done = await admit_and_prepare(collection, build, reader, body.question, options, body.passages)
-    missing = missing_shards(partial)
+    prepared, done = await admit_and_prepare(collection, build, reader, body.question, options, body.passages)
+    missing = prepared.missing_shards
     generation = body.generation.model_copy()
     if "max_new_tokens" not in body.generation.model_fields_set:
         generation.max_new_tokens = reader.settings.max_new_tokens
@@ -399,9 +396,8 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     except BaseException:
         await collection.release(build)
         raise
-    with partial_results(params.allow_partial) as partial:
-        prepared, done = await admit_and_prepare(collection, build, reader, query, options)
-    missing = missing_shards(partial)
+    prepared, done = await admit_and_prepare(collection, build, reader, query, options)
+    missing = prepared.missing_shards
     reader.with_instructions(prepared, [m.text() for m in body.messages if m.role in ("system", "developer")])
     completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -29,7 +29,6 @@ from app.api.schemas import (
 from app.api.shaping import FastJSON, redact, search_response
 from app.engine import Engine
 from app.pipeline import Pipeline, SearchOptions
-from app.retrieval.shards import Partial
 from app.services import Build, Collection, NotReady, Services, UnknownCollection
 
 router = APIRouter()
@@ -87,25 +86,6 @@ async def use_build(request: Request, name: str | None = None) -> AsyncIterator[
         await collection.release(build)
 
 
-@contextlib.contextmanager
-def partial_results(allow: bool) -> Iterator[Partial | None]:
-    """Within the block, a sharded build's shard that does not answer is recorded in the yielded `Partial`
-    (its `missing`) and the others' results are used, when the request sent `allow_partial`; without it
-    (None is yielded) such a shard raises `ShardUnavailable` (a 503 naming it)."""
-    if not allow:
-        yield None
-        return
-    partial, token = Partial.allow()
-    try:
-        yield partial
-    finally:
-        Partial.reset(token)
-
-
-def missing_shards(partial: Partial | None) -> list[str]:
-    return sorted(partial.missing) if partial is not None else []
-
-
 def check_text(value: str, field: str, limit: int, setting: str) -> None:
     """422 naming the field and the setting when a query-like text is longer than its limit."""
     if len(value) > limit:
@@ -133,6 +113,7 @@ def to_options(engine: Engine, params: SearchParams, offset: int = 0) -> SearchO
         filters=params.filters,
         collapse=params.collapse,
         offset=offset,
+        allow_partial=params.allow_partial,
     )
 
 
@@ -152,8 +133,7 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
         max_depth = max(settings.search.max_candidates, settings.search.max_k)
         cursor = resume(body.cursor, body.offset, build_id, collection.name, ranking, max_depth)
         options = replace(options, offset=cursor.offset, candidates=cursor.depth)
-    with partial_results(body.allow_partial) as partial:
-        result = await engine.search(body.query, options)
+    result = await engine.search(body.query, options)
     end = options.offset + len(result.hits)
     more = bool(result.hits) and end < result.ranked
     next_cursor = encode_cursor(Cursor(build_id, collection.name, end, options.candidates, ranking)) if more else None
@@ -171,8 +151,8 @@ async def _search(body: SearchRequest, request: Request, collection: Collection,
         settings.search.snippet_chars,
         next_cursor,
     )
-    if missing_shards(partial):
-        response["missing_shards"] = missing_shards(partial)
+    if result.missing_shards:
+        response["missing_shards"] = result.missing_shards
         response["next_cursor"] = None  # a partial ranking cannot be paged on consistently
     return FastJSON(response)
 
@@ -189,8 +169,7 @@ async def search_batch(body: BatchSearchRequest, request: Request) -> FastJSON:
 async def _search_batch(body: BatchSearchRequest, request: Request, collection: Collection, engine: Engine) -> FastJSON:
     options = to_options(engine, body, body.offset)
     started = time.perf_counter()
-    with partial_results(body.allow_partial) as partial:
-        results = await engine.search_many(body.queries, options)
+    results = await engine.search_many(body.queries, options)
     timings = results[0].timings_ms if results else {}
     metrics = request.app.state.metrics
     metrics.observe_timings(timings, collection.name)
@@ -208,7 +187,7 @@ async def _search_batch(body: BatchSearchRequest, request: Request, collection: 
         )
         for q, r in zip(body.queries, results)
     ]
-    missing = missing_shards(partial)
+    missing = results[0].missing_shards if results else []
     for item in shaped:  # one fan-out served every query: the same shards are missing from each result
         item["missing_shards"] = missing
     total = {**timings, "total": round((time.perf_counter() - started) * 1000, 3)}

@@ -85,6 +85,17 @@ def example_pipeline(example_index):
     return load_pipeline(load_settings(bundle=example_index, reranker={"model": None}, answer={"mode": "generative"}))
 
 
+@pytest.fixture(scope="session")
+def example_settings(example_index):
+    """The settings of `example_pipeline` for a server (`tests.servers.app_client`): first stage only, generative
+    answers, and no generator, so no answer backend (apps that answer configure theirs)."""
+    from app.settings import load_settings
+
+    return load_settings(
+        bundle=example_index, reranker={"model": None}, answer={"mode": "generative"}, generator={"backend": "none"}
+    )
+
+
 def _source_key() -> str:
     digest = hashlib.sha256()
     for path in sorted((ROOT / "indexer").glob("*.py")):
@@ -115,6 +126,15 @@ def scifact_pipeline(scifact_index):
 
     # first stage only; the shipped reranker is pinned in tests/test_regression_reranker.py
     return load_pipeline(load_settings(bundle=scifact_index, reranker={"model": None}))
+
+
+@pytest.fixture(scope="session")
+def scifact_settings(scifact_index):
+    """The settings of `scifact_pipeline` for a server (`tests.servers.app_client`): first stage only, no answer
+    backend (extractive answers without a reader)."""
+    from app.settings import load_settings
+
+    return load_settings(bundle=scifact_index, reranker={"model": None}, answer={"reader": None})
 
 
 @pytest.fixture(scope="session")

@@ -7,11 +7,12 @@ from fastapi.testclient import TestClient
 
 from app.api.main import create_app
 from app.settings import load_settings
+from tests.servers import app_client, served_pipeline
 
 
 @pytest.fixture(scope="module")
-def client(example_pipeline):
-    with TestClient(create_app(example_pipeline.settings, pipeline=example_pipeline)) as c:
+def client(example_settings):
+    with app_client(example_settings) as c:
         yield c
 
 
@@ -21,9 +22,9 @@ def search(client, **body):
     return response.json()
 
 
-def test_hybrid_search_finds_the_right_document_with_explain_and_timings(client, example_pipeline):
+def test_hybrid_search_finds_the_right_document_with_explain_and_timings(client):
     data = search(client, query="how do stars form in molecular clouds", k=5)
-    assert data["mode"] == "hybrid" and data["bundle"] == example_pipeline.bundle.build_id
+    assert data["mode"] == "hybrid" and data["bundle"] == served_pipeline(client.app).bundle.build_id
     top = data["hits"][0]
     assert top["doc_id"] == "astro-001" and top["passage_id"] == "astro-001#0" and top["title"] == "How stars form"
     assert top["text"].startswith("Stars form inside cold, dense clouds")
@@ -91,7 +92,7 @@ def test_batch_matches_single_queries(client):
         assert [h["score"] for h in result["hits"]] == pytest.approx([h["score"] for h in single["hits"]], rel=1e-5)
 
 
-def test_documents_info_health_and_metrics(client, example_pipeline):
+def test_documents_info_health_and_metrics(client):
     assert client.get("/v1/documents/astro-003").json()["title"] == "Black holes"
     missing = client.get("/v1/documents/no-such-doc")
     assert missing.status_code == 404 and "no document with id 'no-such-doc'" in missing.json()["error"]["message"]
@@ -104,7 +105,7 @@ def test_documents_info_health_and_metrics(client, example_pipeline):
     assert 'sift_requests_total{method="POST",route="/v1/search",status="200"}' in metrics
     assert 'sift_stage_latency_seconds_count{collection="default",stage="dense"}' in metrics
     assert "sift_in_flight_requests" in metrics and "sift_reranked_candidates_total" in metrics
-    queries = example_pipeline.settings.runtime.queries  # configs/default.yaml: onnx
+    queries = client.app.state.settings.runtime.queries  # configs/default.yaml: onnx
     assert info["runtimes"] == {"passages": "torch", "queries": queries, "reranker": None, "maxsim": None}
 
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from indexer.build import reshard_bundle
 from indexer.bundle import open_bundle
 from indexer.docstore import Docstore
 from indexer.models import passage_index_text
-from tests.servers import sift_server
+from tests.servers import app_client, served_pipeline, sift_server
 
 QUERY = "how do stars form"
 QUESTION = "When was the Eiffel Tower completed?"
@@ -70,19 +69,16 @@ class _DeadShard:
 
 @pytest.fixture(scope="module")
 def partial_client(sharded_index):
-    from app.api.main import create_app
-    from app.services import Models, load_pipeline
     from app.settings import load_settings
 
     settings = load_settings(
         bundle=sharded_index, reranker={"model": None}, generator={"backend": "none"}, answer={"mode": "extractive"}
     )
-    models = Models().warm_up(settings, generator=False)
-    pipeline = load_pipeline(settings, sharded_index, models)
-    for name in ("bm25", "dense"):
-        pipeline.searchers[name].shards[1] = _DeadShard()
-    lost = {row[1] for row in pipeline.docstore.docstores[1].passage_rows()}  # documents of shard-001
-    with TestClient(create_app(pipeline=pipeline, reader=models.reader)) as client:
+    with app_client(settings) as client:
+        pipeline = served_pipeline(client.app)
+        for name in ("bm25", "dense"):
+            pipeline.searchers[name].shards[1] = _DeadShard()
+        lost = {row[1] for row in pipeline.docstore.docstores[1].passage_rows()}  # documents of shard-001
         yield client, lost
 
 
@@ -232,9 +228,9 @@ def test_openai_client_embeddings_over_a_sharded_build_equal_the_unsharded_ones(
 @pytest.fixture(scope="module")
 def documented_client(example_index):
     """In process, as tests/test_fuzz.py serves it: MaxSim alone, extractive answers."""
-    from tests.test_fuzz import documented_app
+    from tests.test_fuzz import documented_settings
 
-    with TestClient(documented_app(example_index)[0]) as client:
+    with app_client(documented_settings(example_index)) as client:
         yield client
 
 
@@ -294,7 +290,7 @@ def test_the_document_allows_what_the_server_accepts(documented_client, path, bo
         assert error["type"] == "validation_error" and error["fields"][0]["field"], error
 
 
-def test_the_document_follows_the_configuration(documented_client, example_pipeline):
+def test_the_document_follows_the_configuration(documented_client, example_settings):
     """What a server cannot do leaves its document: without a second stage `rerank: true` and /v1/rerank
     (both 422s); a `dimensions` other than the bi-encoder's; a made-up cursor or passage id (formats)."""
     document = documented_client.get("/openapi.json").json()
@@ -304,9 +300,7 @@ def test_the_document_follows_the_configuration(documented_client, example_pipel
     cursor = components["SearchRequest"]["properties"]["cursor"]["anyOf"][0]
     assert cursor["format"] == "sift-cursor" and cursor["pattern"] == "^[A-Za-z0-9_-]+$"
     assert "/v1/rerank" in document["paths"]
-    from app.api.main import create_app
-
-    with TestClient(create_app(pipeline=example_pipeline)) as client:  # no second stage
+    with app_client(example_settings) as client:  # no second stage
         bare = client.get("/openapi.json").json()
         assert "/v1/rerank" not in bare["paths"]
         rerank = bare["components"]["schemas"]["SearchRequest"]["properties"]["rerank"]["anyOf"][0]

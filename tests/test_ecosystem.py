@@ -15,7 +15,7 @@ from indexer.dense import INDEX_FILE
 from indexer.docstore import Docstore
 from indexer.models import passage_index_text
 from tests.conftest import ROOT
-from tests.servers import sift_server
+from tests.servers import app_client, sift_server
 
 QUERY = "how do stars form"
 
@@ -120,12 +120,8 @@ def test_bad_input_gets_a_json_error_naming_the_field(server, path, body, status
     assert error["message"] and error["fields"][0]["field"].startswith(field), error
 
 
-def test_rerank_without_a_reranker_says_how_to_configure_one(example_pipeline):
-    from fastapi.testclient import TestClient
-
-    from app.api.main import create_app
-
-    with TestClient(create_app(example_pipeline.settings, pipeline=example_pipeline)) as client:
+def test_rerank_without_a_reranker_says_how_to_configure_one(example_settings):
+    with app_client(example_settings) as client:  # reranker.model: null
         r = client.post("/v1/rerank", json={"query": QUERY, "documents": ["a"]})
     assert r.status_code == 422 and "SIFT_RERANKER__MODEL" in r.json()["error"]["message"]
 

@@ -29,8 +29,8 @@ from schemathesis.checks import (  # noqa: E402
 )
 
 from app.api.main import create_app  # noqa: E402
-from app.services import Models, load_pipeline  # noqa: E402
 from app.settings import load_settings  # noqa: E402
+from tests.servers import served_pipeline, wait_ready  # noqa: E402
 
 # every built-in check, including that the server accepts what the document allows (positive_data_acceptance) and
 # refuses what it forbids (negative_data_rejection)
@@ -53,24 +53,31 @@ CHECKS = [
 EXAMPLES_PER_OPERATION = 20
 
 
-def documented_app(example_index):  # noqa: ANN001, ANN201 - also tests/test_api_defects.py's app
-    """The app the fuzzer serves: extractive answers with the shipped reader (real answers, fast enough to
+def documented_settings(example_index):  # noqa: ANN001, ANN201 - also tests/test_api_defects.py's server
+    """The server the fuzzer serves: extractive answers with the shipped reader (real answers, fast enough to
     fuzz) and MaxSim alone over the stored token vectors as the second stage (so `rerank` and /v1/rerank
-    answer, cheaply). Returns (app, pipeline)."""
-    settings = load_settings(
+    answer, cheaply)."""
+    return load_settings(
         bundle=example_index,
         reranker={"model": "maxsim", "maxsim": True},
         generator={"backend": "none"},
         answer={"mode": "extractive"},
     )
-    models = Models().warm_up(settings, generator=False)
-    pipeline = load_pipeline(settings, example_index, models)
-    return create_app(pipeline=pipeline, reader=models.reader), pipeline
 
 
 @pytest.fixture(scope="module")
 def fuzzed_app(example_index):
-    return documented_app(example_index)
+    """The app from settings, served by Schemathesis' ASGI client, which runs its lifespan as a server does
+    (models, build, lease, calibration); handed to the fuzzer once `/readyz` answers 200, stopped at the end."""
+    from schemathesis.python import asgi
+
+    app = create_app(documented_settings(example_index))
+    try:
+        with asgi.get_client(app) as client:  # starts the app's lifespan, kept until shutdown_lifespans()
+            wait_ready(client.get, failed=lambda: app.state.services.load_error)
+        yield app
+    finally:
+        asgi.shutdown_lifespans()
 
 
 def register_formats(pipeline) -> None:
@@ -99,8 +106,8 @@ def test_every_operation_answers_as_documented(fuzzed_app):
     from hypothesis import given
     from hypothesis.errors import Unsatisfiable
 
-    app, pipeline = fuzzed_app
-    register_formats(pipeline)
+    app = fuzzed_app
+    register_formats(served_pipeline(app))
     api = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in api.get_all_operations()]
     assert len(operations) >= 14, [op.label for op in operations]

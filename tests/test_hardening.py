@@ -11,27 +11,41 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from app.api.main import create_app
 from app.cli import anonymous_refusal
 from app.retrieval.reranker import MicroBatcher, QueueFull
-from app.services import derive_pipeline
 from app.settings import load_settings
 from indexer.build import build_bundle
 from indexer.config import DenseSettings, IndexConfig
 from indexer.sources import SourceError, read_documents
 from tests.conftest import EXAMPLES, ROOT, write_jsonl
+from tests.servers import app_client, served_pipeline
 
 SEARCH_KEY = "search-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"
 
 
-def app_with(pipeline, **overrides):
-    """An app over `pipeline` with other settings (same loaded build)."""
+def settings_with(example_index, **overrides):
+    """Settings over the examples' build with `overrides`: first stage only, no answer backend (extractive
+    answers without a reader)."""
     overrides.setdefault("reranker", {})["model"] = None
-    settings = load_settings(bundle=pipeline.bundle.root, **overrides)
-    return create_app(pipeline=derive_pipeline(pipeline, settings))
+    overrides.setdefault("answer", {})["reader"] = None
+    return load_settings(bundle=example_index, **overrides)
+
+
+@pytest.fixture(scope="module")
+def client(example_settings):
+    """The examples' build served as tests/conftest.py's example_pipeline is configured (no keys, default limits)."""
+    with app_client(example_settings) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def keyed_client(example_index):
+    """The same build behind a search key and an admin key."""
+    with app_client(settings_with(example_index, server={"api_keys": [SEARCH_KEY], "admin_keys": [ADMIN_KEY]})) as c:
+        yield c
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -41,34 +55,33 @@ def bearer(key: str) -> dict[str, str]:
 # -- keys, scopes, rate limits ---------------------------------------------------------------------------------
 
 
-def test_keys_and_scopes(example_pipeline):
-    app = app_with(example_pipeline, server={"api_keys": [SEARCH_KEY], "admin_keys": [ADMIN_KEY]})
-    with TestClient(app) as client:
-        body = {"query": "stars", "k": 2}
-        for headers in ({}, bearer("wrong-key-0123456789abcdef"), {"Authorization": SEARCH_KEY}):
-            r = client.post("/v1/search", json=body, headers=headers)
-            assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", r.text
-            assert r.headers["www-authenticate"] == "Bearer" and "Bearer" in r.json()["error"]["message"]
-        assert client.post("/v1/search", json=body, headers=bearer(SEARCH_KEY)).status_code == 200
-        assert client.post("/v1/search", json=body, headers=bearer(ADMIN_KEY)).status_code == 200  # admin ⊃ search
-        for method, path in (("post", "/v1/admin/reload"), ("get", "/metrics")):
-            denied = client.request(method, path, headers=bearer(SEARCH_KEY))
-            assert denied.status_code == 403 and "admin scope" in denied.json()["error"]["message"]
-            assert client.request(method, path, headers=bearer(ADMIN_KEY)).status_code == 200
-        # probes, the playground and the docs need no key
-        for path in ("/healthz", "/readyz", "/ui", "/openapi.json"):
-            assert client.get(path).status_code == 200, path
+def test_keys_and_scopes(keyed_client):
+    client = keyed_client  # keys of both scopes
+    body = {"query": "stars", "k": 2}
+    for headers in ({}, bearer("wrong-key-0123456789abcdef"), {"Authorization": SEARCH_KEY}):
+        r = client.post("/v1/search", json=body, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized", r.text
+        assert r.headers["www-authenticate"] == "Bearer" and "Bearer" in r.json()["error"]["message"]
+    assert client.post("/v1/search", json=body, headers=bearer(SEARCH_KEY)).status_code == 200
+    assert client.post("/v1/search", json=body, headers=bearer(ADMIN_KEY)).status_code == 200  # admin ⊃ search
+    for method, path in (("post", "/v1/admin/reload"), ("get", "/metrics")):
+        denied = client.request(method, path, headers=bearer(SEARCH_KEY))
+        assert denied.status_code == 403 and "admin scope" in denied.json()["error"]["message"]
+        assert client.request(method, path, headers=bearer(ADMIN_KEY)).status_code == 200
+    # probes, the playground and the docs need no key
+    for path in ("/healthz", "/readyz", "/ui", "/openapi.json"):
+        assert client.get(path).status_code == 200, path
 
 
-def test_key_file_and_short_keys(tmp_path, example_pipeline):
+def test_key_file_and_short_keys(tmp_path, example_index):
     keys = tmp_path / "keys"
     keys.write_text(f"# team keys\nsearch {SEARCH_KEY}\nadmin {ADMIN_KEY}  # ops\n")
-    with TestClient(app_with(example_pipeline, server={"api_key_file": str(keys)})) as client:
+    with app_client(settings_with(example_index, server={"api_key_file": str(keys)})) as client:
         assert client.get("/v1/collections", headers=bearer(SEARCH_KEY)).status_code == 200
         assert client.post("/v1/admin/reload", headers=bearer(SEARCH_KEY)).status_code == 403
         assert client.post("/v1/admin/reload", headers=bearer(ADMIN_KEY)).status_code == 200
     with pytest.raises(ValueError, match="shorter than 16"):
-        app_with(example_pipeline, server={"api_keys": ["short"]})
+        create_app(settings_with(example_index, server={"api_keys": ["short"]}))
 
 
 def test_anonymous_serving_is_refused_off_loopback():
@@ -88,14 +101,14 @@ def test_anonymous_serving_is_refused_off_loopback():
     assert run.returncode == 2 and "SIFT_SERVER__API_KEYS" in run.stderr
 
 
-def test_rate_limit_per_key_answers_429_with_retry_after(example_pipeline, monkeypatch):
-    app = app_with(
-        example_pipeline,
+def test_rate_limit_per_key_answers_429_with_retry_after(example_index, monkeypatch):
+    settings = settings_with(
+        example_index,
         server={"api_keys": [SEARCH_KEY, "other-key-0123456789abcdef"], "rate_limit_per_s": 0.5, "rate_limit_burst": 3},
     )
     # the limiter's clock stands still: no token refills between requests, however slowly they run
     monkeypatch.setattr("app.api.auth.time", SimpleNamespace(monotonic=lambda: 1000.0))
-    with TestClient(app) as client:
+    with app_client(settings) as client:
         codes = [client.get("/v1/collections", headers=bearer(SEARCH_KEY)).status_code for _ in range(5)]
         assert codes == [200, 200, 200, 429, 429]
         limited = client.get("/v1/collections", headers=bearer(SEARCH_KEY))
@@ -108,14 +121,12 @@ def test_rate_limit_per_key_answers_429_with_retry_after(example_pipeline, monke
 # -- the error contract ----------------------------------------------------------------------------------------
 
 
-def test_unhandled_errors_are_json_500s_with_a_request_id(example_pipeline, caplog):
-    pipeline = derive_pipeline(example_pipeline)
-
+def test_unhandled_errors_are_json_500s_with_a_request_id(example_settings, caplog):
     async def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail /srv/x")
 
-    pipeline.search_many = broken
-    with TestClient(create_app(pipeline=pipeline), raise_server_exceptions=False) as client:
+    with app_client(example_settings, raise_server_exceptions=False) as client:
+        served_pipeline(client.app).search_many = broken
         r = client.post("/v1/search", json={"query": "stars"}, headers={"X-Request-ID": "boom-1"})
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
     error = r.json()["error"]
@@ -124,8 +135,8 @@ def test_unhandled_errors_are_json_500s_with_a_request_id(example_pipeline, capl
     assert any("boom-1" == getattr(rec, "request_id", None) for rec in caplog.records)
 
 
-def test_405_carries_allow_and_chunked_bodies_over_the_limit_get_413(example_pipeline):
-    with TestClient(app_with(example_pipeline, server={"max_body_bytes": 2048})) as client:
+def test_405_carries_allow_and_chunked_bodies_over_the_limit_get_413(example_index):
+    with app_client(settings_with(example_index, server={"max_body_bytes": 2048})) as client:
         r = client.get("/v1/search")
         assert r.status_code == 405 and r.headers["allow"] == "POST" and "POST" in r.json()["error"]["message"]
 
@@ -145,24 +156,20 @@ def test_405_carries_allow_and_chunked_bodies_over_the_limit_get_413(example_pip
 
 
 @pytest.mark.parametrize("weight", ["NaN", "Infinity", "-1"])
-def test_non_finite_or_negative_fusion_weights_are_422(example_pipeline, weight):
-    with TestClient(create_app(pipeline=example_pipeline)) as client:
-        raw = '{"query": "stars", "fusion": "weighted", "weights": {"bm25": WEIGHT, "dense": 0.5}}'.replace(
-            "WEIGHT", weight
-        )
-        r = client.post("/v1/search", content=raw, headers={"content-type": "application/json"})
-        assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"].startswith("weights"), r.text
+def test_non_finite_or_negative_fusion_weights_are_422(client, weight):
+    raw = '{"query": "stars", "fusion": "weighted", "weights": {"bm25": WEIGHT, "dense": 0.5}}'.replace(
+        "WEIGHT", weight
+    )
+    r = client.post("/v1/search", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"].startswith("weights"), r.text
 
 
-def test_info_hides_paths_and_hosts_without_an_admin_key(example_pipeline):
-    root = str(example_pipeline.bundle.root)
-    with TestClient(create_app(pipeline=example_pipeline)) as client:
-        anonymous = client.get("/v1/info").text
+def test_info_hides_paths_and_hosts_without_an_admin_key(client, keyed_client):
+    root = str(served_pipeline(client.app).bundle.root)
+    anonymous = client.get("/v1/info").text
     assert root not in anonymous and '"host"' not in anonymous and "/root/" not in anonymous
-    app = app_with(example_pipeline, server={"api_keys": [SEARCH_KEY], "admin_keys": [ADMIN_KEY]})
-    with TestClient(app) as client:
-        searcher = client.get("/v1/info", headers=bearer(SEARCH_KEY))
-        admin = client.get("/v1/info", headers=bearer(ADMIN_KEY))
+    searcher = keyed_client.get("/v1/info", headers=bearer(SEARCH_KEY))
+    admin = keyed_client.get("/v1/info", headers=bearer(ADMIN_KEY))
     assert searcher.status_code == 200 and root not in searcher.text and '"host"' not in searcher.text
     assert admin.json()["bundle"]["path"] == root and "host" in admin.json()["bundle"]["build"]
 
@@ -170,13 +177,13 @@ def test_info_hides_paths_and_hosts_without_an_admin_key(example_pipeline):
 # -- limits come from settings ----------------------------------------------------------------------------------
 
 
-def test_limits_are_read_from_settings(example_pipeline):
-    app = app_with(
-        example_pipeline,
+def test_limits_are_read_from_settings(example_index):
+    settings = settings_with(
+        example_index,
         search={"max_k": 200, "max_query_chars": 50, "max_candidates": 300, "max_batch_work": 1000},
         reranker={"model": None, "max_depth": 30},
     )
-    with TestClient(app) as client:
+    with app_client(settings) as client:
         assert client.post("/v1/search", json={"query": "stars", "k": 150, "candidates": 150}).status_code == 200
         cases = [
             ({"query": "stars", "k": 201}, "k", "search.max_k"),
@@ -199,14 +206,14 @@ def test_limits_are_read_from_settings(example_pipeline):
         assert schema["SearchRequest"]["properties"]["query"]["maxLength"] == 50
 
 
-def test_chat_has_the_query_limit_and_a_prompt_token_budget(example_pipeline, local_generator):
+def test_chat_has_the_query_limit_and_a_prompt_token_budget(example_index):
     settings = load_settings(
-        bundle=example_pipeline.bundle.root,
+        bundle=example_index,
         reranker={"model": None},
         answer={"max_question_tokens": 200, "mode": "generative"},
+        generator={"backend": "local", "model": "smollm2", "cache_dir": str(ROOT / "var" / "models")},  # conftest's
     )
-    app = create_app(pipeline=derive_pipeline(example_pipeline, settings), generator=local_generator)
-    with TestClient(app) as client:
+    with app_client(settings) as client:
         long_user = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x " * 1500}]})
         assert long_user.status_code == 422 and "search.max_query_chars" in long_user.json()["error"]["message"]
         huge_system = client.post(
@@ -250,27 +257,26 @@ def test_the_rerank_queue_is_bounded():
 # -- an honest OpenAPI document ---------------------------------------------------------------------------------
 
 
-def test_documented_examples_are_accepted_and_content_types_documented(example_pipeline):
-    with TestClient(create_app(pipeline=example_pipeline)) as client:
-        schema = client.get("/openapi.json").json()
-        components = schema["components"]["schemas"]
-        for name, path in (("SearchRequest", "/v1/search"), ("BatchSearchRequest", "/v1/search/batch")):
-            example = {k: v["examples"][0] for k, v in components[name]["properties"].items() if v.get("examples")}
-            r = client.post(path, json=example)
-            assert r.status_code == 200, (name, example, r.text)
-        answer = components["AnswerRequest"]["properties"]
-        generation = components["GenerationOptions"]["properties"]
-        example = {k: v["examples"][0] for k, v in answer.items() if v.get("examples") and k != "generation"}
-        example["generation"] = {k: v["examples"][0] for k, v in generation.items() if v.get("examples")}
-        from app.api.answer import AnswerRequest, check_generation
+def test_documented_examples_are_accepted_and_content_types_documented(client):
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for name, path in (("SearchRequest", "/v1/search"), ("BatchSearchRequest", "/v1/search/batch")):
+        example = {k: v["examples"][0] for k, v in components[name]["properties"].items() if v.get("examples")}
+        r = client.post(path, json=example)
+        assert r.status_code == 200, (name, example, r.text)
+    answer = components["AnswerRequest"]["properties"]
+    generation = components["GenerationOptions"]["properties"]
+    example = {k: v["examples"][0] for k, v in answer.items() if v.get("examples") and k != "generation"}
+    example["generation"] = {k: v["examples"][0] for k, v in generation.items() if v.get("examples")}
+    from app.api.answer import AnswerRequest, check_generation
 
-        request = AnswerRequest(**example)
-        check_generation(request.generation, request.stream, "generation.", 2048)  # no 422 for the example
-        paths = schema["paths"]
-        assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
-        for path in ("/v1/answer", "/v1/chat/completions"):
-            assert "text/event-stream" in paths[path]["post"]["responses"]["200"]["content"]
-        assert "temperature > 0" in generation["top_k"]["description"]
+    request = AnswerRequest(**example)
+    check_generation(request.generation, request.stream, "generation.", 2048)  # no 422 for the example
+    paths = schema["paths"]
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    for path in ("/v1/answer", "/v1/chat/completions"):
+        assert "text/event-stream" in paths[path]["post"]["responses"]["200"]["content"]
+    assert "temperature > 0" in generation["top_k"]["description"]
 
 
 # -- indexer ----------------------------------------------------------------------------------------------------
@@ -298,15 +304,12 @@ def test_folder_ids_that_collide_are_refused_naming_both_files(tmp_path):
     assert [d.id for d in read_documents(folder, skip_bad=True)] == ["a"]
 
 
-def test_bundle_paths_with_hash_spaces_and_unicode_work(tmp_path, example_pipeline):
+def test_bundle_paths_with_hash_spaces_and_unicode_work(tmp_path):
     out = tmp_path / "my #1 índex ☃"
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"_id": "d1", "title": "Stars", "text": "how stars form in clouds"}])
     build_bundle(corpus, out, IndexConfig(dense=DenseSettings(enabled=False)), show_progress=False)
-    settings = load_settings(bundle=out, reranker={"model": None})
-    from app.services import load_pipeline
-
-    pipeline = load_pipeline(settings)
-    with TestClient(create_app(pipeline=pipeline)) as client:
+    settings = load_settings(bundle=out, reranker={"model": None}, answer={"reader": None})
+    with app_client(settings) as client:
         r = client.post("/v1/search", json={"query": "stars", "mode": "bm25"})
     assert r.status_code == 200 and r.json()["hits"][0]["doc_id"] == "d1"
 

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from app.api.main import create_app
 from app.generation.base import GenerationOptions
 from app.generation.local import SMOLLM2_GGUF, smollm2_dir
 from app.generation.remote import OpenAICompatibleGenerator, RemoteGenerationError
+from app.settings import load_settings
 from tests.conftest import ROOT
-from tests.servers import free_port
+from tests.servers import app_client, free_port
 
 pytestmark = pytest.mark.llama
 
@@ -91,9 +90,20 @@ def test_generate_and_stream_agree_with_llama_cpp(llama_server):
     assert result.text[1:3] not in stopped.text
 
 
-def test_sift_answers_through_llama_cpp(llama_server, example_pipeline):
-    remote = OpenAICompatibleGenerator(llama_server, "smollm2-gguf", api_key_env=None, timeout_s=120)
-    with TestClient(create_app(example_pipeline.settings, pipeline=example_pipeline, generator=remote)) as client:
+def test_sift_answers_through_llama_cpp(llama_server, example_index):
+    settings = load_settings(
+        bundle=example_index,
+        reranker={"model": None},
+        answer={"mode": "generative"},
+        generator={
+            "backend": "openai",
+            "base_url": llama_server,
+            "model": "smollm2-gguf",
+            "api_key_env": None,
+            "timeout_s": 120,
+        },
+    )
+    with app_client(settings) as client:
         plain = client.post("/v1/answer", json={"question": QUESTION})
         assert plain.status_code == 200, plain.text
         data = plain.json()

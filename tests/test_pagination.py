@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from app.api.main import create_app
 from app.settings import load_settings
 from tests.conftest import SCIFACT, SHARED_DATA_WORKER, needs_scifact
+from tests.servers import app_client
 from tests.test_lifecycle import clone_build
 
 pytestmark = SHARED_DATA_WORKER
@@ -30,8 +31,8 @@ QUERIES = _queries()
 
 
 @pytest.fixture(scope="module")
-def scifact_client(scifact_pipeline):
-    with TestClient(create_app(pipeline=scifact_pipeline)) as client:
+def scifact_client(scifact_settings):
+    with app_client(scifact_settings) as client:
         yield client
 
 
@@ -107,8 +108,8 @@ def test_a_first_page_deeper_than_candidates_fixes_the_depth_for_its_cursor(scif
     assert len(whole) == 40
 
 
-def test_bad_cursors_and_offsets_get_json_errors(example_pipeline):
-    with TestClient(create_app(pipeline=example_pipeline)) as client:
+def test_bad_cursors_and_offsets_get_json_errors(example_settings):
+    with app_client(example_settings) as client:
         first = client.post("/v1/search", json={"query": "stars", "k": 2, "mode": "bm25"})
         cursor = first.json()["next_cursor"]
         assert cursor

@@ -10,12 +10,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from app.api.main import create_app
 from app.generation.reader import Calibration, ExtractiveReader, features
 from tests.conftest import ROOT, SHARED_DATA, SHARED_DATA_WORKER
-from tests.servers import sift_server
+from tests.servers import app_client, sift_server
 
 pytestmark = SHARED_DATA_WORKER
 
@@ -120,16 +118,18 @@ def test_calibration_fit_is_monotone_and_matches_rates():
 
 
 @pytest.fixture(scope="module")
-def extractive_client(example_pipeline, reader):
-    from app.services import derive_pipeline
+def extractive_client(example_index):
+    from app.settings import load_settings
 
-    p = example_pipeline
     # the bare span as the answer text (answer.extractive_text: span); the shipped sentence answers are tested in
     # tests/test_shipped_answers.py
-    answer = p.settings.answer.model_copy(update={"mode": "extractive", "extractive_text": "span"})
-    settings = p.settings.model_copy(update={"answer": answer})
-    pipeline = derive_pipeline(p, settings, reranker=None)  # the same loaded build, extractive answers
-    with TestClient(create_app(settings, pipeline=pipeline, reader=reader)) as client:
+    settings = load_settings(
+        bundle=example_index,
+        reranker={"model": None},
+        generator={"backend": "none"},
+        answer={"mode": "extractive", "extractive_text": "span", "reader": str(READER)},  # the `reader` fixture's
+    )
+    with app_client(settings) as client:
         yield client
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from fastapi.testclient import TestClient
 
-from app.api.main import create_app
 from app.eval.retrieval import PIPELINES, document_run, evaluate, load_beir
 from app.retrieval.types import Hit
 from tests.conftest import ROOT, SCIFACT, SHARED_DATA_WORKER, needs_scifact
+from tests.servers import app_client
 
 # heavy: the suites over the SciFact bundle (its build alone takes 8–10 min on a 2-core CPU) run in CI's
 # `make test-heavy`, keeping `make test` within its 20 minutes on a clean clone
@@ -58,11 +57,10 @@ def test_searcher_scores_are_pinned(searcher_scores, name):
 
 
 @pytest.fixture(scope="module")
-def api_scores(scifact_pipeline, dataset):
-    app = create_app(scifact_pipeline.settings, pipeline=scifact_pipeline)
+def api_scores(scifact_settings, dataset):
     qids, texts = list(dataset.queries), list(dataset.queries.values())
     scores = {}
-    with TestClient(app) as client:
+    with app_client(scifact_settings) as client:
         for name in ("bm25", "dense", "hybrid"):
             body = {"queries": texts, "k": 100, "collapse": True, "return_text": False, **PIPELINES[name]}
             response = client.post("/v1/search/batch", json=body)

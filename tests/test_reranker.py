@@ -7,11 +7,10 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
-from app.api.main import create_app
 from app.retrieval.reranker import MicroBatcher, Reranker
 from app.services import derive_pipeline
+from tests.servers import app_client
 
 
 @pytest.fixture(scope="session")
@@ -150,8 +149,17 @@ def test_rerank_timeout_returns_fused_order_marked_skipped(reranking_pipeline):
     assert {h.stages["rerank"].note for h in timed_out.hits} == {"skipped (timeout)"}
 
 
-def test_api_reranks_by_default_when_configured(reranking_pipeline):
-    with TestClient(create_app(reranking_pipeline.settings, pipeline=reranking_pipeline)) as client:
+def test_api_reranks_by_default_when_configured(example_index, cross_encoder_dir):
+    from app.settings import load_settings
+
+    settings = load_settings(  # reranking_pipeline's second stage: the cross-encoder alone, interpolated fully
+        bundle=example_index,
+        reranker={"model": str(cross_encoder_dir), "maxsim": False, "weights": None, "interpolation": 1.0},
+        runtime={"reranker": "torch"},  # as the `reranker` fixture runs it
+        generator={"backend": "none"},
+        answer={"mode": "generative"},
+    )
+    with app_client(settings) as client:
         data = client.post("/v1/search", json={"query": "coral reef bleaching", "k": 5, "rerank_depth": 10}).json()
         assert set(data["hits"][0]["explain"]) == {"bm25", "dense", "fused", "rerank"}
         assert [h["explain"]["rerank"]["rank"] for h in data["hits"]] == [1, 2, 3, 4, 5]

@@ -180,16 +180,17 @@ def test_settings_validate_weights():
     assert s.stage_weights(cross_encoder=False, maxsim=True)["cross_encoder"] == 0.0
 
 
-def test_search_explains_maxsim_and_rerank_through_http(maxsim_pipeline, token_index):
-    from fastapi.testclient import TestClient
-
-    from app.api.main import create_app
+def test_search_explains_maxsim_and_rerank_through_http(token_index):
     from app.settings import load_settings
+    from tests.servers import app_client
 
     settings = load_settings(
-        bundle=token_index, reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5, "weights": None}
+        bundle=token_index,
+        # maxsim_pipeline's second stage at its configured depth (12: every hit of the page is reranked), uncalibrated
+        reranker={"model": "maxsim", "maxsim": True, "interpolation": 0.5, "weights": None, "latency_budget_ms": 0},
+        answer={"reader": None},  # no answer backend
     )
-    with TestClient(create_app(settings, pipeline=maxsim_pipeline)) as client:
+    with app_client(settings) as client:
         response = client.post("/v1/search", json={"query": "immune system vaccines", "k": 5})
         assert response.status_code == 200, response.text
         body = response.json()

@@ -5,35 +5,34 @@
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 pytest.importorskip("opentelemetry.sdk", reason="tracing tests need the `tracing` extra (make install has it)")
 
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
-from app.api.main import create_app  # noqa: E402
-from app.services import Models, load_pipeline  # noqa: E402
 from app.settings import TracingSettings, load_settings  # noqa: E402
 from app.tracing import Tracer  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+from tests.servers import app_client, served_pipeline  # noqa: E402
 
 STAGES = {"sift.bm25", "sift.dense.encode", "sift.dense.search", "sift.fusion", "sift.rerank", "sift.fetch"}
 
 
 @pytest.fixture(scope="module")
-def traced(example_index, local_generator):
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+def traced(example_index):
+    """A server with tracing on (settings' console exporter) and the default second stage at its configured
+    depth (uncalibrated: the spans carry it); its provider also hands every span to an in-memory exporter."""
     settings = load_settings(
         bundle=example_index,
-        reranker={"model": "models/sift-reranker-minilm-l6", "max_length": 128},
+        reranker={"model": "models/sift-reranker-minilm-l6", "max_length": 128, "latency_budget_ms": 0},
         answer={"max_new_tokens": 12, "mode": "generative"},
+        generator={"backend": "local", "model": "smollm2", "cache_dir": str(ROOT / "var" / "models")},  # conftest's
+        tracing={"enabled": True, "exporter": "console"},
     )
-    models = Models(tracer=Tracer(provider)).warm_up(settings, generator=False, reader=False)
-    pipeline = load_pipeline(settings, example_index, models)
-    with TestClient(create_app(pipeline=pipeline, generator=local_generator)) as client:
+    exporter = InMemorySpanExporter()
+    with app_client(settings) as client:
+        client.app.state.services.tracer.provider.add_span_processor(SimpleSpanProcessor(exporter))
         yield client, exporter
 
 
@@ -112,11 +111,11 @@ def test_answers_trace_generation_streamed_or_not(traced):
     assert generate.context.trace_id == server.context.trace_id and generate.end_time <= server.end_time
 
 
-def test_tracing_is_off_by_default_and_records_nothing(example_pipeline):
+def test_tracing_is_off_by_default_and_records_nothing(example_settings):
     assert load_settings().tracing.enabled is False
     assert not Tracer.from_settings(TracingSettings()).enabled
-    assert not example_pipeline.tracer.enabled
-    with TestClient(create_app(pipeline=example_pipeline)) as client:
+    with app_client(example_settings) as client:
+        assert not served_pipeline(client.app).tracer.enabled
         response = client.post("/v1/search", json={"query": "stars", "mode": "bm25"}, headers={"X-Request-ID": "off"})
     assert response.headers["x-request-id"] == "off"
     # on, with the console exporter: a real SDK provider is built from settings

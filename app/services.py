@@ -561,8 +561,6 @@ class Services:
     def __init__(self, settings: Settings, models: Models, collections: dict[str, Collection]) -> None:
         self.settings, self.models, self.collections = settings, models, collections
         self.load_error: str | None = None
-        self.owns_builds = True  # False when handed a pipeline: its owner closes it
-        self.needs_start = False  # True when built from settings: the app's lifespan starts and watches them
 
     @classmethod
     def from_settings(
@@ -578,27 +576,9 @@ class Services:
             generation=GenerationPool(settings.server.max_concurrent_generations),
         )
         services = cls(settings, models, {})
-        services.needs_start = True
         services.collections = {
             name: Collection(name, Path(root), settings, services.models) for name, root in roots.items()
         }
-        return services
-
-    @classmethod
-    def from_pipeline(cls, pipeline: Pipeline, generator: Any = None, reader: Any = None) -> Services:
-        """Services around an already loaded pipeline (tests, benches); no reload (nothing to watch)."""
-        models = Models(
-            reranker=pipeline.reranker,
-            generator=generator,
-            reader=reader,
-            tracer=pipeline.tracer,
-            generation=GenerationPool(pipeline.settings.server.max_concurrent_generations),
-            queries=getattr(getattr(pipeline.searchers.get("dense"), "queries", None), "cache", None),
-        )
-        collection = Collection(DEFAULT_COLLECTION, pipeline.bundle.root, pipeline.settings, models)
-        collection.current = Build(pipeline, build_answerer(pipeline, models), None)
-        services = cls(pipeline.settings, models, {DEFAULT_COLLECTION: collection})
-        services.owns_builds = False
         return services
 
     def on_reload(self, listener: Callable[[str, str], None]) -> None:
@@ -696,8 +676,6 @@ class Services:
         return self.models.tracer
 
     async def close(self) -> None:
-        if not self.owns_builds:
-            return
         for collection in self.collections.values():
             await collection.close()
         await self.models.close()

@@ -24,7 +24,6 @@ from app.api.openapi import install_openapi
 from app.api.playground import assets as playground_assets
 from app.api.playground import router as playground_router
 from app.api.routes import router
-from app.pipeline import Pipeline
 from app.services import Services
 from app.settings import Settings, load_settings
 from app.tracing import REQUEST_ID, Tracer, new_request_id
@@ -154,24 +153,15 @@ async def _send_json(send: Send, status: int, content: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(
-    settings: Settings | None = None,
-    pipeline: Pipeline | None = None,
-    generator=None,  # noqa: ANN001
-    services: Services | None = None,
-    reader=None,  # noqa: ANN001
-) -> FastAPI:
-    """Build the app around `services` (the composition root, `app.services`). Without them, services are
-    built from `settings`; services built from settings (here, or pre-loaded by a pre-fork master) load in
-    the background at start-up (`/readyz` answers 503 until every collection has a build), and a watcher
-    reloads each collection when its `current` changes. With a
-    `pipeline` (and optionally a `generator`/`reader`) the app is ready at once and does not reload."""
-    if services is None and pipeline is not None:
-        services = Services.from_pipeline(pipeline, generator, reader)
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    """Build the app around `services` (the composition root, `app.services`), or around services built from
+    `settings` (default: `load_settings()`). The services load in the background at start-up (models, every
+    collection's build, its lease and second-stage calibration; `/readyz` answers 503 until every collection
+    has a build), then a watcher reloads each collection when its `current` changes. `services` are handed in
+    by the servers that build them first: a pre-fork worker (`app.serving`) and a Ray Serve replica."""
     settings = settings or (services.settings if services is not None else load_settings())
     metrics = Metrics()
     services = services or Services.from_settings(settings)
-    watch = services.needs_start
     services.on_reload(lambda collection, outcome: metrics.reloads.labels(collection, outcome).inc())
 
     @asynccontextmanager
@@ -179,27 +169,22 @@ def create_app(
         # one pool, sized for the machine, runs every blocking stage (asyncio.to_thread uses it)
         pool = ThreadPoolExecutor(max_workers=settings.server.threads or os.cpu_count() or 1, thread_name_prefix="sift")
         asyncio.get_running_loop().set_default_executor(pool)
-        tasks = []
-        if watch:
 
-            async def start_then_watch() -> None:
-                started = time.perf_counter()
-                await services.start()
-                metrics.ready.set(1 if services.ready else 0)
-                if services.ready:
-                    builds = {c.name: c.current.build_id for c in services.collections.values() if c.current}
-                    log.info("ready", extra={"builds": builds, "start_s": round(time.perf_counter() - started, 1)})
-                if services.load_error is None:
-                    await services.watch(settings.server.reload_interval_s)
+        async def start_then_watch() -> None:
+            started = time.perf_counter()
+            await services.start()
+            metrics.ready.set(1 if services.ready else 0)
+            if services.ready:
+                builds = {c.name: c.current.build_id for c in services.collections.values() if c.current}
+                log.info("ready", extra={"builds": builds, "start_s": round(time.perf_counter() - started, 1)})
+            if services.load_error is None:
+                await services.watch(settings.server.reload_interval_s)
 
-            tasks.append(asyncio.create_task(start_then_watch()))
-        else:
-            metrics.ready.set(1)
+        task = asyncio.create_task(start_then_watch())
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
+            task.cancel()
             await services.close()
             pool.shutdown(wait=False)
 

@@ -9,12 +9,11 @@ import time
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from app.api.main import create_app
 from app.generation.base import GenerationOptions
 from app.generation.remote import OpenAICompatibleGenerator
-from tests.servers import sift_server
+from app.settings import load_settings
+from tests.servers import app_client, sift_server
 
 QUESTION = "When was the Eiffel Tower completed?"
 STOPWORDS = {"the", "was", "and", "for", "with", "that", "this", "from", "are", "were", "which", "its", "his", "her"}
@@ -126,21 +125,27 @@ def test_chat_errors_follow_openai_shape(rag_server):
     assert r.status_code == 422 and r.json()["error"]["fields"][0]["field"] == "n"
 
 
-def test_remote_generator_against_a_real_openai_compatible_server(rag_server, example_pipeline):
+def test_remote_generator_against_a_real_openai_compatible_server(rag_server, example_index):
     """Sift (this process) uses the other Sift server as its remote generator over the OpenAI protocol."""
     remote = OpenAICompatibleGenerator(f"{rag_server}/v1", "sift-rag", api_key_env=None, timeout_s=120)
     messages = [{"role": "user", "content": QUESTION}]
     result = remote.generate(messages, GenerationOptions(max_new_tokens=40))
     assert "1889" in result.text and result.completion_tokens > 0
     assert "".join(remote.stream(messages, GenerationOptions(max_new_tokens=40))) == result.text
-    app = create_app(example_pipeline.settings, pipeline=example_pipeline, generator=remote)
-    with TestClient(app) as client:
+    remote_settings = {"base_url": f"{rag_server}/v1", "model": "sift-rag", "api_key_env": None, "timeout_s": 120}
+    settings = load_settings(
+        bundle=example_index,
+        reranker={"model": None},
+        answer={"mode": "generative"},
+        generator={"backend": "openai", **remote_settings},  # the same generator, configured
+    )
+    with app_client(settings) as client:
         data = client.post("/v1/answer", json={"question": QUESTION}).json()
     assert "1889" in data["answer"] and data["model"] == "sift-rag"
 
 
-def test_answer_without_generator_is_503(example_pipeline):
-    with TestClient(create_app(example_pipeline.settings, pipeline=example_pipeline)) as client:
+def test_answer_without_generator_is_503(example_settings):
+    with app_client(example_settings) as client:  # generator.backend: none
         r = client.post("/v1/answer", json={"question": QUESTION})
     assert r.status_code == 503 and "no answer backend is configured" in r.json()["error"]["message"]
 

@@ -109,7 +109,7 @@ class Engine:
 
     # -- search -----------------------------------------------------------------------------------------
 
-    def options(self, **request: Any) -> SearchOptions:  # noqa: ANN401 - SearchOptions' fields, by name
+    def options(self, **request: Any) -> SearchOptions:  # SearchOptions' fields, by name
         """`Pipeline.options`: the one merge of defaults and overrides; `InvalidOption` becomes a 422."""
         try:
             return self.pipeline.options(**request)
@@ -215,7 +215,7 @@ class Engine:
                 "input",
                 "input_too_long",
             )
-        dense = self.pipeline.searchers.get("dense")
+        dense = self.pipeline.dense
         if dense is None:
             raise Unavailable(f"build {self.build_id} has no bi-encoder; rebuild with dense on", None, "no_dense_index")
         info = self.pipeline.bundle.manifest["dense"]

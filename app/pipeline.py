@@ -13,20 +13,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import numpy as np
 
 from app.retrieval import FusionConfig, Hit, fuse
 from app.retrieval.calibration import DepthCalibration
+from app.retrieval.fusion import FusionMethod
 from app.retrieval.maxsim import LateInteraction
-from app.retrieval.reranker import MicroBatcher, Reranker, apply_rerank, combine_stages, stack_below
+from app.retrieval.protocols import DenseRetriever, DocstoreReader, Retriever, TextReranker
+from app.retrieval.reranker import MicroBatcher, apply_rerank, combine_stages, stack_below
 from app.retrieval.shards import Partial
 from app.settings import Settings
 from app.tracing import Tracer
 from indexer.bundle import BundleInfo
-from indexer.docstore import Docstore
 from indexer.models import passage_index_text
 
 log = logging.getLogger(__name__)
@@ -35,21 +37,9 @@ Mode = Literal["bm25", "dense", "hybrid"]
 RETRIEVERS_BY_MODE: dict[str, tuple[str, ...]] = {"bm25": ("bm25",), "dense": ("dense",), "hybrid": ("bm25", "dense")}
 
 
-class Searcher(Protocol):
-    name: str
-
-    def search_many(self, queries: list[str], k: int, mask: np.ndarray | None = None) -> list[list[Hit]]: ...
-
-
-@runtime_checkable
-class VectorSearcher(Protocol):
-    """A searcher that encodes queries, then searches vectors (traced as two stages)."""
-
-    name: str
-
-    def encode(self, queries: list[str]) -> np.ndarray: ...
-
-    def search_vectors(self, vectors: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[list[Hit]]: ...
+# the stage interfaces are app.retrieval.protocols'; these names stay for code that imported them from here
+Searcher = Retriever
+VectorSearcher = DenseRetriever
 
 
 @dataclass(frozen=True)
@@ -98,9 +88,9 @@ class Pipeline:
     def __init__(
         self,
         bundle: BundleInfo,
-        docstore: Docstore,
-        searchers: dict[str, Searcher],
-        reranker: Reranker | None = None,
+        docstore: DocstoreReader,
+        searchers: Mapping[str, Retriever],
+        reranker: TextReranker | None = None,
         settings: Settings | None = None,
         tracer: Tracer | None = None,
         late: LateInteraction | None = None,
@@ -111,7 +101,8 @@ class Pipeline:
         closes it with itself (a pipeline derived for a bench or a test)."""
         self.bundle = bundle
         self.docstore = docstore
-        self.searchers = searchers
+        self.searchers = dict(searchers)
+        self.dense = dense_retriever(self.searchers)  # None: a build without a dense index
         self.reranker = reranker
         self.late = late
         self.settings = settings or Settings()
@@ -186,9 +177,11 @@ class Pipeline:
         timings["fusion"] = _ms(t)
         return fused, timings
 
-    def _retrieve(self, searcher: Searcher, queries: list[str], depth: int, mask: np.ndarray | None) -> list[list[Hit]]:
+    def _retrieve(
+        self, searcher: Retriever, queries: list[str], depth: int, mask: np.ndarray | None
+    ) -> list[list[Hit]]:
         attrs = {"sift.candidates": depth, **self._trace_attrs(queries)}
-        if self.tracer.enabled and isinstance(searcher, VectorSearcher):
+        if self.tracer.enabled and isinstance(searcher, DenseRetriever):
             with self.tracer.span(f"sift.{searcher.name}.encode", **attrs):
                 vectors = searcher.encode(queries)
             with self.tracer.span(f"sift.{searcher.name}.search", **attrs):
@@ -254,13 +247,10 @@ class Pipeline:
         t = time.perf_counter()
         heads, pairs, passages, span = prepared.heads, prepared.pairs, prepared.passages, prepared.span
         try:
-            late = prepared.late
-            scoring = [self._cross_encoder(pairs)]
-            if self.late is not None and late is None:
-                scoring.append(self._late(queries, heads, pairs))
             try:
-                scores = await asyncio.wait_for(
-                    asyncio.gather(*scoring), timeout=self.settings.reranker.timeout_ms / 1000.0
+                ce, late = await asyncio.wait_for(
+                    self._score_heads(queries, heads, pairs, prepared.late),
+                    timeout=self.settings.reranker.timeout_ms / 1000.0,
                 )
             except TimeoutError:
                 if span is not None:
@@ -269,18 +259,17 @@ class Pipeline:
                 return skipped, prepared.ms + _ms(t), passages
         finally:
             self.tracer.end(span)
-        ce = scores[0]
-        if len(scores) > 1:
-            late = scores[1]
+        late_by_head: list[np.ndarray | None] = list(late) if late is not None else [None] * len(heads)
         out, offset = [], 0
-        for hits, head, late_scores in zip(ranked, heads, late or [None] * len(heads)):
+        for hits, head, late_scores in zip(ranked, heads, late_by_head):
             head_ce = ce[offset : offset + len(head)] if ce is not None else None
             offset += len(head)
             tail = [h.with_stage("rerank", None, None, "below rerank_depth") for h in hits[len(head) :]]
             if late_scores is not None:
                 tail = [h.with_stage("maxsim", None, None, "below rerank_depth") for h in tail]
-            if self.stage_weights is None:
-                head = apply_rerank(head, head_ce, self.settings.reranker.interpolation)
+            if self.stage_weights is None:  # one cross-encoder, interpolated (no MaxSim: see __init__)
+                if head_ce is not None:
+                    head = apply_rerank(head, head_ce, self.settings.reranker.interpolation)
             else:
                 scores_by_stage = {"cross_encoder": head_ce, "maxsim": late_scores}
                 head = combine_stages(
@@ -288,6 +277,20 @@ class Pipeline:
                 )
             out.append(stack_below(head, tail))  # scores fall as rank falls, below the depth too
         return out, prepared.ms + _ms(t), passages
+
+    async def _score_heads(
+        self,
+        queries: list[str],
+        heads: list[list[Hit]],
+        pairs: list[tuple[str, str]],
+        late: list[np.ndarray] | None,
+    ) -> tuple[np.ndarray | None, list[np.ndarray] | None]:
+        """The cross-encoder's scores of `pairs` and MaxSim's per head: `late` when stored-vector MaxSim already
+        ran, else re-encoding the candidates beside the cross-encoder (None: that stage is off)."""
+        if self.late is not None and late is None:
+            ce, reencoded = await asyncio.gather(self._cross_encoder(pairs), self._late(queries, heads, pairs))
+            return ce, reencoded
+        return await self._cross_encoder(pairs), late
 
     async def _cross_encoder(self, pairs: list[tuple[str, str]]) -> np.ndarray | None:
         if self.batcher is None:
@@ -447,7 +450,7 @@ class Pipeline:
     def options(
         self,
         *,
-        fusion: str | FusionConfig | None = None,
+        fusion: FusionMethod | FusionConfig | None = None,
         rrf_k: int | None = None,
         weights: dict[str, float] | None = None,
         **overrides: Any,
@@ -504,11 +507,11 @@ class Pipeline:
 
     def runtimes(self) -> dict[str, str | None]:
         """What runs each model: passages as recorded by the build, queries and reranker as loaded here."""
-        dense = self.searchers.get("dense")
+        dense = self.dense
         reranker = self.reranker
         return {
             "passages": (self.bundle.manifest.get("dense") or {}).get("runtime", "torch") if dense else None,
-            "queries": getattr(dense.encoder, "sift_runtime", "torch") if dense else None,
+            "queries": dense.runtime if dense else None,
             "reranker": reranker.runtime if reranker is not None else None,
             "maxsim": ("stored token vectors" if self.late.stored else "re-encoded") if self.late is not None else None,
         }
@@ -547,6 +550,18 @@ class InvalidOption(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+def dense_retriever(searchers: Mapping[str, Retriever]) -> DenseRetriever | None:
+    """The `dense` retriever of `searchers` (None without one), checked to be a `DenseRetriever`: MaxSim, the
+    query runtimes and `/v1/embeddings` use its encoder."""
+    searcher = searchers.get("dense")
+    if searcher is None:
+        return None
+    if not isinstance(searcher, DenseRetriever):
+        name = type(searcher).__name__
+        raise TypeError(f"the dense retriever {name} is not a DenseRetriever (app.retrieval.protocols)")
+    return searcher
 
 
 def _check_max(value: int, limit: int, field: str, setting: str) -> None:

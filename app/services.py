@@ -28,18 +28,26 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.answering import Answerer
 from app.engine import Engine
 from app.generation import load_generator
 from app.generation.pool import GenerationPool
-from app.pipeline import Pipeline, Searcher
+from app.pipeline import Pipeline
 from app.retrieval import BM25Searcher, DenseSearcher
 from app.retrieval.cache import QueryCache
 from app.retrieval.calibration import SharedCalibrations, calibrate
 from app.retrieval.dense import query_encoder
 from app.retrieval.maxsim import LateInteraction, MaxSimReranker, is_maxsim
+from app.retrieval.protocols import (
+    DenseRetriever,
+    DocstoreReader,
+    Retriever,
+    TextReranker,
+    TokenStoreReader,
+    VectorIndex,
+)
 from app.retrieval.reranker import MicroBatcher, Reranker
 from app.retrieval.shards import ShardedDenseSearcher, ShardedDocstore, ShardedSearcher, ShardedTokenStore, ShardFanout
 from app.settings import Settings
@@ -58,6 +66,11 @@ from indexer.bundle import (
 from indexer.docstore import Docstore
 from indexer.shards import shard_map
 from indexer.tokens import TokenStore, TokenStoreError
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from app.serving_ray import RemoteShards
 
 log = logging.getLogger("sift.services")
 
@@ -79,22 +92,22 @@ class Models:
     """Bundle-independent parts, loaded once per process and shared by every build and collection: the
     models, and the tracer every pipeline reports its stages to."""
 
-    reranker: Any = None  # Reranker | MaxSimReranker | None
+    reranker: TextReranker | None = None  # Reranker | MaxSimReranker | None
     generator: Any = None  # Generator | None
     reader: Any = None  # ExtractiveReader | None
-    encoders: dict[str, Any] = field(default_factory=dict)  # bi-encoders by model name
+    encoders: dict[str, SentenceTransformer] = field(default_factory=dict)  # bi-encoders by model name
     tracer: Tracer = field(default_factory=Tracer)  # off unless settings.tracing (or a test) says otherwise
     generation: GenerationPool = field(default_factory=lambda: GenerationPool(4))  # answers' own threads
     queries: QueryCache | None = None  # query embeddings, shared by every build and collection
     loaded_in: int | None = None  # pid of the process that loaded the models (a pre-fork master, or this one)
     spin_wait: bool | None = None  # ONNX Runtime's spin-wait policy once `warm_up` set it (app/threads.py)
-    shards: Any = None  # where a sharded build's shards live: None = this process; app.serving_ray.RemoteShards
+    shards: RemoteShards | None = None  # where a sharded build's shards live: None = this process
     # pre-fork workers: one second-stage calibration per build, measured by the first worker that loads it
     calibrations: SharedCalibrations | None = None
     # one micro-batcher per reranker model: every build and collection of the process queues its pairs there
     batchers: dict[int, MicroBatcher] = field(default_factory=dict)
 
-    def batcher(self, reranker: Any, settings: Settings) -> MicroBatcher | None:  # noqa: ANN401
+    def batcher(self, reranker: TextReranker | None, settings: Settings) -> MicroBatcher | None:
         """The process's micro-batcher of `reranker` (made on first use; None without a reranker), so that
         `reranker.max_queued_pairs` bounds the model, not each build's queue."""
         if reranker is None:
@@ -190,7 +203,7 @@ class Models:
 
         torch.set_num_threads(settings.runtime.threads or os.cpu_count() or 1)
 
-    def encoder(self, name: str, settings: Settings) -> Any:
+    def encoder(self, name: str, settings: Settings) -> SentenceTransformer:
         """The bi-encoder `name`, loaded once per process with the query runtime of `settings`."""
         if name not in self.encoders:
             from indexer.encoders import load_encoder
@@ -217,13 +230,17 @@ def load_pipeline(
     tokens = bool(settings.reranker.maxsim and settings.reranker.model)  # `model: null` turns the second stage off
     dense_info = info.manifest.get("dense") or {}
     encoder = models.encoder(dense_info["model"], settings) if dense_info.get("enabled") else None
+    docstore: DocstoreReader
+    bm25: Retriever
+    dense: DenseRetriever | None
+    store: TokenStoreReader | None
     if info.manifest.get("shards"):
-        docstore, searchers, store = _sharded(settings, info, models, encoder, tokens)
+        docstore, bm25, dense, store = _sharded(settings, info, models, encoder, tokens)
     else:
         parts = open_parts(info, encoder, models.query_cache(settings), tokens)
-        docstore, store = parts.docstore, parts.tokens
-        searchers = {"bm25": parts.bm25, **({"dense": parts.dense} if parts.dense is not None else {})}
-    late = late_interaction(info.build_id, searchers.get("dense"), store) if tokens else None
+        docstore, bm25, dense, store = parts.docstore, parts.bm25, parts.dense, parts.tokens
+    searchers = {"bm25": bm25, **({"dense": dense} if dense is not None else {})}
+    late = late_interaction(info.build_id, dense, store) if tokens else None
     reranker = models.reranker
     if late is not None and is_maxsim(settings.reranker.model):
         reranker = None  # `model: maxsim` with `maxsim: true`: the bundle's MaxSim stage replaces re-encoding
@@ -235,66 +252,88 @@ def load_pipeline(
     return Pipeline(info, docstore, searchers, reranker, settings, models.tracer, late, batcher)
 
 
-@dataclass
-class BundleParts:
-    """What a pipeline reads from one bundle (a whole build, or one shard of a sharded one): its docstore,
-    BM25 and dense searchers (rows are the bundle's own) and its token vectors (None: not stored or not
-    asked for)."""
+@dataclass(frozen=True)
+class LocalParts:
+    """One bundle (a whole build, or one shard of a sharded one) opened in this process: its docstore, BM25 and
+    dense searchers (rows are the bundle's own) and its token vectors (None: not stored or not asked for)."""
 
-    docstore: Any
-    bm25: Any
-    dense: Any = None
-    tokens: Any = None
+    docstore: Docstore
+    bm25: BM25Searcher
+    dense: DenseSearcher | None = None
+    tokens: TokenStore | None = None
+
+
+@dataclass(frozen=True)
+class BundleParts:
+    """What the fan-out of a sharded build reads from one shard, opened in this process (`LocalParts`) or
+    behind a Ray Serve deployment (`app.serving_ray.RemoteShards`): the stage interfaces only."""
+
+    docstore: DocstoreReader
+    bm25: Retriever
+    dense: VectorIndex | None = None
+    tokens: TokenStoreReader | None = None
 
 
 def open_parts(
-    info: BundleInfo, encoder: Any = None, cache: QueryCache | None = None, tokens: bool = True
-) -> BundleParts:
+    info: BundleInfo,
+    encoder: SentenceTransformer | None = None,
+    cache: QueryCache | None = None,
+    tokens: bool = True,
+) -> LocalParts:
     """Open a bundle's parts in this process (BM25 and FAISS memory-mapped, the docstore read-only). Without
     an `encoder` the dense searcher only searches vectors (a shard behind a fan-out). With `tokens`, the
     stored token vectors are opened and checked (a corrupt or mismatched store refuses the bundle)."""
     store = Docstore(info.path(DOCSTORE))
     rows = store.passage_rows()
     pids, dids = [r[0] for r in rows], [r[1] for r in rows]
-    parts = BundleParts(store, BM25Searcher.from_bundle(info, pids, dids))
+    bm25 = BM25Searcher.from_bundle(info, pids, dids)
     if not (info.manifest.get("dense") or {}).get("enabled"):
-        return parts
+        return LocalParts(store, bm25)
     if encoder is None:
-        parts.dense = DenseSearcher.vectors_only(info, pids, dids)
+        dense = DenseSearcher.vectors_only(info, pids, dids)
     else:
-        parts.dense = DenseSearcher.from_bundle(info, pids, dids, encoder=encoder, cache=cache, query_tokens=tokens)
+        dense = DenseSearcher.from_bundle(info, pids, dids, encoder=encoder, cache=cache, query_tokens=tokens)
     directory = info.path(DENSE_DIR)
+    stored = None
     if tokens and TokenStore.exists(directory):
         try:
-            parts.tokens = TokenStore.open(directory, len(pids))
+            stored = TokenStore.open(directory, len(pids))
         except TokenStoreError as exc:
             raise BundleError(f"{info.root}: {exc}") from exc
-    return parts
+    return LocalParts(store, bm25, dense, stored)
 
 
 def _sharded(
-    settings: Settings, info: BundleInfo, models: Models, encoder: Any, tokens: bool
-) -> tuple[ShardedDocstore, dict[str, Searcher], ShardedTokenStore | None]:
-    """A sharded build's docstore, searchers and token store behind one fan-out. Shards are opened in this
-    process, or reached through `models.shards` (Ray Serve deployments). Queries are encoded once, here,
-    by the build's bi-encoder; only vectors go to the shards."""
+    settings: Settings, info: BundleInfo, models: Models, encoder: SentenceTransformer | None, tokens: bool
+) -> tuple[ShardedDocstore, ShardedSearcher, ShardedDenseSearcher | None, ShardedTokenStore | None]:
+    """A sharded build's docstore, retrievers (BM25, dense) and token store behind one fan-out. Shards are
+    opened in this process, or reached through `models.shards` (Ray Serve deployments). Queries are encoded
+    once, here, by the build's bi-encoder; only vectors go to the shards."""
     entries = shard_map(info.manifest)
     offsets = [int(e["offset"]) for e in entries]
     if models.shards is not None:
         parts = models.shards.open(info, entries)
     else:  # each shard's files were checked by the parent's manifest; vectors only: queries are encoded here
-        parts = [open_parts(open_bundle(info.root / e["name"], verify=False), None, None, tokens) for e in entries]
+        local = [open_parts(open_bundle(info.root / e["name"], verify=False), None, None, tokens) for e in entries]
+        parts = [BundleParts(p.docstore, p.bm25, p.dense, p.tokens) for p in local]
     fanout = ShardFanout([e["name"] for e in entries])
-    searchers: dict[str, Searcher] = {"bm25": ShardedSearcher("bm25", [p.bm25 for p in parts], offsets, fanout)}
+    bm25 = ShardedSearcher("bm25", [p.bm25 for p in parts], offsets, fanout)
+    dense = None
     if encoder is not None:
+        indexes = [p.dense for p in parts if p.dense is not None]
+        if len(indexes) != len(parts):
+            missing = [e["name"] for e, p in zip(entries, parts) if p.dense is None]
+            raise BundleError(f"{info.root}: the build is dense but {missing} hold no dense index; rebuild it")
         queries = query_encoder(info, encoder, models.query_cache(settings), tokens)
-        searchers["dense"] = ShardedDenseSearcher([p.dense for p in parts], offsets, fanout, queries)
-    stored = all(p.tokens is not None for p in parts)
-    store = ShardedTokenStore([p.tokens for p in parts], offsets) if stored else None
-    return ShardedDocstore([p.docstore for p in parts], offsets, fanout), searchers, store
+        dense = ShardedDenseSearcher(indexes, offsets, fanout, queries)
+    stores = [p.tokens for p in parts if p.tokens is not None]
+    store = ShardedTokenStore(stores, offsets) if len(stores) == len(parts) else None
+    return ShardedDocstore([p.docstore for p in parts], offsets, fanout), bm25, dense, store
 
 
-def late_interaction(build_id: str, dense: Any, store: Any) -> LateInteraction | None:
+def late_interaction(
+    build_id: str, dense: DenseRetriever | None, store: TokenStoreReader | None
+) -> LateInteraction | None:
     """MaxSim for the combined second stage (when `reranker.maxsim` asks for it): over the build's stored
     token vectors `store`, else re-encoding candidates (logged, since it costs an encoder pass per
     candidate). None without a dense index."""
@@ -443,9 +482,10 @@ class Collection:
                 target = self.target()
             except BundleError as exc:
                 return self._failed(str(exc), None)
-            served = self.current.pipeline.bundle.root if self.current else None
-            if served is not None and served.exists() and target == served:
-                return {"collection": self.name, "outcome": "unchanged", "build": self.current.build_id}
+            current = self.current
+            served = current.pipeline.bundle.root if current is not None else None
+            if current is not None and served is not None and served.exists() and target == served:
+                return {"collection": self.name, "outcome": "unchanged", "build": current.build_id}
             if self.failed_target == str(target) and served is not None and served.exists():
                 return {"collection": self.name, "outcome": "unchanged", "error": self.error}
             started = time.perf_counter()
@@ -665,10 +705,10 @@ class Services:
 
     def unavailable_shards(self) -> list[str]:
         """Shards of the served sharded builds that do not answer now (`/readyz` is ready only when none)."""
-        down = []
+        down: list[str] = []
         for collection in self.collections.values():
-            check = getattr(collection.current.pipeline.docstore, "unavailable", None) if collection.current else None
-            down.extend(check() if check is not None else [])
+            if collection.current is not None:
+                down.extend(collection.current.pipeline.docstore.unavailable())
         return down
 
     @property

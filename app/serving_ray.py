@@ -21,17 +21,24 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ray import serve
 
+from app.retrieval.protocols import DocstoreReader, Retriever, TokenStoreReader, VectorIndex
 from app.retrieval.shards import ShardUnavailable
-from app.retrieval.types import ranked
+from app.retrieval.types import Hit, ranked
 from app.settings import Settings
 from indexer.bundle import BundleError, BundleInfo, open_bundle
 from indexer.shards import shard_map
+
+if TYPE_CHECKING:
+    from app.retrieval.dense import DenseSearcher
+    from app.services import BundleParts
+    from indexer.tokens import TokenStore
 
 log = logging.getLogger("sift.ray")
 
@@ -49,6 +56,16 @@ class ShardServer:
         parts = open_parts(self.info)  # no encoder: dense searches the vectors the ingress sends
         self.docstore, self.bm25, self.dense, self.tokens = parts.docstore, parts.bm25, parts.dense, parts.tokens
 
+    def _dense(self) -> DenseSearcher:
+        if self.dense is None:
+            raise LookupError(f"shard {self.info.build_id} has no dense index")
+        return self.dense
+
+    def _tokens(self) -> TokenStore:
+        if self.tokens is None:
+            raise LookupError(f"shard {self.info.build_id} stores no token vectors")
+        return self.tokens
+
     def describe(self) -> dict[str, Any]:
         return {
             "build": self.info.build_id,
@@ -65,14 +82,14 @@ class ShardServer:
         return self.info.build_id
 
     @staticmethod
-    def _plain(hits: list) -> list[Scored]:
+    def _plain(hits: list[list[Hit]]) -> list[Scored]:
         return [[(h.idx, h.passage_id, h.doc_id, h.score) for h in ranking] for ranking in hits]
 
     def bm25_search(self, queries: list[str], k: int, mask: np.ndarray | None) -> list[Scored]:
         return self._plain(self.bm25.search_many(queries, k, mask))
 
     def dense_search(self, vectors: np.ndarray, k: int, mask: np.ndarray | None) -> list[Scored]:
-        return self._plain(self.dense.search_vectors(vectors, k, mask))
+        return self._plain(self._dense().search_vectors(vectors, k, mask))
 
     def passages(self, rows: list[int]) -> dict[int, dict[str, Any]]:
         return self.docstore.passages(rows)
@@ -93,12 +110,13 @@ class ShardServer:
         return self.docstore.filter_mask(filters)
 
     def maxsim(self, query: np.ndarray, rows: list[int]) -> np.ndarray:
-        return self.tokens.maxsim(query, rows)
+        return self._tokens().maxsim(query, rows)
 
 
-class RemoteShard:
+class RemoteShard(DocstoreReader, TokenStoreReader):
     """A `ShardServer` deployment seen from the ingress: each call waits at most `timeout_s`, and any failure
-    is `ShardUnavailable` naming the shard. Quacks as the shard's searchers, docstore and token store."""
+    is `ShardUnavailable` naming the shard. It is the shard's docstore and token store; `retriever()` and
+    `vector_index()` are its BM25 and dense index (all in the shard's own rows)."""
 
     def __init__(self, name: str, handle: Any, timeout_s: float) -> None:
         self.name = name
@@ -106,8 +124,6 @@ class RemoteShard:
         self.timeout_s = timeout_s
         self.num_passages = 0
         self.num_documents = 0
-        self.dtype: str | None = None  # of the shard's token vectors (set from `describe`)
-        self.dimension: int | None = None
 
     def call(self, method: str, *args: Any) -> Any:
         try:
@@ -122,19 +138,22 @@ class RemoteShard:
         except ShardUnavailable:
             return False
 
-    # searchers (bm25 and dense share the object; the fan-out calls the right method by name)
-    def search_many(self, queries: list[str], k: int, mask: np.ndarray | None = None) -> list:
-        return [ranked("bm25", scored) for scored in self.call("bm25_search", queries, k, mask)]
+    def unavailable(self) -> list[str]:
+        return [] if self.ping() else [self.name]
 
-    def search_vectors(self, vectors: np.ndarray, k: int, mask: np.ndarray | None = None) -> list:
-        return [ranked("dense", scored) for scored in self.call("dense_search", vectors, k, mask)]
+    # searchers
+    def retriever(self) -> RemoteRetriever:
+        return RemoteRetriever(self)
+
+    def vector_index(self) -> RemoteVectorIndex:
+        return RemoteVectorIndex(self)
 
     # docstore
-    def passages(self, rows: list[int]) -> dict[int, dict[str, Any]]:
-        return self.call("passages", list(rows))
+    def passages(self, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
+        return self.call("passages", [int(i) for i in indices])
 
-    def passages_by_id(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        return self.call("passages_by_id", list(ids))
+    def passages_by_id(self, passage_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        return self.call("passages_by_id", list(passage_ids))
 
     def document(self, doc_id: str) -> dict[str, Any] | None:
         return self.call("document", doc_id)
@@ -156,6 +175,28 @@ class RemoteShard:
         return self.call("maxsim", query, list(rows))
 
 
+class RemoteRetriever(Retriever):
+    """A shard's BM25, answered by its deployment in the shard's rows."""
+
+    name = "bm25"
+
+    def __init__(self, shard: RemoteShard) -> None:
+        self.shard = shard
+
+    def search_many(self, queries: list[str], k: int, mask: np.ndarray | None = None) -> list[list[Hit]]:
+        return [ranked(self.name, scored) for scored in self.shard.call("bm25_search", queries, k, mask)]
+
+
+class RemoteVectorIndex(VectorIndex):
+    """A shard's dense index, searched by the vectors the ingress encoded, in the shard's rows."""
+
+    def __init__(self, shard: RemoteShard) -> None:
+        self.shard = shard
+
+    def search_vectors(self, vectors: np.ndarray, k: int, mask: np.ndarray | None = None) -> list[list[Hit]]:
+        return [ranked("dense", scored) for scored in self.shard.call("dense_search", vectors, k, mask)]
+
+
 class RemoteShards:
     """`Models.shards` in an ingress replica: a sharded build's shards as `ShardServer` deployments."""
 
@@ -163,7 +204,7 @@ class RemoteShards:
         self.handles = handles  # shard name → deployment handle
         self.timeout_s = timeout_s
 
-    def open(self, info: BundleInfo, entries: list[dict[str, Any]]) -> list[Any]:
+    def open(self, info: BundleInfo, entries: list[dict[str, Any]]) -> list[BundleParts]:
         from app.services import BundleParts
 
         parts = []
@@ -178,9 +219,13 @@ class RemoteShards:
                     "redeploy the shards with the ingress (`sift serve --engine ray --shards`)"
                 )
             shard.num_passages, shard.num_documents = described["passages"], described["documents"]
-            shard.dtype, shard.dimension = described["token_dtype"], described["token_dimension"]
             parts.append(
-                BundleParts(shard, shard, shard if described["dense"] else None, shard if described["tokens"] else None)
+                BundleParts(
+                    shard,
+                    shard.retriever(),
+                    shard.vector_index() if described["dense"] else None,
+                    shard if described["tokens"] else None,
+                )
             )
         return parts
 
@@ -194,7 +239,8 @@ class SiftReplica:
     """The whole service as a Serve ingress replica. Its services load in the constructor, so Serve routes
     requests to a replica only once it can answer them."""
 
-    async def __init__(self, settings: dict[str, Any], shards: dict[str, Any] | None = None) -> None:
+    # Ray Serve awaits an async constructor (mypy requires __init__ to return None, not a coroutine)
+    async def __init__(self, settings: dict[str, Any], shards: dict[str, Any] | None = None) -> None:  # type: ignore[misc]
         from app.services import Services
 
         self.settings = Settings.model_validate(settings)
@@ -232,7 +278,8 @@ def serve_options(settings: Settings) -> dict[str, Any]:
 def build_application(settings: Settings, sharded: bool = False) -> Any:
     """The Serve application for `settings` (its bundle from `settings.bundle`): replicas of the service, or
     with `sharded` one deployment per shard of the (sharded) build plus the ingress that fans out to them."""
-    ingress = serve.deployment(SiftReplica, name="sift", **serve_options(settings))
+    # the decorator form: `serve.deployment(cls, ...)` works too, but Ray types it as returning the decorator
+    ingress = serve.deployment(name="sift", **serve_options(settings))(SiftReplica)
     if not sharded:
         return ingress.bind(settings.model_dump(mode="json"))
     info = open_bundle(settings.bundle, verify=False)
@@ -241,12 +288,11 @@ def build_application(settings: Settings, sharded: bool = False) -> Any:
         raise BundleError(f"{info.root} is not a sharded build; build it with --shards N, or drop --shards")
     shards = {
         e["name"]: serve.deployment(
-            ShardServer,
             name=deployment_name(e["name"]),
             num_replicas=settings.ray.shard_replicas,
             max_ongoing_requests=settings.ray.max_ongoing_requests,
             ray_actor_options={"num_cpus": settings.ray.cpus_per_shard},
-        ).bind(str(info.root / e["name"]))
+        )(ShardServer).bind(str(info.root / e["name"]))
         for e in entries
     }
     fixed = settings.model_copy(deep=True)

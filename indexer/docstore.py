@@ -11,7 +11,7 @@ import sqlite3
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -66,7 +66,48 @@ class DocstoreWriter:
         self.connection.close()
 
 
-class Docstore:
+@runtime_checkable
+class DocstoreReader(Protocol):
+    """What serving reads from a build's passages and documents (the pipeline, the engine, the answerer, the
+    calibration and the shard fan-out call only these). Rows are the build's: `idx` is a passage's row in
+    BM25 and FAISS alike. Declared by `Docstore` (one bundle), `app.retrieval.shards.ShardedDocstore` (a
+    sharded build, global rows) and `app.serving_ray.RemoteShard` (a shard behind Ray Serve)."""
+
+    num_passages: int
+    num_documents: int
+
+    def passages(self, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """Passages (with their document's title and metadata) by row; unknown rows are absent."""
+        ...
+
+    def passages_by_id(self, passage_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Passages by passage id; unknown ids are absent."""
+        ...
+
+    def document(self, doc_id: str) -> dict[str, Any] | None:
+        """A document with its passages in order, or None."""
+        ...
+
+    def passage_rows(self) -> list[tuple[str, str]]:
+        """(passage id, doc_id) of every passage, in row order."""
+        ...
+
+    def passage_texts(self) -> list[tuple[str, str, str]]:
+        """(passage id, document title, passage text) of every passage, in row order."""
+        ...
+
+    def filter_mask(self, filters: dict[str, Any]) -> np.ndarray:
+        """1.0 for the rows whose document metadata matches every filter, else 0.0 (one value per row)."""
+        ...
+
+    def unavailable(self) -> list[str]:
+        """Names of the parts that do not answer now (`/readyz`): a docstore in this process always answers."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Docstore(DocstoreReader):
     """Read-only access to a bundle's docstore; safe to share between threads.
 
     All connections are opened when the docstore is (a small pool, borrowed per call), so a served build
@@ -82,8 +123,8 @@ class Docstore:
         for connection in self._all:
             self._pool.put(connection)
         with self._connect() as connection:
-            self.num_passages = connection.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
-            self.num_documents = connection.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+            self.num_passages: int = connection.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
+            self.num_documents: int = connection.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
 
     def _open(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
@@ -102,6 +143,9 @@ class Docstore:
     def close(self) -> None:
         for connection in self._all:
             connection.close()
+
+    def unavailable(self) -> list[str]:
+        return []
 
     def _passages_where(self, column: str, values: list[Any]) -> Iterator[dict[str, Any]]:
         """Passages (with their document's title and metadata) whose `column` (idx or id) is in `values`,
@@ -185,14 +229,15 @@ class Docstore:
         """(passage id, document title, passage text) of every passage, in row order."""
         with self._connect() as connection:
             query = "SELECT p.id, d.title, p.text FROM passages p JOIN documents d ON d.id = p.doc_id ORDER BY p.idx"
-            return [tuple(row) for row in connection.execute(query)]
+            return [(row[0], row[1], row[2]) for row in connection.execute(query)]
 
     def filter_mask(self, filters: dict[str, Any]) -> np.ndarray:
         """1.0 for passages whose document metadata matches every filter, else 0.0.
 
         A filter value that is a list means "any of"; anything else means equality.
         """
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         for key, value in filters.items():
             path = "$." + json.dumps(str(key))
             values = value if isinstance(value, list) else [value]

@@ -10,13 +10,16 @@ import logging
 import threading
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import ArrayLike
     from sentence_transformers import SentenceTransformer
+    from torch import Tensor
 
     from indexer.config import DenseSettings
-    from indexer.tokens import TokenWriter
+    from indexer.tokens import TokenSink
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[object, threading.Lock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -86,8 +89,8 @@ def encode_passages(
     texts: list[str],
     settings: DenseSettings,
     progress: bool = False,
-    tokens: TokenWriter | None = None,
-):  # noqa: ANN201
+    tokens: TokenSink | None = None,
+) -> np.ndarray:
     """Passage vectors (float32) exactly as a build stores them: the configured batch size and normalisation
     (re-done in float32, so that vectors from a bf16/fp16 runtime are unit length to float32 precision).
     With `tokens`, each passage's token vectors from the same forward pass are appended to it, in order
@@ -109,8 +112,16 @@ def encode_passages(
     step = max(settings.batch_size, TOKEN_SLICE)
     with tqdm(total=len(texts), desc="encode+tokens", unit="passage", disable=not progress) as bar:
         for start in range(0, len(texts), step):
-            outputs = encoder.encode(
-                texts[start : start + step], batch_size=settings.batch_size, output_value=None, show_progress_bar=False
+            # one dict of outputs per text (sentence-transformers' overloads type a list of strings as one
+            # "conversation" input, a single dict)
+            outputs = cast(
+                "list[dict[str, Tensor]]",
+                encoder.encode(
+                    texts[start : start + step],
+                    batch_size=settings.batch_size,
+                    output_value=None,
+                    show_progress_bar=False,
+                ),
             )
             for out in outputs:
                 pooled.append(out["sentence_embedding"].float().cpu().numpy())
@@ -121,9 +132,10 @@ def encode_passages(
     return unit_rows(vectors) if settings.normalize else vectors
 
 
-def unit_rows(vectors):  # noqa: ANN001, ANN201
+def unit_rows(vectors: ArrayLike) -> np.ndarray:
     """Rows scaled to unit L2 norm in float32 (zero rows stay zero)."""
     import numpy as np
 
-    vectors = np.asarray(vectors, dtype=np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    rows = np.asarray(vectors, dtype=np.float32)
+    out: np.ndarray = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return out

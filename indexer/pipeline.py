@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -50,14 +50,17 @@ from indexer.bundle import (
     switch_current,
 )
 from indexer.chunking import Chunker
-from indexer.config import IndexConfig
+from indexer.config import DenseSettings, IndexConfig
 from indexer.dense import EMBEDDINGS_FILE, INDEX_FILE, gpu_available, save_dense
 from indexer.docstore import Docstore, DocstoreWriter
 from indexer.encoders import encode_passages, load_encoder, pick_device, resolve_model_path
 from indexer.models import Document, Passage, passage_index_text
 from indexer.shards import MAX_SHARDS, ShardWriter
 from indexer.sources import ReadReport, SourceError, estimate_documents, read_documents
-from indexer.tokens import TokenStore, TokenWriter
+from indexer.tokens import BuildTokens, TokenDtype, TokenStore, TokenWriter
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
 
@@ -95,40 +98,67 @@ GateFn = Callable[[Path, "Path | None"], tuple[bool, str]]
 # -- encode: the engines -----------------------------------------------------------------------------------
 
 
-class LocalEncoding:
-    """The default engine: passages are encoded in this process, by the configured runtime and device.
+class EncodingEngine(Protocol):
+    """What encodes a build's passages: `LocalEncoding` (this process) or `indexer.ray_engine.RayEncoding`."""
 
-    An engine has `start(config)` (loads what encoding needs and returns the tokenizer chunking uses),
-    `encode(texts, settings, progress, tokens)` (float32 vectors in input order; token vectors appended to
-    `tokens` in the same order), `block_passages` (about how many passages the pipeline hands it per call),
-    `info` (for the manifest) and `close()`. `indexer.ray_engine.RayEncoding` is the other one."""
+    name: str  # recorded in the manifest
+    block_passages: int  # about how many passages the pipeline hands `encode` per call
+
+    def start(self, config: IndexConfig) -> Any:
+        """Load what encoding needs; returns the tokenizer chunking uses (a Hugging Face tokenizer)."""
+        ...
+
+    def encode(
+        self, texts: list[str], settings: DenseSettings, progress: bool, tokens: BuildTokens | None
+    ) -> np.ndarray:
+        """float32 passage vectors in input order; with `tokens`, their token vectors appended in that order."""
+        ...
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What encoded the passages (model length, runtime, device, workers), for the manifest."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalEncoding(EncodingEngine):
+    """The default engine: passages are encoded in this process, by the configured runtime and device."""
 
     name = "local"
     block_passages = 4096  # a multiple of encoders.TOKEN_SLICE; bounds what one block holds in memory
 
     def __init__(self) -> None:
-        self.encoder: Any = None
+        self.encoder: SentenceTransformer | None = None
+
+    def _loaded(self) -> SentenceTransformer:
+        if self.encoder is None:
+            raise RuntimeError("the engine is not started (call start first)")
+        return self.encoder
 
     def start(self, config: IndexConfig) -> Any:
         self.encoder = load_encoder(config.dense.model, config.dense.device, config.dense.runtime)
         return self.encoder.tokenizer
 
-    def encode(self, texts: list[str], settings: Any, progress: bool, tokens: Any) -> np.ndarray:
-        return encode_passages(self.encoder, texts, settings, progress, tokens)
+    def encode(
+        self, texts: list[str], settings: DenseSettings, progress: bool, tokens: BuildTokens | None
+    ) -> np.ndarray:
+        return encode_passages(self._loaded(), texts, settings, progress, tokens)
 
     @property
     def info(self) -> dict[str, Any]:
+        encoder = self._loaded()
         return {
             "engine": self.name,
-            "max_seq_length": int(self.encoder.max_seq_length),
-            "runtime": getattr(self.encoder, "sift_runtime", "torch"),
+            "max_seq_length": int(encoder.max_seq_length) if encoder.max_seq_length is not None else None,
+            "runtime": getattr(encoder, "sift_runtime", "torch"),
         }
 
     def close(self) -> None:
         self.encoder = None
 
 
-def engine_record(engine: Any, encoding: dict[str, Any]) -> dict[str, Any]:
+def engine_record(engine: EncodingEngine, encoding: dict[str, Any]) -> dict[str, Any]:
     """The manifest's `engine` entry: which engine encoded the passages and with how many workers."""
     record = {"name": engine.name}
     record.update({k: v for k, v in encoding.items() if k in ("encoders", "gpus_per_encoder", "address")})
@@ -161,7 +191,11 @@ class Corpus(Protocol):
     time (a sharded write counts them first); `chunks`: whether `entries` needs a chunker."""
 
     chunks: bool
-    documents: int | None  # about how many entries, for the progress bar (None: unknown)
+
+    @property
+    def documents(self) -> int | None:
+        """About how many entries, for the progress bar (None: unknown)."""
+        ...
 
     def entries(self, chunker: Chunker | None) -> Iterator[Entry]: ...
 
@@ -221,8 +255,10 @@ def stored_vectors(root: Path, index_type: str) -> np.ndarray:
 
     if index_type == "flat":
         index = faiss.read_index(str(root / DENSE_DIR / INDEX_FILE))
-        return index.reconstruct_n(0, index.ntotal).astype(np.float32)
-    return np.load(root / DENSE_DIR / EMBEDDINGS_FILE).astype(np.float32)
+        vectors = np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.float32)
+    else:
+        vectors = np.load(root / DENSE_DIR / EMBEDDINGS_FILE).astype(np.float32)
+    return vectors
 
 
 # -- write: sinks ------------------------------------------------------------------------------------------
@@ -232,7 +268,7 @@ class BundleSink:
     """Writes one (unsharded) bundle at `root`: docstore rows and token vectors as blocks arrive; BM25 and
     FAISS over the whole corpus in `finish` (both need every passage)."""
 
-    def __init__(self, root: Path, config: IndexConfig, token_dtype: str | None) -> None:
+    def __init__(self, root: Path, config: IndexConfig, token_dtype: TokenDtype | None) -> None:
         self.root = root
         self.config = config
         self.docstore = DocstoreWriter(root / DOCSTORE)
@@ -327,12 +363,12 @@ def run_pipeline(
     root: Path,
     corpus: Corpus,
     config: IndexConfig,
-    engine: Any,
+    engine: EncodingEngine,
     *,
     build_id: str,
     shards: int = 1,
     dense: bool | None = None,
-    token_dtype: str | None = None,
+    token_dtype: TokenDtype | None = None,
     stored: Stored | None = None,
     dense_info: dict[str, Any] | None = None,
     unencoded: dict[str, Any] | None = None,
@@ -377,8 +413,7 @@ def run_pipeline(
         dimension: int | None = None
         encoded = reused = 0
         spent = dict.fromkeys(("read_chunk", "encode", "reuse", "write"), 0.0)
-        block_size = int(getattr(engine, "block_passages", LocalEncoding.block_passages))
-        blocks = _blocks(corpus.entries(chunker), block_size)
+        blocks = _blocks(corpus.entries(chunker), engine.block_passages)
         with tqdm(desc="index", unit="doc", total=corpus.documents, disable=not show_progress) as bar:
             while True:
                 t = time.perf_counter()
@@ -419,25 +454,25 @@ def _vectors(
     block: list[Entry],
     texts: list[str],
     config: IndexConfig,
-    engine: Any,
+    engine: EncodingEngine,
     stored: Stored,
-    tokens: Any,
+    tokens: BuildTokens | None,
     spent: dict[str, float],
 ) -> np.ndarray:
     """The block's passage vectors in row order, its token vectors appended to `tokens`: runs of kept entries
     take the parent's as stored, runs of new ones go through the engine."""
     parts = []
     start = 0
-    for kept, run in groupby(block, key=lambda e: e.rows is not None):
+    for kept, entries in groupby(block, key=lambda e: e.rows is not None):
         t = time.perf_counter()
-        run = list(run)
+        run = list(entries)
         count = sum(len(e.passages) for e in run)
         if kept:
             rows = [r for e in run for r in e.rows or ()]
             if stored.vectors is None or (tokens is not None and stored.tokens is None):
                 raise ValueError("passages kept from a parent build without its stored vectors or token vectors")
             parts.append(stored.vectors[np.asarray(rows, dtype=np.int64)])
-            if tokens is not None:
+            if tokens is not None and stored.tokens is not None:
                 tokens.add_stored(stored.tokens, rows)
             spent["reuse"] += time.perf_counter() - t
         else:

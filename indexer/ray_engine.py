@@ -32,15 +32,15 @@ import numpy as np
 
 from indexer.config import DenseSettings, IndexConfig
 from indexer.encoders import TOKEN_SLICE, encode_passages, load_encoder, pick_device
-from indexer.tokens import TokenWriter, stored_form
+from indexer.tokens import BuildTokens, TokenDtype, TokenSink, stored_form
 
 log = logging.getLogger(__name__)
 
 
-class _Collected:
+class _Collected(TokenSink):
     """Token vectors of a batch in their stored form (what `TokenWriter.add` would write)."""
 
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, dtype: TokenDtype) -> None:
         self.dtype = dtype
         self.rows: list[np.ndarray] = []
         self.scales: list[np.ndarray] = []
@@ -132,7 +132,7 @@ class RayEncoding:
         return self._local.tokenizer
 
     def encode(
-        self, texts: list[str], settings: DenseSettings, progress: bool, tokens: TokenWriter | None
+        self, texts: list[str], settings: DenseSettings, progress: bool, tokens: BuildTokens | None
     ) -> np.ndarray:
         import ray
 

@@ -50,7 +50,7 @@ from indexer.config import BM25Settings, IndexConfig
 from indexer.dense import save_dense
 from indexer.docstore import DocstoreWriter
 from indexer.models import Document, Passage
-from indexer.tokens import TokenStore, TokenWriter
+from indexer.tokens import BuildTokens, TokenDtype, TokenStore, TokenWriter
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class CorpusBM25:
         return model
 
 
-def plan_shards(doc_sizes: Sequence[int], shards: int) -> list[tuple[int, int]]:
+def plan_shards(doc_sizes: Sequence[int] | np.ndarray, shards: int) -> list[tuple[int, int]]:
     """Contiguous document ranges [start, end) for `shards` shards, balanced by passage count (`doc_sizes`:
     passages per document, in row order). Every shard gets at least one document."""
     if not 1 <= shards <= MAX_SHARDS:
@@ -202,7 +202,7 @@ class ShardWriter:
         shards: int,
         config: IndexConfig,
         build_id: str,
-        token_dtype: str | None = None,
+        token_dtype: TokenDtype | None = None,
     ) -> None:
         self.root = Path(root)
         self.config = config
@@ -335,7 +335,7 @@ class ShardWriter:
 class _Shard:
     """One shard being written: its docstore and token writer open, its vectors and BM25 ids so far."""
 
-    def __init__(self, index: int, folder: Path, token_dtype: str | None) -> None:
+    def __init__(self, index: int, folder: Path, token_dtype: TokenDtype | None) -> None:
         self.index = index
         self.folder = folder
         folder.mkdir()
@@ -366,11 +366,11 @@ class _Shard:
             yield flat[start:end].tolist()
 
 
-class _RoutedTokens:
+class _RoutedTokens(BuildTokens):
     """The token writer an engine appends to for a sharded build: each passage's token vectors go to the
     token store of the shard that holds its row (rows arrive in order)."""
 
-    def __init__(self, writer: ShardWriter, dtype: str) -> None:
+    def __init__(self, writer: ShardWriter, dtype: TokenDtype) -> None:
         self.writer = writer
         self.dtype = dtype
         self.row = 0
@@ -381,11 +381,14 @@ class _RoutedTokens:
         while self._index < len(bounds) and self.row >= bounds[self._index][1]:
             self._close(self._index)
             self._index += 1
-        return self.writer._shard(self._index).token_writer
+        writer = self.writer._shard(self._index).token_writer
+        if writer is None:
+            raise ValueError("a shard without a token writer: the sharded build keeps no token vectors")
+        return writer
 
     def _close(self, index: int) -> None:
         shard = self.writer._open.get(index)
-        if shard is not None and shard.token_info is None:
+        if shard is not None and shard.token_info is None and shard.token_writer is not None:
             shard.token_info = shard.token_writer.close()
             self.writer._retire(index)
 

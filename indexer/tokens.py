@@ -18,8 +18,9 @@ refuses files whose sizes, offsets or metadata disagree with each other or with 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -41,7 +42,8 @@ class TokenStoreError(ValueError):
 def unit_tokens(vectors: np.ndarray) -> np.ndarray:
     """Token rows scaled to unit L2 norm in float32 (zero rows stay zero)."""
     vectors = np.asarray(vectors, dtype=np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    out: np.ndarray = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 def quantize_int8(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,7 +62,38 @@ def stored_form(vectors: np.ndarray, dtype: TokenDtype) -> tuple[np.ndarray, np.
     return vectors.astype(np.float16), None
 
 
-class TokenWriter:
+class TokenSink(Protocol):
+    """Where an encoder appends each passage's float token vectors, in passage order (`add`: stored
+    unit-normalised in the sink's dtype)."""
+
+    def add(self, vectors: np.ndarray) -> None: ...
+
+
+class BuildTokens(TokenSink, Protocol):
+    """Where a build writes its token vectors, passage after passage: a `TokenWriter`, or a sharded build's
+    router to its shards' writers (`indexer.shards`). An encoding engine appends new passages (`add`, or
+    `add_quantized` when its workers quantised them already); the build pipeline copies kept ones from the
+    parent build's store (`add_stored`)."""
+
+    dtype: TokenDtype
+
+    def add_quantized(self, rows: np.ndarray, scales: np.ndarray | None) -> None: ...
+
+    def add_stored(self, store: TokenStore, rows: Sequence[int]) -> None: ...
+
+
+@runtime_checkable
+class TokenStoreReader(Protocol):
+    """What MaxSim reads from stored token vectors (`app.retrieval.maxsim.LateInteraction`). Declared by
+    `TokenStore` (one bundle), `app.retrieval.shards.ShardedTokenStore` (global rows) and
+    `app.serving_ray.RemoteShard` (a shard behind Ray Serve)."""
+
+    def maxsim(self, query: np.ndarray, rows: list[int]) -> np.ndarray:
+        """MaxSim of unit-normalised query token vectors (q × dimension) against each passage in `rows`."""
+        ...
+
+
+class TokenWriter(BuildTokens):
     """Appends passages' token vectors, in passage order, to a bundle's dense folder. Use as a context
     manager, or call `close()`; `add_stored` copies rows from another store without re-quantising them."""
 
@@ -98,7 +131,7 @@ class TokenWriter:
         self._data.write(np.ascontiguousarray(rows).tobytes())
         self._lengths.append(int(rows.shape[0]))
 
-    def add_stored(self, store: TokenStore, rows: list[int]) -> None:
+    def add_stored(self, store: TokenStore, rows: Sequence[int]) -> None:
         """Passages `rows` of another store with the same dtype, copied as stored."""
         if store.dtype != self.dtype:
             raise TokenStoreError(f"cannot copy {store.dtype} token vectors into a {self.dtype} store")
@@ -106,7 +139,7 @@ class TokenWriter:
         for row in rows:
             start, end = int(store.offsets[row]), int(store.offsets[row + 1])
             self._data.write(np.ascontiguousarray(store.data[start:end]).tobytes())
-            if self.dtype == "int8":
+            if store.scales is not None:
                 self._scales.append(np.asarray(store.scales[start:end], dtype=np.float32))
             self._lengths.append(end - start)
 
@@ -119,7 +152,7 @@ class TokenWriter:
         if self.dtype == "int8":
             scales = np.concatenate(self._scales) if self._scales else np.zeros(0, dtype=np.float32)
             np.save(self.directory / SCALES_FILE, scales.astype(np.float32))
-        meta = {
+        meta: dict[str, object] = {
             "format": FORMAT,
             "dtype": self.dtype,
             "dimension": int(self.dimension or 0),
@@ -137,13 +170,22 @@ class TokenWriter:
             self._data.close()
 
 
-class TokenStore:
+class TokenStore(TokenStoreReader):
     """Read-only, memory-mapped token vectors of one bundle (see the module docstring)."""
 
-    def __init__(self, directory: Path, meta: dict, data: np.ndarray, offsets: np.ndarray, scales: np.ndarray | None):
+    def __init__(
+        self,
+        directory: Path,
+        meta: dict[str, Any],
+        data: np.ndarray,
+        offsets: np.ndarray,
+        scales: np.ndarray | None,
+    ) -> None:
+        if meta["dtype"] not in ("float16", "int8"):
+            raise TokenStoreError(f"token vector dtype must be float16 or int8, not {meta['dtype']!r}")
         self.directory = directory
         self.meta = meta
-        self.dtype: str = meta["dtype"]
+        self.dtype: TokenDtype = meta["dtype"]
         self.dimension: int = int(meta["dimension"])
         self.data = data
         self.offsets = offsets

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from app.retrieval.protocols import Retriever
 from app.retrieval.types import Hit, ranked
 from indexer.bm25 import BM25Index, top_k
 from indexer.bundle import BM25_DIR, BundleInfo
 from indexer.config import BM25Settings
 
 
-class BM25Searcher:
+class BM25Searcher(Retriever):
     """BM25 (bm25s, Lucene variant by default) over the passages of one bundle. Read-only, thread-safe."""
 
     name = "bm25"

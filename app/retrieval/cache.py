@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
+
+Key = tuple[Hashable, ...]  # the encoder's: (model, runtime, normalisation)
+TextKey = tuple[Key, str]  # an entry's: (the encoder's key, the text normalised)
 
 
 def normalise_query(text: str) -> str:
@@ -30,20 +33,20 @@ class QueryCache:
         self.token_size = token_size
         self.hits = 0
         self.misses = 0
-        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._tokens: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._items: OrderedDict[TextKey, np.ndarray] = OrderedDict()
+        self._tokens: OrderedDict[TextKey, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def encode(self, key: tuple, texts: Sequence[str], encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    def encode(self, key: Key, texts: Sequence[str], encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
         """Vectors for `texts` (rows in order): cached rows reused, the rest computed by one `encode` call on
         the distinct missing texts and stored. Returned rows are copies: callers cannot alter the cache."""
         if self.size <= 0:
             return encode(list(texts))
-        keys = [(*key, normalise_query(t)) for t in texts]
-        found: dict[tuple, np.ndarray] = {}
+        keys = [(key, normalise_query(t)) for t in texts]
+        found: dict[TextKey, np.ndarray] = {}
         with self._lock:
             for k in keys:
                 vector = self._items.get(k)
@@ -54,7 +57,7 @@ class QueryCache:
             self.misses += sum(1 for k in keys if k not in found)
         missing = list(dict.fromkeys(k for k in keys if k not in found))
         if missing:
-            vectors = encode([k[-1] for k in missing])
+            vectors = encode([k[1] for k in missing])
             with self._lock:
                 for k, vector in zip(missing, vectors):
                     found[k] = self._items[k] = np.array(vector, dtype=np.float32)
@@ -65,7 +68,7 @@ class QueryCache:
 
     def encode_both(
         self,
-        key: tuple,
+        key: Key,
         texts: Sequence[str],
         encode_both: Callable[[list[str]], tuple[np.ndarray, list[np.ndarray]]],
         vectors: bool = True,
@@ -80,9 +83,9 @@ class QueryCache:
         pass from its first stage to its second. Token arrays are read-only; vector rows are copies."""
         if not texts:
             return encode_both([])
-        keys = [(*key, normalise_query(t)) for t in texts]
-        found_vectors: dict[tuple, np.ndarray] = {}
-        found_tokens: dict[tuple, np.ndarray] = {}
+        keys = [(key, normalise_query(t)) for t in texts]
+        found_vectors: dict[TextKey, np.ndarray] = {}
+        found_tokens: dict[TextKey, np.ndarray] = {}
         with self._lock:
             for k in keys:
                 vector, token = self._items.get(k), self._tokens.get(k)
@@ -97,7 +100,7 @@ class QueryCache:
                 self.misses += sum(1 for k in keys if k not in found_tokens)
         missing = list(dict.fromkeys(k for k in keys if k not in found_tokens))
         if missing:
-            new_vectors, new_tokens = encode_both([k[-1] for k in missing])
+            new_vectors, new_tokens = encode_both([k[1] for k in missing])
             with self._lock:
                 for k, vector, token in zip(missing, new_vectors, new_tokens):
                     token = np.array(token, dtype=np.float32)

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.pipeline import Pipeline
+    from app.retrieval.protocols import DocstoreReader
 
 PROBE_QUERIES = 3  # timed probe queries (each: one first stage, one second stage per probe depth)
 PROBE_WORDS = 12  # words of a probe query: about a SciFact claim or a typed question
@@ -189,7 +190,7 @@ def probe_depths(configured_depth: int) -> list[int]:
     return sorted({configured_depth, min(configured_depth, max(MIN_DEPTH, configured_depth // LOW_DEPTH_DIVISOR))})
 
 
-def probe_queries(docstore: Any, n: int, words: int = PROBE_WORDS) -> list[str]:
+def probe_queries(docstore: DocstoreReader, n: int, words: int = PROBE_WORDS) -> list[str]:
     """`n` short queries from the bundle itself: the leading `words` words of the passages at `n` evenly spaced
     rows (the middle of each of n equal slices), the same for the same build every time."""
     total = int(docstore.num_passages)

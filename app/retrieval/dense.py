@@ -3,12 +3,13 @@ passages were encoded (same model and normalisation, read from the manifest)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
 from app.retrieval.cache import QueryCache
+from app.retrieval.protocols import BiEncoder, DenseRetriever
 from app.retrieval.queries import QueryEncoder
 from app.retrieval.types import Hit, ranked
 from indexer.bundle import DENSE_DIR, BundleError, BundleInfo
@@ -16,16 +17,19 @@ from indexer.config import DenseSettings
 from indexer.dense import load_index
 from indexer.encoders import load_encoder
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
-class DenseSearcher:
+
+class DenseSearcher(DenseRetriever):
     """Inner-product search of encoded queries against passage vectors. Thread-safe. Queries are encoded by
-    its `QueryEncoder` (None: a shard that only searches vectors)."""
+    its query encoder (`QueryEncoder`; None: a shard that only searches vectors)."""
 
     name = "dense"
 
     def __init__(
         self,
-        queries: QueryEncoder | None,
+        queries: BiEncoder | None,
         index: faiss.Index | None,
         settings: DenseSettings,
         passage_ids: list[str],
@@ -39,8 +43,12 @@ class DenseSearcher:
         self._threads = faiss.omp_get_max_threads()
 
     @property
-    def encoder(self) -> Any:  # noqa: ANN401 - the SentenceTransformer behind the query encoder
+    def encoder(self) -> Any:  # the SentenceTransformer behind the query encoder (None: vectors only)
         return self.queries.encoder if self.queries is not None else None
+
+    @property
+    def runtime(self) -> str:
+        return self.queries.runtime if self.queries is not None else "torch"
 
     @classmethod
     def from_bundle(
@@ -49,7 +57,7 @@ class DenseSearcher:
         passage_ids: list[str],
         doc_ids: list[str],
         device: str | None = None,
-        encoder: Any = None,  # noqa: ANN401
+        encoder: SentenceTransformer | None = None,
         cache: QueryCache | None = None,
         query_tokens: bool = False,
     ) -> DenseSearcher:
@@ -68,7 +76,7 @@ class DenseSearcher:
         settings = DenseSettings(**bundle.manifest["config"]["dense"])
         return cls(None, load_index(bundle.path(DENSE_DIR), settings), settings, passage_ids, doc_ids)
 
-    def _encoder(self) -> QueryEncoder:
+    def _encoder(self) -> BiEncoder:
         if self.queries is None:
             raise TypeError("this dense searcher has no query encoder (a shard searched by vectors)")
         return self.queries
@@ -122,16 +130,22 @@ class DenseSearcher:
         return results
 
     def _params(self, selector: faiss.IDSelector) -> faiss.SearchParameters:
-        if self.settings.index_type == "hnsw":
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=self.settings.hnsw_ef_search)
-        if self.settings.index_type == "ivfpq":
-            return faiss.SearchParametersIVF(sel=selector, nprobe=self.settings.ivf_nprobe)
-        return faiss.SearchParameters(sel=selector)
+        # faiss's own stub (faiss/__init__.pyi) lacks SearchParametersHNSW and types the parameter classes'
+        # constructors without the keyword arguments its Python wrapper takes (handle_SearchParameters)
+        params: faiss.SearchParameters
+        s = self.settings
+        if s.index_type == "hnsw":
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=s.hnsw_ef_search)  # type: ignore[attr-defined]
+        elif s.index_type == "ivfpq":
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=s.ivf_nprobe)  # type: ignore[call-arg]
+        else:
+            params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
+        return params
 
 
 def query_encoder(
     bundle: BundleInfo,
-    encoder: Any,  # noqa: ANN401 - a SentenceTransformer
+    encoder: SentenceTransformer,
     cache: QueryCache | None = None,
     tokens: bool = False,
 ) -> QueryEncoder:

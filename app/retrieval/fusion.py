@@ -9,14 +9,16 @@ Ties are broken by the best single-retriever rank, then by passage row (determin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from app.retrieval.types import Hit, StageScore
+
+FusionMethod = Literal["rrf", "weighted"]
 
 
 @dataclass(frozen=True)
 class FusionConfig:
-    method: Literal["rrf", "weighted"] = "rrf"
+    method: FusionMethod = "rrf"
     rrf_k: int = 60
     weights: dict[str, float] = field(default_factory=dict)
 
@@ -35,7 +37,7 @@ def fuse(rankings: dict[str, list[Hit]], config: FusionConfig | None = None, nam
     """Fuse named rankings (each in rank order) into one ranking, recording stage `name` on every hit."""
     config = config or FusionConfig()
     # passage row -> [fused score, best single-retriever rank, first hit seen, stages so far]
-    entries: dict[int, list] = {}
+    entries: dict[int, list[Any]] = {}
     for retriever, hits in rankings.items():
         if config.method == "rrf":
             contributions = [1.0 / (config.rrf_k + rank) for rank in range(1, len(hits) + 1)]

@@ -8,25 +8,31 @@ Configure with `reranker.model: maxsim` (the all-MiniLM-L6-v2 bi-encoder) or `ma
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
+from app.retrieval.protocols import DenseRetriever, TextReranker, TokenStoreReader
 from app.retrieval.reranker import truncate_texts
 from indexer.config import DEFAULT_ENCODER
 from indexer.encoders import load_encoder, model_lock
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
 PREFIX = "maxsim"
 
 
-class MaxSimReranker:
+class MaxSimReranker(TextReranker):
     name = "rerank"
 
-    def __init__(self, encoder, batch_size: int = 32) -> None:  # noqa: ANN001 - SentenceTransformer
+    def __init__(self, encoder: SentenceTransformer, batch_size: int = 32) -> None:
         self.encoder = encoder
         self.batch_size = batch_size
         self._lock = model_lock(encoder)  # the bi-encoder may also serve dense search
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - a Hugging Face tokenizer
+    def tokenizer(self) -> Any:  # a Hugging Face tokenizer
         return self.encoder.tokenizer
 
     @staticmethod
@@ -41,7 +47,7 @@ class MaxSimReranker:
         max_length: int = 256,
         device: str | None = None,
         batch_size: int = 32,
-        encoder=None,  # noqa: ANN001
+        encoder: SentenceTransformer | None = None,
     ) -> MaxSimReranker:
         """Load the spec's bi-encoder, or reuse `encoder` (the dense searcher's, when it is the same model;
         it is then left as configured rather than re-truncated to `max_length`)."""
@@ -57,7 +63,18 @@ class MaxSimReranker:
 
     @property
     def max_length(self) -> int:
-        return int(self.encoder.max_seq_length)
+        return int(self.encoder.max_seq_length or 512)
+
+    def prepare(self, query: str, texts: list[str], max_tokens_per_doc: int | None) -> tuple[list[str], list[int], int]:
+        """Texts to score against `query` (`/v1/rerank`), each cut to `max_tokens_per_doc` tokens; returns (texts,
+        indices cut here or by `max_length`, tokens billed: the query's and each text's, each capped at
+        `max_length`, as MaxSim encodes them apart). Under the encoder's lock: its tokenizer is not thread-safe."""
+        with self._lock:
+            texts, cut = truncate_texts(self.tokenizer, texts, max_tokens_per_doc)
+            counts = [len(ids) for ids in self.tokenizer([query, *texts])["input_ids"]]
+        limit = self.max_length
+        truncated = cut | {i for i, n in enumerate(counts[1:]) if n > limit}
+        return texts, sorted(truncated), int(sum(min(n, limit) for n in counts))
 
     def _tokens(self, texts: list[str]) -> list[np.ndarray]:
         out = self.encoder.encode(
@@ -81,7 +98,7 @@ class MaxSimReranker:
 
 
 def is_maxsim(spec: str | None) -> bool:
-    return bool(spec) and (spec == PREFIX or spec.startswith(PREFIX + ":"))
+    return spec is not None and (spec == PREFIX or spec.startswith(PREFIX + ":"))
 
 
 class LateInteraction:
@@ -92,7 +109,7 @@ class LateInteraction:
     for dense retrieval, read back from the query cache), so both sides use the model the passages were
     encoded with. Holds no per-request state."""
 
-    def __init__(self, dense, store=None) -> None:  # noqa: ANN001 - DenseSearcher, TokenStore | None
+    def __init__(self, dense: DenseRetriever, store: TokenStoreReader | None = None) -> None:
         self.dense = dense
         self.store = store
 

@@ -23,14 +23,20 @@ encoder runs through its sentence-transformers wrapper under the model's one loc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from app.retrieval.cache import QueryCache
+from app.retrieval.protocols import BiEncoder
 from indexer.encoders import model_lock, unit_rows
 from indexer.runtime import _OnnxModuleMixin
 from indexer.tokens import unit_tokens
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+    from tokenizers import Encoding
+    from torch import Tensor
 
 
 class DirectEncoder:
@@ -43,19 +49,24 @@ class DirectEncoder:
     optional Normalize, on an ONNX runtime, without a default prompt or lower-casing: anything else keeps
     the wrapper's own path."""
 
-    def __init__(self, wrapper: Any) -> None:  # noqa: ANN401 - a SentenceTransformer accepted by `of`
+    def __init__(self, wrapper: SentenceTransformer) -> None:  # one that `of` accepts
         from tokenizers import Tokenizer
 
-        transformer, pooling = wrapper[0], wrapper[1]
-        self.model = transformer.model
-        self.pooling = pooling.pooling_mode
+        # sentence-transformers' Transformer and Pooling modules, read by attribute (what `of` checked)
+        transformer: Any = wrapper[0]
+        pooling: Any = wrapper[1]
+        model = transformer.model
+        if not isinstance(model, _OnnxModuleMixin):
+            raise TypeError("DirectEncoder runs a bi-encoder on an ONNX runtime only (see `DirectEncoder.of`)")
+        self.model = model
+        self.pooling: str = pooling.pooling_mode
         self.tokenizer = Tokenizer.from_str(wrapper.tokenizer.backend_tokenizer.to_str())
         self.tokenizer.enable_truncation(int(transformer.max_seq_length))
         self.tokenizer.no_padding()
         self.pad_id = int(wrapper.tokenizer.pad_token_id or 0)
 
     @classmethod
-    def of(cls, wrapper: Any) -> DirectEncoder | None:  # noqa: ANN401
+    def of(cls, wrapper: SentenceTransformer) -> DirectEncoder | None:
         try:
             modules = list(wrapper)
             names = [type(m).__name__ for m in modules]
@@ -107,7 +118,7 @@ class DirectEncoder:
                     out[i] = np.asarray(hidden[row, : len(encodings[i].ids)], dtype=np.float32)
         return pooled, out if tokens else []
 
-    def _hidden(self, encodings: list) -> tuple[np.ndarray, np.ndarray]:
+    def _hidden(self, encodings: list[Encoding]) -> tuple[np.ndarray, np.ndarray]:
         longest = max(len(e.ids) for e in encodings)
         ids = np.full((len(encodings), longest), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), longest), dtype=np.int64)
@@ -120,35 +131,48 @@ class DirectEncoder:
         if self.pooling == "cls":
             return np.ascontiguousarray(hidden[:, 0], dtype=np.float32)
         weights = mask[:, :, None].astype(np.float32)
-        return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        pooled: np.ndarray = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        return pooled
 
 
-class QueryEncoder:
+class QueryEncoder(BiEncoder):
     """The serving path's encoder of one bi-encoder model (see the module's invariants). Thread-safe."""
 
     def __init__(
         self,
-        encoder: Any,  # noqa: ANN401 - a SentenceTransformer
+        encoder: SentenceTransformer,
         model: str,
         normalize: bool,
         cache: QueryCache | None = None,
         tokens: bool = False,
     ) -> None:
-        self.encoder = encoder
+        self._encoder = encoder
         self.normalize = normalize
         self.cache = cache
         self.tokens = tokens
-        self.runtime: str = getattr(encoder, "sift_runtime", "torch")
-        self._key = (model, self.runtime, normalize)
+        self._runtime: str = getattr(encoder, "sift_runtime", "torch")
+        self._key = (model, self._runtime, normalize)
         self._lock = model_lock(encoder)  # shared with every stage using this model
         self._direct = DirectEncoder.of(encoder)  # ONNX: the lock-free numpy path
+
+    @property
+    def encoder(self) -> SentenceTransformer:
+        return self._encoder
+
+    @property
+    def runtime(self) -> str:
+        return self._runtime
 
     @property
     def dimension(self) -> int:
         encoder = self.encoder
         if hasattr(encoder, "get_embedding_dimension"):
-            return int(encoder.get_embedding_dimension())
-        return int(encoder.get_sentence_embedding_dimension())
+            dimension = encoder.get_embedding_dimension()
+        else:  # sentence-transformers before 5.x
+            dimension = encoder.get_sentence_embedding_dimension()
+        if dimension is None:
+            raise ValueError("the bi-encoder does not report the dimension of its vectors")
+        return int(dimension)
 
     def encode(self, queries: list[str]) -> np.ndarray:
         """Query vectors, normalised as the passages were (from the cache when one is set). With `tokens`,
@@ -210,13 +234,19 @@ class QueryEncoder:
             vectors, tokens = self._direct.both(texts)
         else:
             with self._lock:
-                out = self.encoder.encode(texts, batch_size=64, output_value=None, show_progress_bar=False)
-            vectors = np.stack([o["sentence_embedding"].float().cpu().numpy() for o in out]) if out else None
+                # a list of texts gives one dict of outputs per text (sentence-transformers' overloads type a
+                # list of strings as one "conversation" input: a single dict)
+                out = cast(
+                    "list[dict[str, Tensor]]",
+                    self.encoder.encode(texts, batch_size=64, output_value=None, show_progress_bar=False),
+                )
             tokens = [o["token_embeddings"][: int(o["attention_mask"].sum())].float().cpu().numpy() for o in out]
-            if vectors is None:
+            if out:
+                vectors = np.stack([o["sentence_embedding"].float().cpu().numpy() for o in out])
+            else:
                 vectors = np.zeros((0, self.dimension), dtype=np.float32)
         return self._finish(vectors), [unit_tokens(t) for t in tokens]
 
-    def _finish(self, vectors: Any) -> np.ndarray:  # noqa: ANN401 - numpy-like rows
+    def _finish(self, vectors: np.ndarray) -> np.ndarray:
         vectors = unit_rows(vectors) if self.normalize else vectors
         return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -13,21 +13,27 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from app.retrieval.protocols import TextReranker
 from app.retrieval.types import Hit
 from indexer.encoders import pick_device, resolve_model_path
+
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder
 
 log = logging.getLogger(__name__)
 
 
-class Reranker:
+class Reranker(TextReranker):
     """A sentence-transformers `CrossEncoder` with one relevance logit per pair."""
 
     name = "rerank"
 
-    def __init__(self, model, batch_size: int = 32) -> None:  # noqa: ANN001 - CrossEncoder
+    def __init__(self, model: CrossEncoder, batch_size: int = 32) -> None:
         self.model = model
         self.batch_size = batch_size
         self._lock = threading.Lock()
@@ -43,7 +49,7 @@ class Reranker:
         device: str | None = None,
         batch_size: int = 32,
         runtime: str = "torch",
-        cache_dir: str | None = None,
+        cache_dir: str | Path | None = None,
         threads: int | None = None,
     ) -> Reranker:
         """Load any CrossEncoder by local path or hub id, run by `runtime` (see `indexer.runtime`); on CPU
@@ -69,7 +75,7 @@ class Reranker:
         return int(self.model.max_length or 512)
 
     @property
-    def tokenizer(self):  # noqa: ANN201 - a Hugging Face tokenizer
+    def tokenizer(self) -> Any:  # a Hugging Face tokenizer
         return self.model.tokenizer
 
     def prepare(self, query: str, texts: list[str], max_tokens_per_doc: int | None) -> tuple[list[str], list[int], int]:
@@ -91,7 +97,7 @@ class Reranker:
         with self._lock:
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
-                batch = [list(pairs[i]) for i in chunk]
+                batch = [pairs[i] for i in chunk]
                 out = self.model.predict(
                     batch,
                     batch_size=len(batch),
@@ -103,7 +109,7 @@ class Reranker:
         return scores
 
 
-def truncate_texts(tokenizer, texts: list[str], max_tokens: int | None) -> tuple[list[str], set[int]]:  # noqa: ANN001
+def truncate_texts(tokenizer: Any, texts: list[str], max_tokens: int | None) -> tuple[list[str], set[int]]:
     """`texts` with each longer than `max_tokens` tokenizer tokens cut to that many, and the indices cut.
     The caller holds the lock of the model that owns `tokenizer` (tokenizers are not thread-safe)."""
     texts = list(texts)
@@ -131,7 +137,8 @@ def apply_rerank(hits: list[Hit], scores: np.ndarray, interpolation: float = 1.0
     )
     if interpolation < 1.0:
         return combined
-    return [hit._replace(score=hit.stages["rerank"].score) for hit in combined]
+    raw = [hit.stages["rerank"].score for hit in combined]
+    return [hit if score is None else hit._replace(score=score) for hit, score in zip(combined, raw)]
 
 
 def combine_stages(hits: list[Hit], scores: dict[str, np.ndarray], weights: dict[str, float]) -> list[Hit]:
@@ -178,7 +185,7 @@ def stack_below(head: list[Hit], tail: list[Hit], gap: float = 1e-3) -> list[Hit
 @dataclass
 class _Job:
     pairs: list[tuple[str, str]]
-    future: asyncio.Future
+    future: asyncio.Future[list[float | None]]
     scores: list[float | None] = field(default_factory=list)
     remaining: int = 0
     company: bool = True  # other requests may be about to queue pairs: a batch starting with it waits for them
@@ -203,7 +210,7 @@ class MicroBatcher:
     searches of all of them between their first stage and their rerank (company a batch may wait for)."""
 
     def __init__(
-        self, reranker: Reranker, max_batch_size: int = 64, max_wait_ms: float = 5.0, max_queued: int = 4096
+        self, reranker: TextReranker, max_batch_size: int = 64, max_wait_ms: float = 5.0, max_queued: int = 4096
     ) -> None:
         self.reranker = reranker
         self.max_batch_size = max_batch_size
@@ -211,7 +218,7 @@ class MicroBatcher:
         self.max_pending = 16 * max_batch_size
         self.max_queued = max_queued
         self._queue: asyncio.Queue[tuple[_Job, int]] | None = None
-        self._worker: asyncio.Task | None = None
+        self._worker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rerank")
         self.batches = 0
@@ -219,7 +226,7 @@ class MicroBatcher:
         self.waits = 0  # batches that waited `max_wait` for company (how often a batch paid that latency)
         self.searching = 0  # reranked searches on their way to this batcher (kept by `Pipeline.search_many`)
 
-    def _ensure_started(self) -> asyncio.Queue:
+    def _ensure_started(self) -> asyncio.Queue[tuple[_Job, int]]:
         loop = asyncio.get_running_loop()
         if self._queue is None or self._worker is None or self._worker.done() or self._loop is not loop:
             self._loop = loop
@@ -245,7 +252,7 @@ class MicroBatcher:
             if not job.future.done():
                 job.future.cancel()
 
-    async def _run(self, queue: asyncio.Queue) -> None:
+    async def _run(self, queue: asyncio.Queue[tuple[_Job, int]]) -> None:
         """Wait `max_wait` for a batch to fill (unless it is full, or its first request expects no company),
         take everything queued (up to `max_pending`), sort it all by length, and score it in batches of
         `max_batch_size`, answering each request as its pairs finish. (No `asyncio.wait_for` here: on Python

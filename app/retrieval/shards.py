@@ -19,11 +19,14 @@ import contextvars
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from app.retrieval.protocols import BiEncoder, DenseRetriever, DocstoreReader, Retriever, TokenStoreReader, VectorIndex
 from app.retrieval.types import Hit, StageScore
+
+T = TypeVar("T")
 
 
 class ShardUnavailable(RuntimeError):
@@ -53,13 +56,13 @@ class Partial:
         return cls._current.get()
 
     @classmethod
-    def allow(cls) -> tuple[Partial, contextvars.Token]:
+    def allow(cls) -> tuple[Partial, contextvars.Token[Partial | None]]:
         """Allow partial results in this context (the request's); returns the record and a reset token."""
         partial = cls()
         return partial, cls._current.set(partial)
 
     @classmethod
-    def reset(cls, token: contextvars.Token) -> None:
+    def reset(cls, token: contextvars.Token[Partial | None]) -> None:
         cls._current.reset(token)
 
 
@@ -70,13 +73,13 @@ class ShardFanout:
         self.names = list(names)
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.names)), thread_name_prefix="sift-shard")
 
-    def map(self, call: Callable[[int], Any]) -> list[Any]:
+    def map(self, call: Callable[[int], T]) -> list[T | None]:
         """`call(i)` for every shard i; a failed shard raises `ShardUnavailable`, or (when the current request
         allows partial results) gives None and is recorded as missing."""
         partial = Partial.current()
         context = contextvars.copy_context()
         futures = [self._pool.submit(context.copy().run, call, i) for i in range(len(self.names))]
-        out: list[Any] = []
+        out: list[T | None] = []
         for name, future in zip(self.names, futures, strict=True):
             try:
                 out.append(future.result())
@@ -107,13 +110,11 @@ def merge_hits(name: str, per_shard: Iterable[tuple[int, list[Hit] | None]], k: 
     ]
 
 
-class ShardedSearcher:
-    """One retriever over all shards: each shard's searcher (same name) answers, `merge_hits` merges.
-    For dense, queries are encoded once here and only vectors go to the shards."""
+class _Sharded:
+    """Rows of shard i start at `offsets[i]`; a mask over all rows is cut into each shard's part."""
 
-    def __init__(self, name: str, shards: Sequence[Any], offsets: Sequence[int], fanout: ShardFanout) -> None:
+    def __init__(self, name: str, offsets: Sequence[int], fanout: ShardFanout) -> None:
         self.name = name
-        self.shards = list(shards)
         self.offsets = list(offsets)
         self.fanout = fanout
 
@@ -122,13 +123,6 @@ class ShardedSearcher:
             return None
         end = self.offsets[i + 1] if i + 1 < len(self.offsets) else mask.shape[0]
         return mask[self.offsets[i] : end]
-
-    def search_many(self, queries: list[str], k: int, mask: np.ndarray | None = None) -> list[list[Hit]]:
-        answers = self.fanout.map(lambda i: self.shards[i].search_many(queries, k, self._slice(mask, i)))
-        return self._merge(answers, len(queries), k)
-
-    def search(self, query: str, k: int, mask: np.ndarray | None = None) -> list[Hit]:
-        return self.search_many([query], k, mask)[0]
 
     def _merge(self, answers: list[list[list[Hit]] | None], n: int, k: int) -> list[list[Hit]]:
         return [
@@ -141,16 +135,40 @@ class ShardedSearcher:
         ]
 
 
-class ShardedDenseSearcher(ShardedSearcher):
-    """Dense over all shards: the query encoder of the first shard (all shards share the bundle's model)."""
+class ShardedSearcher(_Sharded, Retriever):
+    """One retriever over all shards: each shard's retriever of the same stage answers in its own rows,
+    `merge_hits` merges."""
 
-    def __init__(self, shards: Sequence[Any], offsets: Sequence[int], fanout: ShardFanout, encoder: Any) -> None:
-        super().__init__("dense", shards, offsets, fanout)
-        self.query_encoder = encoder  # a QueryEncoder (in this process): only vectors go to the shards
+    def __init__(self, name: str, shards: Sequence[Retriever], offsets: Sequence[int], fanout: ShardFanout) -> None:
+        super().__init__(name, offsets, fanout)
+        self.shards = list(shards)
+
+    def search(self, query: str, k: int, mask: np.ndarray | None = None) -> list[Hit]:
+        return self.search_many([query], k, mask)[0]
+
+    def search_many(self, queries: list[str], k: int, mask: np.ndarray | None = None) -> list[list[Hit]]:
+        answers = self.fanout.map(lambda i: self.shards[i].search_many(queries, k, self._slice(mask, i)))
+        return self._merge(answers, len(queries), k)
+
+
+class ShardedDenseSearcher(_Sharded, DenseRetriever):
+    """Dense over all shards: queries are encoded once here, by the build's bi-encoder (all shards share the
+    bundle's model), and only vectors go to the shards' indexes."""
+
+    def __init__(
+        self, shards: Sequence[VectorIndex], offsets: Sequence[int], fanout: ShardFanout, encoder: BiEncoder
+    ) -> None:
+        super().__init__("dense", offsets, fanout)
+        self.shards = list(shards)
+        self.query_encoder = encoder  # in this process: only vectors go to the shards
 
     @property
-    def encoder(self) -> Any:
+    def encoder(self) -> Any:  # the SentenceTransformer behind the query encoder
         return self.query_encoder.encoder
+
+    @property
+    def runtime(self) -> str:
+        return self.query_encoder.runtime
 
     def encode(self, queries: list[str]) -> np.ndarray:
         return self.query_encoder.encode(queries)
@@ -169,14 +187,19 @@ class ShardedDenseSearcher(ShardedSearcher):
         answers = self.fanout.map(lambda i: self.shards[i].search_vectors(vectors, k, self._slice(mask, i)))
         return self._merge(answers, len(vectors), k)
 
+    def search(self, query: str, k: int, mask: np.ndarray | None = None) -> list[Hit]:
+        return self.search_many([query], k, mask)[0]
+
     def search_many(self, queries: list[str], k: int, mask: np.ndarray | None = None) -> list[list[Hit]]:
         return self.search_vectors(self.encode(queries), k, mask)
 
 
-class ShardedDocstore:
+class ShardedDocstore(DocstoreReader):
     """The docstores of all shards as one: rows are global (offset + local row)."""
 
-    def __init__(self, docstores: Sequence[Any], offsets: Sequence[int], fanout: ShardFanout | None = None) -> None:
+    def __init__(
+        self, docstores: Sequence[DocstoreReader], offsets: Sequence[int], fanout: ShardFanout | None = None
+    ) -> None:
         self.docstores = list(docstores)
         self.fanout = fanout  # closed with the docstores: both live as long as the build is served
         self.offsets = list(offsets)
@@ -188,12 +211,7 @@ class ShardedDocstore:
 
     def unavailable(self) -> list[str]:
         """Names of the shards that do not answer a ping now (shards in this process always answer)."""
-        names = self.fanout.names if self.fanout is not None else [str(i) for i in range(len(self.docstores))]
-        return [
-            name
-            for name, store in zip(names, self.docstores)
-            if getattr(store, "ping", None) is not None and not store.ping()
-        ]
+        return [name for store in self.docstores for name in store.unavailable()]
 
     def passages(self, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
         by_shard: dict[int, list[int]] = {}
@@ -240,14 +258,12 @@ class ShardedDocstore:
             self.fanout.close()
 
 
-class ShardedTokenStore:
+class ShardedTokenStore(TokenStoreReader):
     """The token stores of all shards as one (global rows), for MaxSim over a sharded build."""
 
-    def __init__(self, stores: Sequence[Any], offsets: Sequence[int]) -> None:
+    def __init__(self, stores: Sequence[TokenStoreReader], offsets: Sequence[int]) -> None:
         self.stores = list(stores)
         self.offsets = list(offsets)
-        self.dtype = self.stores[0].dtype  # a local TokenStore, or a RemoteShard set from its shard's `describe`
-        self.dimension = self.stores[0].dimension
 
     def maxsim(self, query: np.ndarray, rows: list[int]) -> np.ndarray:
         out = np.zeros(len(rows), dtype=np.float32)

@@ -63,8 +63,10 @@ quickstart-check:  ## a fresh clone runs `make run` and the README's examples, a
 screenshot: install browser index  ## refresh docs/playground.png (the README's screenshot) from a real browser
 	SIFT_PLAYGROUND_SCREENSHOT=docs/playground.png $(BIN)/python -m pytest -q tests/test_playground.py
 
-lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+lint: install  ## ruff (lint, format) and mypy: every module of app/ and indexer/, the core ones strict (pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 eval: install  ## quality table on SciFact (needs ../shared/data)
 	$(BIN)/sift eval retrieval --dataset ../shared/data/scifact --build

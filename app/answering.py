@@ -337,7 +337,8 @@ class Answerer:
         result = await self.pipeline.search(question, options)
         wanted = passages or self.settings.passages
         budget = min(self.settings.context_budget, self.context_window - 256)
-        chosen, used = [], 0
+        chosen: list[dict[str, Any]] = []
+        used = 0
         answerable = self.mode != "generative" or any(
             self.clears_threshold(h.stages, options.rerank) for h in result.hits[:wanted]
         )

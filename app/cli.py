@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from indexer.cli import app as index_app
+
+if TYPE_CHECKING:
+    from app.settings import Settings
 
 DEFAULT_READER = "models/sift-reader-minilm-l6"
 
@@ -58,7 +62,7 @@ def limit_malloc_arenas(arenas: int | None) -> None:
         pass
 
 
-def anonymous_refusal(settings, host: str) -> str | None:  # noqa: ANN001
+def anonymous_refusal(settings: Settings, host: str) -> str | None:
     """Why serving on `host` without API keys is refused (None when it is allowed)."""
     from app.api.auth import Auth, is_loopback
 
@@ -75,7 +79,7 @@ def anonymous_refusal(settings, host: str) -> str | None:  # noqa: ANN001
     return None
 
 
-def serving_banner(settings, host: str, port: int) -> str:  # noqa: ANN001
+def serving_banner(settings: Settings, host: str, port: int) -> str:
     """What a newcomer needs on start-up: where to look, when it is ready, how to expose it safely."""
     from app.api.auth import is_loopback
 
@@ -124,11 +128,9 @@ def serve(
     settings = load_settings(config, **overrides)
     setup_logging(settings.server.log_level)
     n = workers or settings.server.workers
-    common = dict(
-        host=host or settings.server.host, port=port or settings.server.port, log_level=settings.server.log_level
-    )
+    serve_host, serve_port = host or settings.server.host, port or settings.server.port
     limit_malloc_arenas(settings.server.malloc_arena_max)
-    refusal = anonymous_refusal(settings, common["host"])
+    refusal = anonymous_refusal(settings, serve_host)
     if refusal:
         typer.echo(f"error: {refusal}", err=True)
         raise typer.Exit(2)
@@ -140,18 +142,18 @@ def serve(
             raise typer.Exit(2) from exc
         settings.ray.replicas = replicas or settings.ray.replicas
         settings.ray.address = address or settings.ray.address
-        serving_ray.run(settings, common["host"], common["port"], sharded=shards)
+        serving_ray.run(settings, serve_host, serve_port, sharded=shards)
         return
     if engine != "uvicorn":
         typer.echo(f"error: --engine must be uvicorn or ray, not {engine!r}", err=True)
         raise typer.Exit(2)
-    typer.echo(serving_banner(settings, common["host"], common["port"]), err=True)
+    typer.echo(serving_banner(settings, serve_host, serve_port), err=True)
     if n == 1:
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(create_app(settings), host=serve_host, port=serve_port, log_level=settings.server.log_level)
         return
     from app.serving import serve_workers
 
-    serve_workers(settings, n, common["host"], common["port"])
+    serve_workers(settings, n, serve_host, serve_port)
 
 
 eval_app = typer.Typer(help="Measure retrieval quality and latency on BEIR-layout datasets.", no_args_is_help=True)

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -170,7 +171,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def folder_lock(out: Path):  # noqa: ANN201
+def folder_lock(out: Path) -> Iterator[None]:
     """An exclusive lock on an index folder (`<out>/.lock`, flock: released when the process dies) held
     while a build publishes, stale builds are cleaned up or old builds are pruned, so that concurrent
     builds into one folder never remove each other's files."""

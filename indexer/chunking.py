@@ -7,8 +7,8 @@ text of a passage is always `document.text[start:end]`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Protocol
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol
 
 from indexer.config import ChunkingSettings
 from indexer.models import Document, Passage, passage_id
@@ -17,7 +17,9 @@ from indexer.models import Document, Passage, passage_id
 class OffsetTokenizer(Protocol):
     """What the chunker needs from a tokenizer: a Hugging Face *fast* tokenizer satisfies it."""
 
-    def __call__(self, text: list[str], **kwargs: object) -> object: ...
+    def __call__(self, text: list[str], **kwargs: Any) -> Mapping[str, Any]:
+        """Encodings with `offset_mapping` (with `return_offsets_mapping=True`): (start, end) per token."""
+        ...
 
 
 class Chunker:

@@ -67,7 +67,10 @@ def load_index(directory: Path, settings: DenseSettings, mmap: bool = True) -> f
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap and settings.index_type != "flat" else 0
     index = faiss.read_index(str(directory / INDEX_FILE), flags)
     if settings.index_type == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = settings.hnsw_ef_search
+        hnsw = faiss.downcast_index(index)
+        if not isinstance(hnsw, faiss.IndexHNSW):
+            raise ValueError(f"{directory / INDEX_FILE}: not an HNSW index ({type(hnsw).__name__})")
+        hnsw.hnsw.efSearch = settings.hnsw_ef_search
     elif settings.index_type == "ivfpq":
         faiss.extract_index_ivf(index).nprobe = settings.ivf_nprobe
     return index

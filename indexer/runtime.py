@@ -354,7 +354,7 @@ def _export(model, tokenizer, task: str, dest: Path, max_length: int) -> None:  
             return tuple(out[name] for name in OUTPUTS[task])
 
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=max(512, max_length))
-    shapes = {n: {0: batch, 1: seq} for n in names}
+    shapes: dict[str, Any] = {n: {0: batch, 1: seq} for n in names}
     model = model.float().cpu().eval()
     quiet = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [logger.level for logger in quiet]
@@ -376,6 +376,8 @@ def _export(model, tokenizer, task: str, dest: Path, max_length: int) -> None:  
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
+    if program is None:  # only the legacy exporter (dynamo=False) returns nothing
+        raise RuntimeError(f"torch.onnx.export returned no program for {task}")
     program.save(str(dest), external_data=False)
 
 

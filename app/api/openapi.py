@@ -38,9 +38,12 @@ def event_stream(description: str) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _limits(settings: Settings) -> dict[str, dict[str, tuple[str, int] | list[tuple[str, int]]]]:
+Limit = tuple[str, int] | list[tuple[str, int]]  # (JSON-schema keyword, value from settings), or several
+
+
+def _limits(settings: Settings) -> dict[str, dict[str, Limit]]:
     """schema name -> property -> (JSON-schema keyword, value from settings), or a list of them."""
-    search = {
+    search: dict[str, Limit] = {
         "k": ("maximum", settings.search.max_k),
         "candidates": ("maximum", settings.search.max_candidates),
         "rerank_depth": ("maximum", settings.reranker.max_depth),

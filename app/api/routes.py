@@ -297,6 +297,8 @@ async def readyz(request: Request) -> Any:
         body["details"] = details
         return JSONResponse(status_code=503, content=body)
     first = services.collection(None).current
+    if first is None:  # `services.ready`: every collection holds a build
+        raise RuntimeError("services report ready without a served build")
     return {
         "status": "ready",
         "bundle": first.build_id,

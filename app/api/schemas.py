@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import JsonDict
 
 FilterValue = str | int | float | bool
 
@@ -16,6 +17,11 @@ FilterValue = str | int | float | bool
 # (their messages name the field); this pattern tells the OpenAPI document that blank strings are refused.
 NON_BLANK = r"[^\t-\r\x1c- \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 Text = Annotated[str, Field(json_schema_extra={"pattern": NON_BLANK})]
+
+
+def _no_default(schema: JsonDict) -> None:
+    """The document shows no default (the server's setting is the default)."""
+    schema.pop("default", None)
 
 
 def integral_floats(model: type[BaseModel], data: Any) -> Any:
@@ -53,12 +59,12 @@ class SearchParams(JsonModel):
 
     # omitted, it is the server's `search.default_k` (None until `to_options`), so the document shows no default;
     # an explicit null is refused like any other non-integer
-    k: int = Field(
+    k: int = Field(  # type: ignore[assignment]  # None only when omitted: the schema shows no null, null is refused
         None,
         ge=1,
         description="number of hits to return (default search.default_k, at most search.max_k)",
         examples=[10],
-        json_schema_extra=lambda schema: schema.pop("default", None),
+        json_schema_extra=_no_default,
     )
     mode: Literal["bm25", "dense", "hybrid"] | None = Field(
         None,

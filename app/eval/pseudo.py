@@ -67,7 +67,7 @@ def stdlib_docs() -> list[dict[str, str]]:
                 module = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - platform-specific modules (winreg, msvcrt…) do not import here
             continue
-        objects = [(name, module)]
+        objects: list[tuple[str, object]] = [(name, module)]
         for attr, value in sorted(vars(module).items()):
             if attr.startswith("_") or getattr(value, "__module__", None) != name:
                 continue

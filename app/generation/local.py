@@ -107,7 +107,8 @@ class LocalGenerator:
         config = AutoConfig.from_pretrained(path)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         dtype = torch.float32 if device == "cpu" else torch.float16
-        loaded = auto.from_pretrained(path, dtype=dtype).to(device).eval()
+        # transformers' `to` is `@wraps(torch.nn.Module.to)`: typed as an unbound wrapper (self first), called bound
+        loaded = auto.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(loaded, tokenizer, "SmolLM2-135M-Instruct" if model == SMOLLM2 else model, device)
 
@@ -146,7 +147,7 @@ class LocalGenerator:
             kwargs.update(temperature=options.temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0)
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
-        criteria = []
+        criteria: list[_StopOnStrings | _StopOnCancel] = []
         if stops:
             prompt_len = 0 if self.model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
             criteria.append(_StopOnStrings(self.tokenizer, prompt_len, stops))

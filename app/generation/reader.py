@@ -19,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -133,9 +134,9 @@ class ExtractiveReader:
         device: str | None = None,
         max_length: int = 384,
         runtime: str = "torch",
-        cache_dir: str | None = None,
+        cache_dir: str | Path | None = None,
         threads: int | None = None,
-        **kwargs: object,
+        **kwargs: Any,  # ExtractiveReader's other settings
     ) -> ExtractiveReader:
         """Load a span reader (a transformers question-answering model) run by `runtime` (see
         `indexer.runtime`); on CUDA the torch weights run in fp16."""

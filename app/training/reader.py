@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -177,7 +178,7 @@ def train(
     ]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total * config.warmup), total)
-    state = {
+    state: dict[str, Any] = {
         "step": 0,
         "best_f1": -1.0,
         "history": [],

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ class PassagePool:
         return [self.texts[i] for i in rng.sample(pool, min(n, len(pool)))]
 
     def random_negatives(self, exclude: set[str], n: int, rng: random.Random) -> list[str]:
-        out = []
+        out: list[str] = []
         while len(out) < n and len(self.ids) > len(exclude):
             i = rng.randrange(len(self.ids))
             if self.ids[i] not in exclude:
@@ -265,7 +266,7 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup * total), total)
     out = Path(config.out)
     checkpoint = out / "checkpoint"
-    state = {"step": 0, "history": [], "best": -1.0}
+    state: dict[str, Any] = {"step": 0, "history": [], "best": -1.0}
     if config.resume and (checkpoint / "state.json").exists():
         state = json.loads((checkpoint / "state.json").read_text())
         network.load_state_dict(torch.load(checkpoint / "network.pt", map_location=device))

@@ -266,6 +266,8 @@ def collect_all(out: Path, shared: Path, names: Sequence[str]) -> None:
     index = settings.index.model_copy(deep=True)
     index.dense.token_vectors = index.dense.token_vectors or "int8"
     rs, runtime = settings.reranker, settings.runtime
+    if rs.model is None:
+        raise RuntimeError("reranker.model is not set: the second stage's features need the cross-encoder")
     reranker = Reranker.load(rs.model, rs.max_length, runtime=runtime.reranker, cache_dir=runtime.cache_dir)
     first_stage = settings.model_copy(deep=True)
     first_stage.reranker.model = "maxsim"  # the pipeline's own MaxSim stage; no model is loaded for it
@@ -303,7 +305,8 @@ def measure_latency(
     claims = list(queries.values())[:n]
     settings = load_settings(runtime={"query_cache_size": 0})
     pipeline = load_pipeline(settings, out / "bundles" / "scifact", verify=False)  # loads the reranker
-    if pipeline.late is None or pipeline.batcher is None:
+    batcher = pipeline.batcher
+    if pipeline.late is None or batcher is None:
         raise RuntimeError("the latency of the default second stage needs the cross-encoder and stored token vectors")
 
     async def timed() -> dict[int, list[float]]:
@@ -319,7 +322,7 @@ def measure_latency(
                     await pipeline.search(claim, options)
                     times.append((time.perf_counter() - started) * 1000)
                 passes[depth].append(statistics.median(times))
-        await pipeline.batcher.close()
+        await batcher.close()
         return passes
 
     passes = asyncio.run(timed())

@@ -11,9 +11,10 @@ over the same bundle) can use it at once.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -68,6 +69,7 @@ class _Prepared:
     late: list[np.ndarray] | None  # stored-vector MaxSim scores per head (None: not run yet, or no MaxSim)
     span: Any  # the open `sift.rerank` span (None when tracing is off)
     ms: float  # time spent so far
+    ce: concurrent.futures.Future[Any] | None = None  # the cross-encoder's batch, queued as soon as pairs existed
 
 
 @dataclass
@@ -213,31 +215,44 @@ class Pipeline:
         one reranker alone is interpolated as `reranker.interpolation` says, otherwise the stages are fused
         with `stage_weights` (`combine_stages`). On timeout the rankings keep their order, each hit marked
         `skipped (timeout)`."""
-        prepared = await asyncio.to_thread(self._prepare_rerank, queries, ranked, depth)
+        loop = asyncio.get_running_loop()
+        prepared = await asyncio.to_thread(self._prepare_rerank, queries, ranked, depth, None, loop)
         return await self._second_stage(queries, ranked, prepared)
 
     def _prepare_rerank(
-        self, queries: list[str], ranked: list[list[Hit]], depth: int, also: set[int] | None = None
+        self,
+        queries: list[str],
+        ranked: list[list[Hit]],
+        depth: int,
+        also: set[int] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> _Prepared:
         """The second stage's work that needs no model queue, on the calling (worker) thread: the heads'
-        (query, passage) pairs with their passages (and the rows `also`, read in the same docstore call), and
-        MaxSim over stored token vectors (a dot product per candidate; the query's token vectors come from
-        the query cache, filled by the first stage's encode). Opens the `sift.rerank` span."""
+        (query, passage) pairs with their passages (and the rows `also`, read in the same docstore call); then,
+        with `loop`, the cross-encoder's batch is queued on it at once (a call into the loop, not a hand-off
+        to another thread) and MaxSim over stored token vectors (a dot product per candidate; the query's
+        token vectors come from the query cache, filled by the first stage's encode) runs here while the batch
+        is scored. Opens the `sift.rerank` span."""
         t = time.perf_counter()
         heads = [hits[:depth] for hits in ranked]
         attrs = {"sift.depth": depth, **self._trace_attrs(queries)}
         if self.late is not None:
             attrs["sift.maxsim"] = "stored" if self.late.stored else "re-encoded"
         span = self.tracer.start("sift.rerank", **attrs)
+        ce: concurrent.futures.Future[Any] | None = None
         try:
             pairs, passages = self.rerank_pairs(queries, heads, also)
+            if loop is not None and self.batcher is not None:
+                ce = asyncio.run_coroutine_threadsafe(self._cross_encoder(pairs), loop)
             late = None
             if self.late is not None and self.late.stored:
                 late = self.late.score_many(queries, [[h.idx for h in head] for head in heads], [[]] * len(heads))
         except BaseException as exc:
+            if ce is not None:
+                ce.cancel()
             self.tracer.end(span, exc)
             raise
-        return _Prepared(heads, pairs, passages, late, span, _ms(t))
+        return _Prepared(heads, pairs, passages, late, span, _ms(t), ce)
 
     async def _second_stage(
         self, queries: list[str], ranked: list[list[Hit]], prepared: _Prepared
@@ -249,7 +264,7 @@ class Pipeline:
         try:
             try:
                 ce, late = await asyncio.wait_for(
-                    self._score_heads(queries, heads, pairs, prepared.late),
+                    self._score_heads(queries, heads, pairs, prepared.late, prepared.ce),
                     timeout=self.settings.reranker.timeout_ms / 1000.0,
                 )
             except TimeoutError:
@@ -284,13 +299,18 @@ class Pipeline:
         heads: list[list[Hit]],
         pairs: list[tuple[str, str]],
         late: list[np.ndarray] | None,
+        queued: concurrent.futures.Future[Any] | None = None,
     ) -> tuple[np.ndarray | None, list[np.ndarray] | None]:
-        """The cross-encoder's scores of `pairs` and MaxSim's per head: `late` when stored-vector MaxSim already
-        ran, else re-encoding the candidates beside the cross-encoder (None: that stage is off)."""
+        """The cross-encoder's scores of `pairs` (from the batch `queued` already, else queued now) and
+        MaxSim's per head: `late` when stored-vector MaxSim already ran, else re-encoding the candidates beside
+        the cross-encoder (None: that stage is off)."""
+        cross: Awaitable[np.ndarray | None] = (
+            asyncio.wrap_future(queued) if queued is not None else self._cross_encoder(pairs)
+        )
         if self.late is not None and late is None:
-            ce, reencoded = await asyncio.gather(self._cross_encoder(pairs), self._late(queries, heads, pairs))
+            ce, reencoded = await asyncio.gather(cross, self._late(queries, heads, pairs))
             return ce, reencoded
-        return await self._cross_encoder(pairs), late
+        return await cross, late
 
     async def _cross_encoder(self, pairs: list[tuple[str, str]]) -> np.ndarray | None:
         if self.batcher is None:
@@ -336,10 +356,10 @@ class Pipeline:
         concatenate to the result of one request for the whole range; ties are broken by passage row.
 
         Thread hand-offs: a first-stage search makes one (retrieval, fusion and the page's passages on one
-        worker thread); a reranked search makes two: the first stage with the second stage's passages and
-        stored-vector MaxSim on one worker thread, then the cross-encoder's batch on the micro-batcher's
-        thread (a third only when the page needs passages the second stage did not read, or MaxSim
-        re-encodes candidates)."""
+        worker thread); a reranked search makes two: the first stage and the second stage's passages on one
+        worker thread, which queues the cross-encoder's batch on the loop as soon as its pairs exist and
+        scores stored-vector MaxSim while the micro-batcher's thread scores the batch (a third only when the
+        page needs passages the second stage did not read, or MaxSim re-encodes candidates)."""
         started = time.perf_counter()
         passages: dict[int, dict[str, Any]] = {}
         reranked = [0] * len(queries)
@@ -347,7 +367,10 @@ class Pipeline:
             if self.batcher is not None:
                 self.batcher.searching += 1
             try:
-                ranked, timings, prepared = await asyncio.to_thread(self._first_stage_for_rerank, queries, options)
+                loop = asyncio.get_running_loop()
+                ranked, timings, prepared = await asyncio.to_thread(
+                    self._first_stage_for_rerank, queries, options, loop
+                )
                 ranked, timings["rerank"], passages = await self._second_stage(queries, ranked, prepared)
             finally:
                 if self.batcher is not None:
@@ -369,7 +392,7 @@ class Pipeline:
         ]
 
     def _first_stage_for_rerank(
-        self, queries: list[str], options: SearchOptions
+        self, queries: list[str], options: SearchOptions, loop: asyncio.AbstractEventLoop
     ) -> tuple[list[list[Hit]], dict[str, float], _Prepared]:
         """The first stage and the second stage's thread-side work (`_prepare_rerank`) in one hand-off. Without
         collapse, the page's rows of the first-stage ranking are read too: reranking only permutes the top
@@ -378,7 +401,7 @@ class Pipeline:
         window = set()
         if not options.collapse:
             window = {h.idx for hits in ranked for h in hits[options.offset : options.offset + options.k]}
-        return ranked, timings, self._prepare_rerank(queries, ranked, options.rerank_depth, window)
+        return ranked, timings, self._prepare_rerank(queries, ranked, options.rerank_depth, window, loop)
 
     @staticmethod
     def _missing(ranked: list[list[Hit]], options: SearchOptions, passages: dict[int, dict[str, Any]]) -> bool:

@@ -77,7 +77,7 @@ class PreforkServer(BaseApplication):
         for key, value in options.items():
             self.cfg.set(key, value)
 
-    def load(self) -> Any:  # noqa: ANN401 - the ASGI app
+    def load(self) -> Any:  # the ASGI app
         from app.api.main import create_app
         from app.services import Services
 

@@ -255,7 +255,7 @@ class SiftReplica:
             raise RuntimeError(f"replica could not load its build: {reason}")
         log.info("replica ready in %.1f s", time.perf_counter() - started)
 
-    def __serve_build_asgi_app__(self) -> Any:  # noqa: ANN401 - the ASGI app
+    def __serve_build_asgi_app__(self) -> Any:  # the ASGI app
         from app.api.main import create_app
 
         return create_app(self.settings, services=self.services)

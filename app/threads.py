@@ -27,7 +27,7 @@ from typing import Any
 from indexer.runtime import _OnnxModuleMixin
 
 
-def onnx_modules(*models: Any) -> list[_OnnxModuleMixin]:  # noqa: ANN401 - any model wrapper
+def onnx_modules(*models: Any) -> list[_OnnxModuleMixin]:  # any model wrappers
     """The ONNX Runtime modules inside `models` (sentence-transformers wrappers, cross-encoders, the reader,
     MaxSim; torch-run models have none), each once."""
     found: dict[int, _OnnxModuleMixin] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import bm25s
 import numpy as np
@@ -15,7 +16,7 @@ from indexer.config import BM25Settings
 
 
 @lru_cache(maxsize=8)
-def _stemmer(language: str | None):  # noqa: ANN202 - PyStemmer has no stubs
+def _stemmer(language: str | None) -> Any:  # a PyStemmer Stemmer (no hints), or None
     if not language:
         return None
     import Stemmer

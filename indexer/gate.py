@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from indexer.config import SearchMode, SiftSettings, load_config
@@ -54,7 +55,9 @@ def gate_mode(config: Path | None = None) -> SearchMode:
     return load_config(SiftSettings, config).search.default_mode
 
 
-def make_gate(dataset: Path, max_drop: float = 0.01, config: Path | None = None, echo=print):  # noqa: ANN001, ANN201
+def make_gate(
+    dataset: Path, max_drop: float = 0.01, config: Path | None = None, echo: Callable[[str], object] = print
+) -> Callable[[Path, Path | None], tuple[bool, str]]:
     """A gate function for `build_bundle`/`update_bundle`: (new build, published build or None) → (passed,
     message). The message carries both figures."""
     mode = gate_mode(config)

@@ -44,14 +44,22 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
 from indexer.bundle import publish_folder, sha256_file
 from indexer.config import Runtime
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
+
+# the objects this module swaps runtimes in, read and changed by attribute (`sift_runtime`, `model`, `config`)
+Model = Any  # a transformers PreTrainedModel, or the ONNX module standing in for one
+Tokenizer = Any  # a Hugging Face tokenizer
+Wrapper = Any  # a sentence-transformers SentenceTransformer or CrossEncoder
 
 RUNTIMES: tuple[str, ...] = get_args(Runtime)
 Task = Literal["feature-extraction", "sequence-classification", "question-answering"]
@@ -172,7 +180,7 @@ def resolve_runtime(runtime: str, device: str) -> str:
     return runtime
 
 
-def weights_fingerprint(model) -> str:  # noqa: ANN001 - a transformers PreTrainedModel
+def weights_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over the model's parameters and buffers (names, shapes, bytes): identifies the weights
     whatever folder or hub id they came from."""
     digest = hashlib.sha256()
@@ -183,7 +191,7 @@ def weights_fingerprint(model) -> str:  # noqa: ANN001 - a transformers PreTrain
     return digest.hexdigest()
 
 
-def _probe_inputs(tokenizer, task: str, max_length: int) -> dict[str, np.ndarray]:  # noqa: ANN001
+def _probe_inputs(tokenizer: Tokenizer, task: str, max_length: int) -> dict[str, np.ndarray]:
     if task == "feature-extraction":
         texts = [t for pair in PROBES for t in pair]
         enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
@@ -204,7 +212,7 @@ def _probe_inputs(tokenizer, task: str, max_length: int) -> dict[str, np.ndarray
     }
 
 
-def _torch_outputs(model, inputs: dict[str, np.ndarray], task: str) -> list[np.ndarray]:  # noqa: ANN001
+def _torch_outputs(model: Model, inputs: dict[str, np.ndarray], task: str) -> list[np.ndarray]:
     import torch
 
     with torch.inference_mode():
@@ -232,14 +240,14 @@ def agreement(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], 
     return float((a @ b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
-def _device_of(model) -> Any:  # noqa: ANN001, ANN401
+def _device_of(model: torch.nn.Module) -> torch.device | str:
     try:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover - every transformer has parameters
         return "cpu"
 
 
-def OnnxModel(path: Path, config: Any, runtime: str, threads: int | None = None):  # noqa: ANN201, ANN401, N802
+def OnnxModel(path: Path, config: Any, runtime: str, threads: int | None = None) -> Any:  # noqa: N802
     """An ONNX Runtime session that stands in for a transformers model: called with the tokenizer's tensors,
     it returns a dict of torch tensors named as the model's outputs (`last_hidden_state`, `logits`, or
     `start_logits`/`end_logits`), also readable as attributes. Thread-safe (ONNX Runtime sessions are)."""
@@ -256,7 +264,7 @@ def _onnx_module_class() -> type:
 
 
 class _Outputs(dict):
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401
+    def __getattr__(self, name: str) -> Any:
         try:
             return self[name]
         except KeyError as e:
@@ -264,7 +272,7 @@ class _Outputs(dict):
 
 
 class _OnnxModuleMixin:
-    def __init__(self, path: Path, config: Any, runtime: str, threads: int | None = None) -> None:  # noqa: ANN401
+    def __init__(self, path: Path, config: Any, runtime: str, threads: int | None = None) -> None:
         import torch
 
         super().__init__()
@@ -281,13 +289,13 @@ class _OnnxModuleMixin:
         self.anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # so .parameters() names a device
 
     @property
-    def dtype(self) -> Any:  # noqa: ANN401
+    def dtype(self) -> torch.dtype:
         import torch
 
         return torch.float32
 
     @property
-    def device(self) -> Any:  # noqa: ANN401
+    def device(self) -> torch.device:
         import torch
 
         return torch.device("cpu")
@@ -328,7 +336,13 @@ class _OnnxModuleMixin:
             feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
         return self.session.run(self.output_names, feeds)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **_: Any) -> _Outputs:  # noqa: ANN001, ANN401
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **_: Any,
+    ) -> _Outputs:
         import torch
 
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
@@ -336,7 +350,7 @@ class _OnnxModuleMixin:
         return _Outputs(zip(self.output_names, (torch.from_numpy(o) for o in self.run(arrays))))
 
 
-def _export(model, tokenizer, task: str, dest: Path, max_length: int) -> None:  # noqa: ANN001
+def _export(model: Model, tokenizer: Tokenizer, task: str, dest: Path, max_length: int) -> None:
     """torch.export-based ONNX export of `model` (fp32, dynamic batch and sequence axes) to `dest`."""
     import torch
 
@@ -344,11 +358,13 @@ def _export(model, tokenizer, task: str, dest: Path, max_length: int) -> None:  
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in inputs]
 
     class Wrapped(torch.nn.Module):
-        def __init__(self, inner) -> None:  # noqa: ANN001
+        def __init__(self, inner: Model) -> None:
             super().__init__()
             self.inner = inner
 
-        def forward(self, input_ids, attention_mask, token_type_ids=None):  # noqa: ANN001, ANN202
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, ...]:
             extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             out = self.inner(input_ids=input_ids, attention_mask=attention_mask, **extra, return_dict=True)
             return tuple(out[name] for name in OUTPUTS[task])
@@ -421,12 +437,12 @@ def export_folder(fingerprint: str, task: str, runtime: str, cache_dir: str | Pa
 
 
 def get_export(
-    model,
-    tokenizer,
+    model: Model,
+    tokenizer: Tokenizer,
     task: str,
     runtime: str,
     cache_dir: str | Path | None = None,
-    max_length: int = 256,  # noqa: ANN001
+    max_length: int = 256,
 ) -> Path:
     """The cached `.onnx` file for `model` under `runtime` (`onnx` or `onnx-int8`), exporting it first if
     there is none. Returns the folder holding `model.onnx` and `meta.json`."""
@@ -463,7 +479,7 @@ def get_export(
     return folder
 
 
-def load_export(folder: Path, config: Any, runtime: str, threads: int | None = None):  # noqa: ANN201, ANN401
+def load_export(folder: Path, config: Any, runtime: str, threads: int | None = None) -> Any:
     """Open a cached export after checking its SHA-256 against `meta.json`."""
     meta_file = folder / "meta.json"
     try:
@@ -482,15 +498,15 @@ def load_export(folder: Path, config: Any, runtime: str, threads: int | None = N
 
 
 def runtime_model(
-    model,  # noqa: ANN001 - a transformers PreTrainedModel (torch, float32)
-    tokenizer,  # noqa: ANN001
+    model: Model,  # torch, float32
+    tokenizer: Tokenizer,
     task: str,
     runtime: str,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
     max_length: int = 256,
     min_agreement: float = MIN_AGREEMENT,
-):  # noqa: ANN201
+) -> Model:
     """`model` as `runtime` runs it (see `resolve_runtime` for the device rules): itself (torch), cast to
     float16 (CUDA), or — verified on `PROBES` against its own float32 outputs — cast to bfloat16 or replaced by
     its ONNX export (made or found in the cache). Raises `RuntimeMismatch` below `min_agreement`. The result
@@ -529,12 +545,12 @@ def runtime_model(
 
 
 def use_runtime(
-    wrapper,  # noqa: ANN001 - SentenceTransformer | CrossEncoder
+    wrapper: Wrapper,
     task: str,
     runtime: str,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
-):  # noqa: ANN201
+) -> Wrapper:
     """Run a sentence-transformers model (bi-encoder or cross-encoder) under `runtime`, in place: its
     transformer module's model becomes `runtime_model(...)`, so tokenisation, pooling and batching stay
     sentence-transformers' own. Returns `wrapper`, with `wrapper.sift_runtime` naming what runs."""

@@ -231,7 +231,12 @@ class ShardWriter:
             self._open[index] = _Shard(index, self.root / shard_name(index), self.tokens.dtype if self.tokens else None)
         return self._open[index]
 
-    def add(self, documents: Sequence[tuple[Document, Sequence[Passage]]], texts: Sequence[str], vectors) -> None:  # noqa: ANN001
+    def add(
+        self,
+        documents: Sequence[tuple[Document, Sequence[Passage]]],
+        texts: Sequence[str],
+        vectors: np.ndarray | None,
+    ) -> None:
         """The next documents in row order with their passages, the passages' index texts and (dense builds)
         their vectors, one row per passage."""
         token_lists = tokenize(list(texts), self.config.bm25)

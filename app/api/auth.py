@@ -23,6 +23,7 @@ import ipaddress
 import math
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -157,7 +158,7 @@ class Auth:
         return principal
 
 
-def require(scope: ScopeName):  # noqa: ANN201 - a FastAPI dependency
+def require(scope: ScopeName) -> Callable[[Request], Awaitable[Principal]]:  # a FastAPI dependency
     """Dependency: the request's key must carry `scope` (and be within its rate)."""
 
     async def check(request: Request) -> Principal:

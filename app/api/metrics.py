@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -54,7 +54,7 @@ class Metrics:
         cache is created when the first build loads)."""
 
         class Collector:
-            def collect(self):  # noqa: ANN202
+            def collect(self) -> Iterator[Metric]:
                 current = cache()
                 hits, misses, size = (current.hits, current.misses, len(current)) if current is not None else (0, 0, 0)
                 yield CounterMetricFamily("sift_query_cache_hits", "Query embeddings served from the cache", value=hits)
@@ -69,7 +69,7 @@ class Metrics:
         calibrated, the predicted cost of a search at that depth and the budget it was chosen under."""
 
         class Collector:
-            def collect(self):  # noqa: ANN202
+            def collect(self) -> Iterator[Metric]:
                 current = reports()
                 depth = GaugeMetricFamily(
                     "sift_second_stage_depth",

@@ -18,6 +18,14 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.answering import Answerer
+    from app.generation.base import GenerationOptions
+    from app.pipeline import Pipeline
+    from app.retrieval.types import Hit
+    from indexer.config import IndexConfig
 
 TRAIN_ARTICLES = range(0, 24)
 EVAL_ARTICLES = range(24, 48)
@@ -124,7 +132,9 @@ def clean_prediction(text: str) -> str:
     return line[:-1] if line.endswith(".") else line
 
 
-def retrieve_hits(pipeline, questions: Sequence[SquadQuestion], k: int, progress: bool = True) -> list[list]:  # noqa: ANN001
+def retrieve_hits(
+    pipeline: Pipeline, questions: Sequence[SquadQuestion], k: int, progress: bool = True
+) -> list[list[Hit]]:
     """Hybrid top-k documents (best passage each) for every question, through the engine the API calls."""
     import asyncio
 
@@ -156,7 +166,9 @@ EXTRACTIVE_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "prompts
 MODES = ("generative", "extractive", "extract-then-generate")
 
 
-def qa_answerer(pipeline, mode: str, generator=None, reader=None, passages: int = 2):  # noqa: ANN001, ANN201
+def qa_answerer(
+    pipeline: Pipeline, mode: str, generator: Any = None, reader: Any = None, passages: int = 2
+) -> Answerer:  # a Generator, an ExtractiveReader
     """The API's `Answerer` for one answer mode, with the short-answer prompt and no refusal threshold
     (every question gets an answer, as SQuAD scoring expects)."""
     from app.answering import Answerer
@@ -175,8 +187,13 @@ def qa_answerer(pipeline, mode: str, generator=None, reader=None, passages: int 
 
 
 def answer_questions(
-    answerer, questions: Sequence[SquadQuestion], options, gold: bool, k: int = 5, progress: bool = True
-) -> tuple[list[str], list[float]]:  # noqa: ANN001
+    answerer: Answerer,
+    questions: Sequence[SquadQuestion],
+    options: GenerationOptions,
+    gold: bool,
+    k: int = 5,
+    progress: bool = True,
+) -> tuple[list[str], list[float]]:
     """Predictions and per-answer latency (ms) through `Answerer.answer`: with each question's gold paragraph
     as the only passage (`gold`), or end to end (hybrid top-k, best passages per document, the answerer's
     `passages` best ones read)."""
@@ -215,7 +232,7 @@ def latency_summary(latencies: Sequence[float]) -> dict[str, float]:
 SPLITS = {"test": EVAL_ARTICLES, "validation": TRAIN_ARTICLES}  # `sift eval qa --split`; choices use validation
 
 
-def squad_bundle(squad: Path, index_dir: Path, index_config, articles: range = EVAL_ARTICLES) -> Path:  # noqa: ANN001
+def squad_bundle(squad: Path, index_dir: Path, index_config: IndexConfig, articles: range = EVAL_ARTICLES) -> Path:
     """Build (once) a bundle whose documents are the paragraphs of `articles` (the evaluation articles)."""
     from indexer.build import ensure_bundle
 

@@ -9,11 +9,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import ir_measures
 from ir_measures import RR, R, nDCG
 
 from app.retrieval.types import Hit
+
+if TYPE_CHECKING:
+    from app.pipeline import Pipeline, SearchOptions
 
 DEFAULT_MEASURES = (nDCG @ 10, R @ 100, RR @ 10)
 MEASURE_NAMES = {"nDCG@10": "ndcg@10", "R@100": "recall@100", "RR@10": "mrr@10"}
@@ -77,8 +81,8 @@ def document_run(query_ids: Sequence[str], results: Sequence[Sequence[Hit]]) -> 
 
 
 def evaluate(
-    qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], measures=DEFAULT_MEASURES
-) -> dict[str, float]:  # noqa: ANN001
+    qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], measures: Sequence[Any] = DEFAULT_MEASURES
+) -> dict[str, float]:  # ir-measures' measures
     """Mean of each measure over the queries in `qrels` (missing queries score 0), via ir-measures."""
     full_run = {qid: run.get(qid, {}) for qid in qrels}
     scores = ir_measures.calc_aggregate(list(measures), qrels, full_run)
@@ -118,15 +122,15 @@ class PipelineScores:
     queries: int
 
 
-def run_pipelines(  # noqa: ANN201
-    pipeline,  # noqa: ANN001
+def run_pipelines(
+    pipeline: Pipeline,
     dataset: BeirDataset,
     names: Sequence[str],
     k: int = 100,
     rerank_depth: int | None = None,
     specs: dict[str, dict[str, object]] | None = None,
     progress: bool = False,
-):
+) -> tuple[list[PipelineScores], dict[str, dict[str, dict[str, float]]]]:
     """Run each named pipeline (from `specs`, default `PIPELINES`) query by query through `Engine.search`
     (what the API calls), timing each query; returns (rows, runs) where runs[name] is the document run.
     `progress` shows a bar with ETA per pipeline."""
@@ -144,7 +148,7 @@ def run_pipelines(  # noqa: ANN201
     runs: dict[str, dict[str, dict[str, float]]] = {}
     qids, texts = list(dataset.queries), list(dataset.queries.values())
 
-    async def evaluate_one(options, name):  # noqa: ANN001, ANN202
+    async def evaluate_one(options: SearchOptions, name: str) -> tuple[list[float], list[list[Hit]]]:
         latencies, results = [], []
         for text in tqdm(texts, desc=name, unit="query", disable=not progress):
             started = time.perf_counter()

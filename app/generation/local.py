@@ -15,10 +15,14 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from app.generation.base import Cancel, Generation, GenerationOptions, Message, StopTrimmer, trim_at_stop
 from indexer.bundle import publish_folder
 from indexer.encoders import pick_device
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +66,10 @@ def cached_smollm2(cache_dir: Path) -> Path:
 class _StopOnStrings:
     """A transformers StoppingCriteria that ends generation once a stop string appears in the new text."""
 
-    def __init__(self, tokenizer, prompt_len: int, stops: list[str]) -> None:  # noqa: ANN001
+    def __init__(self, tokenizer: Any, prompt_len: int, stops: list[str]) -> None:  # a Hugging Face tokenizer
         self.tokenizer, self.prompt_len, self.stops = tokenizer, prompt_len, stops
 
-    def __call__(self, input_ids, scores, **kwargs) -> bool:  # noqa: ANN001
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> bool:
         if not self.stops:
             return False
         text = self.tokenizer.decode(input_ids[0, self.prompt_len :], skip_special_tokens=True)
@@ -78,14 +82,15 @@ class _StopOnCancel:
     def __init__(self, cancel: Cancel) -> None:
         self.cancel = cancel
 
-    def __call__(self, input_ids, scores, **kwargs) -> bool:  # noqa: ANN001
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> bool:
         return self.cancel.is_set()
 
 
 class LocalGenerator:
     """Causal (or seq2seq) language model run in-process; one generation at a time per instance."""
 
-    def __init__(self, model, tokenizer, name: str, device: str) -> None:  # noqa: ANN001
+    # a transformers causal (or seq2seq) language model and its Hugging Face tokenizer
+    def __init__(self, model: Any, tokenizer: Any, name: str, device: str) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -122,7 +127,7 @@ class LocalGenerator:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _inputs(self, messages: list[Message]):  # noqa: ANN202
+    def _inputs(self, messages: list[Message]) -> dict[str, torch.Tensor]:
         if getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -132,7 +137,13 @@ class LocalGenerator:
             ids = self.tokenizer(prompt, return_tensors="pt")
         return {k: v.to(self.device) for k, v in ids.items()}
 
-    def _kwargs(self, options: GenerationOptions, inputs, stops: list[str], cancel: Cancel | None = None) -> dict:  # noqa: ANN001
+    def _kwargs(
+        self,
+        options: GenerationOptions,
+        inputs: dict[str, torch.Tensor],
+        stops: list[str],
+        cancel: Cancel | None = None,
+    ) -> dict[str, Any]:
         from transformers import StoppingCriteriaList
 
         kwargs = {

@@ -66,7 +66,9 @@ class Calibration:
         return cls(float(w[0]), float(w[1]))
 
 
-def features(tokenizer, questions: Sequence[str], contexts: Sequence[str], max_length: int, stride: int):  # noqa: ANN001, ANN201
+def features(
+    tokenizer: Any, questions: Sequence[str], contexts: Sequence[str], max_length: int, stride: int
+) -> tuple[Any, list[list[tuple[int, int] | None]]]:  # a Hugging Face fast tokenizer, its BatchEncoding
     """Tokenise (question, context) pairs into overlapping windows over the context; each window keeps
     `overflow_to_sample_mapping` (which pair it came from) and offsets (None outside the context)."""
     enc = tokenizer(
@@ -80,7 +82,7 @@ def features(tokenizer, questions: Sequence[str], contexts: Sequence[str], max_l
         padding="longest",
         return_tensors="np",
     )
-    offsets = []
+    offsets: list[list[tuple[int, int] | None]] = []
     for i in range(len(enc["input_ids"])):
         sequence = enc.sequence_ids(i)
         offsets.append(
@@ -112,8 +114,8 @@ class ExtractiveReader:
 
     def __init__(
         self,
-        model,  # noqa: ANN001 - transformers AutoModelForQuestionAnswering
-        tokenizer,  # noqa: ANN001
+        model: Any,  # a transformers AutoModelForQuestionAnswering (or its ONNX stand-in)
+        tokenizer: Any,  # its Hugging Face fast tokenizer
         max_length: int = 384,
         stride: int = 128,
         max_answer_tokens: int = 30,

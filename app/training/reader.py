@@ -20,12 +20,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from app.eval.qa import EVAL_ARTICLES, exact_match, f1
 from app.training.common import set_seed
+
+if TYPE_CHECKING:
+    from app.generation.reader import ExtractiveReader
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ class ReaderTrainConfig:
     max_seconds: float | None = None  # time budget: stop (validating and keeping the best) once spent
 
 
-def training_features(tokenizer, examples: Sequence[QAExample], max_length: int, stride: int) -> dict:  # noqa: ANN001
+def training_features(tokenizer: Any, examples: Sequence[QAExample], max_length: int, stride: int) -> dict[str, Any]:
     """Windows with start/end token labels ([CLS] = 0 when the answer is not inside the window)."""
     from app.generation.reader import features
 
@@ -123,7 +126,7 @@ def training_features(tokenizer, examples: Sequence[QAExample], max_length: int,
     return out
 
 
-def evaluate_reader(reader, examples: Sequence[QAExample]) -> tuple[dict[str, float], list]:  # noqa: ANN001
+def evaluate_reader(reader: ExtractiveReader, examples: Sequence[QAExample]) -> tuple[dict[str, float], list[Any]]:
     """EM/F1 (×100) of the reader with each question's own paragraph, and the predicted spans."""
     spans = []
     for i in range(0, len(examples), 32):
@@ -263,7 +266,7 @@ def train(
     return state
 
 
-def _save_model(model, tokenizer, out: Path, fp16: bool) -> None:  # noqa: ANN001
+def _save_model(model: Any, tokenizer: Any, out: Path, fp16: bool) -> None:  # a transformers QA model, its tokenizer
     import copy
 
     import torch

@@ -22,13 +22,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from app.eval.pseudo import MIN_SENTENCES
 from app.eval.pseudo import sentences as usable_sentences
 from app.training.common import set_seed
+
+if TYPE_CHECKING:
+    import torch
+    from sentence_transformers import CrossEncoder, SentenceTransformer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class Group:
 class PassagePool:
     """Passages with a BM25 index over them (and, given a bi-encoder, their embeddings) for mining negatives."""
 
-    def __init__(self, ids: list[str], texts: list[str], encoder=None) -> None:  # noqa: ANN001
+    def __init__(self, ids: list[str], texts: list[str], encoder: SentenceTransformer | None = None) -> None:
         from indexer.bm25 import BM25Index
         from indexer.config import BM25Settings
 
@@ -105,7 +109,7 @@ class Mining:
     hard: int = 2  # BM25, ranks 3–30
     easy: int = 1  # random passages
     dense: int = 0  # bi-encoder, ranks 3–30 (needs `encoder`)
-    encoder: object | None = None
+    encoder: SentenceTransformer | None = None
 
 
 def _doc_text(record: dict) -> str:
@@ -210,7 +214,7 @@ class TrainConfig:
     max_seconds: float | None = None  # time budget: stop (validating and keeping the best) once spent
 
 
-def load_cross_encoder(name: str, max_length: int, device: str | None):  # noqa: ANN201
+def load_cross_encoder(name: str, max_length: int, device: str | None) -> CrossEncoder:
     from sentence_transformers import CrossEncoder
 
     from indexer.encoders import pick_device, resolve_model_path
@@ -220,8 +224,8 @@ def load_cross_encoder(name: str, max_length: int, device: str | None):  # noqa:
     return model
 
 
-def group_scores(model, groups: Sequence[Group], batch_size: int = 64) -> list[np.ndarray]:  # noqa: ANN001
-    pairs = [[g.query, t] for g in groups for t in [g.positive, *g.negatives]]
+def group_scores(model: CrossEncoder, groups: Sequence[Group], batch_size: int = 64) -> list[np.ndarray]:
+    pairs = [(g.query, t) for g in groups for t in [g.positive, *g.negatives]]
     flat = np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=False), dtype=np.float32).reshape(
         -1
     )
@@ -233,7 +237,7 @@ def group_scores(model, groups: Sequence[Group], batch_size: int = 64) -> list[n
     return out
 
 
-def validate(model, groups: Sequence[Group]) -> dict[str, float]:  # noqa: ANN001
+def validate(model: CrossEncoder, groups: Sequence[Group]) -> dict[str, float]:
     """nDCG@10 and MRR@10 of reranking each held-out group (the positive is the one relevant passage)."""
     import ir_measures
     from ir_measures import RR, nDCG
@@ -260,6 +264,8 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
     val, train_groups = groups[:n_val], groups[n_val:]
     model = load_cross_encoder(config.base, config.max_length, config.device)
     network, tokenizer, device = model.model, model.tokenizer, model.device
+    if network is None:
+        raise RuntimeError(f"{config.base}: the cross-encoder loaded without a model")
     optimizer = torch.optim.AdamW(network.parameters(), lr=config.lr)
     steps_per_epoch = math.ceil(len(train_groups) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -345,8 +351,11 @@ def save_half_precision(folder: Path) -> int:
     return path.stat().st_size
 
 
-def _validate_and_keep_best(model, val: Sequence[Group], state: dict, epoch: int, out: Path) -> None:  # noqa: ANN001
-    model.model.eval()
+def _validate_and_keep_best(
+    model: CrossEncoder, val: Sequence[Group], state: dict[str, Any], epoch: int, out: Path
+) -> None:
+    if model.model is not None:
+        model.model.eval()
     scores = validate(model, val)
     state["history"].append({"step": state["step"], "epoch": epoch + 1, **scores})
     log.warning("validation at step %d: %s", state["step"], scores)
@@ -355,7 +364,8 @@ def _validate_and_keep_best(model, val: Sequence[Group], state: dict, epoch: int
         model.save(str(out))
 
 
-def _loss(network, tokenizer, batch: list[Group], config: TrainConfig, device):  # noqa: ANN001, ANN202
+def _loss(network: Any, tokenizer: Any, batch: list[Group], config: TrainConfig, device: Any) -> torch.Tensor:
+    """The batch's loss (`network`: the cross-encoder's transformers model, `tokenizer` its tokenizer)."""
     import torch
 
     queries, passages, sizes = [], [], []
@@ -379,7 +389,13 @@ def _loss(network, tokenizer, batch: list[Group], config: TrainConfig, device): 
     return torch.stack(losses).mean()
 
 
-def _save_checkpoint(path: Path, network, optimizer, scheduler, state: dict) -> None:  # noqa: ANN001
+def _save_checkpoint(
+    path: Path,
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: dict[str, Any],
+) -> None:
     import torch
 
     tmp = path.with_name(path.name + ".tmp")

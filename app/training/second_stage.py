@@ -41,13 +41,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from app.eval.retrieval import document_run, evaluate
 from app.retrieval.reranker import combine_stages, stack_below
 from app.retrieval.types import Hit
+
+if TYPE_CHECKING:
+    from app.pipeline import Pipeline
+    from app.retrieval.protocols import TextReranker
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +85,8 @@ class Features:
 
 def collect(
     name: str,
-    pipeline,  # noqa: ANN001
-    reranker,  # noqa: ANN001
+    pipeline: Pipeline,
+    reranker: TextReranker,
     queries: dict[str, str],
     qrels: dict[str, dict[str, int]],
     progress: bool = True,
@@ -93,6 +97,9 @@ def collect(
     and MaxSim (`pipeline.late`, required; first `maxsim_depth`)."""
     from tqdm.auto import tqdm
 
+    late = pipeline.late
+    if late is None:
+        raise ValueError("the features need the pipeline's MaxSim stage (reranker.maxsim and stored token vectors)")
     qids, texts = list(queries), list(queries.values())
     options = pipeline.options(mode="hybrid", k=100, candidates=100, rerank=False)
     features = Features(name, qids, qrels, [])
@@ -103,7 +110,7 @@ def collect(
     t = time.perf_counter()
     for text, hits in tqdm(list(zip(texts, features.ranked)), desc=f"{name}: maxsim", disable=not progress):
         head = hits[:maxsim_depth]
-        features.maxsim.append(pipeline.late.score(text, [h.idx for h in head], []))
+        features.maxsim.append(late.score(text, [h.idx for h in head], []))
     features.seconds["maxsim"] = time.perf_counter() - t
     t = time.perf_counter()
     for text, hits in tqdm(list(zip(texts, features.ranked)), desc=f"{name}: cross-encoder", disable=not progress):
@@ -164,7 +171,7 @@ def max_depth_within_budget(
 def select(
     validation: dict[str, Features],
     depths: Sequence[int] = DEPTHS,
-    grid=None,  # noqa: ANN001
+    grid: list[dict[str, float]] | None = None,
     latency: dict[int, float] | None = None,
 ) -> dict[str, Any]:
     """The configuration chosen by the procedure of the module docstring, with every validation figure
@@ -173,7 +180,7 @@ def select(
     allowed = max_depth_within_budget(list(validation.values()), latency=latency)
     depths = [d for d in depths if d <= allowed] or [min(depths)]
     base = {name: score(f, None, None)[VALIDATION[name]] for name, f in validation.items()}
-    table = []
+    table: list[dict[str, Any]] = []
     for depth in depths:
         for weights in grid:
             gains = {name: score(f, depth, weights)[VALIDATION[name]] - base[name] for name, f in validation.items()}
@@ -354,7 +361,7 @@ def main() -> None:
 
 
 class _Unpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - cached by `python -m` (module __main__)
+    def find_class(self, module: str, name: str) -> Any:  # Features was pickled by `python -m` (module __main__)
         return Features if name == "Features" else super().find_class(module, name)
 
 

@@ -18,6 +18,7 @@ refuses files whose sizes, offsets or metadata disagree with each other or with 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -29,6 +30,7 @@ META_FILE = "tokens.json"
 OFFSETS_FILE = "tokens.offsets.npy"
 SCALES_FILE = "tokens.scales.npy"
 FORMAT = 1
+COPY_CHUNK = 8 << 20  # bytes read at once when copying stored token vectors
 
 
 def data_file(dtype: str) -> str:
@@ -132,16 +134,32 @@ class TokenWriter(BuildTokens):
         self._lengths.append(int(rows.shape[0]))
 
     def add_stored(self, store: TokenStore, rows: Sequence[int]) -> None:
-        """Passages `rows` of another store with the same dtype, copied as stored."""
+        """Passages `rows` of another store with the same dtype, copied as stored. The rows are read from the
+        store's file (runs of consecutive passages at once, in bounded chunks), not through its memory map, so
+        copying a large store (an update, a reshard) does not make the whole of it resident in this process."""
         if store.dtype != self.dtype:
             raise TokenStoreError(f"cannot copy {store.dtype} token vectors into a {self.dtype} store")
         self._check_dimension(store.dimension)
-        for row in rows:
-            start, end = int(store.offsets[row]), int(store.offsets[row + 1])
-            self._data.write(np.ascontiguousarray(store.data[start:end]).tobytes())
-            if store.scales is not None:
-                self._scales.append(np.asarray(store.scales[start:end], dtype=np.float32))
-            self._lengths.append(end - start)
+        picked = np.asarray(rows, dtype=np.int64)
+        if picked.size == 0:
+            return
+        starts = np.asarray(store.offsets[picked], dtype=np.int64)
+        ends = np.asarray(store.offsets[picked + 1], dtype=np.int64)
+        self._lengths.extend((ends - starts).tolist())
+        row_bytes = store.dimension * np.dtype(store.dtype).itemsize
+        breaks = (np.flatnonzero(starts[1:] != ends[:-1]) + 1).tolist()  # where a run of adjacent passages ends
+        with open(store.directory / data_file(store.dtype), "rb") as source:
+            for first, last in zip([0, *breaks], [*breaks, picked.size], strict=True):
+                start, end = int(starts[first]), int(ends[last - 1])
+                position, stop = start * row_bytes, end * row_bytes
+                while position < stop:
+                    chunk = os.pread(source.fileno(), min(COPY_CHUNK, stop - position), position)
+                    if not chunk:
+                        raise TokenStoreError(f"{source.name}: ends before token row {position // row_bytes}")
+                    self._data.write(chunk)
+                    position += len(chunk)
+                if store.scales is not None:
+                    self._scales.append(np.array(store.scales[start:end], dtype=np.float32))
 
     def close(self) -> dict[str, object]:
         """Finish the files; returns the metadata (also written to tokens.json)."""

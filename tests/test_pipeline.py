@@ -249,3 +249,28 @@ def test_shard_writer_refuses_a_corpus_that_is_not_the_planned_one(tmp_path) -> 
     short.add([(d, p) for d, p, _ in corpus[:3]], [t for _, _, ts in corpus[:3] for t in ts], None)
     with pytest.raises(ValueError, match="3 of the 6 planned documents"):
         short.finish({"enabled": False})
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_stored_token_vectors_are_copied_exactly_through_the_file(tmp_path, monkeypatch, dtype) -> None:
+    import indexer.tokens as tokens_module
+    from indexer.tokens import TokenWriter
+
+    rng = np.random.default_rng(5)
+    with TokenWriter(tmp_path / "source", dtype) as writer:
+        for length in (3, 1, 4, 2, 5, 1, 3, 2):
+            writer.add(rng.standard_normal((length, 8)).astype(np.float32))
+        writer.close()
+    source = TokenStore.open(tmp_path / "source", 8)
+    monkeypatch.setattr(tokens_module, "COPY_CHUNK", 24)  # a few rows per read: runs span several chunks
+    rows = [3, 4, 5, 0, 7, 7, 1]  # adjacent runs, a jump back, a repeat
+    with TokenWriter(tmp_path / "copy", dtype) as writer:
+        writer.add_stored(source, rows[:4])
+        writer.add_stored(source, [])
+        writer.add_stored(source, rows[4:])
+        writer.close()
+    copy = TokenStore.open(tmp_path / "copy", len(rows))
+    for i, row in enumerate(rows):
+        start, end = int(source.offsets[row]), int(source.offsets[row + 1])
+        np.testing.assert_array_equal(copy.data[copy.offsets[i] : copy.offsets[i + 1]], source.data[start:end])
+        np.testing.assert_array_equal(copy.vectors(i), source.vectors(row))

@@ -178,3 +178,22 @@ def test_remote_shard_classes_implement_their_protocols(example_index, parts):
         np.testing.assert_allclose(shard.maxsim(query, [0, 1]), parts.tokens.maxsim(query, [0, 1]))
     finally:
         server.docstore.close()
+
+
+def test_maxsim_reranker_prepares_rerank_texts_like_the_cross_encoder(example_pipeline, encoder):
+    """`reranker.model: maxsim` with `reranker.maxsim: false` puts MaxSimReranker behind the micro-batcher, and
+    /v1/rerank calls its `prepare` (it had none: an AttributeError, found by the TextReranker protocol)."""
+    from app.retrieval.maxsim import MaxSimReranker
+    from app.services import derive_pipeline
+
+    settings = example_pipeline.settings.model_copy(deep=True)
+    settings.reranker.model, settings.reranker.maxsim, settings.reranker.weights = "maxsim", False, None
+    pipeline = derive_pipeline(example_pipeline, settings, MaxSimReranker(encoder))
+    texts = ["Yeast ferments sugars in the dough.", "Saturn's rings are made of ice. " * 40]
+    assert pipeline.owns_batcher and pipeline.batcher is not None
+    try:
+        out = asyncio.run(pipeline.rerank_texts("why does bread rise", texts, [None, None], max_tokens_per_doc=16))
+    finally:  # its own micro-batcher only: the docstore is the session's example pipeline's
+        asyncio.run(pipeline.batcher.close())
+    assert out.truncated == [1] and out.texts[0] == texts[0] and out.tokens > 0
+    assert out.scores[0] > out.scores[1]

@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--copy-baseline", default=COPY_BASELINE, help="commit compared with --copy-tokens")
     args = parser.parse_args()
     if args.copy_tokens:
-        copy_tokens(args.copy_tokens, args.copy_baseline)
+        copy_tokens(args.copy_tokens.resolve(), args.copy_baseline)
         return
     if args.from_log:
         results = from_log(args.from_log)

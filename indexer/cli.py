@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -69,23 +70,28 @@ def build(
             setattr(cfg.csv, name, value)
     if no_dense:
         cfg.dense.enabled = False
-    if engine not in ("local", "ray"):
-        typer.echo(f"error: --engine must be local or ray, not {engine!r}", err=True)
-        raise typer.Exit(2)
-    runner = None
-    if engine == "ray":
-        try:
-            from indexer.ray_engine import RayEncoding
-        except ImportError as exc:
-            typer.echo(f"error: --engine ray needs Ray: pip install 'sift[ray]' ({exc})", err=True)
-            raise typer.Exit(2) from exc
-        runner = RayEncoding(address=address, encoders=num_encoders, gpus_per_encoder=gpus_per_encoder)
+    runner = encoding_engine(engine, address, num_encoders, gpus_per_encoder)
     gate_fn = make_gate(gate, max_drop, config, echo=lambda m: typer.echo(m, err=True)) if gate else None
     _publish_job(
         lambda: build_bundle(
             input, out, cfg, skip_bad=skip_bad, show_progress=progress, gate=gate_fn, shards=shards, engine=runner
         )
     )
+
+
+def encoding_engine(engine: str, address: str | None, encoders: int, gpus_per_encoder: float) -> Any:  # noqa: ANN401
+    """The `--engine` of a build or an update: None (this process) or a Ray Data encoding engine."""
+    if engine not in ("local", "ray"):
+        typer.echo(f"error: --engine must be local or ray, not {engine!r}", err=True)
+        raise typer.Exit(2)
+    if engine == "local":
+        return None
+    try:
+        from indexer.ray_engine import RayEncoding
+    except ImportError as exc:
+        typer.echo(f"error: --engine ray needs Ray: pip install 'sift[ray]' ({exc})", err=True)
+        raise typer.Exit(2) from exc
+    return RayEncoding(address=address, encoders=encoders, gpus_per_encoder=gpus_per_encoder)
 
 
 @app.command("reshard")
@@ -131,15 +137,25 @@ def update(
     ),
     max_drop: float = typer.Option(0.01, "--max-drop", help="largest nDCG@10 drop the gate accepts"),
     config: Path | None = typer.Option(None, "--config", "-c", help="config for the gate's evaluation"),
+    engine: str = typer.Option(
+        "local", "--engine", help="who encodes the added passages: local (this process) or ray (Ray Data actors)"
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="--engine ray: cluster to join (auto, ray://host:10001); default: a local Ray"
+    ),
+    num_encoders: int = typer.Option(1, "--num-encoders", min=1, help="--engine ray: encoder actors"),
+    gpus_per_encoder: float = typer.Option(0.0, "--gpus-per-encoder", min=0.0, help="--engine ray: GPUs per actor"),
 ) -> None:
     """Write a new build from the current one: unchanged documents keep their stored passages and vectors,
-    only added or changed ones are encoded, BM25 is rebuilt over the whole corpus; the manifest records the
-    parent build. Published atomically (and gated) like a build."""
+    only added or changed ones are encoded (by --engine, as a build's), BM25 is rebuilt over the whole corpus;
+    the manifest records the parent build. Published atomically (and gated) like a build."""
     from indexer.update import update_bundle
 
+    runner = encoding_engine(engine, address, num_encoders, gpus_per_encoder)
     gate_fn = make_gate(gate, max_drop, config, echo=lambda m: typer.echo(m, err=True)) if gate else None
     _publish_job(
-        lambda: update_bundle(out, add, delete, skip_bad=skip_bad, show_progress=progress, gate=gate_fn), "updated:"
+        lambda: update_bundle(out, add, delete, skip_bad=skip_bad, show_progress=progress, gate=gate_fn, engine=runner),
+        "updated:",
     )
 
 

@@ -274,3 +274,13 @@ def test_stored_token_vectors_are_copied_exactly_through_the_file(tmp_path, monk
         start, end = int(source.offsets[row]), int(source.offsets[row + 1])
         np.testing.assert_array_equal(copy.data[copy.offsets[i] : copy.offsets[i + 1]], source.data[start:end])
         np.testing.assert_array_equal(copy.vectors(i), source.vectors(row))
+
+
+def test_update_takes_the_builds_engine_option(tmp_path):
+    """`sift index update --engine` is the build's option (one engine setup for both commands)."""
+    from typer.testing import CliRunner
+
+    from indexer.cli import app
+
+    result = CliRunner().invoke(app, ["update", "--out", str(tmp_path), "--engine", "spark"])
+    assert result.exit_code == 2 and "--engine must be local or ray" in result.output

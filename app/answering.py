@@ -124,8 +124,10 @@ class Answerer:
         self.template = PromptTemplate.load(settings.template)
         # sentence boundaries for extractive answers (rule-based, no model; one per answerer, used read-only)
         self.segmenter = pysbd.Segmenter(language="en", clean=False, char_span=True)
-        self.name = (
-            getattr(reader, "name", "extractive-reader") if self.mode == "extractive" else generator.name  # type: ignore[union-attr]
+        self.name: str = (
+            generator.name
+            if self.mode != "extractive" and generator is not None
+            else getattr(reader, "name", "extractive-reader")
         )
 
     @property
@@ -150,16 +152,28 @@ class Answerer:
             return
         run.span_passage = prepared.passages[span.passage]
 
+    @staticmethod
+    def _span_passage(run: _Run) -> dict[str, Any]:
+        if run.span_passage is None:
+            raise RuntimeError("no span was read for this answer (the reader declined or did not run)")
+        return run.span_passage
+
+    def _generator(self) -> Generator:
+        if self.generator is None:
+            raise RuntimeError(f"answer.mode {self.mode!r} generates no text here (no generator)")
+        return self.generator
+
     def span_sentence(self, run: _Run) -> str:
         """The sentence of the span's passage that holds the span (all the sentences it crosses)."""
-        text = run.span_passage["text"]  # type: ignore[index]
+        text: str = self._span_passage(run)["text"]
         left, right = sentence_bounds(self.segmenter, text, run.span.start, run.span.end)
         return text[left:right]
 
     def span_messages(self, prepared: PreparedAnswer, run: _Run) -> list[Message]:
         """extract-then-generate: the span's sentence (and the span) as the only context."""
         sentence = self.span_sentence(run)
-        context = self.template.passage.format(n=1, title=run.span_passage["title"], text=sentence)  # type: ignore[index]
+        title = self._span_passage(run)["title"]
+        context = self.template.passage.format(n=1, title=title, text=sentence)
         context += f"\n(Extracted answer: {run.span.text})"
         return self.template.messages(context, prepared.question)
 
@@ -183,9 +197,9 @@ class Answerer:
         """The answer text, piece by piece (blocking; run it on a worker thread)."""
         text, messages = self._plan(prepared, run)
         if messages is None:
-            yield text  # type: ignore[misc]
+            yield text or ""  # `_plan` decided the text (it gives messages or text, never neither)
         else:
-            yield from self.generator.stream(messages, options, cancel)  # type: ignore[union-attr]
+            yield from self._generator().stream(messages, options, cancel)
 
     def finish(
         self, prepared: PreparedAnswer, text: str, run: _Run, generation: Generation | None = None
@@ -260,9 +274,9 @@ class Answerer:
         run = _Run()
         text, messages = await self.pool.run(self._plan, prepared, run)
         if messages is None:
-            return self.finish(prepared, text, run)  # type: ignore[arg-type]
+            return self.finish(prepared, text or "", run)  # `_plan` decided the text
         with self.pipeline.tracer.span("sift.generate", **self._trace_attrs(options)) as span:
-            result = await self.pool.run(self.generator.generate, messages, options, cancel)  # type: ignore[union-attr]
+            result = await self.pool.run(self._generator().generate, messages, options, cancel)
             if span is not None:
                 span.set_attribute("sift.completion_tokens", result.completion_tokens)
         return self.finish(prepared, result.text, run, result)

@@ -162,4 +162,4 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI documents replacing app.openapi

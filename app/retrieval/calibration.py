@@ -215,7 +215,7 @@ async def measure(
     queries = await asyncio.to_thread(probe_queries, pipeline.docstore, probes + 1)
     if not queries:
         raise ValueError("the build has no passages to draw probe queries from")
-    options = pipeline.options(rerank=True)
+    options = pipeline.options(rerank=False)  # for the first stage only: the second stage is run by `rerank` below
     warm, timed = queries[0], queries[1:]
     started = clock()
     ranked, _ = await asyncio.to_thread(pipeline.coarse, [warm], options)

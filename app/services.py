@@ -642,7 +642,7 @@ class Services:
                         self.models.encoder(dense["model"], self.settings)
         except Exception as exc:  # noqa: BLE001 - reported on /readyz by every worker
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error(json.dumps({"event": "load_failed", "error": self.load_error}))
+            log.error(json.dumps({"event": "load_failed", "error": self.load_error}), exc_info=True)
 
     async def start(self) -> None:
         """Warm-up (models, off the event loop; in a forked worker, only its threads), then the first build of
@@ -665,7 +665,7 @@ class Services:
                 self.models.after_fork(self.settings)
         except Exception as exc:  # noqa: BLE001 - reported on /readyz
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error(json.dumps({"event": "load_failed", "error": self.load_error}))
+            log.error(json.dumps({"event": "load_failed", "error": self.load_error}), exc_info=True)
             return
         for collection in self.collections.values():
             await collection.reload()

@@ -451,7 +451,9 @@ def get_export(
     folder = export_folder(fingerprint, task, runtime, cache_dir)
     if (folder / "meta.json").is_file():
         return folder
-    with _GUARD:
+    from indexer.encoders import MODEL_LOADS
+
+    with MODEL_LOADS, _GUARD:  # an export traces the model: never while another thread loads one (that order)
         if (folder / "meta.json").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,6 @@ def test_build_shows_bars_with_totals_and_eta(tmp_path, capsys):
     config = IndexConfig(dense=DenseSettings(enabled=False))
     build_bundle(corpus, tmp_path / "index", config, show_progress=True)
     err = capsys.readouterr().err
-    # "read+chunk: 100%|…| 40/40 [00:00<00:00, …]": a total, and elapsed<remaining (the ETA)
-    assert re.search(r"read\+chunk: 100%.*40/40 \[\d\d:\d\d<\d\d:\d\d", err), err[-2000:]
+    # "index: 100%|…| 40/40 [00:00<00:00, …]": a total, and elapsed<remaining (the ETA)
+    assert re.search(r"index: 100%.*40/40 \[\d\d:\d\d<\d\d:\d\d", err), err[-2000:]
     assert re.search(r"tokenise: 100%.*40/40 \[\d\d:\d\d<\d\d:\d\d", err), err[-2000:]

@@ -76,3 +76,23 @@ def test_the_process_thread_policy_reaches_every_onnx_model_it_holds(two_builds)
     assert modules, "the default query runtime is onnx: the bi-encoder runs an ONNX Runtime session"
     assert models.spin_wait is first.settings.runtime.spin_wait is False
     assert all(m.spin_wait is False for m in modules)
+
+
+def test_model_loads_take_turns():
+    """transformers swaps functions process-wide while it loads (initialisers off, weight tying deferred), so
+    two loads at once can leave one model untied (SmolLM2's lm_head on the meta device): every load holds
+    `MODEL_LOADS`. A load started while another thread holds it waits, then loads a working model."""
+    import threading
+
+    from indexer.encoders import MODEL_LOADS, load_encoder
+
+    loaded = []
+    with MODEL_LOADS:
+        thread = threading.Thread(target=lambda: loaded.append(load_encoder("sentence-transformers/all-MiniLM-L6-v2")))
+        thread.start()
+        thread.join(timeout=15)  # ample for this small model to load (~2 s here) were it not held back
+        assert thread.is_alive() and not loaded  # waiting for the lock, not loading beside the holder
+    thread.join(timeout=300)
+    assert not thread.is_alive() and len(loaded) == 1
+    vector = loaded[0].encode(["tides are caused by the moon"])
+    assert vector.shape == (1, 384)

@@ -105,16 +105,17 @@ class LocalGenerator:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-        from indexer.encoders import resolve_model_path
+        from indexer.encoders import MODEL_LOADS, resolve_model_path
 
-        path = str(cached_smollm2(Path(cache_dir))) if model == SMOLLM2 else resolve_model_path(model)
-        device = pick_device(device)
-        config = AutoConfig.from_pretrained(path)
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        dtype = torch.float32 if device == "cpu" else torch.float16
-        # transformers' `to` is `@wraps(torch.nn.Module.to)`: typed as an unbound wrapper (self first), called bound
-        loaded = auto.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with MODEL_LOADS:
+            path = str(cached_smollm2(Path(cache_dir))) if model == SMOLLM2 else resolve_model_path(model)
+            device = pick_device(device)
+            config = AutoConfig.from_pretrained(path)
+            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            dtype = torch.float32 if device == "cpu" else torch.float16
+            # transformers' `to` is `@wraps(torch.nn.Module.to)`: typed unbound (self first), called bound
+            loaded = auto.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
+            tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(loaded, tokenizer, "SmolLM2-135M-Instruct" if model == SMOLLM2 else model, device)
 
     def _acquire(self, cancel: Cancel | None) -> bool:

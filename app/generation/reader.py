@@ -144,19 +144,20 @@ class ExtractiveReader:
         `indexer.runtime`); on CUDA the torch weights run in fp16."""
         from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-        from indexer.encoders import pick_device, resolve_model_path
+        from indexer.encoders import MODEL_LOADS, pick_device, resolve_model_path
         from indexer.runtime import runtime_model
 
         folder = resolve_model_path(path)
         device = pick_device(device)
-        model = AutoModelForQuestionAnswering.from_pretrained(folder)
-        model = model.float().to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        if device == "cpu":
-            model = runtime_model(model, tokenizer, "question-answering", runtime, cache_dir, threads, max_length)
-        else:  # on a GPU the reader runs in fp16 whatever the runtime (as every runtime but torch does there)
-            model = model.half()
-            model.sift_runtime = "torch-fp16"
+        with MODEL_LOADS:
+            model = AutoModelForQuestionAnswering.from_pretrained(folder)
+            model = model.float().to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            if device == "cpu":
+                model = runtime_model(model, tokenizer, "question-answering", runtime, cache_dir, threads, max_length)
+            else:  # on a GPU the reader runs in fp16 whatever the runtime (as every runtime but torch does there)
+                model = model.half()
+                model.sift_runtime = "torch-fp16"
         calibration = None
         calib_file = Path(folder) / CALIBRATION_FILE
         if calib_file.is_file():

@@ -20,7 +20,7 @@ import numpy as np
 
 from app.retrieval.protocols import TextReranker
 from app.retrieval.types import Hit
-from indexer.encoders import pick_device, resolve_model_path
+from indexer.encoders import MODEL_LOADS, pick_device, resolve_model_path
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder
@@ -62,8 +62,9 @@ class Reranker(TextReranker):
 
         device = pick_device(device)
         kwargs = {"model_kwargs": {"dtype": torch.float32}} if device == "cpu" else {}
-        model = CrossEncoder(resolve_model_path(name), max_length=max_length, device=device, **kwargs)
-        use_runtime(model, "sequence-classification", runtime, cache_dir=cache_dir, threads=threads)
+        with MODEL_LOADS:
+            model = CrossEncoder(resolve_model_path(name), max_length=max_length, device=device, **kwargs)
+            use_runtime(model, "sequence-classification", runtime, cache_dir=cache_dir, threads=threads)
         return cls(model, batch_size=batch_size)
 
     @property

@@ -55,14 +55,6 @@ def model_lock(model: object) -> threading.Lock:
         return lock
 
 
-# Held while a model is built from weights (and exported to ONNX). transformers' `from_pretrained` swaps
-# functions process-wide for the length of a load (torch.nn.init's initialisers become no-ops, weight tying is
-# switched off and redone at the end), so a second load in another thread at the same moment can come out
-# untied: SmolLM2's lm_head then stays on the meta device ("Cannot copy out of meta tensor"). Loads are rare
-# and CPU-bound, so serialising them costs nothing; re-entrant, since a load may export inside it.
-MODEL_LOADS = threading.RLock()
-
-
 def pick_device(device: str | None) -> str:
     """`device` if given, else `cuda` when torch sees a GPU, else `cpu`."""
     if device:
@@ -83,7 +75,7 @@ def load_encoder(
     see `indexer.runtime.use_runtime`). `encoder.sift_runtime` names what actually runs."""
     from sentence_transformers import SentenceTransformer
 
-    from indexer.runtime import use_runtime
+    from indexer.runtime import MODEL_LOADS, use_runtime
 
     with MODEL_LOADS:
         encoder = SentenceTransformer(resolve_model_path(name), device=pick_device(device))

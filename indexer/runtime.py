@@ -84,6 +84,12 @@ PROBES: tuple[tuple[str, str], ...] = (
     ("Supersonic flow over a wedge produces an oblique shock wave " * 4, "Shock waves " * 30),
 )
 
+# Held while a model is built from weights (and exported to ONNX). transformers' `from_pretrained` swaps
+# functions process-wide for the length of a load (torch.nn.init's initialisers become no-ops, weight tying is
+# switched off and redone at the end), so a second load in another thread at the same moment can come out
+# untied: SmolLM2's lm_head then stays on the meta device ("Cannot copy out of meta tensor"). Loads are rare
+# and CPU-bound, so serialising them costs nothing; re-entrant, since a load may export inside it.
+MODEL_LOADS = threading.RLock()
 _GUARD = threading.Lock()
 
 
@@ -451,8 +457,6 @@ def get_export(
     folder = export_folder(fingerprint, task, runtime, cache_dir)
     if (folder / "meta.json").is_file():
         return folder
-    from indexer.encoders import MODEL_LOADS
-
     with MODEL_LOADS, _GUARD:  # an export traces the model: never while another thread loads one (that order)
         if (folder / "meta.json").is_file():
             return folder

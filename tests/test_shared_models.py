@@ -84,7 +84,8 @@ def test_model_loads_take_turns():
     `MODEL_LOADS`. A load started while another thread holds it waits, then loads a working model."""
     import threading
 
-    from indexer.encoders import MODEL_LOADS, load_encoder
+    from indexer.encoders import load_encoder
+    from indexer.runtime import MODEL_LOADS
 
     loaded = []
     with MODEL_LOADS:

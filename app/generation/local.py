@@ -105,7 +105,8 @@ class LocalGenerator:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-        from indexer.encoders import MODEL_LOADS, resolve_model_path
+        from indexer.encoders import resolve_model_path
+        from indexer.runtime import MODEL_LOADS
 
         with MODEL_LOADS:
             path = str(cached_smollm2(Path(cache_dir))) if model == SMOLLM2 else resolve_model_path(model)

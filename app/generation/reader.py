@@ -144,8 +144,8 @@ class ExtractiveReader:
         `indexer.runtime`); on CUDA the torch weights run in fp16."""
         from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-        from indexer.encoders import MODEL_LOADS, pick_device, resolve_model_path
-        from indexer.runtime import runtime_model
+        from indexer.encoders import pick_device, resolve_model_path
+        from indexer.runtime import MODEL_LOADS, runtime_model
 
         folder = resolve_model_path(path)
         device = pick_device(device)

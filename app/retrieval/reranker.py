@@ -20,7 +20,8 @@ import numpy as np
 
 from app.retrieval.protocols import TextReranker
 from app.retrieval.types import Hit
-from indexer.encoders import MODEL_LOADS, pick_device, resolve_model_path
+from indexer.encoders import pick_device, resolve_model_path
+from indexer.runtime import MODEL_LOADS
 
 if TYPE_CHECKING:
     from sentence_transformers import CrossEncoder

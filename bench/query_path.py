@@ -47,6 +47,19 @@ def claims(limit: int) -> list[str]:
     return [r["text"] for r in rows if str(r["_id"]) in test_ids][:limit]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` and its children (from /proc: Linux only)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total = 0
+    for p in [pid, *map(int, children)]:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / tick
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -73,6 +86,7 @@ def main() -> None:
         before_proc, before = start_server(bundle, root=tree, env=env)
         after_proc, after = start_server(bundle, env=env)
         servers = {"before": before, "after": after}
+        pids = {"before": before_proc.pid, "after": after_proc.pid}
         try:
             with httpx.Client(timeout=60) as client:
 
@@ -88,11 +102,14 @@ def main() -> None:
                     for base in servers.values():
                         ask(base, text)
                 rounds: list[dict[str, list[float]]] = []
+                cpu: dict[str, list[float]] = {"before": [], "after": []}  # CPU ms per search, per round
                 stage: dict[str, list[float]] = {"before": [], "after": []}
                 rankings: dict[str, list[list[tuple[str, float]]]] = {"before": [], "after": []}
                 with progress(args.rounds * len(texts) * 2, "claims x servers x rounds") as bar:
                     for round_no in range(args.rounds):
                         times: dict[str, list[float]] = {"before": [], "after": []}
+                        # each server is idle while the other answers, so its CPU over the round is its searches'
+                        cpu_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
                         for i, text in enumerate(texts):
                             order = ["before", "after"] if (i + round_no) % 2 == 0 else ["after", "before"]
                             for name in order:
@@ -103,6 +120,8 @@ def main() -> None:
                                     rankings[name].append([(h["passage_id"], h["score"]) for h in data["hits"]])
                                 bar.update()
                         rounds.append(times)
+                        for name, pid in pids.items():
+                            cpu[name].append((cpu_seconds(pid) - cpu_start[name]) * 1000.0 / len(texts))
                 # CPU saved shows as throughput once the cores are busy: each server in turn serves the same
                 # claims from `--concurrency` clients; requests per second, median of the passes
                 rates: dict[str, list[float]] = {"before": [], "after": []}
@@ -131,6 +150,7 @@ def main() -> None:
     p50 = {name: statistics.median(statistics.median(r[name]) for r in rounds) for name in ("before", "after")}
     p95 = {name: statistics.median(pct(r[name], 0.95) for r in rounds) for name in ("before", "after")}
     server = {name: statistics.median(stage[name]) for name in ("before", "after")}
+    cpu_ms = {name: statistics.median(values) for name, values in cpu.items()}
     gain = p50["before"] - p50["after"]
     # the same claim, one server right after the other: the paired difference cancels this machine's drift
     paired = statistics.median(
@@ -142,15 +162,18 @@ def main() -> None:
         f" concurrency 1 over HTTP, {len(texts)} SciFact test claims × {args.rounds} rounds, query cache off, "
         f"this checkout against baseline `{args.baseline}` in the same run (claims alternate between the servers).",
         "",
-        "| server | p50 ms (median of rounds) | p95 ms | server-side total p50 ms | query encodes | hand-offs |",
-        "|---|---|---|---|---|---|",
-        f"| before (`{args.baseline}`) | {p50['before']:.1f} | {p95['before']:.1f} | {server['before']:.1f} | 2 | 5 |",
-        f"| after (this checkout) | {p50['after']:.1f} | {p95['after']:.1f} | {server['after']:.1f} | 1 | 2 |",
+        "| server | p50 ms (median of rounds) | p95 ms | server-side total p50 ms | CPU ms per search | query encodes "
+        "| hand-offs |",
+        "|---|---|---|---|---|---|---|",
+        f"| before (`{args.baseline}`) | {p50['before']:.1f} | {p95['before']:.1f} | {server['before']:.1f} | {cpu_ms['before']:.1f} | 2 | 5 |",
+        f"| after (this checkout) | {p50['after']:.1f} | {p95['after']:.1f} | {server['after']:.1f} | {cpu_ms['after']:.1f} | 1 | 2 |",
         "",
         f"- median paired gain (the same claim on both servers, back to back): **{paired:.1f} ms**",
         f"- p50 gain: **{gain:.1f} ms** ({p50['after'] / p50['before']:.3f}× the baseline's p50); per round: "
         + ", ".join(f"{statistics.median(r['before']) - statistics.median(r['after']):.1f}" for r in rounds)
         + " ms",
+        "- CPU ms per search: each server's user + system CPU (process and children, /proc) over a round ÷ the "
+        "claims, median of rounds (each server idles while the other answers)",
         f"- identical top-10 rankings: **{same_ids}/{len(texts)}** claims; largest score difference {worst:.2e}",
         "- hand-offs (event loop → thread) per search, counted by `tests/test_query_path.py`: reranked 5 → 2, "
         "first stage only 1 → 1",

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks.md"
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
@@ -92,6 +94,16 @@ def source_tree(rev: str) -> Iterator[Path]:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
         yield Path(tmp)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and its live children."""
+    return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds of `processes` (their threads included)."""
+    return sum(sum(p.cpu_times()[:2]) for p in processes)
 
 
 def cpu_model() -> str:

@@ -28,8 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, SCIFACT, append_report, progress, source_tree, start_server  # noqa: E402
 
+SEARCH = {"k": 10, "rerank": False, "return_text": False}  # the load's default request (first stage only)
 
-async def run_load(base: str, queries: list[str], concurrency: int) -> tuple[float, list[float], int]:
+
+async def run_load(
+    base: str, queries: list[str], concurrency: int, body: dict | None = None
+) -> tuple[float, list[float], int]:
+    """`queries` sent to /v1/search by `concurrency` clients (`body` around each, default `SEARCH`); returns
+    (requests per second, latencies in ms, failed or timed-out requests)."""
     latencies: list[float] = []
     errors = 0
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -43,9 +49,7 @@ async def run_load(base: str, queries: list[str], concurrency: int) -> tuple[flo
                 q = queue.get_nowait()
                 started = time.perf_counter()
                 try:
-                    r = await client.post(
-                        f"{base}/v1/search", json={"query": q, "k": 10, "rerank": False, "return_text": False}
-                    )
+                    r = await client.post(f"{base}/v1/search", json={**(body or SEARCH), "query": q})
                     errors += r.status_code != 200
                 except httpx.HTTPError:
                     errors += 1

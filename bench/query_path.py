@@ -29,7 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, SCIFACT, append_report, progress, source_tree, start_server  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT,
+    SCIFACT,
+    append_report,
+    cpu_seconds,
+    process_tree,
+    progress,
+    source_tree,
+    start_server,
+)
+from bench.http_load import run_load  # noqa: E402
 
 
 def default_bundle() -> Path:
@@ -45,19 +55,6 @@ def claims(limit: int) -> list[str]:
     test_ids = {line.split("\t")[0] for line in (SCIFACT / "qrels" / "test.tsv").read_text().splitlines()[1:]}
     rows = [json.loads(line) for line in (SCIFACT / "queries.jsonl").open(encoding="utf-8")]
     return [r["text"] for r in rows if str(r["_id"]) in test_ids][:limit]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` and its children (from /proc: Linux only)."""
-    import os
-
-    tick = os.sysconf("SC_CLK_TCK")
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    total = 0
-    for p in [pid, *map(int, children)]:
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
-    return total / tick
 
 
 def pct(values: list[float], q: float) -> float:
@@ -87,6 +84,10 @@ def main() -> None:
         after_proc, after = start_server(bundle, env=env)
         servers = {"before": before, "after": after}
         pids = {"before": before_proc.pid, "after": after_proc.pid}
+
+        def cpu_of(name: str) -> float:
+            return cpu_seconds(process_tree(pids[name]))
+
         try:
             with httpx.Client(timeout=60) as client:
 
@@ -109,7 +110,7 @@ def main() -> None:
                     for round_no in range(args.rounds):
                         times: dict[str, list[float]] = {"before": [], "after": []}
                         # each server is idle while the other answers, so its CPU over the round is its searches'
-                        cpu_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                        cpu_start = {name: cpu_of(name) for name in pids}
                         for i, text in enumerate(texts):
                             order = ["before", "after"] if (i + round_no) % 2 == 0 else ["after", "before"]
                             for name in order:
@@ -120,21 +121,21 @@ def main() -> None:
                                     rankings[name].append([(h["passage_id"], h["score"]) for h in data["hits"]])
                                 bar.update()
                         rounds.append(times)
-                        for name, pid in pids.items():
-                            cpu[name].append((cpu_seconds(pid) - cpu_start[name]) * 1000.0 / len(texts))
+                        for name in pids:
+                            cpu[name].append((cpu_of(name) - cpu_start[name]) * 1000.0 / len(texts))
                 # CPU saved shows as throughput once the cores are busy: each server in turn serves the same
                 # claims from `--concurrency` clients; requests per second, median of the passes
                 rates: dict[str, list[float]] = {"before": [], "after": []}
                 if args.concurrency > 0:
-                    from concurrent.futures import ThreadPoolExecutor
+                    import asyncio
 
                     load = texts[: args.throughput_claims]
-                    with ThreadPoolExecutor(args.concurrency) as pool:
-                        for rep in range(args.throughput_reps):
-                            for name in ["before", "after"] if rep % 2 == 0 else ["after", "before"]:
-                                started = time.perf_counter()
-                                list(pool.map(lambda text, base=servers[name]: ask(base, text), load))
-                                rates[name].append(len(load) / (time.perf_counter() - started))
+                    for rep in range(args.throughput_reps):
+                        for name in ["before", "after"] if rep % 2 == 0 else ["after", "before"]:
+                            rate, _, errors = asyncio.run(run_load(servers[name], load, args.concurrency, body))
+                            if errors:
+                                raise SystemExit(f"{servers[name]}: {errors} failed requests in the throughput pass")
+                            rates[name].append(rate)
         finally:
             for proc in (before_proc, after_proc):
                 proc.terminate()

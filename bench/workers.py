@@ -30,18 +30,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, SCIFACT, append_report, progress, start_server  # noqa: E402
+from bench.common import ROOT, SCIFACT, append_report, cpu_seconds, process_tree, progress, start_server  # noqa: E402
 from bench.http_load import run_load  # noqa: E402
-
-
-def process_tree(pid: int) -> list[psutil.Process]:
-    """The process and its live children."""
-    return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-
-
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    """User + system CPU seconds of `processes` (their threads included)."""
-    return sum(sum(p.cpu_times()[:2]) for p in processes)
 
 
 def tree_memory(pid: int) -> dict[str, float]:

@@ -90,7 +90,6 @@ PROBES: tuple[tuple[str, str], ...] = (
 # untied: SmolLM2's lm_head then stays on the meta device ("Cannot copy out of meta tensor"). Loads are rare
 # and CPU-bound, so serialising them costs nothing; re-entrant, since a load may export inside it.
 MODEL_LOADS = threading.RLock()
-_GUARD = threading.Lock()
 
 
 class RuntimeMismatch(RuntimeError):
@@ -457,7 +456,7 @@ def get_export(
     folder = export_folder(fingerprint, task, runtime, cache_dir)
     if (folder / "meta.json").is_file():
         return folder
-    with MODEL_LOADS, _GUARD:  # an export traces the model: never while another thread loads one (that order)
+    with MODEL_LOADS:  # one export at a time, and never while another thread loads a model (it traces one)
         if (folder / "meta.json").is_file():
             return folder
         folder.parent.mkdir(parents=True, exist_ok=True)

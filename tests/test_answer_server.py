@@ -224,12 +224,14 @@ class Streamer:
         self.thread.join(30)
 
 
-def wait_until(condition, what: str, timeout: float = 120) -> None:
-    """Poll `condition` until it holds. The deadline only catches a hang (it is no claim about speed)."""
+def wait_until(condition, what: str, timeout: float = 120, state=None) -> None:
+    """Poll `condition` until it holds. The deadline only catches a hang (it is no claim about speed);
+    `state()`, when given, says what was seen instead."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"still waiting for {what} after {timeout} s")
+            seen = f" (seen: {state()})" if state is not None else ""
+            pytest.fail(f"still waiting for {what} after {timeout} s{seen}")
         time.sleep(0.05)
 
 
@@ -331,6 +333,7 @@ def test_a_disconnect_stops_the_remote_generation_too(rag_server, example_index)
             wait_until(
                 lambda: generations_active(front) == 0 and generations_active(rag_server) == 1,
                 "A's and B's slots to free",
+                state=lambda: f"A active {generations_active(front)}, B active {generations_active(rag_server)}",
             )
             assert not holder.finished, "the holder ended on its own first: nothing shown (raise LONG)"
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -255,3 +256,87 @@ def test_a_stream_is_retried_only_before_its_first_token():
             pieces.append(piece)
     assert pieces == ["The answer is"] and len(calls) == 2  # one retry before the first token, none after
     assert "connection reset" in broke.value.detail and "connection reset" not in str(broke.value)
+
+
+class StalledUpstream:
+    """A real HTTP server on loopback that answers one chat completion and then stalls: a stream gets its
+    headers and one SSE event, a non-streamed call gets nothing (its headers would follow the generation).
+    It records when the caller's connection closed: the moment a real upstream would stop generating."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/v1"
+        self.hung_up = threading.Event()
+        self.asked = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        conn.settimeout(60)
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(65536)
+        head, _, body = request.partition(b"\r\n\r\n")
+        length = int(next(h.split(b":")[1] for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += conn.recv(65536)
+        if json.loads(body)["stream"]:
+            event = b'data: {"choices": [{"delta": {"content": "Tides"}}]}\n\n'
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                + f"{len(event):x}\r\n".encode()
+                + event
+                + b"\r\n"
+            )
+        self.asked.set()
+        try:
+            while conn.recv(65536):  # the caller sends nothing more: recv returns b"" once it hangs up
+                pass
+            self.hung_up.set()
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            self.server.close()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "generate"])
+def test_a_cancel_hangs_up_on_a_stalled_upstream(stream):
+    """A cancel set on another thread (the client left) closes the upstream connection at once, whether the
+    call is reading a stream or still waiting for the upstream's headers, and the call ends without a retry.
+    Closing the response alone leaves the read blocked and the connection open: the upstream (another Sift, a
+    vLLM) would generate on for nobody (tests/test_answer_server.py shows it end to end)."""
+    import threading
+
+    from app.generation.base import Cancel, GenerationError
+
+    upstream = StalledUpstream()
+    generator = OpenAICompatibleGenerator(upstream.url, "m", timeout_s=600, deadline_s=600, max_retries=3)
+    cancel, out = Cancel(), []
+
+    def call() -> None:
+        try:
+            if stream:
+                out.append(list(generator.stream(MESSAGES, GenerationOptions(), cancel)))
+            else:
+                out.append(generator.generate(MESSAGES, GenerationOptions(), cancel))
+        except GenerationError as exc:
+            out.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    assert upstream.asked.wait(60)
+    time.sleep(0.5)  # the call is now blocked reading (the stream's second event, or the headers)
+    assert not upstream.hung_up.is_set() and caller.is_alive()
+    cancel.set()
+    # bounds that only catch a hang: without the hang-up, both wait for the 600 s read timeout
+    assert upstream.hung_up.wait(30), "the upstream connection stayed open after the cancel"
+    caller.join(30)
+    assert not caller.is_alive()
+    if stream:
+        assert out == [["Tides"]]  # what came before the cancel, then the end
+    else:
+        assert isinstance(out[0], GenerationError) and "cancelled" in str(out[0])

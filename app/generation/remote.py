@@ -4,11 +4,15 @@ backoff (before the first token only), cancellation and streaming."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 
@@ -28,6 +32,45 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 class RemoteGenerationError(GenerationError):
     """The remote server failed or refused after the allowed retries (or the deadline passed)."""
+
+
+class _Upstream:
+    """One upstream call's connection, so that a cancel (set on another thread) can hang up at once.
+
+    Closing an httpx response from another thread does not end a read blocked on its socket, and the blocked
+    read keeps the connection open: the upstream never sees the client leave and generates on for nobody. So
+    `hang_up` shuts the socket down first (which wakes the read, and sends the upstream its FIN), then closes
+    the response. The socket is taken from httpcore's trace as the connection opens, before any byte of the
+    response, so a call still waiting for the upstream's headers (a non-streamed one) hangs up too."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.response: httpx.Response | None = None
+        self.hung_up = False
+        self._lock = threading.Lock()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event != "connection.connect_tcp.complete":
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        with self._lock:
+            self.sock = sock
+            hung_up = self.hung_up
+        if hung_up:
+            self._shutdown()
+
+    def hang_up(self) -> None:
+        with self._lock:
+            self.hung_up = True
+        self._shutdown()
+        if self.response is not None:
+            self.response.close()
+
+    def _shutdown(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
 
 
 class OpenAICompatibleGenerator:
@@ -58,7 +101,12 @@ class OpenAICompatibleGenerator:
         key = os.environ.get(api_key_env) if api_key_env else None
         if key:
             headers["authorization"] = f"Bearer {key}"
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport)
+        # a fresh connection per call (no keep-alive): its socket is seen as it opens, so a cancel can hang up
+        # even while the call still waits for the upstream's first byte (`_Upstream`)
+        limits = httpx.Limits(max_keepalive_connections=0)
+        self.client = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout_s, transport=transport, limits=limits
+        )
 
     def count_tokens(self, text: str) -> int:
         """Approximate (no remote tokenizer): about four characters per token, rounded up."""
@@ -113,13 +161,22 @@ class OpenAICompatibleGenerator:
         for attempt in range(self.max_retries + 1):
             if cancel is not None and cancel.is_set():
                 raise GenerationError("cancelled: the client went away")
+            upstream = _Upstream()
             try:
                 request = self.client.build_request(
-                    "POST", "/chat/completions", json=body, timeout=self._timeout(deadline)
+                    "POST",
+                    "/chat/completions",
+                    json=body,
+                    timeout=self._timeout(deadline),
+                    extensions={"trace": upstream.trace},
                 )
-                response = self.client.send(request, stream=True)
                 if cancel is not None:
-                    cancel.on_cancel(response.close)
+                    cancel.on_cancel(upstream.hang_up)
+                response = self.client.send(request, stream=True)
+                upstream.response = response
+                if cancel is not None and cancel.is_set():
+                    response.close()
+                    raise GenerationError("cancelled: the client went away")
                 if response.status_code not in RETRY_STATUS:
                     if response.status_code >= 400:
                         response.read()
@@ -132,6 +189,8 @@ class OpenAICompatibleGenerator:
                 response.close()
                 reason = f"HTTP {response.status_code}"
             except httpx.TransportError as exc:
+                if cancel is not None and cancel.is_set():  # hung up by the cancel: no retry
+                    raise GenerationError("cancelled: the client went away") from exc
                 reason = f"{type(exc).__name__}: {exc}"
             if attempt == self.max_retries or time.monotonic() >= deadline:
                 raise self._fail(reason.split(":")[0], f"{reason} after {attempt + 1} attempts")
@@ -146,7 +205,7 @@ class OpenAICompatibleGenerator:
         response = self._open(self._body(messages, options, stream=False), deadline, cancel)
         try:
             response.read()
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.StreamError) as exc:
             if cancel is not None and cancel.is_set():
                 raise GenerationError("cancelled: the client went away") from exc
             raise self._fail(type(exc).__name__, str(exc)) from exc
@@ -193,10 +252,10 @@ class OpenAICompatibleGenerator:
             tail = trimmer.flush()
             if tail:
                 yield tail
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.StreamError) as exc:
             # after the first token a retry would repeat text, so a broken stream is an error
             if cancel is not None and cancel.is_set():
-                return
+                return  # hung up by the cancel
             raise self._fail(type(exc).__name__, f"stream broke: {exc}") from exc
         finally:
             response.close()

@@ -1,7 +1,7 @@
 """The reranked search's query path before and after one-pass query encoding (issue 28): this checkout's server
 against a baseline commit's, in one run, over HTTP at concurrency 1, on the SciFact test claims.
 
-    python bench/query_path.py [--baseline f01cb0f] [--rounds 3] [--claims 300] [--depth 12] [--bundle DIR]
+    python bench/query_path.py [--baseline f01cb0f] [--rounds 10] [--per-round 60] [--claims 300] [--depth 12]
 
 Before, a reranked search encoded its query twice (pooled for dense retrieval, then token by token for
 MaxSim) and made five event-loop → thread hand-offs; after, one forward pass gives both (the token vectors
@@ -11,8 +11,11 @@ Both servers run the shipped configuration (`configs/default.yaml` of each tree)
 off (`SIFT_RUNTIME__QUERY_CACHE_SIZE=0`), so every request pays its query encoding in every round, and the
 second stage at the configured depth (`--depth`, sent with each request, so that each server's start-up
 calibration cannot give the two different depths). Each claim goes to both servers one after the other, the
-order alternating by claim, so that a drift of this machine's speed touches both alike. Rankings (passage ids
-of the top 10, and their scores) are compared claim by claim. A failed or timed-out request aborts the run.
+order alternating by claim, so that a drift of this machine's speed touches both alike. Both servers start
+afresh every round: on this 2-core machine one start of a server is up to ~20 ms faster or slower at p50
+than the next start of the same commit (measured with the baseline against itself), more than the effect
+measured, so the medians are over rounds, i.e. over starts; every claim is compared once rounds × per-round
+reaches --claims. Rankings (passage ids of the top 10, and their scores) are compared claim by claim. A failed or timed-out request aborts the run.
 Then a throughput pass per server (`--concurrency` clients, alternating): before, the second query encode ran
 beside the cross-encoder, off a lone search's critical path, so the CPU it cost shows once the cores are busy.
 
@@ -65,8 +68,9 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", default="f01cb0f", help="the commit before the change (git rev)")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over the claims (medians over rounds)")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds, each with both servers started afresh")
     parser.add_argument("--claims", type=int, default=300, help="SciFact test claims (300: all)")
+    parser.add_argument("--per-round", type=int, default=60, help="claims per round (taken in turn from --claims)")
     parser.add_argument("--depth", type=int, default=12, help="rerank_depth sent with every request")
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--concurrency", type=int, default=4, help="clients of the throughput pass (0: none)")
@@ -77,56 +81,54 @@ def main() -> None:
 
     bundle = args.bundle or default_bundle()
     texts = claims(args.claims)
+    per_round = min(args.per_round, len(texts))
     env = {"SIFT_RUNTIME__QUERY_CACHE_SIZE": "0"}
     body = {"k": 10, "rerank": True, "rerank_depth": args.depth, "return_text": False}
-    with source_tree(args.baseline) as tree:
-        before_proc, before = start_server(bundle, root=tree, env=env)
-        after_proc, after = start_server(bundle, env=env)
-        servers = {"before": before, "after": after}
-        pids = {"before": before_proc.pid, "after": after_proc.pid}
+    rounds: list[dict[str, list[float]]] = []
+    cpu: dict[str, list[float]] = {"before": [], "after": []}  # CPU ms per search, per round
+    stage: dict[str, list[float]] = {"before": [], "after": []}
+    rankings: dict[str, dict[int, list[tuple[str, float]]]] = {"before": {}, "after": {}}  # claim -> top 10
+    rates: dict[str, list[float]] = {"before": [], "after": []}
+    with source_tree(args.baseline) as tree, progress(args.rounds * per_round * 2, "claims x servers x rounds") as bar:
+        for round_no in range(args.rounds):
+            # both servers start afresh each round: one start's speed differs from the next by more than the
+            # effect measured (two servers of the same commit differ by up to ~20 ms at p50 on this machine)
+            before_proc, before = start_server(bundle, root=tree, env=env)
+            after_proc, after = start_server(bundle, env=env)
+            servers = {"before": before, "after": after}
+            pids = {"before": before_proc.pid, "after": after_proc.pid}
+            try:
+                with httpx.Client(timeout=60) as client:
 
-        def cpu_of(name: str) -> float:
-            return cpu_seconds(process_tree(pids[name]))
+                    def ask(base: str, text: str, client: httpx.Client = client) -> dict:
+                        started = time.perf_counter()
+                        r = client.post(f"{base}/v1/search", json={**body, "query": text})
+                        elapsed = (time.perf_counter() - started) * 1000.0
+                        if r.status_code != 200:
+                            raise SystemExit(f"{base}: HTTP {r.status_code} for {text!r}: {r.text[:300]}")
+                        return {"ms": elapsed, **r.json()}
 
-        try:
-            with httpx.Client(timeout=60) as client:
-
-                def ask(base: str, text: str) -> tuple[float, dict]:
-                    started = time.perf_counter()
-                    r = client.post(f"{base}/v1/search", json={**body, "query": text})
-                    elapsed = (time.perf_counter() - started) * 1000.0
-                    if r.status_code != 200:
-                        raise SystemExit(f"{base}: HTTP {r.status_code} for {text!r}: {r.text[:300]}")
-                    return elapsed, r.json()
-
-                for text in texts[:20]:  # warm-up: sessions, first batches
-                    for base in servers.values():
-                        ask(base, text)
-                rounds: list[dict[str, list[float]]] = []
-                cpu: dict[str, list[float]] = {"before": [], "after": []}  # CPU ms per search, per round
-                stage: dict[str, list[float]] = {"before": [], "after": []}
-                rankings: dict[str, list[list[tuple[str, float]]]] = {"before": [], "after": []}
-                with progress(args.rounds * len(texts) * 2, "claims x servers x rounds") as bar:
-                    for round_no in range(args.rounds):
-                        times: dict[str, list[float]] = {"before": [], "after": []}
-                        # each server is idle while the other answers, so its CPU over the round is its searches'
-                        cpu_start = {name: cpu_of(name) for name in pids}
-                        for i, text in enumerate(texts):
-                            order = ["before", "after"] if (i + round_no) % 2 == 0 else ["after", "before"]
-                            for name in order:
-                                ms, data = ask(servers[name], text)
-                                times[name].append(ms)
-                                stage[name].append(float(data["timings_ms"].get("total", 0.0)))
-                                if round_no == 0:
-                                    rankings[name].append([(h["passage_id"], h["score"]) for h in data["hits"]])
-                                bar.update()
-                        rounds.append(times)
-                        for name in pids:
-                            cpu[name].append((cpu_of(name) - cpu_start[name]) * 1000.0 / len(texts))
-                # CPU saved shows as throughput once the cores are busy: each server in turn serves the same
-                # claims from `--concurrency` clients; requests per second, median of the passes
-                rates: dict[str, list[float]] = {"before": [], "after": []}
-                if args.concurrency > 0:
+                    for text in texts[:10]:  # warm-up: sessions, first batches
+                        for base in servers.values():
+                            ask(base, text)
+                    times: dict[str, list[float]] = {"before": [], "after": []}
+                    # each server is idle while the other answers, so its CPU over the round is its searches'
+                    cpu_start = {name: cpu_seconds(process_tree(pid)) for name, pid in pids.items()}
+                    for j in range(per_round):
+                        claim = (round_no * per_round + j) % len(texts)
+                        order = ["before", "after"] if (j + round_no) % 2 == 0 else ["after", "before"]
+                        for name in order:
+                            data = ask(servers[name], texts[claim])
+                            times[name].append(data["ms"])
+                            stage[name].append(float(data["timings_ms"].get("total", 0.0)))
+                            rankings[name].setdefault(claim, [(h["passage_id"], h["score"]) for h in data["hits"]])
+                            bar.update()
+                    rounds.append(times)
+                    for name, pid in pids.items():
+                        cpu[name].append((cpu_seconds(process_tree(pid)) - cpu_start[name]) * 1000.0 / per_round)
+                # CPU saved shows as throughput once the cores are busy: in the last round, each server in turn
+                # serves the same claims from `--concurrency` clients; requests per second, median of the passes
+                if args.concurrency > 0 and round_no == args.rounds - 1:
                     import asyncio
 
                     load = texts[: args.throughput_claims]
@@ -136,16 +138,19 @@ def main() -> None:
                             if errors:
                                 raise SystemExit(f"{servers[name]}: {errors} failed requests in the throughput pass")
                             rates[name].append(rate)
-        finally:
-            for proc in (before_proc, after_proc):
-                proc.terminate()
-                proc.wait(30)
+            finally:
+                for proc in (before_proc, after_proc):
+                    proc.terminate()
+                    proc.wait(30)
 
-    same_ids = sum(
-        [p for p, _ in a] == [p for p, _ in b] for a, b in zip(rankings["before"], rankings["after"], strict=True)
-    )
+    compared = sorted(rankings["before"])
+    same_ids = sum([p for p, _ in rankings["before"][c]] == [p for p, _ in rankings["after"][c]] for c in compared)
     worst = max(
-        (abs(sa - sb) for a, b in zip(rankings["before"], rankings["after"]) for (_, sa), (_, sb) in zip(a, b)),
+        (
+            abs(sa - sb)
+            for c in compared
+            for (_, sa), (_, sb) in zip(rankings["before"][c], rankings["after"][c], strict=True)
+        ),
         default=0.0,
     )
     p50 = {name: statistics.median(statistics.median(r[name]) for r in rounds) for name in ("before", "after")}
@@ -160,8 +165,9 @@ def main() -> None:
     rate = {name: statistics.median(r) if r else float("nan") for name, r in rates.items()}
     lines = [
         f"Default reranked search (hybrid, second stage at depth {args.depth}: cross-encoder + stored-vector MaxSim),"
-        f" concurrency 1 over HTTP, {len(texts)} SciFact test claims × {args.rounds} rounds, query cache off, "
-        f"this checkout against baseline `{args.baseline}` in the same run (claims alternate between the servers).",
+        f" concurrency 1 over HTTP, query cache off, this checkout against baseline `{args.baseline}` in the same run:"
+        f" {args.rounds} rounds of {per_round} SciFact test claims (of {len(texts)}, taken in turn), both servers "
+        "started afresh each round, claims alternating between the servers.",
         "",
         "| server | p50 ms (median of rounds) | p95 ms | server-side total p50 ms | CPU ms per search | query encodes "
         "| hand-offs |",
@@ -175,7 +181,8 @@ def main() -> None:
         + " ms",
         "- CPU ms per search: each server's user + system CPU (process and children, /proc) over a round ÷ the "
         "claims, median of rounds (each server idles while the other answers)",
-        f"- identical top-10 rankings: **{same_ids}/{len(texts)}** claims; largest score difference {worst:.2e}",
+        f"- identical top-10 rankings: **{same_ids}/{len(texts)}** claims ({len(compared)} compared); largest score "
+        f"difference {worst:.2e}",
         "- hand-offs (event loop → thread) per search, counted by `tests/test_query_path.py`: reranked 5 → 2, "
         "first stage only 1 → 1",
     ]

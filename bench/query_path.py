@@ -16,7 +16,7 @@ afresh every round: on this 2-core machine one start of a server is up to ~20 ms
 than the next start of the same commit (measured with the baseline against itself), more than the effect
 measured, so the medians are over rounds, i.e. over starts; every claim is compared once rounds × per-round
 reaches --claims. Rankings (passage ids of the top 10, and their scores) are compared claim by claim. A failed or timed-out request aborts the run.
-Then a throughput pass per server (`--concurrency` clients, alternating): before, the second query encode ran
+Each round ends with a throughput pass per server (`--concurrency` clients, alternating): before, the second query encode ran
 beside the cross-encoder, off a lone search's critical path, so the CPU it cost shows once the cores are busy.
 
 The bundle: --bundle, else the tests' cached SciFact build (.cache/scifact-*), else var/calib-scifact.
@@ -74,8 +74,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=12, help="rerank_depth sent with every request")
     parser.add_argument("--bundle", type=Path, default=None)
     parser.add_argument("--concurrency", type=int, default=4, help="clients of the throughput pass (0: none)")
-    parser.add_argument("--throughput-claims", type=int, default=100, help="claims each throughput pass sends")
-    parser.add_argument("--throughput-reps", type=int, default=3, help="throughput passes per server")
+    parser.add_argument("--throughput-claims", type=int, default=40, help="claims of each round's throughput pass")
     args = parser.parse_args()
     import httpx
 
@@ -126,18 +125,20 @@ def main() -> None:
                     rounds.append(times)
                     for name, pid in pids.items():
                         cpu[name].append((cpu_seconds(process_tree(pid)) - cpu_start[name]) * 1000.0 / per_round)
-                # CPU saved shows as throughput once the cores are busy: in the last round, each server in turn
-                # serves the same claims from `--concurrency` clients; requests per second, median of the passes
-                if args.concurrency > 0 and round_no == args.rounds - 1:
+                # CPU saved shows as throughput once the cores are busy: every round (so over starts, as the
+                # latencies), each server in turn serves the same claims from `--concurrency` clients
+                if args.concurrency > 0:
                     import asyncio
 
-                    load = texts[: args.throughput_claims]
-                    for rep in range(args.throughput_reps):
-                        for name in ["before", "after"] if rep % 2 == 0 else ["after", "before"]:
-                            rate, _, errors = asyncio.run(run_load(servers[name], load, args.concurrency, body))
-                            if errors:
-                                raise SystemExit(f"{servers[name]}: {errors} failed requests in the throughput pass")
-                            rates[name].append(rate)
+                    load = [
+                        texts[(round_no * args.throughput_claims + j) % len(texts)]
+                        for j in range(args.throughput_claims)
+                    ]
+                    for name in ["before", "after"] if round_no % 2 == 0 else ["after", "before"]:
+                        rate, _, errors = asyncio.run(run_load(servers[name], load, args.concurrency, body))
+                        if errors:
+                            raise SystemExit(f"{servers[name]}: {errors} failed requests in the throughput pass")
+                        rates[name].append(rate)
             finally:
                 for proc in (before_proc, after_proc):
                     proc.terminate()
@@ -188,9 +189,10 @@ def main() -> None:
     ]
     if args.concurrency > 0:
         lines.append(
-            f"- throughput at concurrency {args.concurrency} ({args.throughput_claims} claims, median of "
-            f"{args.throughput_reps} passes per server, alternating): before {rate['before']:.2f} req/s, after "
-            f"{rate['after']:.2f} req/s ({rate['after'] / rate['before']:.3f}×)"
+            f"- throughput at concurrency {args.concurrency} ({args.throughput_claims} claims per server per round, "
+            f"median of the {len(rates['after'])} rounds' passes): before {rate['before']:.2f} req/s, after "
+            f"{rate['after']:.2f} req/s ({rate['after'] / rate['before']:.3f}×); per round after/before: "
+            + ", ".join(f"{a / b:.2f}" for a, b in zip(rates["after"], rates["before"], strict=True))
         )
     summary = [
         {

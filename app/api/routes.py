@@ -21,6 +21,8 @@ from app.api.pagination import Cursor, encode_cursor, fingerprint, resume
 from app.api.schemas import (
     BatchSearchRequest,
     BatchSearchResponse,
+    CollectionsResponse,
+    DocumentResponse,
     ErrorResponse,
     SearchParams,
     SearchRequest,
@@ -196,8 +198,13 @@ async def _search_batch(body: BatchSearchRequest, request: Request, collection: 
 
 @router.get(
     "/v1/documents/{doc_id:path}",
+    response_model=None,
     tags=["documents"],
-    responses={**ERRORS, 404: {"description": "unknown document"}},
+    responses={
+        **ERRORS,
+        200: {"model": DocumentResponse, "description": "the document"},
+        404: {"description": "unknown document"},
+    },
     dependencies=SEARCH,
 )
 async def get_document(doc_id: str, request: Request, collection: str | None = None) -> dict[str, Any]:
@@ -213,7 +220,13 @@ async def get_document(doc_id: str, request: Request, collection: str | None = N
     return document
 
 
-@router.get("/v1/collections", tags=["service"], responses=ERRORS, dependencies=SEARCH)
+@router.get(
+    "/v1/collections",
+    response_model=None,
+    tags=["service"],
+    responses={**ERRORS, 200: {"model": CollectionsResponse, "description": "the served collections"}},
+    dependencies=SEARCH,
+)
 async def collections(request: Request) -> dict[str, Any]:
     """The served collections (the first is the default), each with its build and reload state."""
     services: Services = request.app.state.services

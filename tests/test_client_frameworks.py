@@ -6,6 +6,12 @@ where each framework keeps them, async paths, and a 401 surfacing as each framew
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from typing import Any
 
 import httpx
@@ -22,6 +28,9 @@ from sift_client.haystack import SiftRetriever as HaystackRetriever
 from sift_client.haystack import sift_filters
 from sift_client.langchain import SiftRetriever as LangChainRetriever
 from sift_client.llama_index import SiftRetriever as LlamaIndexRetriever
+
+from tests.conftest import ROOT
+from tests.servers import free_port
 
 QUERY = "how do stars form?"
 FILTERED = "kings and empires"
@@ -201,3 +210,69 @@ def test_haystack_filter_translation():
         HaystackRetriever(filters={"field": "content", "operator": "==", "value": "x"})
     with pytest.raises(ValueError, match="OR"):
         sift_filters({"operator": "OR", "conditions": []})
+
+
+# -- examples/rag_langchain.py ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model_server():
+    """A plain OpenAI-compatible model server (tests/openai_server.py: SmolLM2-135M-Instruct on uvicorn)."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="openai-server-", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.openai_server", "--port", str(port), "--cache-dir", str(ROOT / "var" / "models")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the model server did not start: {open(log.name).read()[-3000:]}")
+            time.sleep(0.5)
+        yield f"{base}/v1"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        os.unlink(log.name)
+
+
+def test_rag_langchain_example_answers_with_citations(client_server, chat_model_server):
+    base, key = client_server
+    question = "How do stars form?"
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "rag_langchain.py"),
+            question,
+            "--base-url",
+            chat_model_server,
+            "--model",
+            "smollm2-135m-instruct",
+            "--max-tokens",
+            "64",
+            "--json",
+        ],
+        env={**os.environ, "SIFT_URL": base, "SIFT_API_KEY": key, "OPENAI_API_KEY": "local"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    # the passages are Sift's two-stage hits for the question, in order
+    expected = raw_ids(base, key, query=question, k=4)
+    assert out["retrieved"] == [pid for pid, _ in expected]
+    assert out["answer"], "the model wrote nothing"
+    for citation in out["citations"]:
+        assert citation["passage_id"] == out["retrieved"][citation["n"] - 1]
+        assert citation["end"] > citation["start"]

@@ -65,8 +65,8 @@ def compare(a: Path, b: Path, queries: list[str], encoder) -> dict:  # noqa: ANN
 def rss_during_reload(parent_out: Path, publish, seconds_after: float = 5.0) -> dict:  # noqa: ANN001
     """Start `sift serve` on `parent_out`, search until steady, run `publish()` and sample RSS every 50 ms
     until the server answers from the new build (plus `seconds_after`)."""
-    import httpx
     import psutil
+    from sift_client import SiftClient, SiftError
 
     from tests.servers import sift_server
 
@@ -76,13 +76,11 @@ def rss_during_reload(parent_out: Path, publish, seconds_after: float = 5.0) -> 
         "SIFT_RERANKER__MODEL": "none",
         "SIFT_SERVER__RELOAD_INTERVAL_S": "0.5",
     }
-    with sift_server(env) as (base, process):
+    with sift_server(env) as (base, process), SiftClient(base, timeout=30, max_retries=0) as sift:
         proc = psutil.Process(process.pid)
         queries = ["vitamin D and bone density", "statins reduce mortality", "gene expression in tumours"]
         for i in range(60):
-            r = httpx.post(f"{base}/v1/search", json={"query": queries[i % 3], "k": 10}, timeout=30)
-            r.raise_for_status()
-        first = r.json()["bundle"]
+            first = sift.search(queries[i % 3], k=10).bundle  # a failure raises: no retry hides one
         steady = max(proc.memory_info().rss for _ in range(20) if not time.sleep(0.05))
         samples: list[int] = []
         stop = threading.Event()
@@ -99,9 +97,12 @@ def rss_during_reload(parent_out: Path, publish, seconds_after: float = 5.0) -> 
         started = time.perf_counter()
         errors = 0
         while time.perf_counter() - started < 60:
-            r = httpx.post(f"{base}/v1/search", json={"query": queries[0], "k": 10}, timeout=30)
-            errors += r.status_code != 200
-            if r.status_code == 200 and r.json()["bundle"] == new_id:
+            try:
+                answered_by = sift.search(queries[0], k=10).bundle
+            except SiftError:
+                errors += 1
+                continue
+            if answered_by == new_id:
                 switched_after = time.perf_counter() - started
                 break
         time.sleep(seconds_after)

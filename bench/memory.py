@@ -22,6 +22,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sift_client import SiftClient  # noqa: E402
+
 from bench.common import ROOT, SCIFACT, append_report, start_server  # noqa: E402
 from bench.search_latency import make_cross_encoder  # noqa: E402
 
@@ -70,22 +72,15 @@ def main() -> None:
         process, base = start_server(bundle, ce)  # default config: local generator loads too
         try:
             ready_kb = status_kb(process.pid, "VmRSS")
-            search = httpx.post(f"{base}/v1/search", json={"query": "vitamin D and bone", "rerank": True}, timeout=120)
-            answer = httpx.post(
-                f"{base}/v1/answer",
-                json={
-                    "question": "Does vitamin D affect bone density?",
-                    "rerank": True,
-                    "generation": {"max_new_tokens": 32},
-                },
-                timeout=300,
-            )
             # a failed request must not yield an "after" row: the memory it did not use would look like a win
-            for name, response in (("search", search), ("answer", answer)):
-                if response.status_code != 200:
-                    raise SystemExit(f"{name} failed with {response.status_code}: {response.text[:300]}")
-            if not answer.json().get("answer"):
-                raise SystemExit(f"the answer request generated nothing: {answer.text[:300]}")
+            # (the client raises on any failure; no retries, so none hides one)
+            with SiftClient(base, timeout=300, max_retries=0) as sift:
+                sift.search("vitamin D and bone", rerank=True)
+                answer = sift.answer(
+                    "Does vitamin D affect bone density?", rerank=True, generation={"max_new_tokens": 32}
+                )
+            if not answer.answer:
+                raise SystemExit(f"the answer request generated nothing: {answer.model_dump_json()[:300]}")
             info = httpx.get(f"{base}/v1/info", timeout=10).json()
             after_kb, peak_kb = status_kb(process.pid, "VmRSS"), status_kb(process.pid, "VmHWM")
         finally:

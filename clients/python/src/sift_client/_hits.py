@@ -1,9 +1,14 @@
-"""What every framework integration keeps of a hit: the passage text, and the rest as metadata."""
+"""What every framework integration shares: what it keeps of a hit (the passage text, and the rest as
+metadata), and its async clients."""
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+from collections.abc import Callable
 from typing import Any
 
+from sift_client.client import AsyncSiftClient
 from sift_client.models import SearchHit, SearchResponse
 
 
@@ -28,3 +33,21 @@ def hit_metadata(hit: SearchHit, page: SearchResponse) -> dict[str, Any]:
         "mode": page.mode,
         "metadata": dict(hit.metadata),
     }
+
+
+class AsyncClients:
+    """One `AsyncSiftClient` per running event loop, made on first use in it: an httpx connection pool belongs
+    to the loop that opened it, and frameworks are often driven by several (`asyncio.run` twice, notebooks)."""
+
+    def __init__(self, make: Callable[[], AsyncSiftClient]) -> None:
+        self._make = make
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncSiftClient] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def get(self) -> AsyncSiftClient:
+        loop = asyncio.get_running_loop()
+        client = self._by_loop.get(loop)
+        if client is None:
+            client = self._by_loop[loop] = self._make()
+        return client

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from haystack import Document, component, default_from_dict, default_to_dict
 from haystack.utils import Secret, deserialize_secrets_inplace
 
-from sift_client._hits import hit_metadata, hit_text
+from sift_client._hits import AsyncClients, hit_metadata, hit_text
 from sift_client.client import AsyncSiftClient, SiftClient
 from sift_client.models import SearchOptions, SearchResponse
 
@@ -85,7 +85,7 @@ class SiftRetriever:
         self.timeout = timeout
         self.max_retries = max_retries
         self._client: SiftClient | None = None
-        self._aclient: AsyncSiftClient | None = None
+        self._aclients = AsyncClients(lambda: AsyncSiftClient(self.url, **self._settings()))
 
     def _settings(self) -> dict[str, Any]:
         key = self.api_key.resolve_value() if self.api_key is not None else None
@@ -125,9 +125,7 @@ class SiftRetriever:
     async def run_async(
         self, query: str, filters: dict[str, Any] | None = None, top_k: int | None = None
     ) -> dict[str, Any]:
-        if self._aclient is None:
-            self._aclient = AsyncSiftClient(self.url, **self._settings())
-        return self._documents(await self._aclient.search(query, **self._options(filters, top_k)))
+        return self._documents(await self._aclients.get().search(query, **self._options(filters, top_k)))
 
     def to_dict(self) -> dict[str, Any]:
         return default_to_dict(

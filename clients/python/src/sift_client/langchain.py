@@ -18,7 +18,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
-from sift_client._hits import hit_metadata, hit_text
+from sift_client._hits import AsyncClients, hit_metadata, hit_text
 from sift_client.client import AsyncSiftClient, SiftClient
 from sift_client.models import SearchOptions, SearchResponse
 
@@ -40,7 +40,7 @@ class SiftRetriever(BaseRetriever):
     max_retries: int = 2
 
     _client: SiftClient | None = PrivateAttr(None)
-    _aclient: AsyncSiftClient | None = PrivateAttr(None)
+    _aclients: AsyncClients | None = PrivateAttr(None)
 
     def _options(self, overrides: dict[str, Any]) -> SearchOptions:
         options: dict[str, Any] = {
@@ -66,9 +66,10 @@ class SiftRetriever(BaseRetriever):
 
     @property
     def async_client(self) -> AsyncSiftClient:
-        if self._aclient is None:
-            self._aclient = AsyncSiftClient(self.base_url, **self._settings())
-        return self._aclient
+        """The async client of the running event loop."""
+        if self._aclients is None:
+            self._aclients = AsyncClients(lambda: AsyncSiftClient(self.base_url, **self._settings()))
+        return self._aclients.get()
 
     @staticmethod
     def _documents(page: SearchResponse) -> list[Document]:

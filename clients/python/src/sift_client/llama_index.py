@@ -17,7 +17,7 @@ from llama_index.core.callbacks import CallbackManager
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeRelationship, NodeWithScore, QueryBundle, RelatedNodeInfo, TextNode
 
-from sift_client._hits import hit_metadata, hit_text
+from sift_client._hits import AsyncClients, hit_metadata, hit_text
 from sift_client.client import AsyncSiftClient, SiftClient
 from sift_client.models import SearchOptions, SearchResponse
 
@@ -57,7 +57,7 @@ class SiftRetriever(BaseRetriever):
         self.options: SearchOptions = {key: v for key, v in options.items() if v is not None}  # type: ignore[assignment]
         settings: dict[str, Any] = {"api_key": api_key, "timeout": timeout, "max_retries": max_retries}
         self.client = SiftClient(base_url, **settings)
-        self.async_client = AsyncSiftClient(base_url, **settings)
+        self.async_clients = AsyncClients(lambda: AsyncSiftClient(base_url, **settings))
 
     @staticmethod
     def _nodes(page: SearchResponse) -> list[NodeWithScore]:
@@ -80,4 +80,4 @@ class SiftRetriever(BaseRetriever):
         return self._nodes(self.client.search(query_bundle.query_str, **self.options))
 
     async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
-        return self._nodes(await self.async_client.search(query_bundle.query_str, **self.options))
+        return self._nodes(await self.async_clients.get().search(query_bundle.query_str, **self.options))

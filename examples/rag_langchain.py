@@ -1,6 +1,6 @@
 """Answer a question with citations: Sift retrieves (both stages), any OpenAI-compatible chat model writes.
 
-    pip install "sift-client[langchain]" langchain-openai    # (`make install` has both)
+    pip install "./clients/python[langchain]" langchain-openai   # from the repository root (`make install` has both)
     make run                                                 # Sift on :8000, in another terminal
     OPENAI_API_KEY=sk-... python examples/rag_langchain.py "How do stars form?" --model gpt-4o-mini
     # or a local model server (vLLM, llama.cpp, Ollama):

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Haystack (the client's framework tests) reads this when imported: no telemetry from test runs
+os.environ.setdefault("HAYSTACK_TELEMETRY_ENABLED", "False")
 # ../shared/data (SIFT_SHARED_DATA elsewhere): tests that need it skip without it, except under CI=true
 SHARED_DATA = Path(os.environ.get("SIFT_SHARED_DATA") or ROOT.parent / "shared" / "data")
 SCIFACT = SHARED_DATA / "scifact"
@@ -148,6 +150,8 @@ CLIENT_KEY = "sift-client-test-key-0001"
 RECIPES = [
     {"_id": "r1", "title": "Pancakes", "text": "Whisk flour, milk and eggs; fry the batter in butter until golden."},
     {"_id": "r2", "title": "Lemonade", "text": "Squeeze six lemons, add sugar syrup and cold water, then stir."},
+    # an id a URL would read as structure (path, fragment, query, escape)
+    {"_id": "tips/eggs#1?fresh=100%", "title": "Fresh eggs", "text": "A fresh egg sinks in a bowl of water."},
 ]
 
 

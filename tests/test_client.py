@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, get_type_hints
+from typing import Any
 
 import httpx
 import pytest
@@ -80,8 +80,8 @@ def test_options_filters_and_collections_pass_through(client_server, sift):
     assert [h.passage_id for h in history.hits] == [h["passage_id"] for h in raw["hits"]]
     assert history.mode == "dense" and len(history.hits) == 4
     assert {h.metadata["topic"] for h in history.hits} == {"history"}
-    recipes = sift.search("lemons and sugar", k=2, collection="recipes")
-    assert [h.doc_id for h in recipes.hits] == ["r2", "r1"]
+    recipes = sift.search("lemons and sugar", k=1, collection="recipes")
+    assert [h.doc_id for h in recipes.hits] == ["r2"]
     # a client bound to a collection uses it unless a call names another
     base, key = client_server
     with SiftClient(base, api_key=key, collection="recipes") as bound:
@@ -120,8 +120,16 @@ def test_documents_and_collections(sift):
     assert listing.default == "examples"
     assert [(c.name, c.ready, c.documents) for c in listing.collections] == [
         ("examples", True, 147),
-        ("recipes", True, 2),
+        ("recipes", True, 3),
     ]
+    # ids with `/`, `#`, `?` and `%` reach the server whole
+    odd = sift.document("tips/eggs#1?fresh=100%", collection="recipes")
+    assert odd.id == "tips/eggs#1?fresh=100%" and odd.title == "Fresh eggs"
+    with pytest.raises(NotFoundError) as dots:
+        sift.document("..")
+    assert "'..'" in dots.value.message  # the id arrived as `..`, not resolved away as a path segment
+    with pytest.raises(ValueError, match="empty"):
+        sift.document("")
     with pytest.raises(NotFoundError) as caught:
         sift.document("no-such-doc")
     assert caught.value.status_code == 404 and caught.value.error_type == "not_found"
@@ -154,7 +162,7 @@ def test_async_client_matches_the_sync_one(client_server, sift):
         async with AsyncSiftClient(base, api_key=key) as client:
             page, recipes, batch = await asyncio.gather(
                 client.search(QUERY, k=5),
-                client.search("lemons and sugar", k=2, collection="recipes"),
+                client.search("lemons and sugar", k=1, collection="recipes"),
                 client.search_batch([QUERY, "lemons"], k=2, mode="bm25"),
             )
             pages = [
@@ -169,7 +177,7 @@ def test_async_client_matches_the_sync_one(client_server, sift):
 
     page, recipes, batch, pages, events, doc = asyncio.run(run())
     assert [h.passage_id for h in page.hits] == [h.passage_id for h in sift.search(QUERY, k=5).hits]
-    assert [h.doc_id for h in recipes.hits] == ["r2", "r1"]
+    assert [h.doc_id for h in recipes.hits] == ["r2"]
     assert [len(r.hits) for r in batch.results] == [2, 2]
     assert pages[-1].next_cursor is None and len(pages) >= 2
     assert events[-1].event == "done" and events[-1].answer.answered
@@ -236,6 +244,35 @@ def test_retry_policy():
         SiftClient("localhost:8000")
 
 
+def test_stream_failures_after_the_status_line_are_stream_errors():
+    """After the first event nothing is sent again: an `error` event, a malformed event and a stream that ends
+    before `done` each raise `SiftStreamError` carrying the request id; unknown events are skipped."""
+    from sift_client import SiftStreamError
+    from sift_client.client import _AnswerStream
+
+    def events(lines: list[str]) -> list[Any]:
+        stream = _AnswerStream("req-1")
+        out = [e for line in lines if (e := stream.feed(line)) is not None]
+        last = stream.finish()
+        return out + ([last] if last is not None else [])
+
+    passages = 'data: {"passages": [], "answered": false, "missing_shards": []}'
+    done = {"question": "q", "answer": "a", "answered": True, "citations": [], "passages": [], "model": "m"}
+    done |= {"mode": "extractive", "timings_ms": {}, "bundle": "b", "collection": "c", "missing_shards": []}
+    ok = ["\ufeffevent: passages", passages, "", ": a comment", "event: future", "data: {}", ""]
+    ok += ["event: token", 'data: {"text": "a"}', "", "event: done", f"data: {json.dumps(done)}"]  # no blank line
+    assert [e.event for e in events(ok)] == ["passages", "token", "done"]
+    failing = {
+        "server failed": ["event: passages", passages, "", "event: error", 'data: {"message": "boom"}', ""],
+        "malformed": ["event: token", "data: {not json", ""],
+        "ended before its done": ["event: passages", passages, ""],
+    }
+    for expected, lines in failing.items():
+        with pytest.raises(SiftStreamError, match=expected) as caught:
+            events(lines)
+        assert caught.value.request_id == "req-1"
+
+
 @pytest.fixture(scope="module")
 def rate_limited_server(example_index):
     """A server allowing each client one request every 2 s (burst 1): the second request at once is a 429
@@ -266,6 +303,26 @@ def test_a_429_waits_retry_after_then_succeeds(rate_limited_server):
         started = time.monotonic()
         page = client.search(QUERY, k=1, mode="bm25", rerank=False)
         waited = time.monotonic() - started
+    assert page.hits and len(sent) == 3, sent  # one 429, then the retry after Retry-After
+    assert waited >= 1.9, f"retried after {waited:.2f} s, before the Retry-After of 2 s"
+
+
+def test_the_async_client_waits_retry_after_too(rate_limited_server):
+    sent: list[str] = []
+
+    async def record(request: httpx.Request) -> None:
+        sent.append(request.url.path)
+
+    async def run() -> tuple[Any, float]:
+        async with httpx.AsyncClient(event_hooks={"request": [record]}) as http:
+            client = AsyncSiftClient(rate_limited_server, max_retries=2, http_client=http)
+            await asyncio.sleep(2.1)  # a full bucket
+            await client.search(QUERY, k=1, mode="bm25", rerank=False)
+            started = time.monotonic()
+            page = await client.search(QUERY, k=1, mode="bm25", rerank=False)
+            return page, time.monotonic() - started
+
+    page, waited = asyncio.run(run())
     assert page.hits and len(sent) == 3, sent  # one 429, then the retry after Retry-After
     assert waited >= 1.9, f"retried after {waited:.2f} s, before the Retry-After of 2 s"
 
@@ -372,9 +429,6 @@ def test_models_match_the_served_openapi_document(client_server):
         for field, schema in options["properties"].items():
             assert _shape(schema, True) == _shape(served["properties"][field], True), f"{name}.{field}"
     _compare(components["GenerationOptions"], generation, "GenerationOptions", request=True)
-    # the client's methods take exactly those
-    signature = get_type_hints(SiftClient.search)
-    assert {"query", "offset", "cursor"} <= set(signature)
 
 
 # -- the install: light, no torch ----------------------------------------------------------------------------

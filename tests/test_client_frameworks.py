@@ -146,11 +146,6 @@ def test_llama_index_401_raises(client_server):
 # -- Haystack ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _no_telemetry(monkeypatch):
-    monkeypatch.setenv("HAYSTACK_TELEMETRY_ENABLED", "False")
-
-
 def test_haystack_component_in_a_pipeline(client_server, expected):
     base, key = client_server
     pipeline = Pipeline()
@@ -160,9 +155,12 @@ def test_haystack_component_in_a_pipeline(client_server, expected):
     _same([(d.id, d.score) for d in docs], expected["default"])
     assert docs[0].content.startswith("Stars form") and docs[0].meta["doc_id"] == "astro-001"
     assert docs[0].meta["explain"]["rerank"]["rank"] == 1 and docs[0].meta["end"] > docs[0].meta["start"]
+    # the document's metadata is flat in `meta`, where Haystack's filters address it (`meta.topic`)
+    assert docs[0].meta["topic"] == "astronomy" and "metadata" not in docs[0].meta
     # run(query, filters, top_k): Sift's filter form and Haystack's give the same hits
     component = HaystackRetriever(url=base, api_key=Secret.from_token(key), mode="dense")
     sift_form = component.run(FILTERED, filters={"topic": "history"}, top_k=4)["documents"]
+    assert {d.meta["topic"] for d in sift_form} == {"history"}
     haystack_form = component.run(
         FILTERED, filters={"field": "meta.topic", "operator": "==", "value": "history"}, top_k=4
     )["documents"]
@@ -285,10 +283,14 @@ def test_rag_langchain_example_answers_with_citations(client_server, chat_model_
 
 
 def readme_client_examples() -> list[str]:
-    """The Python blocks of the README's "Python client and RAG frameworks" section, as written."""
+    """The Python blocks of the README's "Python client and RAG frameworks" section, then the client package's
+    README's, as written."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Python client and RAG frameworks", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    package = (ROOT / "clients" / "python" / "README.md").read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S) + re.findall(
+        r"```python\n(.*?)```", package, flags=re.S
+    )
 
 
 def test_readme_client_examples_run(client_server):
@@ -296,7 +298,7 @@ def test_readme_client_examples_run(client_server):
     changed; the key comes from SIFT_API_KEY, as the README says), prints the hits it promises."""
     base, key = client_server
     blocks = readme_client_examples()
-    assert len(blocks) == 4, "the README shows the client, LangChain, LlamaIndex and Haystack"
+    assert len(blocks) == 5, "the README shows the client, LangChain, LlamaIndex and Haystack; the package's the client"
     env = {**os.environ, "SIFT_API_KEY": key, "HAYSTACK_TELEMETRY_ENABLED": "False"}
     printed = []
     for block in blocks:
@@ -315,3 +317,5 @@ def test_readme_client_examples_run(client_server):
         printed.append(run.stdout)
     # the plain client's example also pages (offsets 0, 5, ...) and answers
     assert "\n0 [" in printed[0] and "1889" in printed[0], printed[0]
+    # the package's example answers (citing the Eiffel Tower's document) and streams to its done event
+    assert "hist-013" in printed[4] and printed[4].splitlines()[-1] == "done", printed[4]

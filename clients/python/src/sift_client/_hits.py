@@ -4,7 +4,7 @@ metadata), and its async clients."""
 from __future__ import annotations
 
 import asyncio
-import weakref
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -37,17 +37,21 @@ def hit_metadata(hit: SearchHit, page: SearchResponse) -> dict[str, Any]:
 
 class AsyncClients:
     """One `AsyncSiftClient` per running event loop, made on first use in it: an httpx connection pool belongs
-    to the loop that opened it, and frameworks are often driven by several (`asyncio.run` twice, notebooks)."""
+    to the loop that opened it, and frameworks are often driven by several (`asyncio.run` twice, notebooks).
+    The clients of loops that have closed are dropped on the next call (their connections died with the
+    loop), so a process that runs many loops does not keep them."""
 
     def __init__(self, make: Callable[[], AsyncSiftClient]) -> None:
         self._make = make
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncSiftClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._by_loop: dict[asyncio.AbstractEventLoop, AsyncSiftClient] = {}
+        self._lock = threading.Lock()
 
     def get(self) -> AsyncSiftClient:
         loop = asyncio.get_running_loop()
-        client = self._by_loop.get(loop)
-        if client is None:
-            client = self._by_loop[loop] = self._make()
-        return client
+        with self._lock:
+            for old in [other for other in self._by_loop if other.is_closed()]:
+                del self._by_loop[old]
+            client = self._by_loop.get(loop)
+            if client is None:
+                client = self._by_loop[loop] = self._make()
+            return client

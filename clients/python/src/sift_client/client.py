@@ -127,6 +127,15 @@ class _Config:
         return {} if name is None else {"collection": name}
 
 
+def _document_path(doc_id: str) -> str:
+    """`/v1/documents/<id>` with every character of the id that a URL would read as structure escaped: `/`,
+    `#`, `?`, `%`, and an id of dots only (`.` and `..` would be resolved away as path segments)."""
+    if not doc_id:
+        raise ValueError("doc_id must not be empty")
+    escaped = quote(doc_id, safe="")
+    return "/v1/documents/" + (escaped.replace(".", "%2E") if set(doc_id) == {"."} else escaped)
+
+
 def _parse(model: type[M], response: httpx.Response) -> M:
     return model.model_validate_json(response.content)
 
@@ -147,6 +156,7 @@ class _SSE:
         self.data: list[str] = []
 
     def feed(self, line: str) -> tuple[str, str] | None:
+        line = line.lstrip("\ufeff")
         if not line:
             if not self.data:
                 self.event = "message"
@@ -159,23 +169,55 @@ class _SSE:
         name, _, value = line.partition(":")
         value = value[1:] if value.startswith(" ") else value
         if name == "event":
-            self.event = value
+            self.event = value or "message"
         elif name == "data":
             self.data.append(value)
         return None
 
 
-def _answer_event(event: str, data: str) -> AnswerEvent | None:
-    payload = json.loads(data)
-    if event == "passages":
-        return PassagesEvent.model_validate(payload)
-    if event == "token":
-        return TokenEvent.model_validate(payload)
-    if event == "done":
-        return DoneEvent(answer=AnswerResponse.model_validate(payload))
+def _answer_event(event: str, data: str, request_id: str | None = None) -> AnswerEvent | None:
+    try:
+        payload = json.loads(data)
+        if event == "passages":
+            return PassagesEvent.model_validate(payload)
+        if event == "token":
+            return TokenEvent.model_validate(payload)
+        if event == "done":
+            return DoneEvent(answer=AnswerResponse.model_validate(payload))
+    except ValueError as exc:  # malformed JSON, or a payload of another shape (pydantic's error is a ValueError)
+        raise SiftStreamError(f"a malformed {event!r} event in the answer stream: {exc}", request_id) from exc
     if event == "error":
-        raise SiftStreamError(str(payload.get("message", payload)))
+        message = payload.get("message", payload) if isinstance(payload, dict) else payload
+        raise SiftStreamError(f"the server failed during the answer: {message}", request_id)
     return None  # an event this client does not know yet: skipped
+
+
+class _AnswerStream:
+    """The events of one streamed answer, from its lines. Raises `SiftStreamError` (with the request id) for
+    an `error` event, a malformed event, a broken connection or a stream that ends before its `done` event."""
+
+    def __init__(self, request_id: str | None) -> None:
+        self.request_id = request_id
+        self.sse = _SSE()
+        self.done = False
+
+    def feed(self, line: str) -> AnswerEvent | None:
+        block = self.sse.feed(line)
+        if block is None:
+            return None
+        event = _answer_event(*block, self.request_id)
+        self.done = self.done or isinstance(event, DoneEvent)
+        return event
+
+    def finish(self) -> AnswerEvent | None:
+        """The last event if the stream ended without its blank line; raises if no `done` event came."""
+        event = self.feed("")
+        if not self.done:
+            raise SiftStreamError("the answer stream ended before its done event", self.request_id)
+        return event
+
+    def broken(self, exc: Exception) -> SiftStreamError:
+        return SiftStreamError(f"the answer stream broke off ({type(exc).__name__}: {exc})", self.request_id)
 
 
 def _answer_body(
@@ -192,7 +234,8 @@ class SiftClient:
     """A blocking client of one Sift server; thread-safe, reuses connections. Close it (or use `with`).
 
     `base_url` defaults to $SIFT_URL, else http://127.0.0.1:8000; `api_key` to $SIFT_API_KEY. `collection`
-    is the collection every call uses unless it names another. `timeout` is seconds per attempt."""
+    is the collection every call uses unless it names another. `timeout` (seconds) bounds each connect,
+    read and write of an attempt (httpx's timeout), not the whole call with its retries."""
 
     def __init__(
         self,
@@ -277,7 +320,7 @@ class SiftClient:
 
     def document(self, doc_id: str, *, collection: str | None = None) -> DocumentResponse:
         """A document with all its passages (`GET /v1/documents/{id}`); `NotFoundError` when unknown."""
-        path = "/v1/documents/" + quote(doc_id, safe="")
+        path = _document_path(doc_id)
         return _parse(DocumentResponse, self._send("GET", path, params=self._config.query(collection)))
 
     def collections(self) -> CollectionsResponse:
@@ -308,27 +351,30 @@ class SiftClient:
         answer. A failure after the stream began raises `SiftStreamError`. Retries apply before the stream."""
         body = self._config.body(_answer_body(question, passages, generation, True, options))
         url = self._config.base_url + "/v1/answer"
-        attempt, started = 0, False
+        headers = {**self._config.headers, "accept": "text/event-stream"}
+        attempt = 0
         while True:
+            stream: _AnswerStream | None = None
             try:
                 with self._http.stream(
-                    "POST", url, json=body, headers=self._config.headers, timeout=self._config.timeout
+                    "POST", url, json=body, headers=headers, timeout=self._config.timeout
                 ) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        delay = self._config.retry_delay(attempt, response)
-                        if delay is None:
-                            raise error_from_response(response)
-                    else:
-                        started = True
-                        parser = _SSE()
+                    if response.status_code < 400:
+                        stream = _AnswerStream(response.headers.get("x-request-id"))
                         for line in response.iter_lines():
-                            done = parser.feed(line)
-                            if done is not None and (event := _answer_event(*done)) is not None:
+                            if (event := stream.feed(line)) is not None:
                                 yield event
+                        if (event := stream.finish()) is not None:
+                            yield event
                         return
+                    response.read()
+                    delay = self._config.retry_delay(attempt, response)
+                    if delay is None:
+                        raise error_from_response(response)
             except httpx.TransportError as exc:
-                delay = None if started else self._config.retry_delay(attempt, None)
+                if stream is not None:  # events may have gone out: never sent again
+                    raise stream.broken(exc) from exc
+                delay = self._config.retry_delay(attempt, None)
                 if delay is None:
                     raise _transport_error(exc, url) from exc
             time.sleep(delay)
@@ -417,7 +463,7 @@ class AsyncSiftClient:
         return _parse(BatchSearchResponse, await self._send("POST", "/v1/search/batch", json_body=body))
 
     async def document(self, doc_id: str, *, collection: str | None = None) -> DocumentResponse:
-        path = "/v1/documents/" + quote(doc_id, safe="")
+        path = _document_path(doc_id)
         return _parse(DocumentResponse, await self._send("GET", path, params=self._config.query(collection)))
 
     async def collections(self) -> CollectionsResponse:
@@ -444,27 +490,30 @@ class AsyncSiftClient:
     ) -> AsyncIterator[AnswerEvent]:
         body = self._config.body(_answer_body(question, passages, generation, True, options))
         url = self._config.base_url + "/v1/answer"
-        attempt, started = 0, False
+        headers = {**self._config.headers, "accept": "text/event-stream"}
+        attempt = 0
         while True:
+            stream: _AnswerStream | None = None
             try:
                 async with self._http.stream(
-                    "POST", url, json=body, headers=self._config.headers, timeout=self._config.timeout
+                    "POST", url, json=body, headers=headers, timeout=self._config.timeout
                 ) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        delay = self._config.retry_delay(attempt, response)
-                        if delay is None:
-                            raise error_from_response(response)
-                    else:
-                        started = True
-                        parser = _SSE()
+                    if response.status_code < 400:
+                        stream = _AnswerStream(response.headers.get("x-request-id"))
                         async for line in response.aiter_lines():
-                            done = parser.feed(line)
-                            if done is not None and (event := _answer_event(*done)) is not None:
+                            if (event := stream.feed(line)) is not None:
                                 yield event
+                        if (event := stream.finish()) is not None:
+                            yield event
                         return
+                    await response.aread()
+                    delay = self._config.retry_delay(attempt, response)
+                    if delay is None:
+                        raise error_from_response(response)
             except httpx.TransportError as exc:
-                delay = None if started else self._config.retry_delay(attempt, None)
+                if stream is not None:  # events may have gone out: never sent again
+                    raise stream.broken(exc) from exc
+                delay = self._config.retry_delay(attempt, None)
                 if delay is None:
                     raise _transport_error(exc, url) from exc
             await asyncio.sleep(delay)

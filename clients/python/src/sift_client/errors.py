@@ -25,7 +25,13 @@ class SiftTimeoutError(SiftConnectionError):
 
 
 class SiftStreamError(SiftError):
-    """The server reported a failure inside a streamed answer (an `error` event), after the status line."""
+    """A streamed answer failed after its status line: the server sent an `error` event, an event this client
+    cannot read, or the stream broke off or ended before its `done` event. `request_id` finds it in the log."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message + (f" (request {request_id})" if request_id else ""))
+        self.message = message
+        self.request_id = request_id
 
 
 class APIStatusError(SiftError):

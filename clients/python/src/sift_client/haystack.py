@@ -1,4 +1,4 @@
-"""A Haystack 2.x retriever component over Sift's `/v1/search` (install `sift-client[haystack]`).
+"""A Haystack retriever component over Sift's `/v1/search` (`pip install "./clients/python[haystack]"`).
 
     from haystack import Pipeline
     pipeline = Pipeline()
@@ -6,9 +6,10 @@
     pipeline.run({"retriever": {"query": "how do stars form?", "filters": {"topic": "astronomy"}}})
 
 `run(query, filters, top_k)` returns `{"documents": [Document, ...]}`: the passage id as `id`, the text as
-`content`, Sift's score as `score`, and in `meta` the doc id, character offsets, explain per stage, the build
-id and the document's metadata. `filters` take Sift's form (`{"topic": "astronomy"}`, a list for any-of)
-or Haystack's (`{"field": "meta.topic", "operator": "==", "value": ...}`, `in`, and `AND` of those).
+`content`, Sift's score as `score`, and in `meta` the document's metadata (flat, so `meta.topic` filters and
+reads the same key) with Sift's doc id, passage id, title, character offsets, explain per stage and build id.
+`filters` take Sift's form (`{"topic": "astronomy"}`, a list for any-of) or Haystack's
+(`{"field": "meta.topic", "operator": "==", "value": ...}`, `in`, and `AND` of those).
 The API key is a Haystack `Secret` (default: the env var SIFT_API_KEY, when set), never serialized in clear.
 Haystack 3 loads serialized pipelines only from trusted modules: `Pipeline.loads(text,
 allowed_modules=["sift_client.haystack"])`.
@@ -109,8 +110,12 @@ class SiftRetriever:
     def _documents(page: SearchResponse) -> dict[str, list[Document]]:
         documents = []
         for hit in page.hits:
-            meta = hit_metadata(hit, page)
-            meta.pop("score")
+            # flat, as Haystack's filters address it (`meta.topic`): the document's metadata, then Sift's keys
+            # (which win a clash: a document's own `title` or `score` cannot hide Sift's)
+            sift = hit_metadata(hit, page)
+            own = sift.pop("metadata")
+            sift.pop("score")
+            meta = {**own, **sift}
             documents.append(Document(id=hit.passage_id, content=hit_text(hit), meta=meta, score=hit.score))
         return {"documents": documents}
 

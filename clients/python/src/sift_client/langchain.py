@@ -1,4 +1,4 @@
-"""A LangChain retriever over Sift's `/v1/search` (install `sift-client[langchain]`).
+"""A LangChain retriever over Sift's `/v1/search` (`pip install "./clients/python[langchain]"`).
 
     retriever = SiftRetriever(base_url="http://127.0.0.1:8000", k=5, mode="hybrid")
     docs = retriever.invoke("how do stars form?")                  # or await retriever.ainvoke(...)
@@ -39,8 +39,14 @@ class SiftRetriever(BaseRetriever):
     timeout: float = 60.0
     max_retries: int = 2
 
-    _client: SiftClient | None = PrivateAttr(None)
-    _aclients: AsyncClients | None = PrivateAttr(None)
+    _client: SiftClient = PrivateAttr()
+    _aclients: AsyncClients = PrivateAttr()
+
+    def model_post_init(self, context: Any) -> None:
+        key = self.api_key.get_secret_value() if self.api_key is not None else None
+        settings: dict[str, Any] = {"api_key": key, "timeout": self.timeout, "max_retries": self.max_retries}
+        self._client = SiftClient(self.base_url, **settings)
+        self._aclients = AsyncClients(lambda: AsyncSiftClient(self.base_url, **settings))
 
     def _options(self, overrides: dict[str, Any]) -> SearchOptions:
         options: dict[str, Any] = {
@@ -54,21 +60,13 @@ class SiftRetriever(BaseRetriever):
         options.update(overrides)
         return {key: value for key, value in options.items() if value is not None}  # type: ignore[return-value]
 
-    def _settings(self) -> dict[str, Any]:
-        key = self.api_key.get_secret_value() if self.api_key is not None else None
-        return {"api_key": key, "timeout": self.timeout, "max_retries": self.max_retries}
-
     @property
     def client(self) -> SiftClient:
-        if self._client is None:
-            self._client = SiftClient(self.base_url, **self._settings())
         return self._client
 
     @property
     def async_client(self) -> AsyncSiftClient:
         """The async client of the running event loop."""
-        if self._aclients is None:
-            self._aclients = AsyncClients(lambda: AsyncSiftClient(self.base_url, **self._settings()))
         return self._aclients.get()
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""A LlamaIndex retriever over Sift's `/v1/search` (install `sift-client[llamaindex]`).
+"""A LlamaIndex retriever over Sift's `/v1/search` (`pip install "./clients/python[llamaindex]"`).
 
     retriever = SiftRetriever(base_url="http://127.0.0.1:8000", k=5, filters={"topic": "astronomy"})
     nodes = retriever.retrieve("how do stars form?")         # or await retriever.aretrieve(...)

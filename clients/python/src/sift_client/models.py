@@ -1,8 +1,10 @@
 """Typed results of Sift's API, and the search options a request may carry.
 
 These mirror the served OpenAPI document (`/openapi.json`, components `SearchHit`, `SearchResponse`, ...):
-a test in Sift's suite compares each model's fields and JSON types with the served components, so the two
-cannot drift. Unknown fields the server may add later are kept (`extra="allow"`), never an error.
+a test in Sift's suite compares each response model's fields and JSON types, and the request options, with the
+served components, so the two cannot drift unnoticed. The stream events are made of those models (the OpenAPI
+document describes a Server-Sent Event only as text). Unknown fields the server may add later are kept
+(`extra="allow"`), never an error.
 """
 
 from __future__ import annotations

@@ -191,6 +191,12 @@ class Answerer:
             return (self.span_sentence(run) if self.settings.extractive_text == "sentence" else run.span.text), None
         return None, self.span_messages(prepared, run)
 
+    def generation_messages(self, prepared: PreparedAnswer) -> list[Message] | None:
+        """The messages this answerer's generator would answer `prepared` from (the reader runs first in
+        extract-then-generate), or None when the answer is decided without generating (extractive mode, no
+        answerable passage, a declined span). Blocking. For scoring a reply, e.g. the gold answer's perplexity."""
+        return self._plan(prepared, _Run())[1]
+
     def pieces(
         self, prepared: PreparedAnswer, options: GenerationOptions, run: _Run, cancel: Cancel | None = None
     ) -> Iterator[str]:

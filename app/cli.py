@@ -263,7 +263,8 @@ def eval_qa(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config"),
     out: Path | None = typer.Option(None, "--out", "-o", help="where to write results.json and predictions"),
 ) -> None:
-    """Exact match / F1 (official SQuAD normalisation), ROUGE-L, BLEU and latency p50/p95 per answer, for every
+    """Exact match / F1 (official SQuAD normalisation), ROUGE-L, BLEU, the gold answer's perplexity under the
+    generator given the mode's prompt, and latency p50/p95 per answer, for every
     answer mode side by side, on a fixed sample of SQuAD v1.1 dev articles 24–47: with the gold paragraph, and
     end to end (hybrid retrieval over the articles' paragraphs). Also retrieval-only QA (gold paragraph in
     the top k)."""
@@ -273,6 +274,7 @@ def eval_qa(
         MODES,
         SPLITS,
         answer_questions,
+        gold_perplexity,
         latency_summary,
         load_squad,
         qa_answerer,
@@ -329,18 +331,28 @@ def eval_qa(
                 continue
             preds, latencies = answer_questions(answerer, questions, options, setting == "gold_context", k)
             predictions[f"{mode}/{setting}"] = preds
-            results[f"{mode}/{setting}"] = {**qa_scores(preds, questions), **latency_summary(latencies)}
+            results[f"{mode}/{setting}"] = {
+                **qa_scores(preds, questions),
+                **gold_perplexity(answerer, questions, setting == "gold_context", k),
+                **latency_summary(latencies),
+            }
     typer.echo(
-        "| mode | setting | EM | F1 | ROUGE-L | BLEU | p50 ms | p95 ms |\n|---|---|---:|---:|---:|---:|---:|---:|"
+        "| mode | setting | EM | F1 | ROUGE-L | BLEU | gold PPL | p50 ms | p95 ms |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|"
     )
     for name, r in results.items():
         if name == "retrieval":
             continue
         mode, setting = name.split("/")
+        ppl = "n/a" if r["gold_ppl"] is None else f"{r['gold_ppl']:.1f}"
         typer.echo(
             f"| {mode} | {setting} | {r['exact_match']:.1f} | {r['f1']:.1f} | {r['rouge_l']:.1f} | {r['bleu']:.1f} "
-            f"| {r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} |"
+            f"| {ppl} | {r['latency_ms_p50']:.0f} | {r['latency_ms_p95']:.0f} |"
         )
+    typer.echo(
+        "gold PPL: perplexity of the gold answer as the generator's reply to the mode's own prompt (lower: the "
+        "prompt leads the model to the answer); n/a without a local generator to score it (extractive mode)"
+    )
     for name, value in results.get("retrieval", {}).items():
         typer.echo(f"retrieval-only QA: {name} = {value:.1f}%")
     out = out or Path("var") / "eval" / ("squad-qa" if split == "test" else f"squad-qa-{split}")

@@ -220,6 +220,41 @@ def answer_questions(
     return preds, latencies
 
 
+def gold_perplexity(
+    answerer: Answerer, questions: Sequence[SquadQuestion], gold: bool, k: int = 5, progress: bool = True
+) -> dict[str, float | int | None]:
+    """Perplexity of each question's gold answer (SQuAD's first) as the generator's reply to the very prompt
+    the answerer would generate from: exp(total negative log-likelihood / total answer tokens) over the
+    questions that reach the generator. None where nothing is scored: the extractive mode (no language
+    model), a generator that cannot score a given reply (a remote one), or no question reaching it.
+    `gold_ppl_questions` counts the scored questions (a declined span or no answerable passage skips one)."""
+    import asyncio
+    import math
+
+    from tqdm import tqdm
+
+    from app.generation.base import TextScorer
+
+    scorer = answerer.generator
+    if answerer.mode == "extractive" or not isinstance(scorer, TextScorer):
+        return {"gold_ppl": None, "gold_ppl_questions": 0}
+    search = answerer.pipeline.options(k=k, mode="hybrid", collapse=True)
+    nll, tokens, scored = 0.0, 0, 0
+    label = f"{answerer.mode} {'gold-context' if gold else 'end-to-end'} perplexity"
+    for q in tqdm(questions, desc=label, disable=not progress):
+        if gold:
+            passage = {"doc_id": q.paragraph_id, "passage_id": q.paragraph_id, "title": "", "text": q.context}
+            prepared = answerer.given(q.question, [passage], render=False)
+        else:
+            prepared = asyncio.run(answerer.prepare(q.question, search))
+        messages = answerer.generation_messages(prepared)
+        if messages is None:
+            continue
+        total, count = scorer.continuation_nll(messages, q.answers[0])
+        nll, tokens, scored = nll + total, tokens + count, scored + 1
+    return {"gold_ppl": math.exp(nll / tokens) if tokens else None, "gold_ppl_questions": scored}
+
+
 def latency_summary(latencies: Sequence[float]) -> dict[str, float]:
     import numpy as np
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -124,6 +124,15 @@ class Generator(Protocol):
     def stream(
         self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None
     ) -> Iterator[str]: ...
+
+
+@runtime_checkable
+class TextScorer(Protocol):
+    """A generator that can also score a given reply (local models; an OpenAI-compatible server cannot)."""
+
+    def continuation_nll(self, messages: list[Message], text: str) -> tuple[float, int]:
+        """(summed negative log-likelihood in nats, token count) of `text` as the reply to `messages`."""
+        ...
 
 
 class StopTrimmer:

@@ -139,6 +139,31 @@ class LocalGenerator:
             ids = self.tokenizer(prompt, return_tensors="pt")
         return {k: v.to(self.device) for k, v in ids.items()}
 
+    def continuation_nll(self, messages: list[Message], text: str) -> tuple[float, int]:
+        """(summed negative log-likelihood in nats, token count) of `text` as this model's reply to `messages`:
+        the prompt exactly as `generate` builds it, then `text`'s tokens, each scored given all before it.
+        `exp(nll / tokens)` is the perplexity of `text` (see `app.eval.qa.gold_perplexity`)."""
+        import torch
+
+        target = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
+        count = int(target.shape[1])
+        if count == 0:
+            return 0.0, 0
+        inputs = self._inputs(messages)
+        self._acquire(None)
+        try:
+            with torch.inference_mode():
+                if self.model.config.is_encoder_decoder:
+                    out = self.model(**inputs, labels=target)
+                    return float(out.loss) * count, count
+                ids = torch.cat([inputs["input_ids"], target], dim=1)
+                labels = ids.clone()
+                labels[:, : inputs["input_ids"].shape[1]] = -100  # only the reply's tokens are scored
+                out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+                return float(out.loss) * count, count  # the loss is the mean over the scored tokens
+        finally:
+            self._lock.release()
+
     def _kwargs(
         self,
         options: GenerationOptions,

@@ -191,6 +191,13 @@ class Answerer:
             return (self.span_sentence(run) if self.settings.extractive_text == "sentence" else run.span.text), None
         return None, self.span_messages(prepared, run)
 
+    def grounding_context(self, prepared: PreparedAnswer, run: _Run) -> list[str]:
+        """The texts a generated answer should keep to (grounded decoding): the span's sentence in
+        extract-then-generate, else the passages in the prompt."""
+        if run.span_passage is not None:
+            return [self.span_sentence(run)]
+        return [p["text"] for p in prepared.passages]
+
     def generation_messages(self, prepared: PreparedAnswer) -> list[Message] | None:
         """The messages this answerer's generator would answer `prepared` from (the reader runs first in
         extract-then-generate), or None when the answer is decided without generating (extractive mode, no
@@ -205,7 +212,7 @@ class Answerer:
         if messages is None:
             yield text or ""  # `_plan` decided the text (it gives messages or text, never neither)
         else:
-            yield from self._generator().stream(messages, options, cancel)
+            yield from self._generator().stream(messages, options, cancel, self.grounding_context(prepared, run))
 
     def finish(
         self, prepared: PreparedAnswer, text: str, run: _Run, generation: Generation | None = None
@@ -282,7 +289,8 @@ class Answerer:
         if messages is None:
             return self.finish(prepared, text or "", run)  # `_plan` decided the text
         with self.pipeline.tracer.span("sift.generate", **self._trace_attrs(options)) as span:
-            result = await self.pool.run(self._generator().generate, messages, options, cancel)
+            context = self.grounding_context(prepared, run)
+            result = await self.pool.run(self._generator().generate, messages, options, cancel, context)
             if span is not None:
                 span.set_attribute("sift.completion_tokens", result.completion_tokens)
         return self.finish(prepared, result.text, run, result)

@@ -142,6 +142,35 @@ class RerankerSettings(BaseModel):
         return str(project_path(value)) if value else value
 
 
+class GroundingSettings(BaseModel):
+    """Decoding-time control of the local generator: logits processors that keep a generated answer to the
+    passages it was given (an OpenAI-compatible server decodes remotely, so these do not apply to it)."""
+
+    passage_bias: float = Field(
+        0.0, ge=0.0, le=20.0, description="logit bonus for tokens that occur in the answer's passages (0: off)"
+    )
+    no_repeat_ngram: int = Field(0, ge=0, le=10, description="never repeat an n-gram of this size (0: off)")
+    block_instruction_ngrams: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="never write an n-gram of this size from the prompt's instructions that the passages lack (0: off)",
+    )
+    block_citation_markers: bool = Field(
+        False, description="never write `[` (citation markers): for short answers scored as text, not for chat"
+    )
+    stop_at: list[str] = Field(
+        default_factory=list,
+        description="stop sequences added to every generation, e.g. a newline for one-line answers",
+    )
+
+    @property
+    def active(self) -> bool:
+        return bool(
+            self.passage_bias or self.no_repeat_ngram or self.block_instruction_ngrams or self.block_citation_markers
+        )
+
+
 class GeneratorSettings(BaseModel):
     backend: Literal["local", "openai", "none"] = Field(
         "local", description="local model, OpenAI-compatible server, or none"
@@ -163,6 +192,7 @@ class GeneratorSettings(BaseModel):
     max_retries: int = Field(2, ge=0, le=10)
     backoff_s: float = Field(0.5, ge=0)
     context_window: int = Field(8192, ge=256, description="context size of a remote model (tokens)")
+    grounding: GroundingSettings = GroundingSettings()
 
 
 class AnswerSettings(BaseModel):

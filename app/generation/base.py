@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -117,12 +117,22 @@ class Generator(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    # `context`: the passage texts the answer should keep to (grounded decoding, `generator.grounding`, for
+    # generators that decode locally; a remote one cannot steer the server's decoding and ignores it)
     def generate(
-        self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None
+        self,
+        messages: list[Message],
+        options: GenerationOptions,
+        cancel: Cancel | None = None,
+        context: Sequence[str] = (),
     ) -> Generation: ...
 
     def stream(
-        self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None
+        self,
+        messages: list[Message],
+        options: GenerationOptions,
+        cancel: Cancel | None = None,
+        context: Sequence[str] = (),
     ) -> Iterator[str]: ...
 
 

@@ -27,4 +27,4 @@ def load_generator(settings: GeneratorSettings, device: str | None = None) -> Ge
         )
     from app.generation.local import LocalGenerator
 
-    return LocalGenerator.load(settings.model, settings.cache_dir, settings.device or device)
+    return LocalGenerator.load(settings.model, settings.cache_dir, settings.device or device, settings.grounding)

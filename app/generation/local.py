@@ -13,11 +13,13 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.generation.base import Cancel, Generation, GenerationOptions, Message, StopTrimmer, trim_at_stop
+from app.generation.grounding import Grounding
+from app.settings import GroundingSettings
 from indexer.bundle import publish_folder
 from indexer.encoders import pick_device
 
@@ -90,17 +92,24 @@ class LocalGenerator:
     """Causal (or seq2seq) language model run in-process; one generation at a time per instance."""
 
     # a transformers causal (or seq2seq) language model and its Hugging Face tokenizer
-    def __init__(self, model: Any, tokenizer: Any, name: str, device: str) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, name: str, device: str, grounding: GroundingSettings | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.device = device
+        self.grounding = Grounding(grounding or GroundingSettings(), tokenizer)
         self.context_window = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self._lock = threading.Lock()
 
     @classmethod
     def load(
-        cls, model: str = SMOLLM2, cache_dir: Path | str = "var/models", device: str | None = None
+        cls,
+        model: str = SMOLLM2,
+        cache_dir: Path | str = "var/models",
+        device: str | None = None,
+        grounding: GroundingSettings | None = None,
     ) -> LocalGenerator:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -117,7 +126,7 @@ class LocalGenerator:
             # transformers' `to` is `@wraps(torch.nn.Module.to)`: typed unbound (self first), called bound
             loaded = auto.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
             tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(loaded, tokenizer, "SmolLM2-135M-Instruct" if model == SMOLLM2 else model, device)
+        return cls(loaded, tokenizer, "SmolLM2-135M-Instruct" if model == SMOLLM2 else model, device, grounding)
 
     def _acquire(self, cancel: Cancel | None) -> bool:
         """Wait for the model (one generation at a time), giving up once `cancel` is set."""
@@ -170,6 +179,8 @@ class LocalGenerator:
         inputs: dict[str, torch.Tensor],
         stops: list[str],
         cancel: Cancel | None = None,
+        messages: list[Message] | None = None,
+        context: Sequence[str] = (),
     ) -> dict[str, Any]:
         from transformers import StoppingCriteriaList
 
@@ -185,9 +196,10 @@ class LocalGenerator:
             kwargs.update(temperature=options.temperature, top_k=options.top_k or 0, top_p=options.top_p or 1.0)
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
+        prompt_len = 0 if self.model.config.is_encoder_decoder else int(inputs["input_ids"].shape[1])
+        kwargs.update(self.grounding.kwargs(messages or [], context, prompt_len))
         criteria: list[_StopOnStrings | _StopOnCancel] = []
         if stops:
-            prompt_len = 0 if self.model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
             criteria.append(_StopOnStrings(self.tokenizer, prompt_len, stops))
         if cancel is not None:
             criteria.append(_StopOnCancel(cancel))
@@ -201,7 +213,13 @@ class LocalGenerator:
 
             torch.manual_seed(options.seed)
 
-    def generate(self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None) -> Generation:
+    def generate(
+        self,
+        messages: list[Message],
+        options: GenerationOptions,
+        cancel: Cancel | None = None,
+        context: Sequence[str] = (),
+    ) -> Generation:
         import torch
 
         inputs = self._inputs(messages)
@@ -211,17 +229,22 @@ class LocalGenerator:
         try:
             with torch.inference_mode():
                 self._seed(options)
-                output = self.model.generate(**self._kwargs(options, inputs, options.stop, cancel))
+                stops = [*options.stop, *self.grounding.settings.stop_at]
+                output = self.model.generate(**self._kwargs(options, inputs, stops, cancel, messages, context))
         finally:
             self._lock.release()
         new = output[0] if self.model.config.is_encoder_decoder else output[0, prompt_len:]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        text, stopped = trim_at_stop(text, options.stop)
+        text, stopped = trim_at_stop(text, stops)
         finish = "stop" if stopped or len(new) < options.max_new_tokens else "length"
         return Generation(text.strip(), int(prompt_len), int(len(new)), finish)
 
     def stream(
-        self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None
+        self,
+        messages: list[Message],
+        options: GenerationOptions,
+        cancel: Cancel | None = None,
+        context: Sequence[str] = (),
     ) -> Iterator[str]:
         """Text pieces as they are generated (generation runs on a worker thread; it ends at the next token
         once `cancel` is set, or once this iterator is closed)."""
@@ -233,7 +256,8 @@ class LocalGenerator:
             cancel.on_cancel(stop.set)
         inputs = self._inputs(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-        kwargs = {**self._kwargs(options, inputs, options.stop, stop), "streamer": streamer}
+        stops = [*options.stop, *self.grounding.settings.stop_at]
+        kwargs = {**self._kwargs(options, inputs, stops, stop, messages, context), "streamer": streamer}
         errors: list[BaseException] = []
 
         def run() -> None:
@@ -252,7 +276,7 @@ class LocalGenerator:
 
         worker = threading.Thread(target=run, name="generate", daemon=True)
         worker.start()
-        trimmer = StopTrimmer(options.stop)
+        trimmer = StopTrimmer(stops)
         first = True
         try:
             for piece in streamer:

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -209,7 +209,13 @@ class OpenAICompatibleGenerator:
 
     # -- calls ---------------------------------------------------------------------------------------------
 
-    def generate(self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None) -> Generation:
+    def generate(
+        self,
+        messages: list[Message],
+        options: GenerationOptions,
+        cancel: Cancel | None = None,
+        context: Sequence[str] = (),  # grounded decoding is local only: the server decodes
+    ) -> Generation:
         deadline = time.monotonic() + self.deadline_s
         response = self._open(self._body(messages, options, stream=False), deadline, cancel)
         try:
@@ -232,7 +238,11 @@ class OpenAICompatibleGenerator:
         return Generation(text.strip(), usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), finish)
 
     def stream(
-        self, messages: list[Message], options: GenerationOptions, cancel: Cancel | None = None
+        self,
+        messages: list[Message],
+        options: GenerationOptions,
+        cancel: Cancel | None = None,
+        context: Sequence[str] = (),  # grounded decoding is local only: the server decodes
     ) -> Iterator[str]:
         deadline = time.monotonic() + self.deadline_s
         response = self._open(self._body(messages, options, stream=True), deadline, cancel)

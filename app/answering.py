@@ -212,7 +212,8 @@ class Answerer:
         if messages is None:
             yield text or ""  # `_plan` decided the text (it gives messages or text, never neither)
         else:
-            yield from self._generator().stream(messages, options, cancel, self.grounding_context(prepared, run))
+            context = self.grounding_context(prepared, run)
+            yield from self._generator().stream(messages, options, cancel, context, [prepared.question])
 
     def finish(
         self, prepared: PreparedAnswer, text: str, run: _Run, generation: Generation | None = None
@@ -290,7 +291,9 @@ class Answerer:
             return self.finish(prepared, text or "", run)  # `_plan` decided the text
         with self.pipeline.tracer.span("sift.generate", **self._trace_attrs(options)) as span:
             context = self.grounding_context(prepared, run)
-            result = await self.pool.run(self._generator().generate, messages, options, cancel, context)
+            result = await self.pool.run(
+                self._generator().generate, messages, options, cancel, context, [prepared.question]
+            )
             if span is not None:
                 span.set_attribute("sift.completion_tokens", result.completion_tokens)
         return self.finish(prepared, result.text, run, result)

@@ -156,6 +156,9 @@ class GroundingSettings(BaseModel):
         le=10,
         description="never write an n-gram of this size from the prompt's instructions that the passages lack (0: off)",
     )
+    block_question_ngrams: int = Field(
+        0, ge=0, le=10, description="never write an n-gram of the question (restating it; 0: off), for short answers"
+    )
     block_citation_markers: bool = Field(
         False, description="never write `[` (citation markers): for short answers scored as text, not for chat"
     )
@@ -163,12 +166,6 @@ class GroundingSettings(BaseModel):
         default_factory=list,
         description="stop sequences added to every generation, e.g. a newline for one-line answers",
     )
-
-    @property
-    def active(self) -> bool:
-        return bool(
-            self.passage_bias or self.no_repeat_ngram or self.block_instruction_ngrams or self.block_citation_markers
-        )
 
 
 class GeneratorSettings(BaseModel):

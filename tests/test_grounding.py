@@ -96,3 +96,23 @@ def test_the_answer_path_grounds_in_the_prompt_passages(example_pipeline, local_
     result = asyncio.run(answerer.answer(prepared, LONG))
     allowed = set(generated_ids(strict, PASSAGE)) | set(generated_ids(strict, "\n"))
     assert result.text and set(generated_ids(strict, result.text)) <= allowed, result.text
+
+
+def test_question_ngrams_are_not_restated(local_generator):
+    question = "When was the Eiffel Tower completed?"
+    ask = [{"role": "user", "content": f"{PASSAGE}\nQuestion: {question} Answer in a full sentence."}]
+    tokenizer = local_generator.tokenizer
+
+    def trigrams(ids: list[int]) -> set[tuple[int, ...]]:
+        return {tuple(ids[i : i + 3]) for i in range(len(ids) - 2)}
+
+    asked = trigrams(generated_ids(local_generator, question)) | trigrams(
+        generated_ids(local_generator, " " + question)
+    )
+    plain = local_generator.generate(ask, LONG, context=[PASSAGE], avoid=[question]).text
+    assert trigrams(generated_ids(local_generator, plain)) & asked, f"the plain model should restate: {plain}"
+    text = (
+        grounded(local_generator, block_question_ngrams=3).generate(ask, LONG, context=[PASSAGE], avoid=[question]).text
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert text and not trigrams(ids) & asked, text

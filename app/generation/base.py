@@ -117,14 +117,16 @@ class Generator(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
-    # `context`: the passage texts the answer should keep to (grounded decoding, `generator.grounding`, for
-    # generators that decode locally; a remote one cannot steer the server's decoding and ignores it)
+    # `context`: the passage texts the answer should keep to; `avoid`: texts it should not restate (the
+    # question). Both steer grounded decoding (`generator.grounding`) in generators that decode locally; a
+    # remote one cannot steer the server's decoding and ignores them
     def generate(
         self,
         messages: list[Message],
         options: GenerationOptions,
         cancel: Cancel | None = None,
         context: Sequence[str] = (),
+        avoid: Sequence[str] = (),
     ) -> Generation: ...
 
     def stream(
@@ -133,6 +135,7 @@ class Generator(Protocol):
         options: GenerationOptions,
         cancel: Cancel | None = None,
         context: Sequence[str] = (),
+        avoid: Sequence[str] = (),
     ) -> Iterator[str]: ...
 
 

@@ -6,6 +6,8 @@ generated answer to the passages it was given.
 - no repeated n-grams: transformers' own `no_repeat_ngram_size`;
 - `NGramBlock`: never completes an n-gram of the prompt's instructions that the passages do not contain (a small
   model otherwise echoes "Answer with a short phrase…");
+- `NGramBlock` again for the question's n-grams (in either tokenization), so a short answer gives the answer
+  instead of restating the question;
 - citation markers suppressed (`[`-bearing tokens), for short answers scored as text;
 - `stop_at`: stop sequences added to every generation (the end of the answer).
 
@@ -67,6 +69,11 @@ class NGramBlock:
         return scores
 
 
+def _variants(tokenizer: Any, text: str) -> list[list[int]]:
+    """`text`'s tokens as they open a reply and as they follow a space (BPE vocabularies tell them apart)."""
+    return [_ids(tokenizer, text), _ids(tokenizer, " " + text)]
+
+
 def _ngrams(ids: list[int], n: int) -> set[tuple[int, ...]]:
     return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
 
@@ -86,7 +93,9 @@ class Grounding:
         ends = tokenizer.eos_token_id
         self.ends = [e for e in (ends if isinstance(ends, list) else [ends]) if e is not None] + _ids(tokenizer, "\n")
 
-    def kwargs(self, messages: list[Message], context: Sequence[str], prompt_len: int) -> dict[str, Any]:
+    def kwargs(
+        self, messages: list[Message], context: Sequence[str], prompt_len: int, avoid: Sequence[str] = ()
+    ) -> dict[str, Any]:
         """Extra `model.generate` keyword arguments for one generation: `logits_processor`,
         `no_repeat_ngram_size` and `suppress_tokens` as the settings ask (nothing when they ask for nothing).
         `context` holds the passage texts the answer should keep to; without any, the passage bias and the
@@ -105,6 +114,11 @@ class Grounding:
             banned = _ngrams(_ids(tokenizer, instructions), n) - _ngrams(passage_ids, n)
             if banned:
                 processors.append(NGramBlock(banned, prompt_len))
+        q = settings.block_question_ngrams
+        if q and avoid:
+            restated = set().union(*(_ngrams(ids, q) for text in avoid for ids in _variants(tokenizer, text)))
+            if restated:
+                processors.append(NGramBlock(restated, prompt_len))
         if processors:
             out["logits_processor"] = LogitsProcessorList(processors)
         if settings.no_repeat_ngram:

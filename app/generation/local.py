@@ -181,6 +181,7 @@ class LocalGenerator:
         cancel: Cancel | None = None,
         messages: list[Message] | None = None,
         context: Sequence[str] = (),
+        avoid: Sequence[str] = (),
     ) -> dict[str, Any]:
         from transformers import StoppingCriteriaList
 
@@ -197,7 +198,7 @@ class LocalGenerator:
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
         prompt_len = 0 if self.model.config.is_encoder_decoder else int(inputs["input_ids"].shape[1])
-        kwargs.update(self.grounding.kwargs(messages or [], context, prompt_len))
+        kwargs.update(self.grounding.kwargs(messages or [], context, prompt_len, avoid))
         criteria: list[_StopOnStrings | _StopOnCancel] = []
         if stops:
             criteria.append(_StopOnStrings(self.tokenizer, prompt_len, stops))
@@ -219,6 +220,7 @@ class LocalGenerator:
         options: GenerationOptions,
         cancel: Cancel | None = None,
         context: Sequence[str] = (),
+        avoid: Sequence[str] = (),
     ) -> Generation:
         import torch
 
@@ -230,7 +232,7 @@ class LocalGenerator:
             with torch.inference_mode():
                 self._seed(options)
                 stops = [*options.stop, *self.grounding.settings.stop_at]
-                output = self.model.generate(**self._kwargs(options, inputs, stops, cancel, messages, context))
+                output = self.model.generate(**self._kwargs(options, inputs, stops, cancel, messages, context, avoid))
         finally:
             self._lock.release()
         new = output[0] if self.model.config.is_encoder_decoder else output[0, prompt_len:]
@@ -245,6 +247,7 @@ class LocalGenerator:
         options: GenerationOptions,
         cancel: Cancel | None = None,
         context: Sequence[str] = (),
+        avoid: Sequence[str] = (),
     ) -> Iterator[str]:
         """Text pieces as they are generated (generation runs on a worker thread; it ends at the next token
         once `cancel` is set, or once this iterator is closed)."""
@@ -257,7 +260,7 @@ class LocalGenerator:
         inputs = self._inputs(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
         stops = [*options.stop, *self.grounding.settings.stop_at]
-        kwargs = {**self._kwargs(options, inputs, stops, stop, messages, context), "streamer": streamer}
+        kwargs = {**self._kwargs(options, inputs, stops, stop, messages, context, avoid), "streamer": streamer}
         errors: list[BaseException] = []
 
         def run() -> None:

@@ -215,6 +215,7 @@ class OpenAICompatibleGenerator:
         options: GenerationOptions,
         cancel: Cancel | None = None,
         context: Sequence[str] = (),  # grounded decoding is local only: the server decodes
+        avoid: Sequence[str] = (),
     ) -> Generation:
         deadline = time.monotonic() + self.deadline_s
         response = self._open(self._body(messages, options, stream=False), deadline, cancel)
@@ -243,6 +244,7 @@ class OpenAICompatibleGenerator:
         options: GenerationOptions,
         cancel: Cancel | None = None,
         context: Sequence[str] = (),  # grounded decoding is local only: the server decodes
+        avoid: Sequence[str] = (),
     ) -> Iterator[str]:
         deadline = time.monotonic() + self.deadline_s
         response = self._open(self._body(messages, options, stream=True), deadline, cancel)

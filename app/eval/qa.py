@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.answering import Answerer
+    from app.answering import Answerer, PreparedAnswer
     from app.generation.base import GenerationOptions
-    from app.pipeline import Pipeline
+    from app.pipeline import Pipeline, SearchOptions
     from app.retrieval.types import Hit
     from indexer.config import IndexConfig
 
@@ -186,6 +186,16 @@ def qa_answerer(
     return Answerer(pipeline, generator, settings, reader=reader)
 
 
+def prepare_question(answerer: Answerer, q: SquadQuestion, gold: bool, search: SearchOptions) -> PreparedAnswer:
+    """The prepared answer of one question: its gold paragraph as the only passage (`gold`), else retrieved."""
+    import asyncio
+
+    if gold:
+        passage = {"doc_id": q.paragraph_id, "passage_id": q.paragraph_id, "title": "", "text": q.context}
+        return answerer.given(q.question, [passage], render=False)
+    return asyncio.run(answerer.prepare(q.question, search))
+
+
 def answer_questions(
     answerer: Answerer,
     questions: Sequence[SquadQuestion],
@@ -207,11 +217,7 @@ def answer_questions(
     label = f"{answerer.mode} {'gold-context' if gold else 'end-to-end'}"
     for q in tqdm(questions, desc=label, disable=not progress):
         started = time.perf_counter()
-        if gold:
-            passage = {"doc_id": q.paragraph_id, "passage_id": q.paragraph_id, "title": "", "text": q.context}
-            prepared = answerer.given(q.question, [passage], render=False)
-        else:
-            prepared = asyncio.run(answerer.prepare(q.question, search))
+        prepared = prepare_question(answerer, q, gold, search)
         result = asyncio.run(answerer.answer(prepared, options))
         latencies.append((time.perf_counter() - started) * 1000)
         # extractive: the reader's exact span is the prediction (the answer text may be its whole sentence)
@@ -228,7 +234,6 @@ def gold_perplexity(
     questions that reach the generator. None where nothing is scored: the extractive mode (no language
     model), a generator that cannot score a given reply (a remote one), or no question reaching it.
     `gold_ppl_questions` counts the scored questions (a declined span or no answerable passage skips one)."""
-    import asyncio
     import math
 
     from tqdm import tqdm
@@ -242,11 +247,7 @@ def gold_perplexity(
     nll, tokens, scored = 0.0, 0, 0
     label = f"{answerer.mode} {'gold-context' if gold else 'end-to-end'} perplexity"
     for q in tqdm(questions, desc=label, disable=not progress):
-        if gold:
-            passage = {"doc_id": q.paragraph_id, "passage_id": q.paragraph_id, "title": "", "text": q.context}
-            prepared = answerer.given(q.question, [passage], render=False)
-        else:
-            prepared = asyncio.run(answerer.prepare(q.question, search))
+        prepared = prepare_question(answerer, q, gold, search)
         messages = answerer.generation_messages(prepared)
         if messages is None:
             continue

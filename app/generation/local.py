@@ -214,6 +214,10 @@ class LocalGenerator:
 
             torch.manual_seed(options.seed)
 
+    def _stops(self, options: GenerationOptions) -> list[str]:
+        """The call's stop sequences, then those every generation ends at (`generator.grounding.stop_at`)."""
+        return [*options.stop, *self.grounding.settings.stop_at]
+
     def generate(
         self,
         messages: list[Message],
@@ -224,6 +228,7 @@ class LocalGenerator:
     ) -> Generation:
         import torch
 
+        stops = self._stops(options)
         inputs = self._inputs(messages)
         prompt_len = inputs["input_ids"].shape[1]
         if not self._acquire(cancel):
@@ -231,7 +236,6 @@ class LocalGenerator:
         try:
             with torch.inference_mode():
                 self._seed(options)
-                stops = [*options.stop, *self.grounding.settings.stop_at]
                 output = self.model.generate(**self._kwargs(options, inputs, stops, cancel, messages, context, avoid))
         finally:
             self._lock.release()
@@ -257,9 +261,9 @@ class LocalGenerator:
         stop = Cancel()  # ends the model thread: the client left (`cancel`), or this iterator was closed early
         if cancel is not None:
             cancel.on_cancel(stop.set)
+        stops = self._stops(options)
         inputs = self._inputs(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
-        stops = [*options.stop, *self.grounding.settings.stop_at]
         kwargs = {**self._kwargs(options, inputs, stops, stop, messages, context, avoid), "streamer": streamer}
         errors: list[BaseException] = []
 

@@ -5,11 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sift_client.client import AsyncSiftClient
-from sift_client.models import SearchHit, SearchResponse
+from sift_client.models import SearchHit, SearchOptions, SearchResponse
+
+
+def search_options(*layers: Mapping[str, Any] | None) -> SearchOptions:
+    """The options of one search from `layers`, each overriding the ones before; an option left None (in the
+    last layer that names it) is not sent, so the server's default applies."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer or {})
+    return {key: value for key, value in merged.items() if value is not None}  # type: ignore[return-value]
 
 
 def hit_text(hit: SearchHit) -> str:

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -230,12 +230,13 @@ def _answer_body(
     return {"question": question, "passages": passages, "generation": generation, "stream": stream, **options}
 
 
-class SiftClient:
-    """A blocking client of one Sift server; thread-safe, reuses connections. Close it (or use `with`).
+H = TypeVar("H", httpx.Client, httpx.AsyncClient)
 
-    `base_url` defaults to $SIFT_URL, else http://127.0.0.1:8000; `api_key` to $SIFT_API_KEY. `collection`
-    is the collection every call uses unless it names another. `timeout` (seconds) bounds each connect,
-    read and write of an attempt (httpx's timeout), not the whole call with its retries."""
+
+class _Base(Generic[H]):
+    """What the sync and async clients share: their settings (`_Config`) and their httpx client."""
+
+    _http_type: type[H]
 
     def __init__(
         self,
@@ -248,17 +249,27 @@ class SiftClient:
         max_backoff: float = 8.0,
         max_retry_wait: float = 30.0,
         collection: str | None = None,
-        http_client: httpx.Client | None = None,
+        http_client: H | None = None,
     ) -> None:
         self._config = _Config.of(
             base_url, api_key, timeout, max_retries, backoff, max_backoff, max_retry_wait, collection
         )
-        self._http = http_client or httpx.Client(timeout=self._config.timeout)
+        self._http: H = http_client or self._http_type(timeout=self._config.timeout)
         self._owns_http = http_client is None
 
     @property
     def base_url(self) -> str:
         return self._config.base_url
+
+
+class SiftClient(_Base[httpx.Client]):
+    """A blocking client of one Sift server; thread-safe, reuses connections. Close it (or use `with`).
+
+    `base_url` defaults to $SIFT_URL, else http://127.0.0.1:8000; `api_key` to $SIFT_API_KEY. `collection`
+    is the collection every call uses unless it names another. `timeout` (seconds) bounds each connect,
+    read and write of an attempt (httpx's timeout), not the whole call with its retries."""
+
+    _http_type = httpx.Client
 
     def close(self) -> None:
         if self._owns_http:
@@ -381,31 +392,10 @@ class SiftClient:
             attempt += 1
 
 
-class AsyncSiftClient:
+class AsyncSiftClient(_Base[httpx.AsyncClient]):
     """The asyncio twin of `SiftClient`: the same methods, awaited (`answer_stream` is an async iterator)."""
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        *,
-        api_key: str | None = None,
-        timeout: float | httpx.Timeout = 60.0,
-        max_retries: int = 2,
-        backoff: float = 0.25,
-        max_backoff: float = 8.0,
-        max_retry_wait: float = 30.0,
-        collection: str | None = None,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        self._config = _Config.of(
-            base_url, api_key, timeout, max_retries, backoff, max_backoff, max_retry_wait, collection
-        )
-        self._http = http_client or httpx.AsyncClient(timeout=self._config.timeout)
-        self._owns_http = http_client is None
-
-    @property
-    def base_url(self) -> str:
-        return self._config.base_url
+    _http_type = httpx.AsyncClient
 
     async def aclose(self) -> None:
         if self._owns_http:

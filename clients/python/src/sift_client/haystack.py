@@ -22,7 +22,7 @@ from typing import Any, Literal
 from haystack import Document, component, default_from_dict, default_to_dict
 from haystack.utils import Secret, deserialize_secrets_inplace
 
-from sift_client._hits import AsyncClients, hit_metadata, hit_text
+from sift_client._hits import AsyncClients, hit_metadata, hit_text, search_options
 from sift_client.client import AsyncSiftClient, SiftClient
 from sift_client.models import SearchOptions, SearchResponse
 
@@ -97,14 +97,15 @@ class SiftRetriever:
             self._client = SiftClient(self.url, **self._settings())
 
     def _options(self, filters: dict[str, Any] | None, top_k: int | None) -> SearchOptions:
-        options: dict[str, Any] = {
-            "k": top_k if top_k is not None else self.top_k,
-            "mode": self.mode,
-            "collection": self.collection,
-            "filters": sift_filters(filters if filters is not None else self.filters),
-            "rerank": self.rerank,
-        }
-        return {key: value for key, value in options.items() if value is not None}  # type: ignore[return-value]
+        return search_options(
+            {
+                "k": top_k if top_k is not None else self.top_k,
+                "mode": self.mode,
+                "collection": self.collection,
+                "filters": sift_filters(filters if filters is not None else self.filters),
+                "rerank": self.rerank,
+            }
+        )
 
     @staticmethod
     def _documents(page: SearchResponse) -> dict[str, list[Document]]:

@@ -18,7 +18,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
-from sift_client._hits import AsyncClients, hit_metadata, hit_text
+from sift_client._hits import AsyncClients, hit_metadata, hit_text, search_options
 from sift_client.client import AsyncSiftClient, SiftClient
 from sift_client.models import SearchOptions, SearchResponse
 
@@ -49,16 +49,14 @@ class SiftRetriever(BaseRetriever):
         self._aclients = AsyncClients(lambda: AsyncSiftClient(self.base_url, **settings))
 
     def _options(self, overrides: dict[str, Any]) -> SearchOptions:
-        options: dict[str, Any] = {
-            **self.search_options,
+        fields = {
             "k": self.k,
             "mode": self.mode,
             "collection": self.collection,
             "filters": self.filters,
             "rerank": self.rerank,
         }
-        options.update(overrides)
-        return {key: value for key, value in options.items() if value is not None}  # type: ignore[return-value]
+        return search_options(self.search_options, fields, overrides)
 
     @property
     def client(self) -> SiftClient:

@@ -18,6 +18,7 @@ from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeRelationship, NodeWithScore, QueryBundle, RelatedNodeInfo, TextNode
 
 from sift_client._hits import AsyncClients, hit_metadata, hit_text
+from sift_client._hits import search_options as sift_options
 from sift_client.client import AsyncSiftClient, SiftClient
 from sift_client.models import SearchOptions, SearchResponse
 
@@ -46,15 +47,8 @@ class SiftRetriever(BaseRetriever):
         if k < 1:
             raise ValueError("k must be >= 1")
         super().__init__(callback_manager=callback_manager, verbose=verbose)
-        options: dict[str, Any] = {
-            **(search_options or {}),
-            "k": k,
-            "mode": mode,
-            "collection": collection,
-            "filters": filters,
-            "rerank": rerank,
-        }
-        self.options: SearchOptions = {key: v for key, v in options.items() if v is not None}  # type: ignore[assignment]
+        fields = {"k": k, "mode": mode, "collection": collection, "filters": filters, "rerank": rerank}
+        self.options: SearchOptions = sift_options(search_options, fields)
         settings: dict[str, Any] = {"api_key": api_key, "timeout": timeout, "max_retries": max_retries}
         self.client = SiftClient(base_url, **settings)
         self.async_clients = AsyncClients(lambda: AsyncSiftClient(base_url, **settings))

@@ -38,6 +38,12 @@ def build(
     title_column: str | None = typer.Option(None, help="CSV column holding the title"),
     text_column: str | None = typer.Option(None, help="CSV column holding the text"),
     no_dense: bool = typer.Option(False, "--no-dense", help="build BM25 only (no dual-encoder, no FAISS)"),
+    tag: bool = typer.Option(
+        False,
+        "--tag",
+        help="tag every passage with index.tagging's label sets (zero-shot, by a language model) into its metadata, "
+        "where filters and facets use them; later updates keep tagging",
+    ),
     progress: bool = typer.Option(True, help="show progress bars"),
     gate: Path | None = typer.Option(
         None, "--gate", help="BEIR dataset folder: publish only if nDCG@10 drops at most --max-drop"
@@ -70,6 +76,8 @@ def build(
             setattr(cfg.csv, name, value)
     if no_dense:
         cfg.dense.enabled = False
+    if tag:
+        cfg.tagging.enabled = True
     runner = encoding_engine(engine, address, num_encoders, gpus_per_encoder)
     gate_fn = make_gate(gate, max_drop, config, echo=lambda m: typer.echo(m, err=True)) if gate else None
     _publish_job(

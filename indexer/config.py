@@ -93,6 +93,96 @@ class CsvSettings(BaseModel):
     )
 
 
+TEXT_SLOT = "{text}"
+
+
+class LabelSet(BaseModel):
+    """A zero-shot classifier made of a prompt and a verbalizer (no training data): the model reads
+    `template` with a passage in place of `{text}`, then `prefix` as the start of its answer, and each label is
+    scored by the probability that the next word is one of its verbalizer words (calibrated against the same
+    prompt with an empty text). Tags written at build time go to passage metadata under `field`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    field: str = Field(..., min_length=1, max_length=64, description="passage metadata key the label is written to")
+    template: str = Field(
+        "{text}\n\nWhat is the topic of this text?",
+        max_length=2000,
+        description="the question around the text; must hold `{text}` once (a chat model reads it as the user's turn)",
+    )
+    prefix: str = Field("The topic is", max_length=200, description="the start of the answer; a label word follows")
+    labels: dict[str, list[str]] = Field(
+        ..., description="label -> verbalizer words (an empty list: the label itself); at least two labels"
+    )
+    top_scores: int = Field(3, ge=1, le=100, description="labels whose probabilities are kept beside the label")
+    min_score: float = Field(
+        0.0, ge=0.0, le=1.0, description="write no label when the best label's probability is below this"
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> LabelSet:
+        if self.template.count(TEXT_SLOT) != 1:
+            raise ValueError("template must contain {text} exactly once")
+        if len(self.labels) < 2:
+            raise ValueError("labels: give at least two labels")
+        for label, words in self.labels.items():
+            if not label.strip():
+                raise ValueError("labels: a label name is empty")
+            if any(not w.strip() for w in words):
+                raise ValueError(f"labels.{label}: a verbalizer word is empty")
+        return self
+
+    def words(self) -> dict[str, list[str]]:
+        """Each label's verbalizer words, the label itself where none are given."""
+        return {label: [w.strip() for w in words] or [label] for label, words in self.labels.items()}
+
+
+# the label set shipped for the example corpus's topics; its template, prefix and words were chosen on half of
+# that corpus (`sift eval classify`, docs/benchmarks.md) and are reported on the other half
+DEFAULT_LABEL_SETS: dict[str, LabelSet] = {
+    "topic": LabelSet(
+        field="auto_topic",
+        labels={
+            "astronomy": [],
+            "biology": [],
+            "computing": [],
+            "cooking": [],
+            "earth": [],
+            "health": [],
+            "history": [],
+            "language": [],
+            "music": [],
+            "sport": [],
+        },
+    )
+}
+
+
+class TaggingSettings(BaseModel):
+    """Zero-shot tagging at build time (`sift index build --tag`) and for `POST /v1/classify`: a language model
+    scores each label set's verbalizer words (indexer/tagging.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="tag passages at build time (`--tag` turns it on; updates keep it)")
+    model: str = Field(
+        "smollm2",
+        description="`smollm2` (the bundled SmolLM2-135M-Instruct, next-word probabilities), a causal LM or a "
+        "fill-mask model (path or hub id; a masked LM scores the word in a [MASK] slot)",
+    )
+    cache_dir: Path | None = Field(None, description="where the dequantised SmolLM2 copy is kept; null: user cache")
+    device: str | None = Field(None, description="cpu, cuda, ...; null picks CUDA when present")
+    max_tokens: int = Field(160, ge=8, le=2048, description="passage tokens the model reads (the rest is cut)")
+    system: str | None = Field(
+        None, max_length=2000, description="a chat model's system turn (null: the model's default; \"\": an empty one)"
+    )
+    batch_size: int = Field(8, ge=1, le=256, description="prompts per model call")
+    label_sets: dict[str, LabelSet] = Field(
+        default_factory=lambda: {k: v.model_copy(deep=True) for k, v in DEFAULT_LABEL_SETS.items()},
+        description="name -> label set; `--tag` writes every one",
+    )
+
+
 class IndexConfig(BaseModel):
     """Everything that determines the contents of a bundle (recorded in its manifest). A plain section of
     `SiftSettings`: it is loaded (file, `SIFT_INDEX__*` environment, overrides) only through `load_config`."""
@@ -103,6 +193,7 @@ class IndexConfig(BaseModel):
     bm25: BM25Settings = BM25Settings()
     dense: DenseSettings = DenseSettings()
     csv: CsvSettings = CsvSettings()
+    tagging: TaggingSettings = TaggingSettings()
     keep_builds: int = Field(3, ge=1, description="published builds kept on publish (older ones are pruned)")
 
 

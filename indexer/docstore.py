@@ -1,5 +1,9 @@
 """The SQLite docstore of a bundle: documents, passages (row `idx` = position in BM25 and FAISS) and
 metadata as JSON. Written once by the indexer; opened read-only (immutable) by the server.
+
+Metadata lives on documents (from the source) and on passages (e.g. zero-shot tags, indexer/tagging.py);
+a passage's metadata as read is its document's with its own keys over it, and filters match that merged
+view. Bundles written before passages had metadata read as documents' metadata alone.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ CREATE TABLE passages (
     position INTEGER NOT NULL,
     text TEXT NOT NULL,
     start INTEGER NOT NULL,
-    "end" INTEGER NOT NULL
+    "end" INTEGER NOT NULL,
+    metadata TEXT
 );
 CREATE INDEX passages_doc ON passages(doc_id, position);
 """
@@ -52,9 +57,18 @@ class DocstoreWriter:
             (document.id, document.title, document.text, json.dumps(document.metadata, ensure_ascii=False)),
         )
         self.connection.executemany(
-            "INSERT INTO passages VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO passages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
-                (self.passage_count + i, p.id, p.doc_id, p.position, p.text, p.start, p.end)
+                (
+                    self.passage_count + i,
+                    p.id,
+                    p.doc_id,
+                    p.position,
+                    p.text,
+                    p.start,
+                    p.end,
+                    json.dumps(p.metadata, ensure_ascii=False) if p.metadata else None,
+                )
                 for i, p in enumerate(passages)
             ],
         )
@@ -125,6 +139,9 @@ class Docstore(DocstoreReader):
         with self._connect() as connection:
             self.num_passages: int = connection.execute("SELECT COUNT(*) FROM passages").fetchone()[0]
             self.num_documents: int = connection.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+            columns = {r[1] for r in connection.execute("PRAGMA table_info(passages)")}
+        # passages' own metadata (SQL expression): NULL in a bundle written before passages had any
+        self._pmeta = "p.metadata" if "metadata" in columns else "NULL"
 
     def _open(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
@@ -155,12 +172,13 @@ class Docstore(DocstoreReader):
                 chunk = values[offset : offset + 900]
                 marks = ",".join("?" * len(chunk))
                 query = (
-                    'SELECT p.idx, p.id, p.doc_id, p.position, p.text, p.start, p."end", d.title, d.metadata '
+                    'SELECT p.idx, p.id, p.doc_id, p.position, p.text, p.start, p."end", d.title, d.metadata, '
+                    f"{self._pmeta} AS passage_metadata "
                     f"FROM passages p JOIN documents d ON d.id = p.doc_id WHERE p.{column} IN ({marks})"
                 )
                 for row in connection.execute(query, chunk):
                     item = dict(row)
-                    item["metadata"] = json.loads(item["metadata"])
+                    item["metadata"] = _merged(item["metadata"], item.pop("passage_metadata"))
                     yield item
 
     def passages(self, indices: Iterable[int]) -> dict[int, dict[str, Any]]:
@@ -180,9 +198,10 @@ class Docstore(DocstoreReader):
             document = dict(row)
             document["metadata"] = json.loads(document["metadata"])
             document["passages"] = [
-                dict(p)
+                {**dict(p), "metadata": json.loads(p["metadata"]) if p["metadata"] else {}}
                 for p in connection.execute(
-                    'SELECT idx, id, position, text, start, "end" FROM passages WHERE doc_id = ? ORDER BY position',
+                    f'SELECT idx, id, position, text, start, "end", {self._pmeta.removeprefix("p.")} AS metadata '
+                    "FROM passages WHERE doc_id = ? ORDER BY position",
                     (doc_id,),
                 )
             ]
@@ -202,7 +221,8 @@ class Docstore(DocstoreReader):
         read as it goes: one document is held at a time."""
         query = (
             'SELECT p.idx, p.id, p.doc_id, p.position, p.text, p.start, p."end", d.title, d.text AS doc_text, '
-            "d.metadata FROM passages p JOIN documents d ON d.id = p.doc_id ORDER BY p.idx"
+            f"d.metadata, {self._pmeta} AS passage_metadata FROM passages p JOIN documents d ON d.id = p.doc_id "
+            "ORDER BY p.idx"
         )
         with self._connect() as connection:
             document: Document | None = None
@@ -214,7 +234,8 @@ class Docstore(DocstoreReader):
                         yield document, passages, rows
                     document = Document(r["doc_id"], r["title"], r["doc_text"], json.loads(r["metadata"]))
                     passages, rows = [], []
-                passages.append(Passage(r["id"], r["doc_id"], r["position"], r["text"], r["start"], r["end"]))
+                own = json.loads(r["passage_metadata"]) if r["passage_metadata"] else {}
+                passages.append(Passage(r["id"], r["doc_id"], r["position"], r["text"], r["start"], r["end"], own))
                 rows.append(r["idx"])
             if document is not None:
                 yield document, passages, rows
@@ -232,9 +253,8 @@ class Docstore(DocstoreReader):
             return [(row[0], row[1], row[2]) for row in connection.execute(query)]
 
     def filter_mask(self, filters: dict[str, Any]) -> np.ndarray:
-        """1.0 for passages whose document metadata matches every filter, else 0.0.
-
-        A filter value that is a list means "any of"; anything else means equality.
+        """1.0 for passages whose metadata (the passage's own keys over its document's) matches every filter,
+        else 0.0. A filter value that is a list means "any of"; anything else means equality.
         """
         clauses: list[str] = []
         params: list[Any] = []
@@ -245,8 +265,9 @@ class Docstore(DocstoreReader):
                 clauses.append("0")
                 continue
             marks = ",".join("?" * len(values))
-            clauses.append(f"json_extract(d.metadata, ?) IN ({marks})")
-            params.append(path)
+            own = f"json_extract({self._pmeta}, ?)" if self._pmeta != "NULL" else "NULL"
+            clauses.append(f"COALESCE({own}, json_extract(d.metadata, ?)) IN ({marks})")
+            params.extend([path, path] if self._pmeta != "NULL" else [path])
             params.extend(int(v) if isinstance(v, bool) else v for v in values)
         mask = np.zeros(self.num_passages, dtype=np.float32)
         where = " AND ".join(clauses) or "1"
@@ -257,3 +278,11 @@ class Docstore(DocstoreReader):
         if rows:
             mask[np.fromiter((r[0] for r in rows), dtype=np.int64)] = 1.0
         return mask
+
+
+def _merged(document: str, passage: str | None) -> dict[str, Any]:
+    """A passage's metadata as read: its document's (JSON) with the passage's own keys (JSON or NULL) over it."""
+    merged: dict[str, Any] = json.loads(document)
+    if passage:
+        merged.update(json.loads(passage))
+    return merged

@@ -18,7 +18,8 @@ class Document:
 
 @dataclass(frozen=True)
 class Passage:
-    """A window of a document's text; `start`/`end` are character offsets into `Document.text`."""
+    """A window of a document's text; `start`/`end` are character offsets into `Document.text`; `metadata`:
+    the passage's own (e.g. its zero-shot tags), read over its document's."""
 
     id: str
     doc_id: str
@@ -26,6 +27,7 @@ class Passage:
     text: str
     start: int
     end: int
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 def passage_id(doc_id: str, position: int) -> str:

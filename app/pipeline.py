@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections import Counter
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -57,6 +59,7 @@ class SearchOptions:
     collapse: bool = False
     offset: int = 0  # a page is ranking[offset : offset + k] of the ranking at depth `candidates`
     allow_partial: bool = False  # a sharded build's shard that does not answer is left out (`missing_shards`)
+    facets: tuple[str, ...] = ()  # metadata fields whose values are counted over each query's whole ranking
 
 
 @dataclass
@@ -82,6 +85,7 @@ class SearchResult:
     reranked: int = 0  # (query, passage) pairs the reranker scored for this query
     ranked: int = 0  # length of the whole ranking the page was cut from (pages end there)
     missing_shards: list[str] = field(default_factory=list)  # shards left out (only with `allow_partial`)
+    facets: dict[str, dict[str, int]] | None = None  # field -> value -> candidates holding it (when asked)
 
 
 class Pipeline:
@@ -384,12 +388,39 @@ class Pipeline:
                 ranked, top = self._page(queries, ranked, options, passages, timings)
         else:  # first stage only: retrieval, the page and its passages in one hand-off to the thread pool
             ranked, top, timings = await asyncio.to_thread(self._first_stage_page, queries, options, passages)
+        facets: list[dict[str, dict[str, int]] | None] = [None] * len(queries)
+        if options.facets:
+            t = time.perf_counter()
+            facets = list(await asyncio.to_thread(self._facets, ranked, options.facets, passages))
+            timings["facets"] = _ms(t)
         timings["total"] = _ms(started)
         timings = {k: round(v, 3) for k, v in timings.items()}
         return [
-            SearchResult(hits, {h.idx: passages[h.idx] for h in hits}, dict(timings), n, len(whole))
-            for hits, n, whole in zip(top, reranked, ranked)
+            SearchResult(hits, {h.idx: passages[h.idx] for h in hits}, dict(timings), n, len(whole), facets=counted)
+            for hits, n, whole, counted in zip(top, reranked, ranked, facets)
         ]
+
+    def _facets(
+        self, ranked: list[list[Hit]], names: Sequence[str], passages: dict[int, dict[str, Any]]
+    ) -> list[dict[str, dict[str, int]]]:
+        """Per query, each field's values counted over its whole ranking (the candidates, not only the page):
+        metadata as served (a passage's own over its document's); a list counts each item; values become
+        JSON text (true, 3) unless strings; most frequent first, ties by value. Reads the rows not read yet."""
+        missing = {h.idx for hits in ranked for h in hits} - passages.keys()
+        read = self.docstore.passages(missing) if missing else {}
+        out = []
+        for hits in ranked:
+            counts: dict[str, Counter[str]] = {name: Counter() for name in names}
+            for hit in hits:
+                passage = passages.get(hit.idx) or read.get(hit.idx)
+                metadata = passage["metadata"] if passage else {}
+                for name in names:
+                    value = metadata.get(name)
+                    for item in value if isinstance(value, list) else [value]:
+                        if item is not None and not isinstance(item, (dict, list)):
+                            counts[name][item if isinstance(item, str) else json.dumps(item)] += 1
+            out.append({n: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for n, c in counts.items()})
+        return out
 
     def _first_stage_for_rerank(
         self, queries: list[str], options: SearchOptions, loop: asyncio.AbstractEventLoop
@@ -519,6 +550,7 @@ class Pipeline:
         _check_max(options.k, s.search.max_k, "k", "search.max_k")
         _check_max(options.candidates, s.search.max_candidates, "candidates", "search.max_candidates")
         _check_max(options.rerank_depth, s.reranker.max_depth, "rerank_depth", "reranker.max_depth")
+        _check_max(len(options.facets), s.search.max_facets, "facets", "search.max_facets")
         if options.rerank and not self.second_stage:
             raise InvalidOption("rerank", "no reranker is configured; set reranker.model or send rerank=false")
         if not options.offset and options.candidates < options.k:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.answering import Answerer
+from app.classifying import Classifier
 from app.engine import Engine
 from app.generation import load_generator
 from app.generation.pool import GenerationPool
@@ -601,6 +602,7 @@ class Services:
     def __init__(self, settings: Settings, models: Models, collections: dict[str, Collection]) -> None:
         self.settings, self.models, self.collections = settings, models, collections
         self.load_error: str | None = None
+        self.classifier = Classifier(settings)  # /v1/classify; its model loads on the first call
 
     @classmethod
     def from_settings(

@@ -51,6 +51,18 @@ class SearchSettings(SearchModeSettings):
         400_000, ge=1, description="most queries × candidates × retrievers in one /v1/search/batch request"
     )
     snippet_chars: int = Field(240, ge=40)
+    max_facets: int = Field(10, ge=0, description="metadata fields one search may count (`facets`)")
+
+
+class ClassifySettings(BaseModel):
+    """`POST /v1/classify`: zero-shot labels for texts by `index.tagging`'s model (loaded on the first call)."""
+
+    enabled: bool = Field(True, description="serve /v1/classify (404 when false)")
+    max_texts: int = Field(32, ge=1, description="texts per request (413 above)")
+    max_text_chars: int = Field(4000, ge=1, description="longest text (413 above)")
+    max_labels: int = Field(100, ge=2, description="labels of an inline label set (413 above)")
+    max_words: int = Field(20, ge=1, description="verbalizer words per label (413 above)")
+    timeout_s: float = Field(60.0, gt=0, description="longest a classification may take (504 past it)")
 
 
 class EmbeddingsSettings(BaseModel):
@@ -373,6 +385,7 @@ class Settings(SiftSettings):
     search: SearchSettings = SearchSettings()
     fusion: FusionSettings = FusionSettings()
     embeddings: EmbeddingsSettings = EmbeddingsSettings()
+    classify: ClassifySettings = ClassifySettings()
     # built per instance: their path defaults (models/..., configs/prompts/...) resolve from the working
     # directory of that moment, as a file's values do (`project_path`)
     reranker: RerankerSettings = Field(default_factory=RerankerSettings)

@@ -108,7 +108,7 @@ class LabelSet(BaseModel):
     template: str = Field(
         "{text}\n\nWhat is the topic of this text?",
         max_length=2000,
-        description="the question around the text; must hold `{text}` once (a chat model reads it as the user's turn)",
+        description="the question around the text, holding `{text}` (a chat model reads it as the user's turn)",
     )
     prefix: str = Field("The topic is", max_length=200, description="the start of the answer; a label word follows")
     labels: dict[str, list[str]] = Field(
@@ -121,8 +121,8 @@ class LabelSet(BaseModel):
 
     @model_validator(mode="after")
     def _valid(self) -> LabelSet:
-        if self.template.count(TEXT_SLOT) != 1:
-            raise ValueError("template must contain {text} exactly once")
+        if TEXT_SLOT not in self.template:
+            raise ValueError("template must contain {text}")
         if len(self.labels) < 2:
             raise ValueError("labels: give at least two labels")
         for label, words in self.labels.items():

@@ -6,8 +6,9 @@ training data (`LabelSet` in indexer/config.py).
 - A causal LM (`CausalWordScorer`, SmolLM2 by default) reads the template as the user's turn of its chat
   template, then `prefix` as the start of its answer; the distribution of the next token is the slot.
   A fill-mask model (`MaskWordScorer`) reads `template`, `prefix` and its mask token; the mask is the slot.
-- A word is scored by the log-probability of its first token in the slot (each label's words must therefore
-  start with different tokens than every other label's; `Tagger.check` refuses a set where they do not).
+- A word is scored by the log-probability of its first token in the slot, so labels whose words start with the
+  same token tie on them: `Tagger.check` refuses such a set (a build's configuration), `Tagger.conflicts`
+  names them (`/v1/classify` answers with a warning; the token counts for the label listed first).
 - Calibration: the same prompt with an empty text gives each word's prior; subtracting it removes the
   template's and the model's preference for some words over others (contextual calibration).
 - A label's score is the mean probability ratio over its words (log-sum-exp minus log n); the label
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +104,7 @@ class CausalWordScorer(_HFScorer):
     system: str | None = None
 
     def prompt(self, text: str, label_set: LabelSet) -> str:
-        user = label_set.template.replace(TEXT_SLOT, text)
+        user = label_set.template.replace(TEXT_SLOT, text)  # every `{text}`
         if getattr(self.tokenizer, "chat_template", None):
             system = [] if self.system is None else [{"role": "system", "content": self.system}]
             head = self.tokenizer.apply_chat_template(
@@ -198,8 +200,11 @@ class Tagger:
 
     def __init__(self, scorer: WordScorer) -> None:
         self.scorer = scorer
-        self._calibration: dict[tuple[str, str], np.ndarray] = {}  # (template, prefix) -> empty-text slot
+        # (template, prefix) -> the empty text's slot, most recent last (bounded: requests bring their own prompts)
+        self._calibration: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+
+    CALIBRATIONS_KEPT = 64
 
     @classmethod
     def load(cls, settings: TaggingSettings) -> Tagger:
@@ -216,29 +221,41 @@ class Tagger:
             for label, words in label_set.words().items()
         }
 
+    def conflicts(self, label_set: LabelSet) -> list[str]:
+        """One message per pair of labels whose words start with the same token (they tie on it)."""
+        owner: dict[int, str] = {}
+        found = []
+        for label, ids in self.tokens(label_set).items():
+            for token in ids:
+                first = owner.setdefault(token, label)
+                if first != label:
+                    found.append(
+                        f"labels {first!r} and {label!r} have words that start with the same token; give them "
+                        "verbalizer words that start differently"
+                    )
+        return list(dict.fromkeys(found))
+
     def check(self, label_set: LabelSet) -> dict[str, list[int]]:
         """The set's tokens; raises `LabelSetError` when two labels' words start with the same token (the
         model could not tell them apart)."""
-        owner: dict[int, str] = {}
-        tokens = self.tokens(label_set)
-        for label, ids in tokens.items():
-            for token in ids:
-                if owner.setdefault(token, label) != label:
-                    raise LabelSetError(
-                        f"labels {owner[token]!r} and {label!r} have words that start with the same token; "
-                        "give them verbalizer words that start differently"
-                    )
-        return tokens
+        found = self.conflicts(label_set)
+        if found:
+            raise LabelSetError(found[0])
+        return self.tokens(label_set)
 
     def calibration(self, label_set: LabelSet) -> np.ndarray:
         """The slot's log-probabilities for the set's prompt around an empty text (cached per prompt)."""
         key = (label_set.template, label_set.prefix)
         with self._lock:
             cached = self._calibration.get(key)
+            if cached is not None:
+                self._calibration.move_to_end(key)
         if cached is None:
             cached = self.scorer.slot_logprobs([""], label_set)[0]
             with self._lock:
                 self._calibration[key] = cached
+                while len(self._calibration) > self.CALIBRATIONS_KEPT:
+                    self._calibration.popitem(last=False)
         return cached
 
     def label_scores(self, slot: np.ndarray, label_set: LabelSet, tokens: Mapping[str, list[int]]) -> np.ndarray:
@@ -251,9 +268,11 @@ class Tagger:
             columns.append(top[:, 0] + np.log(np.exp(part - top).mean(axis=1)))  # log of the mean ratio
         return np.stack(columns, axis=1)
 
-    def probabilities(self, texts: Sequence[str], label_set: LabelSet) -> np.ndarray:
-        """[texts, labels] label probabilities (softmax of the calibrated scores), labels in the set's order."""
-        tokens = self.check(label_set)
+    def probabilities(self, texts: Sequence[str], label_set: LabelSet, strict: bool = True) -> np.ndarray:
+        """[texts, labels] label probabilities (softmax of the calibrated scores), labels in the set's order.
+        `strict`: refuse a set whose labels share a first token (`check`); else such a token counts for the
+        label listed first only (the later one keeps its other words, or ties on it when it has none)."""
+        tokens = self.check(label_set) if strict else self._owned(label_set)
         if not texts:
             return np.zeros((0, len(tokens)), dtype=np.float32)
         scores = self.label_scores(self.scorer.slot_logprobs(texts, label_set), label_set, tokens)
@@ -261,10 +280,18 @@ class Tagger:
         exp = np.exp(scores)
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    def classify(self, texts: Sequence[str], label_set: LabelSet) -> list[Classification]:
+    def _owned(self, label_set: LabelSet) -> dict[str, list[int]]:
+        owner: dict[int, str] = {}
+        out = {}
+        for label, ids in self.tokens(label_set).items():
+            own = [t for t in ids if owner.setdefault(t, label) == label]
+            out[label] = own or ids
+        return out
+
+    def classify(self, texts: Sequence[str], label_set: LabelSet, strict: bool = True) -> list[Classification]:
         labels = list(label_set.labels)
         results = []
-        for row in self.probabilities(texts, label_set):
+        for row in self.probabilities(texts, label_set, strict):
             order = np.argsort(-row, kind="stable")  # ties: the label listed first
             best = int(order[0])
             scores = {labels[int(i)]: round(float(row[int(i)]), 4) for i in order}

@@ -55,13 +55,15 @@ EXAMPLES_PER_OPERATION = 20
 
 def documented_settings(example_index):  # noqa: ANN001, ANN201 - also tests/test_api_defects.py's server
     """The server the fuzzer serves: extractive answers with the shipped reader (real answers, fast enough to
-    fuzz) and MaxSim alone over the stored token vectors as the second stage (so `rerank` and /v1/rerank
-    answer, cheaply)."""
+    fuzz), MaxSim alone over the stored token vectors as the second stage (so `rerank` and /v1/rerank
+    answer, cheaply), and /v1/classify on the real SmolLM2 with small limits (two short texts, 16 tokens read)."""
     return load_settings(
         bundle=example_index,
         reranker={"model": "maxsim", "maxsim": True},
         generator={"backend": "none"},
         answer={"mode": "extractive"},
+        classify={"max_texts": 2, "max_text_chars": 200, "max_labels": 8, "max_words": 3},
+        index={"tagging": {"max_tokens": 16}},
     )
 
 

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.answer import router as answer_router
 from app.api.auth import Auth
+from app.api.classify import router as classify_router
 from app.api.ecosystem import router as ecosystem_router
 from app.api.errors import error_body, install_error_handlers
 from app.api.metrics import Metrics
@@ -206,6 +207,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(router)
     app.include_router(answer_router)
     app.include_router(ecosystem_router)
+    app.include_router(classify_router)
     app.include_router(playground_router)
     app.mount("/ui/assets", playground_assets, name="playground-assets")
     app.add_middleware(

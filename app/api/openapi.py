@@ -53,14 +53,26 @@ def _limits(settings: Settings) -> dict[str, dict[str, Limit]]:
         "rerank_depth": ("maximum", settings.reranker.max_depth),
     }
     return {
-        "SearchRequest": {**search, "query": ("maxLength", settings.search.max_query_chars)},
-        "BatchSearchRequest": {**search, "queries": ("maxItems", settings.search.max_batch_queries)},
         "AnswerRequest": {
             **search,
             "question": ("maxLength", settings.search.max_query_chars),
             "passages": ("maximum", settings.answer.max_passages),
         },
         "SearchParams": search,
+        "SearchRequest": {
+            **search,
+            "query": ("maxLength", settings.search.max_query_chars),
+            "facets": ("maxItems", settings.search.max_facets),
+        },
+        "BatchSearchRequest": {
+            **search,
+            "queries": ("maxItems", settings.search.max_batch_queries),
+            "facets": ("maxItems", settings.search.max_facets),
+        },
+        "ClassifyRequest": {
+            "texts": [("maxLength", settings.classify.max_text_chars), ("maxItems", settings.classify.max_texts)],
+        },
+        "InlineLabelSet": {"labels": ("maxProperties", settings.classify.max_labels)},
         "GenerationOptions": {"max_new_tokens": ("maximum", settings.answer.max_tokens_limit)},
         "ChatRequest": {
             "max_tokens": ("maximum", settings.answer.max_tokens_limit),
@@ -122,6 +134,15 @@ def _narrow(schema: dict[str, Any], settings: Settings, served: tuple[list[str],
     `/v1/embeddings` without one."""
     components = schema.get("components", {}).get("schemas", {})
     params = [c.get("properties", {}) for c in components.values()]
+    if not settings.classify.enabled:
+        schema.get("paths", {}).pop("/v1/classify", None)
+    label_set = components.get("ClassifyRequest", {}).get("properties", {}).get("label_set", {})
+    if (branch := _typed_branch(label_set, "string")) is not None:  # a name must be a configured one (else 422)
+        names = sorted(settings.index.tagging.label_sets)
+        if names:
+            branch["enum"] = names
+        else:
+            label_set["anyOf"] = [b for b in label_set.get("anyOf", []) if b is not branch]
     if not settings.reranker.model:
         schema.get("paths", {}).pop("/v1/rerank", None)
         for properties in params:
@@ -157,6 +178,9 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
                 for keyword, value in limit if isinstance(limit, list) else [limit]:
                     if field in properties:
                         _set_limit(properties[field], keyword, value)
+        words = components.get("InlineLabelSet", {}).get("properties", {}).get("labels", {})
+        if isinstance(words.get("additionalProperties"), dict):
+            words["additionalProperties"]["maxItems"] = settings.classify.max_words
         batch = components.get("BatchSearchRequest", {}).get("properties", {}).get("queries", {})
         if "items" in batch:
             batch["items"]["maxLength"] = settings.search.max_query_chars

@@ -116,6 +116,7 @@ def to_options(engine: Engine, params: SearchParams, offset: int = 0) -> SearchO
         collapse=params.collapse,
         offset=offset,
         allow_partial=params.allow_partial,
+        facets=tuple(facets) if (facets := getattr(params, "facets", None)) else None,
     )
 
 

@@ -135,6 +135,25 @@ class SearchParams(JsonModel):
         return value
 
 
+class FacetParams(JsonModel):
+    """`facets` of `/v1/search` and `/v1/search/batch` (not of answers: they show no candidates)."""
+
+    facets: list[Text] | None = Field(
+        None,
+        description="metadata fields whose values are counted over the candidates (the whole ranking the page is "
+        "cut from, after filters), e.g. zero-shot tags written by `sift index build --tag` (at most "
+        "search.max_facets)",
+        examples=[["auto_topic", "kind"]],
+    )
+
+    @field_validator("facets")
+    @classmethod
+    def _facets_valid(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not name.strip() for name in value):
+            raise ValueError("facets must be non-empty metadata field names")
+        return list(dict.fromkeys(value)) if value is not None else None
+
+
 def _check_query(value: str, field: str = "query") -> str:
     if not value.strip():
         raise ValueError(f"{field} must contain non-whitespace text")
@@ -153,7 +172,7 @@ _OFFSET = Field(
 CURSOR_FORMAT = "sift-cursor"
 
 
-class SearchRequest(SearchParams):
+class SearchRequest(SearchParams, FacetParams):
     # a cursor carries its own offset: one with an offset is a 422, so the document allows only offset 0 with it
     model_config = ConfigDict(
         json_schema_extra={
@@ -183,7 +202,7 @@ class SearchRequest(SearchParams):
     _query = field_validator("query")(classmethod(lambda cls, v: _check_query(v)))
 
 
-class BatchSearchRequest(SearchParams):
+class BatchSearchRequest(SearchParams, FacetParams):
     queries: list[Text] = Field(
         ...,
         min_length=1,
@@ -252,6 +271,12 @@ class SearchResponse(BaseModel):
     missing_shards: list[str] = Field(
         default_factory=list,
         description="shards that did not answer (only with allow_partial; the hits come from the others)",
+    )
+    facets: dict[str, dict[str, int]] | None = Field(
+        None,
+        description="when `facets` was asked: per field, how many candidates hold each value (most first; a list "
+        "value counts each item; non-string values as JSON text)",
+        examples=[{"auto_topic": {"astronomy": 12, "earth": 3}}],
     )
 
 

@@ -125,7 +125,7 @@ def search_response(
                 "explain": explain(hit.stages, options),
             }
         )
-    return {
+    response = {
         "query": query,
         "mode": options.mode,
         "hits": hits,
@@ -134,3 +134,6 @@ def search_response(
         "offset": options.offset,
         "next_cursor": next_cursor,
     }
+    if result.facets is not None:
+        response["facets"] = result.facets
+    return response

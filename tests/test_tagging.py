@@ -1,0 +1,264 @@
+"""Zero-shot tagging (issue 32, part 1) on the real SmolLM2: the tagger's calibration and invariants, `sift index
+build --tag` and `update` through the CLI, facets and `/v1/classify` over a real uvicorn server started as
+users start it, and the eval's split and scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from indexer.config import LabelSet, TaggingSettings
+from tests.conftest import EXAMPLES, ROOT
+from tests.servers import sift_server
+
+TEXTS = {
+    "astronomy": "Jupiter's moons orbit the giant planet; telescopes show the Galilean satellites as points of light.",
+    "cooking": "Whisk the eggs with sugar, fold in the flour and bake the sponge cake for twenty minutes.",
+    "sport": "The striker scored twice in the cup final and the team lifted the trophy.",
+    "music": "The orchestra tuned up before the symphony; the violins played the opening melody.",
+}
+
+
+@pytest.fixture(scope="module")
+def tagger():
+    from indexer.tagging import Tagger
+
+    return Tagger.load(TaggingSettings())
+
+
+def topic_set() -> LabelSet:
+    return TaggingSettings().label_sets["topic"]
+
+
+def test_tagger_labels_clear_texts_calibrated_and_order_free(tagger):
+    label_set = topic_set()
+    labels = list(label_set.labels)
+    texts = list(TEXTS.values())
+    probabilities = tagger.probabilities(texts, label_set)
+    assert probabilities.shape == (4, len(labels))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert [labels[i] for i in probabilities.argmax(axis=1)] == list(TEXTS)
+    # a text's scores do not depend on the batch it came in, nor on its position there
+    alone = tagger.probabilities([texts[2]], label_set)
+    np.testing.assert_allclose(alone[0], probabilities[2], atol=2e-3)
+    reverse = tagger.probabilities(texts[::-1], label_set)
+    np.testing.assert_allclose(reverse[::-1], probabilities, atol=2e-3)
+    # calibration: the empty text is the reference, so every label is equally likely for it
+    empty = tagger.probabilities([""], label_set)[0]
+    np.testing.assert_allclose(empty, 1 / len(labels), atol=1e-4)
+    # classify: the best label, its probability, and every label's, best first
+    result = tagger.classify([texts[1]], label_set)[0]
+    assert result.label == "cooking" and result.score == max(result.scores.values())
+    assert list(result.scores)[0] == "cooking" and len(result.scores) == len(labels)
+    # min_score: below it, no label is written
+    strict = label_set.model_copy(update={"min_score": 0.999999})
+    assert tagger.classify([texts[1]], strict)[0].label is None
+
+
+def test_label_sets_are_checked(tagger):
+    from indexer.tagging import LabelSetError
+
+    with pytest.raises(ValueError, match=r"\{text\}"):
+        LabelSet(field="x", template="no slot", labels={"a": [], "b": []})
+    with pytest.raises(ValueError, match="at least two labels"):
+        LabelSet(field="x", labels={"a": []})
+    with pytest.raises(ValueError, match="empty"):
+        LabelSet(field="x", labels={"a": [" "], "b": []})
+    clash = LabelSet(field="x", labels={"Victoria (Australia)": ["Victoria"], "Victoria Museum": ["Victoria"]})
+    with pytest.raises(LabelSetError, match="start with the same token"):
+        tagger.check(clash)
+    assert len(tagger.conflicts(clash)) == 1
+    tied = tagger.probabilities([TEXTS["music"]], clash, strict=False)[0]
+    assert tied[0] == pytest.approx(tied[1])  # the same token for both: a tie, broken by order in classify
+    assert tagger.classify([TEXTS["music"]], clash, strict=False)[0].label == "Victoria (Australia)"
+
+
+def _sift(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from app.cli import main; main()", *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def tagged_index(tmp_path_factory):
+    """`sift index build --tag` over 4 documents of each of 5 topics of the example corpus, as a user runs it."""
+    rows = [json.loads(line) for line in EXAMPLES.read_text().splitlines() if line.strip()]
+    wanted = ("astronomy", "cooking", "sport", "music", "history")
+    picked = [r for t in wanted for r in [r for r in rows if r["metadata"]["topic"] == t][:4]]
+    folder = tmp_path_factory.mktemp("tagged")
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    out = folder / "index"
+    done = _sift("index", "build", "--input", str(corpus), "--out", str(out), "--tag", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, picked
+
+
+def _passages(index):
+    from indexer.bundle import DOCSTORE, resolve_bundle
+    from indexer.docstore import Docstore
+
+    store = Docstore(resolve_bundle(index) / DOCSTORE)
+    try:
+        return {p["id"]: p for p in store.passages(range(store.num_passages)).values()}, store.filter_mask(
+            {"auto_topic": "cooking"}
+        )
+    finally:
+        store.close()
+
+
+def test_build_tag_writes_labels_and_update_keeps_them(tagged_index, tmp_path):
+    from indexer.bundle import open_bundle
+
+    index, picked = tagged_index
+    manifest = open_bundle(index).manifest
+    assert manifest["config"]["tagging"]["enabled"] is True
+    assert manifest["build"]["timings"]["tag"] > 0 and "load_tagger" in manifest["build"]["timings"]
+    passages, cooking = _passages(index)
+    assert len(passages) == len(picked)
+    right = 0
+    for passage in passages.values():
+        scores = passage["metadata"]["auto_topic_scores"]
+        assert len(scores) == 3 and list(scores.values()) == sorted(scores.values(), reverse=True)
+        assert passage["metadata"]["auto_topic"] == next(iter(scores))
+        assert passage["metadata"]["topic"]  # the document's own metadata is still there, under the tags
+        right += passage["metadata"]["auto_topic"] == passage["metadata"]["topic"]
+    assert right >= 16, f"{right}/20 tagged with their topic"  # clear notes: the tagger gets most of them
+    # filters see the tags: the mask holds exactly the passages tagged cooking (rows in id order of the build)
+    tagged_cooking = sorted(p["idx"] for p in passages.values() if p["metadata"]["auto_topic"] == "cooking")
+    assert sorted(np.flatnonzero(cooking).tolist()) == tagged_cooking and tagged_cooking
+
+    # an update tags the added document with the parent's label sets and keeps every kept passage's tags
+    added = tmp_path / "add.jsonl"
+    added.write_text(
+        json.dumps({"_id": "new-1", "title": "Bread", "text": TEXTS["cooking"], "metadata": {"topic": "cooking"}})
+        + "\n"
+    )
+    deleted = tmp_path / "delete.txt"
+    deleted.write_text(picked[0]["_id"] + "\n")
+    done = _sift("index", "update", "--out", str(index), "--add", str(added), "--delete", str(deleted), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    after, _ = _passages(index)
+    assert after["new-1#0"]["metadata"]["auto_topic"] == "cooking"
+    for pid, passage in passages.items():
+        if pid.startswith(picked[0]["_id"] + "#"):
+            assert pid not in after
+        else:
+            assert after[pid]["metadata"] == passage["metadata"]
+
+
+def test_facets_and_classify_over_http(tagged_index):
+    from collections import Counter
+
+    index, _ = tagged_index
+    passages, _ = _passages(index)  # the current build (the update test may have changed it)
+    topics = Counter(p["metadata"]["topic"] for p in passages.values())
+    tags = Counter(p["metadata"]["auto_topic"] for p in passages.values())
+    env = {
+        "SIFT_BUNDLE": str(index),
+        "SIFT_RERANKER__MODEL": "null",
+        "SIFT_ANSWER__MODE": "extractive",
+        "SIFT_SERVER__ALLOW_ANONYMOUS": "true",
+    }
+    with sift_server(env) as (base, _):
+        search = httpx.post(
+            f"{base}/v1/search", json={"query": "what to cook", "k": 3, "facets": ["auto_topic", "topic"]}, timeout=60
+        )
+        assert search.status_code == 200, search.text
+        body = search.json()
+        facets = body["facets"]
+        # counted over every candidate (the whole ranking), not the 3 hits of the page
+        assert facets["topic"] == dict(topics) and facets["auto_topic"] == dict(tags)
+        assert list(facets["auto_topic"].values()) == sorted(facets["auto_topic"].values(), reverse=True)
+        filtered = httpx.post(
+            f"{base}/v1/search",
+            json={"query": "what to cook", "facets": ["auto_topic"], "filters": {"auto_topic": "cooking"}},
+            timeout=60,
+        ).json()
+        assert list(filtered["facets"]["auto_topic"]) == ["cooking"]
+        assert all(h["metadata"]["auto_topic"] == "cooking" for h in filtered["hits"])
+        assert "facets" not in httpx.post(f"{base}/v1/search", json={"query": "tea"}, timeout=60).json()
+        too_many = httpx.post(f"{base}/v1/search", json={"query": "tea", "facets": [f"f{i}" for i in range(11)]})
+        assert too_many.status_code == 422 and too_many.json()["error"]["fields"][0]["field"] == "facets"
+
+        named = httpx.post(
+            f"{base}/v1/classify",
+            json={"texts": [TEXTS["sport"], TEXTS["astronomy"]], "label_set": "topic"},
+            timeout=120,
+        )
+        assert named.status_code == 200, named.text
+        result = named.json()
+        assert [r["label"] for r in result["results"]] == ["sport", "astronomy"]
+        assert result["model"] == "SmolLM2-135M-Instruct" and result["label_set"] == "topic" and not result["warnings"]
+        assert sum(result["results"][0]["scores"].values()) == pytest.approx(1.0, abs=1e-3)
+        inline = httpx.post(
+            f"{base}/v1/classify",
+            json={
+                "texts": [TEXTS["music"]],
+                "label_set": {"labels": {"sport": ["football"], "music": ["music", "orchestra"], "law": []}},
+            },
+            timeout=120,
+        ).json()
+        assert inline["label_set"] is None and inline["results"][0]["label"] == "music"
+        assert inline["labels"] == ["sport", "music", "law"]
+        clash = httpx.post(
+            f"{base}/v1/classify",
+            json={"texts": ["x y"], "label_set": {"labels": {"New York": ["New"], "New Delhi": ["New"]}}},
+            timeout=120,
+        ).json()
+        assert clash["warnings"] and "same token" in clash["warnings"][0]
+        for payload, status, field in (
+            ({"texts": ["a"], "label_set": "nope"}, 422, "label_set"),
+            ({"texts": ["a"] * 33, "label_set": "topic"}, 413, "texts"),
+            ({"texts": ["a" * 4001], "label_set": "topic"}, 413, "texts[0]"),
+            ({"texts": [" "], "label_set": "topic"}, 422, "texts"),
+            ({"texts": ["a"], "label_set": {"labels": {f"l{i}": [] for i in range(101)}}}, 413, "label_set.labels"),
+        ):
+            response = httpx.post(f"{base}/v1/classify", json=payload, timeout=60)
+            assert response.status_code == status, (payload, response.text)
+            assert response.json()["error"]["fields"][0]["field"].startswith(field), response.text
+        document = httpx.get(f"{base}/openapi.json").json()
+        operation = document["paths"]["/v1/classify"]["post"]
+        assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ClassifyRequest")
+        request = document["components"]["schemas"]["ClassifyRequest"]
+        assert request["properties"]["texts"]["maxItems"] == 32 and request["examples"]
+        assert request["properties"]["label_set"]["anyOf"][0]["enum"] == ["topic"]
+
+
+def test_classify_can_be_turned_off(example_index):
+    from app.settings import load_settings
+    from tests.servers import app_client
+
+    settings = load_settings(
+        bundle=example_index, reranker={"model": None}, generator={"backend": "none"}, classify={"enabled": False}
+    )
+    with app_client(settings) as client:
+        response = client.post("/v1/classify", json={"texts": ["a"], "label_set": "topic"})
+        assert response.status_code == 404 and "classify.enabled" in response.json()["error"]["message"]
+        assert "/v1/classify" not in client.get("/openapi.json").json()["paths"]
+
+
+def test_eval_halves_and_scores():
+    from app.eval.classify import Labelled, cap_per_label, halves, macro_f1, name_words
+
+    rows = [Labelled(str(i), "ab"[i % 2] if i < 6 else "c") for i in range(9)]
+    first, second = halves(rows)
+    # each label's rows alternate between halves, in file order
+    assert [r.text for r in first] == ["0", "1", "4", "5", "6", "8"]
+    assert [r.text for r in second] == ["2", "3", "7"]
+    assert [r.text for r in cap_per_label(first, 1)] == ["0", "1", "6"]
+    # macro-F1 by hand: a (tp 1, fp 1, fn 0) 2/3; b (tp 0) 0; c (tp 1, fn 1) 2/3 → 4/9
+    assert macro_f1(["a", "b", "c", "c"], ["a", "a", "c", "b"], ["a", "b", "c"]) == pytest.approx(4 / 9)
+    assert name_words("Super_Bowl_50".replace("_", " ")) == ["Super", "Bowl", "50"]
+    assert name_words("The Beatles") == ["Beatles"]

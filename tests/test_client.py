@@ -56,6 +56,24 @@ def sift(client_server):
 # -- the same results as raw HTTP, typed ---------------------------------------------------------------------
 
 
+def test_facets_and_classify_typed(client_server, sift):
+    """Facets (value counts over the candidates) and zero-shot classification through the client, as raw HTTP
+    returns them."""
+    base, key = client_server
+    page = sift.search("bread and eggs", k=3, candidates=20, facets=["topic", "kind"])
+    raw = raw_search(base, key, query="bread and eggs", k=3, candidates=20, facets=["topic", "kind"])
+    assert page.facets == raw["facets"] and sum(page.facets["topic"].values()) == 20
+    assert next(iter(page.facets["topic"])) == "cooking"  # the most frequent topic among the candidates
+    result = sift.classify(["The striker scored twice in the final."], "topic")
+    assert isinstance(result, models.ClassifyResponse) and result.label_set == "topic"
+    assert result.results[0].label == "sport" and result.results[0].score == max(result.results[0].scores.values())
+    inline = sift.classify(["Knead the dough and let it rise."], {"labels": {"baking": [], "sailing": []}})
+    assert inline.labels == ["baking", "sailing"] and inline.results[0].label == "baking"
+    with pytest.raises(InvalidRequestError) as refused:
+        sift.classify(["a"], "no-such-set")
+    assert refused.value.status_code == 422 and refused.value.fields[0]["field"] == "label_set"
+
+
 def test_search_returns_the_raw_hits_typed_with_explain_and_timings(client_server, sift):
     base, key = client_server
     raw = raw_search(base, key, query=QUERY, k=5)
@@ -395,6 +413,8 @@ RESPONSES = [
     models.AnswerPassage,
     models.AnswerSpan,
     models.AnswerResponse,
+    models.ClassifyResult,
+    models.ClassifyResponse,
 ]
 
 
@@ -415,12 +435,13 @@ def test_models_match_the_served_openapi_document(client_server):
     assert answered_by("/v1/documents/{doc_id}", "get") == "DocumentResponse"
     assert answered_by("/v1/collections", "get") == "CollectionsResponse"
     assert answered_by("/v1/answer", "post") == "AnswerResponse"
+    assert answered_by("/v1/classify", "post") == "ClassifyResponse"
     # request options: every option the server takes, with its JSON type, and no other
     options = TypeAdapter(models.SearchOptions).json_schema()
     generation = TypeAdapter(models.GenerationOptions).json_schema()
     per_route = {
-        "SearchRequest": {"query", "offset", "cursor"},
-        "BatchSearchRequest": {"queries", "offset"},
+        "SearchRequest": {"query", "offset", "cursor", "facets"},
+        "BatchSearchRequest": {"queries", "offset", "facets"},
         "AnswerRequest": {"question", "passages", "generation", "stream"},
     }
     for name, own in per_route.items():

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Request
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api.errors import ApiError
 from app.api.routes import ERRORS, SEARCH
@@ -87,13 +87,13 @@ class ClassifyRequest(JsonModel):
         return value
 
 
-class ClassifyResult(JsonModel):
+class ClassifyResult(BaseModel):
     label: str | None = Field(description="the most probable label (null below the label set's min_score)")
     score: float = Field(description="its probability")
     scores: dict[str, float] = Field(description="every label's probability, most probable first")
 
 
-class ClassifyResponse(JsonModel):
+class ClassifyResponse(BaseModel):
     model: str = Field(description="the model that scored the labels")
     label_set: str | None = Field(description="the configured label set used (null: the request's own)")
     labels: list[str] = Field(description="the label set's labels, in its order")

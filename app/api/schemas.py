@@ -250,7 +250,9 @@ class SearchHit(BaseModel):
     position: int = Field(description="passage number within its document")
     start: int = Field(description="character offset of the passage in the document text")
     end: int = Field(description="character offset just past the passage")
-    metadata: dict[str, Any] = Field(description="the document's metadata")
+    metadata: dict[str, Any] = Field(
+        description="the document's metadata, with the passage's own keys (e.g. zero-shot tags) over it"
+    )
     explain: dict[str, StageExplain | None] = Field(
         description="score and rank per stage: bm25, dense, fused, rerank, and maxsim when the second stage has it"
     )
@@ -302,6 +304,9 @@ class DocumentPassage(BaseModel):
     text: str = Field(description="passage text")
     start: int = Field(description="character offset of the passage in the document text")
     end: int = Field(description="character offset just past the passage")
+    metadata: dict[str, Any] = Field(
+        {}, description="the passage's own metadata (e.g. zero-shot tags); search hits show it over the document's"
+    )
 
 
 class DocumentResponse(BaseModel):

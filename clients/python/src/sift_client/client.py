@@ -38,6 +38,7 @@ from sift_client.models import (
     AnswerEvent,
     AnswerResponse,
     BatchSearchResponse,
+    ClassifyResponse,
     CollectionsResponse,
     DocumentResponse,
     DoneEvent,
@@ -308,10 +309,19 @@ class SiftClient(_Base[httpx.Client]):
             attempt += 1
 
     def search(
-        self, query: str, *, offset: int = 0, cursor: str | None = None, **options: Unpack[SearchOptions]
+        self,
+        query: str,
+        *,
+        offset: int = 0,
+        cursor: str | None = None,
+        facets: list[str] | None = None,
+        **options: Unpack[SearchOptions],
     ) -> SearchResponse:
-        """One page of hits for `query` (`POST /v1/search`), best first, each with its stages' explain."""
-        body = self._config.body({"query": query, "offset": offset or None, "cursor": cursor, **options})
+        """One page of hits for `query` (`POST /v1/search`), best first, each with its stages' explain; with
+        `facets`, those metadata fields' value counts over the candidates (`SearchResponse.facets`)."""
+        body = self._config.body(
+            {"query": query, "offset": offset or None, "cursor": cursor, "facets": facets, **options}
+        )
         return _parse(SearchResponse, self._send("POST", "/v1/search", json_body=body))
 
     def search_pages(self, query: str, **options: Unpack[SearchOptions]) -> Iterator[SearchResponse]:
@@ -323,10 +333,15 @@ class SiftClient(_Base[httpx.Client]):
             yield page
 
     def search_batch(
-        self, queries: list[str], *, offset: int = 0, **options: Unpack[SearchOptions]
+        self,
+        queries: list[str],
+        *,
+        offset: int = 0,
+        facets: list[str] | None = None,
+        **options: Unpack[SearchOptions],
     ) -> BatchSearchResponse:
         """Hits for several queries in one request (`POST /v1/search/batch`), one result per query, in order."""
-        body = self._config.body({"queries": queries, "offset": offset or None, **options})
+        body = self._config.body({"queries": queries, "offset": offset or None, "facets": facets, **options})
         return _parse(BatchSearchResponse, self._send("POST", "/v1/search/batch", json_body=body))
 
     def document(self, doc_id: str, *, collection: str | None = None) -> DocumentResponse:
@@ -337,6 +352,12 @@ class SiftClient(_Base[httpx.Client]):
     def collections(self) -> CollectionsResponse:
         """The served collections, the default first, with their builds and reload state."""
         return _parse(CollectionsResponse, self._send("GET", "/v1/collections"))
+
+    def classify(self, texts: list[str], label_set: str | dict[str, Any]) -> ClassifyResponse:
+        """Zero-shot labels for `texts` (`POST /v1/classify`): `label_set` names a configured one (e.g.
+        "topic"), or is `{"labels": {label: [words]}, "template": ..., "prefix": ...}`."""
+        body = {"texts": texts, "label_set": label_set}
+        return _parse(ClassifyResponse, self._send("POST", "/v1/classify", json_body=body))
 
     def answer(
         self,
@@ -434,9 +455,17 @@ class AsyncSiftClient(_Base[httpx.AsyncClient]):
             attempt += 1
 
     async def search(
-        self, query: str, *, offset: int = 0, cursor: str | None = None, **options: Unpack[SearchOptions]
+        self,
+        query: str,
+        *,
+        offset: int = 0,
+        cursor: str | None = None,
+        facets: list[str] | None = None,
+        **options: Unpack[SearchOptions],
     ) -> SearchResponse:
-        body = self._config.body({"query": query, "offset": offset or None, "cursor": cursor, **options})
+        body = self._config.body(
+            {"query": query, "offset": offset or None, "cursor": cursor, "facets": facets, **options}
+        )
         return _parse(SearchResponse, await self._send("POST", "/v1/search", json_body=body))
 
     async def search_pages(self, query: str, **options: Unpack[SearchOptions]) -> AsyncIterator[SearchResponse]:
@@ -447,9 +476,14 @@ class AsyncSiftClient(_Base[httpx.AsyncClient]):
             yield page
 
     async def search_batch(
-        self, queries: list[str], *, offset: int = 0, **options: Unpack[SearchOptions]
+        self,
+        queries: list[str],
+        *,
+        offset: int = 0,
+        facets: list[str] | None = None,
+        **options: Unpack[SearchOptions],
     ) -> BatchSearchResponse:
-        body = self._config.body({"queries": queries, "offset": offset or None, **options})
+        body = self._config.body({"queries": queries, "offset": offset or None, "facets": facets, **options})
         return _parse(BatchSearchResponse, await self._send("POST", "/v1/search/batch", json_body=body))
 
     async def document(self, doc_id: str, *, collection: str | None = None) -> DocumentResponse:
@@ -458,6 +492,10 @@ class AsyncSiftClient(_Base[httpx.AsyncClient]):
 
     async def collections(self) -> CollectionsResponse:
         return _parse(CollectionsResponse, await self._send("GET", "/v1/collections"))
+
+    async def classify(self, texts: list[str], label_set: str | dict[str, Any]) -> ClassifyResponse:
+        body = {"texts": texts, "label_set": label_set}
+        return _parse(ClassifyResponse, await self._send("POST", "/v1/classify", json_body=body))
 
     async def answer(
         self,

@@ -86,6 +86,7 @@ class SearchResponse(Model):
     offset: int = 0
     next_cursor: str | None = None
     missing_shards: list[str] = []
+    facets: dict[str, dict[str, int]] | None = None
 
 
 class BatchSearchResponse(Model):
@@ -102,6 +103,7 @@ class DocumentPassage(Model):
     text: str
     start: int
     end: int
+    metadata: dict[str, Any] = {}
 
 
 class DocumentResponse(Model):
@@ -196,3 +198,19 @@ class DoneEvent(Model):
 
 
 AnswerEvent = PassagesEvent | TokenEvent | DoneEvent
+
+
+class ClassifyResult(Model):
+    """One text's zero-shot label (None below the label set's `min_score`), its probability and every label's."""
+
+    label: str | None
+    score: float
+    scores: dict[str, float]
+
+
+class ClassifyResponse(Model):
+    model: str
+    label_set: str | None
+    labels: list[str]
+    results: list[ClassifyResult]
+    warnings: list[str]

@@ -431,11 +431,13 @@ def eval_classify(
     gold = [r.label for r in test]
     texts = [r.text for r in test]
     t = time.perf_counter()
-    probabilities = tagger.probabilities(texts, chosen)
+    slot = tagger.scorer.slot_logprobs(texts, chosen)  # one model pass; both verbalizers read it
     seconds = time.perf_counter() - t
-    predicted = [labels[int(i)] for i in np.argmax(probabilities, axis=1)] if len(texts) else []
     names = chosen.model_copy(update={"labels": names_verbalizer(tagger, labels)})
-    by_names = [c.label for c in tagger.classify(texts, names)]
+    predicted, by_names = (
+        [labels[int(i)] for i in np.argmax(tagger.label_scores(slot, s, tagger.check(s)), axis=1)]
+        for s in (chosen, names)
+    )
     encoder = load_encoder(settings.index.dense.model, settings.index.dense.device)
     baseline = cosine_baseline(encoder, texts, labels)
     scored = {
@@ -451,6 +453,7 @@ def eval_classify(
         "model": tagger.name,
         "template": chosen.template,
         "prefix": chosen.prefix,
+        "verbalizer": chosen.labels,
         **scored,
         "ms_per_text": 1000 * seconds / max(1, len(texts)),
         "choices": tried,

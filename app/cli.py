@@ -435,7 +435,7 @@ def eval_classify(
     seconds = time.perf_counter() - t
     names = chosen.model_copy(update={"labels": names_verbalizer(tagger, labels)})
     predicted, by_names = (
-        [labels[int(i)] for i in np.argmax(tagger.label_scores(slot, s, tagger.check(s)), axis=1)]
+        [labels[int(i)] for i in np.argmax(tagger.label_scores(slot, s, tagger.owned_tokens(s)), axis=1)]
         for s in (chosen, names)
     )
     encoder = load_encoder(settings.index.dense.model, settings.index.dense.device)
@@ -470,6 +470,8 @@ def eval_classify(
     out = out or Path("var") / "eval" / "classify" / re.sub(r"[^A-Za-z0-9]+", "-", dataset).strip("-")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    for warning in tagger.conflicts(chosen):
+        typer.echo(f"warning: the chosen label set: {warning}", err=True)
     (out / "label_set.json").write_text(json.dumps(chosen.model_dump(mode="json"), indent=2))
     typer.echo(f"wrote {out}/results.json and label_set.json")
 

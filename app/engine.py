@@ -43,6 +43,7 @@ class EngineError(Exception):
 
     status = 422
     kind = "validation_error"
+    retry_after: int | None = None  # seconds, sent as Retry-After (429s and 503s)
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -64,6 +65,28 @@ class Unavailable(EngineError):
 
     def __init__(self, message: str, field: str | None, kind: str) -> None:
         super().__init__(message, field)
+        self.kind = kind
+
+
+class Overloaded(EngineError):
+    """As much work of this kind is queued as the configuration allows; refused rather than queued (429)."""
+
+    status = 429
+    retry_after = 1
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message, None)
+        self.kind = kind
+
+
+class ModelUnavailable(EngineError):
+    """A model the request needs did not load (503: the request was fine; the server is not)."""
+
+    status = 503
+    retry_after = 5
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message, None)
         self.kind = kind
 
 

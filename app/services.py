@@ -721,5 +721,6 @@ class Services:
         for collection in self.collections.values():
             await collection.close()
         await self.models.close()
+        self.classifier.close()
         self.models.generation.shutdown()
         self.models.tracer.shutdown()

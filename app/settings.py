@@ -62,7 +62,8 @@ class ClassifySettings(BaseModel):
     max_text_chars: int = Field(4000, ge=1, description="longest text (413 above)")
     max_labels: int = Field(100, ge=2, description="labels of an inline label set (413 above)")
     max_words: int = Field(20, ge=1, description="verbalizer words per label (413 above)")
-    timeout_s: float = Field(60.0, gt=0, description="longest a classification may take (504 past it)")
+    timeout_s: float = Field(60.0, gt=0, description="longest a classification may wait and run (503 past it)")
+    max_queued: int = Field(4, ge=1, description="classifications running or waiting at once (429 above)")
 
 
 class EmbeddingsSettings(BaseModel):

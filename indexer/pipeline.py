@@ -401,6 +401,8 @@ def run_pipeline(
 
             t = time.perf_counter()
             tagger = Tagger.load(config.tagging)
+            for label_set in config.tagging.label_sets.values():
+                tagger.check(label_set)  # a set the model cannot tell apart stops the job before any work
             timings["load_tagger"] = time.perf_counter() - t
         if corpus.chunks:
             t = time.perf_counter()

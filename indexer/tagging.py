@@ -69,7 +69,7 @@ class _HFScorer:
     def __init__(self, model: Any, tokenizer: Any, name: str, device: str, max_tokens: int, batch_size: int) -> None:
         self.model, self.tokenizer, self.name, self.device = model, tokenizer, name, device
         self.max_tokens, self.batch_size = max_tokens, batch_size
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # the model and the tokenizer (whose padding side a batch sets) alike
 
     def _cut(self, text: str) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -81,12 +81,22 @@ class _HFScorer:
     def _batch(self, prompts: list[str]) -> np.ndarray:
         raise NotImplementedError
 
+    def word_token(self, word: str) -> int:
+        with self._lock:
+            ids = self.tokenizer(self._word_text(word), add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise LabelSetError(f"the word {word!r} has no token in this model's vocabulary; choose another")
+        return int(ids[0])
+
+    def _word_text(self, word: str) -> str:
+        return " " + word.strip()  # a word after a space: RoBERTa/GPT-style vocabularies mark it, WordPiece ignores it
+
     def slot_logprobs(self, texts: Sequence[str], label_set: LabelSet) -> np.ndarray:
-        prompts = [self.prompt(self._cut(t) if t else t, label_set) for t in texts]
-        # similar lengths batch together (less padding); results go back in input order
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: np.ndarray | None = None
         with self._lock:
+            prompts = [self.prompt(self._cut(t) if t else t, label_set) for t in texts]
+            # similar lengths batch together (less padding); results go back in input order
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
                 rows = self._batch([prompts[i] for i in chunk])
@@ -113,9 +123,6 @@ class CausalWordScorer(_HFScorer):
             return f"{head}{label_set.prefix}"
         return f"{user}\n{label_set.prefix}"
 
-    def word_token(self, word: str) -> int:
-        return int(self.tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"][0])
-
     def _batch(self, prompts: list[str]) -> np.ndarray:
         import torch
 
@@ -141,20 +148,22 @@ class MaskWordScorer(_HFScorer):
     def prompt(self, text: str, label_set: LabelSet) -> str:
         return f"{label_set.template.replace(TEXT_SLOT, text)}\n{label_set.prefix} {self.tokenizer.mask_token}."
 
-    def word_token(self, word: str) -> int:
-        # a word after a space: RoBERTa-style vocabularies mark it; WordPiece ones ignore the space
-        return int(self.tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"][0])
-
     def _batch(self, prompts: list[str]) -> np.ndarray:
         import torch
 
+        self.tokenizer.padding_side = "right"
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True)
         enc = {k: v.to(self.device) for k, v in enc.items()}
+        masks = enc["input_ids"] == self.tokenizer.mask_token_id
+        if not bool(masks.any(dim=1).all()):
+            raise LabelSetError(
+                "the prompt is longer than the model reads: shorten the template or index.tagging.max_tokens"
+            )
+        # the last mask of each prompt is the slot (a text may hold the mask token itself)
+        last = masks.shape[1] - 1 - masks.flip(dims=[1]).int().argmax(dim=1)
         with torch.inference_mode():
             logits = self.model(**enc).logits
-            rows, cols = (enc["input_ids"] == self.tokenizer.mask_token_id).nonzero(as_tuple=True)
-            slot = torch.zeros(len(prompts), logits.shape[-1], dtype=logits.dtype, device=logits.device)
-            slot[rows, :] = logits[rows, cols, :]  # the (one) mask of each prompt
+            slot = logits[torch.arange(len(prompts), device=logits.device), last, :]
             return torch.log_softmax(slot.float(), dim=-1).cpu().numpy()
 
 
@@ -272,7 +281,7 @@ class Tagger:
         """[texts, labels] label probabilities (softmax of the calibrated scores), labels in the set's order.
         `strict`: refuse a set whose labels share a first token (`check`); else such a token counts for the
         label listed first only (the later one keeps its other words, or ties on it when it has none)."""
-        tokens = self.check(label_set) if strict else self._owned(label_set)
+        tokens = self.check(label_set) if strict else self.owned_tokens(label_set)
         if not texts:
             return np.zeros((0, len(tokens)), dtype=np.float32)
         scores = self.label_scores(self.scorer.slot_logprobs(texts, label_set), label_set, tokens)
@@ -280,7 +289,8 @@ class Tagger:
         exp = np.exp(scores)
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    def _owned(self, label_set: LabelSet) -> dict[str, list[int]]:
+    def owned_tokens(self, label_set: LabelSet) -> dict[str, list[int]]:
+        """Each label's tokens, a token shared with a label listed earlier dropped (kept when it is all it has)."""
         owner: dict[int, str] = {}
         out = {}
         for label, ids in self.tokens(label_set).items():

@@ -76,3 +76,13 @@ def test_the_readme_names_the_shipped_answer_mode_and_its_validation_choice():
     best = max(validation, key=validation.get)
     assert yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["answer"]["mode"] == best
     assert f"**{best}**" in README
+
+
+@pytest.mark.parametrize(("prefix", "pin"), [("SQuAD", "squad"), ("example corpus", "topics")])
+def test_tagging_table_is_the_tagging_pins(prefix, pin):
+    """README's zero-shot tagging table: half-1 macro-F1 of the tagger and of the cosine baseline, as
+    bench/tagging.py pinned them (configs/regression/tagging.yaml)."""
+    pins = yaml.safe_load((ROOT / "configs" / "regression" / "tagging.yaml").read_text())[pin]
+    cells = row(table("labelled set (half 1) | tagger macro-F1"), prefix)
+    shown(cells[0], 100 * pins["tagger_macro_f1"])
+    shown(cells[1], 100 * pins["cosine_macro_f1"])

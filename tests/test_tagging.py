@@ -288,3 +288,45 @@ def test_shipped_topic_tags_hold_their_pin_and_beat_the_baseline(tagger):
     assert ours == pytest.approx(pin["tagger_macro_f1"], abs=0.03)  # a flip or two on another CPU
     assert baseline == pytest.approx(pin["cosine_macro_f1"], abs=0.005)
     assert ours > baseline
+
+
+def test_classifier_queue_is_bounded_and_a_timeout_keeps_its_place(tagger):
+    """`/v1/classify` work runs on the classifier's own thread: past `classify.max_queued` calls running or
+    waiting a call is refused (429), and a call past `classify.timeout_s` answers 503 while still holding its
+    place until the model is done with it."""
+    import asyncio
+
+    from app.classifying import Classifier
+    from app.engine import Overloaded, StageTimeout
+    from app.settings import load_settings
+
+    label_set = topic_set()
+    texts = list(TEXTS.values()) * 2
+
+    async def scenario() -> None:
+        classifier = Classifier(load_settings(classify={"max_queued": 1, "timeout_s": 60}), tagger)
+        try:
+            first = asyncio.create_task(classifier.classify(texts, label_set))
+            await asyncio.sleep(0)  # the first call has taken the only place
+            with pytest.raises(Overloaded) as refused:
+                await classifier.classify(["x"], label_set)
+            assert refused.value.status == 429 and refused.value.retry_after
+            done = await first
+            assert [r.label for r in done.results] == list(TEXTS) * 2
+            assert classifier._waiting == 0
+        finally:
+            classifier.close()
+        hurried = Classifier(load_settings(classify={"timeout_s": 0.001}), tagger)
+        try:
+            with pytest.raises(StageTimeout) as late:
+                await hurried.classify(texts, label_set)
+            assert late.value.status == 503 and hurried._waiting == 1  # the model still works on it
+            for _ in range(600):
+                if hurried._waiting == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert hurried._waiting == 0
+        finally:
+            hurried.close()
+
+    asyncio.run(scenario())

@@ -115,7 +115,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
         body = error_body(exc.kind, str(exc), [{"field": exc.field, "message": str(exc)}] if exc.field else None)
-        return JSONResponse(status_code=exc.status, content=body)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return JSONResponse(status_code=exc.status, content=body, headers=headers)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:

@@ -67,7 +67,6 @@ def _limits(settings: Settings) -> dict[str, dict[str, Limit]]:
         "BatchSearchRequest": {
             **search,
             "queries": ("maxItems", settings.search.max_batch_queries),
-            "facets": ("maxItems", settings.search.max_facets),
         },
         "ClassifyRequest": {
             "texts": [("maxLength", settings.classify.max_text_chars), ("maxItems", settings.classify.max_texts)],

@@ -136,7 +136,8 @@ class SearchParams(JsonModel):
 
 
 class FacetParams(JsonModel):
-    """`facets` of `/v1/search` and `/v1/search/batch` (not of answers: they show no candidates)."""
+    """`facets` of `/v1/search` (not of batches, whose candidates may number hundreds of thousands, nor of
+    answers, which show no candidates)."""
 
     facets: list[Text] | None = Field(
         None,
@@ -202,7 +203,7 @@ class SearchRequest(SearchParams, FacetParams):
     _query = field_validator("query")(classmethod(lambda cls, v: _check_query(v)))
 
 
-class BatchSearchRequest(SearchParams, FacetParams):
+class BatchSearchRequest(SearchParams):
     queries: list[Text] = Field(
         ...,
         min_length=1,

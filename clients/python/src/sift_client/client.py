@@ -333,15 +333,10 @@ class SiftClient(_Base[httpx.Client]):
             yield page
 
     def search_batch(
-        self,
-        queries: list[str],
-        *,
-        offset: int = 0,
-        facets: list[str] | None = None,
-        **options: Unpack[SearchOptions],
+        self, queries: list[str], *, offset: int = 0, **options: Unpack[SearchOptions]
     ) -> BatchSearchResponse:
         """Hits for several queries in one request (`POST /v1/search/batch`), one result per query, in order."""
-        body = self._config.body({"queries": queries, "offset": offset or None, "facets": facets, **options})
+        body = self._config.body({"queries": queries, "offset": offset or None, **options})
         return _parse(BatchSearchResponse, self._send("POST", "/v1/search/batch", json_body=body))
 
     def document(self, doc_id: str, *, collection: str | None = None) -> DocumentResponse:
@@ -476,14 +471,9 @@ class AsyncSiftClient(_Base[httpx.AsyncClient]):
             yield page
 
     async def search_batch(
-        self,
-        queries: list[str],
-        *,
-        offset: int = 0,
-        facets: list[str] | None = None,
-        **options: Unpack[SearchOptions],
+        self, queries: list[str], *, offset: int = 0, **options: Unpack[SearchOptions]
     ) -> BatchSearchResponse:
-        body = self._config.body({"queries": queries, "offset": offset or None, "facets": facets, **options})
+        body = self._config.body({"queries": queries, "offset": offset or None, **options})
         return _parse(BatchSearchResponse, await self._send("POST", "/v1/search/batch", json_body=body))
 
     async def document(self, doc_id: str, *, collection: str | None = None) -> DocumentResponse:

@@ -436,7 +436,7 @@ def run_pipeline(
                     break
                 if tagger is not None:
                     t = time.perf_counter()
-                    block = _tagged(block, tagger, config)
+                    block = _tagged(block, tagger, config, show_progress)
                     spent["tag"] += time.perf_counter() - t
                 texts = [passage_index_text(e.document.title, p.text) for e in block for p in e.passages]
                 kept = sum(len(e.passages) for e in block if e.rows is not None)
@@ -469,14 +469,14 @@ def run_pipeline(
     return Written(documents, passages, written_dense, shard_info, encoding, encoded, reused)
 
 
-def _tagged(block: list[Entry], tagger: Tagger, config: IndexConfig) -> list[Entry]:
+def _tagged(block: list[Entry], tagger: Tagger, config: IndexConfig, progress: bool = False) -> list[Entry]:
     """The block with every passage to be encoded (no parent rows) tagged by each of `index.tagging`'s label
     sets (its metadata gets the labels over what it had); kept entries as they are."""
     new = [(i, p) for i, e in enumerate(block) if e.rows is None for p in e.passages]
     if not new:
         return block
     texts = [passage_index_text(block[i].document.title, p.text) for i, p in new]
-    tags = iter(tagger.tag(texts, config.tagging.label_sets))
+    tags = iter(tagger.tag(texts, config.tagging.label_sets, progress))
     return [
         e
         if e.rows is not None

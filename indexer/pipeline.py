@@ -450,9 +450,7 @@ def run_pipeline(
                 bar.update(len(block))
             bar.total = bar.n  # skipped records and over-counted lines: end the bar where reading ended
             bar.refresh()
-        timings.update(
-            {k: v for k, v in spent.items() if v or k == "read_chunk" or (k == "tag" and tagger is not None)}
-        )
+        timings.update({k: v for k, v in spent.items() if v or k == "read_chunk"})
         if sink.documents == 0:
             raise SourceError(empty)
         encoding = engine.info if started else dict(unencoded or {})

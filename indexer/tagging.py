@@ -22,26 +22,19 @@ The build job (indexer/pipeline.py) and the server (`POST /v1/classify`) both ca
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from indexer.config import TEXT_SLOT, LabelSet, TaggingSettings
 from indexer.encoders import pick_device, resolve_model_path
-from indexer.lm import SMOLLM2, cached_smollm2
+from indexer.lm import SMOLLM2, cached_smollm2, default_cache_dir
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    """The user cache SmolLM2's dequantised copy goes to (the generator's default too)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sift" / "models"
 
 
 class LabelSetError(ValueError):
@@ -83,14 +76,12 @@ class _HFScorer:
         raise NotImplementedError
 
     def word_token(self, word: str) -> int:
+        # a word after a space: RoBERTa/GPT-style vocabularies mark it, WordPiece ignores it
         with self._lock:
-            ids = self.tokenizer(self._word_text(word), add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
         if not ids:
             raise LabelSetError(f"the word {word!r} has no token in this model's vocabulary; choose another")
         return int(ids[0])
-
-    def _word_text(self, word: str) -> str:
-        return " " + word.strip()  # a word after a space: RoBERTa/GPT-style vocabularies mark it, WordPiece ignores it
 
     def slot_logprobs(self, texts: Sequence[str], label_set: LabelSet, progress: bool = False) -> np.ndarray:
         from tqdm.auto import tqdm
@@ -234,11 +225,12 @@ class Tagger:
             for label, words in label_set.words().items()
         }
 
-    def conflicts(self, label_set: LabelSet) -> list[str]:
-        """One message per pair of labels whose words start with the same token (they tie on it)."""
+    def conflicts(self, label_set: LabelSet, tokens: Mapping[str, list[int]] | None = None) -> list[str]:
+        """One message per pair of labels whose words start with the same token (they tie on it); `tokens`:
+        the set's, when the caller has them."""
         owner: dict[int, str] = {}
         found = []
-        for label, ids in self.tokens(label_set).items():
+        for label, ids in (tokens if tokens is not None else self.tokens(label_set)).items():
             for token in ids:
                 first = owner.setdefault(token, label)
                 if first != label:
@@ -251,10 +243,11 @@ class Tagger:
     def check(self, label_set: LabelSet) -> dict[str, list[int]]:
         """The set's tokens; raises `LabelSetError` when two labels' words start with the same token (the
         model could not tell them apart)."""
-        found = self.conflicts(label_set)
+        tokens = self.tokens(label_set)
+        found = self.conflicts(label_set, tokens)
         if found:
             raise LabelSetError(found[0])
-        return self.tokens(label_set)
+        return tokens
 
     def calibration(self, label_set: LabelSet) -> np.ndarray:
         """The slot's log-probabilities for the set's prompt around an empty text (cached per prompt)."""

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.api.errors import ApiError
 from app.api.routes import ERRORS, SEARCH
-from app.api.schemas import NON_BLANK, JsonModel, Text
+from app.api.schemas import NON_BLANK, JsonModel, Text, non_blank_items
 from app.api.shaping import FastJSON
 
 router = APIRouter()
@@ -81,10 +81,7 @@ class ClassifyRequest(JsonModel):
     @field_validator("texts")
     @classmethod
     def _texts_valid(cls, value: list[str]) -> list[str]:
-        for i, text in enumerate(value):
-            if not text.strip():
-                raise ValueError(f"texts[{i}] must contain non-whitespace text")
-        return value
+        return non_blank_items(value, "texts")
 
 
 class ClassifyResult(BaseModel):

@@ -155,6 +155,14 @@ class FacetParams(JsonModel):
         return list(dict.fromkeys(value)) if value is not None else None
 
 
+def non_blank_items(values: list[str], field: str) -> list[str]:
+    """`values` unchanged, or a ValueError naming the first blank item (`field[i]`)."""
+    for i, value in enumerate(values):
+        if not value.strip():
+            raise ValueError(f"{field}[{i}] must contain non-whitespace text")
+    return values
+
+
 def _check_query(value: str, field: str = "query") -> str:
     if not value.strip():
         raise ValueError(f"{field} must contain non-whitespace text")
@@ -216,10 +224,7 @@ class BatchSearchRequest(SearchParams):
     @field_validator("queries")
     @classmethod
     def _queries_valid(cls, value: list[str]) -> list[str]:
-        for i, query in enumerate(value):
-            if not query.strip():
-                raise ValueError(f"queries[{i}] must contain non-whitespace text")
-        return value
+        return non_blank_items(value, "queries")
 
 
 class ErrorDetail(BaseModel):

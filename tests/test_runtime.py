@@ -66,9 +66,10 @@ def fallback_reason(flags: tuple[str, ...]) -> str:
     """The reason `indexer.runtime` logs for lacking all of `flags`, from /proc/cpuinfo and SIFT_CPU_MASK."""
     from indexer.runtime import _proc_cpu_flags
 
-    if set(flags) & _proc_cpu_flags():  # the CPU has them: only the mask can hide them
+    present = [flag for flag in flags if flag in _proc_cpu_flags()]
+    if present:  # the CPU has them: only the mask can hide them, and the reason names the ones it hid
         assert os.environ.get("SIFT_CPU_MASK"), "a fallback on a CPU that has the flags, without a mask"
-        return "hidden by SIFT_CPU_MASK="
+        return f"{'/'.join(present)} hidden by SIFT_CPU_MASK="
     return f"this CPU has no {'/'.join(flags)}"
 
 

@@ -32,11 +32,20 @@ from indexer.pipeline import (
     stored_vectors,
 )
 from indexer.shards import MAX_SHARDS
-from indexer.tokens import TokenStore
+from indexer.tokens import TokenForm, TokenStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BuildResult", "GateFn", "GateRefused", "LocalEncoding", "build_bundle", "ensure_bundle", "reshard_bundle"]
+__all__ = [
+    "BuildResult",
+    "GateFn",
+    "GateRefused",
+    "LocalEncoding",
+    "build_bundle",
+    "convert_tokens",
+    "ensure_bundle",
+    "reshard_bundle",
+]
 
 
 def build_bundle(
@@ -71,7 +80,13 @@ def build_bundle(
             engine,
             build_id=writer.build_id,
             shards=shards,
-            token_dtype=config.dense.token_vectors,
+            token_form=TokenForm.planned(
+                config.dense.token_vectors,
+                config.dense.token_pq_m,
+                config.dense.token_pq_sample,
+                config.dense.token_pq_rotate,
+                None,
+            ),
             timings=timings,
             show_progress=show_progress,
             empty=f"{input_path}: no documents to index",
@@ -113,15 +128,42 @@ def build_bundle(
 def reshard_bundle(source: Path, out: Path, shards: int, show_progress: bool = True) -> BuildResult:
     """Split a published unsharded build into `shards` shards without re-encoding: passages and documents from
     its docstore, exact float32 vectors from its flat FAISS index (the float16 copy otherwise, logged), token
-    vectors copied as stored; BM25 is recomputed per shard with corpus-wide statistics. The result is a new
-    build under `out`, published atomically (its manifest names the source build)."""
+    vectors copied as stored (a pq codebook kept); BM25 is recomputed per shard with corpus-wide statistics.
+    The result is a new build under `out`, published atomically (its manifest names the source build)."""
+    return _rewrite(source, out, shards, None, show_progress)
+
+
+def convert_tokens(source: Path, out: Path, form: TokenForm, show_progress: bool = True) -> BuildResult:
+    """A copy of a published unsharded build whose token vectors are re-encoded from their stored form into
+    `form` (e.g. int8 → pq) without running the model; everything else is copied as `reshard_bundle` copies it
+    (one shard). The new build's recorded config names the new form, so later updates keep it."""
+    return _rewrite(source, out, 1, form, show_progress)
+
+
+def _rewrite(source: Path, out: Path, shards: int, form: TokenForm | None, show_progress: bool) -> BuildResult:
+    """The job behind `reshard_bundle` and `convert_tokens`: the parent's entries through the build pipeline
+    into `shards` shards, token vectors in `form` (None: the parent's own, codebook kept)."""
     parent = open_bundle(source, verify=True)
     if parent.manifest.get("shards"):
-        raise BundleError(f"{parent.root} is already sharded; reshard its unsharded source instead")
+        raise BundleError(f"{parent.root} is already sharded; start from its unsharded source instead")
     config = recorded_config(parent.manifest)
     dense_info = dict(parent.manifest.get("dense") or {"enabled": False})
     dense = bool(dense_info.get("enabled"))
     token_dtype = (dense_info.get("token_vectors") or {}).get("dtype") if dense else None
+    if form is not None and not token_dtype:
+        raise BundleError(
+            f"{parent.root} stores no token vectors to convert; rebuild it with index.dense.token_vectors"
+        )
+    recorded = dict(parent.manifest["config"])
+    if form is not None:
+        recorded["dense"] = {
+            **recorded.get("dense", {}),
+            "token_vectors": form.dtype,
+            "token_pq_m": form.m,
+            "token_pq_rotate": form.rotate,
+        }
+        config = IndexConfig.model_validate(recorded)
+    kind = "reshard" if form is None else "convert"
     started = time.perf_counter()
     writer = BundleWriter(out)
     store = Docstore(parent.path(DOCSTORE), connections=1)
@@ -133,7 +175,11 @@ def reshard_bundle(source: Path, out: Path, shards: int, show_progress: bool = T
                     "%s: %s index; shards get the float16 copy of the vectors", parent.root, config.dense.index_type
                 )
             vectors = stored_vectors(parent.root, config.dense.index_type)
-        tokens = TokenStore.open(parent.path(DENSE_DIR), store.num_passages) if token_dtype else None
+        tokens = (
+            TokenStore.open(parent.path(DENSE_DIR), store.num_passages, dense_info.get("token_vectors"))
+            if token_dtype
+            else None
+        )
         timings: dict[str, float] = {}
         t = time.perf_counter()
         written = run_pipeline(
@@ -144,14 +190,14 @@ def reshard_bundle(source: Path, out: Path, shards: int, show_progress: bool = T
             build_id=writer.build_id,
             shards=shards,
             dense=dense,
-            token_dtype=token_dtype,
+            token_form=form or (TokenForm.of(tokens) if tokens is not None else None),
             stored=Stored(vectors, tokens),
             dense_info={k: v for k, v in dense_info.items() if k != "token_vectors"},
             timings=timings,
             show_progress=show_progress,
         )
         del vectors, tokens
-        timings["shards"] = time.perf_counter() - t
+        timings[kind if kind == "convert" else "shards"] = time.perf_counter() - t
         seconds = time.perf_counter() - started
         counts = parent.manifest["counts"]
         manifest = {
@@ -162,11 +208,12 @@ def reshard_bundle(source: Path, out: Path, shards: int, show_progress: bool = T
             "counts": counts,
             "tokenizer": parent.manifest.get("tokenizer"),
             "dense": written.dense,
-            "config": parent.manifest["config"],
-            "engine": {"name": "reshard"},
-            "shards": written.shards,
-            "build": {"seconds": round(seconds, 3), "timings": timings, "host": platform.node(), "kind": "reshard"},
+            "config": recorded,
+            "engine": {"name": kind},
+            "build": {"seconds": round(seconds, 3), "timings": timings, "host": platform.node(), "kind": kind},
         }
+        if written.shards is not None:
+            manifest["shards"] = written.shards
         path = publish(writer, out, manifest, config, None)
     except BaseException:
         writer.abort()

@@ -116,6 +116,30 @@ def reshard(
     _publish_job(lambda: reshard_bundle(source, out, shards, show_progress=progress), "resharded:")
 
 
+@app.command("convert")
+def convert(
+    source: Path = typer.Option(..., "--from", help="unsharded bundle (or index folder with `current`) to convert"),
+    out: Path = typer.Option(..., "--out", "-o", help="index folder for the converted build (may be the source's)"),
+    token_vectors: str = typer.Option(
+        "pq", "--token-vectors", help="the new token-vector form: pq (product quantisation), int8 or float16"
+    ),
+    pq_m: int = typer.Option(32, "--pq-m", min=1, help="pq: sub-spaces, i.e. bytes per token (divides the dimension)"),
+    rotate: bool = typer.Option(True, "--rotate/--no-rotate", help="pq: learn an OPQ rotation first"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Re-encode a build's stored token vectors into another form without running the model (e.g. int8 → pq:
+    about 12× smaller with the default --pq-m 32); everything else is copied. Published atomically under OUT;
+    the new build records the form, so `sift index update` keeps it."""
+    from indexer.build import convert_tokens
+    from indexer.tokens import DTYPES, TokenForm
+
+    if token_vectors not in DTYPES:
+        typer.echo(f"error: --token-vectors must be one of {', '.join(DTYPES)}, not {token_vectors!r}", err=True)
+        raise typer.Exit(2)
+    form = TokenForm(token_vectors, pq_m, rotate=rotate)  # type: ignore[arg-type]
+    _publish_job(lambda: convert_tokens(source, out, form, show_progress=progress), "converted:")
+
+
 def _publish_job(job: Callable[[], BuildResult], verb: str = "built") -> None:
     """Run a build or update and report it: exit 3 when the quality gate refuses, 1 on bad input."""
     try:

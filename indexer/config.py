@@ -67,10 +67,20 @@ class DenseSettings(BaseModel):
         description="how passages are encoded: torch (float32), torch-bf16, ONNX Runtime float32, or ONNX Runtime "
         "dynamic int8 (see indexer.runtime)",
     )
-    token_vectors: Literal["float16", "int8"] | None = Field(
+    token_vectors: Literal["float16", "int8", "pq"] | None = Field(
         "int8",
         description="also keep each passage's token vectors (from the same encoder pass) for MaxSim at query time "
-        "without re-encoding: int8 (~0.4 KB per token with 384 dimensions) or float16 (~0.8 KB); null: none",
+        "without re-encoding: pq (product quantisation: token_pq_m bytes per token), int8 (~0.4 KB per token "
+        "with 384 dimensions) or float16 (~0.8 KB); null: none",
+    )
+    token_pq_m: int = Field(
+        32, ge=1, le=1024, description="pq token vectors: sub-spaces (bytes per token); must divide the dimension"
+    )
+    token_pq_rotate: bool = Field(
+        True, description="pq token vectors: learn an OPQ rotation first (better codes for the same bytes)"
+    )
+    token_pq_sample: int = Field(
+        65536, ge=256, description="pq token vectors: tokens the codebook is trained on, spread over the corpus"
     )
     index_type: Literal["flat", "hnsw", "ivfpq"] = "flat"
     hnsw_m: int = 32

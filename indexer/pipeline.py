@@ -59,7 +59,7 @@ from indexer.encoders import encode_passages, load_encoder, pick_device, resolve
 from indexer.models import Document, Passage, passage_index_text
 from indexer.shards import MAX_SHARDS, ShardWriter
 from indexer.sources import ReadReport, SourceError, estimate_documents, read_documents
-from indexer.tokens import BuildTokens, TokenDtype, TokenStore, TokenWriter
+from indexer.tokens import BuildTokens, TokenForm, TokenStore, TokenWriter
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -272,11 +272,11 @@ class BundleSink:
     """Writes one (unsharded) bundle at `root`: docstore rows and token vectors as blocks arrive; BM25 and
     FAISS over the whole corpus in `finish` (both need every passage)."""
 
-    def __init__(self, root: Path, config: IndexConfig, token_dtype: TokenDtype | None) -> None:
+    def __init__(self, root: Path, config: IndexConfig, token_form: TokenForm | None) -> None:
         self.root = root
         self.config = config
         self.docstore = DocstoreWriter(root / DOCSTORE)
-        self.tokens = TokenWriter(root / DENSE_DIR, token_dtype) if token_dtype else None
+        self.tokens = TokenWriter(root / DENSE_DIR, token_form) if token_form else None
         self.texts: list[str] = []
         self.vectors: list[np.ndarray] = []
         self.timings: dict[str, float] = {}
@@ -372,7 +372,7 @@ def run_pipeline(
     build_id: str,
     shards: int = 1,
     dense: bool | None = None,
-    token_dtype: TokenDtype | None = None,
+    token_form: TokenForm | None = None,
     stored: Stored | None = None,
     dense_info: dict[str, Any] | None = None,
     unencoded: dict[str, Any] | None = None,
@@ -382,8 +382,8 @@ def run_pipeline(
 ) -> Written:
     """Read → chunk → encode → write `corpus` into the build folder `root` (one bundle, or `shards` shards).
 
-    `dense` (default `config.dense.enabled`): whether there are vectors; `token_dtype`: keep token vectors in
-    that dtype; `stored`: the parent's vectors and token vectors for kept entries; `dense_info`: the manifest's
+    `dense` (default `config.dense.enabled`): whether there are vectors; `token_form`: keep token vectors in
+    that form; `stored`: the parent's vectors and token vectors for kept entries; `dense_info`: the manifest's
     `dense` entry to write as it is (a reshard keeps its parent's), else it is made from what the engine
     reports (`unencoded`: what to record instead when the engine did not run, e.g. an update that only
     deletes). The engine is started only when the corpus needs chunking and is always closed. Raises
@@ -415,14 +415,14 @@ def run_pipeline(
                 tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.dense.model))
             chunker = Chunker(tokenizer, config.chunking)
         if shards == 1:
-            sink: BundleSink | ShardWriter = BundleSink(root, config, token_dtype if dense else None)
+            sink: BundleSink | ShardWriter = BundleSink(root, config, token_form if dense else None)
         else:
             t = time.perf_counter()
             sizes = corpus.sizes(chunker)
             if not sizes:
                 raise SourceError(empty)
             timings["plan"] = time.perf_counter() - t
-            sink = ShardWriter(root, sizes, shards, config, build_id, token_dtype if dense else None)
+            sink = ShardWriter(root, sizes, shards, config, build_id, token_form if dense else None)
         dimension: int | None = None
         encoded = reused = 0
         spent = dict.fromkeys(("read_chunk", "tag", "encode", "reuse", "write"), 0.0)

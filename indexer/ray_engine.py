@@ -32,7 +32,7 @@ import numpy as np
 
 from indexer.config import DenseSettings, IndexConfig
 from indexer.encoders import TOKEN_SLICE, encode_passages, load_encoder, pick_device
-from indexer.tokens import BuildTokens, TokenDtype, TokenSink, stored_form
+from indexer.tokens import BuildTokens, IntakeDtype, TokenSink, stored_form
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 class _Collected(TokenSink):
     """Token vectors of a batch in their stored form (what `TokenWriter.add` would write)."""
 
-    def __init__(self, dtype: TokenDtype) -> None:
+    def __init__(self, dtype: IntakeDtype) -> None:
         self.dtype = dtype
         self.rows: list[np.ndarray] = []
         self.scales: list[np.ndarray] = []
@@ -64,7 +64,7 @@ class PassageEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         texts = [str(t) for t in batch["text"]]
-        dtype = self.settings.token_vectors
+        dtype: IntakeDtype | None = "int8" if self.settings.token_vectors == "pq" else self.settings.token_vectors
         collected = _Collected(dtype) if dtype else None
         vectors = encode_passages(self.encoder, texts, self.settings, False, collected)
         out: dict[str, Any] = {"row": np.asarray(batch["row"], dtype=np.int64), "vector": vectors}
@@ -141,7 +141,7 @@ class RayEncoding:
         context.execution_options.preserve_order = True
         context.enable_progress_bars = progress
         actor_settings = settings.model_dump(mode="json")
-        actor_settings["token_vectors"] = tokens.dtype if tokens is not None else None
+        actor_settings["token_vectors"] = tokens.form.intake if tokens is not None else None
         if self.gpus_per_encoder > 0 and settings.device in (None, "cpu"):
             actor_settings["device"] = "cuda"
         cpus = self.cpus_per_encoder or max(1, int(ray.cluster_resources().get("CPU", 1)) // self.encoders)
@@ -170,8 +170,10 @@ class RayEncoding:
             if tokens is not None:
                 for i in range(got.size):
                     length = int(batch["length"][i])
-                    data = np.frombuffer(batch["tokens"][i], dtype=tokens.dtype).reshape(length, -1)
-                    scales = np.frombuffer(batch["scales"][i], dtype=np.float32) if tokens.dtype == "int8" else None
+                    data = np.frombuffer(batch["tokens"][i], dtype=tokens.form.intake).reshape(length, -1)
+                    scales = (
+                        np.frombuffer(batch["scales"][i], dtype=np.float32) if tokens.form.intake == "int8" else None
+                    )
                     tokens.add_quantized(data, scales)
             if self.on_batch is not None:
                 self.on_batch(expected, len(texts))

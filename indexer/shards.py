@@ -50,7 +50,7 @@ from indexer.config import BM25Settings, IndexConfig
 from indexer.dense import save_dense
 from indexer.docstore import DocstoreWriter
 from indexer.models import Document, Passage
-from indexer.tokens import BuildTokens, TokenDtype, TokenStore, TokenWriter
+from indexer.tokens import BuildTokens, TokenForm, TokenStore, TokenWriter
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class ShardWriter:
         shards: int,
         config: IndexConfig,
         build_id: str,
-        token_dtype: TokenDtype | None = None,
+        token_form: TokenForm | None = None,
     ) -> None:
         self.root = Path(root)
         self.config = config
@@ -219,7 +219,7 @@ class ShardWriter:
         self._open: dict[int, _Shard] = {}
         self._done: list[_Shard] = []
         self._current = 0
-        self.tokens = _RoutedTokens(self, token_dtype) if token_dtype else None
+        self.tokens = _RoutedTokens(self, token_form) if token_form else None
         self.timings: dict[str, float] = {"faiss": 0.0}
 
     def _shard(self, index: int) -> _Shard:
@@ -228,7 +228,7 @@ class ShardWriter:
         if index not in self._open:
             if any(s.index == index for s in self._done):
                 raise ValueError(f"{shard_name(index)} is already written")
-            self._open[index] = _Shard(index, self.root / shard_name(index), self.tokens.dtype if self.tokens else None)
+            self._open[index] = _Shard(index, self.root / shard_name(index), self.tokens.form if self.tokens else None)
         return self._open[index]
 
     def add(
@@ -340,12 +340,12 @@ class ShardWriter:
 class _Shard:
     """One shard being written: its docstore and token writer open, its vectors and BM25 ids so far."""
 
-    def __init__(self, index: int, folder: Path, token_dtype: TokenDtype | None) -> None:
+    def __init__(self, index: int, folder: Path, token_form: TokenForm | None) -> None:
         self.index = index
         self.folder = folder
         folder.mkdir()
         self.docstore = DocstoreWriter(folder / DOCSTORE)
-        self.token_writer = TokenWriter(folder / DENSE_DIR, token_dtype) if token_dtype else None
+        self.token_writer = TokenWriter(folder / DENSE_DIR, token_form) if token_form else None
         self.token_info: dict[str, Any] | None = None
         self.vectors: list[np.ndarray] = []
         self.rows_done = False
@@ -375,9 +375,9 @@ class _RoutedTokens(BuildTokens):
     """The token writer an engine appends to for a sharded build: each passage's token vectors go to the
     token store of the shard that holds its row (rows arrive in order)."""
 
-    def __init__(self, writer: ShardWriter, dtype: TokenDtype) -> None:
+    def __init__(self, writer: ShardWriter, form: TokenForm) -> None:
         self.writer = writer
-        self.dtype = dtype
+        self.form = form
         self.row = 0
         self._index = 0
 

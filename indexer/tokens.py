@@ -8,6 +8,18 @@ A build that sets `index.dense.token_vectors` keeps, for every passage, the bi-e
     dense/tokens.<dtype>.bin   all token vectors, row after row, passage after passage (raw, C order)
     dense/tokens.offsets.npy   int64 [passages + 1]: passage i owns rows offsets[i]:offsets[i+1]
     dense/tokens.scales.npy    float32 [tokens] (int8 only): row r is int8[r] * scales[r]
+    dense/tokens.codebook.npy  float32 [m, 256, dimension / m] (pq only): product quantisation's centroids
+    dense/tokens.rotation.npy  float32 [dimension, dimension] (pq with a rotation): OPQ's orthonormal rotation
+
+`pq` stores each token as `m` one-byte codes (by default 32 bytes for 384 dimensions, against int8's 388 with
+its scale): the token vector is rotated (optimised product quantisation: a learned orthonormal rotation that
+balances the sub-spaces; faiss's `OPQMatrix`), cut into `m` sub-vectors, and each is replaced by the nearest of
+256 k-means centroids of its sub-space (faiss's `ProductQuantizer`). MaxSim scores the codes as they are stored, by
+asymmetric distance computation: each query token's inner products with every centroid are computed once
+per query (`m × 256` per token) and a stored token's similarity is the sum of `m` table look-ups, so no
+passage is decompressed. A fresh store trains its codebook at `close()` on a sample of its own tokens (spilled
+as int8 until then, so memory stays bounded); an update or a reshard of a `pq` build keeps the parent's
+codebook (`TokenForm.of`), so copied codes stay valid and copying them is a byte copy.
 
 Invariants: every stored row is a unit-length token vector (quantisation aside), in the order the tokenizer
 produced the tokens (special tokens included, padding excluded, truncated at the encoder's max length),
@@ -20,21 +32,37 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-TokenDtype = Literal["float16", "int8"]
+TokenDtype = Literal["float16", "int8", "pq"]
+IntakeDtype = Literal["float16", "int8"]
+DTYPES = ("float16", "int8", "pq")
 META_FILE = "tokens.json"
 OFFSETS_FILE = "tokens.offsets.npy"
 SCALES_FILE = "tokens.scales.npy"
+CODEBOOK_FILE = "tokens.codebook.npy"
+ROTATION_FILE = "tokens.rotation.npy"
+SPILL_FILE = "tokens.spill.int8"  # a pq writer's tokens until its codebook is trained (deleted at close)
 FORMAT = 1
 COPY_CHUNK = 8 << 20  # bytes read at once when copying stored token vectors
+ENCODE_CHUNK = 1 << 16  # token rows quantised at once when a pq writer encodes its spill
+CENTROIDS = 256  # per sub-space: one byte per code
+PQ_SEED = 1234
 
 
 def data_file(dtype: str) -> str:
     return f"tokens.{dtype}.bin"
+
+
+def row_width(dtype: str, dimension: int, m: int | None) -> tuple[int, np.dtype]:
+    """(items per stored token row, their numpy dtype): `dimension` values, or `m` one-byte codes for pq."""
+    if dtype == "pq":
+        return int(m or 0), np.dtype(np.uint8)
+    return dimension, np.dtype(dtype)
 
 
 class TokenStoreError(ValueError):
@@ -64,6 +92,152 @@ def stored_form(vectors: np.ndarray, dtype: TokenDtype) -> tuple[np.ndarray, np.
     return vectors.astype(np.float16), None
 
 
+class ProductQuantizer:
+    """Product quantisation of unit token vectors: an optional orthonormal `rotation` (OPQ), then `m`
+    sub-spaces of `dimension / m` values, 256 centroids each (trained and applied by faiss's `OPQMatrix` and
+    `ProductQuantizer`; scored here with look-up tables). Inner products are kept by the rotation, so a query
+    is rotated once and compared with the codes in the rotated space."""
+
+    def __init__(self, codebook: np.ndarray, rotation: np.ndarray | None = None) -> None:
+        codebook = np.ascontiguousarray(codebook, dtype=np.float32)
+        if codebook.ndim != 3 or codebook.shape[1] != CENTROIDS or codebook.shape[0] < 1:
+            raise TokenStoreError(f"a pq codebook is m × {CENTROIDS} × sub-dimension, not {codebook.shape}")
+        self.codebook = codebook
+        self.m, _, self.sub = (int(n) for n in codebook.shape)
+        self.dimension = self.m * self.sub
+        if rotation is not None:
+            rotation = np.ascontiguousarray(rotation, dtype=np.float32)
+            if rotation.shape != (self.dimension, self.dimension):
+                raise TokenStoreError(f"a pq rotation is {self.dimension} × {self.dimension}, not {rotation.shape}")
+        self.rotation = rotation
+        self._faiss: Any = None
+
+    @classmethod
+    def train(cls, sample: np.ndarray, m: int, rotate: bool = True) -> ProductQuantizer:
+        """Train on `sample` (tokens × dimension, float32, unit rows): with `rotate`, OPQ's rotation first.
+        With fewer than 256 tokens, the sample's own sub-vectors are the centroids (exact for them; no
+        rotation)."""
+        import faiss
+
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        n, dimension = sample.shape
+        if m < 1 or dimension % m:
+            raise ValueError(f"token_pq_m must divide the token dimension {dimension}, not {m}")
+        sub = dimension // m
+        if n < CENTROIDS:
+            codebook = np.zeros((m, CENTROIDS, sub), dtype=np.float32)
+            codebook[:, :n] = sample.reshape(n, m, sub).transpose(1, 0, 2)
+            return cls(codebook)
+        rotation = None
+        if rotate:
+            opq = faiss.OPQMatrix(dimension, m)
+            opq.verbose = False
+            opq.train(sample)
+            rotation = faiss.vector_to_array(opq.A).reshape(dimension, dimension)
+            sample = np.ascontiguousarray(sample @ rotation.T)
+        pq = faiss.ProductQuantizer(dimension, m, 8)
+        pq.cp.seed = PQ_SEED
+        pq.cp.min_points_per_centroid = 1  # small corpora train on what they have, without faiss's warning
+        pq.verbose = False
+        pq.train(sample)
+        return cls(faiss.vector_to_array(pq.centroids).reshape(m, CENTROIDS, sub), rotation)
+
+    def _rotated(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(vectors, dtype=np.float32)
+        return np.ascontiguousarray(vectors @ self.rotation.T) if self.rotation is not None else vectors
+
+    def _quantizer(self) -> Any:
+        if self._faiss is None:
+            import faiss
+
+            pq = faiss.ProductQuantizer(self.dimension, self.m, 8)
+            faiss.copy_array_to_vector(self.codebook.ravel(), pq.centroids)
+            self._faiss = pq
+        return self._faiss
+
+    def encode(self, vectors: np.ndarray) -> np.ndarray:
+        """Codes (tokens × m, uint8) of float token rows: the nearest centroid of each sub-vector."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape[0] == 0:
+            return np.zeros((0, self.m), dtype=np.uint8)
+        if vectors.shape[1] != self.dimension:
+            raise TokenStoreError(f"token vectors of dimension {vectors.shape[1]}, expected {self.dimension}")
+        codes: np.ndarray = self._quantizer().compute_codes(self._rotated(vectors))
+        return codes.reshape(-1, self.m)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """The float32 token rows `codes` stand for (tokens × dimension)."""
+        codes = np.asarray(codes, dtype=np.intp)
+        out: np.ndarray = self.codebook[np.arange(self.m), codes].reshape(len(codes), self.dimension)
+        return out @ self.rotation if self.rotation is not None else out
+
+    def tables(self, query: np.ndarray) -> np.ndarray:
+        """Inner products of each query token with every centroid, sub-space by sub-space: m × 256 × q."""
+        query = self._rotated(query)
+        q = query.shape[0]
+        parts = query.reshape(q, self.m, self.sub).transpose(1, 2, 0)  # m × sub × q
+        return np.ascontiguousarray(np.matmul(self.codebook, parts))
+
+    def inner_products(self, tables: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Inner products (tokens × q) of the tokens `codes` stand for with the query of `tables`, by look-up
+        (asymmetric distance computation): the sum over sub-spaces of the code's row of that sub-space's table."""
+        out = np.zeros((codes.shape[0], tables.shape[2]), dtype=np.float32)
+        for j in range(self.m):
+            out += tables[j][codes[:, j]]
+        return out
+
+    def same(self, other: ProductQuantizer | None) -> bool:
+        """The same codebook and rotation (codes of one are codes of the other)."""
+        if other is None or not np.array_equal(self.codebook, other.codebook):
+            return False
+        if self.rotation is None or other.rotation is None:
+            return self.rotation is None and other.rotation is None
+        return np.array_equal(self.rotation, other.rotation)
+
+
+@dataclass(frozen=True)
+class TokenForm:
+    """How a build stores token vectors: `dtype`, and for pq the sub-space count `m`, whether an OPQ rotation
+    is learned (`rotate`), the tokens its codebook trains on (`sample`) and a `codebook` to keep instead (an
+    update or reshard of a pq build)."""
+
+    dtype: TokenDtype
+    m: int = 32
+    sample: int = 65536
+    rotate: bool = True
+    codebook: ProductQuantizer | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"token vector dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+
+    @classmethod
+    def planned(
+        cls, dtype: TokenDtype | None, m: int, sample: int, rotate: bool, parent: TokenStore | None
+    ) -> TokenForm | None:
+        """The form a build writes for the configured `dtype` (None: no token vectors), `m`, `sample` and
+        `rotate`: a pq parent's codebook is kept when it has the configured `m` and rotation (an update's
+        copied codes stay valid)."""
+        if dtype is None:
+            return None
+        pq = parent.pq if parent is not None else None
+        if dtype == "pq" and pq is not None and pq.m == m and (pq.rotation is not None) == rotate:
+            return cls("pq", m, sample, rotate, pq)
+        return cls(dtype, m, sample, rotate)
+
+    @classmethod
+    def of(cls, store: TokenStore) -> TokenForm:
+        """The form of an existing store (its codebook kept)."""
+        if store.pq is not None:
+            return cls("pq", store.pq.m, rotate=store.pq.rotation is not None, codebook=store.pq)
+        return cls(store.dtype)
+
+    @property
+    def intake(self) -> IntakeDtype:
+        """The stored form an encoding engine's workers hand in (`add_quantized`): pq takes int8 rows."""
+        return "int8" if self.dtype == "pq" else self.dtype
+
+
 class TokenSink(Protocol):
     """Where an encoder appends each passage's float token vectors, in passage order (`add`: stored
     unit-normalised in the sink's dtype)."""
@@ -74,10 +248,10 @@ class TokenSink(Protocol):
 class BuildTokens(TokenSink, Protocol):
     """Where a build writes its token vectors, passage after passage: a `TokenWriter`, or a sharded build's
     router to its shards' writers (`indexer.shards`). An encoding engine appends new passages (`add`, or
-    `add_quantized` when its workers quantised them already); the build pipeline copies kept ones from the
-    parent build's store (`add_stored`)."""
+    `add_quantized` in the `intake` form when its workers quantised them already); the build pipeline copies
+    kept ones from the parent build's store (`add_stored`)."""
 
-    dtype: TokenDtype
+    form: TokenForm
 
     def add_quantized(self, rows: np.ndarray, scales: np.ndarray | None) -> None: ...
 
@@ -97,56 +271,91 @@ class TokenStoreReader(Protocol):
 
 class TokenWriter(BuildTokens):
     """Appends passages' token vectors, in passage order, to a bundle's dense folder. Use as a context
-    manager, or call `close()`; `add_stored` copies rows from another store without re-quantising them."""
+    manager, or call `close()`; `add_stored` copies rows from a store of the same form as stored (bytes, not
+    re-quantised), and converts rows of a store of another form (decoded, then stored in this one's).
 
-    def __init__(self, directory: Path, dtype: TokenDtype, dimension: int | None = None) -> None:
-        if dtype not in ("float16", "int8"):
-            raise ValueError(f"token vector dtype must be float16 or int8, not {dtype!r}")
+    A pq writer without a codebook (`form.codebook`) spills every token as int8 to `tokens.spill.int8` and, at
+    `close()`, trains the codebook on `form.sample` tokens spread evenly over the spill and encodes the spill in
+    chunks of `ENCODE_CHUNK` rows: memory stays bounded whatever the corpus size."""
+
+    def __init__(self, directory: Path, form: TokenForm | TokenDtype, dimension: int | None = None) -> None:
+        self.form = form if isinstance(form, TokenForm) else TokenForm(form)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.dtype = dtype
         self.dimension = dimension
-        self._data = open(self.directory / data_file(dtype), "wb")  # noqa: SIM115 - closed in close()
+        self.pq = self.form.codebook
+        if self.pq is not None:
+            self._check_dimension(self.pq.dimension)
+        self._spilling = self.form.dtype == "pq" and self.pq is None
+        target = SPILL_FILE if self._spilling else data_file(self.form.dtype)
+        self._data = open(self.directory / target, "wb")  # noqa: SIM115 - closed in close()
         self._lengths: list[int] = []
-        self._scales: list[np.ndarray] = []
+        self._scales: list[np.ndarray] = []  # int8 rows' (and a pq spill's) scales
+
+    @property
+    def dtype(self) -> TokenDtype:
+        return self.form.dtype
 
     def _check_dimension(self, dimension: int) -> None:
         if self.dimension is None:
+            if self.form.dtype == "pq" and dimension % self.form.m:
+                raise TokenStoreError(
+                    f"index.dense.token_pq_m ({self.form.m}) must divide the token dimension ({dimension})"
+                )
             self.dimension = dimension
         elif dimension != self.dimension:
             raise TokenStoreError(f"token vectors of dimension {dimension}, expected {self.dimension}")
 
     def add(self, vectors: np.ndarray) -> None:
-        """One passage: float (tokens × dimension); stored unit-normalised in the store's dtype."""
-        self.add_quantized(*stored_form(vectors, self.dtype))
+        """One passage: float (tokens × dimension); stored unit-normalised in the store's form."""
+        if self.form.dtype == "pq" and not self._spilling:
+            assert self.pq is not None
+            self._check_dimension(int(vectors.shape[1]))
+            self._write(self.pq.encode(unit_tokens(vectors)), None)
+        else:
+            self.add_quantized(*stored_form(vectors, self.form.intake))
 
     def add_quantized(self, rows: np.ndarray, scales: np.ndarray | None) -> None:
-        """One passage already in stored form (as `add` writes it: unit-normalised, int8 with per-token scales
-        or float16), e.g. from a Ray encoder actor."""
+        """One passage already in the `form.intake` form (as `stored_form` gives it: unit-normalised, int8 with
+        per-token scales or float16), e.g. from a Ray encoder actor."""
         self._check_dimension(int(rows.shape[1]))
-        if rows.dtype != np.dtype(self.dtype) or (self.dtype == "int8") != (scales is not None):
-            raise TokenStoreError(f"{rows.dtype} token rows cannot go into a {self.dtype} store")
+        intake = self.form.intake
+        if rows.dtype != np.dtype(intake) or (intake == "int8") != (scales is not None):
+            raise TokenStoreError(f"{rows.dtype} token rows cannot go into a {self.form.dtype} store")
+        if scales is not None and scales.shape != (rows.shape[0],):
+            raise TokenStoreError(f"{scales.shape[0]} scales for {rows.shape[0]} token rows")
+        if self.form.dtype == "pq" and not self._spilling:
+            assert self.pq is not None and scales is not None
+            self._write(self.pq.encode(rows.astype(np.float32) * scales[:, None]), None)
+        else:
+            self._write(rows, scales)
+
+    def _write(self, rows: np.ndarray, scales: np.ndarray | None) -> None:
         if scales is not None:
-            if scales.shape != (rows.shape[0],):
-                raise TokenStoreError(f"{scales.shape[0]} scales for {rows.shape[0]} token rows")
             self._scales.append(np.asarray(scales, dtype=np.float32))
         self._data.write(np.ascontiguousarray(rows).tobytes())
         self._lengths.append(int(rows.shape[0]))
 
     def add_stored(self, store: TokenStore, rows: Sequence[int]) -> None:
-        """Passages `rows` of another store with the same dtype, copied as stored. The rows are read from the
-        store's file (runs of consecutive passages at once, in bounded chunks), not through its memory map, so
-        copying a large store (an update, a reshard) does not make the whole of it resident in this process."""
-        if store.dtype != self.dtype:
-            raise TokenStoreError(f"cannot copy {store.dtype} token vectors into a {self.dtype} store")
+        """Passages `rows` of another store. Same form (dtype, and for pq the same codebook): copied as stored,
+        read from the store's file (runs of consecutive passages at once, in bounded chunks), not through its
+        memory map, so copying a large store (an update, a reshard) does not make the whole of it resident in
+        this process. Another form: each passage decoded to float and added (a conversion; no model runs)."""
         self._check_dimension(store.dimension)
         picked = np.asarray(rows, dtype=np.int64)
         if picked.size == 0:
             return
+        same = store.dtype == self.form.dtype and (
+            store.dtype != "pq" or (store.pq is not None and store.pq.same(self.pq))
+        )
+        if not same or self._spilling:
+            for row in picked.tolist():
+                self.add(store.vectors(row))
+            return
         starts = np.asarray(store.offsets[picked], dtype=np.int64)
         ends = np.asarray(store.offsets[picked + 1], dtype=np.int64)
         self._lengths.extend((ends - starts).tolist())
-        row_bytes = store.dimension * np.dtype(store.dtype).itemsize
+        row_bytes = store.row_bytes
         breaks = (np.flatnonzero(starts[1:] != ends[:-1]) + 1).tolist()  # where a run of adjacent passages ends
         with open(store.directory / data_file(store.dtype), "rb") as source:
             for first, last in zip([0, *breaks], [*breaks, picked.size], strict=True):
@@ -161,22 +370,56 @@ class TokenWriter(BuildTokens):
                 if store.scales is not None:
                     self._scales.append(np.array(store.scales[start:end], dtype=np.float32))
 
+    def _encode_spill(self, tokens: int) -> None:
+        """Train the codebook on a sample of the spilled int8 tokens, then write their codes chunk by chunk."""
+        dimension, m = int(self.dimension or 0), self.form.m
+        spill_path = self.directory / SPILL_FILE
+        scales = np.concatenate(self._scales) if self._scales else np.zeros(0, dtype=np.float32)
+        self._scales = []
+        if tokens == 0:
+            self.pq = ProductQuantizer(np.zeros((m, CENTROIDS, max(dimension // m, 1)), dtype=np.float32))
+            (self.directory / data_file("pq")).write_bytes(b"")
+            spill_path.unlink()
+            return
+        spill = np.memmap(spill_path, dtype=np.int8, mode="r", shape=(tokens, dimension))
+        sample = np.unique(np.linspace(0, tokens - 1, min(self.form.sample, tokens)).astype(np.int64))
+        self.pq = ProductQuantizer.train(
+            np.asarray(spill[sample], dtype=np.float32) * scales[sample][:, None], m, self.form.rotate
+        )
+        with open(self.directory / data_file("pq"), "wb") as out:
+            for start in range(0, tokens, ENCODE_CHUNK):
+                end = min(start + ENCODE_CHUNK, tokens)
+                chunk = np.asarray(spill[start:end], dtype=np.float32) * scales[start:end, None]
+                out.write(self.pq.encode(chunk).tobytes())
+        del spill
+        spill_path.unlink()
+
     def close(self) -> dict[str, object]:
         """Finish the files; returns the metadata (also written to tokens.json)."""
         self._data.close()
         offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
         np.cumsum(self._lengths, out=offsets[1:])
+        if self._spilling:
+            self._encode_spill(int(offsets[-1]))
+            self._spilling = False
         np.save(self.directory / OFFSETS_FILE, offsets)
-        if self.dtype == "int8":
+        if self.form.dtype == "int8":
             scales = np.concatenate(self._scales) if self._scales else np.zeros(0, dtype=np.float32)
             np.save(self.directory / SCALES_FILE, scales.astype(np.float32))
         meta: dict[str, object] = {
             "format": FORMAT,
-            "dtype": self.dtype,
+            "dtype": self.form.dtype,
             "dimension": int(self.dimension or 0),
             "tokens": int(offsets[-1]),
             "passages": len(self._lengths),
         }
+        if self.form.dtype == "pq":
+            assert self.pq is not None
+            np.save(self.directory / CODEBOOK_FILE, self.pq.codebook)
+            if self.pq.rotation is not None:
+                np.save(self.directory / ROTATION_FILE, self.pq.rotation)
+            rotation = "opq" if self.pq.rotation is not None else None
+            meta["pq"] = {"m": self.pq.m, "centroids": CENTROIDS, "rotation": rotation, "bytes_per_token": self.pq.m}
         (self.directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return meta
 
@@ -198,9 +441,10 @@ class TokenStore(TokenStoreReader):
         data: np.ndarray,
         offsets: np.ndarray,
         scales: np.ndarray | None,
+        pq: ProductQuantizer | None = None,
     ) -> None:
-        if meta["dtype"] not in ("float16", "int8"):
-            raise TokenStoreError(f"token vector dtype must be float16 or int8, not {meta['dtype']!r}")
+        if meta["dtype"] not in DTYPES:
+            raise TokenStoreError(f"token vector dtype must be one of {', '.join(DTYPES)}, not {meta['dtype']!r}")
         self.directory = directory
         self.meta = meta
         self.dtype: TokenDtype = meta["dtype"]
@@ -208,14 +452,22 @@ class TokenStore(TokenStoreReader):
         self.data = data
         self.offsets = offsets
         self.scales = scales
+        self.pq = pq
 
     @staticmethod
     def exists(directory: Path) -> bool:
         return (Path(directory) / META_FILE).is_file()
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored token row in the data file."""
+        width, dtype = row_width(self.dtype, self.dimension, self.pq.m if self.pq else None)
+        return width * dtype.itemsize
+
     @classmethod
-    def open(cls, directory: Path, passages: int | None = None) -> TokenStore:
-        """Open and check the store in `directory` (a bundle's dense folder) for a bundle of `passages`."""
+    def open(cls, directory: Path, passages: int | None = None, expect: dict[str, Any] | None = None) -> TokenStore:
+        """Open and check the store in `directory` (a bundle's dense folder) for a bundle of `passages`; with
+        `expect` (the manifest's `dense.token_vectors`), its form must be the one the manifest records."""
         directory = Path(directory)
         try:
             meta = json.loads((directory / META_FILE).read_text())
@@ -225,25 +477,41 @@ class TokenStore(TokenStoreReader):
                 int(meta["tokens"]),
                 int(meta["passages"]),
             )
+            m = int(meta["pq"]["m"]) if dtype == "pq" else None
+            rotated = dtype == "pq" and meta["pq"].get("rotation") == "opq"
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise TokenStoreError(f"{directory / META_FILE}: unreadable token-vector metadata ({exc})") from exc
-        if meta.get("format") != FORMAT or dtype not in ("float16", "int8") or dim <= 0:
+        if meta.get("format") != FORMAT or dtype not in DTYPES or dim <= 0 or (m is not None and (m <= 0 or dim % m)):
             raise TokenStoreError(f"{directory / META_FILE}: unsupported token-vector format {meta}")
+        if expect is not None and any(meta.get(key) != expect.get(key) for key in ("dtype", "dimension", "pq")):
+            raise TokenStoreError(
+                f"{directory / META_FILE}: token vectors stored as {meta.get('dtype')} {meta.get('pq') or ''}, but "
+                f"the manifest records {expect.get('dtype')} {expect.get('pq') or ''}: the bundle is inconsistent, "
+                "rebuild it"
+            )
         if passages is not None and count != passages:
             raise TokenStoreError(f"token vectors cover {count} passages, the bundle has {passages}")
         path = directory / data_file(dtype)
-        itemsize = np.dtype(dtype).itemsize
+        width, item = row_width(dtype, dim, m)
         size = path.stat().st_size if path.is_file() else -1
-        if size != tokens * dim * itemsize:
+        if size != tokens * width * item.itemsize:
             raise TokenStoreError(
-                f"{path}: {size} bytes, expected {tokens * dim * itemsize} ({tokens} tokens × {dim} × {itemsize}); "
-                "the file is truncated or corrupt: rebuild the bundle"
+                f"{path}: {size} bytes, expected {tokens * width * item.itemsize} ({tokens} tokens × {width} × "
+                f"{item.itemsize}); the file is truncated or corrupt: rebuild the bundle"
             )
+        pq = None
         try:
             offsets = np.load(directory / OFFSETS_FILE, mmap_mode="r")
             scales = np.load(directory / SCALES_FILE, mmap_mode="r") if dtype == "int8" else None
+            if m is not None:
+                rotation = np.load(directory / ROTATION_FILE) if rotated else None
+                pq = ProductQuantizer(np.load(directory / CODEBOOK_FILE), rotation)
         except (OSError, ValueError) as exc:
-            raise TokenStoreError(f"{directory}: unreadable token offsets or scales ({exc})") from exc
+            raise TokenStoreError(f"{directory}: unreadable token offsets, scales or codebook ({exc})") from exc
+        if pq is not None and (pq.m != m or pq.dimension != dim or not np.isfinite(pq.codebook).all()):
+            raise TokenStoreError(
+                f"{directory / CODEBOOK_FILE}: a codebook of {pq.m} × {pq.sub}, expected {m} × {dim // (m or 1)}"
+            )
         if (
             offsets.shape != (count + 1,)
             or offsets.dtype != np.int64
@@ -257,26 +525,30 @@ class TokenStore(TokenStoreReader):
         if scales is not None and scales.shape != (tokens,):
             raise TokenStoreError(f"{directory / SCALES_FILE}: {scales.shape[0]} scales for {tokens} token rows")
         data = (
-            np.memmap(path, dtype=dtype, mode="r", shape=(tokens, dim)) if tokens else np.zeros((0, dim), dtype=dtype)
+            np.memmap(path, dtype=item, mode="r", shape=(tokens, width)) if tokens else np.zeros((0, width), dtype=item)
         )
-        return cls(directory, meta, data, offsets, scales)
+        return cls(directory, meta, data, offsets, scales, pq)
 
     @property
     def nbytes(self) -> int:
-        """Bytes on disk: vectors, offsets and scales."""
+        """Bytes on disk: vectors (or codes), offsets, scales and codebook."""
         return sum(
             p.stat().st_size
             for p in (
                 self.directory / data_file(self.dtype),
                 self.directory / OFFSETS_FILE,
                 self.directory / SCALES_FILE,
+                self.directory / CODEBOOK_FILE,
+                self.directory / ROTATION_FILE,
             )
             if p.is_file()
         )
 
     def vectors(self, row: int) -> np.ndarray:
-        """Passage `row`'s token vectors as float32 (tokens × dimension)."""
+        """Passage `row`'s token vectors as float32 (tokens × dimension); pq codes decoded."""
         start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+        if self.pq is not None:
+            return self.pq.decode(self.data[start:end])
         out = np.asarray(self.data[start:end], dtype=np.float32)
         if self.scales is not None:
             out *= np.asarray(self.scales[start:end], dtype=np.float32)[:, None]
@@ -284,18 +556,25 @@ class TokenStore(TokenStoreReader):
 
     def maxsim(self, query: np.ndarray, rows: list[int]) -> np.ndarray:
         """MaxSim of unit-normalised query token vectors (q × dimension) against each passage in `rows`:
-        the mean over query tokens of the best cosine among the passage's tokens."""
+        the mean over query tokens of the best cosine among the passage's tokens (pq: by table look-up, the
+        codes never decoded)."""
         query = np.asarray(query, dtype=np.float32)
         out = np.zeros(len(rows), dtype=np.float32)
         spans = [(i, int(self.offsets[r]), int(self.offsets[r + 1])) for i, r in enumerate(rows)]
         spans = [(i, start, end) for i, start, end in spans if end > start]  # an empty passage scores 0
         if not spans:
             return out
-        # one matrix product over all candidates' tokens, then the best match per passage segment
-        tokens = np.concatenate([self.data[start:end] for _, start, end in spans]).astype(np.float32)
-        if self.scales is not None:
-            tokens *= np.concatenate([self.scales[start:end] for _, start, end in spans]).astype(np.float32)[:, None]
-        sims = query @ tokens.T
+        stored = np.concatenate([self.data[start:end] for _, start, end in spans])
+        if self.pq is not None:  # tokens × q, from the codes
+            sims = self.pq.inner_products(self.pq.tables(query), stored).T
+        else:  # one matrix product over all candidates' tokens
+            tokens = stored.astype(np.float32)
+            if self.scales is not None:
+                tokens *= np.concatenate([self.scales[start:end] for _, start, end in spans]).astype(np.float32)[
+                    :, None
+                ]
+            sims = query @ tokens.T
+        # then the best match per passage segment
         bounds = np.cumsum([0] + [end - start for _, start, end in spans[:-1]])
         best = np.maximum.reduceat(sims, bounds, axis=1)
         out[[i for i, _, _ in spans]] = best.mean(axis=0)

@@ -41,7 +41,7 @@ from indexer.pipeline import (
     stored_vectors,
 )
 from indexer.sources import ReadReport, SourceError, read_documents
-from indexer.tokens import TokenStore
+from indexer.tokens import TokenForm, TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,16 @@ def update_bundle(
         parent_dense = parent.manifest.get("dense") or {}
         dense = bool(config.dense.enabled and parent_dense.get("enabled"))
         token_dtype = config.dense.token_vectors if dense else None
-        stored = Stored(
-            stored_vectors(parent.root, config.dense.index_type) if dense else None,
-            TokenStore.open(parent.path(DENSE_DIR), parent.manifest["counts"]["passages"]) if token_dtype else None,
+        parent_tokens = (
+            TokenStore.open(
+                parent.path(DENSE_DIR), parent.manifest["counts"]["passages"], parent_dense.get("token_vectors")
+            )
+            if token_dtype
+            else None
         )
+        stored = Stored(stored_vectors(parent.root, config.dense.index_type) if dense else None, parent_tokens)
+        d = config.dense
+        token_form = TokenForm.planned(token_dtype, d.token_pq_m, d.token_pq_sample, d.token_pq_rotate, parent_tokens)
         corpus = UpdatedCorpus(parent_store, deleted, incoming)
         writer = BundleWriter(out)
         try:
@@ -150,7 +156,7 @@ def update_bundle(
                 engine,
                 build_id=writer.build_id,
                 dense=dense,
-                token_dtype=token_dtype,
+                token_form=token_form,
                 stored=stored,
                 # nothing to encode (only deletions, or documents sent again unchanged): the parent's encoding
                 unencoded={

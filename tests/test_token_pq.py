@@ -1,0 +1,232 @@
+"""Compressed (product-quantised) token vectors: the store's round trip and checks, MaxSim by table look-up
+equal to MaxSim over the decoded vectors, the int8 → pq converter (`sift index convert`, no model), the form
+kept by updates and reshards, and MaxSim rankings that agree with int8's on the example corpus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from indexer.tokens import CODEBOOK_FILE, ROTATION_FILE, ProductQuantizer, TokenForm, TokenStore, TokenStoreError, TokenWriter
+from tests.conftest import ROOT
+
+QUERIES = (
+    "how do vaccines train the immune system",
+    "baking bread with sourdough",
+    "python programming",
+    "why do tides rise and fall",
+    "when was the Eiffel Tower built",
+    "how do stars form",
+)
+
+
+def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    v = rng.normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def sift(*args: str) -> subprocess.CompletedProcess[str]:
+    code = "from app.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def pq_index(example_index, tmp_path_factory):
+    """The session's example build (int8 token vectors) converted to pq by `sift index convert`."""
+    out = tmp_path_factory.mktemp("pq") / "index"
+    done = sift("index", "convert", "--from", str(example_index), "--out", str(out), "--token-vectors", "pq")
+    assert done.returncode == 0, done.stderr
+    assert "converted:" in done.stdout
+    return out
+
+
+def test_pq_store_round_trip_scores_codes_by_lookup(tmp_path):
+    rng = np.random.default_rng(0)
+    passages = [unit(rng, n, 64) for n in (300, 1, 0, 57)]
+    with TokenWriter(tmp_path, TokenForm("pq", 8)) as writer:
+        for p in passages:
+            writer.add(p * 3.0)  # stored unit-normalised
+        meta = writer.close()
+    assert meta["dtype"] == "pq" and meta["pq"] == {"m": 8, "centroids": 256, "rotation": "opq", "bytes_per_token": 8}
+    assert not (tmp_path / "tokens.spill.int8").exists()  # the spill is gone once encoded
+    store = TokenStore.open(tmp_path, 4, expect=meta)
+    assert store.data.dtype == np.uint8 and store.data.shape == (358, 8)  # 8 bytes a token, not 64 values
+    assert (tmp_path / "tokens.pq.bin").stat().st_size == 358 * 8
+    assert store.pq is not None and store.pq.codebook.shape == (8, 256, 8) and store.pq.rotation is not None
+    assert np.allclose(store.pq.rotation @ store.pq.rotation.T, np.eye(64), atol=1e-4)  # orthonormal
+    # look-up tables give exactly the inner products with the decoded vectors
+    query = unit(rng, 7, 64)
+    decoded = [store.vectors(r) for r in range(4)]
+    expected = [float((query @ d.T).max(axis=1).mean()) if len(d) else 0.0 for d in decoded]
+    got = store.maxsim(query, [0, 1, 2, 3])
+    assert np.allclose(got, expected, atol=1e-5)
+    # and approximate the true MaxSim; a passage of one token is its own centroid (trained on 358 tokens)
+    true = [float((query @ p.T).max(axis=1).mean()) if len(p) else 0.0 for p in passages]
+    assert np.abs(got - true).max() < 0.15 and got[2] == 0.0
+    assert np.abs(decoded[1] - passages[1]).max() < 0.25
+
+
+def test_fewer_tokens_than_centroids_are_their_own_centroids(tmp_path):
+    rng = np.random.default_rng(1)
+    vectors = unit(rng, 40, 32)
+    with TokenWriter(tmp_path, TokenForm("pq", 4)) as writer:
+        writer.add(vectors)
+        writer.close()
+    store = TokenStore.open(tmp_path, 1)
+    assert np.allclose(store.vectors(0), vectors, atol=0.5 / 127)  # as exact as the int8 spill they went through
+
+
+def test_a_damaged_or_mismatched_pq_store_is_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    with TokenWriter(tmp_path, TokenForm("pq", 4)) as writer:
+        writer.add(unit(rng, 600, 32))
+        meta = writer.close()
+    TokenStore.open(tmp_path, 1, expect=meta)
+    with pytest.raises(TokenStoreError, match="manifest records int8"):
+        TokenStore.open(tmp_path, 1, expect={**meta, "dtype": "int8", "pq": None})
+    with pytest.raises(TokenStoreError, match="manifest records"):
+        TokenStore.open(tmp_path, 1, expect={**meta, "pq": {**meta["pq"], "m": 8}})  # type: ignore[dict-item]
+    codebook = np.load(tmp_path / CODEBOOK_FILE)
+    np.save(tmp_path / CODEBOOK_FILE, codebook[:, :128])  # half the centroids
+    with pytest.raises(TokenStoreError, match="codebook"):
+        TokenStore.open(tmp_path, 1)
+    np.save(tmp_path / CODEBOOK_FILE, codebook)
+    rotation = np.load(tmp_path / ROTATION_FILE)
+    np.save(tmp_path / ROTATION_FILE, rotation[:16])
+    with pytest.raises(TokenStoreError, match="rotation"):
+        TokenStore.open(tmp_path, 1)
+    np.save(tmp_path / ROTATION_FILE, rotation)
+    data = tmp_path / "tokens.pq.bin"
+    with open(data, "r+b") as handle:
+        handle.truncate(data.stat().st_size - 4)  # half a token's codes
+    with pytest.raises(TokenStoreError, match="truncated or corrupt"):
+        TokenStore.open(tmp_path, 1)
+    (tmp_path / CODEBOOK_FILE).unlink()
+    with pytest.raises(TokenStoreError):
+        TokenStore.open(tmp_path, 1)
+
+
+def test_pq_sub_spaces_must_divide_the_dimension(tmp_path):
+    with TokenWriter(tmp_path, TokenForm("pq", 5)) as writer, pytest.raises(TokenStoreError, match="token_pq_m"):
+        writer.add(np.ones((3, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        TokenForm("int4")  # type: ignore[arg-type]
+
+
+def test_convert_writes_pq_and_records_it(example_index, pq_index):
+    from indexer.bundle import open_bundle
+
+    source, converted = open_bundle(example_index), open_bundle(pq_index, verify=True)  # checksums hold
+    meta = converted.manifest["dense"]["token_vectors"]
+    assert (
+        meta["dtype"] == "pq"
+        and meta["pq"]["m"] == 32
+        and meta["tokens"] == source.manifest["dense"]["token_vectors"]["tokens"]
+    )
+    assert converted.manifest["config"]["dense"]["token_vectors"] == "pq"  # updates keep the form
+    assert converted.manifest["build"]["kind"] == "convert" and converted.manifest["parent"] == source.build_id
+    assert {"dense/tokens.pq.bin", "dense/tokens.codebook.npy", "dense/tokens.rotation.npy"} <= set(
+        converted.manifest["files"]
+    )
+    int8 = TokenStore.open(source.path("dense"))
+    pq = TokenStore.open(converted.path("dense"))
+    tokens = int(pq.offsets[-1])
+    # bytes per token: 32 codes against 384 int8 values and a float32 scale (the codebook is per bundle)
+    assert (converted.path("dense") / "tokens.pq.bin").stat().st_size * 12 == tokens * 384
+    per_bundle = sum((converted.path("dense") / f).stat().st_size for f in (CODEBOOK_FILE, ROTATION_FILE))
+    assert int8.nbytes / (pq.nbytes - per_bundle) > 11
+    assert converted.manifest["counts"] == source.manifest["counts"]
+
+
+def test_pq_maxsim_ranks_like_int8_on_the_example_corpus(example_index, pq_index):
+    from app.services import load_pipeline
+    from app.settings import load_settings
+
+    pipelines = {
+        name: load_pipeline(load_settings(bundle=index, reranker={"model": "maxsim", "maxsim": True}))
+        for name, index in (("int8", example_index), ("pq", pq_index))
+    }
+    int8, pq = pipelines["int8"], pipelines["pq"]
+    assert pq.late is not None and pq.late.stored and int8.late is not None
+    correlations, same_top = [], 0
+    for query in QUERIES:
+        hits = asyncio.run(int8.search(query, int8.options(k=20, rerank=False))).hits
+        rows = [h.idx for h in hits]
+        a, b = int8.late.score(query, rows, []), pq.late.score(query, rows, [])
+        assert np.abs(a - b).max() < 0.05, (query, np.abs(a - b).max())
+        correlations.append(float(np.corrcoef(a, b)[0, 1]))
+        same_top += int(np.argmax(a) == np.argmax(b))
+        # the served search over the converted bundle returns the same top passage
+        top = {name: asyncio.run(p.search(query, p.options(k=5))).hits[0].passage_id for name, p in pipelines.items()}
+        assert top["int8"] == top["pq"], (query, top)
+    assert min(correlations) > 0.97, correlations
+    assert same_top == len(QUERIES)
+
+
+def test_update_and_reshard_keep_the_pq_form_and_codebook(pq_index, tmp_path):
+    from indexer.build import reshard_bundle
+    from indexer.bundle import open_bundle
+    from indexer.update import update_bundle
+
+    copy = tmp_path / "index"
+    shutil.copytree(pq_index, copy, symlinks=True)
+    parent = open_bundle(copy)
+    parent_store = TokenStore.open(parent.path("dense"))
+    added = tmp_path / "add.jsonl"
+    added.write_text(
+        json.dumps({"_id": "new-1", "title": "Tea", "text": "Green tea is steamed, black tea oxidised."}) + "\n"
+    )
+    update_bundle(copy, add=added, show_progress=False)
+    child = open_bundle(copy, verify=True)
+    store = TokenStore.open(
+        child.path("dense"), child.manifest["counts"]["passages"], child.manifest["dense"]["token_vectors"]
+    )
+    assert store.dtype == "pq" and store.pq is not None and store.pq.same(parent_store.pq)
+    assert len(store.offsets) == len(parent_store.offsets) + 1
+    assert np.array_equal(store.data[: int(parent_store.offsets[-1])], parent_store.data)  # kept codes as stored
+    new = store.vectors(len(store.offsets) - 2)  # the new passage, encoded with the kept codebook
+    assert new.shape[0] > 5 and np.allclose(np.linalg.norm(new, axis=1), 1.0, atol=0.2)
+
+    sharded = reshard_bundle(copy, tmp_path / "sharded", 2, show_progress=False).path
+    rows = 0
+    for name in ("shard-000", "shard-001"):
+        shard = open_bundle(sharded / name, verify=False)
+        part = TokenStore.open(
+            shard.path("dense"), shard.manifest["counts"]["passages"], shard.manifest["dense"]["token_vectors"]
+        )
+        assert part.dtype == "pq" and part.pq is not None and part.pq.same(store.pq)
+        n = int(part.offsets[-1])
+        assert np.array_equal(part.data, store.data[rows : rows + n])
+        rows += n
+    assert rows == int(store.offsets[-1])
+
+
+def test_convert_refuses_what_it_cannot_convert(example_index, tmp_path):
+    done = sift(
+        "index", "convert", "--from", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--token-vectors", "pq"
+    )
+    assert done.returncode == 1 and "error:" in done.stderr
+    done = sift(
+        "index", "convert", "--from", str(example_index), "--out", str(tmp_path / "o"), "--token-vectors", "int4"
+    )
+    assert done.returncode == 2 and "int4" in done.stderr
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_product_quantizer_tables_match_decoding(rotate):
+    rng = np.random.default_rng(3)
+    sample = unit(rng, 3000, 48)
+    pq = ProductQuantizer.train(sample, 12, rotate=rotate)
+    assert (pq.rotation is not None) == rotate
+    vectors = unit(rng, 50, 48)
+    codes = pq.encode(vectors)
+    query = unit(rng, 5, 48)
+    assert codes.shape == (50, 12) and codes.dtype == np.uint8
+    assert np.allclose(pq.inner_products(pq.tables(query), codes), pq.decode(codes) @ query.T, atol=1e-5)
+    assert np.abs(pq.decode(codes) @ query.T - vectors @ query.T).max() < 0.5  # an approximation of the truth

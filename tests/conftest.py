@@ -67,12 +67,24 @@ def tokenizer(encoder):
 
 @pytest.fixture(scope="session")
 def example_index(tmp_path_factory) -> Path:
-    """An index folder (with `current`) built from examples/corpus.jsonl, with int8 token vectors as
-    configs/default.yaml builds it (so servers with the default second stage read stored MaxSim vectors)."""
+    """An index folder (with `current`) built from examples/corpus.jsonl with configs/default.yaml's index config
+    (pq token vectors: servers with the default second stage read stored MaxSim vectors)."""
+    from indexer.build import build_bundle
+    from indexer.config import load_index_config
+
+    out = tmp_path_factory.mktemp("example-index")
+    build_bundle(EXAMPLES, out, load_index_config(ROOT / "configs" / "default.yaml"), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_example_index(tmp_path_factory) -> Path:
+    """examples/corpus.jsonl with int8 token vectors (the stored form before pq; tests of int8 stores and of
+    the int8 → pq converter). Tests copy it before changing it."""
     from indexer.build import build_bundle
     from indexer.config import DenseSettings, IndexConfig
 
-    out = tmp_path_factory.mktemp("example-index")
+    out = tmp_path_factory.mktemp("int8-index") / "index"
     build_bundle(EXAMPLES, out, IndexConfig(dense=DenseSettings(token_vectors="int8")), show_progress=False)
     return out
 
@@ -103,22 +115,23 @@ def _source_key() -> str:
     for path in sorted((ROOT / "indexer").glob("*.py")):
         digest.update(path.read_bytes())
     digest.update((SCIFACT / "corpus.jsonl").read_bytes()[: 1 << 20])
+    digest.update((ROOT / "configs" / "default.yaml").read_bytes())  # the index config it is built with
     return digest.hexdigest()[:16]
 
 
 @pytest.fixture(scope="session")
 def scifact_index() -> Path:
-    """SciFact built with the default config (int8 token vectors included, as configs/default.yaml builds);
-    cached under .cache/ keyed by the indexer's source code, so a change to the indexer always rebuilds (≈7 min
+    """SciFact built with configs/default.yaml's index config (pq token vectors included);
+    cached under .cache/ keyed by the indexer's source code and that config, so a change to either rebuilds (≈7 min
     on a 2-core CPU)."""
     from indexer.build import ensure_bundle
-    from indexer.config import DenseSettings, IndexConfig
+    from indexer.config import load_index_config
 
     out = ROOT / ".cache" / f"scifact-{_source_key()}"
     for stale in (ROOT / ".cache").glob("scifact-*"):
         if stale != out:
             shutil.rmtree(stale, ignore_errors=True)
-    return ensure_bundle(SCIFACT / "corpus.jsonl", out, IndexConfig(dense=DenseSettings(token_vectors="int8")))
+    return ensure_bundle(SCIFACT / "corpus.jsonl", out, load_index_config(ROOT / "configs" / "default.yaml"))
 
 
 @pytest.fixture(scope="session")

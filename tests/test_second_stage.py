@@ -21,13 +21,8 @@ CORPUS = ROOT / "examples" / "corpus.jsonl"
 
 
 @pytest.fixture(scope="module")
-def token_index(tmp_path_factory):
-    from indexer.build import build_bundle
-    from indexer.config import DenseSettings, IndexConfig
-
-    out = tmp_path_factory.mktemp("tokens") / "index"
-    build_bundle(CORPUS, out, IndexConfig(dense=DenseSettings(token_vectors="int8")), show_progress=False)
-    return out
+def token_index(int8_example_index):
+    return int8_example_index
 
 
 @pytest.fixture(scope="module")

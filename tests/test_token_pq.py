@@ -230,9 +230,7 @@ def test_convert_refuses_what_it_cannot_convert(int8_index, tmp_path):
         "index", "convert", "--from", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--token-vectors", "pq"
     )
     assert done.returncode == 1 and "error:" in done.stderr
-    done = sift(
-        "index", "convert", "--from", str(int8_index), "--out", str(tmp_path / "o"), "--token-vectors", "int4"
-    )
+    done = sift("index", "convert", "--from", str(int8_index), "--out", str(tmp_path / "o"), "--token-vectors", "int4")
     assert done.returncode == 2 and "int4" in done.stderr
 
 

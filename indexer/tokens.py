@@ -113,6 +113,7 @@ class ProductQuantizer:
                 raise TokenStoreError(f"a pq rotation is {self.dimension} × {self.dimension}, not {rotation.shape}")
         self.rotation = rotation
         self._faiss: Any = None
+        self._column_offsets = (np.arange(self.m, dtype=np.int32) * CENTROIDS)[None, :]
 
     @classmethod
     def train(cls, sample: np.ndarray, m: int, rotate: bool = True) -> ProductQuantizer:
@@ -179,18 +180,24 @@ class ProductQuantizer:
         return out @ self.rotation if self.rotation is not None else out
 
     def tables(self, query: np.ndarray) -> np.ndarray:
-        """Inner products of each query token with every centroid, sub-space by sub-space: m × 256 × q."""
+        """Inner products of each query token with every centroid, sub-space by sub-space: (m · 256) × q, row
+        `j · 256 + c` for centroid `c` of sub-space `j`."""
         query = self._rotated(query)
         q = query.shape[0]
         parts = query.reshape(q, self.m, self.sub).transpose(1, 2, 0)  # m × sub × q
-        return np.ascontiguousarray(np.matmul(self.codebook, parts))
+        return np.ascontiguousarray(np.matmul(self.codebook, parts).reshape(self.m * CENTROIDS, q))
 
     def inner_products(self, tables: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Inner products (tokens × q) of the tokens `codes` stand for with the query of `tables`, by look-up
-        (asymmetric distance computation): the sum over sub-spaces of the code's row of that sub-space's table."""
-        out = np.zeros((codes.shape[0], tables.shape[2]), dtype=np.float32)
-        for j in range(self.m):
-            out += tables[j][codes[:, j]]
+        (asymmetric distance computation): the sum over sub-spaces of the code's row of that sub-space's table,
+        done as one sparse product (each token a row with a one in each sub-space's column of its code)."""
+        import scipy.sparse as sp
+
+        n = codes.shape[0]
+        columns = (np.asarray(codes, dtype=np.int32) + self._column_offsets).ravel()
+        rows = np.arange(0, n * self.m + 1, self.m, dtype=np.int32)
+        picks = sp.csr_matrix((np.ones(n * self.m, dtype=np.float32), columns, rows), shape=(n, self.m * CENTROIDS))
+        out: np.ndarray = np.asarray(picks @ tables, dtype=np.float32)
         return out
 
     def same(self, other: ProductQuantizer | None) -> bool:
@@ -573,16 +580,16 @@ class TokenStore(TokenStoreReader):
             return out
         stored = np.concatenate([self.data[start:end] for _, start, end in spans])
         if self.pq is not None:  # tokens × q, from the codes
-            sims = self.pq.inner_products(self.pq.tables(query), stored).T
+            sims = self.pq.inner_products(self.pq.tables(query), stored)
         else:  # one matrix product over all candidates' tokens
             tokens = stored.astype(np.float32)
             if self.scales is not None:
                 tokens *= np.concatenate([self.scales[start:end] for _, start, end in spans]).astype(np.float32)[
                     :, None
                 ]
-            sims = query @ tokens.T
-        # then the best match per passage segment
+            sims = tokens @ query.T
+        # then the best match per passage segment (rows: the candidates' tokens, one run per passage)
         bounds = np.cumsum([0] + [end - start for _, start, end in spans[:-1]])
-        best = np.maximum.reduceat(sims, bounds, axis=1)
-        out[[i for i, _, _ in spans]] = best.mean(axis=0)
+        best = np.maximum.reduceat(sims, bounds, axis=0)
+        out[[i for i, _, _ in spans]] = best.mean(axis=1)
         return out

@@ -259,3 +259,19 @@ def test_the_shipped_config_builds_pq_token_vectors(example_index):
     assert info.manifest["config"]["dense"]["token_vectors"] == "pq"
     store = TokenStore.open(info.path("dense"), info.manifest["counts"]["passages"], meta)
     assert store.data.shape == (meta["tokens"], 32) and meta["tokens"] > 50 * meta["passages"]
+
+
+def test_convert_in_place_publishes_a_new_current_build(int8_index, tmp_path):
+    """`sift index convert --from X --out X` (as the README shows it): a new build becomes current, the int8
+    one stays published beside it (a rollback target), and a server reading the folder finds pq codes."""
+    from indexer.bundle import list_builds, open_bundle
+
+    copy = tmp_path / "index"
+    shutil.copytree(int8_index, copy, symlinks=True)
+    before = open_bundle(copy).build_id
+    done = sift("index", "convert", "--from", str(copy), "--out", str(copy), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    after = open_bundle(copy, verify=True)
+    assert after.build_id != before and after.manifest["parent"] == before
+    assert after.manifest["dense"]["token_vectors"]["dtype"] == "pq"
+    assert list_builds(copy) == sorted([before, after.build_id])

@@ -342,6 +342,7 @@ def main() -> None:
     if "serve" not in skip:
         bench_serve(args.runs, args.requests, lines, summary)
     projection(lines, summary, figures)
+    OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "figures.json").write_text(json.dumps(figures))
     append_report(
         "Scale-out: Ray build, shard fan-out, Ray Serve replicas, 100 M projection", "\n".join(lines), summary

@@ -385,7 +385,8 @@ class TokenWriter(BuildTokens):
                     self._scales.append(np.array(store.scales[start:end], dtype=np.float32))
 
     def _encode_spill(self, tokens: int) -> None:
-        """Train the codebook on a sample of the spilled int8 tokens, then write their codes chunk by chunk."""
+        """Train the codebook on a sample of the spilled int8 tokens, then write their codes chunk by chunk. The
+        spill is read with `os.pread`, not memory-mapped, so it never becomes resident in this process."""
         dimension, m = int(self.dimension or 0), self.form.m
         spill_path = self.directory / SPILL_FILE
         scales = np.concatenate(self._scales) if self._scales else np.zeros(0, dtype=np.float32)
@@ -395,17 +396,22 @@ class TokenWriter(BuildTokens):
             (self.directory / data_file("pq")).write_bytes(b"")
             spill_path.unlink()
             return
-        spill = np.memmap(spill_path, dtype=np.int8, mode="r", shape=(tokens, dimension))
-        sample = np.unique(np.linspace(0, tokens - 1, min(self.form.sample, tokens)).astype(np.int64))
-        self.pq = ProductQuantizer.train(
-            np.asarray(spill[sample], dtype=np.float32) * scales[sample][:, None], m, self.form.rotate
-        )
-        with open(self.directory / data_file("pq"), "wb") as out:
-            for start in range(0, tokens, ENCODE_CHUNK):
-                end = min(start + ENCODE_CHUNK, tokens)
-                chunk = np.asarray(spill[start:end], dtype=np.float32) * scales[start:end, None]
-                out.write(self.pq.encode(chunk).tobytes())
-        del spill
+        with open(spill_path, "rb") as spill:
+
+            def rows(start: int, end: int) -> np.ndarray:
+                data = os.pread(spill.fileno(), (end - start) * dimension, start * dimension)
+                if len(data) != (end - start) * dimension:
+                    raise TokenStoreError(f"{spill_path}: ends before token row {end}")
+                out: np.ndarray = (
+                    np.frombuffer(data, dtype=np.int8).reshape(end - start, dimension) * scales[start:end, None]
+                )
+                return out
+
+            sample = np.unique(np.linspace(0, tokens - 1, min(self.form.sample, tokens)).astype(np.int64)).tolist()
+            self.pq = ProductQuantizer.train(np.concatenate([rows(r, r + 1) for r in sample]), m, self.form.rotate)
+            with open(self.directory / data_file("pq"), "wb") as out:
+                for start in range(0, tokens, ENCODE_CHUNK):
+                    out.write(self.pq.encode(rows(start, min(start + ENCODE_CHUNK, tokens))).tobytes())
         spill_path.unlink()
 
     def close(self) -> dict[str, object]:

@@ -19,10 +19,11 @@ QUESTION = "When was the Eiffel Tower completed?"
 
 
 @pytest.fixture(scope="module")
-def maxsim_server(example_index):
-    """One real server: MaxSim alone as the second stage, extractive answers (no generator), default k 3."""
+def maxsim_server(int8_example_index):
+    """One real server: MaxSim alone as the second stage, extractive answers (no generator), default k 3; over the
+    example corpus with int8 token vectors, which equal a fresh encoding to 5e-3 (pq codes approximate it)."""
     env = {
-        "SIFT_BUNDLE": str(example_index),
+        "SIFT_BUNDLE": str(int8_example_index),
         "SIFT_SEARCH__DEFAULT_K": "3",
         "SIFT_RERANKER__MODEL": "maxsim",
         "SIFT_RERANKER__MAXSIM": "true",

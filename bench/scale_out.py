@@ -278,7 +278,7 @@ def projection(lines: list[str], summary: list[dict], figures: dict) -> None:
         "### Paper projection: 100 M passages",
         "",
         f"Measured on the SciFact bundle ({passages} passages): docstore {docstore:.0f} B, BM25 {bm25:.0f} B, "
-        f"token vectors ({form}, the shipped form) {tokens / 1024:.2f} KiB per passage; dense sizes are FAISS's "
+        f"token vectors ({form}, the bundle's form) {tokens / 1024:.2f} KiB per passage; dense sizes are FAISS's "
         f"layout for {dim}-d "
         "float32 vectors (+ 8 B id).",
         "",
@@ -295,8 +295,8 @@ def projection(lines: list[str], summary: list[dict], figures: dict) -> None:
         lines.append(f"| {name} | {d:,.0f} | {whole:,.0f} | {math.ceil(whole * 2**30 / ram)} | {machines[name]} |")
     summary.append(
         {
-            "claim": "100 M-passage projection: machines (64 GiB) for the whole default pipeline (flat dense, "
-            "BM25, docstore, token vectors)",
+            "claim": f"100 M-passage projection: machines (64 GiB) for the whole default pipeline (flat dense, "
+            f"BM25, docstore, token vectors in the bundle's form: {stored.get('dtype')})",
             "figure": f"{machines['flat']} (token vectors: {form}, {tokens / 1024:.2f} KiB per passage)",
             "target": "≤ 25",
             "holds": "yes" if machines["flat"] <= 25 else "no",
@@ -319,7 +319,7 @@ def projection(lines: list[str], summary: list[dict], figures: dict) -> None:
         "at 70 % efficiency for Ray Data's hand-offs, with reading, chunking and BM25 spread over the same "
         "cluster's CPUs; no GPU was measured here (none was lent to this issue). Token vectors for MaxSim "
         "are the largest part at this scale: int8 (~0.4 KiB per token) needed about 165 machines for them alone; "
-        "the shipped pq form stores a token in its code bytes (bench/token_vectors.py).",
+        "the pq form stores a token in its code bytes (bench/token_vectors.py).",
         "",
     ]
 

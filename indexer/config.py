@@ -68,7 +68,7 @@ class DenseSettings(BaseModel):
         "dynamic int8 (see indexer.runtime)",
     )
     token_vectors: Literal["float16", "int8", "pq"] | None = Field(
-        "pq",
+        "int8",
         description="also keep each passage's token vectors (from the same encoder pass) for MaxSim at query time "
         "without re-encoding: pq (product quantisation: token_pq_m bytes per token), int8 (~0.4 KB per token "
         "with 384 dimensions) or float16 (~0.8 KB); null: none",

@@ -248,15 +248,26 @@ def test_product_quantizer_tables_match_decoding(rotate):
     assert np.abs(pq.decode(codes) @ query.T - vectors @ query.T).max() < 0.5  # an approximation of the truth
 
 
-def test_the_shipped_config_builds_pq_token_vectors(example_index):
-    """configs/default.yaml's form (the session's example build uses it): OPQ-rotated codes of 32 bytes a token,
-    trained on the build's own tokens, recorded in the manifest and its config."""
+def test_sift_index_build_writes_pq_when_configured(tmp_path):
+    """`index.dense.token_vectors: pq` (here from the environment): OPQ-rotated codes of 32 bytes a token,
+    trained at the build's close on its own tokens, recorded in the manifest and its config."""
+    import os
+
     from indexer.bundle import open_bundle
 
-    info = open_bundle(example_index, verify=True)
+    out = tmp_path / "index"
+    code = "from app.cli import main; main()"
+    env = {**os.environ, "SIFT_INDEX__DENSE__TOKEN_VECTORS": "pq"}
+    args = ["index", "build", "--input", str(ROOT / "examples" / "corpus.jsonl"), "--out", str(out), "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    info = open_bundle(out, verify=True)
     meta = info.manifest["dense"]["token_vectors"]
     assert meta["dtype"] == "pq" and meta["pq"] == {"m": 32, "centroids": 256, "rotation": "opq", "bytes_per_token": 32}
     assert info.manifest["config"]["dense"]["token_vectors"] == "pq"
+    assert not (info.path("dense") / "tokens.spill.int8").exists()
     store = TokenStore.open(info.path("dense"), info.manifest["counts"]["passages"], meta)
     assert store.data.shape == (meta["tokens"], 32) and meta["tokens"] > 50 * meta["passages"]
 

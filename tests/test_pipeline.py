@@ -20,7 +20,7 @@ from indexer.docstore import Docstore
 from indexer.models import Document, Passage, passage_id
 from indexer.pipeline import LocalEncoding
 from indexer.shards import ShardWriter, plan_shards, shard_name
-from indexer.tokens import TokenStore
+from indexer.tokens import TokenForm, TokenStore
 from tests.conftest import ROOT, write_jsonl
 
 # -- the import graph -------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_shard_writer_streams_and_finishes_each_shard_as_its_documents_arrive(tm
     corpus = _synthetic(40)
     sizes = [len(p) for _, p, _ in corpus]
     config = IndexConfig(dense=DenseSettings(token_vectors="float16"))
-    writer = ShardWriter(tmp_path, sizes, 3, config, "b1", token_dtype="float16")
+    writer = ShardWriter(tmp_path, sizes, 3, config, "b1", token_form=TokenForm("float16"))
     ranges = plan_shards(sizes, 3)
     rng = np.random.default_rng(3)
     all_vectors, all_texts, all_tokens = [], [], []

@@ -11,7 +11,7 @@
    replaces the int8 one, and the default second stage (configs/default.yaml's depth and weights) is scored.
 3. Selection on SciFact train only: the smallest form whose nDCG@10 is within 0.002 of int8's there. Test
    sets are reported, never chosen on; for the chosen form, the figures the README and
-   configs/regression/scifact.yaml quote (the default second stage, and MaxSim alone at depth 20).
+   configs/regression/scifact.yaml would quote with it (the default second stage, MaxSim alone at depth 20).
 4. Cost: token-vector bytes per passage (files on disk / passages) and the MaxSim stage's latency in process
    (`TokenStore.maxsim` of the query's token vectors against the default depth's head of candidates, the first
    `--queries` SciFact train claims, forms interleaved, the median over `--runs` passes of each pass's p50).
@@ -178,7 +178,8 @@ def main() -> None:
         hybrid = {n: ss.score(features[n], None, None)[metrics[n]] for n in ("cranfield", "squad-a24-47")}
         lines += [
             "",
-            f"With {chosen} (the figures the README and configs/regression/scifact.yaml quote): SciFact test "
+            f"With {chosen} (what the README's MaxSim rows and its SQuAD and Cranfield figures would read with it): "
+            "SciFact test "
             f"default {readme['default']:.4f}, MaxSim alone (top 20, 50/50) {readme['maxsim_0.5_top20']:.4f}; "
             f"hybrid → default: SQuAD dev articles 24–47 MRR@10 {hybrid['squad-a24-47']:.3f} → "
             f"{quality['squad-a24-47'][chosen]:.3f}, Cranfield nDCG@10 {hybrid['cranfield']:.4f} → "

@@ -298,7 +298,7 @@ def open_parts(
     stored = None
     if tokens and TokenStore.exists(directory):
         try:
-            stored = TokenStore.open(directory, len(pids), info.manifest["dense"].get("token_vectors"))
+            stored = TokenStore.of_bundle(info, len(pids))
         except TokenStoreError as exc:
             raise BundleError(f"{info.root}: {exc}") from exc
     return LocalParts(store, bm25, dense, stored)

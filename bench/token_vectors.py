@@ -107,7 +107,8 @@ def main() -> None:
         pipeline = load_pipeline(settings, bundle, models, verify=False)
         assert pipeline.late is not None and pipeline.late.dense is not None
         f = features[name]
-        texts = [ss.dataset_queries(name, ROOT.parent / "shared", FEATURES)[0][q] for q in f.qids]
+        questions = ss.dataset_queries(name, ROOT.parent / "shared", FEATURES)[0]
+        texts = [questions[q] for q in f.qids]
         queries = pipeline.late.dense.query_tokens(texts)
         for form in forms:
             store, seconds = converted(bundle, form)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer import __version__
-from indexer.bundle import DENSE_DIR, DOCSTORE, BundleError, BundleWriter, now_iso, open_bundle
+from indexer.bundle import DOCSTORE, BundleError, BundleWriter, now_iso, open_bundle
 from indexer.config import IndexConfig, recorded_config
 from indexer.docstore import Docstore
 from indexer.pipeline import (
@@ -80,13 +80,7 @@ def build_bundle(
             engine,
             build_id=writer.build_id,
             shards=shards,
-            token_form=TokenForm.planned(
-                config.dense.token_vectors,
-                config.dense.token_pq_m,
-                config.dense.token_pq_sample,
-                config.dense.token_pq_rotate,
-                None,
-            ),
+            token_form=TokenForm.planned(config.dense),
             timings=timings,
             show_progress=show_progress,
             empty=f"{input_path}: no documents to index",
@@ -175,11 +169,7 @@ def _rewrite(source: Path, out: Path, shards: int, form: TokenForm | None, show_
                     "%s: %s index; shards get the float16 copy of the vectors", parent.root, config.dense.index_type
                 )
             vectors = stored_vectors(parent.root, config.dense.index_type)
-        tokens = (
-            TokenStore.open(parent.path(DENSE_DIR), store.num_passages, dense_info.get("token_vectors"))
-            if token_dtype
-            else None
-        )
+        tokens = TokenStore.of_bundle(parent, store.num_passages) if token_dtype else None
         timings: dict[str, float] = {}
         t = time.perf_counter()
         written = run_pipeline(
@@ -197,7 +187,7 @@ def _rewrite(source: Path, out: Path, shards: int, form: TokenForm | None, show_
             show_progress=show_progress,
         )
         del vectors, tokens
-        timings[kind if kind == "convert" else "shards"] = time.perf_counter() - t
+        timings["convert" if form else "shards"] = time.perf_counter() - t
         seconds = time.perf_counter() - started
         counts = parent.manifest["counts"]
         manifest = {

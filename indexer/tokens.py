@@ -34,9 +34,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from indexer.bundle import BundleInfo
+    from indexer.config import DenseSettings
 
 TokenDtype = Literal["float16", "int8", "pq"]
 IntakeDtype = Literal["float16", "int8"]
@@ -202,6 +206,8 @@ class ProductQuantizer:
 
     def same(self, other: ProductQuantizer | None) -> bool:
         """The same codebook and rotation (codes of one are codes of the other)."""
+        if other is self:
+            return True
         if other is None or not np.array_equal(self.codebook, other.codebook):
             return False
         if self.rotation is None or other.rotation is None:
@@ -226,18 +232,17 @@ class TokenForm:
             raise ValueError(f"token vector dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
 
     @classmethod
-    def planned(
-        cls, dtype: TokenDtype | None, m: int, sample: int, rotate: bool, parent: TokenStore | None
-    ) -> TokenForm | None:
-        """The form a build writes for the configured `dtype` (None: no token vectors), `m`, `sample` and
-        `rotate`: a pq parent's codebook is kept when it has the configured `m` and rotation (an update's
-        copied codes stay valid)."""
-        if dtype is None:
+    def planned(cls, dense: DenseSettings, parent: TokenStore | None = None) -> TokenForm | None:
+        """The form a build writes for its `index.dense` settings (`token_vectors` None or dense disabled: no
+        token vectors; `token_pq_m`, `token_pq_sample`, `token_pq_rotate`): a pq parent's codebook is kept when
+        it has the configured `m` and rotation (an update's copied codes stay valid)."""
+        dtype, m, rotate = dense.token_vectors, dense.token_pq_m, dense.token_pq_rotate
+        if dtype is None or not dense.enabled:
             return None
         pq = parent.pq if parent is not None else None
         if dtype == "pq" and pq is not None and pq.m == m and (pq.rotation is not None) == rotate:
-            return cls("pq", m, sample, rotate, pq)
-        return cls(dtype, m, sample, rotate)
+            return cls("pq", m, dense.token_pq_sample, rotate, pq)
+        return cls(dtype, m, dense.token_pq_sample, rotate)
 
     @classmethod
     def of(cls, store: TokenStore) -> TokenForm:
@@ -351,7 +356,8 @@ class TokenWriter(BuildTokens):
         self._lengths.append(int(rows.shape[0]))
 
     def add_stored(self, store: TokenStore, rows: Sequence[int]) -> None:
-        """Passages `rows` of another store. Same form (dtype, and for pq the same codebook): copied as stored,
+        """Passages `rows` of another store. Same form (dtype, and for pq the same codebook; or int8 into a pq
+        writer's int8 spill, so a converted build trains the codebook a fresh build would): copied as stored,
         read from the store's file (runs of consecutive passages at once, in bounded chunks), not through its
         memory map, so copying a large store (an update, a reshard) does not make the whole of it resident in
         this process. Another form: each passage decoded to float and added (a conversion; no model runs)."""
@@ -359,10 +365,13 @@ class TokenWriter(BuildTokens):
         picked = np.asarray(rows, dtype=np.int64)
         if picked.size == 0:
             return
-        same = store.dtype == self.form.dtype and (
-            store.dtype != "pq" or (store.pq is not None and store.pq.same(self.pq))
-        )
-        if not same or self._spilling:
+        if self._spilling:  # a fresh pq writer's spill is int8 rows and scales: an int8 store's are copied
+            copy = store.dtype == "int8"
+        else:
+            copy = store.dtype == self.form.dtype and (
+                store.dtype != "pq" or (store.pq is not None and store.pq.same(self.pq))
+            )
+        if not copy:
             for row in picked.tolist():
                 self.add(store.vectors(row))
             return
@@ -473,6 +482,13 @@ class TokenStore(TokenStoreReader):
         self.offsets = offsets
         self.scales = scales
         self.pq = pq
+
+    @classmethod
+    def of_bundle(cls, info: BundleInfo, passages: int | None = None) -> TokenStore:
+        """A bundle's token store, checked against its manifest: the form `dense.token_vectors` records and
+        `passages` rows (default: the manifest's passage count; serving passes its docstore's)."""
+        count = passages if passages is not None else int(info.manifest["counts"]["passages"])
+        return cls.open(info.path("dense"), count, (info.manifest.get("dense") or {}).get("token_vectors"))
 
     @staticmethod
     def exists(directory: Path) -> bool:

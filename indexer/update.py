@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from indexer.bundle import DENSE_DIR, DOCSTORE, BundleError, BundleWriter, open_bundle
+from indexer.bundle import DOCSTORE, BundleError, BundleWriter, open_bundle
 from indexer.chunking import Chunker
 from indexer.config import recorded_config
 from indexer.docstore import Docstore
@@ -136,16 +136,9 @@ def update_bundle(
         parent_dense = parent.manifest.get("dense") or {}
         dense = bool(config.dense.enabled and parent_dense.get("enabled"))
         token_dtype = config.dense.token_vectors if dense else None
-        parent_tokens = (
-            TokenStore.open(
-                parent.path(DENSE_DIR), parent.manifest["counts"]["passages"], parent_dense.get("token_vectors")
-            )
-            if token_dtype
-            else None
-        )
+        parent_tokens = TokenStore.of_bundle(parent) if token_dtype else None
         stored = Stored(stored_vectors(parent.root, config.dense.index_type) if dense else None, parent_tokens)
-        d = config.dense
-        token_form = TokenForm.planned(token_dtype, d.token_pq_m, d.token_pq_sample, d.token_pq_rotate, parent_tokens)
+        token_form = TokenForm.planned(config.dense, parent_tokens) if dense else None
         corpus = UpdatedCorpus(parent_store, deleted, incoming)
         writer = BundleWriter(out)
         try:

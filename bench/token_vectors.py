@@ -6,8 +6,9 @@
    Cranfield and SQuAD dev articles 24–47 (test) once with the cross-encoder and with MaxSim over int8 token
    vectors (cached under var/second_stage/; bundles with the shipped index config but int8 token vectors).
 2. Each form: the int8 store of each bundle is converted with the converter `sift index convert` runs
-   (`TokenWriter.add_stored`: stored int8 rows decoded and re-encoded, the model never runs; pq trains its
-   codebook on the bundle's own tokens), cached under var/token_vectors/. Its MaxSim over the same candidates
+   (`TokenWriter.add_stored`: the stored int8 rows and scales are what a pq writer spills, so they are copied
+   and the codebook trains on them, the one a fresh build of the bundle trains; other forms decode them; the
+   model never runs), cached under var/token_vectors/. Its MaxSim over the same candidates
    replaces the int8 one, and the default second stage (configs/default.yaml's depth and weights) is scored.
 3. Selection on SciFact train only: the smallest form whose nDCG@10 is within 0.002 of int8's there. Test
    sets are reported, never chosen on; for the chosen form, the figures the README and
@@ -87,6 +88,7 @@ def main() -> None:
     from app.services import Models, load_pipeline
     from app.settings import load_settings
     from app.training import second_stage as ss
+    from indexer.tokens import TokenForm
 
     ss.collect_all(FEATURES, ROOT.parent / "shared", list(DATASETS))
     features = ss.load_features(FEATURES, list(DATASETS))
@@ -146,7 +148,7 @@ def main() -> None:
         "same hybrid candidates, scored with the same cross-encoder scores. Selection on SciFact train only: the "
         f"smallest form within {MAX_DELTA} nDCG@10 of int8 there. Test sets (SciFact test, Cranfield, SQuAD dev "
         "articles 24–47) reported, never chosen on. pq<m>: product quantisation, m one-byte codes per token "
-        "(faiss k-means, 256 centroids per sub-space, trained on up to 65,536 tokens spread over the bundle); "
+        f"(faiss k-means, 256 centroids per sub-space, trained on up to {TokenForm('pq').sample:,} tokens spread over the bundle); "
         "opq<m>: the same after a learned orthonormal rotation (faiss OPQ); both scored by table look-up. Bytes "
         "per passage: every token-vector file of the SciFact bundle (codes or vectors, scales, offsets, codebook, "
         "rotation) over its passages.",

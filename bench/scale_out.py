@@ -319,7 +319,7 @@ def projection(lines: list[str], summary: list[dict], figures: dict) -> None:
         "at 70 % efficiency for Ray Data's hand-offs, with reading, chunking and BM25 spread over the same "
         "cluster's CPUs; no GPU was measured here (none was lent to this issue). Token vectors for MaxSim "
         "are the largest part at this scale: int8 (~0.4 KiB per token) needed about 165 machines for them alone; "
-        "the pq form stores a token in its code bytes (bench/token_vectors.py).",
+        "the shipped pq form stores a token in its code bytes (bench/token_vectors.py).",
         "",
     ]
 

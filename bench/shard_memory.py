@@ -1,5 +1,5 @@
 """Peak memory of a sharded build against an unsharded one: SciFact built unsharded and with `--shards 3`
-(the shipped index config: int8 token vectors), each in a fresh process (ru_maxrss), one after the other;
+(the shipped index config, its token-vector form included), each in a fresh process (ru_maxrss), one after the other;
 then the unsharded build resharded into 3 by this checkout (streamed `ShardWriter`) and by an earlier commit
 (`--baseline`, whose `write_shards` held the whole corpus: docstore rows, BM25 token lists, vectors, and the
 memory-mapped token vectors), which isolates the write stage from the encoder. A probe that only loads the
@@ -108,11 +108,14 @@ def report_builds(results: dict[str, dict], corpus: Path, shards: int, baseline:
     def timings(result: dict) -> str:
         return ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items())
 
+    from indexer.config import load_index_config
+
+    dense = load_index_config(ROOT / "configs" / "default.yaml").dense
     lines = [
         f"`{corpus}`: {one['documents']:,} documents, {one['passages']:,} passages; the shipped index config "
-        "(configs/default.yaml: int8 token vectors, flat FAISS, torch on the CPU). Each row is one fresh process "
-        "(ru_maxrss: Python, torch and the model included), run one after the other on a machine shared with a "
-        f"test run.{note}",
+        f"(configs/default.yaml: {dense.token_vectors} token vectors, {dense.index_type} FAISS, {dense.runtime} on "
+        "the CPU). Each row is one fresh process (ru_maxrss: Python, torch and the model included), run one after "
+        f"the other.{note}",
         "",
         "| run | code | peak RSS MB | wall s | stage timings s |",
         "|---|---|---:|---:|---|",
@@ -131,16 +134,21 @@ def report_builds(results: dict[str, dict], corpus: Path, shards: int, baseline:
         )
     lines += [
         "",
-        f"A {shards}-shard build peaks at {ratio:.2f}× the unsharded build's RSS: both peaks are the encoder's "
-        "(the floor above plus its activations and outputs while encoding), not the writes. The sharded build "
-        "streams each block of passages to its shard and never holds more than one shard's vectors; the "
-        "unsharded one keeps every passage's index text and vector until BM25 and FAISS are built over the "
-        "whole corpus (tens of MB for SciFact, below the encoder's peak).",
+        f"A {shards}-shard build peaks at {ratio:.2f}× the unsharded build's RSS. "
+        + (
+            "With pq token vectors both peaks come at the token writers' close, where each trains its codebook "
+            f"on up to {dense.token_pq_sample:,} of its tokens (float32, plus faiss's OPQ working set), one writer "
+            "at a time; with int8 vectors the same builds peaked at the encoder (1,652 MB unsharded, the section "
+            "of 2026-12-04). "
+            if dense.token_vectors == "pq"
+            else "Both peaks are the encoder's (the floor above plus its activations and outputs while encoding). "
+        )
+        + "The sharded build streams each block of passages to its shard and never holds more than one shard's "
+        "vectors; the unsharded one keeps every passage's index text and vector until BM25 and FAISS are built "
+        "over the whole corpus (tens of MB for SciFact).",
         "",
-        "The reshard rows measure the parent's token vectors more than the writes: both versions copied them "
-        "through the store's memory map, and ru_maxrss counts every mapped page touched (SciFact's int8 token "
-        "file is about 700 MB), so streaming the rest shows as a few MB. Copying through the file instead is "
-        "measured in the section 'Copying stored token vectors' (`--copy-tokens`).",
+        "The reshard rows copy the parent's stored token vectors through its file in bounded chunks (the "
+        "section 'Copying stored token vectors', `--copy-tokens`) and stream the rest to the shards.",
     ]
     summary = [
         {
@@ -195,13 +203,14 @@ def main() -> None:
     parser.add_argument("--from-log", type=Path, help="report the results an earlier run printed (its stdout)")
     parser.add_argument("--copy-tokens", type=Path, help="an index folder: measure copying its token vectors only")
     parser.add_argument("--copy-baseline", default=COPY_BASELINE, help="commit compared with --copy-tokens")
+    parser.add_argument("--note", default="", help="a sentence for the report, e.g. what else ran on the machine")
     args = parser.parse_args()
     if args.copy_tokens:
         copy_tokens(args.copy_tokens.resolve(), args.copy_baseline)
         return
     if args.from_log:
         results = from_log(args.from_log)
-        note = f" Figures of the run logged in `{args.from_log.name}`, reported again by `--from-log`."
+        note = f" Figures of the run logged in `{args.from_log.name}`, reported again by `--from-log`. {args.note}"
         report_builds(results, args.corpus, args.shards, args.baseline, note)
         return
     with tempfile.TemporaryDirectory(prefix="sift-shard-memory-") as tmp:
@@ -215,7 +224,7 @@ def main() -> None:
         if args.baseline:
             with source_tree(args.baseline) as old:
                 results["before"] = probe(old, "reshard", work / "one", work / "re-old", args.shards)
-    report_builds(results, args.corpus, args.shards, args.baseline)
+    report_builds(results, args.corpus, args.shards, args.baseline, f" {args.note}" if args.note else "")
 
 
 if __name__ == "__main__":

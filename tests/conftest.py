@@ -68,7 +68,7 @@ def tokenizer(encoder):
 @pytest.fixture(scope="session")
 def example_index(tmp_path_factory) -> Path:
     """An index folder (with `current`) built from examples/corpus.jsonl with configs/default.yaml's index config
-    (int8 token vectors: servers with the default second stage read stored MaxSim vectors)."""
+    (pq token vectors: servers with the default second stage read stored MaxSim codes)."""
     from indexer.build import build_bundle
     from indexer.config import load_index_config
 
@@ -121,7 +121,7 @@ def _source_key() -> str:
 
 @pytest.fixture(scope="session")
 def scifact_index() -> Path:
-    """SciFact built with configs/default.yaml's index config (int8 token vectors included);
+    """SciFact built with configs/default.yaml's index config (pq token vectors included);
     cached under .cache/ keyed by the indexer's source code and that config, so a change to either rebuilds (≈7 min
     on a 2-core CPU)."""
     from indexer.build import ensure_bundle

@@ -1,7 +1,7 @@
 """The query path of a reranked search (issue 28): the query is encoded by one bi-encoder forward pass that
 gives both its pooled vector (dense retrieval) and its token vectors (MaxSim), and the search makes two
 event-loop → thread hand-offs (first-stage-only: one). Counted on the shipped default second stage over the
-examples bundle (cross-encoder + MaxSim over stored int8 token vectors)."""
+examples bundle (cross-encoder + MaxSim over the stored pq token codes)."""
 
 from __future__ import annotations
 

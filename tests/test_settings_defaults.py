@@ -107,7 +107,7 @@ def test_one_env_prefix_reaches_the_server_and_the_indexer(monkeypatch):
     monkeypatch.setenv("SIFT_INDEX__CHUNKING__WINDOW", "128")
     for index in (load_settings(DEFAULT_YAML).index, load_index_config(DEFAULT_YAML)):
         assert (index.dense.index_type, index.chunking.window) == ("hnsw", 128)
-        assert index.dense.token_vectors == "int8"  # the rest still from the file
+        assert index.dense.token_vectors == "pq"  # the rest still from the file
     assert load_index_config(DEFAULT_YAML, dense={"index_type": "ivfpq"}).dense.index_type == "ivfpq"
     assert load_settings(DEFAULT_YAML, index={"dense": {"index_type": "flat"}}).index.dense.index_type == "flat"
 
@@ -171,7 +171,7 @@ def test_index_build_command_reads_the_env(tmp_path, monkeypatch):
     args = ["build", "-i", str(tmp_path / "c.jsonl"), "-o", str(tmp_path / "out"), "-c", str(DEFAULT_YAML)]
     result = CliRunner().invoke(indexer.cli.app, args)
     assert result.exit_code == 1 and len(seen) == 1, result.output
-    assert (seen[0].dense.index_type, seen[0].bm25.k1, seen[0].dense.token_vectors) == ("hnsw", 1.2, "int8")
+    assert (seen[0].dense.index_type, seen[0].bm25.k1, seen[0].dense.token_vectors) == ("hnsw", 1.2, "pq")
 
 
 def test_old_manifest_without_token_vectors_reads_as_none():
@@ -181,4 +181,4 @@ def test_old_manifest_without_token_vectors_reads_as_none():
     old = IndexConfig().model_dump(mode="json")
     del old["dense"]["token_vectors"]
     assert recorded_config({"config": old}).dense.token_vectors is None
-    assert recorded_config({"config": IndexConfig().model_dump(mode="json")}).dense.token_vectors == "int8"
+    assert recorded_config({"config": IndexConfig().model_dump(mode="json")}).dense.token_vectors == "pq"

@@ -8,7 +8,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -275,20 +274,15 @@ def test_product_quantizer_tables_match_decoding(rotate):
     assert np.abs(pq.decode(codes) @ query.T - vectors @ query.T).max() < 0.5  # an approximation of the truth
 
 
-def test_sift_index_build_writes_pq_when_configured(tmp_path):
-    """`index.dense.token_vectors: pq` (here from the environment): OPQ-rotated codes of 32 bytes a token,
-    trained at the build's close on its own tokens, recorded in the manifest and its config."""
-    import os
-
+def test_sift_index_build_writes_pq_by_default(tmp_path, pq_index):
+    """The shipped `index.dense.token_vectors: pq`: OPQ-rotated codes of 32 bytes a token, trained at the
+    build's close on its own tokens, recorded in the manifest and its config; the codebook is the one the
+    int8 build of the same corpus converted to (`sift index convert`) trained."""
     from indexer.bundle import open_bundle
 
     out = tmp_path / "index"
-    code = "from app.cli import main; main()"
-    env = {**os.environ, "SIFT_INDEX__DENSE__TOKEN_VECTORS": "pq"}
     args = ["index", "build", "--input", str(ROOT / "examples" / "corpus.jsonl"), "--out", str(out), "--no-progress"]
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
-    )
+    done = sift(*args)
     assert done.returncode == 0, done.stderr
     info = open_bundle(out, verify=True)
     meta = info.manifest["dense"]["token_vectors"]
@@ -297,6 +291,9 @@ def test_sift_index_build_writes_pq_when_configured(tmp_path):
     assert not (info.path("dense") / "tokens.spill.int8").exists()
     store = TokenStore.open(info.path("dense"), info.manifest["counts"]["passages"], meta)
     assert store.data.shape == (meta["tokens"], 32) and meta["tokens"] > 50 * meta["passages"]
+    converted = TokenStore.open(open_bundle(pq_index).path("dense"))
+    assert store.pq is not None and converted.pq is not None and store.pq.rotation is not None
+    assert np.array_equal(store.pq.codebook, converted.pq.codebook) and np.array_equal(store.data, converted.data)
 
 
 def test_convert_in_place_publishes_a_new_current_build(int8_index, tmp_path):

@@ -58,6 +58,7 @@ CENTROIDS = 256  # per sub-space: one byte per code
 PQ_SEED = 1234
 OPQ_ITERATIONS = 20  # rotation updates while training OPQ
 OPQ_TRAIN_POINTS = 65536  # tokens the rotation is learned on (the codebook's k-means uses the whole sample)
+OPQ_SUBSAMPLE_SEED = 1234  # faiss's seed when OPQ subsamples a larger training set (`ProductQuantizer.opq_rows`)
 # The recipe (a sample of 262,144 tokens, all of them in k-means; OPQ 20 iterations on 65,536) was chosen on
 # SciFact train (opq32, seeds 1234 / 1 / 2): default second stage nDCG@10 0.7412 / 0.7412 / 0.7393, mean 0.7406,
 # against 0.7400 / 0.7378 / 0.7429, mean 0.7402, with 65,536 tokens (faiss's cap of 256 a centroid) and OPQ 10 on
@@ -124,10 +125,18 @@ class ProductQuantizer:
         self._column_offsets = (np.arange(self.m, dtype=np.int32) * CENTROIDS)[None, :]
 
     @classmethod
-    def train(cls, sample: np.ndarray, m: int, rotate: bool = True, overwrite: bool = False) -> ProductQuantizer:
-        """Train on `sample` (tokens × dimension, float32, unit rows): with `rotate`, OPQ's rotation first.
-        With fewer than 256 tokens, the sample's own sub-vectors are the centroids (exact for them; no
-        rotation). `overwrite`: the caller's float32 sample may be rotated in place (no copy of it is made)."""
+    def train(
+        cls,
+        sample: np.ndarray,
+        m: int,
+        rotate: bool = True,
+        overwrite: bool = False,
+        rotation: np.ndarray | None = None,
+    ) -> ProductQuantizer:
+        """Train on `sample` (tokens × dimension, float32, unit rows): with `rotate`, OPQ's rotation first
+        (learned here, or `rotation` when the caller learned it on `opq_rows` of the sample, which gives the
+        same rotation). With fewer than 256 tokens, the sample's own sub-vectors are the centroids (exact for
+        them; no rotation). `overwrite`: the caller's float32 sample may be rotated in place (no copy of it)."""
         import faiss
 
         sample = np.ascontiguousarray(sample, dtype=np.float32) if overwrite else np.array(sample, dtype=np.float32)
@@ -139,18 +148,9 @@ class ProductQuantizer:
             codebook = np.zeros((m, CENTROIDS, sub), dtype=np.float32)
             codebook[:, :n] = sample.reshape(n, m, sub).transpose(1, 0, 2)
             return cls(codebook)
-        rotation = None
-        if rotate:
-            opq = faiss.OPQMatrix(dimension, m)
-            opq.verbose = False
-            opq.niter = OPQ_ITERATIONS  # faiss's 50 cost ~2.5 min on 2 cores; 10 keep the validated quality
-            opq.max_train_points = OPQ_TRAIN_POINTS
-            inner = faiss.ProductQuantizer(dimension, m, 8)  # OPQ's own, told not to warn on small corpora
-            inner.cp.min_points_per_centroid = 1
-            inner.cp.seed = PQ_SEED
-            opq.pq = inner
-            opq.train(sample)
-            rotation = faiss.vector_to_array(opq.A).reshape(dimension, dimension)
+        if rotate and rotation is None:
+            rotation = cls.learn_rotation(sample, m)
+        if rotate and rotation is not None:
             for start in range(0, n, ENCODE_CHUNK):  # rotated in place: no second copy of the sample
                 sample[start : start + ENCODE_CHUNK] = sample[start : start + ENCODE_CHUNK] @ rotation.T
         pq = faiss.ProductQuantizer(dimension, m, 8)
@@ -160,6 +160,40 @@ class ProductQuantizer:
         pq.verbose = False
         pq.train(sample)
         return cls(faiss.vector_to_array(pq.centroids).reshape(m, CENTROIDS, sub), rotation)
+
+    @staticmethod
+    def opq_rows(n: int) -> np.ndarray:
+        """The rows of an `n`-token training sample OPQ learns its rotation on: all of them up to
+        `OPQ_TRAIN_POINTS`, else faiss's own subsample (`rand_perm(n, 1234)`'s first rows, in that order). A
+        caller that reads only these rows and passes them to `learn_rotation` gets the rotation `train` would
+        learn on the whole sample, without the whole sample and OPQ's working set in memory at once."""
+        import faiss
+
+        if n <= OPQ_TRAIN_POINTS:
+            return np.arange(n, dtype=np.int64)
+        perm = np.empty(n, dtype=np.int32)  # faiss's rand_perm fills an int array
+        faiss.rand_perm(faiss.swig_ptr(perm), n, OPQ_SUBSAMPLE_SEED)  # type: ignore[attr-defined]
+        return perm[:OPQ_TRAIN_POINTS].astype(np.int64)
+
+    @staticmethod
+    def learn_rotation(sample: np.ndarray, m: int) -> np.ndarray:
+        """OPQ's orthonormal rotation (dimension × dimension) for `m` sub-spaces, learned on `sample` (faiss
+        subsamples more than `OPQ_TRAIN_POINTS` rows itself: see `opq_rows`)."""
+        import faiss
+
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        dimension = int(sample.shape[1])
+        opq = faiss.OPQMatrix(dimension, m)
+        opq.verbose = False
+        opq.niter = OPQ_ITERATIONS
+        opq.max_train_points = OPQ_TRAIN_POINTS
+        inner = faiss.ProductQuantizer(dimension, m, 8)  # OPQ's own, told not to warn on small corpora
+        inner.cp.min_points_per_centroid = 1
+        inner.cp.seed = PQ_SEED
+        opq.pq = inner
+        opq.train(sample)
+        rotation: np.ndarray = faiss.vector_to_array(opq.A).reshape(dimension, dimension)
+        return rotation
 
     def _rotated(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -423,11 +457,17 @@ class TokenWriter(BuildTokens):
                 )
                 return out
 
+            def gather(which: np.ndarray) -> np.ndarray:
+                out = np.empty((which.size, dimension), dtype=np.float32)  # filled row by row: one copy
+                for i, r in enumerate(which.tolist()):
+                    out[i] = rows(r, r + 1)[0]
+                return out
+
             picks = np.unique(np.linspace(0, tokens - 1, min(self.form.sample, tokens)).astype(np.int64))
-            sample = np.empty((picks.size, dimension), dtype=np.float32)  # filled row by row: one copy in memory
-            for i, r in enumerate(picks.tolist()):
-                sample[i] = rows(r, r + 1)[0]
-            self.pq = ProductQuantizer.train(sample, m, self.form.rotate, overwrite=True)
+            rotation = None
+            if self.form.rotate and picks.size >= CENTROIDS:  # OPQ first, on its own rows: one working set at a time
+                rotation = ProductQuantizer.learn_rotation(gather(picks[ProductQuantizer.opq_rows(picks.size)]), m)
+            self.pq = ProductQuantizer.train(gather(picks), m, self.form.rotate, overwrite=True, rotation=rotation)
             with open(self.directory / data_file("pq"), "wb") as out:
                 for start in range(0, tokens, ENCODE_CHUNK):
                     out.write(self.pq.encode(rows(start, min(start + ENCODE_CHUNK, tokens))).tobytes())

@@ -106,6 +106,24 @@ def test_converting_int8_trains_the_codebook_a_fresh_pq_build_would(tmp_path):
     assert np.array_equal(fresh.offsets, converted.offsets) and np.array_equal(fresh.data, converted.data)
 
 
+def test_opq_learned_on_its_own_rows_is_the_rotation_of_the_whole_sample(monkeypatch):
+    """A pq writer reads only the rows OPQ trains on (`opq_rows`: faiss's own subsample of a larger sample),
+    learns the rotation, then reads the whole sample for k-means: one working set in memory at a time, and the
+    same rotation and codebook as training on the whole sample at once."""
+    import indexer.tokens as tokens
+
+    monkeypatch.setattr(tokens, "OPQ_TRAIN_POINTS", 2000)  # so that a small sample is subsampled
+    sample = unit(np.random.default_rng(4), 5000, 32)
+    rows = ProductQuantizer.opq_rows(len(sample))
+    assert len(rows) == 2000 and len(set(rows.tolist())) == 2000 and rows.max() < 5000
+    whole = ProductQuantizer.train(sample, 4)
+    rotation = ProductQuantizer.learn_rotation(sample[rows], 4)
+    assert whole.rotation is not None and np.array_equal(rotation, whole.rotation)
+    parts = ProductQuantizer.train(sample, 4, rotation=rotation)
+    assert np.array_equal(parts.codebook, whole.codebook)
+    assert np.array_equal(ProductQuantizer.opq_rows(1500), np.arange(1500))  # small samples: every row
+
+
 def test_fewer_tokens_than_centroids_are_their_own_centroids(tmp_path):
     rng = np.random.default_rng(1)
     vectors = unit(rng, 40, 32)

@@ -34,6 +34,7 @@ BM25_DIR = "bm25"
 DENSE_DIR = "dense"
 CURRENT = "current"
 BUILDING_PREFIX = ".building-"
+PID_FILE = ".pid"  # in a build folder until it is published: the building process (stale-build cleanup reads it)
 LOCK = ".lock"
 
 
@@ -61,7 +62,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """The files a manifest lists: all but the manifest and a build folder's owner file (`.pid`)."""
+    owner = root / PID_FILE
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST and p != owner)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -103,18 +106,19 @@ class BundleWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self.build_id = new_build_id()
         self.root = self.out / f"{BUILDING_PREFIX}{self.build_id}"
-        self.root.mkdir()
-        (self.root / ".pid").write_text(str(os.getpid()))
-        with folder_lock(self.out):
+        with folder_lock(self.out):  # created with its owner's pid under the lock, so that another build's
+            # cleanup (under the same lock) never sees it without one and takes it for a killed build's
+            self.root.mkdir()
+            (self.root / PID_FILE).write_text(str(os.getpid()))
             cleanup_stale_builds(self.out)
 
     def publish(self, manifest: dict[str, Any], switch: bool = True) -> Path:
         """Write the manifest with checksums, move the build into place and (unless `switch` is False, e.g.
         while a quality gate decides) switch `current` to it."""
-        (self.root / ".pid").unlink(missing_ok=True)
-        seal_folder(self.root, manifest, self.build_id)
-        final = self.out / self.build_id
+        seal_folder(self.root, manifest, self.build_id)  # the owner file stays (unlisted) until the rename,
+        final = self.out / self.build_id  # so that no other build's cleanup takes this one for a killed build's
         with folder_lock(self.out):
+            (self.root / PID_FILE).unlink(missing_ok=True)
             os.rename(self.root, final)
             if switch:
                 _switch_current(self.out, self.build_id)
@@ -240,7 +244,7 @@ def cleanup_stale_builds(out: Path) -> list[Path]:
     Call with `folder_lock(out)` held."""
     removed = []
     for path in Path(out).glob(f"{BUILDING_PREFIX}*"):
-        pid_file = path / ".pid"
+        pid_file = path / PID_FILE
         try:
             pid = int(pid_file.read_text())
         except (OSError, ValueError):

@@ -13,7 +13,7 @@ import pytest
 
 from indexer.build import build_bundle
 from indexer.bundle import open_bundle
-from indexer.config import DenseSettings, IndexConfig
+from indexer.config import DenseSettings
 from indexer.dense import INDEX_FILE
 from indexer.docstore import Docstore
 from indexer.tokens import TokenStore
@@ -44,34 +44,62 @@ def _encoder_processes() -> list[psutil.Process]:
     return found
 
 
-def _ray_build(out, on_batch=None):
+def _ray_build(out, on_batch=None, token_vectors=None):
+    """A Ray Data build of the example corpus with the shipped index config (pq token codes), or with
+    `token_vectors` instead."""
+    from indexer.config import load_index_config
     from indexer.ray_engine import RayEncoding
+    from tests.conftest import ROOT
 
     engine = RayEncoding(encoders=1, batch_size=32, init_kwargs={"num_cpus": 2}, on_batch=on_batch)
-    config = IndexConfig(dense=DenseSettings(token_vectors="int8"))
+    config = load_index_config(ROOT / "configs" / "default.yaml")
+    if token_vectors is not None:
+        config = config.model_copy(update={"dense": DenseSettings(token_vectors=token_vectors)})
     return build_bundle(EXAMPLES, out, config, show_progress=False, engine=engine)
 
 
-def _assert_same_as_local(ray_index, example_index) -> None:
-    local, local_ids, local_vectors, local_tokens = _contents(example_index)
+def _assert_same_passages_as_local(ray_index, local_index):
+    """Ray and the local build hold the same passages in the same order, dense vectors equal to float32
+    rounding (batching differs) and token spans equal; returns both token stores."""
+    local, local_ids, local_vectors, local_tokens = _contents(local_index)
     info, ids, vectors, tokens = _contents(ray_index)
     assert ids == local_ids  # same passages, same order, none lost or duplicated
     assert float(np.abs(vectors - local_vectors).max()) <= 1e-4
     assert info.manifest["engine"] == {"name": "ray", "encoders": 1, "gpus_per_encoder": 0.0, "address": "local"}
     assert {"read_chunk", "encode", "bm25", "faiss"} <= set(info.manifest["build"]["timings"])
+    assert info.manifest["dense"]["token_vectors"] == local.manifest["dense"]["token_vectors"]  # the same form
     np.testing.assert_array_equal(tokens.offsets, local_tokens.offsets)
-    assert float(np.abs(tokens.vectors(7) - local_tokens.vectors(7)).max()) <= 0.02  # int8 steps at most
+    return tokens, local_tokens
 
 
-def test_ray_build_equals_the_local_build(example_index, tmp_path) -> None:
+def _all_tokens(store) -> np.ndarray:
+    return np.concatenate([store.vectors(row) for row in range(len(store.offsets) - 1)])
+
+
+def test_ray_build_equals_the_local_build(example_index, int8_example_index, tmp_path) -> None:
+    """The shipped form (pq): a Ray build trains its own codebook on its own tokens. Its tokens differ from
+    the local build's by float rounding (other batches), and OPQ's rotation does not survive that (it is
+    learned by an iteration that amplifies any difference), so the two codebooks differ; what must hold is that
+    Ray's codes stand for the tokens as faithfully as the local build's do (measured against the int8 build's
+    tokens, the same passages in the form that keeps them to a rounding step)."""
     batches: list[tuple[int, int]] = []
     result = _ray_build(tmp_path / "ray", on_batch=lambda done, total: batches.append((done, total)))
     assert len(batches) >= 4 and batches[-1][0] == batches[-1][1] == result.passages  # several actor batches
-    _assert_same_as_local(tmp_path / "ray", example_index)
+    tokens, local_tokens = _assert_same_passages_as_local(tmp_path / "ray", example_index)
+    assert tokens.dtype == local_tokens.dtype == "pq" and tokens.pq is not None and local_tokens.pq is not None
+    assert tokens.pq.m == local_tokens.pq.m and (tokens.pq.rotation is None) == (local_tokens.pq.rotation is None)
+    truth = _all_tokens(_contents(int8_example_index)[3])
+    fidelity = {
+        name: float(np.mean(np.sum(_all_tokens(store) * truth, axis=1)))  # mean cosine of a code with its token
+        for name, store in (("ray", tokens), ("local", local_tokens))
+    }
+    assert fidelity["local"] >= 0.7, fidelity  # measured 0.750 (ray 0.750): a code keeps its token's direction
+    assert abs(fidelity["ray"] - fidelity["local"]) <= 0.01, fidelity
     assert not ray.is_initialized()  # the build started a local Ray and shut it down
 
 
-def test_ray_build_survives_a_killed_encoder_actor(example_index, tmp_path) -> None:
+def test_ray_build_survives_a_killed_encoder_actor(int8_example_index, tmp_path) -> None:
+    """int8 token vectors, compared to the rounding step: a killed actor's batch is encoded again, once."""
     killed: list[int] = []
 
     def kill_once(done: int, total: int) -> None:
@@ -83,9 +111,11 @@ def test_ray_build_survives_a_killed_encoder_actor(example_index, tmp_path) -> N
             os.kill(process.pid, signal.SIGKILL)
             killed.append(process.pid)
 
-    result = _ray_build(tmp_path / "ray", on_batch=kill_once)
+    result = _ray_build(tmp_path / "ray", on_batch=kill_once, token_vectors="int8")
     assert killed and result.passages == 156
-    _assert_same_as_local(tmp_path / "ray", example_index)
+    tokens, local_tokens = _assert_same_passages_as_local(tmp_path / "ray", int8_example_index)
+    assert tokens.dtype == "int8"
+    assert float(np.abs(_all_tokens(tokens) - _all_tokens(local_tokens)).max()) <= 0.02  # int8 steps at most
 
 
 def test_ray_update_equals_the_local_update(example_index, tmp_path) -> None:
@@ -124,7 +154,18 @@ def test_ray_update_equals_the_local_update(example_index, tmp_path) -> None:
     assert info.manifest["update"] == local[0].manifest["update"]
     assert info.manifest["update"]["passages_encoded"] == 41
     np.testing.assert_array_equal(tokens.offsets, local[3].offsets)
-    assert float(np.abs(tokens.vectors(len(ids) - 1) - local[3].vectors(len(ids) - 1)).max()) <= 0.02
+    # the parent's pq codebook is kept by both: kept passages' codes are the parent's bytes, and the new
+    # passages' tokens (equal to float rounding) get the same nearest centroids, bar sub-vectors on a border
+    assert tokens.dtype == "pq" and tokens.pq is not None and tokens.pq.same(local[3].pq)
+    encoded = np.zeros(len(tokens.data), dtype=bool)
+    for row, passage_id in enumerate(ids):
+        if passage_id.startswith(("new-", f"{changed['_id']}#")):
+            encoded[int(tokens.offsets[row]) : int(tokens.offsets[row + 1])] = True
+    assert 0 < encoded.sum() < len(encoded)
+    codes, local_codes = np.asarray(tokens.data), np.asarray(local[3].data)
+    np.testing.assert_array_equal(codes[~encoded], local_codes[~encoded])
+    agree = float(np.mean(codes[encoded] == local_codes[encoded]))  # per token and sub-space
+    assert agree >= 0.95, agree  # measured 0.986: the rest sit on a border a float-rounding step moves across
 
 
 # -- Ray Serve -------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from app.classifying import Classifier
 from app.engine import Engine
 from app.generation import load_generator
 from app.generation.pool import GenerationPool
+from app.ingesting import Ingestor
 from app.pipeline import Pipeline
 from app.retrieval import BM25Searcher, DenseSearcher
 from app.retrieval.cache import QueryCache
@@ -602,6 +603,8 @@ class Services:
     def __init__(self, settings: Settings, models: Models, collections: dict[str, Collection]) -> None:
         self.settings, self.models, self.collections = settings, models, collections
         self.load_error: str | None = None
+        self._ingestors: dict[str, Ingestor] = {}
+        self._ingest_listener: Callable[[str, str, float], None] | None = None
         self.classifier = Classifier(settings)  # /v1/classify; its model loads on the first call
 
     @classmethod
@@ -622,6 +625,30 @@ class Services:
             name: Collection(name, Path(root), settings, services.models) for name, root in roots.items()
         }
         return services
+
+    def ingestor(self, name: str | None) -> Ingestor:
+        """The ingest side of collection `name` (default: the first), made on first use."""
+        collection = self.collection(name)
+        if collection.name not in self._ingestors:
+            self._ingestors[collection.name] = Ingestor(collection, self.settings.ingest, self._ingest_listener)
+        return self._ingestors[collection.name]
+
+    def on_ingest(self, listener: Callable[[str, str, float], None]) -> None:
+        """Call `listener(collection, event, value)` for accepted batches, applies and times to searchable."""
+        self._ingest_listener = listener
+        for ingestor in self._ingestors.values():
+            ingestor.listener = listener
+
+    def ingest_statuses(self) -> dict[str, dict[str, Any]]:
+        """Each collection's ingest state (`Ingestor.status`; none when ingestion is off)."""
+        if not self.settings.ingest.enabled:
+            return {}
+        return {name: self.ingestor(name).status() for name in self.collections}
+
+    async def run_appliers(self) -> None:
+        """Every collection's ingest applier (runs until cancelled; see `app.ingesting`)."""
+        if self.settings.ingest.enabled:
+            await asyncio.gather(*(self.ingestor(name).run() for name in self.collections))
 
     def on_reload(self, listener: Callable[[str, str], None]) -> None:
         """Call `listener(collection, outcome)` after every reload attempt that loads or fails."""

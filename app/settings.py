@@ -293,6 +293,30 @@ class ServerSettings(BaseModel):
     )
 
 
+class IngestSettings(BaseModel):
+    """Documents in over HTTP (`POST /v1/collections/NAME/documents`, `.../documents/delete`): each accepted
+    batch is appended to the collection's ingest log and fsynced before the 202 (`indexer.ingest`); one applier
+    per index folder (a flock, whichever worker or replica holds it) folds the pending batches into one
+    incremental update (`sift index apply-ingest`, a child process), publishes it, and the server reloads."""
+
+    enabled: bool = Field(True, description="accept documents over HTTP (admin scope); false: 404 on those routes")
+    max_body_bytes: int = Field(
+        16_000_000, ge=1024, description="largest ingest request body (413 above; other routes: server.max_body_bytes)"
+    )
+    max_documents_per_batch: int = Field(1000, ge=1, description="documents or ids in one request (413 above)")
+    max_backlog_documents: int = Field(
+        100_000, ge=1, description="documents and ids accepted but not yet applied; 429 with Retry-After above"
+    )
+    apply_interval_s: float = Field(
+        1.0, gt=0, description="how long the applier gathers batches before one update (time-to-searchable floor)"
+    )
+    apply_max_documents: int = Field(20_000, ge=1, description="documents and ids folded into one update at most")
+    apply_timeout_s: float = Field(1800.0, gt=0, description="an update that runs longer is stopped and retried")
+    wait_timeout_s: float = Field(
+        120.0, gt=0, description="`wait=true`: the longest a request waits to be searchable (then 202, not visible)"
+    )
+
+
 class RuntimeSettings(BaseModel):
     """How each model runs at serving time (see `indexer.runtime`). Passages are encoded at build time with
     `index.dense.runtime`, recorded in the manifest. Every non-torch runtime is exported once, cached, and
@@ -393,6 +417,7 @@ class Settings(SiftSettings):
     generator: GeneratorSettings = GeneratorSettings()
     answer: AnswerSettings = Field(default_factory=AnswerSettings)
     server: ServerSettings = ServerSettings()
+    ingest: IngestSettings = IngestSettings()
     tracing: TracingSettings = TracingSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     ray: RaySettings = RaySettings()

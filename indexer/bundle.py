@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,7 @@ CURRENT = "current"
 BUILDING_PREFIX = ".building-"
 PID_FILE = ".pid"  # in a build folder until it is published: the building process (stale-build cleanup reads it)
 LOCK = ".lock"
+UPDATE_LOCK = ".update.lock"  # one update of an index folder at a time (CLI updates, ingest applies)
 
 
 class BundleError(RuntimeError):
@@ -182,6 +183,25 @@ def folder_lock(out: Path) -> Iterator[None]:
     fd = os.open(Path(out) / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def update_lock(out: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """The exclusive lock of an index folder's updates (`<out>/.update.lock`, flock: released when the process
+    dies), held from reading the parent build to publishing the child, so that two updates (`sift index update`,
+    or the server's applying of ingested batches) never both derive from one parent and lose each other's
+    changes. `on_wait` is called once if another update holds it."""
+    fd = os.open(Path(out) / UPDATE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -191,6 +191,31 @@ def update(
     )
 
 
+@app.command("apply-ingest")
+def apply_ingest(
+    out: Path = typer.Option(..., "--out", "-o", help="index folder whose ingest log is applied"),
+    max_documents: int | None = typer.Option(
+        None, "--max-documents", min=1, help="apply whole batches up to this many items (default: all pending)"
+    ),
+    progress: bool = typer.Option(False, help="show progress bars"),
+) -> None:
+    """Apply the documents and deletions accepted over HTTP (`POST /v1/collections/NAME/documents`) and not yet
+    in the current build, as one update published atomically. The server runs this itself (`ingest` settings);
+    run it by hand to drain the log of a folder no server applies. Exit 0 with "nothing pending" when the
+    current build holds every accepted batch."""
+    from indexer.update import apply_ingest as apply
+
+    try:
+        result = apply(out, max_documents, show_progress=progress)
+    except (SourceError, BundleError, ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if result is None:
+        typer.echo("nothing pending")
+        return
+    typer.echo(result.summary().replace("built", "applied:", 1))
+
+
 @app.command("verify")
 def verify(bundle: Path = typer.Argument(..., help="bundle folder or index folder with `current`")) -> None:
     """Check a bundle's manifest and every file's sha256."""

@@ -9,13 +9,12 @@ A build on which that mode cannot run (for example dense disabled under a hybrid
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from indexer.commands import sift_command
 from indexer.config import SearchMode, SiftSettings, load_config
 
 
@@ -23,18 +22,10 @@ class GateError(RuntimeError):
     pass
 
 
-def _sift_command() -> list[str]:
-    sift = Path(sys.executable).with_name("sift")
-    if sift.exists():
-        return [str(sift)]
-    found = shutil.which("sift")
-    return [found] if found else [sys.executable, "-c", "from app.cli import main; main()"]
-
-
 def evaluate_build(build: Path, dataset: Path, mode: str, config: Path | None = None, split: str = "test") -> float:
     """nDCG@10 of `build` on `dataset` (BEIR layout) in search mode `mode`, through `sift eval retrieval`."""
     with tempfile.TemporaryDirectory(prefix="sift-gate-") as tmp:
-        cmd = [*_sift_command(), "eval", "retrieval", "--dataset", str(dataset), "--split", split]
+        cmd = [*sift_command(), "eval", "retrieval", "--dataset", str(dataset), "--split", split]
         cmd += ["--bundle", str(build), "--pipelines", mode, "--out", tmp]
         if config is not None:
             cmd += ["--config", str(config)]

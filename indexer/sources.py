@@ -118,18 +118,25 @@ def _jsonl_record(where: str, line: bytes) -> tuple[str, Document | SourceError]
         return where, SourceError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})")
     except json.JSONDecodeError as exc:
         return where, SourceError(f"{where}: malformed JSON ({exc.msg}, column {exc.colno})")
+    parsed = record_document(where, record)
+    return where, parsed
+
+
+def record_document(where: str, record: object) -> Document | SourceError:
+    """A JSON record as `sift index build` reads it (`_id` or `id`, `text`, optional `title` and `metadata`),
+    or the error naming `where` and the field at fault (JSONL files and documents sent over HTTP alike)."""
     if not isinstance(record, dict):
-        return where, SourceError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        return SourceError(f"{where}: expected a JSON object, got {type(record).__name__}")
     doc_id = record.get("_id", record.get("id"))
     if doc_id is None or str(doc_id).strip() == "":
-        return where, SourceError(f"{where}: missing '_id'")
+        return SourceError(f"{where}: missing '_id'")
     text = record.get("text")
     if not isinstance(text, str):
-        return where, SourceError(f"{where}: field 'text' must be a string")
+        return SourceError(f"{where}: field 'text' must be a string")
     metadata = record.get("metadata") or {}
     if not isinstance(metadata, dict):
-        return where, SourceError(f"{where}: field 'metadata' must be an object")
-    return where, Document(str(doc_id), str(record.get("title") or ""), text, metadata)
+        return SourceError(f"{where}: field 'metadata' must be an object")
+    return Document(str(doc_id), str(record.get("title") or ""), text, metadata)
 
 
 def _read_folder(folder: Path) -> Iterator[tuple[str, Document | SourceError]]:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from indexer.bundle import DOCSTORE, BundleError, BundleWriter, open_bundle
+from indexer.bundle import DOCSTORE, BundleError, BundleInfo, BundleWriter, open_bundle, update_lock
 from indexer.chunking import Chunker
 from indexer.config import recorded_config
 from indexer.docstore import Docstore
@@ -40,7 +40,7 @@ from indexer.pipeline import (
     run_pipeline,
     stored_vectors,
 )
-from indexer.sources import ReadReport, SourceError, read_documents
+from indexer.sources import ReadReport, SourceError, read_documents, record_document
 from indexer.tokens import TokenForm, TokenStore
 
 log = logging.getLogger(__name__)
@@ -106,30 +106,122 @@ def update_bundle(
 ) -> BuildResult:
     """Write and publish a new build of `out` from its current one plus `add` (new or changed documents, any
     input format) minus the ids listed in `delete`. Added and changed passages are encoded by `engine` (default
-    `LocalEncoding`; `indexer.ray_engine.RayEncoding` on Ray), kept ones reuse the parent's vectors."""
+    `LocalEncoding`; `indexer.ray_engine.RayEncoding` on Ray), kept ones reuse the parent's vectors. Runs under
+    the folder's update lock (another update, or the server applying ingested batches, finishes first)."""
     if add is None and delete is None:
         raise SourceError("nothing to do: pass --add FILE and/or --delete IDS_FILE")
-    engine = engine or LocalEncoding()
-    started = time.perf_counter()
+    with update_lock(out, on_wait=lambda: log.info("waiting for another update of %s to finish", out)):
+        parent = _parent(out)
+        config = recorded_config(parent.manifest)
+        report = ReadReport()
+        incoming: dict[str, Document] = {}
+        if add is not None:
+            for document in read_documents(Path(add), skip_bad=skip_bad, csv_columns=config.csv, report=report):
+                incoming[document.id] = document
+        deleted = read_delete_ids(delete) if delete is not None else set()
+        return _derive(
+            out,
+            parent,
+            incoming,
+            deleted,
+            source=str(add) if add else parent.manifest.get("source"),
+            unknown_deletes=f"{delete}",
+            report=report,
+            show_progress=show_progress,
+            gate=gate,
+            engine=engine,
+        )
+
+
+def apply_ingest(
+    out: Path, max_documents: int | None = None, *, show_progress: bool = False, engine: Any = None
+) -> BuildResult | None:
+    """Apply the index folder's pending ingest batches (`indexer.ingest`) as one update: every batch numbered
+    above the current build's `ingest.applied_seq`, whole batches up to `max_documents` items, folded (the
+    last operation on an id wins), published with the highest number applied, then trimmed from the log.
+    Deleting an id the build does not hold does nothing. None when nothing is pending. Runs under the update
+    lock, so a concurrent `sift index update` or apply waits, and a replay after a crash between publish and
+    trim finds nothing left to do (the numbers are in the published manifest)."""
+    from indexer.ingest import IngestLog, applied_seq, fold
+
+    log_ = IngestLog(out)
+    with update_lock(out):
+        parent = _parent(out)
+        applied = applied_seq(parent.manifest)
+        batches = log_.pending(applied, max_documents)
+        if not batches:
+            log_.trim(applied)
+            return None
+        changes = fold(batches)
+        incoming: dict[str, Document] = {}
+        for doc_id, record in changes.upserts.items():
+            document = record_document(f"ingest batch (document {doc_id!r})", record)
+            if isinstance(document, SourceError):  # validated when accepted: a batch changed on disk
+                raise document
+            incoming[document.id] = document
+        ingest = {
+            "applied_seq": changes.through,
+            "batches": changes.batches,
+            "oldest_accepted_at": changes.oldest_accepted_at,
+            "applied_at": time.time(),
+        }
+        result = _derive(
+            out,
+            parent,
+            incoming,
+            changes.deletes,
+            source=parent.manifest.get("source"),
+            unknown_deletes=None,
+            report=ReadReport(),
+            show_progress=show_progress,
+            gate=None,
+            engine=engine,
+            ingest=ingest,
+        )
+        log_.trim(changes.through)
+        return result
+
+
+def _parent(out: Path) -> BundleInfo:
     parent = open_bundle(out, verify=True)
     if parent.manifest.get("shards"):
         raise BundleError(
             f"{parent.root} is a sharded build: `sift index update` works on unsharded builds; build the new corpus "
             "with `sift index build --shards N`, or update an unsharded build and `sift index reshard` it"
         )
+    return parent
+
+
+def _derive(
+    out: Path,
+    parent: BundleInfo,
+    incoming: dict[str, Document],
+    deleted: set[str],
+    *,
+    source: str | None,
+    unknown_deletes: str | None,
+    report: ReadReport,
+    show_progress: bool,
+    gate: GateFn | None,
+    engine: Any,
+    ingest: dict[str, Any] | None = None,
+) -> BuildResult:
+    """The child build of `parent` with `incoming` added or replacing and `deleted` removed, published into
+    `out`. Deleted ids the parent lacks are an error naming `unknown_deletes` (the ids file), or dropped when it
+    is None. The manifest carries the parent's ingest record forward unless `ingest` replaces it."""
+    engine = engine or LocalEncoding()
+    started = time.perf_counter()
     config = recorded_config(parent.manifest)
     timings: dict[str, float] = {}
-    report = ReadReport()
-    incoming: dict[str, Document] = {}
-    if add is not None:
-        for document in read_documents(Path(add), skip_bad=skip_bad, csv_columns=config.csv, report=report):
-            incoming[document.id] = document
-    deleted = read_delete_ids(delete) if delete is not None else set()
     parent_store = Docstore(parent.path(DOCSTORE), connections=1)
     try:
-        unknown = sorted(deleted - parent_store.document_ids())
-        if unknown:
-            raise SourceError(f"{delete}: {len(unknown)} id(s) not in build {parent.build_id}, e.g. {unknown[:3]}")
+        known = parent_store.document_ids()
+        unknown = sorted(deleted - known)
+        if unknown and unknown_deletes is not None:
+            raise SourceError(
+                f"{unknown_deletes}: {len(unknown)} id(s) not in build {parent.build_id}, e.g. {unknown[:3]}"
+            )
+        deleted = deleted & known
         both = sorted(deleted & incoming.keys())
         if both:
             raise SourceError(f"ids both added and deleted: {both[:3]}; an added document replaces an existing one")
@@ -164,7 +256,7 @@ def update_bundle(
             seconds = time.perf_counter() - started
             update = {**corpus.counts, "passages_encoded": written.encoded, "passages_reused": written.reused}
             manifest = make_manifest(
-                str(add) if add else parent.manifest.get("source"),
+                source,
                 written.documents,
                 written.passages,
                 len(report.skipped),
@@ -176,7 +268,10 @@ def update_bundle(
                 engine=engine_record(engine, written.encoding),
                 update=update,
             )
-            manifest["build"]["kind"] = "update"
+            manifest["build"]["kind"] = "update" if ingest is None else "ingest"
+            carried = ingest if ingest is not None else parent.manifest.get("ingest")
+            if carried is not None:
+                manifest["ingest"] = carried
             path = publish(writer, out, manifest, config, gate)
         except BaseException:
             writer.abort()
@@ -196,4 +291,4 @@ def update_bundle(
     )
 
 
-__all__ = ["BundleError", "read_delete_ids", "stored_vectors", "update_bundle"]
+__all__ = ["BundleError", "apply_ingest", "read_delete_ids", "stored_vectors", "update_bundle"]

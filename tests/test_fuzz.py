@@ -68,12 +68,17 @@ def documented_settings(example_index):  # noqa: ANN001, ANN201 - also tests/tes
 
 
 @pytest.fixture(scope="module")
-def fuzzed_app(example_index):
+def fuzzed_app(example_index, tmp_path_factory):
     """The app from settings, served by Schemathesis' ASGI client, which runs its lifespan as a server does
-    (models, build, lease, calibration); handed to the fuzzer once `/readyz` answers 200, stopped at the end."""
+    (models, build, lease, calibration); handed to the fuzzer once `/readyz` answers 200, stopped at the end.
+    It serves a copy of the example index: the fuzzer's accepted documents are applied to it."""
+    import shutil
+
     from schemathesis.python import asgi
 
-    app = create_app(documented_settings(example_index))
+    index = tmp_path_factory.mktemp("fuzzed") / "index"
+    shutil.copytree(example_index, index, symlinks=True)
+    app = create_app(documented_settings(index))
     try:
         with asgi.get_client(app) as client:  # starts the app's lifespan, kept until shutdown_lifespans()
             wait_ready(client.get, failed=lambda: app.state.services.load_error)

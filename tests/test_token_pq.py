@@ -12,7 +12,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from indexer.gate import _sift_command
+from indexer.commands import sift_command
 from indexer.tokens import (
     CODEBOOK_FILE,
     ROTATION_FILE,
@@ -40,7 +40,7 @@ def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
 
 
 def sift(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*_sift_command(), *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return subprocess.run([*sift_command(), *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
 @pytest.fixture(scope="module")

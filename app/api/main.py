@@ -20,6 +20,7 @@ from app.api.auth import Auth
 from app.api.classify import router as classify_router
 from app.api.ecosystem import router as ecosystem_router
 from app.api.errors import error_body, install_error_handlers
+from app.api.ingest import router as ingest_router
 from app.api.metrics import Metrics
 from app.api.openapi import install_openapi
 from app.api.playground import assets as playground_assets
@@ -36,8 +37,23 @@ class RequestMiddleware:
     """ASGI middleware around every HTTP request: its id (`X-Request-ID`, echoed back and put on every log
     line and span), its tracing span, the body-size limit (413), metrics and the structured access log."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: Metrics, tracer: Tracer) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        metrics: Metrics,
+        tracer: Tracer,
+        ingest_body_bytes: int | None = None,
+    ) -> None:
         self.app, self.max_body_bytes, self.metrics, self.tracer = app, max_body_bytes, metrics, tracer
+        self.ingest_body_bytes = ingest_body_bytes
+
+    def _limit(self, path: str) -> tuple[int, str]:
+        """The body limit of a request to `path` and the setting that sets it: documents sent for ingestion
+        (`/v1/collections/NAME/documents...`) have their own."""
+        if self.ingest_body_bytes is not None and path.startswith("/v1/collections/") and "/documents" in path:
+            return self.ingest_body_bytes, "ingest.max_body_bytes"
+        return self.max_body_bytes, "server.max_body_bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -59,9 +75,10 @@ class RequestMiddleware:
         try:
             with self.tracer.request(scope.get("method", ""), scope.get("path", ""), headers) as span:
                 try:
-                    body = await self._read_body(receive, headers)
+                    limit = self._limit(scope.get("path", ""))
+                    body = await self._read_body(receive, headers, limit[0])
                     if body is None:
-                        await self._reject(tracked_send, status)
+                        await self._reject(tracked_send, limit)
                     else:
                         await self.app(scope, _replay(body, receive), tracked_send)
                 except Exception as exc:  # noqa: BLE001 - any error becomes the documented JSON 500
@@ -98,11 +115,11 @@ class RequestMiddleware:
                 )
             )
 
-    async def _read_body(self, receive: Receive, headers: dict[str, str]) -> bytes | None:
-        """The whole request body (at most `max_body_bytes`, declared or chunked), or None when larger. Bodies
-        are small by design, so reading them first gives a clean 413 however they are sent."""
+    async def _read_body(self, receive: Receive, headers: dict[str, str], limit: int) -> bytes | None:
+        """The whole request body (at most `limit` bytes, declared or chunked), or None when larger. Bodies
+        are bounded by design, so reading them first gives a clean 413 however they are sent."""
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared is not None and declared.isdigit() and int(declared) > limit:
             return None
         chunks: list[bytes] = []
         size = 0
@@ -112,16 +129,14 @@ class RequestMiddleware:
                 return b"".join(chunks)  # a disconnect: the app sees an empty body, then the disconnect
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > limit:
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _reject(self, send: Send, status: dict[str, int]) -> None:
-        message = (
-            f"request body exceeds {self.max_body_bytes} bytes (server.max_body_bytes); send fewer or shorter inputs"
-        )
+    async def _reject(self, send: Send, limit: tuple[int, str]) -> None:
+        message = f"request body exceeds {limit[0]} bytes ({limit[1]}); send fewer or shorter inputs"
         await _send_json(send, 413, error_body("payload_too_large", message))
 
     async def _internal_error(self, send: Send) -> None:
@@ -165,6 +180,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     metrics = Metrics()
     services = services or Services.from_settings(settings)
     services.on_reload(lambda collection, outcome: metrics.reloads.labels(collection, outcome).inc())
+    services.on_ingest(metrics.ingest_event)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -180,7 +196,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                 builds = {c.name: c.current.build_id for c in services.collections.values() if c.current}
                 log.info("ready", extra={"builds": builds, "start_s": round(time.perf_counter() - started, 1)})
             if services.load_error is None:
-                await services.watch(settings.server.reload_interval_s)
+                await asyncio.gather(services.watch(settings.server.reload_interval_s), services.run_appliers())
 
         task = asyncio.create_task(start_then_watch())
         try:
@@ -201,6 +217,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.auth = Auth(settings.server)
     app.state.metrics = metrics
     metrics.watch_query_cache(lambda: services.models.queries)
+    metrics.watch_ingest(services.ingest_statuses)  # each collection's backlog of documents sent over HTTP
     metrics.watch_second_stage(services.second_stages)  # each collection's calibrated default depth and its cost
     install_error_handlers(app)
     install_openapi(app, settings)
@@ -208,9 +225,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(answer_router)
     app.include_router(ecosystem_router)
     app.include_router(classify_router)
+    app.include_router(ingest_router)
     app.include_router(playground_router)
     app.mount("/ui/assets", playground_assets, name="playground-assets")
     app.add_middleware(
-        RequestMiddleware, max_body_bytes=settings.server.max_body_bytes, metrics=metrics, tracer=services.tracer
+        RequestMiddleware,
+        max_body_bytes=settings.server.max_body_bytes,
+        metrics=metrics,
+        tracer=services.tracer,
+        ingest_body_bytes=settings.ingest.max_body_bytes if settings.ingest.enabled else None,
     )
     return app

@@ -49,6 +49,67 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.ingest_batches = Counter(
+            "sift_ingest_batches",
+            "Batches accepted over HTTP (durable in the ingest log), by collection and operation",
+            ["collection", "op"],
+            registry=self.registry,
+        )
+        self.ingest_documents = Counter(
+            "sift_ingest_documents",
+            "Documents (upsert) or ids (delete) accepted over HTTP",
+            ["collection", "op"],
+            registry=self.registry,
+        )
+        self.ingest_apply = Histogram(
+            "sift_ingest_apply_seconds",
+            "One apply of pending batches (incremental update, publish), by outcome",
+            ["collection", "outcome"],
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
+            registry=self.registry,
+        )
+        self.ingest_visible = Histogram(
+            "sift_ingest_time_to_visible_seconds",
+            "From an applied update's oldest accepted batch to its build being served here",
+            ["collection"],
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900),
+            registry=self.registry,
+        )
+
+    def ingest_event(self, collection: str, event: str, value: float) -> None:
+        """An `app.ingesting` event: batch_upsert / batch_delete (value: items), apply / apply_failed (seconds),
+        visible (seconds)."""
+        if event.startswith("batch_"):
+            op = event.removeprefix("batch_")
+            self.ingest_batches.labels(collection, op).inc()
+            self.ingest_documents.labels(collection, op).inc(value)
+        elif event in ("apply", "apply_failed"):
+            self.ingest_apply.labels(collection, "ok" if event == "apply" else "failed").observe(value)
+        elif event == "visible":
+            self.ingest_visible.labels(collection).observe(value)
+
+    def watch_ingest(self, statuses: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        """Export each collection's ingest backlog as `statuses()` gives it at each scrape (collection ->
+        `Ingestor.status()`)."""
+
+        class Collector:
+            def collect(self) -> Iterator[Metric]:
+                documents = GaugeMetricFamily(
+                    "sift_ingest_backlog_documents",
+                    "Documents and ids accepted over HTTP, not yet in the published build",
+                    labels=["collection"],
+                )
+                batches = GaugeMetricFamily(
+                    "sift_ingest_backlog_batches", "Batches not yet in the published build", labels=["collection"]
+                )
+                for name, status in statuses().items():
+                    documents.add_metric([name], status["backlog_documents"])
+                    batches.add_metric([name], status["backlog_batches"])
+                yield documents
+                yield batches
+
+        self.registry.register(Collector())
+
     def watch_query_cache(self, cache: Callable[[], Any]) -> None:
         """Export the query-embedding cache's hits, misses and size (`cache()` is read at each scrape: the
         cache is created when the first build loads)."""

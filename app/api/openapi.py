@@ -135,6 +135,9 @@ def _narrow(schema: dict[str, Any], settings: Settings, served: tuple[list[str],
     params = [c.get("properties", {}) for c in components.values()]
     if not settings.classify.enabled:
         schema.get("paths", {}).pop("/v1/classify", None)
+    if not settings.ingest.enabled:  # documents over HTTP: 404 on all three routes
+        for path in [p for p in schema.get("paths", {}) if p.startswith("/v1/collections/{collection}/")]:
+            schema["paths"].pop(path)
     label_set = components.get("ClassifyRequest", {}).get("properties", {}).get("label_set", {})
     if (branch := _typed_branch(label_set, "string")) is not None:  # a name must be a configured one (else 422)
         names = sorted(settings.index.tagging.label_sets)

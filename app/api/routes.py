@@ -231,8 +231,12 @@ async def get_document(doc_id: str, request: Request, collection: str | None = N
 async def collections(request: Request) -> dict[str, Any]:
     """The served collections (the first is the default), each with its build and reload state."""
     services: Services = request.app.state.services
+    ingest = services.ingest_statuses()
     listing = {
-        "collections": [c.status() for c in services.collections.values()],
+        "collections": [
+            {**c.status(), **({"ingest": ingest[c.name]} if c.name in ingest else {})}
+            for c in services.collections.values()
+        ],
         "default": services.collection(None).name,
     }
     return shown_to(request, listing)

@@ -323,6 +323,18 @@ class DocumentResponse(BaseModel):
     passages: list[DocumentPassage] = Field(description="the document's passages in order")
 
 
+class IngestStatus(BaseModel):
+    enabled: bool = Field(description="documents are accepted over HTTP (ingest.enabled)")
+    applied_seq: int = Field(description="the newest batch in the published build")
+    served_seq: int = Field(description="the newest batch in the build this process serves")
+    backlog_batches: int = Field(description="batches accepted, not yet in the published build")
+    backlog_documents: int = Field(description="documents and ids in those batches")
+    applier_here: bool = Field(description="this process applies the folder's batches (one process per folder does)")
+    applies: dict[str, int] = Field(description="applies run here: ok and failed")
+    last_apply_s: float | None = Field(description="seconds the last apply here took")
+    last_apply_error: str | None = Field(description="why the last apply here failed (it is retried)")
+
+
 class CollectionStatus(BaseModel):
     name: str = Field(description="collection name (`collection` in requests)")
     ready: bool = Field(description="a build is loaded and answers")
@@ -333,6 +345,7 @@ class CollectionStatus(BaseModel):
     reload_error: str | None = Field(description="why the last reload failed, if it did")
     reloads: dict[str, int] = Field(description="reload attempts: ok and failed")
     draining: list[str] = Field(description="older builds still finishing in-flight requests")
+    ingest: IngestStatus | None = Field(None, description="documents sent over HTTP (absent: ingestion is off)")
 
 
 class CollectionsResponse(BaseModel):

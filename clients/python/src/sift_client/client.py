@@ -1,8 +1,9 @@
 """Sync and async clients for Sift's search API.
 
 Both share one `_Config` (URL, key, timeout, retry policy) and one retry decision (`_Config.retry_delay`),
-so the two differ only in how they wait and send. Every call is read-only on the server, so a call that
-failed before an answer (429, 502, 503, 504, connection or timeout) may be sent again:
+so the two differ only in how they wait and send. Every call is read-only on the server or idempotent
+(`upsert` replaces documents by id, `delete` of a deleted id does nothing), so a call that failed before an
+answer (429, 502, 503, 504, connection or timeout) may be sent again:
 
 - waits `Retry-After` when the server gives it (429 and 503 do), else backs off exponentially with jitter;
 - never retries any other 4xx: the request itself is wrong (or the key), sending it again cannot help;
@@ -46,6 +47,7 @@ from sift_client.models import (
     PassagesEvent,
     SearchOptions,
     SearchResponse,
+    TaskResponse,
     TokenEvent,
 )
 
@@ -123,9 +125,17 @@ class _Config:
             out["collection"] = self.collection
         return out
 
+    def collection_path(self, collection: str | None) -> str:
+        """The URL path segment of `collection` (default: the client's, else the server's `default`)."""
+        return quote(collection or self.collection or "default", safe="")
+
     def query(self, collection: str | None) -> dict[str, str]:
         name = collection if collection is not None else self.collection
         return {} if name is None else {"collection": name}
+
+
+def _wait(wait: bool) -> dict[str, str] | None:
+    return {"wait": "true"} if wait else None
 
 
 def _document_path(doc_id: str) -> str:
@@ -348,6 +358,24 @@ class SiftClient(_Base[httpx.Client]):
         """The served collections, the default first, with their builds and reload state."""
         return _parse(CollectionsResponse, self._send("GET", "/v1/collections"))
 
+    def upsert(
+        self, documents: list[dict[str, Any]], *, collection: str | None = None, wait: bool = False
+    ) -> TaskResponse:
+        """Add or replace documents (`{"_id", "text", "title"?, "metadata"?}`) in `collection` (admin key):
+        durable when this returns; with `wait`, also searchable (`status == "searchable"`)."""
+        path = f"/v1/collections/{self._config.collection_path(collection)}/documents"
+        return _parse(TaskResponse, self._send("POST", path, json_body=documents, params=_wait(wait)))
+
+    def delete(self, ids: list[str], *, collection: str | None = None, wait: bool = False) -> TaskResponse:
+        """Delete documents by id from `collection` (admin key); with `wait`, until the deletion is searched."""
+        path = f"/v1/collections/{self._config.collection_path(collection)}/documents/delete"
+        return _parse(TaskResponse, self._send("POST", path, json_body={"ids": ids}, params=_wait(wait)))
+
+    def task(self, task: int, *, collection: str | None = None) -> TaskResponse:
+        """The state of a batch `upsert` or `delete` returned."""
+        path = f"/v1/collections/{self._config.collection_path(collection)}/tasks/{int(task)}"
+        return _parse(TaskResponse, self._send("GET", path))
+
     def classify(self, texts: list[str], label_set: str | dict[str, Any]) -> ClassifyResponse:
         """Zero-shot labels for `texts` (`POST /v1/classify`): `label_set` names a configured one (e.g.
         "topic"), or is `{"labels": {label: [words]}, "template": ..., "prefix": ...}`."""
@@ -482,6 +510,23 @@ class AsyncSiftClient(_Base[httpx.AsyncClient]):
 
     async def collections(self) -> CollectionsResponse:
         return _parse(CollectionsResponse, await self._send("GET", "/v1/collections"))
+
+    async def upsert(
+        self, documents: list[dict[str, Any]], *, collection: str | None = None, wait: bool = False
+    ) -> TaskResponse:
+        """As `SiftClient.upsert`."""
+        path = f"/v1/collections/{self._config.collection_path(collection)}/documents"
+        return _parse(TaskResponse, await self._send("POST", path, json_body=documents, params=_wait(wait)))
+
+    async def delete(self, ids: list[str], *, collection: str | None = None, wait: bool = False) -> TaskResponse:
+        """As `SiftClient.delete`."""
+        path = f"/v1/collections/{self._config.collection_path(collection)}/documents/delete"
+        return _parse(TaskResponse, await self._send("POST", path, json_body={"ids": ids}, params=_wait(wait)))
+
+    async def task(self, task: int, *, collection: str | None = None) -> TaskResponse:
+        """As `SiftClient.task`."""
+        path = f"/v1/collections/{self._config.collection_path(collection)}/tasks/{int(task)}"
+        return _parse(TaskResponse, await self._send("GET", path))
 
     async def classify(self, texts: list[str], label_set: str | dict[str, Any]) -> ClassifyResponse:
         body = {"texts": texts, "label_set": label_set}

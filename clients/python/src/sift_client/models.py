@@ -114,6 +114,29 @@ class DocumentResponse(Model):
     passages: list[DocumentPassage]
 
 
+class IngestStatus(Model):
+    enabled: bool
+    applied_seq: int
+    served_seq: int
+    backlog_batches: int
+    backlog_documents: int
+    applier_here: bool
+    applies: dict[str, int]
+    last_apply_s: float | None
+    last_apply_error: str | None
+
+
+class TaskResponse(Model):
+    """A batch of documents or deletions sent over HTTP: its number and state (`enqueued`: durable, not yet
+    published; `applied`: published, not yet served by the answering process; `searchable`)."""
+
+    task: int
+    collection: str
+    status: Literal["enqueued", "applied", "searchable"]
+    documents: int | None = None
+    last_apply_error: str | None = None
+
+
 class CollectionStatus(Model):
     name: str
     ready: bool
@@ -124,6 +147,7 @@ class CollectionStatus(Model):
     reload_error: str | None
     reloads: dict[str, int]
     draining: list[str]
+    ingest: IngestStatus | None = None
 
 
 class CollectionsResponse(Model):

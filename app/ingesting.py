@@ -4,7 +4,8 @@ them as incremental updates and reloads.
 
     POST .../documents ──► validate (api/) ──► Ingestor.accept: backlog check, IngestLog.append (fsync) ──► 202
     applier (one per index folder, any worker) ── every `apply_interval_s`, or at once for a waiting request ──►
-        `sift index apply-ingest` (a child process: the build job never runs in the server) ──► publish
+        `sift index apply-ingest --serve` (a long-lived child with the bi-encoder loaded: the build job never
+        runs in the server process) ──► publish
         ──► this worker reloads now; the others at their next `server.reload_interval_s` check
     wait=true ──► until the served build's `ingest.applied_seq` reaches the batch's number
 
@@ -66,6 +67,7 @@ class Ingestor:
         self.last_apply_s: float | None = None
         self._kick = asyncio.Event()
         self._lock_fd: int | None = None
+        self._child: asyncio.subprocess.Process | None = None
 
     # -- what the served and published builds hold --------------------------------------------------------
 
@@ -172,6 +174,7 @@ class Ingestor:
                 try:
                     if not Path(self.collection.root).is_dir() or not await asyncio.to_thread(self._try_lock):
                         continue
+                    await self._applier()  # started (and its model loaded) before the first batch needs it
                     published = await asyncio.to_thread(self.published_seq)
                     if not await asyncio.to_thread(self.log.names, published):
                         continue
@@ -184,37 +187,63 @@ class Ingestor:
                     log.exception("ingest applier failed")
                     await asyncio.sleep(self.settings.apply_interval_s)
         finally:
+            await self._stop_child()
             self._unlock()
 
+    async def _applier(self) -> asyncio.subprocess.Process:
+        """The long-lived `sift index apply-ingest --serve` child (started on first use, again if it died): the
+        bi-encoder loads once, not once per apply."""
+        child = self._child
+        if child is None or child.returncode is not None:
+            cmd = [*sift_command(), "index", "apply-ingest", "--out", str(self.collection.root), "--serve"]
+            cmd += ["--max-documents", str(self.settings.apply_max_documents), "--no-progress"]
+            child = await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None
+            )
+            self._child = child
+        return child
+
+    async def _stop_child(self) -> None:
+        child, self._child = self._child, None
+        if child is not None and child.returncode is None:
+            child.kill()
+            await child.wait()
+
     async def apply_once(self) -> bool:
-        """Run one `sift index apply-ingest` for this folder and reload; True when it published."""
+        """One apply by the applier child, then reload; True when it published. A child that does not answer
+        within `ingest.apply_timeout_s` (or dies) is stopped; the batches stay pending and are retried."""
         started = time.perf_counter()
-        cmd = [*sift_command(), "index", "apply-ingest", "--out", str(self.collection.root)]
-        cmd += ["--max-documents", str(self.settings.apply_max_documents), "--no-progress"]
-        process = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
+        child = await self._applier()
+        assert child.stdin is not None and child.stdout is not None
         try:
-            out, err = await asyncio.wait_for(process.communicate(), self.settings.apply_timeout_s)
+            child.stdin.write(b"apply\n")
+            await child.stdin.drain()
+            line = await asyncio.wait_for(child.stdout.readline(), self.settings.apply_timeout_s)
+            outcome = json.loads(line) if line else {"ok": False, "error": f"the applier exited ({child.returncode})"}
         except TimeoutError:
-            process.kill()
-            await process.wait()
-            out, err = b"", f"stopped after {self.settings.apply_timeout_s:.0f} s (ingest.apply_timeout_s)".encode()
-        except asyncio.CancelledError:  # the server stops: the child finishes its publish or dies with us
-            process.kill()
+            outcome = {
+                "ok": False,
+                "error": f"no answer in {self.settings.apply_timeout_s:.0f} s (ingest.apply_timeout_s)",
+            }
+        except (OSError, ValueError) as exc:  # a broken pipe, a garbled answer
+            outcome = {"ok": False, "error": f"the applier failed: {exc}"}
+        except asyncio.CancelledError:  # the server stops: the child ends at end of input, or dies with us
+            await self._stop_child()
             raise
         seconds = time.perf_counter() - started
-        if process.returncode != 0:
+        if not outcome.get("ok"):
+            await self._stop_child()
             self.applies["failed"] += 1
-            lines = err.decode(errors="replace").strip().splitlines()
-            self.last_error = lines[-1] if lines else f"exit status {process.returncode}"
+            self.last_error = str(outcome.get("error"))
             self.listener(self.collection.name, "apply_failed", seconds)
             failure = {"event": "ingest_apply_failed", "collection": self.collection.name, "error": self.last_error}
             log.error(json.dumps(failure))
             await asyncio.sleep(self.settings.apply_interval_s)
             return False
-        self.applies["ok"] += 1
         self.last_error = None
+        if not outcome.get("applied"):
+            return False
+        self.applies["ok"] += 1
         self.last_apply_s = seconds
         await self.collection.reload()
         current = self.collection.current
@@ -229,7 +258,7 @@ class Ingestor:
                     "collection": self.collection.name,
                     "applied_seq": ingest.get("applied_seq"),
                     "seconds": round(seconds, 3),
-                    "summary": out.decode(errors="replace").strip(),
+                    "summary": outcome.get("summary"),
                 }
             )
         )

@@ -197,23 +197,55 @@ def apply_ingest(
     max_documents: int | None = typer.Option(
         None, "--max-documents", min=1, help="apply whole batches up to this many items (default: all pending)"
     ),
+    serve: bool = typer.Option(
+        False,
+        "--serve",
+        help="stay up with the model loaded: apply once per `apply` line on stdin, answer one JSON line on stdout "
+        "(how the server runs it); exit at end of input",
+    ),
     progress: bool = typer.Option(False, help="show progress bars"),
 ) -> None:
     """Apply the documents and deletions accepted over HTTP (`POST /v1/collections/NAME/documents`) and not yet
     in the current build, as one update published atomically. The server runs this itself (`ingest` settings);
     run it by hand to drain the log of a folder no server applies. Exit 0 with "nothing pending" when the
     current build holds every accepted batch."""
+    from indexer.pipeline import LocalEncoding
     from indexer.update import apply_ingest as apply
 
-    try:
-        result = apply(out, max_documents, show_progress=progress)
-    except (SourceError, BundleError, ValueError, RuntimeError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    if result is None:
-        typer.echo("nothing pending")
+    engine = LocalEncoding(keep=serve)
+
+    def once() -> dict[str, Any]:
+        try:
+            result = apply(out, max_documents, show_progress=progress, engine=engine)
+        except (SourceError, BundleError, ValueError, RuntimeError, OSError) as exc:
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        if result is None:
+            return {"ok": True, "applied": False, "summary": "nothing pending"}
+        return {"ok": True, "applied": True, "summary": result.summary().replace("built", "applied:", 1)}
+
+    if not serve:
+        outcome = once()
+        if not outcome["ok"]:
+            typer.echo(f"error: {outcome['error']}", err=True)
+            raise typer.Exit(1)
+        typer.echo(outcome["summary"])
         return
-    typer.echo(result.summary().replace("built", "applied:", 1))
+    protocol, sys.stdout = sys.stdout, sys.stderr  # only answers on stdout: anything printed goes to stderr
+    try:  # warm: the current build's bi-encoder, before the first batch arrives
+        from indexer.config import recorded_config
+
+        manifest = open_bundle(out, verify=False).manifest
+        if (manifest.get("dense") or {}).get("enabled"):
+            engine.start(recorded_config(manifest))
+    except (BundleError, OSError, ValueError) as exc:
+        typer.echo(f"not warmed up: {exc}", err=True)
+    for line in sys.stdin:
+        if line.strip() != "apply":
+            outcome = {"ok": False, "error": f"unknown request {line.strip()[:40]!r}; send `apply`"}
+        else:
+            outcome = once()
+        protocol.write(json.dumps(outcome) + "\n")
+        protocol.flush()
 
 
 @app.command("verify")

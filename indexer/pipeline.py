@@ -132,8 +132,12 @@ class LocalEncoding(EncodingEngine):
     name = "local"
     block_passages = 4096  # a multiple of encoders.TOKEN_SLICE; bounds what one block holds in memory
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
+        """`keep`: the model stays loaded after `close()` for the next job with the same model, device and
+        runtime (a long-lived applier of ingested batches: one load, many updates)."""
         self.encoder: SentenceTransformer | None = None
+        self.keep = keep
+        self._key: tuple[Any, ...] | None = None
 
     def _loaded(self) -> SentenceTransformer:
         if self.encoder is None:
@@ -141,7 +145,10 @@ class LocalEncoding(EncodingEngine):
         return self.encoder
 
     def start(self, config: IndexConfig) -> Any:
-        self.encoder = load_encoder(config.dense.model, config.dense.device, config.dense.runtime)
+        key = (config.dense.model, config.dense.device, config.dense.runtime)
+        if self.encoder is None or key != self._key:
+            self.encoder = load_encoder(config.dense.model, config.dense.device, config.dense.runtime)
+            self._key = key
         return self.encoder.tokenizer
 
     def encode(
@@ -159,7 +166,8 @@ class LocalEncoding(EncodingEngine):
         }
 
     def close(self) -> None:
-        self.encoder = None
+        if not self.keep:
+            self.encoder, self._key = None, None
 
 
 def engine_record(engine: EncodingEngine, encoding: dict[str, Any]) -> dict[str, Any]:

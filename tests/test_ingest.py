@@ -268,41 +268,33 @@ def test_documents_over_http(example_index, tmp_path) -> None:
         assert 'sift_ingest_time_to_visible_seconds_count{collection="default"}' in metrics
         assert 'sift_ingest_backlog_documents{collection="default"} 0.0' in metrics
 
-
-def test_a_full_backlog_is_a_429_naming_the_setting(example_index, tmp_path) -> None:
-    """With applies held back (the update lock taken, as a long `sift index update` would), batches pile up
-    to `ingest.max_backlog_documents`; the next one is refused with Retry-After, and once the lock is free
-    everything acknowledged is applied."""
-    index = _copy(example_index, tmp_path)
-    env = {"SIFT_BUNDLE": str(index), "SIFT_INGEST__MAX_BACKLOG_DOCUMENTS": "4"}
-    released = threading.Event()
-    holder = threading.Thread(target=lambda: _hold_update_lock(index, released))
-    holder.start()
-    try:
-        with sift_server(env) as (base, _):
-            client = httpx.Client(base_url=base, timeout=180)
-            docs = "/v1/collections/default/documents"
+        # a full backlog: with applies held back (the update lock taken, as a long `sift index update` would),
+        # batches pile up to ingest.max_backlog_documents (8); the next is a 429 with Retry-After, and once the
+        # lock is free everything acknowledged is applied
+        released = threading.Event()
+        holder = threading.Thread(target=lambda: _hold_update_lock(index, released))
+        holder.start()
+        try:
+            tasks = []
             for i in range(2):
-                response = client.post(
-                    docs, json=[{"_id": f"held-{i}-{j}", "text": f"Quokka sighting {i} {j}."} for j in range(2)]
-                )
+                batch = [{"_id": f"held-{i}-{j}", "text": f"Quokka sighting {i} {j}."} for j in range(4)]
+                response = client.post(docs, json=batch)
                 assert response.status_code == 202, response.text
+                tasks.append(response.json()["task"])
             refused = client.post(docs, json=[{"_id": "one-more", "text": "Over the backlog."}])
             assert refused.status_code == 429 and "ingest.max_backlog_documents" in refused.json()["error"]["message"]
             assert int(refused.headers["Retry-After"]) >= 1
-            assert client.get("/v1/collections").json()["collections"][0]["ingest"]["backlog_documents"] == 4
+            assert client.get("/v1/collections").json()["collections"][0]["ingest"]["backlog_documents"] == 8
+            assert client.get(f"/v1/collections/default/tasks/{tasks[1]}").json()["status"] == "enqueued"
+        finally:
             released.set()
-            deadline = time.time() + 120
-            while client.get("/v1/collections/default/tasks/2").json()["status"] != "searchable":
-                assert time.time() < deadline, "the held batches were never applied"
-                time.sleep(0.5)
-            hits = client.post("/v1/search", json={"query": "quokka", "k": 10, "mode": "bm25", "rerank": False}).json()[
-                "hits"
-            ]
-            assert {h["doc_id"] for h in hits} == {"held-0-0", "held-0-1", "held-1-0", "held-1-1"}
-    finally:
-        released.set()
-        holder.join()
+            holder.join()
+        deadline = time.time() + 120
+        while client.get(f"/v1/collections/default/tasks/{tasks[1]}").json()["status"] != "searchable":
+            assert time.time() < deadline, "the held batches were never applied"
+            time.sleep(0.5)
+        found = {h["doc_id"] for h in search("quokka", k=10)}
+        assert found == {f"held-{i}-{j}" for i in range(2) for j in range(4)}
 
 
 def _hold_update_lock(index, released: threading.Event) -> None:

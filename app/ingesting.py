@@ -197,8 +197,11 @@ class Ingestor:
         if child is None or child.returncode is not None:
             cmd = [*sift_command(), "index", "apply-ingest", "--out", str(self.collection.root), "--serve"]
             cmd += ["--max-documents", str(self.settings.apply_max_documents), "--no-progress"]
+            cmd += ["--nice", str(self.settings.applier_nice), "--threads", str(self.settings.applier_threads)]
+            threads = str(self.settings.applier_threads)
+            env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
             child = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None
+                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None, env=env
             )
             self._child = child
         return child

@@ -520,11 +520,20 @@ class Collection:
     async def _calibrate(self, pipeline: Pipeline) -> None:
         """Before a build is served: time its second stage on this machine and cap its default depth within
         `reranker.latency_budget_ms` (app.retrieval.calibration), on this event loop as requests run it. The
-        workers of a pre-fork server share one measurement per build. A failed calibration is logged and
-        leaves the configured depth; it never refuses a build."""
+        workers of a pre-fork server share one measurement per build, and an update of the served build (the
+        ingest applier publishes one every few seconds under load) keeps the served build's. A failed
+        calibration is logged and leaves the configured depth; it never refuses a build."""
         if not pipeline.second_stage or not self.settings.reranker.latency_budget_ms:
             return
         build = pipeline.bundle.build_id
+        served = self.current
+        if (
+            served is not None
+            and pipeline.bundle.manifest.get("parent") == served.build_id
+            and served.pipeline.calibration is not None
+        ):  # an update of the served build (ingested documents): same models and machine, the same measurement
+            pipeline.calibration = served.pipeline.calibration
+            return
         try:
             if self.models.calibrations is None:
                 pipeline.calibration = await calibrate(pipeline)

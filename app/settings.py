@@ -315,6 +315,10 @@ class IngestSettings(BaseModel):
     wait_timeout_s: float = Field(
         120.0, gt=0, description="`wait=true`: the longest a request waits to be searchable (then 202, not visible)"
     )
+    applier_nice: int = Field(
+        10, ge=0, le=19, description="the applier child's niceness: searches keep the cores while it encodes"
+    )
+    applier_threads: int = Field(1, ge=1, description="threads the applier child encodes with")
 
 
 class RuntimeSettings(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -203,6 +204,8 @@ def apply_ingest(
         help="stay up with the model loaded: apply once per `apply` line on stdin, answer one JSON line on stdout "
         "(how the server runs it); exit at end of input",
     ),
+    nice: int = typer.Option(0, "--nice", min=0, max=19, help="--serve: raise this process's niceness by this"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="--serve: threads to encode with"),
     progress: bool = typer.Option(False, help="show progress bars"),
 ) -> None:
     """Apply the documents and deletions accepted over HTTP (`POST /v1/collections/NAME/documents`) and not yet
@@ -212,7 +215,7 @@ def apply_ingest(
     from indexer.pipeline import LocalEncoding
     from indexer.update import apply_ingest as apply
 
-    engine = LocalEncoding(keep=serve)
+    engine = LocalEncoding(keep=serve, threads=threads)
 
     def once() -> dict[str, Any]:
         try:
@@ -231,6 +234,12 @@ def apply_ingest(
         typer.echo(outcome["summary"])
         return
     protocol, sys.stdout = sys.stdout, sys.stderr  # only answers on stdout: anything printed goes to stderr
+    if nice:
+        os.nice(nice)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     try:  # warm: the current build's bi-encoder, before the first batch arrives
         from indexer.config import recorded_config
 

@@ -132,11 +132,12 @@ class LocalEncoding(EncodingEngine):
     name = "local"
     block_passages = 4096  # a multiple of encoders.TOKEN_SLICE; bounds what one block holds in memory
 
-    def __init__(self, keep: bool = False) -> None:
+    def __init__(self, keep: bool = False, threads: int | None = None) -> None:
         """`keep`: the model stays loaded after `close()` for the next job with the same model, device and
-        runtime (a long-lived applier of ingested batches: one load, many updates)."""
+        runtime (a long-lived applier of ingested batches: one load, many updates); `threads`: intra-op threads
+        of a non-torch runtime (torch's are the process's)."""
         self.encoder: SentenceTransformer | None = None
-        self.keep = keep
+        self.keep, self.threads = keep, threads
         self._key: tuple[Any, ...] | None = None
 
     def _loaded(self) -> SentenceTransformer:
@@ -147,7 +148,7 @@ class LocalEncoding(EncodingEngine):
     def start(self, config: IndexConfig) -> Any:
         key = (config.dense.model, config.dense.device, config.dense.runtime)
         if self.encoder is None or key != self._key:
-            self.encoder = load_encoder(config.dense.model, config.dense.device, config.dense.runtime)
+            self.encoder = load_encoder(config.dense.model, config.dense.device, config.dense.runtime, self.threads)
             self._key = key
         return self.encoder.tokenizer
 

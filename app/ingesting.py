@@ -26,7 +26,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from indexer.bundle import BundleError, open_bundle
@@ -165,21 +164,26 @@ class Ingestor:
             self.applying = False
 
     async def run(self) -> None:
-        """The applier loop (runs until cancelled; every worker runs one, the lock holder applies)."""
+        """The applier loop (runs until cancelled; every worker runs one, the lock holder applies). Nothing is
+        created in the index folder, and no child started, until a batch is pending; the child stops after
+        `ingest.applier_idle_s` without work (the next batch starts it again)."""
+        idle_since = time.monotonic()
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), self.settings.apply_interval_s)
                 self._kick.clear()
                 try:
-                    if not Path(self.collection.root).is_dir() or not await asyncio.to_thread(self._try_lock):
-                        continue
-                    await self._applier()  # started (and its model loaded) before the first batch needs it
                     published = await asyncio.to_thread(self.published_seq)
                     if not await asyncio.to_thread(self.log.names, published):
+                        if self._child is not None and time.monotonic() - idle_since > self.settings.applier_idle_s:
+                            await self._stop_child()
+                        continue
+                    if not await asyncio.to_thread(self._try_lock):
                         continue
                     await asyncio.sleep(min(0.2, self.settings.apply_interval_s))  # gather a burst's batches
                     await self.apply_once()
+                    idle_since = time.monotonic()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - the applier must survive anything
@@ -191,8 +195,8 @@ class Ingestor:
             self._unlock()
 
     async def _applier(self) -> asyncio.subprocess.Process:
-        """The long-lived `sift index apply-ingest --serve` child (started on first use, again if it died): the
-        bi-encoder loads once, not once per apply."""
+        """The long-lived `sift index apply-ingest --serve` child (started on first use, again if it died or
+        idled out): the bi-encoder loads once, not once per apply."""
         child = self._child
         if child is None or child.returncode is not None:
             cmd = [*sift_command(), "index", "apply-ingest", "--out", str(self.collection.root), "--serve"]

@@ -319,6 +319,9 @@ class IngestSettings(BaseModel):
         10, ge=0, le=19, description="the applier child's niceness: searches keep the cores while it encodes"
     )
     applier_threads: int = Field(1, ge=1, description="threads the applier child encodes with")
+    applier_idle_s: float = Field(
+        300.0, gt=0, description="the applier child (and its bi-encoder) is stopped after this long without work"
+    )
 
 
 class RuntimeSettings(BaseModel):

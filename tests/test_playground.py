@@ -121,6 +121,9 @@ def test_playground_searches_toggles_bm25_and_streams_a_cited_answer(browser, pl
     assert browser.find_element(By.ID, "build").text == build
     assert Select(browser.find_element(By.ID, "collection")).first_selected_option.text == "default"
     assert browser.find_element(By.ID, "rerank").is_selected()  # a reranker is configured, so it is on
+    # the collection's ingestion (documents over HTTP): nothing sent to this read-only example index
+    _wait(browser, lambda d: d.find_element(By.ID, "ingest").is_displayed(), what="ingest badge")
+    assert browser.find_element(By.ID, "ingest").text == "ingest: up to date (batch 0)"
 
     # 1. a query gives ranked results, highlighted, with every stage explained
     browser.find_element(By.ID, "query").send_keys("how do stars form")

@@ -4,7 +4,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { collection: null, lastSearch: null, nextCursor: null, rank: 0 };
+const state = { collection: null, lastSearch: null, nextCursor: null, rank: 0, listing: null };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -55,6 +55,7 @@ async function loadServed() {
     const select = $("collection");
     select.replaceChildren(...listing.collections.map((c) => el("option", { value: c.name, text: c.name })));
     select.value = state.collection || listing.default;
+    state.listing = listing;
     await describeCollection();
   } catch (err) {
     $("ready").textContent = "not reachable";
@@ -63,8 +64,33 @@ async function loadServed() {
   }
 }
 
+// documents sent over HTTP: the collection's ingest backlog, or the newest batch its build holds
+function showIngest(listing) {
+  const badge = $("ingest");
+  const entry = (listing.collections || []).find((c) => c.name === state.collection);
+  const ingest = entry && entry.ingest;
+  badge.hidden = !ingest;
+  if (!ingest) return;
+  const pending = ingest.backlog_documents;
+  badge.textContent = pending ? `ingest: ${pending} pending` : `ingest: up to date (batch ${ingest.applied_seq})`;
+  badge.className = ingest.last_apply_error ? "badge bad" : pending ? "badge" : "badge ok";
+  badge.title = ingest.last_apply_error
+    ? `the last apply failed (retried): ${ingest.last_apply_error}`
+    : `${ingest.backlog_batches} batches waiting; ${ingest.applies.ok} applied by this process`;
+}
+
+async function refreshIngest() {
+  try {
+    state.listing = await api("/v1/collections");
+    showIngest(state.listing);
+  } catch {
+    // the ready badge reports an unreachable server
+  }
+}
+
 async function describeCollection() {
   state.collection = $("collection").value;
+  if (state.listing) showIngest(state.listing);
   try {
     const info = await api(`/v1/info?collection=${encodeURIComponent(state.collection)}`);
     $("build").textContent = info.bundle.build_id || "?";
@@ -284,3 +310,4 @@ $("more-btn").addEventListener("click", moreResults);
 $("ask-form").addEventListener("submit", ask);
 $("collection").addEventListener("change", describeCollection);
 loadServed();
+setInterval(refreshIngest, 5000);

@@ -136,10 +136,10 @@ def report_builds(results: dict[str, dict], corpus: Path, shards: int, baseline:
         "",
         f"A {shards}-shard build peaks at {ratio:.2f}× the unsharded build's RSS. "
         + (
-            "With pq token vectors both peaks come at the token writers' close, where each trains its codebook "
-            f"on up to {dense.token_pq_sample:,} of its tokens (float32, plus faiss's OPQ working set), one writer "
-            "at a time; with int8 vectors the same builds peaked at the encoder (1,652 MB unsharded, the section "
-            "of 2026-12-04). "
+            "With pq token vectors both peaks come at the token writers' close, where the codebook is trained "
+            f"on up to {dense.token_pq_sample:,} tokens (float32, plus faiss's OPQ working set): the sharded build "
+            "trains it once, over every shard's spilled tokens; with int8 vectors the same builds peak at the encoder (measure them with "
+            "`SIFT_INDEX__DENSE__TOKEN_VECTORS=int8`). "
             if dense.token_vectors == "pq"
             else "Both peaks are the encoder's (the floor above plus its activations and outputs while encoding). "
         )

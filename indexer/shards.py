@@ -50,7 +50,7 @@ from indexer.config import BM25Settings, IndexConfig
 from indexer.dense import save_dense
 from indexer.docstore import DocstoreWriter
 from indexer.models import Document, Passage
-from indexer.tokens import BuildTokens, TokenForm, TokenStore, TokenWriter
+from indexer.tokens import BuildTokens, ProductQuantizer, TokenForm, TokenStore, TokenWriter, train_on_spills
 
 log = logging.getLogger(__name__)
 
@@ -373,28 +373,33 @@ class _Shard:
 
 class _RoutedTokens(BuildTokens):
     """The token writer an engine appends to for a sharded build: each passage's token vectors go to the
-    token store of the shard that holds its row (rows arrive in order)."""
+    token store of the shard that holds its row (rows arrive in order). A fresh pq build trains one codebook
+    over every shard's spilled tokens at the end (`train_on_spills`: the codebook the unsharded build of the
+    corpus trains), so that codes mean the same in every shard; each shard's spill waits on disk till then.
+    Other forms, and a pq form with a given codebook (a reshard keeps its parent's), close shard by shard."""
 
     def __init__(self, writer: ShardWriter, form: TokenForm) -> None:
         self.writer = writer
         self.form = form
         self.row = 0
         self._index = 0
+        self.shared_codebook = form.dtype == "pq" and form.codebook is None
 
     def _target(self) -> TokenWriter:
         bounds = self.writer.bounds
         while self._index < len(bounds) and self.row >= bounds[self._index][1]:
-            self._close(self._index)
+            if not self.shared_codebook:
+                self._close(self._index)
             self._index += 1
         writer = self.writer._shard(self._index).token_writer
         if writer is None:
             raise ValueError("a shard without a token writer: the sharded build keeps no token vectors")
         return writer
 
-    def _close(self, index: int) -> None:
+    def _close(self, index: int, codebook: ProductQuantizer | None = None) -> None:
         shard = self.writer._open.get(index)
         if shard is not None and shard.token_info is None and shard.token_writer is not None:
-            shard.token_info = shard.token_writer.close()
+            shard.token_info = shard.token_writer.close(codebook)
             self.writer._retire(index)
 
     def add(self, vectors: np.ndarray) -> None:
@@ -416,11 +421,20 @@ class _RoutedTokens(BuildTokens):
             rows = rows[take:]
 
     def close(self) -> None:
-        """All token vectors are in: finish the last shard's."""
+        """All token vectors are in: finish every shard's (with the one codebook, for a fresh pq build)."""
         if self.row != self.writer.passages:
             raise ValueError(f"token vectors for {self.row} passages, {self.writer.passages} written")
-        for index in list(self.writer._open):
-            self._close(index)
+        codebook = None
+        if self.shared_codebook:
+            open_writers = [
+                shard.token_writer
+                for _, shard in sorted(self.writer._open.items())
+                if shard.token_writer is not None and shard.token_info is None
+            ]
+            if open_writers:
+                codebook = train_on_spills(open_writers, self.form)
+        for index in sorted(self.writer._open):
+            self._close(index, codebook)
 
 
 def shard_map(manifest: dict[str, Any]) -> list[dict[str, Any]]:

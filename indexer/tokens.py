@@ -129,14 +129,14 @@ class ProductQuantizer:
         cls,
         sample: np.ndarray,
         m: int,
-        rotate: bool = True,
+        rotate: bool | np.ndarray = True,
         overwrite: bool = False,
-        rotation: np.ndarray | None = None,
     ) -> ProductQuantizer:
-        """Train on `sample` (tokens × dimension, float32, unit rows): with `rotate`, OPQ's rotation first
-        (learned here, or `rotation` when the caller learned it on `opq_rows` of the sample, which gives the
-        same rotation). With fewer than 256 tokens, the sample's own sub-vectors are the centroids (exact for
-        them; no rotation). `overwrite`: the caller's float32 sample may be rotated in place (no copy of it)."""
+        """Train on `sample` (tokens × dimension, float32, unit rows): with `rotate`, OPQ's rotation first,
+        learned here (True), or the rotation given (an array: the caller learned it on `opq_rows` of the sample,
+        which gives the same rotation). With fewer than 256 tokens, the sample's own sub-vectors are the
+        centroids (exact for them; no rotation). `overwrite`: the caller's float32 sample may be rotated in place
+        (no copy of it)."""
         import faiss
 
         sample = np.ascontiguousarray(sample, dtype=np.float32) if overwrite else np.array(sample, dtype=np.float32)
@@ -148,9 +148,8 @@ class ProductQuantizer:
             codebook = np.zeros((m, CENTROIDS, sub), dtype=np.float32)
             codebook[:, :n] = sample.reshape(n, m, sub).transpose(1, 0, 2)
             return cls(codebook)
-        if rotate and rotation is None:
-            rotation = cls.learn_rotation(sample, m)
-        if rotate and rotation is not None:
+        rotation = rotate if isinstance(rotate, np.ndarray) else cls.learn_rotation(sample, m) if rotate else None
+        if rotation is not None:
             for start in range(0, n, ENCODE_CHUNK):  # rotated in place: no second copy of the sample
                 sample[start : start + ENCODE_CHUNK] = sample[start : start + ENCODE_CHUNK] @ rotation.T
         pq = faiss.ProductQuantizer(dimension, m, 8)
@@ -434,52 +433,72 @@ class TokenWriter(BuildTokens):
                 if store.scales is not None:
                     self._scales.append(np.array(store.scales[start:end], dtype=np.float32))
 
-    def _encode_spill(self, tokens: int) -> None:
-        """Train the codebook on a sample of the spilled int8 tokens, then write their codes chunk by chunk. The
-        spill is read with `os.pread`, not memory-mapped, so it never becomes resident in this process."""
-        dimension, m = int(self.dimension or 0), self.form.m
-        spill_path = self.directory / SPILL_FILE
-        scales = np.concatenate(self._scales) if self._scales else np.zeros(0, dtype=np.float32)
-        self._scales = []
-        if tokens == 0:
-            self.pq = ProductQuantizer(np.zeros((m, CENTROIDS, max(dimension // m, 1)), dtype=np.float32))
-            (self.directory / data_file("pq")).write_bytes(b"")
-            spill_path.unlink()
-            return
-        with open(spill_path, "rb") as spill:
+    @property
+    def spilled_tokens(self) -> int:
+        """Tokens in a fresh pq writer's spill so far."""
+        return int(sum(self._lengths))
 
-            def rows(start: int, end: int) -> np.ndarray:
+    def spill_rows(self, which: np.ndarray) -> np.ndarray:
+        """Spilled token rows `which` (any order) as float32: the spill read once, in order, a chunk at a time
+        (one read per chunk, not one per row, never memory-mapped, so it never becomes resident), each chunk's
+        picked rows scaled into place."""
+        if not self._spilling:
+            raise TokenStoreError("only a fresh pq writer's spilled tokens can be read back")
+        if not self._data.closed:
+            self._data.flush()
+        dimension, tokens = int(self.dimension or 0), self.spilled_tokens
+        scales = np.concatenate(self._scales) if self._scales else np.zeros(0, dtype=np.float32)
+        out = np.empty((which.size, dimension), dtype=np.float32)
+        order = np.argsort(which, kind="stable")
+        ordered = which[order]
+        spill_path = self.directory / SPILL_FILE
+        with open(spill_path, "rb") as spill:
+            for start in range(0, tokens, ENCODE_CHUNK):
+                end = min(start + ENCODE_CHUNK, tokens)
+                lo, hi = (int(i) for i in np.searchsorted(ordered, [start, end]))
+                if lo == hi:
+                    continue
                 data = os.pread(spill.fileno(), (end - start) * dimension, start * dimension)
                 if len(data) != (end - start) * dimension:
                     raise TokenStoreError(f"{spill_path}: ends before token row {end}")
-                out: np.ndarray = (
-                    np.frombuffer(data, dtype=np.int8).reshape(end - start, dimension) * scales[start:end, None]
-                )
-                return out
+                chunk = np.frombuffer(data, dtype=np.int8).reshape(end - start, dimension)
+                picked = ordered[lo:hi]
+                out[order[lo:hi]] = chunk[picked - start] * scales[picked, None]
+        return out
 
-            def gather(which: np.ndarray) -> np.ndarray:
-                out = np.empty((which.size, dimension), dtype=np.float32)  # filled row by row: one copy
-                for i, r in enumerate(which.tolist()):
-                    out[i] = rows(r, r + 1)[0]
-                return out
-
-            picks = np.unique(np.linspace(0, tokens - 1, min(self.form.sample, tokens)).astype(np.int64))
-            rotation = None
-            if self.form.rotate and picks.size >= CENTROIDS:  # OPQ first, on its own rows: one working set at a time
-                rotation = ProductQuantizer.learn_rotation(gather(picks[ProductQuantizer.opq_rows(picks.size)]), m)
-            self.pq = ProductQuantizer.train(gather(picks), m, self.form.rotate, overwrite=True, rotation=rotation)
-            with open(self.directory / data_file("pq"), "wb") as out:
-                for start in range(0, tokens, ENCODE_CHUNK):
-                    out.write(self.pq.encode(rows(start, min(start + ENCODE_CHUNK, tokens))).tobytes())
+    def _encode_spill(self, tokens: int, codebook: ProductQuantizer | None) -> None:
+        """Write the codes of the spilled int8 tokens chunk by chunk, with `codebook`, or one trained on a sample
+        of this spill (`train_on_spills`). The spill is read with `os.pread`, so it never becomes resident."""
+        dimension, m = int(self.dimension or 0), self.form.m
+        spill_path = self.directory / SPILL_FILE
+        scales = np.concatenate(self._scales) if self._scales else np.zeros(0, dtype=np.float32)
+        if tokens == 0:
+            self.pq = codebook or ProductQuantizer(np.zeros((m, CENTROIDS, max(dimension // m, 1)), dtype=np.float32))
+            self._scales = []
+            (self.directory / data_file("pq")).write_bytes(b"")
+            spill_path.unlink()
+            return
+        self.pq = codebook or train_on_spills([self], self.form)
+        self._scales = []
+        with open(spill_path, "rb") as spill, open(self.directory / data_file("pq"), "wb") as out:
+            for start in range(0, tokens, ENCODE_CHUNK):
+                end = min(start + ENCODE_CHUNK, tokens)
+                data = os.pread(spill.fileno(), (end - start) * dimension, start * dimension)
+                if len(data) != (end - start) * dimension:
+                    raise TokenStoreError(f"{spill_path}: ends before token row {end}")
+                rows = np.frombuffer(data, dtype=np.int8).reshape(end - start, dimension) * scales[start:end, None]
+                out.write(self.pq.encode(rows).tobytes())
         spill_path.unlink()
 
-    def close(self) -> dict[str, object]:
-        """Finish the files; returns the metadata (also written to tokens.json)."""
+    def close(self, codebook: ProductQuantizer | None = None) -> dict[str, object]:
+        """Finish the files; returns the metadata (also written to tokens.json). A fresh pq writer encodes its
+        spill with `codebook` when given (trained over several writers' spills by `train_on_spills`: a sharded
+        build's one codebook), else with one trained on its own."""
         self._data.close()
         offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
         np.cumsum(self._lengths, out=offsets[1:])
         if self._spilling:
-            self._encode_spill(int(offsets[-1]))
+            self._encode_spill(int(offsets[-1]), codebook)
             self._spilling = False
         np.save(self.directory / OFFSETS_FILE, offsets)
         if self.form.dtype == "int8":
@@ -508,6 +527,32 @@ class TokenWriter(BuildTokens):
     def __exit__(self, *exc: object) -> None:
         if not self._data.closed:
             self._data.close()
+
+
+def train_on_spills(writers: Sequence[TokenWriter], form: TokenForm) -> ProductQuantizer:
+    """One codebook for the tokens spilled by `writers` (fresh pq writers of one form), as if their spills were
+    one, in order: `form.sample` tokens spread evenly over the whole (OPQ's rotation first, on its own rows of
+    that sample, then k-means on all of it). With one writer it is that writer's own codebook; a sharded build
+    trains over its shards' writers in shard order and gets the codebook the unsharded build of the same
+    corpus gets (the same tokens picked, in the same order)."""
+    sizes = np.array([w.spilled_tokens for w in writers], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(starts[-1])
+    dimension = int(next((w.dimension for w in writers if w.dimension), 0))
+
+    def gather(which: np.ndarray) -> np.ndarray:
+        out = np.empty((which.size, dimension), dtype=np.float32)
+        for writer, lo, hi in zip(writers, starts[:-1], starts[1:], strict=True):
+            mask = (which >= lo) & (which < hi)
+            if mask.any():
+                out[mask] = writer.spill_rows(which[mask] - lo)
+        return out
+
+    picks = np.unique(np.linspace(0, total - 1, min(form.sample, total)).astype(np.int64))
+    rotate: bool | np.ndarray = form.rotate
+    if form.rotate and picks.size >= CENTROIDS:  # OPQ first, on its own rows: one working set at a time
+        rotate = ProductQuantizer.learn_rotation(gather(picks[ProductQuantizer.opq_rows(picks.size)]), form.m)
+    return ProductQuantizer.train(gather(picks), form.m, rotate, overwrite=True)
 
 
 class TokenStore(TokenStoreReader):

@@ -14,8 +14,9 @@ import pytest
 from indexer.bm25 import index_bm25, tokenize
 from indexer.build import build_bundle, reshard_bundle
 from indexer.bundle import BundleError, open_bundle
-from indexer.config import BM25Settings, DenseSettings, IndexConfig
+from indexer.config import BM25Settings
 from indexer.shards import BM25Stats, CorpusBM25, plan_shards
+from indexer.tokens import TokenStore
 from tests.conftest import EXAMPLES, SCIFACT, SHARED_DATA_WORKER, needs_scifact
 from tests.servers import sift_server
 
@@ -63,8 +64,12 @@ def test_corpus_wide_bm25_scores_equal_the_unsharded_index() -> None:
 
 @pytest.fixture(scope="module")
 def sharded_examples(example_index, tmp_path_factory) -> Path:
+    """examples/corpus.jsonl in 3 shards with the shipped index config (pq token codes: one codebook)."""
+    from indexer.config import load_index_config
+    from tests.conftest import ROOT
+
     out = tmp_path_factory.mktemp("sharded")
-    build_bundle(EXAMPLES, out, IndexConfig(dense=DenseSettings(token_vectors="int8")), show_progress=False, shards=3)
+    build_bundle(EXAMPLES, out, load_index_config(ROOT / "configs" / "default.yaml"), show_progress=False, shards=3)
     return out
 
 
@@ -186,11 +191,10 @@ def test_sharded_scifact_over_http_matches_the_unsharded_bundle(scifact_index, t
     assert abs(scores["one"] - scores["three"]) <= 0.001, scores
 
 
-def test_sharded_default_second_stage_reranks_as_the_unsharded_one(sharded_examples, int8_example_index) -> None:
-    """The default second stage (cross-encoder + MaxSim over each shard's stored token vectors) gives the
-    unsharded ranking, scores and per-stage explain on a sharded build. Both builds store int8 vectors: a fresh
-    sharded pq build trains one codebook per shard on its own tokens, so its MaxSim differs from an unsharded
-    build's by the codebook's noise (a reshard keeps the parent's one codebook: tests/test_token_pq.py)."""
+def test_sharded_default_second_stage_reranks_as_the_unsharded_one(sharded_examples, example_index) -> None:
+    """The default second stage (cross-encoder + MaxSim over each shard's stored token codes) gives the
+    unsharded ranking, scores and per-stage explain on a sharded build: a fresh sharded pq build trains one
+    codebook over every shard's tokens, the unsharded build's, so the shards' codes are the unsharded codes."""
     import asyncio
 
     from app.services import Models, load_pipeline
@@ -198,7 +202,15 @@ def test_sharded_default_second_stage_reranks_as_the_unsharded_one(sharded_examp
 
     settings = load_settings()
     models = Models.load(settings, generator=False, reader=False)
-    one = load_pipeline(settings, int8_example_index, models)
+    whole = TokenStore.of_bundle(open_bundle(example_index))
+    info = open_bundle(sharded_examples)
+    codes = []
+    for entry in info.manifest["shards"]["map"]:
+        shard = TokenStore.of_bundle(open_bundle(info.root / entry["name"]))
+        assert shard.pq is not None and shard.pq.same(whole.pq)  # one codebook, the unsharded build's
+        codes.append(np.asarray(shard.data))
+    np.testing.assert_array_equal(np.concatenate(codes), np.asarray(whole.data))
+    one = load_pipeline(settings, example_index, models)
     three = load_pipeline(settings, sharded_examples, models)
     assert three.late is not None and three.late.stored and three.second_stage
     for query in QUERIES[:3]:

@@ -119,7 +119,7 @@ def test_opq_learned_on_its_own_rows_is_the_rotation_of_the_whole_sample(monkeyp
     whole = ProductQuantizer.train(sample, 4)
     rotation = ProductQuantizer.learn_rotation(sample[rows], 4)
     assert whole.rotation is not None and np.array_equal(rotation, whole.rotation)
-    parts = ProductQuantizer.train(sample, 4, rotation=rotation)
+    parts = ProductQuantizer.train(sample, 4, rotate=rotation)
     assert np.array_equal(parts.codebook, whole.codebook)
     assert np.array_equal(ProductQuantizer.opq_rows(1500), np.arange(1500))  # small samples: every row
 
@@ -328,3 +328,32 @@ def test_convert_in_place_publishes_a_new_current_build(int8_index, tmp_path):
     assert after.build_id != before and after.manifest["parent"] == before
     assert after.manifest["dense"]["token_vectors"]["dtype"] == "pq"
     assert list_builds(copy) == sorted([before, after.build_id])
+
+
+def test_one_codebook_over_several_spills_is_the_codebook_of_their_concatenation(tmp_path):
+    """A sharded build's shards train one codebook over all their spills (`train_on_spills`): the same tokens
+    picked in the same order as one writer of the whole corpus picks, so the same rotation, codebook and codes."""
+    from indexer.tokens import train_on_spills
+
+    rng = np.random.default_rng(7)
+    passages = [rng.standard_normal((int(rng.integers(5, 40)), 32)).astype(np.float32) for _ in range(300)]
+    form = TokenForm("pq", 4, sample=2000, rotate=True)
+    with TokenWriter(tmp_path / "whole", form) as writer:
+        for vectors in passages:
+            writer.add(vectors)
+        writer.close()
+    whole = TokenStore.open(tmp_path / "whole", len(passages))
+    parts = [TokenWriter(tmp_path / "a", form), TokenWriter(tmp_path / "b", form), TokenWriter(tmp_path / "c", form)]
+    cuts = [0, 120, 121, 300]  # a one-passage shard among them
+    for writer, lo, hi in zip(parts, cuts, cuts[1:], strict=False):
+        for vectors in passages[lo:hi]:
+            writer.add(vectors)
+    codebook = train_on_spills(parts, form)
+    assert codebook.same(whole.pq)
+    codes = []
+    for writer, name, lo, hi in zip(parts, "abc", cuts, cuts[1:], strict=False):
+        writer.close(codebook)
+        store = TokenStore.open(tmp_path / name, hi - lo)
+        assert store.pq is not None and store.pq.same(whole.pq)
+        codes.append(np.asarray(store.data))
+    np.testing.assert_array_equal(np.concatenate(codes), np.asarray(whole.data))

@@ -2,7 +2,7 @@
 against a full rebuild, on SciFact's corpus, in one run.
 
     python bench/ingest.py [--base-docs 2000] [--batch 1000] [--batch-runs 3] [--singles 10]
-                           [--throughput-docs 2000] [--window-s 30] [--rounds 3] [--rate 20]
+                           [--throughput-docs 1000] [--window-s 30] [--rounds 3] [--rate 5]
 
 1. `sift index build` of the first --base-docs documents (the served index) and, for the comparison, of the
    first base + batch documents (what a full rebuild that adds a batch costs).
@@ -13,8 +13,9 @@ against a full rebuild, on SciFact's corpus, in one run.
    - ingest throughput: --throughput-docs changed documents sent by 4 clients in batches of 100, from the first
      send until the last batch is searchable;
    - search latency (the default search, reranked, concurrency 1, SciFact test claims) over --window-s idle,
-     then over --window-s while a writer sends --rate documents/s in 10-document batches; --rounds rounds, the
-     p50 and p99 medians of rounds. Failed or timed-out requests are counted and fail the run.
+     then over --window-s while a writer sends --rate documents/s in 10-document batches (a rate the applier
+     keeps up with: below the throughput measured before); --rounds rounds, each idle window after the previous
+     round's backlog is applied; the p50 and p99 medians of rounds. Failed or timed-out requests fail the run.
 """
 
 from __future__ import annotations
@@ -118,6 +119,17 @@ def steady_writer(base: str, docs: list[dict], rate: float, stop: threading.Even
             time.sleep(max(0.0, next_at - time.monotonic()))
 
 
+def drained(client: httpx.Client, timeout_s: float = 1800) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ingest = client.get("/v1/collections").json()["collections"][0]["ingest"]
+        if ingest["backlog_documents"] == 0 and ingest["served_seq"] == ingest["applied_seq"]:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the backlog did not drain in {timeout_s} s: {ingest}")
+        time.sleep(0.5)
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -128,10 +140,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--batch-runs", type=int, default=3)
     parser.add_argument("--singles", type=int, default=10)
-    parser.add_argument("--throughput-docs", type=int, default=2000)
+    parser.add_argument("--throughput-docs", type=int, default=1000)
     parser.add_argument("--window-s", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--rate", type=float, default=5.0, help="documents/s while searching (below throughput)")
     args = parser.parse_args()
 
     docs = corpus()
@@ -197,6 +209,7 @@ def main() -> None:
             # search latency idle and while ingesting at a steady rate
             rounds = []
             for r in range(args.rounds):
+                drained(client)  # idle means idle: no backlog left from the previous round
                 idle, idle_errors = asyncio.run(search_window(base, queries, args.window_s))
                 stop, sent = threading.Event(), [0]
                 writer = threading.Thread(target=steady_writer, args=(base, base_docs, args.rate, stop, sent))

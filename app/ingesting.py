@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from indexer.bundle import BundleError, open_bundle
 from indexer.commands import sift_command
-from indexer.ingest import APPLIER_LOCK_FILE, INGEST_DIR, IngestLog, Operation, applied_seq
+from indexer.ingest import IngestLog, Operation, applied_seq
 
 if TYPE_CHECKING:
     from app.services import Collection
@@ -82,12 +81,16 @@ class Ingestor:
         except BundleError:
             return self.served_seq()
 
+    def _published_and_backlog(self) -> tuple[int, int]:
+        """The published build's batch number and the items pending above it (one trip off the event loop)."""
+        published = self.published_seq()
+        return published, self.log.backlog(published)[1]
+
     # -- accepting ----------------------------------------------------------------------------------------
 
     async def accept(self, op: Operation, items: list[Any]) -> int:
         """Append one validated batch durably; returns its number (the task id). Raises `BacklogFull`."""
-        published = await asyncio.to_thread(self.published_seq)
-        _, backlog = await asyncio.to_thread(self.log.backlog, published)
+        published, backlog = await asyncio.to_thread(self._published_and_backlog)
         if backlog + len(items) > self.settings.max_backlog_documents:
             retry = max(1.0, self.settings.apply_interval_s + (self.last_apply_s or 0.0))
             raise BacklogFull(backlog, self.settings.max_backlog_documents, retry)
@@ -143,19 +146,10 @@ class Ingestor:
     # -- applying -----------------------------------------------------------------------------------------
 
     def _try_lock(self) -> bool:
-        if self._lock_fd is not None:
-            return True
-        folder = self.collection.root / INGEST_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / APPLIER_LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        self.applying = True
-        return True
+        if self._lock_fd is None:
+            self._lock_fd = self.log.try_applier_lock()
+            self.applying = self._lock_fd is not None
+        return self.applying
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

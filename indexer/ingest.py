@@ -131,6 +131,18 @@ class IngestLog:
         names = [n.seq for n in self.names()]
         return max([recorded, floor, *names])
 
+    def try_applier_lock(self) -> int | None:
+        """Take the folder's applier lock without waiting: the open descriptor holding it (close it to let go;
+        the lock dies with the process), or None when another process holds it."""
+        self._ensure()
+        fd = os.open(self.folder / APPLIER_LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
     def last_seq(self) -> int:
         """The highest sequence number given so far (0: none)."""
         return self._last_seq(0)
@@ -245,24 +257,6 @@ def fold(batches: list[Batch]) -> Changes:
     )
 
 
-@contextlib.contextmanager
-def applier_lock(root: Path, blocking: bool = False) -> Iterator[bool]:
-    """The index folder's applier lock: yields whether this process holds it (without `blocking`, False at
-    once when another process does)."""
-    folder = Path(root) / INGEST_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / APPLIER_LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
 __all__ = [
     "Batch",
     "BatchName",
@@ -270,6 +264,5 @@ __all__ = [
     "IngestLog",
     "IngestLogError",
     "applied_seq",
-    "applier_lock",
     "fold",
 ]

@@ -96,8 +96,7 @@ class Ingestor:
             raise BacklogFull(backlog, self.settings.max_backlog_documents, retry)
         seq = await asyncio.to_thread(self.log.append, op, items, published)
         self.listener(self.collection.name, f"batch_{op}", float(len(items)))
-        self._kick.set()
-        return seq
+        return seq  # applied at the applier's next round (`apply_interval_s`), or at once if a request waits on it
 
     async def wait_searchable(self, seq: int, timeout_s: float) -> bool:
         """Wait until this process serves a build holding batch `seq` (True), or `timeout_s` passes (False).
@@ -196,6 +195,7 @@ class Ingestor:
             cmd = [*sift_command(), "index", "apply-ingest", "--out", str(self.collection.root), "--serve"]
             cmd += ["--max-documents", str(self.settings.apply_max_documents), "--no-progress"]
             cmd += ["--nice", str(self.settings.applier_nice), "--threads", str(self.settings.applier_threads)]
+            cmd += ["--idle"] if self.settings.applier_sched_idle else []
             threads = str(self.settings.applier_threads)
             env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
             child = await asyncio.create_subprocess_exec(

@@ -315,6 +315,11 @@ class IngestSettings(BaseModel):
     wait_timeout_s: float = Field(
         120.0, gt=0, description="`wait=true`: the longest a request waits to be searchable (then 202, not visible)"
     )
+    applier_sched_idle: bool = Field(
+        True,
+        description="the applier child runs under Linux's SCHED_IDLE: it gets a core only when no search wants "
+        "one (bench/ingest.py: search p99 while ingesting); false, or where unavailable: `applier_nice` alone",
+    )
     applier_nice: int = Field(
         10, ge=0, le=19, description="the applier child's niceness: searches keep the cores while it encodes"
     )

@@ -13,6 +13,7 @@ import typer
 
 from indexer.build import BuildResult, GateRefused, build_bundle
 from indexer.bundle import BundleError, list_builds, open_bundle, prune_builds
+from indexer.commands import lower_to_idle
 from indexer.config import load_index_config
 from indexer.gate import make_gate
 from indexer.sources import SourceError
@@ -205,6 +206,12 @@ def apply_ingest(
         "(how the server runs it); exit at end of input",
     ),
     nice: int = typer.Option(0, "--nice", min=0, max=19, help="--serve: raise this process's niceness by this"),
+    idle: bool = typer.Option(
+        False,
+        "--idle",
+        help="--serve: run under Linux's SCHED_IDLE policy (a core only when no other thread wants it); where it is "
+        "unavailable, only --nice applies",
+    ),
     threads: int | None = typer.Option(None, "--threads", min=1, help="--serve: threads to encode with"),
     progress: bool = typer.Option(False, help="show progress bars"),
 ) -> None:
@@ -236,6 +243,8 @@ def apply_ingest(
     protocol, sys.stdout = sys.stdout, sys.stderr  # only answers on stdout: anything printed goes to stderr
     if nice:
         os.nice(nice)
+    if idle:
+        lower_to_idle()
     if threads:
         import torch
 

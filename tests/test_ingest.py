@@ -174,7 +174,7 @@ def test_documents_over_http(example_index, tmp_path) -> None:
         "SIFT_INGEST__MAX_BODY_BYTES": "20000",
     }
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    with sift_server(env) as (base, _):
+    with sift_server(env) as (base, server):
         client = httpx.Client(base_url=base, timeout=180, headers=admin)
         docs = "/v1/collections/default/documents"
 
@@ -196,6 +196,7 @@ def test_documents_over_http(example_index, tmp_path) -> None:
         task = response.json()
         assert task["status"] == "searchable" and task["documents"] == 1
         assert search("Serengeti zebras migrate")[0]["doc_id"] == "zeb-1"
+        _assert_applier_yields_the_cores(server.pid)
 
         # a changed document replaces its passages; filters read its new metadata
         changed = {**doc, "text": "Zebras graze the savanna of the Masai Mara.", "metadata": {"topic": "savanna"}}
@@ -295,6 +296,23 @@ def test_documents_over_http(example_index, tmp_path) -> None:
             time.sleep(0.5)
         found = {h["doc_id"] for h in search("quokka", k=10)}
         assert found == {f"held-{i}-{j}" for i in range(2) for j in range(4)}
+
+
+def _assert_applier_yields_the_cores(server_pid: int) -> None:
+    """The server's applier child (`ingest.applier_sched_idle`, `applier_nice`, `applier_threads`: the shipped
+    defaults) runs under SCHED_IDLE where Linux offers it, at niceness 10 more than the server either way."""
+    import os
+
+    import psutil
+
+    server = psutil.Process(server_pid)
+    children = [p for p in server.children(recursive=True) if "apply-ingest" in " ".join(p.cmdline())]
+    assert len(children) == 1, [p.cmdline() for p in server.children(recursive=True)]
+    child = children[0]
+    assert child.nice() == server.nice() + 10
+    if hasattr(os, "SCHED_IDLE"):
+        assert os.sched_getscheduler(child.pid) == os.SCHED_IDLE
+        assert os.sched_getscheduler(server_pid) == os.SCHED_OTHER  # the searches keep the normal policy
 
 
 def _hold_update_lock(index, released: threading.Event) -> None:

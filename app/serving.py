@@ -16,8 +16,6 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import logging
 import os
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from gunicorn.app.base import BaseApplication
 
 from app.settings import Settings
+from indexer.runtime import return_freed_memory
 
 if TYPE_CHECKING:
     from app.services import Models
@@ -44,10 +43,8 @@ def prepare_fork(models: Models) -> None:
     scans, copying its page), and give the heap's free pages back to the OS (glibc `malloc_trim`), since a
     worker reusing an inherited free page copies it."""
     models.release_sessions()
-    gc.collect()
+    return_freed_memory()
     gc.freeze()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class PreforkServer(BaseApplication):

@@ -57,6 +57,7 @@ from indexer.dense import EMBEDDINGS_FILE, INDEX_FILE, gpu_available, save_dense
 from indexer.docstore import Docstore, DocstoreWriter
 from indexer.encoders import encode_passages, load_encoder, pick_device, resolve_model_path
 from indexer.models import Document, Passage, passage_index_text
+from indexer.runtime import return_freed_memory
 from indexer.shards import MAX_SHARDS, ShardWriter
 from indexer.sources import ReadReport, SourceError, estimate_documents, read_documents
 from indexer.tokens import BuildTokens, TokenForm, TokenStore, TokenWriter
@@ -463,6 +464,8 @@ def run_pipeline(
         if sink.documents == 0:
             raise SourceError(empty)
         encoding = engine.info if started else dict(unencoded or {})
+        engine.close()  # the encoder is done: its memory goes back before BM25, FAISS and the token codebook
+        return_freed_memory()
         if dense_info is None:
             dense_info = dense_manifest(dimension if dense else None, encoding, config)
         documents, passages = sink.documents, sink.passages

@@ -114,6 +114,20 @@ def _proc_cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def return_freed_memory() -> None:
+    """Collect garbage and give the C heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+    What torch freed after a model's last batch stays in the process's heap otherwise: the build's
+    closing steps (BM25, FAISS, the token codebook's training) would then sit on top of it, and a forking
+    server's workers would copy the pages they reuse."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _masked_flags() -> frozenset[str]:
     """The flags of this CPU that `SIFT_CPU_MASK` hides (read now, not cached)."""
     names = {name.strip().lower() for name in os.environ.get(CPU_MASK, "").split(",") if name.strip()}

@@ -1,0 +1,575 @@
+"""Sift side by side with the systems a search or RAG engineer would pick instead, in one run on this machine.
+
+    python bench/peers.py [--peers haystack,txtai,lancedb] [--datasets scifact,cranfield] [--no-serving]
+                          [--no-report]
+
+Every system indexes the same corpus and answers the same queries (BEIR SciFact test, Cranfield) with the same
+models: the MiniLM bi-encoder by its local path and Sift's cross-encoder folder (models/sift-reranker-minilm-l6)
+for the rerankers, the first stage's depth (`search.default_candidates`) and the rerank depth
+(`reranker.depth`) of Sift's shipped configuration. Each system runs in process, in its own interpreter:
+
+- Sift: this checkout (bench/peer_runners/sift_runner.py): `build_bundle` and `Engine.search`;
+- each peer: bench/peer_runners/<peer>_runner.py in its own virtual environment, var/peers/venv-<peer>/,
+  created by this script and installed from the package registry (torch 2.13.0 CPU first, then the peer's
+  pinned packages: `PEERS`), so that its dependencies never touch Sift's. A peer that fails to install, build
+  or search is reported with its error, never dropped.
+
+Each system is measured twice over one build: its first stage alone (rerank depth 0) and its documented
+two-stage setup (rerank depth `reranker.depth`). Quality (nDCG@10, Recall@100, ir-measures over the ranked
+documents) on every query of each set; latency p50/p95 at concurrency 1 over every query; queries/s with
+`--concurrency` threads over the first `--throughput-queries` queries; build seconds, index bytes and peak RSS
+(the runner process's, models included) of the build. A search that raises is counted as an error.
+
+Then serving over HTTP (`serving`): `sift serve` on the first dataset's Sift bundle against Infinity
+(`infinity-emb`, its own environment var/peers/venv-infinity/, the same two model folders): embeddings and
+rerank requests from one httpx client at concurrency 1 and 8, texts/s and pairs/s, p50/p95, failures counted.
+
+`--datasets` and `--docs` (the first N documents of each corpus, plus every judged one) exist for the smoke test
+(tests/test_peers.py); quality figures come from the whole corpora only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT, append_report  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+RUNNERS = Path(__file__).resolve().parent / "peer_runners"
+WORK = ROOT / "var" / "peers"
+TORCH = "torch==2.13.0"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A system compared with Sift: its pinned packages and its documented setup, in words for the report."""
+
+    packages: tuple[str, ...]
+    setup: str
+    first_stage: str
+
+
+PEERS: dict[str, Peer] = {
+    "haystack": Peer(
+        ("haystack-ai==3.4.1", "sentence-transformers-haystack==2.0.0"),
+        "InMemoryBM25Retriever + SentenceTransformersTextEmbedder → InMemoryEmbeddingRetriever, DocumentJoiner "
+        "(reciprocal_rank_fusion), SentenceTransformersSimilarityRanker",
+        "BM25 + embedding retrievers, RRF joiner",
+    ),
+    "txtai": Peer(
+        ("txtai==9.14.0",),
+        "Embeddings(hybrid=True: BM25 scoring + dense, exact numpy backend), txtai Similarity(crossencode=True) "
+        "over the top",
+        "Embeddings hybrid (txtai's score fusion)",
+    ),
+    "lancedb": Peer(
+        ("lancedb==0.40.0", "sentence-transformers==6.3.0", "pandas==3.1.1"),
+        "native full-text index + flat vector search, hybrid query with RRFReranker, then CrossEncoderReranker",
+        "hybrid query, RRFReranker",
+    ),
+}
+
+
+@dataclass
+class Outcome:
+    """One system on one dataset: the runner's result, or the error that stopped it."""
+
+    system: str
+    dataset: str
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # config → measure → value
+
+
+def log(message: str) -> None:
+    print(f"[peers {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def tail(text: str, lines: int = 6) -> str:
+    return " / ".join(line.strip() for line in text.strip().splitlines()[-lines:] if line.strip())
+
+
+def peer_python(name: str, peer: Peer, work: Path) -> Path:
+    """The interpreter of the peer's own virtual environment, created and installed on first use (a stamp
+    records the packages; a changed pin reinstalls). Raises RuntimeError with pip's last lines on failure."""
+    venv = work / f"venv-{name}"
+    python = venv / "bin" / "python"
+    stamp = venv / "sift-peer.json"
+    wanted = json.dumps([TORCH, *peer.packages])
+    if stamp.exists() and stamp.read_text() == wanted:
+        return python
+    log(f"{name}: creating {venv} and installing {', '.join(peer.packages)} (a few minutes, once)")
+    steps = [
+        [sys.executable, "-m", "venv", "--clear", str(venv)],
+        [str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
+        [str(python), "-m", "pip", "install", "--quiet", TORCH],  # the CPU wheel first, as Sift's own install
+        [str(python), "-m", "pip", "install", "--quiet", *peer.packages],
+    ]
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"`{' '.join(step[2:])}` failed: {tail(done.stderr or done.stdout)}")
+    stamp.write_text(wanted)
+    return python
+
+
+def versions(python: Path, packages: tuple[str, ...]) -> dict[str, str]:
+    names = [p.split("==")[0].split(">")[0] for p in packages]
+    code = "import importlib.metadata as m, json, sys\nprint(json.dumps({n: m.version(n) for n in sys.argv[1:]}))"
+    done = subprocess.run([str(python), "-c", code, *names], capture_output=True, text=True)
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
+def prepare(
+    dataset: str, work: Path, docs: int | None, data: Path = DATA
+) -> tuple[Path, Path, dict[str, dict[str, int]]]:
+    """The dataset's corpus and judged queries as the runners read them (`{"id", "title", "text"}` and
+    `{"id", "text"}` JSONL under `work`), and its qrels."""
+    source = data / dataset
+    if not (source / "corpus.jsonl").exists():
+        raise SystemExit(f"{source}/corpus.jsonl is missing: --data must hold BEIR folders (default ../shared/data)")
+    qrels: dict[str, dict[str, int]] = {}
+    for line in (source / "qrels" / "test.tsv").read_text(encoding="utf-8").splitlines()[1:]:
+        qid, doc, score = line.split("\t")
+        qrels.setdefault(qid, {})[doc] = int(score)
+    judged = {doc for docs_ in qrels.values() for doc in docs_}
+    out = work / "data" / (dataset if docs is None else f"{dataset}-{docs}")
+    out.mkdir(parents=True, exist_ok=True)
+    corpus, queries = out / "corpus.jsonl", out / "queries.jsonl"
+    with (source / "corpus.jsonl").open(encoding="utf-8") as src, corpus.open("w", encoding="utf-8") as dst:
+        for i, line in enumerate(src):
+            row = json.loads(line)
+            if docs is None or i < docs or row["_id"] in judged:
+                record = {"id": row["_id"], "title": row.get("title") or "", "text": row.get("text") or ""}
+                dst.write(json.dumps(record) + "\n")
+    with (source / "queries.jsonl").open(encoding="utf-8") as src, queries.open("w", encoding="utf-8") as dst:
+        for line in src:
+            row = json.loads(line)
+            if row["_id"] in qrels:
+                dst.write(json.dumps({"id": row["_id"], "text": row["text"]}) + "\n")
+    return corpus, queries, qrels
+
+
+def evaluate(qrels: dict[str, dict[str, int]], runs: dict[str, list[str]]) -> dict[str, float]:
+    """nDCG@10 and Recall@100 (ir-measures) of ranked document ids; rank-derived scores keep each system's
+    order exactly (a query without a result scores 0)."""
+    import ir_measures
+    from ir_measures import R, nDCG
+
+    run = {qid: {doc: float(len(docs) - r) for r, doc in enumerate(docs)} for qid, docs in runs.items()}
+    full = {qid: run.get(qid, {}) for qid in qrels}
+    scores = ir_measures.calc_aggregate([nDCG @ 10, R @ 100], qrels, full)
+    return {"ndcg@10": float(scores[nDCG @ 10]), "recall@100": float(scores[R @ 100])}
+
+
+def run_system(
+    system: str, python: Path, runner: Path, dataset: str, corpus: Path, queries: Path, job: dict[str, Any], work: Path
+) -> dict[str, Any]:
+    folder = work / "runs" / f"{system}-{dataset}"
+    index_dir = folder / "index"
+    if folder.exists():
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+    folder.mkdir(parents=True)
+    spec = {
+        **job,
+        "peer": system,
+        "dataset": dataset,
+        "corpus": str(corpus),
+        "queries": str(queries),
+        "index_dir": str(index_dir),
+        "result": str(folder / "result.json"),
+    }
+    (folder / "job.json").write_text(json.dumps(spec, indent=1))
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RUST_LOG": "error",
+    }
+    env.pop("PYTHONPATH", None)
+    with (folder / "runner.log").open("w") as logfile:
+        done = subprocess.run(
+            [str(python), str(runner), str(folder / "job.json")],
+            stdout=logfile,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+    if done.returncode:
+        raise RuntimeError(
+            f"the runner exited {done.returncode}: {tail((folder / 'runner.log').read_text(errors='replace'))}"
+        )
+    result: dict[str, Any] = json.loads((folder / "result.json").read_text())
+    return result
+
+
+def measure_all(
+    systems: dict[str, tuple[Path | None, Path, str]],
+    datasets: list[str],
+    job: dict[str, Any],
+    work: Path,
+    docs: int | None,
+    data: Path = DATA,
+) -> list[Outcome]:
+    """Each system on each dataset, one after the other (never two at once: they share the cores)."""
+    outcomes = []
+    for dataset in datasets:
+        corpus, queries, qrels = prepare(dataset, work, docs, data)
+        for system, (python, runner, install_error) in systems.items():
+            outcome = Outcome(system, dataset)
+            if python is None:
+                outcome.error = install_error
+            else:
+                log(f"{system} on {dataset}: build and search")
+                try:
+                    outcome.result = run_system(system, python, runner, dataset, corpus, queries, job, work)
+                except RuntimeError as error:
+                    outcome.error = str(error)
+            if outcome.result is not None:
+                for name, config in outcome.result["configs"].items():
+                    outcome.metrics[name] = evaluate(qrels, config["runs"])
+            log(f"{system} on {dataset}: {outcome.error or outcome.metrics}")
+            outcomes.append(outcome)
+    return outcomes
+
+
+def table(outcomes: list[Outcome], dataset: str) -> list[str]:
+    lines = [
+        "| system | configuration | nDCG@10 | Recall@100 | p50 ms | p95 ms | q/s at 8 | errors | build s | index MB "
+        "| build peak RSS MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for o in (o for o in outcomes if o.dataset == dataset):
+        if o.result is None:
+            lines.append(f"| {o.system} | failed: {o.error} | – | – | – | – | – | – | – | – | – |")
+            continue
+        r = o.result
+        for name, config in r["configs"].items():
+            m, lat, thr = o.metrics[name], config["latency_ms"], config["throughput"]
+            lines.append(
+                f"| {o.system} | {name} (depth {config['rerank_depth']}) | {m['ndcg@10']:.4f} | {m['recall@100']:.4f} "
+                f"| {lat['p50']:.1f} | {lat['p95']:.1f} | {thr['qps']:.2f} | {config['errors']} "
+                f"| {r['build_s']:.0f} | {r['index_bytes'] / 1e6:,.1f} | {r['build_peak_rss_mb']:,.0f} |"
+            )
+    return lines
+
+
+def goals(outcomes: list[Outcome], datasets: list[str]) -> list[dict[str, str]]:
+    """The goal lines: Sift's default above every peer's best configuration on nDCG@10 on each set, and its
+    reranked latency below each peer's at the same depth."""
+    rows = []
+    for dataset in datasets:
+        here = [o for o in outcomes if o.dataset == dataset]
+        sift = next((o for o in here if o.system == "sift" and o.result is not None), None)
+        if sift is None:
+            continue
+        ours = sift.metrics["reranked"]["ndcg@10"]
+        peers = [o for o in here if o.system != "sift"]
+        best = {o.system: max(m["ndcg@10"] for m in o.metrics.values()) for o in peers if o.result is not None}
+        failed = [o.system for o in peers if o.result is None]
+        rows.append(
+            {
+                "claim": f"{dataset}: Sift's default nDCG@10 vs every peer's best configuration",
+                "figure": f"{ours:.4f} vs "
+                + ", ".join(f"{k} {v:.4f}" for k, v in best.items())
+                + (f" ({', '.join(failed)} failed)" if failed else ""),
+                "target": "above every peer",
+                "holds": "yes" if best and not failed and all(ours > v for v in best.values()) else "no",
+            }
+        )
+        p50 = sift.result["configs"]["reranked"]["latency_ms"]["p50"]  # type: ignore[index]
+        theirs = {o.system: o.result["configs"]["reranked"]["latency_ms"]["p50"] for o in peers if o.result is not None}
+        rows.append(
+            {
+                "claim": f"{dataset}: reranked search p50 at equal depth, Sift vs peers",
+                "figure": f"{p50:.0f} ms vs " + ", ".join(f"{k} {v:.0f}" for k, v in theirs.items()),
+                "target": "lower than every peer",
+                "holds": "yes" if theirs and not failed and all(p50 < v for v in theirs.values()) else "no",
+            }
+        )
+    return rows
+
+
+INFINITY = ("infinity-emb[server,torch]==0.0.78",)
+
+
+async def http_load(
+    url: str, bodies: list[dict[str, Any]], concurrency: int, timeout: float = 120
+) -> tuple[float, list[float], int]:
+    """`bodies` POSTed to `url` by `concurrency` clients (one httpx client, one connection each); returns
+    (requests per second, latencies in ms of the requests that succeeded, failed requests: a status other
+    than 200, a timeout or a connection error)."""
+    import asyncio
+
+    import httpx
+
+    latencies: list[float] = []
+    failed = 0
+    queue = list(reversed(bodies))
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def worker() -> None:
+            nonlocal failed
+            while queue:
+                body = queue.pop()
+                t = time.perf_counter()
+                try:
+                    response = await client.post(url, json=body)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    latencies.append((time.perf_counter() - t) * 1000)
+                else:
+                    failed += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    return (len(bodies) - failed) / seconds, latencies, failed
+
+
+def start_infinity(python: Path, models: list[str], port: int, ready_timeout: float = 600) -> subprocess.Popen:
+    """`infinity_emb v2` from its own environment on a loopback port, serving `models` (local paths), the torch
+    engine without BetterTransformer (its optimum path does not import with the transformers it installs);
+    returns once `/health` answers 200. Raises RuntimeError (with its log's last lines) otherwise."""
+    import httpx
+
+    log_path = python.parent.parent / "infinity.log"
+    args = [str(python.parent / "infinity_emb"), "v2", "--host", "127.0.0.1", "--port", str(port)]
+    for model in models:
+        args += ["--model-id", model]
+    args += ["--engine", "torch", "--no-bettertransformer", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    env.pop("PYTHONPATH", None)
+    logfile = log_path.open("w")
+    process = subprocess.Popen(args, stdout=logfile, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"infinity_emb exited {process.returncode}: {tail(log_path.read_text(errors='replace'))}"
+            )
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError(f"infinity_emb not ready in {ready_timeout:.0f} s: {tail(log_path.read_text(errors='replace'))}")
+
+
+def serving(
+    work: Path, bundle: Path, encoder: str, reranker: str, depth: int, corpus: Path, queries: Path, requests: int
+) -> tuple[list[str], str | None]:
+    """Sift's `/v1/embeddings` and `/v1/rerank` against Infinity's `/embeddings` and `/rerank`, the same models,
+    the same client and load: one text per embeddings request (SciFact documents), one query with `depth`
+    documents per rerank request, at concurrency 1 and 8, the servers alternating. Returns the table's lines
+    and the error that stopped Infinity (None when it ran)."""
+    import asyncio
+
+    from bench.common import free_port, start_server
+
+    documents = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
+    texts = [f"{d['title']}\n{d['text']}".strip() for d in documents]
+    claims = [json.loads(line)["text"] for line in queries.read_text(encoding="utf-8").splitlines()]
+    embed = [{"input": [texts[i % len(texts)]], "model": encoder} for i in range(requests)]
+    rerank = [
+        {
+            "query": claims[i % len(claims)],
+            "documents": [texts[(i * depth + j) % len(texts)] for j in range(depth)],
+            "model": reranker,
+        }
+        for i in range(max(8, requests // 4))
+    ]
+    servers: dict[str, tuple[str, str]] = {}
+    names: dict[str, dict[str, str]] = {}  # server → our model path → the name it serves it under
+    processes: list[subprocess.Popen] = []
+    error = None
+    lines = [
+        "| server | endpoint | concurrency | requests/s | items/s | p50 ms | p95 ms | failed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    try:
+        process, base = start_server(bundle, env={"SIFT_RUNTIME__QUERY_CACHE_SIZE": "0"})
+        processes.append(process)
+        servers["sift"] = (f"{base}/v1/embeddings", f"{base}/v1/rerank")
+        try:
+            python = peer_python("infinity", Peer(INFINITY, "", ""), work)
+            port = free_port()
+            processes.append(start_infinity(python, [encoder, reranker], port))
+            servers["infinity"] = (f"http://127.0.0.1:{port}/embeddings", f"http://127.0.0.1:{port}/rerank")
+            # Infinity names a model folder by its last two path parts: each request names the model it serves
+            names["infinity"] = {m: "/".join(Path(m).parts[-2:]) for m in (encoder, reranker)}
+        except RuntimeError as failure:
+            error = str(failure)
+        for endpoint, bodies, per in (("embeddings", embed, 1), ("rerank", rerank, depth)):
+            for concurrency in (1, 8):
+                for name, urls in servers.items():
+                    url = urls[0] if endpoint == "embeddings" else urls[1]
+                    named = [{**b, "model": names.get(name, {}).get(b["model"], b["model"])} for b in bodies]
+                    asyncio.run(http_load(url, named[:4], 1))  # warm-up
+                    rate, latencies, failed = asyncio.run(http_load(url, named, concurrency))
+                    p50 = statistics.median(latencies) if latencies else float("nan")
+                    p95 = sorted(latencies)[int(0.95 * (len(latencies) - 1))] if latencies else float("nan")
+                    lines.append(
+                        f"| {name} | {endpoint} | {concurrency} | {rate:.2f} | {rate * per:.1f} | {p50:.1f} | {p95:.1f} "
+                        f"| {failed} |"
+                    )
+                    log(f"serving {name} {endpoint} c{concurrency}: {rate:.2f} req/s, {failed} failed")
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=60)
+    if error:
+        lines.append(f"| infinity | failed: {error} | – | – | – | – | – | – |")
+    return lines, error
+
+
+def plot(outcomes: list[Outcome], datasets: list[str], out: Path) -> None:
+    """docs/peers.png: for each dataset, nDCG@10 against p50 latency (log scale) of every system's first stage
+    (hollow) and two-stage setup (filled), one colour per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.2), squeeze=False)
+    colours = dict(zip(["sift", *PEERS], plt.get_cmap("tab10").colors, strict=False))
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for o in (o for o in outcomes if o.dataset == dataset and o.result is not None):
+            for name, config in o.result["configs"].items():  # type: ignore[union-attr]
+                x, y = config["latency_ms"]["p50"], o.metrics[name]["ndcg@10"]
+                filled = config["rerank_depth"] > 0
+                colour = colours.get(o.system)
+                face = colour if filled else "none"
+                ax.scatter(x, y, s=70, edgecolors=colour, facecolors=face, label=f"{o.system} {name}")
+                ax.annotate(o.system, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("p50 ms per query, concurrency 1 (log)")
+        ax.set_ylabel("nDCG@10")
+        ax.set_title(f"{dataset}: hollow first stage, filled reranked")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[Outcome]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated, from: " + ", ".join(PEERS))
+    parser.add_argument("--datasets", default="scifact,cranfield")
+    parser.add_argument(
+        "--data", type=Path, default=DATA, help="folder of BEIR datasets (corpus, queries, qrels/test.tsv)"
+    )
+    parser.add_argument("--docs", type=int, default=None, help="smoke runs only: the first N documents + judged ones")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--throughput-queries", type=int, default=64)
+    parser.add_argument("--work", type=Path, default=WORK, help="venvs, prepared data and each run's files")
+    parser.add_argument("--no-serving", action="store_true", help="skip the HTTP part (Sift vs Infinity)")
+    parser.add_argument("--serving-requests", type=int, default=128, help="embeddings requests per load (rerank: 1/4)")
+    parser.add_argument(
+        "--no-report", action="store_true", help="print the tables, do not append to docs/benchmarks.md"
+    )
+    args = parser.parse_args(argv)
+
+    from app.settings import load_settings
+    from indexer.encoders import resolve_model_path
+
+    settings = load_settings()
+    reranker = str(settings.reranker.model)
+    reranker = str(ROOT / reranker) if (ROOT / reranker).exists() else reranker
+    depth = settings.reranker.depth
+    job = {
+        "encoder": resolve_model_path(settings.index.dense.model),
+        "reranker": reranker,
+        "first_depth": settings.search.default_candidates,
+        "k": 100,
+        "configs": {"first stage": 0, "reranked": depth},
+        "concurrency": args.concurrency,
+        "throughput_queries": args.throughput_queries,
+    }
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    names = [p for p in args.peers.split(",") if p]
+    unknown = [p for p in names if p not in PEERS]
+    if unknown:
+        parser.error(f"--peers: unknown {', '.join(unknown)} (known: {', '.join(PEERS)})")
+    systems: dict[str, tuple[Path | None, Path, str]] = {"sift": (Path(sys.executable), RUNNERS / "sift_runner.py", "")}
+    installed: dict[str, dict[str, str]] = {}
+    for name in names:
+        try:
+            python = peer_python(name, PEERS[name], work)
+            installed[name] = versions(python, PEERS[name].packages)
+            systems[name] = (python, RUNNERS / f"{name}_runner.py", "")
+        except RuntimeError as error:
+            systems[name] = (None, RUNNERS / f"{name}_runner.py", f"install: {error}")
+    datasets = [d for d in args.datasets.split(",") if d]
+    started = time.perf_counter()
+    outcomes = measure_all(systems, datasets, job, work, args.docs, args.data)
+    serving_lines: list[str] = []
+    sift_bundle = work / "runs" / f"sift-{datasets[0]}" / "index"
+    if not args.no_serving and (sift_bundle / "current").exists():
+        log("serving: Sift and Infinity over HTTP")
+        corpus, queries, _ = prepare(datasets[0], work, args.docs, args.data)
+        serving_lines, _error = serving(
+            work, sift_bundle, job["encoder"], reranker, depth, corpus, queries, args.serving_requests
+        )
+    minutes = (time.perf_counter() - started) / 60
+
+    body = [
+        f"Every system on the same machine in one run ({minutes:.0f} min), one after the other, in its own process "
+        f"and interpreter; the same models (bi-encoder `{settings.index.dense.model}` by its local path, Sift's "
+        f"cross-encoder `{Path(reranker).name}` for every reranker), first-stage depth {job['first_depth']} per "
+        f"retriever, rerank depth {depth}, top 100 documents per query. p50/p95: every query once at concurrency 1; "
+        f"q/s: the first {args.throughput_queries} queries with {args.concurrency} threads.",
+        "",
+        "| system | packages | first stage | two-stage setup |",
+        "|---|---|---|---|",
+        "| sift | this checkout | hybrid: bm25s + FAISS flat, RRF | + second stage: cross-encoder, MaxSim (pq token "
+        "vectors), first stage, z-score fusion |",
+    ]
+    for name in names:
+        pins = ", ".join(f"{k} {v}" for k, v in installed.get(name, {}).items()) or ", ".join(PEERS[name].packages)
+        body.append(f"| {name} | {pins} | {PEERS[name].first_stage} | {PEERS[name].setup} |")
+    for dataset in datasets:
+        body += ["", f"**{dataset}**{' (smoke: first ' + str(args.docs) + ' documents)' if args.docs else ''}", ""]
+        body += table(outcomes, dataset)
+    if serving_lines:
+        body += [
+            "",
+            f"**Serving over HTTP** ({datasets[0]} texts; one text per embeddings request, one query with {depth} "
+            "documents per rerank request; the same httpx client and load for both servers, alternating; a failed "
+            "or timed-out request is counted, never timed): Sift's `/v1/embeddings` and `/v1/rerank` (`sift serve`, "
+            "shipped configuration, query cache off) and Infinity's `/embeddings` and `/rerank` "
+            f"(`{INFINITY[0]}`, torch engine, the same two model folders).",
+            "",
+            *serving_lines,
+        ]
+    rows = goals(outcomes, datasets)
+    if args.no_report:
+        print("\n".join(body))
+    else:
+        plot(outcomes, datasets, ROOT / "docs" / "peers.png")
+        body += ["", "![nDCG@10 against p50 latency per system](peers.png)"]
+        text = "\n".join(body)
+        append_report("Sift vs peers (bench/peers.py)", text, rows)
+    return outcomes
+
+
+if __name__ == "__main__":
+    main()

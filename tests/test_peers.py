@@ -1,0 +1,99 @@
+"""bench/peers.py's harness on a tiny corpus with Sift alone (no peer: installing one takes minutes and the
+package registry): the runner protocol, the scoring with ir-measures and the report's rows; a peer that fails
+is shown with its error. The peers themselves run in `python bench/peers.py` (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES, ROOT
+
+sys.path.insert(0, str(ROOT))
+
+from bench import peers  # noqa: E402
+
+QUERIES = {  # a query each, judged against the example corpus's one document about it
+    "q1": ("how do stars form inside gas clouds", "astro-001"),
+    "q2": ("why is the planet Mars red", "astro-007"),
+    "q3": ("how do vaccines train the immune system", "bio-003"),
+    "q4": ("how does a hash table look up a key", "comp-003"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("beir")
+    folder = data / "examples"
+    (folder / "qrels").mkdir(parents=True)
+    shutil.copy(EXAMPLES, folder / "corpus.jsonl")
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, (t, _) in QUERIES.items())
+    )
+    qrels = "".join(f"{q}\t{doc}\t1\n" for q, (_, doc) in QUERIES.items())
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + qrels)
+    return data
+
+
+def test_the_harness_measures_sift_on_a_tiny_corpus(tiny, tmp_path, capsys) -> None:
+    [sift] = peers.main(
+        [
+            "--peers",
+            "",
+            "--datasets",
+            "examples",
+            "--data",
+            str(tiny),
+            "--work",
+            str(tmp_path),
+            "--no-report",
+            "--no-serving",
+            "--throughput-queries",
+            "4",
+            "--concurrency",
+            "2",
+        ]
+    )
+    assert sift.system == "sift" and sift.error is None and sift.result is not None
+    result = sift.result
+    assert result["documents"] == 147
+    assert result["build_s"] > 0 and result["index_bytes"] > 100_000 and result["build_peak_rss_mb"] > 100
+    assert set(result["configs"]) == {"first stage", "reranked"}
+    for name, config in result["configs"].items():
+        assert config["errors"] == 0, config["error_samples"]
+        assert config["latency_ms"]["n"] == len(QUERIES) and config["latency_ms"]["p50"] > 0
+        assert config["throughput"]["queries"] == 4 and config["throughput"]["qps"] > 0
+        assert set(config["runs"]) == set(QUERIES)
+        # every query's judged document is found, at or near the top
+        assert sift.metrics[name]["recall@100"] == 1.0
+        assert sift.metrics[name]["ndcg@10"] >= 0.9, sift.metrics
+    assert result["configs"]["reranked"]["rerank_depth"] == 12
+    assert result["configs"]["first stage"]["rerank_depth"] == 0
+    printed = capsys.readouterr().out
+    assert "| sift | reranked (depth 12) | " in printed and "| sift | first stage (depth 0) | " in printed
+
+
+def test_a_failed_peer_is_reported_with_its_error_and_fails_the_goal() -> None:
+    runs = {q: [doc] for q, (_, doc) in QUERIES.items()}
+    config = {
+        "rerank_depth": 12,
+        "runs": runs,
+        "latency_ms": {"p50": 100.0, "p95": 120.0, "n": 4},
+        "throughput": {"qps": 5.0, "queries": 4, "concurrency": 2},
+        "errors": 0,
+        "error_samples": [],
+    }
+    result = {"configs": {"reranked": config}, "build_s": 10.0, "index_bytes": 1e6, "build_peak_rss_mb": 900.0}
+    sift = peers.Outcome("sift", "examples", result, None, {"reranked": {"ndcg@10": 1.0, "recall@100": 1.0}})
+    broken = peers.Outcome(
+        "txtai", "examples", None, "install: `pip install txtai==9.14.0` failed: no matching distribution"
+    )
+    lines = peers.table([sift, broken], "examples")
+    assert any(line.startswith("| txtai | failed: install: `pip install txtai==9.14.0` failed") for line in lines)
+    rows = peers.goals([sift, broken], ["examples"])
+    assert [row["holds"] for row in rows] == ["no", "no"]  # a peer that did not run is not beaten
+    assert "txtai failed" in rows[0]["figure"]

@@ -4,7 +4,8 @@ Indexing: `SentenceTransformersDocumentEmbedder` (the MiniLM bi-encoder by local
 `InMemoryDocumentStore` (BM25 is built by the store), written to the index folder with `save_to_disk`.
 Query: `InMemoryBM25Retriever` and `SentenceTransformersTextEmbedder` → `InMemoryEmbeddingRetriever` (top
 `first_depth` each) → `DocumentJoiner(join_mode="reciprocal_rank_fusion")`, then
-`SentenceTransformersSimilarityRanker` (Sift's cross-encoder folder) over the fused top `rerank_depth`; the rest of
+`SentenceTransformersSimilarityRanker` (Sift's cross-encoder folder, in float32 as Sift runs it on a CPU) over the
+fused top `rerank_depth`; the rest of
 the fused list follows in fused order. At rerank depth 0 the pipeline stops at the joiner (its first stage).
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
+import torch  # noqa: E402
 from haystack import Document, Pipeline  # noqa: E402
 from haystack.components.joiners import DocumentJoiner  # noqa: E402
 from haystack.components.retrievers.in_memory import InMemoryBM25Retriever, InMemoryEmbeddingRetriever  # noqa: E402
@@ -68,7 +70,10 @@ def build(documents: list[dict[str, Any]], job: dict[str, Any]) -> Index:
     ranker = None
     depths = [int(depth) for depth in job["configs"].values() if int(depth) > 0]
     if depths:
-        ranker = SentenceTransformersSimilarityRanker(model=job["reranker"], top_k=max(depths))
+        # float32 as Sift loads it on a CPU: the folder is stored in fp16, which the ranker would otherwise keep
+        ranker = SentenceTransformersSimilarityRanker(
+            model=job["reranker"], top_k=max(depths), model_kwargs={"dtype": torch.float32}
+        )
         ranker.warm_up()
     return Index(query, ranker, int(job["k"]))
 

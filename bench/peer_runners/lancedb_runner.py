@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
 import lancedb  # noqa: E402
+import torch  # noqa: E402
 from lancedb.embeddings import get_registry  # noqa: E402
 from lancedb.pydantic import LanceModel, Vector  # noqa: E402
 from lancedb.rerankers import CrossEncoderReranker, RRFReranker  # noqa: E402
@@ -44,7 +45,8 @@ def build(documents: list[dict[str, Any]], job: dict[str, Any]) -> Index:
     table.create_fts_index("text", replace=True)
     reranker = None
     if any(int(depth) > 0 for depth in job["configs"].values()):
-        reranker = CrossEncoderReranker(model_name=job["reranker"], device="cpu")
+        # float32 as Sift loads it on a CPU (the folder is stored in fp16): kwargs go to sentence-transformers
+        reranker = CrossEncoderReranker(model_name=job["reranker"], device="cpu", model_kwargs={"dtype": torch.float32})
     return Index(table, reranker, int(job["first_depth"]), int(job["k"]))
 
 

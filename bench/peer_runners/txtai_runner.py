@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
+import torch  # noqa: E402
 from txtai import Embeddings  # noqa: E402
 from txtai.pipeline import Similarity  # noqa: E402
 
@@ -23,6 +25,9 @@ from txtai.pipeline import Similarity  # noqa: E402
 class Index:
     def __init__(self, embeddings: Embeddings, similarity: Any, first_depth: int, k: int) -> None:
         self.embeddings, self.similarity, self.first_depth, self.k = embeddings, similarity, first_depth, k
+        # one search at a time, as txtai's own `Application` runs them (`with self.lock`): an Embeddings
+        # instance with content shares one SQLite cursor ("Recursive use of cursors not allowed" otherwise)
+        self.lock = threading.Lock()
 
 
 def build(documents: list[dict[str, Any]], job: dict[str, Any]) -> Index:
@@ -31,7 +36,8 @@ def build(documents: list[dict[str, Any]], job: dict[str, Any]) -> Index:
     embeddings.save(job["index_dir"])
     similarity = None
     if any(int(depth) > 0 for depth in job["configs"].values()):
-        similarity = Similarity(path=job["reranker"], crossencode=True)
+        # float32 as Sift loads it on a CPU (the folder is stored in fp16)
+        similarity = Similarity(path=job["reranker"], crossencode=True, dtype=torch.float32)
     return Index(embeddings, similarity, int(job["first_depth"]), int(job["k"]))
 
 
@@ -48,7 +54,8 @@ def clip(similarity: Any, query: str, passage: str) -> str:
 
 
 def search(index: Index, text: str, rerank_depth: int) -> harness.Hits:
-    found = index.embeddings.search(text, index.first_depth)
+    with index.lock:
+        found = index.embeddings.search(text, index.first_depth)
     hits = [(str(r["id"]), float(r["score"])) for r in found]
     if not rerank_depth or index.similarity is None:
         return hits[: index.k]

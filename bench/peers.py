@@ -439,6 +439,58 @@ def serving(
     return lines, error
 
 
+WHY = {  # why a peer can beat Sift on a column: what Sift does that the peers in this bench do not
+    "nDCG@10": "the peer's best configuration ranks above Sift's default on this set; Sift's second stage was "
+    "chosen on SciFact train, SQuAD and pseudo-queries, never on this set",
+    "Recall@100": "Sift ranks passages: the top 100 passages of each retriever collapse to at most 100 documents "
+    "(fewer where a document has several), while the peers rank whole documents",
+    "build s": "Sift chunks documents into passages (more texts to encode than the peers' whole documents, which "
+    "their bi-encoder truncates) and trains and writes MaxSim's token codes",
+    "index MB": "Sift's bundle also holds MaxSim's token codes, a float16 copy of the vectors for re-indexing, "
+    "the docstore and passage-level BM25",
+    "build peak RSS MB": "after encoding, Sift's build trains the token codebook (OPQ) on a sample of token vectors",
+    "p50 ms": "no design reason known: a profile of this run is needed",
+    "q/s at 8": "no design reason known: a profile of this run is needed",
+}
+
+
+def wins(outcomes: list[Outcome], datasets: list[str]) -> list[str]:
+    """Each column where a peer's configuration beats Sift's default (the reranked configuration; latency and
+    q/s compared configuration by configuration), named with the peer, both figures and `WHY`."""
+    lines = []
+    for dataset in datasets:
+        here = {o.system: o for o in outcomes if o.dataset == dataset and o.result is not None}
+        sift = here.pop("sift", None)
+        if sift is None or sift.result is None:
+            continue
+        ours = sift.result
+        for column, higher, value in (
+            ("nDCG@10", True, lambda o, c: o.metrics[c]["ndcg@10"]),
+            ("Recall@100", True, lambda o, c: o.metrics[c]["recall@100"]),
+            ("p50 ms", False, lambda o, c: o.result["configs"][c]["latency_ms"]["p50"]),
+            ("q/s at 8", True, lambda o, c: o.result["configs"][c]["throughput"]["qps"]),
+            ("build s", False, lambda o, c: o.result["build_s"]),
+            ("index MB", False, lambda o, c: o.result["index_bytes"] / 1e6),
+            ("build peak RSS MB", False, lambda o, c: o.result["build_peak_rss_mb"]),
+        ):
+            per_config = column in ("p50 ms", "q/s at 8")
+            beaten = []
+            for name, peer in here.items():
+                configs = list(peer.result["configs"])  # type: ignore[index]
+                for config in configs if column == "nDCG@10" or per_config else configs[:1]:
+                    mine = "reranked" if not per_config else config
+                    if mine not in ours["configs"]:
+                        continue
+                    theirs, sifts = value(peer, config), value(sift, mine)
+                    if (theirs > sifts) if higher else (theirs < sifts):
+                        label = f"{name} {config}" if column in ("nDCG@10", "p50 ms", "q/s at 8") else name
+                        shown = ".4f" if column in ("nDCG@10", "Recall@100") else ",.1f"
+                        beaten.append(f"{label} {theirs:{shown}} vs Sift {sifts:{shown}}")
+            if beaten:
+                lines.append(f"- {dataset}, {column}: {'; '.join(beaten)}. Why: {WHY[column]}.")
+    return lines
+
+
 def plot(outcomes: list[Outcome], datasets: list[str], out: Path) -> None:
     """docs/peers.png: for each dataset, nDCG@10 against p50 latency (log scale) of every system's first stage
     (hollow) and two-stage setup (filled), one colour per system."""
@@ -549,6 +601,8 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
     for dataset in datasets:
         body += ["", f"**{dataset}**{' (smoke: first ' + str(args.docs) + ' documents)' if args.docs else ''}", ""]
         body += table(outcomes, dataset)
+    won = wins(outcomes, datasets)
+    body += ["", "**Where a peer wins a column** (generated from the tables above):", "", *(won or ["- none"])]
     if serving_lines:
         body += [
             "",

@@ -97,3 +97,28 @@ def test_a_failed_peer_is_reported_with_its_error_and_fails_the_goal() -> None:
     rows = peers.goals([sift, broken], ["examples"])
     assert [row["holds"] for row in rows] == ["no", "no"]  # a peer that did not run is not beaten
     assert "txtai failed" in rows[0]["figure"]
+
+
+def _outcome(system: str, ndcg: float, recall: float, p50: float, build_s: float) -> peers.Outcome:
+    config = {
+        "rerank_depth": 12,
+        "runs": {},
+        "latency_ms": {"p50": p50, "p95": p50, "n": 4},
+        "throughput": {"qps": 1000 / p50, "queries": 4, "concurrency": 2},
+        "errors": 0,
+        "error_samples": [],
+    }
+    result = {"configs": {"reranked": config}, "build_s": build_s, "index_bytes": 2e6, "build_peak_rss_mb": 900.0}
+    return peers.Outcome(system, "examples", result, None, {"reranked": {"ndcg@10": ndcg, "recall@100": recall}})
+
+
+def test_the_section_names_each_column_a_peer_wins_and_why() -> None:
+    sift = _outcome("sift", 0.73, 0.94, 80.0, 370.0)
+    faster_build = _outcome("lancedb", 0.72, 0.955, 200.0, 185.0)  # wins Recall@100 and build time only
+    behind = _outcome("haystack", 0.68, 0.90, 360.0, 400.0)  # wins nothing
+    lines = peers.wins([sift, faster_build, behind], ["examples"])
+    assert lines == [
+        f"- examples, Recall@100: lancedb 0.9550 vs Sift 0.9400. Why: {peers.WHY['Recall@100']}.",
+        f"- examples, build s: lancedb 185.0 vs Sift 370.0. Why: {peers.WHY['build s']}.",
+    ]
+    assert peers.wins([sift, behind], ["examples"]) == []

@@ -60,9 +60,12 @@ def reader():
     return ExtractiveReader.load(str(ROOT / "models" / "sift-reader-minilm-l6"), "cpu")
 
 
-def close(got: dict, expected: dict) -> None:
+def close(got: dict, expected: dict, tolerance: float = PINNED["tolerance"]) -> None:
     for name, value in expected.items():
-        assert got[name] == pytest.approx(value, abs=PINNED["tolerance"]), f"{name}: {got[name]:.2f} vs pinned {value}"
+        assert got[name] == pytest.approx(value, abs=tolerance), f"{name}: {got[name]:.2f} vs pinned {value}"
+
+
+RETRIEVED = PINNED["retrieval_tolerance"]  # figures over retrieved passages: one question (the pq codebook varies)
 
 
 def em_f1(scores: dict) -> dict:
@@ -83,7 +86,7 @@ def test_default_answer_mode_is_the_best_on_validation():
 def test_retrieval_only_qa_on_the_ci_subset(squad_pipeline, questions):
     subset = questions[: PINNED["retrieval"]["ci_subset"]["questions"]]
     hits = retrieve_hits(squad_pipeline, subset, 5, progress=False)
-    close(retrieval_qa(subset, hits, (1, 5)), PINNED["retrieval"]["ci_subset"]["scores"])
+    close(retrieval_qa(subset, hits, (1, 5)), PINNED["retrieval"]["ci_subset"]["scores"], RETRIEVED)
 
 
 def test_extractive_default_em_f1(squad_pipeline, questions, reader):
@@ -94,7 +97,7 @@ def test_extractive_default_em_f1(squad_pipeline, questions, reader):
     close(em_f1(qa_scores(gold, questions)), pins["gold_context"])
     subset = questions[: pins["ci_subset"]["questions"]]
     end_to_end, _ = answer_questions(answerer, subset, GenerationOptions(), gold=False, k=5, progress=False)
-    close(em_f1(qa_scores(end_to_end, subset)), pins["ci_subset"]["end_to_end"])
+    close(em_f1(qa_scores(end_to_end, subset)), pins["ci_subset"]["end_to_end"], RETRIEVED)
 
 
 @pytest.mark.heavy

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -31,34 +32,40 @@ from bench.common import ROOT, SCIFACT, append_report, progress, source_tree, st
 SEARCH = {"k": 10, "rerank": False, "return_text": False}  # the load's default request (first stage only)
 
 
+async def post_load(
+    url: str, bodies: list[dict[str, Any]], concurrency: int, timeout: float = 120
+) -> tuple[float, list[tuple[float, bool]]]:
+    """`bodies` POSTed to `url` by `concurrency` clients (one connection each); returns (wall seconds, each
+    request's (latency ms, answered 200)): a timeout or connection error is a request that failed."""
+    outcomes: list[tuple[float, bool]] = []
+    queue = list(reversed(bodies))
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def worker() -> None:
+            while queue:
+                body = queue.pop()
+                started = time.perf_counter()
+                try:
+                    ok = (await client.post(url, json=body)).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                outcomes.append(((time.perf_counter() - started) * 1000, ok))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    return wall, outcomes
+
+
 async def run_load(
     base: str, queries: list[str], concurrency: int, body: dict | None = None
 ) -> tuple[float, list[float], int]:
     """`queries` sent to /v1/search by `concurrency` clients (`body` around each, default `SEARCH`); returns
     (requests per second, latencies in ms, failed or timed-out requests)."""
-    latencies: list[float] = []
-    errors = 0
-    queue: asyncio.Queue[str] = asyncio.Queue()
-    for q in queries:
-        queue.put_nowait(q)
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
-
-        async def worker() -> None:
-            nonlocal errors
-            while not queue.empty():
-                q = queue.get_nowait()
-                started = time.perf_counter()
-                try:
-                    r = await client.post(f"{base}/v1/search", json={**(body or SEARCH), "query": q})
-                    errors += r.status_code != 200
-                except httpx.HTTPError:
-                    errors += 1
-                latencies.append((time.perf_counter() - started) * 1000)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    return len(queries) / wall, latencies, errors
+    wall, outcomes = await post_load(
+        f"{base}/v1/search", [{**(body or SEARCH), "query": q} for q in queries], concurrency
+    )
+    return len(queries) / wall, [ms for ms, _ in outcomes], sum(not ok for _, ok in outcomes)
 
 
 def measure(base: str, queries: list[str], runs: int, label: str) -> list[dict]:

@@ -44,6 +44,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, append_report  # noqa: E402
+from bench.http_load import post_load  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 RUNNERS = Path(__file__).resolve().parent / "peer_runners"
@@ -305,42 +306,6 @@ def goals(outcomes: list[Outcome], datasets: list[str]) -> list[dict[str, str]]:
 INFINITY = ("infinity-emb[server,torch]==0.0.78",)
 
 
-async def http_load(
-    url: str, bodies: list[dict[str, Any]], concurrency: int, timeout: float = 120
-) -> tuple[float, list[float], int]:
-    """`bodies` POSTed to `url` by `concurrency` clients (one httpx client, one connection each); returns
-    (requests per second, latencies in ms of the requests that succeeded, failed requests: a status other
-    than 200, a timeout or a connection error)."""
-    import asyncio
-
-    import httpx
-
-    latencies: list[float] = []
-    failed = 0
-    queue = list(reversed(bodies))
-    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=concurrency)) as client:
-
-        async def worker() -> None:
-            nonlocal failed
-            while queue:
-                body = queue.pop()
-                t = time.perf_counter()
-                try:
-                    response = await client.post(url, json=body)
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    latencies.append((time.perf_counter() - t) * 1000)
-                else:
-                    failed += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
-    return (len(bodies) - failed) / seconds, latencies, failed
-
-
 def start_infinity(python: Path, models: list[str], port: int, ready_timeout: float = 600) -> subprocess.Popen:
     """`infinity_emb v2` from its own environment on a loopback port, serving `models` (local paths), the torch
     engine without BetterTransformer (its optimum path does not import with the transformers it installs);
@@ -421,8 +386,11 @@ def serving(
                 for name, urls in servers.items():
                     url = urls[0] if endpoint == "embeddings" else urls[1]
                     named = [{**b, "model": names.get(name, {}).get(b["model"], b["model"])} for b in bodies]
-                    asyncio.run(http_load(url, named[:4], 1))  # warm-up
-                    rate, latencies, failed = asyncio.run(http_load(url, named, concurrency))
+                    asyncio.run(post_load(url, named[:4], 1))  # warm-up
+                    wall, outcomes = asyncio.run(post_load(url, named, concurrency))
+                    latencies = [ms for ms, ok in outcomes if ok]  # a failed request is counted, never timed
+                    failed = len(outcomes) - len(latencies)
+                    rate = len(latencies) / wall
                     p50 = statistics.median(latencies) if latencies else float("nan")
                     p95 = sorted(latencies)[int(0.95 * (len(latencies) - 1))] if latencies else float("nan")
                     lines.append(

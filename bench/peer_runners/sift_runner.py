@@ -11,9 +11,7 @@ passage), at most `k`.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -47,15 +45,8 @@ def build(documents: list[dict[str, Any]], job: dict[str, Any]) -> Index:
     from indexer.build import build_bundle
     from indexer.config import load_index_config
 
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as corpus:
-        import json
-
-        for d in documents:
-            corpus.write(json.dumps({"id": d["id"], "title": d["title"], "text": d["text"]}) + "\n")
-    try:
-        build_bundle(Path(corpus.name), Path(job["index_dir"]), load_index_config(), show_progress=False)
-    finally:
-        os.unlink(corpus.name)
+    # the prepared corpus (`{"id", "title", "text"}` JSONL) is what `sift index build` reads: no copy
+    build_bundle(Path(job["corpus"]), Path(job["index_dir"]), load_index_config(), show_progress=False)
     settings = load_settings(runtime={"query_cache_size": 0})  # every query pays its encoding, as the peers' do
     pipeline = load_pipeline(settings, Path(job["index_dir"]), Models.load(settings, generator=False, reader=False))
     return Index(Engine(pipeline), int(job["k"]), int(job["first_depth"]))

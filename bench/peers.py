@@ -21,8 +21,14 @@ documents) on every query of each set; latency p50/p95 at concurrency 1 over eve
 (the runner process's, models included) of the build. A search that raises is counted as an error.
 
 Then serving over HTTP (`serving`): `sift serve` on the first dataset's Sift bundle against Infinity
-(`infinity-emb`, its own environment var/peers/venv-infinity/, the same two model folders): embeddings and
-rerank requests from one httpx client at concurrency 1 and 8, texts/s and pairs/s, p50/p95, failures counted.
+(`infinity-emb`, its own environment var/peers/venv-infinity/, the same two model folders) and TEI (its
+`text-embeddings-router` binary where one is installed, `$SIFT_BENCH_TEI` or PATH; TEI has no PyPI package,
+so a machine without it gets a row with that error): embeddings and rerank requests from one httpx client at
+concurrency 1 and 8, texts/s and pairs/s, p50/p95, failures counted.
+
+The section also compares nDCG@10 query by query (`profile`): Sift's default against each peer's best
+configuration, with a paired randomisation test and a bootstrap interval, so that a goal that does not hold
+comes with its profile and one that holds with its significance.
 
 `--datasets` and `--docs` (the first N documents of each corpus, plus every judged one) exist for the smoke test
 (tests/test_peers.py); quality figures come from the whole corpora only.
@@ -91,6 +97,7 @@ class Outcome:
     result: dict[str, Any] | None = None
     error: str | None = None
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # config → measure → value
+    per_query: dict[str, dict[str, float]] = field(default_factory=dict)  # config → query id → nDCG@10
 
 
 def log(message: str) -> None:
@@ -168,10 +175,47 @@ def evaluate(qrels: dict[str, dict[str, int]], runs: dict[str, list[str]]) -> di
     import ir_measures
     from ir_measures import R, nDCG
 
-    run = {qid: {doc: float(len(docs) - r) for r, doc in enumerate(docs)} for qid, docs in runs.items()}
-    full = {qid: run.get(qid, {}) for qid in qrels}
-    scores = ir_measures.calc_aggregate([nDCG @ 10, R @ 100], qrels, full)
+    scores = ir_measures.calc_aggregate([nDCG @ 10, R @ 100], qrels, _scored(qrels, runs))
     return {"ndcg@10": float(scores[nDCG @ 10]), "recall@100": float(scores[R @ 100])}
+
+
+def per_query_ndcg(qrels: dict[str, dict[str, int]], runs: dict[str, list[str]]) -> dict[str, float]:
+    """nDCG@10 of each judged query (0 where the system returned nothing), as `evaluate` averages it."""
+    import ir_measures
+    from ir_measures import nDCG
+
+    found = {m.query_id: float(m.value) for m in ir_measures.iter_calc([nDCG @ 10], qrels, _scored(qrels, runs))}
+    return {qid: found.get(qid, 0.0) for qid in qrels}
+
+
+def _scored(qrels: dict[str, dict[str, int]], runs: dict[str, list[str]]) -> dict[str, dict[str, float]]:
+    run = {qid: {doc: float(len(docs) - r) for r, doc in enumerate(docs)} for qid, docs in runs.items()}
+    return {qid: run.get(qid, {}) for qid in qrels}
+
+
+def paired(ours: dict[str, float], theirs: dict[str, float], draws: int = 10_000) -> dict[str, float]:
+    """Per-query comparison of two systems' scores over the same queries: the mean difference (ours − theirs),
+    how many queries each wins, a two-sided paired randomisation test (the sign of each query's difference
+    flipped at random, `draws` times, fixed seed) and a bootstrap 95% interval of the mean difference."""
+    import numpy as np
+
+    queries = sorted(ours)
+    diff = np.array([ours[q] - theirs.get(q, 0.0) for q in queries])
+    rng = np.random.default_rng(0)
+    flips = rng.choice((-1.0, 1.0), size=(draws, diff.size))
+    observed = abs(diff.mean())
+    p = float(((np.abs((flips * diff).mean(axis=1)) >= observed - 1e-12).sum() + 1) / (draws + 1))
+    means = diff[rng.integers(0, diff.size, size=(draws, diff.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {
+        "queries": float(diff.size),
+        "mean_diff": float(diff.mean()),
+        "better": float((diff > 1e-12).sum()),
+        "worse": float((diff < -1e-12).sum()),
+        "p": p,
+        "low": float(low),
+        "high": float(high),
+    }
 
 
 def run_system(
@@ -241,6 +285,7 @@ def measure_all(
             if outcome.result is not None:
                 for name, config in outcome.result["configs"].items():
                     outcome.metrics[name] = evaluate(qrels, config["runs"])
+                    outcome.per_query[name] = per_query_ndcg(qrels, config["runs"])
             log(f"{system} on {dataset}: {outcome.error or outcome.metrics}")
             outcomes.append(outcome)
     return outcomes
@@ -337,13 +382,52 @@ def start_infinity(python: Path, models: list[str], port: int, ready_timeout: fl
     raise RuntimeError(f"infinity_emb not ready in {ready_timeout:.0f} s: {tail(log_path.read_text(errors='replace'))}")
 
 
+TEI_ROUTER = "text-embeddings-router"  # TEI's server binary: a Rust build, no PyPI package
+
+
+def start_tei(model: str, port: int, ready_timeout: float = 600) -> subprocess.Popen:
+    """Hugging Face text-embeddings-inference (TEI) serving one local model folder on a loopback port (TEI
+    serves one model a process: an embedder or a reranker). The binary is `$SIFT_BENCH_TEI` or
+    `text-embeddings-router` on PATH (TEI's CPU build: `cargo install --path router -F mkl` in its repository,
+    or the binary from its `cpu-*` container image). Raises RuntimeError saying what is missing or its log."""
+    import shutil
+
+    import httpx
+
+    binary = os.environ.get("SIFT_BENCH_TEI") or shutil.which(TEI_ROUTER)
+    if not binary:
+        raise RuntimeError(
+            f"no CPU build of TEI: `{TEI_ROUTER}` is not on PATH and SIFT_BENCH_TEI is not set (TEI is a Rust "
+            "binary or a container image, not a PyPI package; build it with `cargo install --path router -F mkl` "
+            "from github.com/huggingface/text-embeddings-inference)"
+        )
+    log_path = WORK / f"tei-{port}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    args = [binary, "--model-id", model, "--hostname", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(args, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"TEI exited {process.returncode}: {tail(log_path.read_text(errors='replace'))}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise RuntimeError(f"TEI not ready in {ready_timeout:.0f} s: {tail(log_path.read_text(errors='replace'))}")
+
+
 def serving(
     work: Path, bundle: Path, encoder: str, reranker: str, depth: int, corpus: Path, queries: Path, requests: int
 ) -> tuple[list[str], str | None]:
-    """Sift's `/v1/embeddings` and `/v1/rerank` against Infinity's `/embeddings` and `/rerank`, the same models,
-    the same client and load: one text per embeddings request (SciFact documents), one query with `depth`
-    documents per rerank request, at concurrency 1 and 8, the servers alternating. Returns the table's lines
-    and the error that stopped Infinity (None when it ran)."""
+    """Sift's `/v1/embeddings` and `/v1/rerank` against Infinity's `/embeddings` and `/rerank` and TEI's
+    `/v1/embeddings` and `/rerank` (`start_tei`: where a TEI build exists), the same models, the same client and
+    load: one text per embeddings request (SciFact documents), one query with `depth` documents per rerank
+    request, at concurrency 1 and 8, the servers alternating. Returns the table's lines (a server that could
+    not start is a row with its error) and the error that stopped Infinity (None when it ran)."""
     import asyncio
 
     from bench.common import free_port, start_server
@@ -363,7 +447,7 @@ def serving(
     servers: dict[str, tuple[str, str]] = {}
     names: dict[str, dict[str, str]] = {}  # server → our model path → the name it serves it under
     processes: list[subprocess.Popen] = []
-    error = None
+    errors: dict[str, str] = {}
     lines = [
         "| server | endpoint | concurrency | requests/s | items/s | p50 ms | p95 ms | failed |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -380,12 +464,23 @@ def serving(
             # Infinity names a model folder by its last two path parts: each request names the model it serves
             names["infinity"] = {m: "/".join(Path(m).parts[-2:]) for m in (encoder, reranker)}
         except RuntimeError as failure:
-            error = str(failure)
+            errors["infinity"] = str(failure)
+        try:
+            ports = []
+            for model in (encoder, reranker):  # one port at a time: each is taken before the next is picked
+                ports.append(free_port())
+                processes.append(start_tei(model, ports[-1]))
+            # TEI: OpenAI's embeddings route; its own rerank route, which takes `texts` for `documents`
+            servers["tei"] = (f"http://127.0.0.1:{ports[0]}/v1/embeddings", f"http://127.0.0.1:{ports[1]}/rerank")
+        except RuntimeError as failure:
+            errors["tei"] = str(failure)
         for endpoint, bodies, per in (("embeddings", embed, 1), ("rerank", rerank, depth)):
             for concurrency in (1, 8):
                 for name, urls in servers.items():
                     url = urls[0] if endpoint == "embeddings" else urls[1]
                     named = [{**b, "model": names.get(name, {}).get(b["model"], b["model"])} for b in bodies]
+                    if name == "tei" and endpoint == "rerank":
+                        named = [{"query": b["query"], "texts": b["documents"]} for b in bodies]
                     asyncio.run(post_load(url, named[:4], 1))  # warm-up
                     wall, outcomes = asyncio.run(post_load(url, named, concurrency))
                     latencies = [ms for ms, ok in outcomes if ok]  # a failed request is counted, never timed
@@ -402,9 +497,9 @@ def serving(
         for process in processes:
             process.terminate()
             process.wait(timeout=60)
-    if error:
-        lines.append(f"| infinity | failed: {error} | – | – | – | – | – | – |")
-    return lines, error
+    for name, error in errors.items():
+        lines.append(f"| {name} | failed: {error} | – | – | – | – | – | – |")
+    return lines, errors.get("infinity")
 
 
 WHY = {  # why a peer can beat Sift on a column: what Sift does that the peers in this bench do not
@@ -456,6 +551,51 @@ def wins(outcomes: list[Outcome], datasets: list[str]) -> list[str]:
                         beaten.append(f"{label} {theirs:{shown}} vs Sift {sifts:{shown}}")
             if beaten:
                 lines.append(f"- {dataset}, {column}: {'; '.join(beaten)}. Why: {WHY[column]}.")
+    return lines
+
+
+def profile(outcomes: list[Outcome], datasets: list[str]) -> list[str]:
+    """nDCG@10 query by query: Sift's default against each peer's best configuration (the goal's figures),
+    compared with `paired`, then first stage against first stage, with what each second stage adds. This is the
+    profile of an nDCG@10 goal that does not hold, and the check of one that does: a difference whose
+    randomisation p is 0.05 or more is within query-sampling noise, whichever side it falls on."""
+    lines = []
+    firsts = "first stage"
+    for dataset in datasets:
+        here = {o.system: o for o in outcomes if o.dataset == dataset and o.result is not None}
+        sift = here.pop("sift", None)
+        if sift is None or "reranked" not in sift.per_query:
+            continue
+        ours = sift.metrics["reranked"]["ndcg@10"]
+        for name, peer in here.items():
+            config = max(peer.metrics, key=lambda c: peer.metrics[c]["ndcg@10"])
+            if config not in peer.per_query:
+                continue
+            theirs = peer.metrics[config]["ndcg@10"]
+            whole = paired(sift.per_query["reranked"], peer.per_query[config])
+            ahead = "Sift" if whole["mean_diff"] > 0 else name
+            verdict = "within query-sampling noise" if whole["p"] >= 0.05 else f"a real lead of {ahead}'s"
+            line = (
+                f"- {dataset}, {'goal holds' if ours > theirs else 'goal does not hold'}: Sift's default {ours:.4f} "
+                f"vs {name} {config} {theirs:.4f}. Over {whole['queries']:.0f} queries Sift ranks better on "
+                f"{whole['better']:.0f}, worse on {whole['worse']:.0f}; mean difference {whole['mean_diff']:+.4f} "
+                f"(bootstrap 95% {whole['low']:+.4f} to {whole['high']:+.4f}), paired randomisation p = "
+                f"{whole['p']:.2f}: {verdict}."
+            )
+            if firsts in sift.per_query and firsts in peer.per_query:
+                first = paired(sift.per_query[firsts], peer.per_query[firsts])
+                added = {
+                    who: o.metrics["reranked"]["ndcg@10"] - o.metrics[firsts]["ndcg@10"]
+                    for who, o in (("Sift's", sift), (f"{name}'s", peer))
+                    if "reranked" in o.metrics
+                }
+                line += (
+                    f" First stages: {sift.metrics[firsts]['ndcg@10']:.4f} vs {peer.metrics[firsts]['ndcg@10']:.4f} "
+                    f"(difference {first['mean_diff']:+.4f}, p = {first['p']:.2f}); the second stage adds "
+                    + ", ".join(f"{v:+.4f} ({who})" for who, v in added.items())
+                    + "."
+                )
+            lines.append(line)
     return lines
 
 
@@ -571,6 +711,9 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
         body += table(outcomes, dataset)
     won = wins(outcomes, datasets)
     body += ["", "**Where a peer wins a column** (generated from the tables above):", "", *(won or ["- none"])]
+    profiled = profile(outcomes, datasets)
+    if profiled:
+        body += ["", "**nDCG@10 query by query** (generated: the profile of each quality goal):", "", *profiled]
     if serving_lines:
         body += [
             "",

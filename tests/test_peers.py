@@ -147,3 +147,15 @@ def test_the_quality_profile_names_the_goal_and_its_significance() -> None:
     assert line.startswith("- examples, goal does not hold: Sift's default 0.5000 vs lancedb reranked 0.5100.")
     assert "Sift ranks better on 50, worse on 50; mean difference -0.0100" in line
     assert "within query-sampling noise" in line
+
+
+def test_a_peer_without_a_reranker_is_compared_on_quality_only() -> None:
+    sift = _outcome("sift", 0.73, 0.94, 80.0, 370.0)
+    reranking = _outcome("lancedb", 0.72, 0.95, 200.0, 185.0)
+    first_only = _outcome("pyserini", 0.70, 0.96, 20.0, 60.0)
+    first_only.result["configs"] = {"first stage": {**first_only.result["configs"]["reranked"], "rerank_depth": 0}}
+    first_only.metrics = {"first stage": first_only.metrics["reranked"]}
+    quality, latency = peers.goals([sift, reranking, first_only], ["examples"])
+    assert quality["figure"] == "0.7300 vs lancedb 0.7200, pyserini 0.7000" and quality["holds"] == "yes"
+    assert latency["figure"] == "80 ms vs lancedb 200" and latency["holds"] == "yes"
+    assert not peers.PEERS["pyserini"].reranks and all(p.reranks for n, p in peers.PEERS.items() if n != "pyserini")

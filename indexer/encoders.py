@@ -109,6 +109,8 @@ def encode_passages(
         return unit_rows(vectors) if settings.normalize else vectors
     from tqdm.auto import tqdm
 
+    from indexer.runtime import trim_heap
+
     pooled = []
     step = max(settings.batch_size, TOKEN_SLICE)
     with tqdm(total=len(texts), desc="encode+tokens", unit="passage", disable=not progress) as bar:
@@ -129,6 +131,8 @@ def encode_passages(
                 length = int(out["attention_mask"].sum())
                 tokens.add(out["token_embeddings"][:length].float().cpu().numpy())
             bar.update(len(outputs))
+            del outputs
+            trim_heap()  # each slice's batches have other shapes: without it the heap's free holes pile up
     vectors = np.stack(pooled).astype(np.float32) if pooled else np.zeros((0, 0), dtype=np.float32)
     return unit_rows(vectors) if settings.normalize else vectors
 

@@ -438,17 +438,21 @@ class TokenWriter(BuildTokens):
         """Tokens in a fresh pq writer's spill so far."""
         return int(sum(self._lengths))
 
-    def spill_rows(self, which: np.ndarray) -> np.ndarray:
-        """Spilled token rows `which` (any order) as float32: the spill read once, in order, a chunk at a time
-        (one read per chunk, not one per row, never memory-mapped, so it never becomes resident), each chunk's
-        picked rows scaled into place."""
+    def spill_rows(self, which: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Spilled token rows `which` (any order) as float32, written into `out` when given (which.size ×
+        dimension, float32: e.g. a slice of a larger sample, so the rows are never held twice): the spill read
+        once, in order, a chunk at a time (one read per chunk, not one per row, never memory-mapped, so it never
+        becomes resident), each chunk's picked rows scaled into place."""
         if not self._spilling:
             raise TokenStoreError("only a fresh pq writer's spilled tokens can be read back")
         if not self._data.closed:
             self._data.flush()
         dimension, tokens = int(self.dimension or 0), self.spilled_tokens
         scales = np.concatenate(self._scales) if self._scales else np.zeros(0, dtype=np.float32)
-        out = np.empty((which.size, dimension), dtype=np.float32)
+        if out is None:
+            out = np.empty((which.size, dimension), dtype=np.float32)
+        elif out.shape != (which.size, dimension) or out.dtype != np.float32:
+            raise ValueError(f"spill_rows: out must be float32 {(which.size, dimension)}, not {out.dtype} {out.shape}")
         order = np.argsort(which, kind="stable")
         ordered = which[order]
         spill_path = self.directory / SPILL_FILE
@@ -541,8 +545,16 @@ def train_on_spills(writers: Sequence[TokenWriter], form: TokenForm) -> ProductQ
     dimension = int(next((w.dimension for w in writers if w.dimension), 0))
 
     def gather(which: np.ndarray) -> np.ndarray:
+        """The rows `which` of the writers' spills as one; sorted rows (the whole sample) are read straight into
+        place, each writer's into its slice of the result, so the sample is held once."""
         out = np.empty((which.size, dimension), dtype=np.float32)
+        ordered = bool(np.all(which[1:] >= which[:-1]))
         for writer, lo, hi in zip(writers, starts[:-1], starts[1:], strict=True):
+            if ordered:
+                a, b = (int(i) for i in np.searchsorted(which, [lo, hi]))
+                if a < b:
+                    writer.spill_rows(which[a:b] - lo, out=out[a:b])
+                continue
             mask = (which >= lo) & (which < hi)
             if mask.any():
                 out[mask] = writer.spill_rows(which[mask] - lo)

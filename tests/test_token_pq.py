@@ -357,3 +357,25 @@ def test_one_codebook_over_several_spills_is_the_codebook_of_their_concatenation
         assert store.pq is not None and store.pq.same(whole.pq)
         codes.append(np.asarray(store.data))
     np.testing.assert_array_equal(np.concatenate(codes), np.asarray(whole.data))
+
+
+def test_spill_rows_reads_any_order_into_a_given_slice(tmp_path):
+    """`spill_rows` gives the spilled tokens asked for, in the order asked, into `out` when given (how
+    `train_on_spills` fills its sample without holding it twice); `out` of the wrong shape is refused."""
+    rng = np.random.default_rng(3)
+    passages = [rng.standard_normal((int(rng.integers(3, 9)), 16)).astype(np.float32) for _ in range(40)]
+    writer = TokenWriter(tmp_path / "s", TokenForm("pq", 4, sample=500, rotate=False))
+    for vectors in passages:
+        writer.add(vectors)
+    which = np.array([17, 2, 2, 100, 0, writer.spilled_tokens - 1], dtype=np.int64)
+    fresh = writer.spill_rows(which)
+    units = np.concatenate([v / np.linalg.norm(v, axis=1, keepdims=True) for v in passages])
+    np.testing.assert_allclose(fresh, units[which], atol=0.02)  # int8 with per-token scales
+    big = np.full((8, 16), 7.0, dtype=np.float32)
+    returned = writer.spill_rows(which, out=big[1:7])
+    assert returned.base is big or returned is big[1:7] or np.shares_memory(returned, big)
+    np.testing.assert_array_equal(big[1:7], fresh)
+    assert (big[0] == 7.0).all() and (big[7] == 7.0).all()
+    with pytest.raises(ValueError, match="out must be float32"):
+        writer.spill_rows(which, out=np.empty((5, 16), dtype=np.float32))
+    writer.close()

@@ -221,10 +221,17 @@ def main() -> None:
             "many": probe(ROOT, "build", args.corpus, work / "many", args.shards),
             "resharded": probe(ROOT, "reshard", work / "one", work / "re", args.shards),
         }
+        note = f" {args.note}" if args.note else ""
         if args.baseline:
-            with source_tree(args.baseline) as old:
-                results["before"] = probe(old, "reshard", work / "one", work / "re-old", args.shards)
-    report_builds(results, args.corpus, args.shards, args.baseline, f" {args.note}" if args.note else "")
+            try:
+                with source_tree(args.baseline) as old:
+                    results["before"] = probe(old, "reshard", work / "one", work / "re-old", args.shards)
+            except RuntimeError as error:  # e.g. a tree older than the bundle's config (pq token vectors)
+                reason = str(error).strip().splitlines()[-1][:300]
+                note += (
+                    f" The `{args.baseline}` reshard row is missing: that tree could not reshard this build ({reason})."
+                )
+    report_builds(results, args.corpus, args.shards, args.baseline, note)
 
 
 if __name__ == "__main__":

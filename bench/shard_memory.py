@@ -227,7 +227,10 @@ def main() -> None:
                 with source_tree(args.baseline) as old:
                     results["before"] = probe(old, "reshard", work / "one", work / "re-old", args.shards)
             except RuntimeError as error:  # e.g. a tree older than the bundle's config (pq token vectors)
-                reason = str(error).strip().splitlines()[-1][:300]
+                lines = str(error).strip().splitlines()
+                errors = [i for i, line in enumerate(lines) if "validation error" in line]
+                picked = lines[errors[-1] :] if errors else lines[-1:]
+                reason = "; ".join(line.strip() for line in picked if "errors.pydantic.dev" not in line)[:400]
                 note += (
                     f" The `{args.baseline}` reshard row is missing: that tree could not reshard this build ({reason})."
                 )

@@ -737,10 +737,11 @@ def main(argv: list[str] | None = None) -> list[Outcome]:
         body += [
             "",
             f"**Serving over HTTP** ({datasets[0]} texts; one text per embeddings request, one query with {depth} "
-            "documents per rerank request; the same httpx client and load for both servers, alternating; a failed "
+            "documents per rerank request; the same httpx client and load for every server, alternating; a failed "
             "or timed-out request is counted, never timed): Sift's `/v1/embeddings` and `/v1/rerank` (`sift serve`, "
-            "shipped configuration, query cache off) and Infinity's `/embeddings` and `/rerank` "
-            f"(`{INFINITY[0]}`, torch engine, the same two model folders).",
+            "shipped configuration, query cache off), Infinity's `/embeddings` and `/rerank` "
+            f"(`{INFINITY[0]}`, torch engine, the same two model folders) and TEI's `/v1/embeddings` and "
+            "`/rerank` (one `text-embeddings-router` per model folder, where a TEI build is installed).",
             "",
             *serving_lines,
         ]

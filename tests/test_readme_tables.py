@@ -1,5 +1,6 @@
 """The README's quality and QA tables are the pinned figures (configs/regression/*.yaml), so that a hand-copied
-number cannot drift from what `make test` checks: each cell must equal its pin at the precision it is shown."""
+number cannot drift from what `make test` checks: each cell must equal its pin at the precision it is shown.
+Its "Sift vs peers" table is the latest `python bench/peers.py` section of docs/benchmarks.md, in the same way."""
 
 from __future__ import annotations
 
@@ -86,3 +87,41 @@ def test_tagging_table_is_the_tagging_pins(prefix, pin):
     cells = row(table("labelled set (half 1) | tagger macro-F1"), prefix)
     shown(cells[0], 100 * pins["tagger_macro_f1"])
     shown(cells[1], 100 * pins["cosine_macro_f1"])
+
+
+def peers_section() -> dict[str, dict[str, dict[str, list[float]]]]:
+    """The latest "Sift vs peers" section of docs/benchmarks.md (written by bench/peers.py): dataset → system →
+    configuration → [nDCG@10, Recall@100, p50, p95, q/s, errors, build s, index MB, build RSS]."""
+    report = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    section = report[report.rindex("\n## Sift vs peers (bench/peers.py)") :]
+    section = section[: section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    found: dict[str, dict[str, dict[str, list[float]]]] = {}
+    parts = re.split(r"\n\*\*(scifact|cranfield)\*\*\n", section)
+    for dataset, body in zip(parts[1::2], parts[2::2], strict=True):
+        for line in body.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 11 and re.match(r"^(first stage|reranked) \(depth \d+\)$", cells[1]):
+                numbers = [float(c.replace(",", "")) for c in cells[2:]]
+                found.setdefault(dataset, {}).setdefault(cells[0], {})[cells[1].split(" (")[0]] = numbers
+    return found
+
+
+@pytest.mark.parametrize("peer", ["haystack", "txtai", "lancedb", "pyserini"])
+def test_peers_table_is_the_latest_peers_run(peer):
+    """Each peer's row of the README's "Sift vs peers" table: Sift's default nDCG@10 minus the peer's best
+    configuration's on each set, and the peer's reranked p50 and build time over Sift's on SciFact, as the
+    latest `python bench/peers.py` section of docs/benchmarks.md gives them."""
+    measured = peers_section()
+    names = {"haystack": "Haystack", "txtai": "txtai", "lancedb": "LanceDB", "pyserini": "Pyserini"}
+    cells = row(table("peer (best configuration)"), names[peer])
+    for column, dataset in enumerate(("scifact", "cranfield")):
+        sift = measured[dataset]["sift"]["reranked"][0]
+        best = max(config[0] for config in measured[dataset][peer].values())
+        number = float(re.search(r"[−+-]\d+\.\d+", cells[column]).group(0).replace("−", "-"))
+        assert number == pytest.approx(sift - best, abs=0.0005 + 1e-9), f"{peer} {dataset}: README {number}"
+    sift, theirs = measured["scifact"]["sift"], measured["scifact"][peer]
+    if "reranked" in theirs:
+        shown(cells[2], theirs["reranked"][2] / sift["reranked"][2])
+    else:
+        assert "no reranker" in cells[2]
+    shown(cells[3], theirs["first stage"][6] / sift["first stage"][6])

@@ -404,7 +404,7 @@ def start_infinity(python: Path, models: list[str], port: int, ready_timeout: fl
 TEI_ROUTER = "text-embeddings-router"  # TEI's server binary: a Rust build, no PyPI package
 
 
-def start_tei(model: str, port: int, ready_timeout: float = 600) -> subprocess.Popen:
+def start_tei(model: str, port: int, work: Path = WORK, ready_timeout: float = 600) -> subprocess.Popen:
     """Hugging Face text-embeddings-inference (TEI) serving one local model folder on a loopback port (TEI
     serves one model a process: an embedder or a reranker). The binary is `$SIFT_BENCH_TEI` or
     `text-embeddings-router` on PATH (TEI's CPU build: `cargo install --path router -F mkl` in its repository,
@@ -420,7 +420,7 @@ def start_tei(model: str, port: int, ready_timeout: float = 600) -> subprocess.P
             "binary or a container image, not a PyPI package; build it with `cargo install --path router -F mkl` "
             "from github.com/huggingface/text-embeddings-inference)"
         )
-    log_path = WORK / f"tei-{port}.log"
+    log_path = work / f"tei-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     args = [binary, "--model-id", model, "--hostname", "127.0.0.1", "--port", str(port)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -488,7 +488,7 @@ def serving(
             ports = []
             for model in (encoder, reranker):  # one port at a time: each is taken before the next is picked
                 ports.append(free_port())
-                processes.append(start_tei(model, ports[-1]))
+                processes.append(start_tei(model, ports[-1], work))
             # TEI: OpenAI's embeddings route; its own rerank route, which takes `texts` for `documents`
             servers["tei"] = (f"http://127.0.0.1:{ports[0]}/v1/embeddings", f"http://127.0.0.1:{ports[1]}/rerank")
         except RuntimeError as failure:

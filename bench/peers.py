@@ -374,8 +374,6 @@ def start_infinity(python: Path, models: list[str], port: int, ready_timeout: fl
     """`infinity_emb v2` from its own environment on a loopback port, serving `models` (local paths), the torch
     engine without BetterTransformer (its optimum path does not import with the transformers it installs);
     returns once `/health` answers 200. Raises RuntimeError (with its log's last lines) otherwise."""
-    import httpx
-
     log_path = python.parent.parent / "infinity.log"
     args = [str(python.parent / "infinity_emb"), "v2", "--host", "127.0.0.1", "--port", str(port)]
     for model in models:
@@ -383,14 +381,22 @@ def start_infinity(python: Path, models: list[str], port: int, ready_timeout: fl
     args += ["--engine", "torch", "--no-bettertransformer", "--device", "cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
     env.pop("PYTHONPATH", None)
-    logfile = log_path.open("w")
-    process = subprocess.Popen(args, stdout=logfile, stderr=subprocess.STDOUT, env=env)
+    return spawn_healthy("infinity_emb", args, env, log_path, port, ready_timeout)
+
+
+def spawn_healthy(
+    name: str, args: list[str], env: dict[str, str], log_path: Path, port: int, ready_timeout: float
+) -> subprocess.Popen:
+    """Start a peer's server (`args`, output to `log_path`) and return it once its `/health` on loopback `port`
+    answers 200. Raises RuntimeError with the log's last lines if it exits or is not ready in time."""
+    import httpx
+
+    with log_path.open("w") as logfile:  # the child keeps its own descriptor
+        process = subprocess.Popen(args, stdout=logfile, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(
-                f"infinity_emb exited {process.returncode}: {tail(log_path.read_text(errors='replace'))}"
-            )
+            raise RuntimeError(f"{name} exited {process.returncode}: {tail(log_path.read_text(errors='replace'))}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return process
@@ -398,7 +404,7 @@ def start_infinity(python: Path, models: list[str], port: int, ready_timeout: fl
             pass
         time.sleep(1)
     process.kill()
-    raise RuntimeError(f"infinity_emb not ready in {ready_timeout:.0f} s: {tail(log_path.read_text(errors='replace'))}")
+    raise RuntimeError(f"{name} not ready in {ready_timeout:.0f} s: {tail(log_path.read_text(errors='replace'))}")
 
 
 TEI_ROUTER = "text-embeddings-router"  # TEI's server binary: a Rust build, no PyPI package
@@ -411,8 +417,6 @@ def start_tei(model: str, port: int, work: Path = WORK, ready_timeout: float = 6
     or the binary from its `cpu-*` container image). Raises RuntimeError saying what is missing or its log."""
     import shutil
 
-    import httpx
-
     binary = os.environ.get("SIFT_BENCH_TEI") or shutil.which(TEI_ROUTER)
     if not binary:
         raise RuntimeError(
@@ -423,20 +427,7 @@ def start_tei(model: str, port: int, work: Path = WORK, ready_timeout: float = 6
     log_path = work / f"tei-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     args = [binary, "--model-id", model, "--hostname", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(args, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"TEI exited {process.returncode}: {tail(log_path.read_text(errors='replace'))}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise RuntimeError(f"TEI not ready in {ready_timeout:.0f} s: {tail(log_path.read_text(errors='replace'))}")
+    return spawn_healthy("TEI", args, {**os.environ, "HF_HUB_OFFLINE": "1"}, log_path, port, ready_timeout)
 
 
 def serving(

@@ -438,11 +438,11 @@ class TokenWriter(BuildTokens):
         """Tokens in a fresh pq writer's spill so far."""
         return int(sum(self._lengths))
 
-    def spill_rows(self, which: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Spilled token rows `which` (any order) as float32, written into `out` when given (which.size ×
-        dimension, float32: e.g. a slice of a larger sample, so the rows are never held twice): the spill read
-        once, in order, a chunk at a time (one read per chunk, not one per row, never memory-mapped, so it never
-        becomes resident), each chunk's picked rows scaled into place."""
+    def spill_rows(self, which: np.ndarray, out: np.ndarray | None = None, at: np.ndarray | None = None) -> np.ndarray:
+        """Spilled token rows `which` (any order) as float32, written into rows `at` of `out` when given (default:
+        a new which.size × dimension array, filled in order), so a caller gathering a sample from several spills
+        never holds it twice: the spill read once, in order, a chunk at a time (one read per chunk, not one per
+        row, never memory-mapped, so it never becomes resident), each chunk's picked rows scaled into place."""
         if not self._spilling:
             raise TokenStoreError("only a fresh pq writer's spilled tokens can be read back")
         if not self._data.closed:
@@ -451,8 +451,10 @@ class TokenWriter(BuildTokens):
         scales = np.concatenate(self._scales) if self._scales else np.zeros(0, dtype=np.float32)
         if out is None:
             out = np.empty((which.size, dimension), dtype=np.float32)
-        elif out.shape != (which.size, dimension) or out.dtype != np.float32:
-            raise ValueError(f"spill_rows: out must be float32 {(which.size, dimension)}, not {out.dtype} {out.shape}")
+        rows = which.size if at is None else len(out)  # `at` picks rows of a larger `out`
+        if out.shape != (rows, dimension) or out.dtype != np.float32 or (at is not None and at.shape != which.shape):
+            raise ValueError(f"spill_rows: out must be float32 {(rows, dimension)}, not {out.dtype} {out.shape}")
+        at = np.arange(which.size) if at is None else at
         order = np.argsort(which, kind="stable")
         ordered = which[order]
         spill_path = self.directory / SPILL_FILE
@@ -467,7 +469,7 @@ class TokenWriter(BuildTokens):
                     raise TokenStoreError(f"{spill_path}: ends before token row {end}")
                 chunk = np.frombuffer(data, dtype=np.int8).reshape(end - start, dimension)
                 picked = ordered[lo:hi]
-                out[order[lo:hi]] = chunk[picked - start] * scales[picked, None]
+                out[at[order[lo:hi]]] = chunk[picked - start] * scales[picked, None]
         return out
 
     def _encode_spill(self, tokens: int, codebook: ProductQuantizer | None) -> None:
@@ -545,19 +547,13 @@ def train_on_spills(writers: Sequence[TokenWriter], form: TokenForm) -> ProductQ
     dimension = int(next((w.dimension for w in writers if w.dimension), 0))
 
     def gather(which: np.ndarray) -> np.ndarray:
-        """The rows `which` of the writers' spills as one; sorted rows (the whole sample) are read straight into
-        place, each writer's into its slice of the result, so the sample is held once."""
+        """The rows `which` of the writers' spills as one, each writer's read straight into its rows of the
+        result (the sample is held once)."""
         out = np.empty((which.size, dimension), dtype=np.float32)
-        ordered = bool(np.all(which[1:] >= which[:-1]))
         for writer, lo, hi in zip(writers, starts[:-1], starts[1:], strict=True):
-            if ordered:
-                a, b = (int(i) for i in np.searchsorted(which, [lo, hi]))
-                if a < b:
-                    writer.spill_rows(which[a:b] - lo, out=out[a:b])
-                continue
-            mask = (which >= lo) & (which < hi)
-            if mask.any():
-                out[mask] = writer.spill_rows(which[mask] - lo)
+            at = np.flatnonzero((which >= lo) & (which < hi))
+            if at.size:
+                writer.spill_rows(which[at] - lo, out, at)
         return out
 
     picks = np.unique(np.linspace(0, total - 1, min(form.sample, total)).astype(np.int64))

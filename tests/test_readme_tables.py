@@ -93,8 +93,7 @@ def peers_section() -> dict[str, dict[str, dict[str, list[float]]]]:
     """The latest "Sift vs peers" section of docs/benchmarks.md (written by bench/peers.py): dataset → system →
     configuration → [nDCG@10, Recall@100, p50, p95, q/s, errors, build s, index MB, build RSS]."""
     report = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
-    section = report[report.rindex("\n## Sift vs peers (bench/peers.py)") :]
-    section = section[: section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    [*_, section] = [c for c in re.split(r"\n(?=## )", report) if c.startswith("## Sift vs peers (bench/peers.py)")]
     found: dict[str, dict[str, dict[str, list[float]]]] = {}
     parts = re.split(r"\n\*\*(scifact|cranfield)\*\*\n", section)
     for dataset, body in zip(parts[1::2], parts[2::2], strict=True):

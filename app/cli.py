@@ -586,6 +586,126 @@ def reranker_export(
     typer.echo(f"wrote {dest} (model.safetensors {size / 1e6:.1f} MB)")
 
 
+encoder_app = typer.Typer(help="Adapt the bi-encoder (dense retrieval, MaxSim) to a corpus.", no_args_is_help=True)
+app.add_typer(encoder_app, name="encoder")
+
+
+@encoder_app.command("train")
+def encoder_train(
+    pseudo: list[Path] = typer.Option(
+        [], help="corpus JSONL or bundle folder: label-free pseudo-queries and negatives from it (repeatable)"
+    ),
+    out: Path = typer.Option(Path("models/encoder"), "--out", "-o", help="where the best model is saved"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (base encoder, teacher stages)"),
+    base: str | None = typer.Option(None, help="bi-encoder to start from (default: index.dense.model)"),
+    beir: list[Path] = typer.Option([], help="BEIR folder(s) whose qrels/<split>.tsv add labelled pairs"),
+    beir_split: str = typer.Option("train", help="qrels split for --beir (test is refused)"),
+    squad: Path | None = typer.Option(None, help="SQuAD-format JSON for question/paragraph pairs"),
+    squad_articles: str = typer.Option("0-23", help="article range of --squad (dev 24–47 is refused)"),
+    pseudo_limit: int | None = typer.Option(None, help="at most this many pseudo-queries per corpus"),
+    pseudo_per_doc: int = typer.Option(1, help="pseudo-queries (distinct sentences) per document"),
+    hard_negatives: int = typer.Option(1, help="BM25-mined negatives per query (ranks 3–30)"),
+    dense_negatives: int = typer.Option(1, help="bi-encoder-mined negatives per query (ranks 3–30)"),
+    teacher: bool = typer.Option(
+        True, "--teacher/--no-teacher", help="Margin-MSE on the second stage's margins (reranker.model + MaxSim)"
+    ),
+    margin_weight: float = typer.Option(1.0, help="weight of the teacher's margin term"),
+    max_length: int = typer.Option(256, help="passage tokens (the build's window)"),
+    epochs: int = typer.Option(1),
+    batch_size: int = typer.Option(16, help="groups per step; every passage of the batch is a negative"),
+    lr: float = typer.Option(2e-5, help="learning rate"),
+    seed: int = typer.Option(13),
+    validation: float = typer.Option(0.05, help="share of pseudo-queries held out for validation"),
+    validation_pool: int = typer.Option(1000, help="passages each held-out query is ranked among"),
+    validate_every: int = typer.Option(0, help="steps between validations (0: after each epoch)"),
+    checkpoint_every: int = typer.Option(50, help="steps between resumable checkpoints"),
+    max_minutes: float | None = typer.Option(None, help="time budget: stop there, keeping the best model"),
+    device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when present)"),
+) -> None:
+    """Adapt the bi-encoder to your corpus without labels: pseudo-queries cut from its passages, negatives
+    mined by BM25 and the bi-encoder, Sift's second stage as the teacher (Margin-MSE), held-out pseudo-queries
+    deciding which model is kept. Rerun the same command to resume. Then build with
+    `SIFT_INDEX__DENSE__MODEL=<out> sift index build ...`: the manifest records the encoder."""
+    import json
+    import random
+
+    from app.settings import load_settings
+    from app.training.encoder import EncoderTrainConfig, Teacher, score_groups, train_encoder
+    from app.training.reranker import Mining, PassagePool, beir_groups, pseudo_query_groups, squad_groups
+    from indexer.encoders import load_encoder
+
+    setup_logging("warning")
+    if not (pseudo or beir or squad):
+        typer.echo("error: no training data; pass --pseudo CORPUS (and optionally --beir / --squad)", err=True)
+        raise typer.Exit(2)
+    for path in [*pseudo, *beir, *([squad] if squad else [])]:
+        if not path.exists():
+            typer.echo(f"error: {path} does not exist", err=True)
+            raise typer.Exit(2)
+    settings = load_settings(config)
+    base = base or settings.index.dense.model
+    rng = random.Random(seed)
+    encoder = load_encoder(base, device)
+    mining = Mining(hard=hard_negatives, easy=0, dense=dense_negatives, encoder=encoder)
+    pools: dict[str, PassagePool] = {}
+    groups = []
+    resuming = (out / "checkpoint" / "data.json").exists()  # a resumed run reuses its groups and margins
+    if resuming:
+        typer.echo(f"resuming the run in {out}/checkpoint (delete it to start afresh)")
+    try:
+        for folder in [] if resuming else beir:
+            groups += beir_groups(folder, beir_split, mining, rng, pools)
+        if squad is not None and not resuming:
+            first, last = (int(x) for x in squad_articles.split("-"))
+            groups += squad_groups(squad, range(first, last + 1), mining, rng, None)
+        for corpus in [] if resuming else pseudo:
+            groups += pseudo_query_groups(corpus, mining, rng, pseudo_limit, pseudo_per_doc, pools)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if not groups and not resuming:
+        typer.echo("error: no training groups (are the documents long enough to cut a sentence from?)", err=True)
+        raise typer.Exit(2)
+    if groups:
+        typer.echo(
+            f"{len(groups)} training groups: "
+            + ", ".join(f"{src} {sum(g.source == src for g in groups)}" for src in sorted({g.source for g in groups}))
+        )
+    second = settings.reranker
+    has_ce = bool(second.model) and second.model != "maxsim" and not str(second.model).startswith("maxsim:")
+    judge = None
+    if teacher:
+        weights = second.stage_weights(cross_encoder=has_ce, maxsim=second.maxsim)
+        judge = Teacher(second.model if has_ce else None, encoder, weights, second.max_length, device)
+    corpus_texts = [t for pool in pools.values() for t in pool.texts]
+    train_config = EncoderTrainConfig(
+        base=base,
+        out=out,
+        max_length=max_length,
+        epochs=epochs,
+        batch_size=batch_size,
+        negatives=hard_negatives + dense_negatives,
+        lr=lr,
+        margin_weight=margin_weight if teacher else 0.0,
+        seed=seed,
+        validation=validation,
+        validation_pool=validation_pool,
+        validate_every=validate_every,
+        checkpoint_every=checkpoint_every,
+        max_seconds=max_minutes * 60 if max_minutes else None,
+        device=device,
+    )
+    sources = {"pseudo": [str(p) for p in pseudo], "beir": [str(p) for p in beir], "squad": str(squad or "")}
+    scored = [] if resuming else score_groups(groups, judge, encoder)
+    report = train_encoder(scored, train_config, corpus_texts, judge.describe() if judge else None, sources=sources)
+    history = report["history"]
+    typer.echo(json.dumps({"history": history, "pairs_per_s": round(report["pairs_per_s"], 2)}, indent=1))
+    best = max(history, key=lambda h: h["mrr@10"]) if history else None
+    if best is not None and best["step"] == 0:
+        typer.echo(f"no step beat the base model on the held-out pseudo-queries; {out} holds the base model")
+    typer.echo(f"saved the best model to {out}; build with it: SIFT_INDEX__DENSE__MODEL={out} sift index build ...")
+
+
 reader_app = typer.Typer(help="Train the extractive reader (span QA).", no_args_is_help=True)
 app.add_typer(reader_app, name="reader")
 

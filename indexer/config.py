@@ -16,7 +16,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -93,6 +93,15 @@ class DenseSettings(BaseModel):
     ivf_nprobe: int = 16
     pq_m: int = 48
     pq_nbits: int = 8
+
+    @field_validator("model")
+    @classmethod
+    def _local_model_absolute(cls, value: str) -> str:
+        """A model folder that exists here (an encoder adapted by `sift encoder train`) is recorded by its
+        absolute path, so the manifest names the same model whatever folder the server starts in; a hub id
+        (or a path not present here) is kept as written."""
+        path = Path(value).expanduser()
+        return str(path.resolve()) if not path.is_absolute() and path.is_dir() else value
 
 
 class CsvSettings(BaseModel):

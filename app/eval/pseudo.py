@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
+_SENTENCE_LOWER = re.compile(r"(?<=[.!?])\s+(?=[a-z0-9])")
 MIN_WORDS, MAX_WORDS = 6, 40  # a usable query sentence
 MIN_SENTENCES = 3  # a document keeps at least two sentences once its query is cut out
 # modules with side effects on import (GUI, browser, test suites, printing) or no public docs of their own
@@ -42,8 +43,11 @@ class PseudoQuerySet:
 
 
 def sentences(text: str) -> list[str]:
-    """The sentences of `text` usable as queries (`MIN_WORDS`–`MAX_WORDS` words)."""
-    return [s for s in _SENTENCE.split(text) if MIN_WORDS <= len(s.split()) <= MAX_WORDS]
+    """The sentences of `text` usable as queries (`MIN_WORDS`–`MAX_WORDS` words). A sentence ends at `.`, `!`
+    or `?` before a capital or a digit; in a text without any capital letter (a lower-cased corpus such as
+    Cranfield), before any letter or digit."""
+    splitter = _SENTENCE if any(c.isupper() for c in text) else _SENTENCE_LOWER
+    return [s for s in splitter.split(text) if MIN_WORDS <= len(s.split()) <= MAX_WORDS]
 
 
 def _prose(doc: str) -> str:

@@ -117,11 +117,26 @@ def _doc_text(record: dict) -> str:
     return f"{title} {record['text']}".strip() if title else record["text"]
 
 
-def beir_groups(root: Path, split: str, mining: Mining, rng: random.Random) -> list[Group]:
+def corpus_pool(
+    key: str, records: list[dict], mining: Mining, pools: dict[str, PassagePool] | None = None
+) -> PassagePool:
+    """The passage pool of a corpus's records, built once per `key` in the caller's `pools` (BM25 and, with a
+    bi-encoder, the corpus's embeddings are then made once however many sources mine it)."""
+    if pools is not None and key in pools:
+        return pools[key]
+    pool = PassagePool([str(r["_id"]) for r in records], [_doc_text(r) for r in records], mining.encoder)
+    if pools is not None:
+        pools[key] = pool
+    return pool
+
+
+def beir_groups(
+    root: Path, split: str, mining: Mining, rng: random.Random, pools: dict[str, PassagePool] | None = None
+) -> list[Group]:
     if split == "test":
         raise ValueError("refusing to train on a test split; use qrels/train.tsv (or dev)")
     corpus = [json.loads(line) for line in open(root / "corpus.jsonl", encoding="utf-8")]
-    pool = PassagePool([str(r["_id"]) for r in corpus], [_doc_text(r) for r in corpus], mining.encoder)
+    pool = corpus_pool(str((root / "corpus.jsonl").resolve()), corpus, mining, pools)
     text_of = dict(zip(pool.ids, pool.texts))
     queries = {str(r["_id"]): r["text"] for r in map(json.loads, open(root / "queries.jsonl", encoding="utf-8"))}
     qrels: dict[str, set[str]] = {}
@@ -163,7 +178,12 @@ def squad_groups(
 
 
 def pseudo_query_groups(
-    corpus: Path, mining: Mining, rng: random.Random, limit: int | None, per_document: int = 1
+    corpus: Path,
+    mining: Mining,
+    rng: random.Random,
+    limit: int | None,
+    per_document: int = 1,
+    pools: dict[str, PassagePool] | None = None,
 ) -> list[Group]:
     """Label-free groups: a sentence of a document as the query, the document without it as the positive
     (`per_document` distinct sentences of each document become queries)."""
@@ -175,7 +195,7 @@ def pseudo_query_groups(
         records = [{"_id": pid, "title": title, "text": text} for pid, title, text in store.passage_texts()]
     else:
         records = [json.loads(line) for line in open(corpus, encoding="utf-8")]
-    pool = PassagePool([str(r["_id"]) for r in records], [_doc_text(r) for r in records], mining.encoder)
+    pool = corpus_pool(str(Path(corpus).resolve()), records, mining, pools)
     order = list(range(len(records)))
     rng.shuffle(order)
     groups = []

@@ -124,3 +124,17 @@ def test_peers_table_is_the_latest_peers_run(peer):
     else:
         assert "no reranker" in cells[2]
     shown(cells[3], theirs["first stage"][6] / sift["first stage"][6])
+
+
+def test_adaptation_table_is_the_adaptation_pins():
+    """The README's "Adapt the bi-encoder" table: each dataset's two rows (shipped encoder, adapted) are what
+    bench/encoder_adaptation.py pinned from its runs (configs/regression/encoder_adaptation.yaml)."""
+    pins = yaml.safe_load((ROOT / "configs" / "regression" / "encoder_adaptation.yaml").read_text())
+    rows = table("corpus (test qrels: read only to report)")
+    assert len(rows) == 2 * len(pins)
+    for name, pin in pins.items():
+        for label, key in (("shipped", "base"), ("adapted", "adapted")):
+            cells = row(rows, f"{name}, {label}")
+            for cell, pipeline in zip(cells, ("bm25", "dense", "hybrid", "hybrid+rerank"), strict=False):
+                shown(cell, pin[key][pipeline])
+        shown(row(rows, f"{name}, adapted")[4], pin["training"]["pairs_per_s"])

@@ -514,6 +514,7 @@ def reranker_train(
     import json
     import random
 
+    from app.training.common import describe_sources
     from app.training.reranker import Mining, TrainConfig, beir_groups, pseudo_query_groups, squad_groups, train
 
     setup_logging("warning")
@@ -535,10 +536,7 @@ def reranker_train(
     if not groups:
         typer.echo("error: no training data; pass --beir, --squad and/or --pseudo", err=True)
         raise typer.Exit(2)
-    typer.echo(
-        f"{len(groups)} training groups: "
-        + ", ".join(f"{src} {sum(g.source == src for g in groups)}" for src in sorted({g.source for g in groups}))
-    )
+    typer.echo(describe_sources(groups))
     config = TrainConfig(
         base=base,
         out=out,
@@ -630,6 +628,7 @@ def encoder_train(
     import random
 
     from app.settings import load_settings
+    from app.training.common import describe_sources
     from app.training.encoder import EncoderTrainConfig, Teacher, score_groups, train_encoder
     from app.training.reranker import Mining, PassagePool, beir_groups, pseudo_query_groups, squad_groups
     from indexer.encoders import load_encoder
@@ -667,10 +666,7 @@ def encoder_train(
         typer.echo("error: no training groups (are the documents long enough to cut a sentence from?)", err=True)
         raise typer.Exit(2)
     if groups:
-        typer.echo(
-            f"{len(groups)} training groups: "
-            + ", ".join(f"{src} {sum(g.source == src for g in groups)}" for src in sorted({g.source for g in groups}))
-        )
+        typer.echo(describe_sources(groups))
     second = settings.reranker
     has_ce = bool(second.model) and second.model != "maxsim" and not str(second.model).startswith("maxsim:")
     judge = None
@@ -697,7 +693,9 @@ def encoder_train(
     )
     sources = {"pseudo": [str(p) for p in pseudo], "beir": [str(p) for p in beir], "squad": str(squad or "")}
     scored = [] if resuming else score_groups(groups, judge, encoder)
-    report = train_encoder(scored, train_config, corpus_texts, judge.describe() if judge else None, sources=sources)
+    report = train_encoder(
+        scored, train_config, corpus_texts, judge.describe() if judge else None, sources=sources, model=encoder
+    )
     history = report["history"]
     typer.echo(json.dumps({"history": history, "pairs_per_s": round(report["pairs_per_s"], 2)}, indent=1))
     best = max(history, key=lambda h: h["mrr@10"]) if history else None

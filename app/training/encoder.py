@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.training.common import set_seed
+from app.training.common import epoch_batches, set_seed
 from app.training.reranker import Group, _save_checkpoint
 
 if TYPE_CHECKING:
@@ -219,10 +219,12 @@ def train_encoder(
     teacher: dict[str, Any] | None = None,
     progress: bool = True,
     sources: dict[str, Any] | None = None,
+    model: SentenceTransformer | None = None,
 ) -> dict[str, Any]:
     """Fine-tune `config.base` on `groups` (scored by `score_groups`; `teacher`: its description, for the log)
     and save the best model (by held-out MRR@10) to `config.out`; returns the training log (also written to
-    `training_log.json` there). `corpus`: texts the validation pool draws random passages from."""
+    `training_log.json` there). `corpus`: texts the validation pool draws random passages from; `model`: `config.base`
+    already loaded (the one that mined and scored the groups; trained in place), else it is loaded here."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
@@ -232,7 +234,7 @@ def train_encoder(
     rng = random.Random(config.seed)
     out = Path(config.out)
     checkpoint = out / "checkpoint"
-    model = load_encoder(config.base, config.device)
+    model = model if model is not None else load_encoder(config.base, config.device)
     model.max_seq_length = config.max_length
     model.float()
     device = model.device
@@ -279,15 +281,10 @@ def train_encoder(
 
     bar = tqdm(total=total, initial=state["step"], desc="train encoder", unit="step", disable=not progress)
     for epoch in range(config.epochs):
-        order = list(range(len(scored)))
-        random.Random(config.seed + epoch).shuffle(order)
-        for step_in_epoch in range(steps_per_epoch):
+        for step_in_epoch, batch in enumerate(epoch_batches(scored, config.batch_size, config.seed, epoch)):
             global_step = epoch * steps_per_epoch + step_in_epoch
             if global_step < state["step"]:
                 continue
-            batch = [
-                scored[i] for i in order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size]
-            ]
             tick = time.perf_counter()
             model.train()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):

@@ -28,7 +28,7 @@ import numpy as np
 
 from app.eval.pseudo import MIN_SENTENCES
 from app.eval.pseudo import sentences as usable_sentences
-from app.training.common import set_seed
+from app.training.common import epoch_batches, set_seed
 
 if TYPE_CHECKING:
     import torch
@@ -304,16 +304,10 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
     started = time.perf_counter()
     bar = tqdm(total=total, initial=state["step"], desc="train", disable=not progress)
     for epoch in range(config.epochs):
-        order = list(range(len(train_groups)))
-        random.Random(config.seed + epoch).shuffle(order)
-        for step_in_epoch in range(steps_per_epoch):
+        for step_in_epoch, batch in enumerate(epoch_batches(train_groups, config.batch_size, config.seed, epoch)):
             global_step = epoch * steps_per_epoch + step_in_epoch
             if global_step < state["step"]:
                 continue
-            batch = [
-                train_groups[i]
-                for i in order[step_in_epoch * config.batch_size : (step_in_epoch + 1) * config.batch_size]
-            ]
             network.train()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
                 loss = _loss(network, tokenizer, batch, config, device)

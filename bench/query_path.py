@@ -5,7 +5,9 @@ against a baseline commit's, in one run, over HTTP at concurrency 1, on the SciF
 
 Before, a reranked search encoded its query twice (pooled for dense retrieval, then token by token for
 MaxSim) and made five event-loop → thread hand-offs; after, one forward pass gives both (the token vectors
-pass through the query cache) and the search makes two hand-offs (`tests/test_query_path.py` counts both).
+pass through the query cache) and the search makes two hand-offs (`tests/test_query_path.py` counts both);
+the cross-encoder's batch is scored by `DirectPairScorer` (Rust tokenizer → network, bit-identical scores)
+instead of `CrossEncoder.predict`.
 
 Both servers run the shipped configuration (`configs/default.yaml` of each tree) with the query-embedding cache
 off (`SIFT_RUNTIME__QUERY_CACHE_SIZE=0`), so every request pays its query encoding in every round, and the
@@ -185,6 +187,9 @@ def main() -> None:
         f"difference {worst:.2e}",
         "- hand-offs (event loop → thread) per search, counted by `tests/test_query_path.py`: reranked 5 → 2, "
         "first stage only 1 → 1",
+        "- what differs on the path: one query encode instead of two, two hand-offs instead of five, and the "
+        "cross-encoder's batch scored by `DirectPairScorer` (Rust tokenizer → network) instead of "
+        "`CrossEncoder.predict`; the same models, runtimes and bundle",
     ]
     if args.concurrency > 0:
         lines.append(

@@ -56,6 +56,28 @@ def test_batched_sorted_scores_equal_one_by_one_and_long_passages_truncate(reran
     assert 1 / (1 + np.exp(-batched)) == pytest.approx(probabilities, abs=1e-4)
 
 
+def test_direct_scoring_gives_the_wrappers_scores_and_steps_aside_when_it_would_not(reranker):
+    from app.retrieval.reranker import DirectPairScorer
+
+    assert reranker.direct  # a torch CrossEncoder scores through the direct path
+    unknown_words = ("x" * 150 + " ") * 20  # each word one [UNK]: its cut prefix keeps only 6 of its 20 tokens
+    pairs = [
+        ("bread", "the history of bread " * 400),  # cut, and the cut still overflows: the full text's truncation
+        ("bread", unknown_words),  # cut without overflowing: tokenized again whole
+        ("a question far longer than its passage " * 10, "Short."),  # longest_first trims the query
+        ("café naïve", "Ünïcödé, (brackets) [more]; dashes — here."),
+        ("x", "y"),
+    ]
+    direct = reranker._direct(pairs)
+    assert direct == pytest.approx(reranker._predict(pairs), abs=1e-5)
+    cut = reranker._direct._cut(unknown_words)
+    assert len(cut) < len(unknown_words)
+    assert abs(float(reranker._predict([("bread", cut)])[0]) - float(direct[1])) > 1e-4  # the redo mattered
+    # a direct path that would not give the wrapper's scores is refused at load
+    assert DirectPairScorer.of(reranker.model, lambda batch: reranker._predict(batch) + 0.01) is None
+    assert DirectPairScorer.of(reranker.model, reranker._predict) is not None
+
+
 def test_micro_batcher_pools_concurrent_requests(reranker):
     batcher = MicroBatcher(reranker, max_batch_size=64, max_wait_ms=50)
     requests = [[(f"query {r}", f"passage {r}-{i} about topic {i}") for i in range(5)] for r in range(8)]

@@ -1,16 +1,21 @@
 """Second stage: a cross-encoder re-scores (query, passage) pairs.
 
 `Reranker.score(pairs)` is the synchronous model call (length-sorted batches, passages truncated to
-`max_length` tokens by the tokenizer instead of failing). `MicroBatcher` sits in front of it in the server:
-pairs from concurrent requests are pooled into batches of at most `max_batch_size`, waiting at most
-`max_wait_ms` for a batch to fill, and scored on one worker thread so the event loop never blocks.
+`max_length` tokens by the tokenizer instead of failing). On torch runtimes it runs as `DirectPairScorer`
+(Rust tokenizer → the network, no per-call wrapper work), verified at load to give the wrapper's scores.
+
+`MicroBatcher` sits in front of it in the server: pairs from concurrent requests are pooled into batches of
+at most `max_batch_size`, waiting at most `max_wait_ms` for a batch to fill, and scored on one worker thread
+so the event loop never blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +46,7 @@ class Reranker(TextReranker):
         import torch
 
         self._identity = torch.nn.Identity()
+        self._direct = DirectPairScorer.of(model, self._predict)
 
     @classmethod
     def load(
@@ -74,7 +80,7 @@ class Reranker(TextReranker):
 
     @property
     def max_length(self) -> int:
-        return int(self.model.max_length or 512)
+        return pair_budget(self.model)
 
     @property
     def tokenizer(self) -> Any:  # a Hugging Face tokenizer
@@ -100,14 +106,131 @@ class Reranker(TextReranker):
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
                 batch = [pairs[i] for i in chunk]
-                out = self.model.predict(
-                    batch,
-                    batch_size=len(batch),
-                    show_progress_bar=False,
-                    convert_to_numpy=True,
-                    activation_fn=self._identity,  # raw logits, not the model's default sigmoid
-                )
-                scores[chunk] = np.asarray(out, dtype=np.float32).reshape(-1)
+                scores[chunk] = self._direct(batch) if self._direct is not None else self._predict(batch)
+        return scores
+
+    @property
+    def direct(self) -> bool:
+        """Whether scoring runs as `DirectPairScorer` (else through the CrossEncoder's `predict`)."""
+        return self._direct is not None
+
+    def _predict(self, batch: list[tuple[str, str]]) -> np.ndarray:
+        """Raw logits of one batch through the CrossEncoder's own `predict` (the reference path)."""
+        out = self.model.predict(
+            batch,
+            batch_size=len(batch),
+            show_progress_bar=False,
+            convert_to_numpy=True,
+            activation_fn=self._identity,  # raw logits, not the model's default sigmoid
+        )
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def pair_budget(model: CrossEncoder) -> int:
+    """Tokens per (query, passage) pair the CrossEncoder keeps (`max_seq_length`; `max_length` before
+    sentence-transformers 6)."""
+    value = getattr(model, "max_seq_length", None) or getattr(model, "max_length", None)
+    return int(value or 512)
+
+
+# a pair's passage is tokenized from a whitespace-cut prefix of this many characters per `max_length` token
+# (a WordPiece token is at least one character, so a cut prefix that still overflows the budget gives exactly
+# the full text's truncation; one that does not overflow is tokenized again whole)
+PREFIX_CHARS_PER_TOKEN = 8
+DIRECT_PROBE = [
+    ("what makes bread rise", "Yeast ferments the sugars in dough and the carbon dioxide it releases makes it rise."),
+    ("stars", "Stars fuse hydrogen into helium in their cores. " * 40),
+    ("a query much longer than its passage, " * 12, "Short passage."),
+    ("Überraschung — naïve café?", "Ünïcödé text, with punctuation: (brackets), [more]; and dashes — here."),
+]
+
+
+class DirectPairScorer:
+    """A CrossEncoder on a torch runtime, run as Rust tokenizer (pair truncation and padding as the wrapper's
+    tokenizer does them) → the network's logits, with none of the wrapper's per-call work.
+
+    Invariant: it gives the scores `CrossEncoder.predict` gives for the same batch. `of` checks this on
+    `DIRECT_PROBE` at load and returns None (the wrapper's path stays) when any score differs by more
+    than 1e-4, or when the model is not exactly one Transformer module with one label, no prompt, a fast
+    tokenizer that truncates and pads on the right, and a torch network. The passage-prefix shortcut is
+    used only with a BERT pre-tokenizer (tokens never span whitespace, so a prefix cut at a space tokenizes
+    to a prefix of the full text's tokens)."""
+
+    def __init__(self, model: CrossEncoder) -> None:
+        from tokenizers import Tokenizer
+
+        hf = model.tokenizer
+        self.network: Any = model.model
+        self.max_length = pair_budget(model)
+        self.tokenizer = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        self.tokenizer.enable_truncation(self.max_length, strategy="longest_first")
+        self.tokenizer.no_padding()  # padded here, after the cut passages that must be tokenized whole are
+        self.pad_id, self.pad_type_id = int(hf.pad_token_id or 0), int(hf.pad_token_type_id or 0)
+        self.type_ids = "token_type_ids" in hf.model_input_names
+        pre = json.loads(hf.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+        self.prefix_chars = self.max_length * PREFIX_CHARS_PER_TOKEN if pre.get("type") == "BertPreTokenizer" else 0
+
+    @classmethod
+    def of(
+        cls, model: CrossEncoder, reference: Callable[[list[tuple[str, str]]], np.ndarray]
+    ) -> DirectPairScorer | None:
+        try:
+            hf = model.tokenizer
+            ok = (
+                getattr(model, "sift_runtime", "torch") in ("torch", "torch-bf16")
+                and [type(m).__name__ for m in model] == ["Transformer"]
+                and int(model.num_labels) == 1
+                and not getattr(model, "prompts", None)
+                and not getattr(model, "default_prompt_name", None)
+                and hasattr(hf, "backend_tokenizer")
+                and hf.padding_side == "right"
+                and hf.truncation_side == "right"
+                and hasattr(model.model, "forward")
+            )
+            if not ok:
+                return None
+            direct = cls(model)
+            gap = float(np.max(np.abs(direct(DIRECT_PROBE) - reference(DIRECT_PROBE))))
+        except (AttributeError, TypeError, ValueError, IndexError, KeyError) as exc:
+            log.info("cross-encoder scored through its wrapper: %s", exc)
+            return None
+        if not gap <= 1e-4:
+            log.warning("cross-encoder scored through its wrapper: the direct path differs by %.2e", gap)
+            return None
+        return direct
+
+    def _cut(self, text: str) -> str:
+        if not self.prefix_chars or len(text) <= self.prefix_chars:
+            return text
+        space = text.rfind(" ", 0, self.prefix_chars)
+        return text[:space] if space > 0 else text
+
+    def __call__(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """Raw logits of `pairs`, one batch, in order."""
+        import torch
+
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        cut = [(query, self._cut(text)) for query, text in pairs]
+        encodings = self.tokenizer.encode_batch(cut)
+        for i, encoding in enumerate(encodings):
+            # a cut passage that no longer overflows the budget may lack tokens the whole text keeps
+            if len(cut[i][1]) < len(pairs[i][1]) and not encoding.overflowing:
+                encodings[i] = self.tokenizer.encode(*pairs[i])
+        longest = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), longest), self.pad_id, dtype=np.int64)
+        types = np.full((len(encodings), longest), self.pad_type_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), longest), dtype=np.int64)
+        for row, e in enumerate(encodings):
+            n = len(e.ids)
+            ids[row, :n], types[row, :n], mask[row, :n] = e.ids, e.type_ids, 1
+        device = self.network.device
+        inputs = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+        if self.type_ids:
+            inputs["token_type_ids"] = torch.from_numpy(types).to(device)
+        with torch.inference_mode():
+            logits = self.network(**inputs).logits
+        scores: np.ndarray = logits.float().cpu().numpy().reshape(-1)
         return scores
 
 

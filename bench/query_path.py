@@ -21,7 +21,12 @@ reaches --claims. Rankings (passage ids of the top 10, and their scores) are com
 Each round ends with a throughput pass per server (`--concurrency` clients, alternating): before, the second query encode ran
 beside the cross-encoder, off a lone search's critical path, so the CPU it cost shows once the cores are busy.
 
-The bundle: --bundle, else the tests' cached SciFact build (.cache/scifact-*), else var/calib-scifact.
+The bundle: --bundle, else the tests' cached SciFact build (.cache/scifact-*), else var/calib-scifact. The
+baseline f01cb0f reads int8 token vectors, not today's default pq, so give it a bundle both can serve:
+build it with the baseline's own tree, whose default is int8 (`mkdir base && git archive f01cb0f | tar -x -C
+base && cd base && PYTHONPATH=. python -c "from app.cli import main; main()" index build -i
+<data>/scifact/corpus.jsonl -o ../var/scifact-int8`), then `--bundle var/scifact-int8`; MaxSim scores int8
+vectors on both servers.
 """
 
 from __future__ import annotations

@@ -235,6 +235,11 @@ def test_pseudo_queries_are_cut_out_of_their_document():
     untouched = set(original) - {d for rel in found.qrels.values() for d in rel}
     assert len(untouched) == 15 and all(by_id[d] == original[d] for d in untouched)
     assert pseudo_query_set(records, 5, seed=3) == found and pseudo_query_set(records, 5, seed=4) != found
+    # documents too short to give a query (a lower-cased or terse corpus has many) stay in the corpus, undrawn
+    short = [{"_id": f"s{i}", "title": "", "text": f"A short note about item {i} only."} for i in range(30)]
+    mixed = pseudo_query_set(short + records, 50, seed=3)
+    assert len(mixed.queries) == 20 and len(mixed.corpus) == 50
+    assert {d for rel in mixed.qrels.values() for d in rel} == set(original)
 
 
 def test_stdlib_docstrings_make_an_out_of_domain_corpus():

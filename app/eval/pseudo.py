@@ -92,11 +92,12 @@ def stdlib_docs() -> list[dict[str, str]]:
 
 
 def pseudo_query_set(records: list[dict[str, str]], n: int, seed: int = 13, source: str = "") -> PseudoQuerySet:
-    """Up to `n` documents drawn with `seed`; from each, one usable sentence other than the first usable one
-    (which often just names the object) becomes the query and is cut out of the document. Every other
-    document is unchanged."""
+    """Up to `n` documents drawn with `seed` among those with `MIN_SENTENCES` usable sentences; from each, one
+    usable sentence other than the first usable one (which often just names the object) becomes the query and
+    is cut out of the document. Every other document is unchanged (and stays in the corpus)."""
     rng = random.Random(seed)
-    chosen = rng.sample(range(len(records)), min(n, len(records)))
+    eligible = [i for i, r in enumerate(records) if len(sentences(r["text"])) >= MIN_SENTENCES]
+    chosen = rng.sample(eligible, min(n, len(eligible)))
     corpus = [dict(r) for r in records]
     queries, qrels = {}, {}
     for i in sorted(chosen):

@@ -173,17 +173,20 @@ def select(
     depths: Sequence[int] = DEPTHS,
     grid: list[dict[str, float]] | None = None,
     latency: dict[int, float] | None = None,
+    metrics: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The configuration chosen by the procedure of the module docstring, with every validation figure
-    (`latency`: measured p50 ms per depth; without it the depth limit is estimated)."""
+    (`latency`: measured p50 ms per depth; without it the depth limit is estimated; `metrics`: each set's
+    metric, default `VALIDATION`'s)."""
+    metric = metrics or VALIDATION
     grid = grid or weight_grid()
     allowed = max_depth_within_budget(list(validation.values()), latency=latency)
     depths = [d for d in depths if d <= allowed] or [min(depths)]
-    base = {name: score(f, None, None)[VALIDATION[name]] for name, f in validation.items()}
+    base = {name: score(f, None, None)[metric[name]] for name, f in validation.items()}
     table: list[dict[str, Any]] = []
     for depth in depths:
         for weights in grid:
-            gains = {name: score(f, depth, weights)[VALIDATION[name]] - base[name] for name, f in validation.items()}
+            gains = {name: score(f, depth, weights)[metric[name]] - base[name] for name, f in validation.items()}
             table.append({"depth": depth, "weights": weights, "gains": gains})
     # each set counts equally: a gain is measured as a share of the best gain any configuration reaches there
     best_gain = {name: max(row["gains"][name] for row in table) for name in validation}

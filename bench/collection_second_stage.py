@@ -39,8 +39,7 @@ def main() -> None:
 
     from app.eval.pseudo import pseudo_query_set
     from app.eval.retrieval import load_beir
-    from app.retrieval.reranker import Reranker
-    from app.services import Models, load_pipeline
+    from app.services import load_pipeline
     from app.settings import load_settings
     from app.training import second_stage as ss
     from indexer.build import ensure_bundle
@@ -51,10 +50,7 @@ def main() -> None:
     rs = settings.reranker
     if rs.model is None or rs.weights is None:
         raise SystemExit("configs/default.yaml's second stage (reranker.model and reranker.weights) is needed")
-    reranker = Reranker.load(rs.model, rs.max_length, runtime=settings.runtime.reranker)
-    first_stage = settings.model_copy(deep=True)
-    first_stage.reranker.model = "maxsim"  # the pipeline's own MaxSim; the cross-encoder scores in `collect`
-    models = Models()
+    reranker, first_stage, models = ss.scorers(settings)
 
     def features(name: str, queries: dict[str, str], qrels: dict[str, dict[str, int]], corpus: Path) -> ss.Features:
         cached = work / f"{name}.pkl"
@@ -69,9 +65,10 @@ def main() -> None:
     records = [json.loads(line) for line in Path(dataset.corpus).open(encoding="utf-8")]
     records = [{"_id": str(r["_id"]), "title": r.get("title") or "", "text": r["text"]} for r in records]
     pseudo = pseudo_query_set(records, args.queries, source=args.dataset)
-    pseudo_corpus = work / "pseudo-corpus.jsonl"
+    tag = f"pseudo-{args.queries}"  # the cached features and bundle belong to this query set
+    pseudo_corpus = work / f"{tag}-corpus.jsonl"
     pseudo_corpus.write_text("".join(json.dumps(r) + "\n" for r in pseudo.corpus), encoding="utf-8")
-    validation = features("pseudo", pseudo.queries, pseudo.qrels, pseudo_corpus)
+    validation = features(tag, pseudo.queries, pseudo.qrels, pseudo_corpus)
     test = features("test", dataset.queries, dataset.qrels, Path(dataset.corpus))
 
     depths = [d for d in ss.DEPTHS if d <= rs.depth]

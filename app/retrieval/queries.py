@@ -39,6 +39,19 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
+def padded(encodings: Sequence[Encoding], pad_id: int, pad_type_id: int = 0) -> tuple[np.ndarray, ...]:
+    """Rust-tokenizer encodings as right-padded int64 arrays: (input ids, token type ids, attention mask),
+    as long as the longest encoding (the direct paths' stand-in for a tokenizer's `padding=True`)."""
+    longest = max(len(e.ids) for e in encodings)
+    ids = np.full((len(encodings), longest), pad_id, dtype=np.int64)
+    types = np.full((len(encodings), longest), pad_type_id, dtype=np.int64)
+    mask = np.zeros((len(encodings), longest), dtype=np.int64)
+    for row, encoding in enumerate(encodings):
+        n = len(encoding.ids)
+        ids[row, :n], types[row, :n], mask[row, :n] = encoding.ids, encoding.type_ids, 1
+    return ids, types, mask
+
+
 class DirectEncoder:
     """A sentence-transformers bi-encoder on an ONNX runtime, run as Rust tokenizer → ONNX Runtime → pooling
     in numpy: no torch, no Python-side batching and no lock on the query path (the tokenizer copy is
@@ -119,12 +132,7 @@ class DirectEncoder:
         return pooled, out if tokens else []
 
     def _hidden(self, encodings: list[Encoding]) -> tuple[np.ndarray, np.ndarray]:
-        longest = max(len(e.ids) for e in encodings)
-        ids = np.full((len(encodings), longest), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), longest), dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            ids[row, : len(encoding.ids)] = encoding.ids
-            mask[row, : len(encoding.ids)] = 1
+        ids, _, mask = padded(encodings, self.pad_id)
         return self.model.run({"input_ids": ids, "attention_mask": mask})[0], mask
 
     def _pool(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

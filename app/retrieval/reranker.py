@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.retrieval.protocols import TextReranker
+from app.retrieval.queries import padded
 from app.retrieval.types import Hit
 from indexer.encoders import pick_device, resolve_model_path
 from indexer.runtime import MODEL_LOADS
@@ -162,12 +163,13 @@ class DirectPairScorer:
         hf = model.tokenizer
         self.network: Any = model.model
         self.max_length = pair_budget(model)
-        self.tokenizer = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        config = hf.backend_tokenizer.to_str()
+        self.tokenizer = Tokenizer.from_str(config)
         self.tokenizer.enable_truncation(self.max_length, strategy="longest_first")
-        self.tokenizer.no_padding()  # padded here, after the cut passages that must be tokenized whole are
+        self.tokenizer.no_padding()  # padded by `padded`, after the cut passages that must be tokenized whole are
         self.pad_id, self.pad_type_id = int(hf.pad_token_id or 0), int(hf.pad_token_type_id or 0)
         self.type_ids = "token_type_ids" in hf.model_input_names
-        pre = json.loads(hf.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+        pre = json.loads(config).get("pre_tokenizer") or {}
         self.prefix_chars = self.max_length * PREFIX_CHARS_PER_TOKEN if pre.get("type") == "BertPreTokenizer" else 0
 
     @classmethod
@@ -217,13 +219,7 @@ class DirectPairScorer:
             # a cut passage that no longer overflows the budget may lack tokens the whole text keeps
             if len(cut[i][1]) < len(pairs[i][1]) and not encoding.overflowing:
                 encodings[i] = self.tokenizer.encode(*pairs[i])
-        longest = max(len(e.ids) for e in encodings)
-        ids = np.full((len(encodings), longest), self.pad_id, dtype=np.int64)
-        types = np.full((len(encodings), longest), self.pad_type_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), longest), dtype=np.int64)
-        for row, e in enumerate(encodings):
-            n = len(e.ids)
-            ids[row, :n], types[row, :n], mask[row, :n] = e.ids, e.type_ids, 1
+        ids, types, mask = padded(encodings, self.pad_id, self.pad_type_id)
         device = self.network.device
         inputs = {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
         if self.type_ids:

@@ -52,6 +52,9 @@ from app.retrieval.types import Hit
 if TYPE_CHECKING:
     from app.pipeline import Pipeline
     from app.retrieval.protocols import TextReranker
+    from app.retrieval.reranker import Reranker
+    from app.services import Models
+    from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -260,12 +263,27 @@ def _pydocs(folder: Path) -> tuple[dict[str, str], dict[str, dict[str, int]], Pa
     return data["queries"], data["qrels"], corpus
 
 
+def scorers(settings: Settings) -> tuple[Reranker, Settings, Models]:
+    """What `collect` scores with under `settings`: the configured cross-encoder (its max length, runtime and
+    export cache), the settings of a first-stage pipeline whose MaxSim is the pipeline's own stage (no model
+    loaded for it), and the model registry the pipelines share."""
+    from app.retrieval.reranker import Reranker
+    from app.services import Models
+
+    rs, runtime = settings.reranker, settings.runtime
+    if rs.model is None:
+        raise RuntimeError("reranker.model is not set: the second stage's features need the cross-encoder")
+    reranker = Reranker.load(rs.model, rs.max_length, runtime=runtime.reranker, cache_dir=runtime.cache_dir)
+    first_stage = settings.model_copy(deep=True)
+    first_stage.reranker.model = "maxsim"
+    return reranker, first_stage, Models()
+
+
 def collect_all(out: Path, shared: Path, names: Sequence[str]) -> None:
     """Score and cache (`out/<name>.pkl`) every dataset in `names` not cached yet: each gets a bundle built
     with configs/default.yaml's index config (int8 token vectors at least), scored by the configured
     cross-encoder at its max length and the runtime of `runtime.reranker`, and by stored-vector MaxSim."""
-    from app.retrieval.reranker import Reranker
-    from app.services import Models, load_pipeline
+    from app.services import load_pipeline
     from app.settings import load_settings
     from indexer.build import ensure_bundle
 
@@ -275,13 +293,7 @@ def collect_all(out: Path, shared: Path, names: Sequence[str]) -> None:
     settings = load_settings(reranker={"maxsim": True})
     index = settings.index.model_copy(deep=True)
     index.dense.token_vectors = index.dense.token_vectors or "int8"
-    rs, runtime = settings.reranker, settings.runtime
-    if rs.model is None:
-        raise RuntimeError("reranker.model is not set: the second stage's features need the cross-encoder")
-    reranker = Reranker.load(rs.model, rs.max_length, runtime=runtime.reranker, cache_dir=runtime.cache_dir)
-    first_stage = settings.model_copy(deep=True)
-    first_stage.reranker.model = "maxsim"  # the pipeline's own MaxSim stage; no model is loaded for it
-    models = Models()
+    reranker, first_stage, models = scorers(settings)
     for name in names:
         queries, qrels, corpus = dataset_queries(name, shared, out)
         bundle_dir = out / "bundles" / corpus.parent.name if "squad" not in name else corpus.parent / "index"

@@ -409,7 +409,7 @@ def eval_classify(
         halves,
         load_labelled,
         macro_f1,
-        names_verbalizer,
+        scores_for,
     )
     from app.settings import load_settings
     from indexer.encoders import load_encoder
@@ -430,13 +430,14 @@ def eval_classify(
     chosen, tried = choose(tagger, field, labels, dev, echo=typer.echo)
     gold = [r.label for r in test]
     texts = [r.text for r in test]
+    names = chosen.model_copy(update={"labels": {label: [] for label in labels}})
+    words = list(dict.fromkeys([*tagger.verbalizer(chosen, strict=False).words, *labels]))
+    index = {w: i for i, w in enumerate(words)}
     t = time.perf_counter()
-    slot = tagger.scorer.slot_logprobs(texts, chosen)  # one model pass; both verbalizers read it
+    table = tagger.scorer.word_logprobs(texts, chosen, words)  # one model pass; both verbalizers read it
     seconds = time.perf_counter() - t
-    names = chosen.model_copy(update={"labels": names_verbalizer(tagger, labels)})
     predicted, by_names = (
-        [labels[int(i)] for i in np.argmax(tagger.label_scores(slot, s, tagger.owned_tokens(s)), axis=1)]
-        for s in (chosen, names)
+        [labels[int(i)] for i in np.argmax(scores_for(tagger, s, words, table, index), axis=1)] for s in (chosen, names)
     )
     encoder = load_encoder(settings.index.dense.model, settings.index.dense.device)
     baseline = cosine_baseline(encoder, texts, labels)
@@ -453,6 +454,7 @@ def eval_classify(
         "model": tagger.name,
         "template": chosen.template,
         "prefix": chosen.prefix,
+        "calibration": chosen.calibration,
         "verbalizer": chosen.labels,
         **scored,
         "ms_per_text": 1000 * seconds / max(1, len(texts)),

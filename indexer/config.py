@@ -140,6 +140,12 @@ class LabelSet(BaseModel):
     min_score: float = Field(
         0.0, ge=0.0, le=1.0, description="write no label when the best label's probability is below this"
     )
+    calibration: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="how much of the empty text's word scores is subtracted (1: all, contextual calibration)",
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> LabelSet:
@@ -164,17 +170,19 @@ class LabelSet(BaseModel):
 DEFAULT_LABEL_SETS: dict[str, LabelSet] = {
     "topic": LabelSet(
         field="auto_topic",
+        template="{text}\n\nWhat is the title of this text?",
+        prefix="The title is",
         labels={
-            "astronomy": [],
-            "biology": [],
-            "computing": [],
-            "cooking": [],
-            "earth": [],
-            "health": [],
-            "history": [],
-            "language": [],
-            "music": [],
-            "sport": [],
+            "astronomy": ["astronomy", "Galaxies"],
+            "biology": ["biology", "Vaccines"],
+            "computing": ["computing", "Turing"],
+            "cooking": ["cooking", "Baking"],
+            "earth": ["earth", "Earth's"],
+            "health": ["health", "Cholesterol"],
+            "history": ["history", "Spread"],
+            "language": ["language", "Languages"],
+            "music": ["music", "Orchestra"],
+            "sport": ["sport", "Games"],
         },
     )
 }
@@ -195,6 +203,11 @@ class TaggingSettings(BaseModel):
     cache_dir: Path | None = Field(None, description="where the dequantised SmolLM2 copy is kept; null: user cache")
     device: str | None = Field(None, description="cpu, cuda, ...; null picks CUDA when present")
     max_tokens: int = Field(160, ge=8, le=2048, description="passage tokens the model reads (the rest is cut)")
+    runtime: Literal["torch", "torch-bf16"] = Field(
+        "torch-bf16",
+        description="torch-bf16: bfloat16 on a CPU that computes it natively (AVX512-BF16/AMX), else float32 "
+        "(torch); float16 on CUDA",
+    )
     system: str | None = Field(
         None, max_length=2000, description="a chat model's system turn (null: the model's default; \"\": an empty one)"
     )

@@ -1,21 +1,26 @@
 """Zero-shot tagging by prompt: a template and a verbalizer turn a language model into a classifier with no
 training data (`LabelSet` in indexer/config.py).
 
-    text ─► template(text) + prefix ─► model ─► log P(next word) ─► − log P(next word | empty text) ─► labels
+    text ─► template(text) + prefix ─► model ─► log P(word) ─► − c · log P(word | empty text) ─► labels
 
 - A causal LM (`CausalWordScorer`, SmolLM2 by default) reads the template as the user's turn of its chat
-  template, then `prefix` as the start of its answer; the distribution of the next token is the slot.
-  A fill-mask model (`MaskWordScorer`) reads `template`, `prefix` and its mask token; the mask is the slot.
-- A word is scored by the log-probability of its first token in the slot, so labels whose words start with the
-  same token tie on them: `Tagger.check` refuses such a set (a build's configuration), `Tagger.conflicts`
-  names them (`/v1/classify` answers with a warning; the token counts for the label listed first).
-- Calibration: the same prompt with an empty text gives each word's prior; subtracting it removes the
-  template's and the model's preference for some words over others (contextual calibration).
+  template, then `prefix` as the start of its answer; a word is scored by the probability of its whole token
+  sequence there (the first token from the prompt's last position, the rest in one extra pass over every word's
+  tokens at once, each word attending to the prompt's cache and its own earlier tokens only).
+- A fill-mask model (`MaskWordScorer`) reads `template`, `prefix` and its mask token; a word is scored by its
+  first token in the mask.
+- Two labels whose words score the same tokens (`WordScorer.word_key`) cannot be told apart: `Tagger.check`
+  refuses such a set (a build's configuration), `Tagger.conflicts` names them (`/v1/classify` answers with a
+  warning; the word counts for the label listed first).
+- Calibration: the same prompt with an empty text gives each word's prior; subtracting `calibration` (c, the
+  label set's strength, 1: all of it) times it removes the template's and the model's preference for some
+  words over others (contextual calibration).
 - A label's score is the mean probability ratio over its words (log-sum-exp minus log n); the label
   probabilities are their softmax. Ties go to the label listed first (deterministic).
 
 Invariants: `Tagger.probabilities` depends only on the texts, the label set and the model (no state but
-the calibration cache, which is a pure function of those); batching and order do not change a text's scores.
+the calibration cache, which is a pure function of those); batching and order do not change a text's scores
+beyond the runtime's rounding (bfloat16 on a CPU with native support, `index.tagging.runtime`).
 The build job (indexer/pipeline.py) and the server (`POST /v1/classify`) both call `Tagger`.
 """
 
@@ -37,23 +42,28 @@ from indexer.lm import SMOLLM2, cached_smollm2, default_cache_dir
 log = logging.getLogger(__name__)
 
 
+_HEAD_MARK = "\x00sift-text\x00"  # stands for the passage when the prompt's head is cut off
+
+
 class LabelSetError(ValueError):
-    """A label set this model cannot score as given (e.g. two labels' words start with the same token)."""
+    """A label set this model cannot score as given (e.g. two labels with words that score the same tokens)."""
 
 
 class WordScorer(Protocol):
-    """A language model with one slot where a word goes: the log-probabilities of every vocabulary token
-    there, for prompts made from a label set's template and prefix."""
+    """A language model with one slot where a word goes: the log-probabilities of words there, for prompts made
+    from a label set's template and prefix."""
 
     name: str
 
-    def slot_logprobs(self, texts: Sequence[str], label_set: LabelSet, progress: bool = False) -> np.ndarray:
-        """float32 [texts, vocabulary]: log P(token in the slot | the prompt around each text); `progress`: a
-        bar with ETA over the texts."""
+    def word_logprobs(
+        self, texts: Sequence[str], label_set: LabelSet, words: Sequence[str], progress: bool = False
+    ) -> np.ndarray:
+        """float32 [texts, words]: log P(word in the slot | the prompt around each text); `progress`: a bar
+        with ETA over the texts."""
         ...
 
-    def word_token(self, word: str) -> int:
-        """The token a word starts with when it fills the slot."""
+    def word_key(self, word: str) -> tuple[int, ...]:
+        """The tokens a word is scored by when it fills the slot (two words with the same key score alike)."""
         ...
 
 
@@ -72,39 +82,45 @@ class _HFScorer:
     def prompt(self, text: str, label_set: LabelSet) -> str:
         raise NotImplementedError
 
-    def _batch(self, prompts: list[str]) -> np.ndarray:
+    def _batch(self, prompts: list[str], keys: list[tuple[int, ...]], head: str) -> np.ndarray:
+        """float32 [prompts, words]: each key's log-probability in each prompt's slot; `head`: the text every
+        prompt of the label set starts with (before the passage)."""
         raise NotImplementedError
 
-    def word_token(self, word: str) -> int:
+    def _tokens(self, word: str) -> list[int]:
         # a word after a space: RoBERTa/GPT-style vocabularies mark it, WordPiece ignores it
         with self._lock:
             ids = self.tokenizer(" " + word.strip(), add_special_tokens=False)["input_ids"]
         if not ids:
             raise LabelSetError(f"the word {word!r} has no token in this model's vocabulary; choose another")
-        return int(ids[0])
+        return [int(i) for i in ids]
 
-    def slot_logprobs(self, texts: Sequence[str], label_set: LabelSet, progress: bool = False) -> np.ndarray:
+    def word_key(self, word: str) -> tuple[int, ...]:
+        return tuple(self._tokens(word))
+
+    def word_logprobs(
+        self, texts: Sequence[str], label_set: LabelSet, words: Sequence[str], progress: bool = False
+    ) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        out: np.ndarray | None = None
+        keys = [self.word_key(w) for w in words]
+        out = np.empty((len(texts), len(keys)), dtype=np.float32)
         with self._lock, tqdm(total=len(texts), desc="tag", unit="passage", disable=not progress) as bar:
             prompts = [self.prompt(self._cut(t) if t else t, label_set) for t in texts]
+            head = self.prompt(_HEAD_MARK, label_set).partition(_HEAD_MARK)[0]
             # similar lengths batch together (less padding); results go back in input order
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start : start + self.batch_size]
-                rows = self._batch([prompts[i] for i in chunk])
-                if out is None:
-                    out = np.empty((len(prompts), rows.shape[1]), dtype=np.float32)
-                out[chunk] = rows
+                out[chunk] = self._batch([prompts[i] for i in chunk], keys, head)
                 bar.update(len(chunk))
-        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+        return out
 
 
 class CausalWordScorer(_HFScorer):
-    """A causal LM: the slot is the token after `prefix`, at the start of the model's reply (chat template when
+    """A causal LM: the slot is what follows `prefix`, at the start of the model's reply (chat template when
     the tokenizer has one, with `system` as the system turn, None: the template's default; else `template`
-    and `prefix` on two lines)."""
+    and `prefix` on two lines). A word's score is the log-probability of all its tokens."""
 
     system: str | None = None
 
@@ -118,32 +134,139 @@ class CausalWordScorer(_HFScorer):
             return f"{head}{label_set.prefix}"
         return f"{user}\n{label_set.prefix}"
 
-    def _batch(self, prompts: list[str]) -> np.ndarray:
+    HEADS_KEPT = 8
+
+    def _batch(self, prompts: list[str], keys: list[tuple[int, ...]], head: str) -> np.ndarray:
         import torch
 
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        mask = enc["attention_mask"].to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"] if head else []
+        # the head (chat turns, template before the passage) is read once per label set and its cache reused,
+        # when every prompt starts with its tokens (else the whole prompts are read)
+        h = (
+            len(head_ids)
+            if head_ids and all(len(x) > len(head_ids) and x[: len(head_ids)] == head_ids for x in ids)
+            else 0
+        )
+        width = max(len(x) - h for x in ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        inputs = torch.tensor([[pad] * (width - len(x) + h) + x[h:] for x in ids], device=self.device)
+        own = torch.tensor([[0] * (width - len(x) + h) + [1] * (len(x) - h) for x in ids], device=self.device)
+        mask = torch.cat([torch.ones((len(ids), h), dtype=own.dtype, device=self.device), own], dim=1)
+        lengths = mask.sum(-1)
+        positions = h + (own.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count on from the head
+        cache = self._head_cache(tuple(head_ids), len(ids)) if h else None
+        # every word's tokens but its last, in one sequence: (word, offset in the word) of each
+        tree = [(w, j) for w, key in enumerate(keys) for j in range(len(key) - 1)]
         with torch.inference_mode():
-            logits = self.model(
-                input_ids=enc["input_ids"].to(self.device),
+            out = self.model(
+                input_ids=inputs,
                 attention_mask=mask,
                 position_ids=positions,
+                use_cache=bool(tree),
                 logits_to_keep=1,  # only the slot's (the last position's) logits
-            ).logits[:, -1, :]
-            return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+                **_cache_kwarg(self.model, cache),
+            )
+            first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+            scores = first[:, [key[0] for key in keys]]
+            if tree:
+                scores = scores + self._rest(_cache_of(out), mask, lengths, keys, tree)
+            return scores.cpu().numpy()
+
+    def _head_cache(self, head: tuple[int, ...], batch: int) -> Any:
+        """A fresh cache holding the head's keys and values for `batch` prompts (the head is read once)."""
+        import torch
+
+        if not hasattr(self, "_heads"):
+            self._heads: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
+        layers = self._heads.get(head)
+        if layers is None:
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([head], device=self.device), use_cache=True, logits_to_keep=1)
+            layers = _layers_of(_cache_of(out))
+            self._heads[head] = layers
+            while len(self._heads) > self.HEADS_KEPT:
+                self._heads.popitem(last=False)
+        self._heads.move_to_end(head)
+        return _cache_from([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in layers])
+
+    def _rest(self, cache: Any, mask: Any, lengths: Any, keys: list[tuple[int, ...]], tree: list) -> Any:
+        """[prompts, words] log-probability of each word's tokens after its first: the words' tokens read as
+        one sequence after the prompt's cache, each attending to the prompt and its own earlier tokens."""
+        import torch
+
+        batch, n = mask.shape[0], len(tree)
+        owner = torch.tensor([w for w, _ in tree], device=self.device)
+        offset = torch.tensor([j for _, j in tree], device=self.device)
+        inputs = torch.tensor([keys[w][j] for w, j in tree], device=self.device)
+        targets = torch.tensor([keys[w][j + 1] for w, j in tree], device=self.device)
+        own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # [n, n]
+        attend = torch.cat([mask.bool()[:, None, :].expand(batch, n, -1), own.expand(batch, n, n)], dim=-1)
+        hidden = self.model.base_model(
+            input_ids=inputs.expand(batch, n),
+            attention_mask=attend[:, None],
+            position_ids=lengths[:, None] + offset[None, :],
+            **_cache_kwarg(self.model.base_model, cache),
+        ).last_hidden_state
+        head = self.model.get_output_embeddings()
+        rest = torch.zeros((batch, len(keys)), device=self.device)
+        for row in range(batch):  # one prompt's logits at a time: [n, vocabulary] stays small
+            logprobs = torch.log_softmax(head(hidden[row]).float(), dim=-1)
+            picked = logprobs.gather(1, targets[:, None])[:, 0]
+            rest[row].index_add_(0, owner, picked)
+        return rest
+
+
+def _cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
+    """A model call's cache argument: `cache` in transformers 5, `past_key_values` before."""
+    import inspect
+
+    if cache is None:
+        return {}
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def _cache_of(out: Any) -> Any:
+    return getattr(out, "cache", None) or out.past_key_values
+
+
+def _layers_of(cache: Any) -> list[tuple[Any, Any]]:
+    """Each layer's (keys, values) of a dynamic cache, in either transformers' layout."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v in cache.to_legacy_cache()]
+
+
+def _cache_from(layers: list[tuple[Any, Any]]) -> Any:
+    from transformers import DynamicCache
+
+    if hasattr(DynamicCache, "from_legacy_cache"):
+        return DynamicCache.from_legacy_cache(tuple(layers))
+    return DynamicCache(layers)
 
 
 class MaskWordScorer(_HFScorer):
-    """A fill-mask model: the slot is its mask token, right after `prefix`."""
+    """A fill-mask model: the slot is its mask token, right after `prefix`; a word is scored by its first token
+    there."""
 
     def prompt(self, text: str, label_set: LabelSet) -> str:
         return f"{label_set.template.replace(TEXT_SLOT, text)}\n{label_set.prefix} {self.tokenizer.mask_token}."
 
-    def _batch(self, prompts: list[str]) -> np.ndarray:
+    def word_key(self, word: str) -> tuple[int, ...]:
+        return tuple(self._tokens(word)[:1])
+
+    def slot_logprobs(self, texts: Sequence[str], label_set: LabelSet) -> np.ndarray:
+        """float32 [texts, vocabulary]: log P(token in the mask | the prompt around each text)."""
+        with self._lock:
+            prompts = [self.prompt(self._cut(t) if t else t, label_set) for t in texts]
+            return np.concatenate(
+                [self._slot(prompts[i : i + self.batch_size]) for i in range(0, len(prompts), self.batch_size)]
+            )
+
+    def _batch(self, prompts: list[str], keys: list[tuple[int, ...]], head: str) -> np.ndarray:
+        return self._slot(prompts)[:, [key[0] for key in keys]]
+
+    def _slot(self, prompts: list[str]) -> np.ndarray:
         import torch
 
         self.tokenizer.padding_side = "right"
@@ -164,11 +287,12 @@ class MaskWordScorer(_HFScorer):
 
 def load_scorer(settings: TaggingSettings) -> WordScorer:
     """The configured model as a `WordScorer`: `smollm2` (cached fp32 copy), or a path / hub id whose config
-    says whether it is a masked LM (`*ForMaskedLM`) or a causal LM."""
+    says whether it is a masked LM (`*ForMaskedLM`) or a causal LM; on the CPU in bfloat16 where
+    `settings.runtime` is torch-bf16 and the CPU computes it natively, else float32 (float16 on CUDA)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    from indexer.runtime import MODEL_LOADS
+    from indexer.runtime import MODEL_LOADS, resolve_runtime
 
     with MODEL_LOADS:
         if settings.model == SMOLLM2:
@@ -179,7 +303,9 @@ def load_scorer(settings: TaggingSettings) -> WordScorer:
         config = AutoConfig.from_pretrained(path)
         masked = any(a.endswith("ForMaskedLM") for a in (config.architectures or []))
         auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
-        dtype = torch.float32 if device == "cpu" else torch.float16
+        dtype = {"torch-fp16": torch.float16, "torch-bf16": torch.bfloat16}.get(
+            resolve_runtime(settings.runtime, device), torch.float32
+        )
         model = auto.from_pretrained(path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
         tokenizer = AutoTokenizer.from_pretrained(path)
     if masked:
@@ -199,13 +325,23 @@ class Classification:
     scores: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Verbalizer:
+    """A label set's words as the model scores them: `words` (distinct, in order) and, per label, the indices
+    of its words there."""
+
+    words: list[str]
+    columns: dict[str, list[int]]
+
+
 class Tagger:
     """Zero-shot classification of texts with label sets, by one `WordScorer` (see the module docstring)."""
 
     def __init__(self, scorer: WordScorer) -> None:
         self.scorer = scorer
-        # (template, prefix) -> the empty text's slot, most recent last (bounded: requests bring their own prompts)
-        self._calibration: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        # (template, prefix, words) -> the empty text's word scores, most recent last (bounded: requests bring
+        # their own prompts)
+        self._calibration: OrderedDict[tuple[str, str, tuple[str, ...]], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
     CALIBRATIONS_KEPT = 64
@@ -218,57 +354,82 @@ class Tagger:
     def name(self) -> str:
         return self.scorer.name
 
-    def tokens(self, label_set: LabelSet) -> dict[str, list[int]]:
-        """Each label's verbalizer tokens (duplicates within a label dropped)."""
-        return {
-            label: list(dict.fromkeys(self.scorer.word_token(w) for w in words))
-            for label, words in label_set.words().items()
-        }
+    def keys(self, label_set: LabelSet) -> dict[str, list[tuple[tuple[int, ...], str]]]:
+        """Each label's (key, word) pairs, a word with the same key as an earlier one of the label dropped."""
+        out: dict[str, list[tuple[tuple[int, ...], str]]] = {}
+        for label, words in label_set.words().items():
+            seen: dict[tuple[int, ...], str] = {}
+            for word in words:
+                seen.setdefault(self.scorer.word_key(word), word)
+            out[label] = list(seen.items())
+        return out
 
-    def conflicts(self, label_set: LabelSet, tokens: Mapping[str, list[int]] | None = None) -> list[str]:
-        """One message per pair of labels whose words start with the same token (they tie on it); `tokens`:
-        the set's, when the caller has them."""
-        owner: dict[int, str] = {}
+    def conflicts(
+        self, label_set: LabelSet, keys: Mapping[str, list[tuple[tuple[int, ...], str]]] | None = None
+    ) -> list[str]:
+        """One message per pair of labels with words the model scores by the same tokens (they tie on them)."""
+        owner: dict[tuple[int, ...], str] = {}
         found = []
-        for label, ids in (tokens if tokens is not None else self.tokens(label_set)).items():
-            for token in ids:
-                first = owner.setdefault(token, label)
+        for label, pairs in (keys if keys is not None else self.keys(label_set)).items():
+            for key, word in pairs:
+                first = owner.setdefault(key, label)
                 if first != label:
                     found.append(
-                        f"labels {first!r} and {label!r} have words that start with the same token; give them "
-                        "verbalizer words that start differently"
+                        f"labels {first!r} and {label!r} have words the model scores by the same tokens "
+                        f"({word!r}); give them different verbalizer words"
                     )
         return list(dict.fromkeys(found))
 
-    def check(self, label_set: LabelSet) -> dict[str, list[int]]:
-        """The set's tokens; raises `LabelSetError` when two labels' words start with the same token (the
-        model could not tell them apart)."""
-        tokens = self.tokens(label_set)
-        found = self.conflicts(label_set, tokens)
-        if found:
-            raise LabelSetError(found[0])
-        return tokens
+    def verbalizer(self, label_set: LabelSet, strict: bool = True) -> Verbalizer:
+        """The set's distinct words and each label's columns. `strict`: raise `LabelSetError` when two labels
+        have words with the same key (`conflicts`); else such a word counts for the label listed first only
+        (a later label keeps its other words, or ties on it when it has none)."""
+        keys = self.keys(label_set)
+        if strict:
+            found = self.conflicts(label_set, keys)
+            if found:
+                raise LabelSetError(found[0])
+        column: dict[tuple[int, ...], int] = {}
+        owner: dict[tuple[int, ...], str] = {}
+        words: list[str] = []
+        columns: dict[str, list[int]] = {}
+        for label, pairs in keys.items():
+            for key, word in pairs:
+                if key not in column:
+                    column[key] = len(words)
+                    words.append(word)
+            own = [column[k] for k, _ in pairs if owner.setdefault(k, label) == label]
+            columns[label] = own or [column[k] for k, _ in pairs]
+        return Verbalizer(words, columns)
 
-    def calibration(self, label_set: LabelSet) -> np.ndarray:
-        """The slot's log-probabilities for the set's prompt around an empty text (cached per prompt)."""
-        key = (label_set.template, label_set.prefix)
+    def check(self, label_set: LabelSet) -> Verbalizer:
+        """The set's verbalizer; raises `LabelSetError` when two labels' words score the same tokens."""
+        return self.verbalizer(label_set, strict=True)
+
+    def calibration(self, label_set: LabelSet, words: Sequence[str]) -> np.ndarray:
+        """The words' log-probabilities for the set's prompt around an empty text (cached per prompt)."""
+        key = (label_set.template, label_set.prefix, tuple(words))
         with self._lock:
             cached = self._calibration.get(key)
             if cached is not None:
                 self._calibration.move_to_end(key)
         if cached is None:
-            cached = self.scorer.slot_logprobs([""], label_set)[0]
+            cached = self.scorer.word_logprobs([""], label_set, words)[0]
             with self._lock:
                 self._calibration[key] = cached
                 while len(self._calibration) > self.CALIBRATIONS_KEPT:
                     self._calibration.popitem(last=False)
         return cached
 
-    def label_scores(self, slot: np.ndarray, label_set: LabelSet, tokens: Mapping[str, list[int]]) -> np.ndarray:
-        """[texts, labels] calibrated log scores from slot log-probabilities (`slot_logprobs`' rows)."""
-        calibrated = slot - self.calibration(label_set)[None, :]
+    def calibrated(self, scores: np.ndarray, label_set: LabelSet, words: Sequence[str]) -> np.ndarray:
+        """`word_logprobs` rows less the set's `calibration` strength times the empty text's."""
+        return scores - label_set.calibration * self.calibration(label_set, words)[None, :]
+
+    def label_scores(self, scores: np.ndarray, label_set: LabelSet, verbalizer: Verbalizer) -> np.ndarray:
+        """[texts, labels] calibrated log scores from the verbalizer words' `word_logprobs` rows."""
+        calibrated = self.calibrated(scores, label_set, verbalizer.words)
         columns = []
-        for ids in tokens.values():
+        for ids in verbalizer.columns.values():
             part = calibrated[:, ids]
             top = part.max(axis=1, keepdims=True)
             columns.append(top[:, 0] + np.log(np.exp(part - top).mean(axis=1)))  # log of the mean ratio
@@ -277,25 +438,16 @@ class Tagger:
     def probabilities(
         self, texts: Sequence[str], label_set: LabelSet, strict: bool = True, progress: bool = False
     ) -> np.ndarray:
-        """[texts, labels] label probabilities (softmax of the calibrated scores), labels in the set's order.
-        `strict`: refuse a set whose labels share a first token (`check`); else such a token counts for the
-        label listed first only (the later one keeps its other words, or ties on it when it has none)."""
-        tokens = self.check(label_set) if strict else self.owned_tokens(label_set)
+        """[texts, labels] label probabilities (softmax of the calibrated scores), labels in the set's order;
+        `strict` as in `verbalizer`."""
+        verbalizer = self.verbalizer(label_set, strict)
         if not texts:
-            return np.zeros((0, len(tokens)), dtype=np.float32)
-        scores = self.label_scores(self.scorer.slot_logprobs(texts, label_set, progress), label_set, tokens)
+            return np.zeros((0, len(verbalizer.columns)), dtype=np.float32)
+        raw = self.scorer.word_logprobs(texts, label_set, verbalizer.words, progress)
+        scores = self.label_scores(raw, label_set, verbalizer)
         scores = scores - scores.max(axis=1, keepdims=True)
         exp = np.exp(scores)
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
-
-    def owned_tokens(self, label_set: LabelSet) -> dict[str, list[int]]:
-        """Each label's tokens, a token shared with a label listed earlier dropped (kept when it is all it has)."""
-        owner: dict[int, str] = {}
-        out = {}
-        for label, ids in self.tokens(label_set).items():
-            own = [t for t in ids if owner.setdefault(t, label) == label]
-            out[label] = own or ids
-        return out
 
     def classify(
         self, texts: Sequence[str], label_set: LabelSet, strict: bool = True, progress: bool = False

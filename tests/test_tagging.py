@@ -44,11 +44,18 @@ def test_tagger_labels_clear_texts_calibrated_and_order_free(tagger):
     assert probabilities.shape == (4, len(labels))
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert [labels[i] for i in probabilities.argmax(axis=1)] == list(TEXTS)
-    # a text's scores do not depend on the batch it came in, nor on its position there
-    alone = tagger.probabilities([texts[2]], label_set)
-    np.testing.assert_allclose(alone[0], probabilities[2], atol=2e-3)
-    reverse = tagger.probabilities(texts[::-1], label_set)
-    np.testing.assert_allclose(reverse[::-1], probabilities, atol=2e-3)
+    # a text's scores do not depend on the batch it came in, nor on its position there: to float32 rounding
+    # (2e-3) in float32, to bfloat16's (its 8-bit mantissa: 2e-2) where the default runtime runs in it
+    from indexer.tagging import Tagger
+
+    bf16 = "bfloat16" in str(next(tagger.scorer.model.parameters()).dtype)
+    fp32 = Tagger.load(TaggingSettings(runtime="torch")) if bf16 else tagger
+    for model, atol in ((tagger, 2e-2 if bf16 else 2e-3), (fp32, 2e-3)):
+        batched = model.probabilities(texts, label_set)
+        alone = model.probabilities([texts[2]], label_set)
+        np.testing.assert_allclose(alone[0], batched[2], atol=atol)
+        reverse = model.probabilities(texts[::-1], label_set)
+        np.testing.assert_allclose(reverse[::-1], batched, atol=atol)
     # calibration: the empty text is the reference, so every label is equally likely for it
     empty = tagger.probabilities([""], label_set)[0]
     np.testing.assert_allclose(empty, 1 / len(labels), atol=1e-4)
@@ -71,12 +78,72 @@ def test_label_sets_are_checked(tagger):
     with pytest.raises(ValueError, match="empty"):
         LabelSet(field="x", labels={"a": [" "], "b": []})
     clash = LabelSet(field="x", labels={"Victoria (Australia)": ["Victoria"], "Victoria Museum": ["Victoria"]})
-    with pytest.raises(LabelSetError, match="start with the same token"):
+    with pytest.raises(LabelSetError, match="same tokens"):
         tagger.check(clash)
     assert len(tagger.conflicts(clash)) == 1
     tied = tagger.probabilities([TEXTS["music"]], clash, strict=False)[0]
-    assert tied[0] == pytest.approx(tied[1])  # the same token for both: a tie, broken by order in classify
+    assert tied[0] == pytest.approx(tied[1])  # the same tokens for both: a tie, broken by order in classify
     assert tagger.classify([TEXTS["music"]], clash, strict=False)[0].label == "Victoria (Australia)"
+    # whole words are scored: names that share their first tokens are told apart by the rest
+    apart = LabelSet(field="x", labels={"Victoria (Australia)": [], "Victoria and Albert Museum": []})
+    assert tagger.conflicts(apart) == []
+    text = "The Victoria and Albert Museum in London holds decorative arts, sculpture and fashion collections."
+    assert tagger.classify([text], apart)[0].label == "Victoria and Albert Museum"
+
+
+def test_whole_words_are_scored_exactly_and_calibration_is_a_strength():
+    """A word's score is the log-probability of all its tokens after the prompt: the same, to float32 rounding,
+    as reading prompt + word in one pass, for single- and multi-token words and texts of different lengths
+    batched together (fp32 runtime, so the comparison is exact). Calibration 0 leaves the raw scores; 1
+    subtracts the empty text's."""
+    import torch
+
+    from indexer.tagging import Tagger
+
+    tagger = Tagger.load(TaggingSettings(runtime="torch", batch_size=3))
+    scorer = tagger.scorer
+    assert next(scorer.model.parameters()).dtype == torch.float32
+    label_set = LabelSet(field="x", labels={"a": [], "b": []})
+    texts = [TEXTS["sport"], TEXTS["cooking"], "", "Short."]
+    words = ["football", "Super Bowl 50", "Victoria (Australia)", "cake"]
+    assert [len(scorer.word_key(w)) > 1 for w in words] == [False, True, True, False]
+    got = scorer.word_logprobs(texts, label_set, words)
+    for i, text in enumerate(texts):
+        prompt = scorer.tokenizer(scorer.prompt(text, label_set), add_special_tokens=False)["input_ids"]
+        for w, word in enumerate(words):
+            key = list(scorer.word_key(word))
+            with torch.inference_mode():
+                logits = scorer.model(input_ids=torch.tensor([prompt + key])).logits[0]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            expected = sum(float(logprobs[len(prompt) - 1 + j, t]) for j, t in enumerate(key))
+            assert got[i, w] == pytest.approx(expected, abs=1e-3)
+    assert got[0, 0] > got[0, 3] and got[1, 3] > got[1, 0]  # football for the final, cake for the sponge
+    names = LabelSet(field="x", labels={"sport": ["football"], "cooking": ["cake"]})
+    verbalizer = tagger.verbalizer(names)
+    raw = scorer.word_logprobs(texts[:2], names, verbalizer.words)
+    empty = tagger.calibration(names, verbalizer.words)
+    off = tagger.label_scores(raw, names.model_copy(update={"calibration": 0.0}), verbalizer)
+    np.testing.assert_allclose(off, raw, atol=1e-6)
+    full = tagger.label_scores(raw, names, verbalizer)
+    np.testing.assert_allclose(full, raw - empty[None, :], atol=1e-6)
+
+
+def test_tagging_runtime_follows_the_cpu():
+    """`index.tagging.runtime: torch-bf16` (the default) runs in bfloat16 only where the CPU computes it
+    natively; with the CPU's bf16 flags hidden (SIFT_CPU_MASK), it runs in float32."""
+    code = (
+        "import torch; from indexer.tagging import Tagger; from indexer.config import TaggingSettings; "
+        "from indexer.runtime import cpu_has_bf16; t = Tagger.load(TaggingSettings()); "
+        "print(next(t.scorer.model.parameters()).dtype, cpu_has_bf16())"
+    )
+    for mask in ("", "avx512_bf16,amx_bf16"):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "SIFT_CPU_MASK": mask}
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        dtype, native = done.stdout.split()
+        assert dtype == ("torch.bfloat16" if native == "True" else "torch.float32")
+        if mask:
+            assert native == "False" and dtype == "torch.float32"
 
 
 def _sift(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -277,6 +344,7 @@ def test_shipped_topic_tags_hold_their_pin_and_beat_the_baseline(tagger):
     shipped = topic_set()
     assert (shipped.template, shipped.prefix) == (pin["template"], pin["prefix"])
     assert shipped.words() == LabelSet(field="x", labels=pin["labels"]).words()
+    assert shipped.calibration == pin["calibration"]
     _, rows = load_labelled(f"{EXAMPLES}:topic")
     _, half1 = halves(rows)
     labels = list(shipped.labels)

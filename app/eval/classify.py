@@ -7,10 +7,13 @@ Datasets (`load_labelled`):
 Protocol: each label's texts are split into two halves by alternation (`halves`): half 0 chooses the template
 and the verbalizer (`choose`), half 1 is reported. Nothing about half 1 is looked at before the report.
 
-Verbalizer candidates: `names` (the words of the label's name) and `searched-m` (automatic verbalizer
-search on half 0: candidate words are the name's words and the label's most distinctive words in half 0 by
-tf-idf; a word's merit for a label is its mean calibrated log-probability on that label's texts minus its
-mean on the others'; the best m per label are kept, every token owned by one label).
+Choices on half 0 (`choose`): the template (`TEMPLATES`), the verbalizer and the calibration strength
+(`CALIBRATIONS`). Verbalizers: `names` (each label's own name, scored as a whole) and `searched-m` (the name plus
+m words per label from automatic verbalizer search: candidates are the name's words and the label's most
+distinctive words in half 0 by tf-idf; a word's merit for a label is its mean calibrated log-probability on that
+label's texts minus its mean on the others'; a word the model scores like another label's goes to one label).
+A searched verbalizer is judged cross-fitted (searched on one fold of half 0, scored on the other, both ways):
+judged on the texts it was searched on, it would look better than it is.
 
 Baseline, in the same run: each text's nearest label name by bi-encoder cosine (the bundle's dual-encoder).
 """
@@ -37,8 +40,11 @@ TEMPLATES: list[tuple[str, str]] = [
     ("{text}\n\nWhat is the topic of this text?", "The topic is"),
     ("{text}\n\nWhat is this text about? Answer with one word.", "This text is about"),
     ("Text: {text}\n\nWhich subject does this text belong to?", "Subject:"),
+    ("{text}\n\nWhat is the title of this text?", "The title is"),
 ]
-SEARCH_SIZES = (1, 3)
+SEARCH_SIZES = (1, 2, 3)  # words per label beside its name (automatic verbalizer search)
+CALIBRATIONS = (1.0, 0.75, 0.5)  # calibration strengths tried
+CANDIDATES = 5  # distinctive words per label a search may pick from
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+")
 
 
@@ -133,86 +139,114 @@ def distinctive_words(rows: Sequence[Labelled], top: int = 15) -> dict[str, list
     }
 
 
+def candidates(label: str, extra: Sequence[str], top: int = CANDIDATES) -> list[str]:
+    """A label's candidate verbalizer words: its name, the name's words, and its `top` most distinctive words
+    (capitalised, as a title or a name starts)."""
+    words = [label, *name_words(label), *(w.capitalize() for w in extra[:top])]
+    return list(dict.fromkeys(words))
+
+
+def scores_for(
+    tagger: Tagger, label_set: LabelSet, words: Sequence[str], table: np.ndarray, index: dict[str, int]
+) -> np.ndarray:
+    """[texts, labels] label scores of `label_set` read from `table`, the `word_logprobs` of the words in
+    `index` (word -> column)."""
+    verbalizer = tagger.verbalizer(label_set, strict=False)
+    return tagger.label_scores(table[:, [index[w] for w in verbalizer.words]], label_set, verbalizer)
+
+
 def search_verbalizer(
     tagger: Tagger,
     label_set: LabelSet,
-    slot: np.ndarray,
+    table: np.ndarray,
+    index: dict[str, int],
+    pool: dict[str, list[str]],
     rows: Sequence[Labelled],
     size: int,
 ) -> dict[str, list[str]]:
-    """`size` words per label chosen on `rows` (half 0) from `slot` (their slot log-probabilities): candidates
-    are the name's words and the label's distinctive words (lower case and capitalised); merit = mean calibrated
-    log-probability on the label's rows minus the mean on the others'; each token goes to one label."""
-    calibrated = slot - tagger.calibration(label_set)[None, :]
+    """Each label's name plus its `size` best other candidates (`pool`) chosen on `rows` (half 0), from `table`
+    (their `word_logprobs`, columns by `index`): merit = mean calibrated log-probability on the label's rows
+    minus the mean on the others'; a word the model scores like another label's goes to one label only."""
+    words = list(index)
+    calibrated = tagger.calibrated(table, label_set.model_copy(update={"calibration": 1.0}), words)
     gold = np.array([r.label for r in rows])
-    extra = distinctive_words(rows)
-    ranked: list[tuple[float, str, int, str]] = []
+    owner: dict[tuple[int, ...], str] = {tagger.scorer.word_key(label): label for label in label_set.labels}
+    ranked: list[tuple[float, str, str]] = []
     for label in label_set.labels:
         inside = gold == label
         if not inside.any() or inside.all():
             continue
-        words = name_words(label) + extra.get(label, [])
-        for word in dict.fromkeys(w for base in words for w in (base, base.lower(), base.capitalize())):
-            token = tagger.scorer.word_token(word)
-            merit = float(calibrated[inside, token].mean() - calibrated[~inside, token].mean())
-            ranked.append((merit, label, token, word))
-    ranked.sort(key=lambda r: (-r[0], r[1], r[3]))
-    owner: dict[int, str] = {}
-    chosen: dict[str, list[str]] = {label: [] for label in label_set.labels}
-    for _, label, token, word in ranked:
-        if token in owner or len(chosen[label]) >= size:
+        for word in pool[label][1:]:
+            column = calibrated[:, index[word]]
+            ranked.append((float(column[inside].mean() - column[~inside].mean()), label, word))
+    ranked.sort(key=lambda r: (-r[0], r[1], r[2]))
+    chosen: dict[str, list[str]] = {label: [label] for label in label_set.labels}
+    for merit, label, word in ranked:
+        key = tagger.scorer.word_key(word)
+        if merit <= 0 or key in owner or len(chosen[label]) > size:
             continue
-        owner[token] = label
+        owner[key] = label
         chosen[label].append(word)
-    for label, words in chosen.items():  # a label without candidates keeps its own name
-        if not words:
-            token = tagger.scorer.word_token(label)
-            if token not in owner:
-                owner[token] = label
-                words.append(label)
-    return chosen
-
-
-def predict(tagger: Tagger, slot: np.ndarray, label_set: LabelSet) -> list[str]:
-    labels = list(label_set.labels)
-    scores = tagger.label_scores(slot, label_set, tagger.tokens(label_set))
-    return [labels[int(i)] for i in np.argmax(scores, axis=1)]  # argmax: ties to the label listed first
-
-
-def names_verbalizer(tagger: Tagger, labels: Sequence[str]) -> dict[str, list[str]]:
-    """Each label's name words, dropping a word whose first token another label already owns."""
-    owner: dict[int, str] = {}
-    chosen: dict[str, list[str]] = {}
-    for label in labels:
-        words = []
-        for word in name_words(label):
-            token = tagger.scorer.word_token(word)
-            if owner.setdefault(token, label) == label:
-                words.append(word)
-        chosen[label] = words or [label]
     return chosen
 
 
 def choose(
     tagger: Tagger, field: str, labels: Sequence[str], dev: Sequence[Labelled], echo: Any = print
 ) -> tuple[LabelSet, list[dict[str, Any]]]:
-    """The template and verbalizer with the best macro-F1 on `dev` (half 0), and every candidate's figures."""
+    """The template, verbalizer and calibration strength with the best macro-F1 on `dev` (half 0), and every
+    candidate's figures. Each template's prompts are scored once, over every label's candidate words."""
     gold = [r.label for r in dev]
+    extra = distinctive_words(dev)
+    pool = {label: candidates(label, extra.get(label, [])) for label in labels}
+    words = list(dict.fromkeys(w for label in labels for w in pool[label]))
+    index = {w: i for i, w in enumerate(words)}
+    fold_of = {id(row): part for part, rows in enumerate(halves(dev)) for row in rows}
+    parts = np.array([fold_of[id(row)] for row in dev])
     best: tuple[float, LabelSet] | None = None
     tried = []
     for template, prefix in TEMPLATES:
         base = LabelSet(field=field, template=template, prefix=prefix, labels={label: [] for label in labels})
-        slot = tagger.scorer.slot_logprobs([r.text for r in dev], base)
-        candidates = {"names": names_verbalizer(tagger, labels)}
+        table = tagger.scorer.word_logprobs([r.text for r in dev], base, words)
+        names: dict[str, list[str]] = {label: [] for label in labels}
+        # a searched verbalizer is judged cross-fitted: words searched on one fold of half 0 predict the other
+        # fold (judged on the rows it was searched on, it would look better than it is); the set kept is the
+        # one searched on all of half 0
+        verbalizers: dict[str, tuple[dict[str, list[str]], list[tuple[np.ndarray, dict[str, list[str]]]]]] = {
+            "names": (names, [(np.arange(len(dev)), names)])
+        }
         for size in SEARCH_SIZES:
-            candidates[f"searched-{size}"] = search_verbalizer(tagger, base, slot, dev, size)
-        for verbalizer, words in candidates.items():
-            label_set = base.model_copy(update={"labels": words})
-            f1 = macro_f1(gold, predict(tagger, slot, label_set), labels)
-            tried.append({"template": template, "prefix": prefix, "verbalizer": verbalizer, "macro_f1": f1})
-            echo(f"  half 0: {verbalizer:<11} {template[-45:]!r:<50} macro-F1 {100 * f1:.1f}")
-            if best is None or f1 > best[0]:
-                best = (f1, label_set)
+            folds = []
+            for fold in (0, 1):
+                rows = np.flatnonzero(parts == fold)
+                other = np.flatnonzero(parts != fold)
+                words_of = search_verbalizer(
+                    tagger, base, table[other], index, pool, [dev[int(i)] for i in other], size
+                )
+                folds.append((rows, words_of))
+            whole = search_verbalizer(tagger, base, table, index, pool, dev, size)
+            verbalizers[f"searched-{size}"] = (whole, folds)
+        for verbalizer, (chosen_words, folds) in verbalizers.items():
+            for strength in CALIBRATIONS:
+                label_set = base.model_copy(update={"labels": chosen_words, "calibration": strength})
+                predicted: list[str] = [""] * len(dev)
+                for rows, fold_words in folds:
+                    fold_set = base.model_copy(update={"labels": fold_words, "calibration": strength})
+                    best_of = np.argmax(scores_for(tagger, fold_set, words, table[rows], index), axis=1)
+                    for row, i in zip(rows, best_of):
+                        predicted[int(row)] = labels[int(i)]
+                f1 = macro_f1(gold, predicted, labels)
+                tried.append(
+                    {
+                        "template": template,
+                        "prefix": prefix,
+                        "verbalizer": verbalizer,
+                        "calibration": strength,
+                        "macro_f1": f1,
+                    }
+                )
+                echo(f"  half 0: {verbalizer:<11} c={strength:<4} {template[-45:]!r:<50} macro-F1 {100 * f1:.1f}")
+                if best is None or f1 > best[0]:
+                    best = (f1, label_set)
     assert best is not None
     return best[1], tried
 

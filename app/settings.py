@@ -179,6 +179,10 @@ class GroundingSettings(BaseModel):
         default_factory=list,
         description="stop sequences added to every generation, e.g. a newline for one-line answers",
     )
+    copy_spans: bool = Field(
+        False,
+        description="write only a phrase copied from the answer's passages, ending anywhere (short answers, not chat)",
+    )
 
 
 class GeneratorSettings(BaseModel):

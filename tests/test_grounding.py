@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from app.generation.base import GenerationOptions
-from app.generation.grounding import NGramBlock
+from app.generation.grounding import NGramBlock, SpanCopy
 from app.generation.local import LocalGenerator
 from app.settings import GroundingSettings
 
@@ -116,3 +116,26 @@ def test_question_ngrams_are_not_restated(local_generator):
     )
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert text and not trigrams(ids) & asked, text
+
+
+def test_span_copy_allows_only_runs_of_passage_tokens():
+    """`SpanCopy` keeps what is written a contiguous run of one passage's tokens (never across two passages),
+    lets the first token be a word's spaceless twin, and lets the answer end only once something is written."""
+    copy = SpanCopy([[10, 11, 12, 11, 13], [20, 21]], twins={11: 31}, ends=[0], prompt_len=2)
+    allowed = lambda out: set(torch.nonzero(~torch.isinf(out[0])).flatten().tolist())  # noqa: E731
+    assert allowed(copy(torch.tensor([[7, 8]]), torch.zeros(1, 40))) == {10, 11, 12, 13, 20, 21, 31}
+    assert allowed(copy(torch.tensor([[7, 8, 31]]), torch.zeros(1, 40))) == {12, 13, 0}  # 31 is 11's twin
+    assert allowed(copy(torch.tensor([[7, 8, 31, 12]]), torch.zeros(1, 40))) == {11, 0}
+    assert allowed(copy(torch.tensor([[7, 8, 31, 12, 11]]), torch.zeros(1, 40))) == {13, 0}
+    assert allowed(copy(torch.tensor([[7, 8, 31, 12, 11, 13]]), torch.zeros(1, 40))) == {0}  # the passage ends
+    fresh = SpanCopy([[10, 11], [20, 21]], twins={}, ends=[0], prompt_len=0)
+    assert allowed(fresh(torch.tensor([[11]]), torch.zeros(1, 40))) == {0}  # 11 then 20 would cross passages
+
+
+def test_copied_answers_are_phrases_of_the_passage(local_generator):
+    short = [
+        {"role": "system", "content": "Answer with the shortest phrase from the passage."},
+        {"role": "user", "content": f"Passage: {PASSAGE}\nQuestion: In which year was the Eiffel Tower completed?"},
+    ]
+    text = grounded(local_generator, copy_spans=True).generate(short, LONG, context=[PASSAGE]).text.strip()
+    assert text and text in PASSAGE and "1889" in text, text

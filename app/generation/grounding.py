@@ -9,7 +9,10 @@ generated answer to the passages it was given.
 - `NGramBlock` again for the question's n-grams (in either tokenization), so a short answer gives the answer
   instead of restating the question;
 - citation markers suppressed (`[`-bearing tokens), for short answers scored as text;
-- `stop_at`: stop sequences added to every generation (the end of the answer).
+- `stop_at`: stop sequences added to every generation (the end of the answer);
+- `SpanCopy` (`copy_spans`): the hardest form of the passage bias: every token written continues a run of
+  tokens copied from the passages (a phrase of them, as an extractive answer is), and the answer may end
+  after any of them; for short answers, not for chat.
 
 Everything here is per call and read-only after construction: no state crosses generations.
 """
@@ -42,6 +45,57 @@ class PassageBias:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores[:, self.allowed.to(scores.device)] += self.bias
+        return scores
+
+
+class SpanCopy:
+    """Allows only the tokens that keep what was written a contiguous run of some passage's tokens, and the
+    end tokens once a token was written (a transformers LogitsProcessor, one per generation).
+
+    The first token may also be a word's form without its leading space (a reply opens without one), where the
+    vocabulary has it. State: the passage positions the run written so far ends at, per row, kept between
+    calls of one generation only."""
+
+    def __init__(
+        self, passages: Sequence[list[int]], twins: dict[int, int], ends: Sequence[int], prompt_len: int
+    ) -> None:
+        self.tokens = [t for ids in passages for t in [*ids, -1]]  # -1 between passages: a run never crosses
+        self.next_of: dict[int, list[int]] = {}  # token -> the positions it may be copied from
+        for i, t in enumerate(self.tokens):
+            if t >= 0:
+                self.next_of.setdefault(t, []).append(i)
+                twin = twins.get(t)
+                if twin is not None and twin != t:
+                    self.next_of.setdefault(-2 - twin, []).append(i)  # an opening token's spaceless form
+        self.ends = list(ends)
+        self.prompt_len = prompt_len
+        self.runs: dict[int, list[int]] = {}
+
+    def _allowed(self, row: int, written: list[int]) -> tuple[set[int], bool]:
+        if not written:
+            opening = {t for t in self.next_of if t >= 0} | {-2 - k for k in self.next_of if k < -1}
+            return opening, False
+        ends = self.runs.get(row)
+        last = written[-1]
+        if ends is None:  # the first token: where it may have been copied from
+            ends = list(dict.fromkeys(self.next_of.get(last, []) + self.next_of.get(-2 - last, [])))
+        else:
+            ends = [i + 1 for i in ends if i + 1 < len(self.tokens) and self.tokens[i + 1] == last]
+        self.runs[row] = ends
+        return {self.tokens[i + 1] for i in ends if i + 1 < len(self.tokens) and self.tokens[i + 1] >= 0}, True
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        for row in range(input_ids.shape[0]):
+            written = input_ids[row, self.prompt_len :].tolist()
+            allowed, may_end = self._allowed(row, written)
+            keep = sorted(allowed | set(self.ends)) if may_end else sorted(allowed)
+            if not keep:
+                keep = self.ends
+            mask = torch.full_like(scores[row], float("-inf"))
+            mask[torch.tensor(keep, dtype=torch.long, device=scores.device)] = 0.0
+            scores[row] = scores[row] + mask
         return scores
 
 
@@ -93,6 +147,14 @@ class Grounding:
         ends = tokenizer.eos_token_id
         self.ends = [e for e in (ends if isinstance(ends, list) else [ends]) if e is not None] + _ids(tokenizer, "\n")
 
+    def twins(self) -> dict[int, int]:
+        """Token -> the same text without its leading space, where the vocabulary has both (made once)."""
+        if not hasattr(self, "_twins"):
+            vocab = self.tokenizer.get_vocab()
+            marks = ("Ġ", "▁")
+            self._twins = {i: vocab[t[1:]] for t, i in vocab.items() if t[:1] in marks and t[1:] in vocab}
+        return self._twins
+
     def kwargs(
         self, messages: list[Message], context: Sequence[str], prompt_len: int, avoid: Sequence[str] = ()
     ) -> dict[str, Any]:
@@ -108,6 +170,10 @@ class Grounding:
         passage_ids = [i for text in context for i in _ids(tokenizer, text)]
         if settings.passage_bias and passage_ids:
             processors.append(PassageBias(passage_ids + self.ends, settings.passage_bias))
+        if settings.copy_spans and passage_ids:
+            processors.append(
+                SpanCopy([_ids(tokenizer, text) for text in context], self.twins(), self.ends, prompt_len)
+            )
         n = settings.block_instruction_ngrams
         if n and passage_ids:
             instructions = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer"))

@@ -104,7 +104,7 @@ def main() -> None:
             f"calibration {r.get('calibration', 1.0)} |"
         )
     body = (
-        "`sift eval classify`: each label's texts alternate between two halves; half 0 chooses the template (4 "
+        "`sift eval classify`: each label's texts alternate between two halves; half 0 chooses the template (5 "
         "tried), the verbalizer (the label's name, or the name plus 1, 2 or 3 words per label found by automatic "
         "verbalizer search among its name's words and its 5 most distinctive words in half 0, judged cross-fitted "
         "across two folds of half 0) and the calibration strength (1, 0.75, 0.5); half 1 is reported. Baseline in "

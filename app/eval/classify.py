@@ -41,6 +41,7 @@ TEMPLATES: list[tuple[str, str]] = [
     ("{text}\n\nWhat is this text about? Answer with one word.", "This text is about"),
     ("Text: {text}\n\nWhich subject does this text belong to?", "Subject:"),
     ("{text}\n\nWhat is the title of this text?", "The title is"),
+    ("{text}\n\nWhat is the title of the Wikipedia article this paragraph comes from?", "The title is"),
 ]
 SEARCH_SIZES = (1, 2, 3)  # words per label beside its name (automatic verbalizer search)
 CALIBRATIONS = (1.0, 0.75, 0.5)  # calibration strengths tried

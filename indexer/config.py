@@ -116,6 +116,7 @@ class CsvSettings(BaseModel):
 
 
 TEXT_SLOT = "{text}"
+MAX_WORD_CHARS = 100  # a label or verbalizer word (each is scored token by token)
 
 
 class LabelSet(BaseModel):
@@ -158,6 +159,10 @@ class LabelSet(BaseModel):
                 raise ValueError("labels: a label name is empty")
             if any(not w.strip() for w in words):
                 raise ValueError(f"labels.{label}: a verbalizer word is empty")
+            if any(len(w) > MAX_WORD_CHARS for w in [label, *words]):
+                raise ValueError(
+                    f"labels.{label}: a label or verbalizer word is longer than {MAX_WORD_CHARS} characters"
+                )
         return self
 
     def words(self) -> dict[str, list[str]]:

@@ -135,14 +135,16 @@ class CausalWordScorer(_HFScorer):
         return f"{user}\n{label_set.prefix}"
 
     HEADS_KEPT = 8
+    TREE_TOKENS = 256
 
     def _batch(self, prompts: list[str], keys: list[tuple[int, ...]], head: str) -> np.ndarray:
         import torch
 
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"] if head else []
-        # the head (chat turns, template before the passage) is read once per label set and its cache reused,
-        # when every prompt starts with its tokens (else the whole prompts are read)
+        # the head (chat turns, template before the passage; its last token dropped, as it may merge with the
+        # passage's first) is read once per label set and its cache reused, when every prompt starts with its
+        # tokens (else the whole prompts are read)
+        head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"][:-1] if head else []
         h = (
             len(head_ids)
             if head_ids and all(len(x) > len(head_ids) and x[: len(head_ids)] == head_ids for x in ids)
@@ -170,7 +172,12 @@ class CausalWordScorer(_HFScorer):
             first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
             scores = first[:, [key[0] for key in keys]]
             if tree:
-                scores = scores + self._rest(_cache_of(out), mask, lengths, keys, tree)
+                cache = _cache_of(out)
+                # at most TREE_TOKENS words' tokens per pass (memory: [tokens, vocabulary] logits per prompt),
+                # each pass after the prompt's cache alone
+                for chunk in _chunks(tree, self.TREE_TOKENS):
+                    scores = scores + self._rest(cache, mask, lengths, keys, chunk)
+                    cache.crop(-len(chunk))  # back to the prompt alone
             return scores.cpu().numpy()
 
     def _head_cache(self, head: tuple[int, ...], batch: int) -> Any:
@@ -191,8 +198,10 @@ class CausalWordScorer(_HFScorer):
         return _cache_from([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in layers])
 
     def _rest(self, cache: Any, mask: Any, lengths: Any, keys: list[tuple[int, ...]], tree: list) -> Any:
-        """[prompts, words] log-probability of each word's tokens after its first: the words' tokens read as
-        one sequence after the prompt's cache, each attending to the prompt and its own earlier tokens."""
+        """[prompts, words] log-probability of the `tree` tokens of each word (its tokens after the first): read
+        as one sequence after the prompt's cache, each attending to the prompt and its own earlier tokens. The
+        output head is applied as is (a model that post-processes its logits, e.g. soft-capping, would score
+        these tokens unlike the first)."""
         import torch
 
         batch, n = mask.shape[0], len(tree)
@@ -202,9 +211,13 @@ class CausalWordScorer(_HFScorer):
         targets = torch.tensor([keys[w][j + 1] for w, j in tree], device=self.device)
         own = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # [n, n]
         attend = torch.cat([mask.bool()[:, None, :].expand(batch, n, -1), own.expand(batch, n, n)], dim=-1)
+        dtype = next(self.model.parameters()).dtype
+        additive = torch.zeros(attend.shape, dtype=dtype, device=self.device).masked_fill(
+            ~attend, torch.finfo(dtype).min
+        )
         hidden = self.model.base_model(
             input_ids=inputs.expand(batch, n),
-            attention_mask=attend[:, None],
+            attention_mask=additive[:, None],  # additive: every attention implementation reads it alike
             position_ids=lengths[:, None] + offset[None, :],
             **_cache_kwarg(self.model.base_model, cache),
         ).last_hidden_state
@@ -227,7 +240,21 @@ def _cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
 
 
 def _cache_of(out: Any) -> Any:
-    return getattr(out, "cache", None) or out.past_key_values
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _chunks(tree: list[tuple[int, int]], size: int) -> list[list[tuple[int, int]]]:
+    """`tree` cut into runs of at most `size` tokens, never splitting a word (a longer word is a run alone)."""
+    words: dict[int, list[tuple[int, int]]] = {}
+    for item in tree:
+        words.setdefault(item[0], []).append(item)
+    out: list[list[tuple[int, int]]] = [[]]
+    for items in words.values():
+        if out[-1] and len(out[-1]) + len(items) > size:
+            out.append([])
+        out[-1].extend(items)
+    return out
 
 
 def _layers_of(cache: Any) -> list[tuple[Any, Any]]:
@@ -257,6 +284,8 @@ class MaskWordScorer(_HFScorer):
 
     def slot_logprobs(self, texts: Sequence[str], label_set: LabelSet) -> np.ndarray:
         """float32 [texts, vocabulary]: log P(token in the mask | the prompt around each text)."""
+        if not texts:
+            return np.zeros((0, self.model.config.vocab_size), dtype=np.float32)
         with self._lock:
             prompts = [self.prompt(self._cut(t) if t else t, label_set) for t in texts]
             return np.concatenate(
@@ -288,7 +317,8 @@ class MaskWordScorer(_HFScorer):
 def load_scorer(settings: TaggingSettings) -> WordScorer:
     """The configured model as a `WordScorer`: `smollm2` (cached fp32 copy), or a path / hub id whose config
     says whether it is a masked LM (`*ForMaskedLM`) or a causal LM; on the CPU in bfloat16 where
-    `settings.runtime` is torch-bf16 and the CPU computes it natively, else float32 (float16 on CUDA)."""
+    `settings.runtime` is torch-bf16 and the CPU computes it natively, else float32 (on CUDA: float16 for
+    torch-bf16, float32 for torch)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 

@@ -121,15 +121,19 @@ def test_question_ngrams_are_not_restated(local_generator):
 def test_span_copy_allows_only_runs_of_passage_tokens():
     """`SpanCopy` keeps what is written a contiguous run of one passage's tokens (never across two passages),
     lets the first token be a word's spaceless twin, and lets the answer end only once something is written."""
-    copy = SpanCopy([[10, 11, 12, 11, 13], [20, 21]], twins={11: 31}, ends=[0], prompt_len=2)
+    copy = SpanCopy([[10, 11, 12, 11, 13], [20, 21]], twins={11: 31}, ends=[0], eos=[0], prompt_len=2)
     allowed = lambda out: set(torch.nonzero(~torch.isinf(out[0])).flatten().tolist())  # noqa: E731
     assert allowed(copy(torch.tensor([[7, 8]]), torch.zeros(1, 40))) == {10, 11, 12, 13, 20, 21, 31}
     assert allowed(copy(torch.tensor([[7, 8, 31]]), torch.zeros(1, 40))) == {12, 13, 0}  # 31 is 11's twin
     assert allowed(copy(torch.tensor([[7, 8, 31, 12]]), torch.zeros(1, 40))) == {11, 0}
     assert allowed(copy(torch.tensor([[7, 8, 31, 12, 11]]), torch.zeros(1, 40))) == {13, 0}
     assert allowed(copy(torch.tensor([[7, 8, 31, 12, 11, 13]]), torch.zeros(1, 40))) == {0}  # the passage ends
-    fresh = SpanCopy([[10, 11], [20, 21]], twins={}, ends=[0], prompt_len=0)
-    assert allowed(fresh(torch.tensor([[11]]), torch.zeros(1, 40))) == {0}  # 11 then 20 would cross passages
+    fresh = SpanCopy([[10, 11], [20, 21]], twins={}, ends=[0, 5], eos=[0], prompt_len=0)
+    assert allowed(fresh(torch.tensor([[11]]), torch.zeros(1, 40))) == {0, 5}  # 11 then 20 would cross passages
+    assert allowed(fresh(torch.tensor([[10, 5]]), torch.zeros(1, 40))) == {0}  # after a newline: only the end
+    # stateless: rows in any order (beam search reorders them) get what their own tokens allow
+    both = fresh(torch.tensor([[20], [10]]), torch.zeros(2, 40))
+    assert allowed(both[:1]) == {21, 0, 5} and allowed(both[1:]) == {11, 0, 5}
 
 
 def test_copied_answers_are_phrases_of_the_passage(local_generator):

@@ -77,6 +77,8 @@ def test_label_sets_are_checked(tagger):
         LabelSet(field="x", labels={"a": []})
     with pytest.raises(ValueError, match="empty"):
         LabelSet(field="x", labels={"a": [" "], "b": []})
+    with pytest.raises(ValueError, match="longer than 100 characters"):
+        LabelSet(field="x", labels={"a": ["word " * 30], "b": []})
     clash = LabelSet(field="x", labels={"Victoria (Australia)": ["Victoria"], "Victoria Museum": ["Victoria"]})
     with pytest.raises(LabelSetError, match="same tokens"):
         tagger.check(clash)
@@ -118,6 +120,12 @@ def test_whole_words_are_scored_exactly_and_calibration_is_a_strength():
             expected = sum(float(logprobs[len(prompt) - 1 + j, t]) for j, t in enumerate(key))
             assert got[i, w] == pytest.approx(expected, abs=1e-3)
     assert got[0, 0] > got[0, 3] and got[1, 3] > got[1, 0]  # football for the final, cake for the sponge
+    # many words' tokens are read in passes of at most TREE_TOKENS, each after the prompt alone: same scores
+    scorer.TREE_TOKENS = 2
+    try:
+        np.testing.assert_allclose(scorer.word_logprobs(texts, label_set, words), got, atol=1e-4)
+    finally:
+        del scorer.TREE_TOKENS
     names = LabelSet(field="x", labels={"sport": ["football"], "cooking": ["cake"]})
     verbalizer = tagger.verbalizer(names)
     raw = scorer.word_logprobs(texts[:2], names, verbalizer.words)

@@ -166,10 +166,9 @@ def search_verbalizer(
     size: int,
 ) -> dict[str, list[str]]:
     """Each label's name plus its `size` best other candidates (`pool`) chosen on `rows` (half 0), from `table`
-    (their `word_logprobs`, columns by `index`): merit = mean calibrated log-probability on the label's rows
-    minus the mean on the others'; a word the model scores like another label's goes to one label only."""
-    words = list(index)
-    calibrated = tagger.calibrated(table, label_set.model_copy(update={"calibration": 1.0}), words)
+    (their `word_logprobs`, columns by `index`): merit = mean log-probability on the label's rows minus the
+    mean on the others'; a word the model scores like another label's goes to one label only."""
+    calibrated = table  # a word's calibration is one constant over the rows: it cancels out of the merit
     gold = np.array([r.label for r in rows])
     owner: dict[tuple[int, ...], str] = {tagger.scorer.word_key(label): label for label in label_set.labels}
     ranked: list[tuple[float, str, str]] = []
@@ -197,12 +196,19 @@ def choose(
     """The template, verbalizer and calibration strength with the best macro-F1 on `dev` (half 0), and every
     candidate's figures. Each template's prompts are scored once, over every label's candidate words."""
     gold = [r.label for r in dev]
-    extra = distinctive_words(dev)
-    pool = {label: candidates(label, extra.get(label, [])) for label in labels}
-    words = list(dict.fromkeys(w for label in labels for w in pool[label]))
-    index = {w: i for i, w in enumerate(words)}
     fold_of = {id(row): part for part, rows in enumerate(halves(dev)) for row in rows}
     parts = np.array([fold_of[id(row)] for row in dev])
+
+    def pool_of(rows: Sequence[Labelled]) -> dict[str, list[str]]:
+        extra = distinctive_words(rows)
+        return {label: candidates(label, extra.get(label, [])) for label in labels}
+
+    # candidate words: a fold's search draws them from the other fold only (no word picked for the texts it
+    # will be judged on); the kept search draws them from all of half 0; every candidate is scored once
+    pools = [pool_of([row for row, p in zip(dev, parts) if p != fold]) for fold in (0, 1)]
+    pool = pool_of(dev)
+    words = list(dict.fromkeys(w for p in (pool, *pools) for label in labels for w in p[label]))
+    index = {w: i for i, w in enumerate(words)}
     best: tuple[float, LabelSet] | None = None
     tried = []
     for template, prefix in TEMPLATES:
@@ -221,7 +227,7 @@ def choose(
                 rows = np.flatnonzero(parts == fold)
                 other = np.flatnonzero(parts != fold)
                 words_of = search_verbalizer(
-                    tagger, base, table[other], index, pool, [dev[int(i)] for i in other], size
+                    tagger, base, table[other], index, pools[fold], [dev[int(i)] for i in other], size
                 )
                 folds.append((rows, words_of))
             whole = search_verbalizer(tagger, base, table, index, pool, dev, size)

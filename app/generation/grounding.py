@@ -14,7 +14,7 @@ generated answer to the passages it was given.
   tokens copied from the passages (a phrase of them, as an extractive answer is), and the answer may end
   after any of them; for short answers, not for chat.
 
-Everything here is per call and read-only after construction: no state crosses generations.
+Every processor is made per call and keeps no state between its calls: no state crosses generations.
 """
 
 from __future__ import annotations
@@ -50,49 +50,50 @@ class PassageBias:
 
 class SpanCopy:
     """Allows only the tokens that keep what was written a contiguous run of some passage's tokens, and the
-    end tokens once a token was written (a transformers LogitsProcessor, one per generation).
+    end tokens once a token was written; after an end token (a newline, say) only the end of sequence (a
+    transformers LogitsProcessor).
 
     The first token may also be a word's form without its leading space (a reply opens without one), where the
-    vocabulary has it. State: the passage positions the run written so far ends at, per row, kept between
-    calls of one generation only."""
+    vocabulary has it. Stateless between calls: the run is found anew from each row's written tokens, so beam
+    search's reordering of rows cannot confuse it."""
 
     def __init__(
-        self, passages: Sequence[list[int]], twins: dict[int, int], ends: Sequence[int], prompt_len: int
+        self,
+        passages: Sequence[list[int]],
+        twins: dict[int, int],
+        ends: Sequence[int],
+        eos: Sequence[int],
+        prompt_len: int,
     ) -> None:
         self.tokens = [t for ids in passages for t in [*ids, -1]]  # -1 between passages: a run never crosses
-        self.next_of: dict[int, list[int]] = {}  # token -> the positions it may be copied from
+        self.starts: dict[int, list[int]] = {}  # an opening token (or a spaceless twin) -> its positions
         for i, t in enumerate(self.tokens):
             if t >= 0:
-                self.next_of.setdefault(t, []).append(i)
+                self.starts.setdefault(t, []).append(i)
                 twin = twins.get(t)
                 if twin is not None and twin != t:
-                    self.next_of.setdefault(-2 - twin, []).append(i)  # an opening token's spaceless form
-        self.ends = list(ends)
+                    self.starts.setdefault(twin, []).append(i)
+        self.ends, self.eos = set(ends), list(eos)
         self.prompt_len = prompt_len
-        self.runs: dict[int, list[int]] = {}
 
-    def _allowed(self, row: int, written: list[int]) -> tuple[set[int], bool]:
+    def allowed(self, written: list[int]) -> list[int]:
+        """The tokens that may follow `written` (this generation's tokens so far)."""
         if not written:
-            opening = {t for t in self.next_of if t >= 0} | {-2 - k for k in self.next_of if k < -1}
-            return opening, False
-        ends = self.runs.get(row)
-        last = written[-1]
-        if ends is None:  # the first token: where it may have been copied from
-            ends = list(dict.fromkeys(self.next_of.get(last, []) + self.next_of.get(-2 - last, [])))
-        else:
-            ends = [i + 1 for i in ends if i + 1 < len(self.tokens) and self.tokens[i + 1] == last]
-        self.runs[row] = ends
-        return {self.tokens[i + 1] for i in ends if i + 1 < len(self.tokens) and self.tokens[i + 1] >= 0}, True
+            return sorted(self.starts)
+        if written[-1] in self.ends:
+            return self.eos
+        runs = self.starts.get(written[0], [])
+        for step, token in enumerate(written[1:], start=1):
+            runs = [i for i in runs if i + step < len(self.tokens) and self.tokens[i + step] == token]
+        step = len(written)
+        follow = {self.tokens[i + step] for i in runs if i + step < len(self.tokens) and self.tokens[i + step] >= 0}
+        return sorted(follow | self.ends) if runs else self.eos
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         import torch
 
         for row in range(input_ids.shape[0]):
-            written = input_ids[row, self.prompt_len :].tolist()
-            allowed, may_end = self._allowed(row, written)
-            keep = sorted(allowed | set(self.ends)) if may_end else sorted(allowed)
-            if not keep:
-                keep = self.ends
+            keep = self.allowed(input_ids[row, self.prompt_len :].tolist()) or self.eos
             mask = torch.full_like(scores[row], float("-inf"))
             mask[torch.tensor(keep, dtype=torch.long, device=scores.device)] = 0.0
             scores[row] = scores[row] + mask
@@ -145,7 +146,8 @@ class Grounding:
             else []
         )
         ends = tokenizer.eos_token_id
-        self.ends = [e for e in (ends if isinstance(ends, list) else [ends]) if e is not None] + _ids(tokenizer, "\n")
+        self.eos = [e for e in (ends if isinstance(ends, list) else [ends]) if e is not None]
+        self.ends = self.eos + _ids(tokenizer, "\n")
 
     def twins(self) -> dict[int, int]:
         """Token -> the same text without its leading space, where the vocabulary has both (made once)."""
@@ -172,7 +174,7 @@ class Grounding:
             processors.append(PassageBias(passage_ids + self.ends, settings.passage_bias))
         if settings.copy_spans and passage_ids:
             processors.append(
-                SpanCopy([_ids(tokenizer, text) for text in context], self.twins(), self.ends, prompt_len)
+                SpanCopy([_ids(tokenizer, text) for text in context], self.twins(), self.ends, self.eos, prompt_len)
             )
         n = settings.block_instruction_ngrams
         if n and passage_ids:

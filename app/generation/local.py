@@ -159,7 +159,9 @@ class LocalGenerator:
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
         prompt_len = 0 if self.model.config.is_encoder_decoder else int(inputs["input_ids"].shape[1])
-        kwargs.update(self.grounding.kwargs(messages or [], context, prompt_len, avoid))
+        # what the model writes starts after the prompt (a seq2seq decoder's output after its start token)
+        written_from = 1 if self.model.config.is_encoder_decoder else prompt_len
+        kwargs.update(self.grounding.kwargs(messages or [], context, written_from, avoid))
         criteria: list[_StopOnStrings | _StopOnCancel] = []
         if stops:
             criteria.append(_StopOnStrings(self.tokenizer, prompt_len, stops))

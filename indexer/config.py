@@ -175,19 +175,17 @@ class LabelSet(BaseModel):
 DEFAULT_LABEL_SETS: dict[str, LabelSet] = {
     "topic": LabelSet(
         field="auto_topic",
-        template="{text}\n\nWhat is the title of this text?",
-        prefix="The title is",
         labels={
-            "astronomy": ["astronomy", "Galaxies"],
-            "biology": ["biology", "Vaccines"],
-            "computing": ["computing", "Turing"],
-            "cooking": ["cooking", "Baking"],
-            "earth": ["earth", "Earth's"],
-            "health": ["health", "Cholesterol"],
-            "history": ["history", "Spread"],
-            "language": ["language", "Languages"],
-            "music": ["music", "Orchestra"],
-            "sport": ["sport", "Games"],
+            "astronomy": [],
+            "biology": [],
+            "computing": [],
+            "cooking": [],
+            "earth": [],
+            "health": [],
+            "history": [],
+            "language": [],
+            "music": [],
+            "sport": [],
         },
     )
 }

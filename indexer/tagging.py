@@ -26,12 +26,14 @@ The build job (indexer/pipeline.py) and the server (`POST /v1/classify`) both ca
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -137,6 +139,10 @@ class CausalWordScorer(_HFScorer):
     HEADS_KEPT = 8
     TREE_TOKENS = 256
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._heads: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()  # head -> its cache
+
     def _batch(self, prompts: list[str], keys: list[tuple[int, ...]], head: str) -> np.ndarray:
         import torch
 
@@ -184,8 +190,6 @@ class CausalWordScorer(_HFScorer):
         """A fresh cache holding the head's keys and values for `batch` prompts (the head is read once)."""
         import torch
 
-        if not hasattr(self, "_heads"):
-            self._heads: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
         layers = self._heads.get(head)
         if layers is None:
             with torch.inference_mode():
@@ -232,11 +236,12 @@ class CausalWordScorer(_HFScorer):
 
 def _cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
     """A model call's cache argument: `cache` in transformers 5, `past_key_values` before."""
-    import inspect
+    return {} if cache is None else {_cache_name(cast(Hashable, type(model))): cache}
 
-    if cache is None:
-        return {}
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+@functools.cache
+def _cache_name(model_class: Any) -> str:  # once per model class (holds the class, never a model)
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _cache_of(out: Any) -> Any:
@@ -371,10 +376,11 @@ class Tagger:
         self.scorer = scorer
         # (template, prefix, words) -> the empty text's word scores, most recent last (bounded: requests bring
         # their own prompts)
-        self._calibration: OrderedDict[tuple[str, str, tuple[str, ...]], np.ndarray] = OrderedDict()
+        self._calibration: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    CALIBRATIONS_KEPT = 64
+    CALIBRATIONS_KEPT = 64  # prompts
+    CALIBRATED_WORDS_KEPT = 4096  # words per prompt (requests bring their own)
 
     @classmethod
     def load(cls, settings: TaggingSettings) -> Tagger:
@@ -437,19 +443,27 @@ class Tagger:
         return self.verbalizer(label_set, strict=True)
 
     def calibration(self, label_set: LabelSet, words: Sequence[str]) -> np.ndarray:
-        """The words' log-probabilities for the set's prompt around an empty text (cached per prompt)."""
-        key = (label_set.template, label_set.prefix, tuple(words))
+        """The words' log-probabilities for the set's prompt around an empty text. Cached per prompt and word
+        (a word's score does not depend on the words read beside it), so only words not seen with this prompt
+        are read."""
+        key = (label_set.template, label_set.prefix)
         with self._lock:
-            cached = self._calibration.get(key)
-            if cached is not None:
-                self._calibration.move_to_end(key)
-        if cached is None:
-            cached = self.scorer.word_logprobs([""], label_set, words)[0]
+            known = dict(self._calibration.get(key, {}))
+        missing = [w for w in dict.fromkeys(words) if w not in known]
+        if missing:
+            fresh = dict(zip(missing, self.scorer.word_logprobs([""], label_set, missing)[0].tolist()))
+            known.update(fresh)
             with self._lock:
-                self._calibration[key] = cached
-                while len(self._calibration) > self.CALIBRATIONS_KEPT:
-                    self._calibration.popitem(last=False)
-        return cached
+                kept = self._calibration.setdefault(key, {})
+                if len(kept) + len(fresh) > self.CALIBRATED_WORDS_KEPT:
+                    kept.clear()
+                kept.update(fresh)
+        with self._lock:
+            if key in self._calibration:
+                self._calibration.move_to_end(key)
+            while len(self._calibration) > self.CALIBRATIONS_KEPT:
+                self._calibration.popitem(last=False)
+        return np.array([known[w] for w in words], dtype=np.float32)
 
     def calibrated(self, scores: np.ndarray, label_set: LabelSet, words: Sequence[str]) -> np.ndarray:
         """`word_logprobs` rows less the set's `calibration` strength times the empty text's."""

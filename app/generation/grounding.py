@@ -139,6 +139,7 @@ class Grounding:
     def __init__(self, settings: GroundingSettings, tokenizer: Any) -> None:  # a Hugging Face tokenizer
         self.settings = settings
         self.tokenizer = tokenizer
+        self._twins: dict[int, int] | None = None  # made on first use (copy_spans only)
         # every vocabulary token whose text holds `[` (the start of a citation marker)
         self.brackets = (
             [i for i in range(len(tokenizer)) if "[" in tokenizer.decode([i])]
@@ -151,7 +152,7 @@ class Grounding:
 
     def twins(self) -> dict[int, int]:
         """Token -> the same text without its leading space, where the vocabulary has both (made once)."""
-        if not hasattr(self, "_twins"):
+        if self._twins is None:
             vocab = self.tokenizer.get_vocab()
             marks = ("Ġ", "▁")
             self._twins = {i: vocab[t[1:]] for t, i in vocab.items() if t[:1] in marks and t[1:] in vocab}

@@ -181,6 +181,16 @@ def ray_serve():
     ray.shutdown()
 
 
+@pytest.fixture
+def serve_app(ray_serve):
+    """Serve shut down after each test, failed or not (a Serve left running keeps its port and would take the
+    next test's deployment on it)."""
+    from ray import serve
+
+    yield
+    serve.shutdown()
+
+
 def _queries(n: int) -> list[str]:
     import json
 
@@ -195,6 +205,20 @@ def _replica_processes(deployment: str) -> list[psutil.Process]:
         for p in psutil.process_iter(["cmdline"])
         if " ".join(p.info["cmdline"] or []).strip() == f"ray::ServeReplica:sift:{deployment}"
     ]
+
+
+def _wait_for_replicas(deployment: str, count: int, timeout_s: float = 90.0) -> list[psutil.Process]:
+    """The deployment's replica processes once there are `count` of them (`serve.run` may return before each
+    replica's process has taken its title); fails after `timeout_s`."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = _replica_processes(deployment)
+        if len(found) == count or time.monotonic() > deadline:
+            assert len(found) == count, f"{deployment}: {len(found)} replica processes after {timeout_s} s"
+            return found
+        time.sleep(0.5)
 
 
 async def _ask(client, base: str, queries: list[str], **extra) -> list:
@@ -215,7 +239,7 @@ def _ranking(response) -> list[tuple[str, float]]:
     return [(h["passage_id"], round(h["score"], 5)) for h in response.json()["hits"]]
 
 
-def test_serve_two_replicas_match_one_server_and_survive_a_killed_replica(example_index, ray_serve) -> None:
+def test_serve_two_replicas_match_one_server_and_survive_a_killed_replica(example_index, serve_app) -> None:
     import asyncio
 
     import httpx
@@ -239,7 +263,7 @@ def test_serve_two_replicas_match_one_server_and_survive_a_killed_replica(exampl
     port = free_port()
     serving_ray.run(settings, "127.0.0.1", port, block=False)
     base = f"http://127.0.0.1:{port}"
-    assert len(_replica_processes("sift")) == 2
+    _wait_for_replicas("sift", 2)
 
     async def scenario():
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
@@ -263,12 +287,9 @@ def test_serve_two_replicas_match_one_server_and_survive_a_killed_replica(exampl
     assert len(failed) <= 200 and len(ok) >= 200
     assert all(_ranking(r) == expected[q] for q, r in ok)
     assert all(not isinstance(r, Exception) and r.status_code == 200 for r in after)
-    from ray import serve
-
-    serve.shutdown()  # the next test starts Serve on its own port
 
 
-def test_serve_sharded_fans_out_and_names_a_dead_shard(example_index, ray_serve, tmp_path) -> None:
+def test_serve_sharded_fans_out_and_names_a_dead_shard(example_index, serve_app, tmp_path) -> None:
     import asyncio
     import time
 
@@ -304,8 +325,7 @@ def test_serve_sharded_fans_out_and_names_a_dead_shard(example_index, ray_serve,
         got = client.post(f"{base}/v1/search", json=body)
         assert got.status_code == 200 and "maxsim" in got.json()["hits"][0]["explain"]
         assert [h["passage_id"] for h in got.json()["hits"]] == [h.passage_id for h in reranked.hits]
-        victim = _replica_processes("sift-shard-001")
-        assert len(victim) == 1
+        victim = _wait_for_replicas("sift-shard-001", 1)
         # a shard that stops answering (frozen): a 503 naming it, partial results when asked, /readyz 503
         os.kill(victim[0].pid, signal.SIGSTOP)
         try:
@@ -333,6 +353,3 @@ def test_serve_sharded_fans_out_and_names_a_dead_shard(example_index, ray_serve,
             assert response.status_code == 503 and response.json()["error"]["shard"] == "shard-001"
             assert time.time() < deadline, "the killed shard did not come back"
             time.sleep(1)
-    from ray import serve
-
-    serve.shutdown()  # the next test starts Serve on its own port

@@ -389,6 +389,13 @@ def eval_classify(
         10, "--choose-per-label", help="half-0 texts per label used to choose (0: all of half 0)"
     ),
     field: str = typer.Option("label", help="metadata field of the label set written to label_set.json"),
+    max_prompts: int = typer.Option(
+        1,
+        "--max-prompts",
+        min=1,
+        max=5,
+        help="also try ensembles of up to this many prompts (each costs one more model pass per text)",
+    ),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (index.tagging.model, ...)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="folder for results.json and label_set.json"),
 ) -> None:
@@ -406,10 +413,10 @@ def eval_classify(
         cap_per_label,
         choose,
         cosine_baseline,
+        ensemble_scores,
         halves,
         load_labelled,
         macro_f1,
-        scores_for,
     )
     from app.settings import load_settings
     from indexer.encoders import load_encoder
@@ -427,17 +434,24 @@ def eval_classify(
     dev = cap_per_label(dev, choose_per_label)
     typer.echo(f"{name}: {len(labels)} labels; choosing on {len(dev)} texts of half 0, reporting on {len(test)}")
     tagger = Tagger.load(settings.index.tagging)
-    chosen, tried = choose(tagger, field, labels, dev, echo=typer.echo)
+    chosen, tried = choose(tagger, field, labels, dev, echo=typer.echo, max_prompts=max_prompts)
     gold = [r.label for r in test]
     texts = [r.text for r in test]
-    names = chosen.model_copy(update={"labels": {label: [] for label in labels}})
-    words = list(dict.fromkeys([*tagger.verbalizer(chosen, strict=False).words, *labels]))
-    index = {w: i for i, w in enumerate(words)}
+    no_words: dict[str, list[str]] = {label: [] for label in labels}
+    names = chosen.model_copy(
+        update={
+            "labels": no_words,
+            "ensemble": [p.model_copy(update={"labels": no_words}) for p in chosen.ensemble],
+        }
+    )
+    tables = []
     t = time.perf_counter()
-    table = tagger.scorer.word_logprobs(texts, chosen, words)  # one model pass; both verbalizers read it
+    for part in chosen.prompts():  # one model pass per prompt; both verbalizers read it
+        words = list(dict.fromkeys([*tagger.verbalizer(part, strict=False).words, *labels]))
+        tables.append((tagger.scorer.word_logprobs(texts, part, words), {w: i for i, w in enumerate(words)}))
     seconds = time.perf_counter() - t
     predicted, by_names = (
-        [labels[int(i)] for i in np.argmax(scores_for(tagger, s, words, table, index), axis=1)] for s in (chosen, names)
+        [labels[int(i)] for i in np.argmax(ensemble_scores(tagger, s, tables), axis=1)] for s in (chosen, names)
     )
     encoder = load_encoder(settings.index.dense.model, settings.index.dense.device)
     baseline = cosine_baseline(encoder, texts, labels)
@@ -456,6 +470,7 @@ def eval_classify(
         "prefix": chosen.prefix,
         "calibration": chosen.calibration,
         "verbalizer": chosen.labels,
+        "prompts": len(chosen.prompts()),
         **scored,
         "ms_per_text": 1000 * seconds / max(1, len(texts)),
         "choices": tried,

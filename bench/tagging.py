@@ -28,9 +28,11 @@ import yaml  # noqa: E402
 from bench.common import ROOT, append_report  # noqa: E402
 
 PINS = ROOT / "configs" / "regression" / "tagging.yaml"
+# (dataset, field, most prompts an ensemble may have): the topic set is the one `--tag` ships, whose cost line
+# (≤ 2× the plain build) allows one prompt; SQuAD's titles may use an ensemble of up to 5 (k model passes)
 DATASETS = {
-    "squad": ("squad", "article"),
-    "topics": (f"{ROOT / 'examples' / 'corpus.jsonl'}:topic", "auto_topic"),
+    "squad": ("squad", "article", 5),
+    "topics": (f"{ROOT / 'examples' / 'corpus.jsonl'}:topic", "auto_topic", 1),
 }
 
 
@@ -44,12 +46,26 @@ def sift(*args: str) -> subprocess.CompletedProcess:
 
 
 def evaluate(name: str, squad: Path) -> dict:
-    dataset, field = DATASETS[name]
+    dataset, field, prompts = DATASETS[name]
     out = ROOT / "var" / "eval" / "classify" / name
     extra = ["--squad", str(squad)] if name == "squad" else []
-    print(f"sift eval classify --dataset {dataset} ...", flush=True)
-    sift("eval", "classify", "--dataset", dataset, "--field", field, "--out", str(out), *extra)
-    return json.loads((out / "results.json").read_text())
+    print(f"sift eval classify --dataset {dataset} --max-prompts {prompts} ...", flush=True)
+    sift(
+        "eval",
+        "classify",
+        "--dataset",
+        dataset,
+        "--field",
+        field,
+        "--max-prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        *extra,
+    )
+    results = json.loads((out / "results.json").read_text())
+    results["ensemble"] = json.loads((out / "label_set.json").read_text()).get("ensemble", [])
+    return results
 
 
 def build_seconds(tag: bool, folder: Path) -> tuple[float, dict]:
@@ -101,13 +117,21 @@ def main() -> None:
             f"**{100 * r['tagger']['macro_f1']:.1f}** | {100 * r['tagger_names_only']['macro_f1']:.1f} | "
             f"{100 * r['cosine_baseline']['macro_f1']:.1f} | {100 * r['tagger']['accuracy']:.1f} / "
             f"{100 * r['cosine_baseline']['accuracy']:.1f} | `{r['template'][-40:]!r}` + `{r['prefix']}`, "
-            f"calibration {r.get('calibration', 1.0)} |"
+            f"calibration {r.get('calibration', 1.0)}"
+            + "".join(
+                f"; + `{p['template'][-40:]!r}` + `{p['prefix']}`, calibration {p['calibration']}"
+                for p in r.get("ensemble", [])
+            )
+            + f" ({r.get('prompts', 1)} prompt{'s' if r.get('prompts', 1) > 1 else ''}) |"
         )
     body = (
         "`sift eval classify`: each label's texts alternate between two halves; half 0 chooses the template (5 "
         "tried), the verbalizer (the label's name, or the name plus 1, 2 or 3 words per label found by automatic "
         "verbalizer search among its name's words and its 5 most distinctive words in half 0, judged cross-fitted "
-        "across two folds of half 0) and the calibration strength (1, 0.75, 0.5); half 1 is reported. Baseline in "
+        "across two folds of half 0) and the calibration strength (1, 0.75, 0.5), and for SQuAD also prompt "
+        "ensembles (`--max-prompts 5`: the k best templates, each with its best configuration, label scores "
+        "averaged; kept only when better on half 0; k model passes per text; the topic set is the one `--tag` "
+        "ships, held to one prompt by its cost); half 1 is reported. Baseline in "
         "the same run: each text's nearest label name by bi-encoder cosine (all-MiniLM-L6-v2). Model: "
         "SmolLM2-135M-Instruct (`index.tagging.runtime`: bfloat16 where the CPU computes it natively, this one "
         "does), each word scored by the probability of all its tokens after the prompt, calibrated against the "
@@ -153,6 +177,7 @@ def main() -> None:
                     "prefix": r["prefix"],
                     "labels": r["verbalizer"],
                     "calibration": r.get("calibration", 1.0),
+                    "ensemble": r.get("ensemble", []),
                     "tagger_macro_f1": round(r["tagger"]["macro_f1"], 4),
                     "names_only_macro_f1": round(r["tagger_names_only"]["macro_f1"], 4),
                     "cosine_macro_f1": round(r["cosine_baseline"]["macro_f1"], 4),

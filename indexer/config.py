@@ -119,6 +119,23 @@ TEXT_SLOT = "{text}"
 MAX_WORD_CHARS = 100  # a label or verbalizer word (each is scored token by token)
 
 
+MAX_ENSEMBLE = 8  # prompts of a label set beside its own (each costs one more model pass per passage)
+
+
+class LabelPrompt(BaseModel):
+    """One more prompt of a label set's ensemble: its own template, prefix, verbalizer and calibration
+    strength, over the same labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str = Field(..., max_length=2000, description="the question around the text, holding `{text}`")
+    prefix: str = Field(..., max_length=200, description="the start of the answer; a label word follows")
+    labels: dict[str, list[str]] = Field(
+        ..., description="label -> verbalizer words for this prompt (the set's labels, each; empty: the label)"
+    )
+    calibration: float = Field(1.0, ge=0.0, le=1.0, description="as the set's `calibration`, for this prompt")
+
+
 class LabelSet(BaseModel):
     """A zero-shot classifier made of a prompt and a verbalizer (no training data): the model reads
     `template` with a passage in place of `{text}`, then `prefix` as the start of its answer, and each label is
@@ -148,10 +165,28 @@ class LabelSet(BaseModel):
         description="how much of the empty text's word scores is subtracted (1: all, contextual calibration)",
     )
 
+    ensemble: list[LabelPrompt] = Field(
+        default_factory=list,
+        max_length=MAX_ENSEMBLE,
+        description="more prompts over the same labels; a label's score is the mean of its scores under every "
+        "prompt (prompt ensembling: each prompt costs one more model pass per passage)",
+    )
+
     @model_validator(mode="after")
     def _valid(self) -> LabelSet:
         if TEXT_SLOT not in self.template:
             raise ValueError("template must contain {text}")
+        for i, prompt in enumerate(self.ensemble):
+            if TEXT_SLOT not in prompt.template:
+                raise ValueError(f"ensemble[{i}].template must contain {{text}}")
+            if list(prompt.labels) != list(self.labels):
+                raise ValueError(f"ensemble[{i}].labels must name the set's labels, in the same order")
+            for label, words in prompt.labels.items():
+                if any(not w.strip() or len(w) > MAX_WORD_CHARS for w in words):
+                    raise ValueError(
+                        f"ensemble[{i}].labels.{label}: a verbalizer word is empty or longer than "
+                        f"{MAX_WORD_CHARS} characters"
+                    )
         if len(self.labels) < 2:
             raise ValueError("labels: give at least two labels")
         for label, words in self.labels.items():
@@ -168,6 +203,11 @@ class LabelSet(BaseModel):
     def words(self) -> dict[str, list[str]]:
         """Each label's verbalizer words, the label itself where none are given."""
         return {label: [w.strip() for w in words] or [label] for label, words in self.labels.items()}
+
+    def prompts(self) -> list[LabelSet]:
+        """The set's prompts, each as a label set of one prompt: its own first, then the ensemble's."""
+        own = self.model_copy(update={"ensemble": []})
+        return [own, *(own.model_copy(update=p.model_dump()) for p in self.ensemble)]
 
 
 # the label set shipped for the example corpus's topics; its template, prefix and words were chosen on half of

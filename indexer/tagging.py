@@ -17,6 +17,8 @@ training data (`LabelSet` in indexer/config.py).
   words over others (contextual calibration).
 - A label's score is the mean probability ratio over its words (log-sum-exp minus log n); the label
   probabilities are their softmax. Ties go to the label listed first (deterministic).
+- Prompt ensembling: a set may add prompts (`LabelSet.ensemble`, each with its own template, prefix, words and
+  calibration); a label's score is then the mean of its scores under every prompt, at one model pass per prompt.
 
 Invariants: `Tagger.probabilities` depends only on the texts, the label set and the model (no state but
 the calibration cache, which is a pure function of those); batching and order do not change a text's scores
@@ -403,7 +405,10 @@ class Tagger:
     def conflicts(
         self, label_set: LabelSet, keys: Mapping[str, list[tuple[tuple[int, ...], str]]] | None = None
     ) -> list[str]:
-        """One message per pair of labels with words the model scores by the same tokens (they tie on them)."""
+        """One message per pair of labels with words the model scores by the same tokens (they tie on them);
+        for a set with an ensemble, each prompt's verbalizer is checked."""
+        if keys is None and label_set.ensemble:
+            return list(dict.fromkeys(m for part in label_set.prompts() for m in self.conflicts(part)))
         owner: dict[tuple[int, ...], str] = {}
         found = []
         for label, pairs in (keys if keys is not None else self.keys(label_set)).items():
@@ -420,6 +425,8 @@ class Tagger:
         """The set's distinct words and each label's columns. `strict`: raise `LabelSetError` when two labels
         have words with the same key (`conflicts`); else such a word counts for the label listed first only
         (a later label keeps its other words, or ties on it when it has none)."""
+        if label_set.ensemble:
+            raise ValueError("a label set with an ensemble has one verbalizer per prompt: use prompts()")
         keys = self.keys(label_set)
         if strict:
             found = self.conflicts(label_set, keys)
@@ -438,9 +445,9 @@ class Tagger:
             columns[label] = own or [column[k] for k, _ in pairs]
         return Verbalizer(words, columns)
 
-    def check(self, label_set: LabelSet) -> Verbalizer:
-        """The set's verbalizer; raises `LabelSetError` when two labels' words score the same tokens."""
-        return self.verbalizer(label_set, strict=True)
+    def check(self, label_set: LabelSet) -> list[Verbalizer]:
+        """Each prompt's verbalizer; raises `LabelSetError` when two labels' words score the same tokens."""
+        return [self.verbalizer(part, strict=True) for part in label_set.prompts()]
 
     def calibration(self, label_set: LabelSet, words: Sequence[str]) -> np.ndarray:
         """The words' log-probabilities for the set's prompt around an empty text. Cached per prompt and word
@@ -482,13 +489,17 @@ class Tagger:
     def probabilities(
         self, texts: Sequence[str], label_set: LabelSet, strict: bool = True, progress: bool = False
     ) -> np.ndarray:
-        """[texts, labels] label probabilities (softmax of the calibrated scores), labels in the set's order;
-        `strict` as in `verbalizer`."""
-        verbalizer = self.verbalizer(label_set, strict)
+        """[texts, labels] label probabilities (softmax of the calibrated scores; with an ensemble, of their
+        mean over the prompts), labels in the set's order; `strict` as in `verbalizer`."""
+        parts = label_set.prompts()
+        verbalizers = [self.verbalizer(part, strict) for part in parts]
         if not texts:
-            return np.zeros((0, len(verbalizer.columns)), dtype=np.float32)
-        raw = self.scorer.word_logprobs(texts, label_set, verbalizer.words, progress)
-        scores = self.label_scores(raw, label_set, verbalizer)
+            return np.zeros((0, len(label_set.labels)), dtype=np.float32)
+        scores = np.zeros((len(texts), len(label_set.labels)), dtype=np.float32)
+        for part, verbalizer in zip(parts, verbalizers):
+            raw = self.scorer.word_logprobs(texts, part, verbalizer.words, progress)
+            scores += self.label_scores(raw, part, verbalizer)
+        scores /= len(parts)
         scores = scores - scores.max(axis=1, keepdims=True)
         exp = np.exp(scores)
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)

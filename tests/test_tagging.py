@@ -23,6 +23,12 @@ TEXTS = {
     "sport": "The striker scored twice in the cup final and the team lifted the trophy.",
     "music": "The orchestra tuned up before the symphony; the violins played the opening melody.",
 }
+MORE_TEXTS = {
+    "astronomy": "The comet's tail points away from the Sun as it nears perihelion.",
+    "cooking": "Simmer the onions in butter until soft, then stir in the rice and the stock.",
+    "sport": "The sprinter won the hundred metres and broke the national record.",
+    "music": "The band recorded its second album with a new drummer and a string section.",
+}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +97,68 @@ def test_label_sets_are_checked(tagger):
     assert tagger.conflicts(apart) == []
     text = "The Victoria and Albert Museum in London holds decorative arts, sculpture and fashion collections."
     assert tagger.classify([text], apart)[0].label == "Victoria and Albert Museum"
+
+
+def test_prompt_ensemble_averages_label_scores_and_each_prompt_is_checked(tagger):
+    """A set with an ensemble scores each label by the mean of its scores under every prompt: its probabilities
+    are the normalised geometric mean of the single prompts' probabilities; each prompt's words are checked."""
+    from indexer.config import LabelPrompt
+    from indexer.tagging import LabelSetError
+
+    first = topic_set()
+    words = {label: [label, label.capitalize()] for label in first.labels}
+    title = LabelPrompt(template="{text}\n\nWhat is the title of this text?", prefix="The title is", labels=words)
+    second = first.model_copy(update={"template": title.template, "prefix": title.prefix, "labels": words})
+    second = second.model_copy(update={"calibration": 0.75})
+    title = title.model_copy(update={"calibration": 0.75})
+    both = first.model_copy(update={"ensemble": [title]})
+    assert [p.template for p in both.prompts()] == [first.template, title.template]
+    texts = list(TEXTS.values())
+    p1, p2, pe = (tagger.probabilities(texts, s) for s in (first, second, both))
+    expected = np.sqrt(p1 * p2)
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(pe, expected, atol=1e-4)
+    assert not np.allclose(p1, p2, atol=1e-2)  # the prompts differ, so the mean is not either one
+    labels = list(first.labels)
+    assert [labels[i] for i in pe.argmax(axis=1)] == list(TEXTS)
+    with pytest.raises(ValueError, match=r"ensemble\[0\]\.labels must name"):
+        LabelSet(
+            field="x", labels={"a": [], "b": []}, ensemble=[{"template": "{text}", "prefix": "", "labels": {"a": []}}]
+        )
+    with pytest.raises(ValueError, match=r"ensemble\[0\]\.template"):
+        LabelSet(
+            field="x",
+            labels={"a": [], "b": []},
+            ensemble=[{"template": "x", "prefix": "", "labels": {"a": [], "b": []}}],
+        )
+    clash = {"Victoria (Australia)": ["Victoria"], "Victoria Museum": ["Victoria"]}
+    fine = LabelSet(field="x", labels={"Victoria (Australia)": [], "Victoria Museum": []})
+    clashing = fine.model_copy(update={"ensemble": [LabelPrompt(template="{text}", prefix="It is", labels=clash)]})
+    assert tagger.conflicts(fine) == [] and len(tagger.conflicts(clashing)) == 1
+    with pytest.raises(LabelSetError, match="same tokens"):
+        tagger.check(clashing)
+
+
+def test_choose_tries_prompt_ensembles_on_half_0_only(tagger):
+    """`choose` with `max_prompts` 3 also scores ensembles of the 2 and 3 best templates and keeps one only when
+    it beats every smaller choice on the texts given (the chosen set's figure is the best one tried)."""
+    from app.eval.classify import Labelled, choose
+
+    dev = [Labelled(text, label) for label, text in TEXTS.items()]
+    dev += [Labelled(text, label) for label, text in MORE_TEXTS.items()]
+    labels = list(TEXTS)
+    chosen, tried = choose(tagger, "x", labels, dev, echo=lambda *_: None, max_prompts=3)
+    ensembles = [t for t in tried if t["verbalizer"].startswith("ensemble")]
+    assert [t["verbalizer"] for t in ensembles] == ["ensemble of 2 prompts", "ensemble of 3 prompts"]
+    assert [len(t["ensemble"]) for t in ensembles] == [2, 3]
+    best = max(t["macro_f1"] for t in tried)
+    singles = max(t["macro_f1"] for t in tried if t not in ensembles)
+    kept = len(chosen.prompts())
+    assert kept in (1, 2, 3)
+    if kept == 1:
+        assert singles == best  # an ensemble no better than one prompt is not kept
+    else:
+        assert ensembles[kept - 2]["macro_f1"] == best > singles
 
 
 def test_whole_words_are_scored_exactly_and_calibration_is_a_strength():

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from indexer.bm25 import _stopwords
-from indexer.config import LabelSet
+from indexer.config import LabelPrompt, LabelSet
 from indexer.models import passage_index_text
 from indexer.tagging import Tagger
 
@@ -191,10 +191,19 @@ def search_verbalizer(
 
 
 def choose(
-    tagger: Tagger, field: str, labels: Sequence[str], dev: Sequence[Labelled], echo: Any = print
+    tagger: Tagger,
+    field: str,
+    labels: Sequence[str],
+    dev: Sequence[Labelled],
+    echo: Any = print,
+    max_prompts: int = 1,
 ) -> tuple[LabelSet, list[dict[str, Any]]]:
     """The template, verbalizer and calibration strength with the best macro-F1 on `dev` (half 0), and every
-    candidate's figures. Each template's prompts are scored once, over every label's candidate words."""
+    candidate's figures. Each template's prompts are scored once, over every label's candidate words.
+
+    `max_prompts` > 1 also tries prompt ensembles: the templates ranked by their best configuration's macro-F1,
+    the first k (2 ≤ k ≤ max_prompts) each with that configuration, scored by the mean of their cross-fitted
+    label scores; an ensemble is kept only when it beats every smaller choice (it costs k model passes)."""
     gold = [r.label for r in dev]
     fold_of = {id(row): part for part, rows in enumerate(halves(dev)) for row in rows}
     parts = np.array([fold_of[id(row)] for row in dev])
@@ -211,7 +220,8 @@ def choose(
     index = {w: i for i, w in enumerate(words)}
     best: tuple[float, LabelSet] | None = None
     tried = []
-    for template, prefix in TEMPLATES:
+    per_template: list[tuple[float, int, LabelSet, np.ndarray]] = []  # each template's best configuration
+    for order, (template, prefix) in enumerate(TEMPLATES):
         base = LabelSet(field=field, template=template, prefix=prefix, labels={label: [] for label in labels})
         table = tagger.scorer.word_logprobs([r.text for r in dev], base, words)
         names: dict[str, list[str]] = {label: [] for label in labels}
@@ -235,13 +245,15 @@ def choose(
         for verbalizer, (chosen_words, folds) in verbalizers.items():
             for strength in CALIBRATIONS:
                 label_set = base.model_copy(update={"labels": chosen_words, "calibration": strength})
-                predicted: list[str] = [""] * len(dev)
+                crossed = np.zeros((len(dev), len(labels)), dtype=np.float32)  # cross-fitted label scores
                 for rows, fold_words in folds:
                     fold_set = base.model_copy(update={"labels": fold_words, "calibration": strength})
-                    best_of = np.argmax(scores_for(tagger, fold_set, words, table[rows], index), axis=1)
-                    for row, i in zip(rows, best_of):
-                        predicted[int(row)] = labels[int(i)]
-                f1 = macro_f1(gold, predicted, labels)
+                    crossed[rows] = scores_for(tagger, fold_set, words, table[rows], index)
+                f1 = macro_f1(gold, [labels[int(i)] for i in np.argmax(crossed, axis=1)], labels)
+                if len(per_template) <= order:
+                    per_template.append((f1, order, label_set, crossed))
+                elif f1 > per_template[order][0]:
+                    per_template[order] = (f1, order, label_set, crossed)
                 tried.append(
                     {
                         "template": template,
@@ -255,7 +267,44 @@ def choose(
                 if best is None or f1 > best[0]:
                     best = (f1, label_set)
     assert best is not None
+    ranked = sorted(per_template, key=lambda t: (-t[0], t[1]))
+    for k in range(2, min(max_prompts, len(ranked)) + 1):
+        members = ranked[:k]
+        mean = np.mean([m[3] for m in members], axis=0)  # label scores averaged over the prompts
+        f1 = macro_f1(gold, [labels[int(i)] for i in np.argmax(mean, axis=1)], labels)
+        head = members[0][2]
+        ensemble = head.model_copy(
+            update={
+                "ensemble": [
+                    LabelPrompt(template=m.template, prefix=m.prefix, labels=m.labels, calibration=m.calibration)
+                    for _, _, m, _ in members[1:]
+                ]
+            }
+        )
+        tried.append(
+            {
+                "template": head.template,
+                "prefix": head.prefix,
+                "verbalizer": f"ensemble of {k} prompts",
+                "calibration": head.calibration,
+                "ensemble": [m.template for _, _, m, _ in members],
+                "macro_f1": f1,
+            }
+        )
+        echo(f"  half 0: ensemble of the {k} best prompts{'':<28} macro-F1 {100 * f1:.1f}")
+        if f1 > best[0]:
+            best = (f1, ensemble)
     return best[1], tried
+
+
+def ensemble_scores(
+    tagger: Tagger, label_set: LabelSet, tables: Sequence[tuple[np.ndarray, dict[str, int]]]
+) -> np.ndarray:
+    """[texts, labels] the set's label scores, the mean over its prompts (`LabelSet.prompts`), each read from
+    its `word_logprobs` table and column index."""
+    words_of = [list(index) for _, index in tables]
+    parts = label_set.prompts()
+    return np.mean([scores_for(tagger, p, w, t, i) for p, w, (t, i) in zip(parts, words_of, tables)], axis=0)
 
 
 def cosine_baseline(encoder: Any, texts: Sequence[str], labels: Sequence[str]) -> list[str]:

@@ -437,6 +437,7 @@ def eval_classify(
     chosen, tried = choose(tagger, field, labels, dev, echo=typer.echo, max_prompts=max_prompts)
     gold = [r.label for r in test]
     texts = [r.text for r in test]
+    # names only: the chosen prompts (all of an ensemble's), each label's name as its only word
     no_words: dict[str, list[str]] = {label: [] for label in labels}
     names = chosen.model_copy(
         update={
@@ -471,6 +472,7 @@ def eval_classify(
         "calibration": chosen.calibration,
         "verbalizer": chosen.labels,
         "prompts": len(chosen.prompts()),
+        "ensemble": [p.model_dump(mode="json") for p in chosen.ensemble],
         **scored,
         "ms_per_text": 1000 * seconds / max(1, len(texts)),
         "choices": tried,

@@ -63,9 +63,7 @@ def evaluate(name: str, squad: Path) -> dict:
         str(out),
         *extra,
     )
-    results = json.loads((out / "results.json").read_text())
-    results["ensemble"] = json.loads((out / "label_set.json").read_text()).get("ensemble", [])
-    return results
+    return json.loads((out / "results.json").read_text())
 
 
 def build_seconds(tag: bool, folder: Path) -> tuple[float, dict]:
@@ -91,6 +89,8 @@ def main() -> None:
         results[name] = json.loads(path.read_text()) if args.skip_eval and path.exists() else evaluate(name, args.squad)
         if "verbalizer" not in results[name]:  # results written before the eval recorded it
             results[name]["verbalizer"] = json.loads((path.parent / "label_set.json").read_text())["labels"]
+        if "ensemble" not in results[name]:  # results written before the eval recorded it
+            results[name]["ensemble"] = json.loads((path.parent / "label_set.json").read_text()).get("ensemble", [])
 
     from indexer.config import TaggingSettings
     from indexer.lm import cached_smollm2, default_cache_dir

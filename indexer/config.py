@@ -176,9 +176,13 @@ class LabelSet(BaseModel):
     def _valid(self) -> LabelSet:
         if TEXT_SLOT not in self.template:
             raise ValueError("template must contain {text}")
+        seen = {(self.template, self.prefix)}
         for i, prompt in enumerate(self.ensemble):
             if TEXT_SLOT not in prompt.template:
                 raise ValueError(f"ensemble[{i}].template must contain {{text}}")
+            if (prompt.template, prompt.prefix) in seen:
+                raise ValueError(f"ensemble[{i}] repeats a prompt of the set (it would count twice)")
+            seen.add((prompt.template, prompt.prefix))
             if list(prompt.labels) != list(self.labels):
                 raise ValueError(f"ensemble[{i}].labels must name the set's labels, in the same order")
             for label, words in prompt.labels.items():
@@ -205,9 +209,17 @@ class LabelSet(BaseModel):
         return {label: [w.strip() for w in words] or [label] for label, words in self.labels.items()}
 
     def prompts(self) -> list[LabelSet]:
-        """The set's prompts, each as a label set of one prompt: its own first, then the ensemble's."""
+        """The set's prompts, each as a label set of one prompt (validated, labels in the set's order): its own
+        first, then the ensemble's."""
         own = self.model_copy(update={"ensemble": []})
-        return [own, *(own.model_copy(update=p.model_dump()) for p in self.ensemble)]
+        parts = [own]
+        for i, prompt in enumerate(self.ensemble):
+            if set(prompt.labels) != set(self.labels):  # a copy made without validation may reach here
+                raise ValueError(f"ensemble[{i}].labels must name the set's labels")
+            fields = {**own.model_dump(), **prompt.model_dump()}
+            fields["labels"] = {label: prompt.labels[label] for label in self.labels}
+            parts.append(LabelSet.model_validate(fields))
+        return parts
 
 
 # the label set shipped for the example corpus's topics; its template, prefix and words were chosen on half of

@@ -408,7 +408,13 @@ class Tagger:
         """One message per pair of labels with words the model scores by the same tokens (they tie on them);
         for a set with an ensemble, each prompt's verbalizer is checked."""
         if keys is None and label_set.ensemble:
-            return list(dict.fromkeys(m for part in label_set.prompts() for m in self.conflicts(part)))
+            return list(
+                dict.fromkeys(
+                    f"prompt {i + 1} of {len(label_set.ensemble) + 1}: {message}" if i else message
+                    for i, part in enumerate(label_set.prompts())
+                    for message in self.conflicts(part)
+                )
+            )
         owner: dict[tuple[int, ...], str] = {}
         found = []
         for label, pairs in (keys if keys is not None else self.keys(label_set)).items():
@@ -496,8 +502,8 @@ class Tagger:
         if not texts:
             return np.zeros((0, len(label_set.labels)), dtype=np.float32)
         scores = np.zeros((len(texts), len(label_set.labels)), dtype=np.float32)
-        for part, verbalizer in zip(parts, verbalizers):
-            raw = self.scorer.word_logprobs(texts, part, verbalizer.words, progress)
+        for i, (part, verbalizer) in enumerate(zip(parts, verbalizers)):
+            raw = self.scorer.word_logprobs(texts, part, verbalizer.words, progress and i == 0)
             scores += self.label_scores(raw, part, verbalizer)
         scores /= len(parts)
         scores = scores - scores.max(axis=1, keepdims=True)

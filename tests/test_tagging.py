@@ -125,6 +125,24 @@ def test_prompt_ensemble_averages_label_scores_and_each_prompt_is_checked(tagger
         LabelSet(
             field="x", labels={"a": [], "b": []}, ensemble=[{"template": "{text}", "prefix": "", "labels": {"a": []}}]
         )
+    reordered = {"template": "{text}", "prefix": "", "labels": {"b": [], "a": []}}
+    with pytest.raises(ValueError, match=r"ensemble\[0\]\.labels must name"):
+        LabelSet(field="x", labels={"a": [], "b": []}, ensemble=[reordered])
+    with pytest.raises(ValueError, match="repeats a prompt"):
+        LabelSet(
+            field="x",
+            labels={"a": [], "b": []},
+            ensemble=[
+                {
+                    "template": "{text}\n\nWhat is the topic of this text?",
+                    "prefix": "The topic is",
+                    "labels": {"a": [], "b": []},
+                }
+            ],
+        )
+    with pytest.raises(ValueError, match="one verbalizer per prompt"):
+        tagger.verbalizer(both)
+    assert LabelSet.model_validate(both.model_dump()) == both  # what a config file holds validates
     with pytest.raises(ValueError, match=r"ensemble\[0\]\.template"):
         LabelSet(
             field="x",
@@ -139,26 +157,57 @@ def test_prompt_ensemble_averages_label_scores_and_each_prompt_is_checked(tagger
         tagger.check(clashing)
 
 
-def test_choose_tries_prompt_ensembles_on_half_0_only(tagger):
-    """`choose` with `max_prompts` 3 also scores ensembles of the 2 and 3 best templates and keeps one only when
-    it beats every smaller choice on the texts given (the chosen set's figure is the best one tried)."""
-    from app.eval.classify import Labelled, choose
+class _TwoSidedScorer:
+    """A word scorer with known answers: under the first template it tells a and b apart but calls every c or d
+    text c; under the second it tells c and d apart but calls every a or b text a; other templates score every
+    word alike (the first label wins). Only label names score; the empty text scores 0."""
 
-    dev = [Labelled(text, label) for label, text in TEXTS.items()]
-    dev += [Labelled(text, label) for label, text in MORE_TEXTS.items()]
-    labels = list(TEXTS)
+    name = "two-sided"
+
+    def word_key(self, word: str) -> tuple[int, ...]:
+        return tuple(ord(c) for c in word)
+
+    def word_logprobs(self, texts, label_set, words, progress=False):
+        from app.eval.classify import TEMPLATES
+
+        sides = {TEMPLATES[0][0]: ("a", "b"), TEMPLATES[1][0]: ("c", "d")}
+        out = np.zeros((len(texts), len(words)), dtype=np.float32)
+        known = sides.get(label_set.template)
+        for row, text in enumerate(texts):
+            gold = text.split()[0] if text else None
+            if gold is None or known is None:
+                continue
+            for column, word in enumerate(words):
+                if gold in known:
+                    out[row, column] = 2.0 if word == gold else 0.0
+                else:  # the other side: the first of its two labels, a little above the second
+                    first, second = sorted({"a", "b", "c", "d"} - set(known))
+                    out[row, column] = {first: 1.0, second: 0.9}.get(word, 0.0)
+        return out
+
+
+def test_choose_keeps_an_ensemble_only_when_it_beats_one_prompt():
+    """`choose` with `max_prompts` 3 scores ensembles of the 2 and 3 best templates on the texts given: with two
+    prompts each right about half the labels, the pair is right about all and is kept (the per-template best
+    configurations, in rank order); without `max_prompts` no ensemble is tried."""
+    from app.eval.classify import TEMPLATES, Labelled, choose
+    from indexer.tagging import Tagger
+
+    tagger = Tagger(_TwoSidedScorer())
+    labels = ["a", "b", "c", "d"]
+    dev = [Labelled(f"{label} text number {i}", label) for i in range(4) for label in labels]
     chosen, tried = choose(tagger, "x", labels, dev, echo=lambda *_: None, max_prompts=3)
+    singles = [t for t in tried if not t["verbalizer"].startswith("ensemble")]
     ensembles = [t for t in tried if t["verbalizer"].startswith("ensemble")]
+    assert max(t["macro_f1"] for t in singles) < 0.8  # each prompt alone gets half the labels' texts wrong
     assert [t["verbalizer"] for t in ensembles] == ["ensemble of 2 prompts", "ensemble of 3 prompts"]
-    assert [len(t["ensemble"]) for t in ensembles] == [2, 3]
-    best = max(t["macro_f1"] for t in tried)
-    singles = max(t["macro_f1"] for t in tried if t not in ensembles)
-    kept = len(chosen.prompts())
-    assert kept in (1, 2, 3)
-    if kept == 1:
-        assert singles == best  # an ensemble no better than one prompt is not kept
-    else:
-        assert ensembles[kept - 2]["macro_f1"] == best > singles
+    assert ensembles[0]["macro_f1"] == 1.0
+    assert [p.template for p in chosen.prompts()] == [TEMPLATES[0][0], TEMPLATES[1][0]]
+    assert [p["template"] for p in ensembles[0]["ensemble"]] == [TEMPLATES[0][0], TEMPLATES[1][0]]
+    predicted = tagger.classify([r.text for r in dev], chosen)
+    assert [c.label for c in predicted] == [r.label for r in dev]  # the kept set labels as it was judged
+    single, tried_single = choose(tagger, "x", labels, dev, echo=lambda *_: None)
+    assert single.ensemble == [] and not any(t["verbalizer"].startswith("ensemble") for t in tried_single)
 
 
 def test_whole_words_are_scored_exactly_and_calibration_is_a_strength():

@@ -287,7 +287,10 @@ def choose(
                 "prefix": head.prefix,
                 "verbalizer": f"ensemble of {k} prompts",
                 "calibration": head.calibration,
-                "ensemble": [m.template for _, _, m, _ in members],
+                "ensemble": [
+                    {"template": m.template, "prefix": m.prefix, "calibration": m.calibration, "labels": m.labels}
+                    for _, _, m, _ in members
+                ],
                 "macro_f1": f1,
             }
         )
@@ -302,9 +305,11 @@ def ensemble_scores(
 ) -> np.ndarray:
     """[texts, labels] the set's label scores, the mean over its prompts (`LabelSet.prompts`), each read from
     its `word_logprobs` table and column index."""
-    words_of = [list(index) for _, index in tables]
     parts = label_set.prompts()
-    return np.mean([scores_for(tagger, p, w, t, i) for p, w, (t, i) in zip(parts, words_of, tables)], axis=0)
+    scored = [
+        scores_for(tagger, part, list(index), table, index) for part, (table, index) in zip(parts, tables, strict=True)
+    ]
+    return np.mean(scored, axis=0)
 
 
 def cosine_baseline(encoder: Any, texts: Sequence[str], labels: Sequence[str]) -> list[str]:

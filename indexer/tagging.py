@@ -33,7 +33,7 @@ import inspect
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -376,8 +376,8 @@ class Tagger:
 
     def __init__(self, scorer: WordScorer) -> None:
         self.scorer = scorer
-        # (template, prefix, words) -> the empty text's word scores, most recent last (bounded: requests bring
-        # their own prompts)
+        # (template, prefix) -> word -> the empty text's score, most recently used prompt last (bounded: requests
+        # bring their own prompts and words)
         self._calibration: OrderedDict[tuple[str, str], dict[str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -460,8 +460,11 @@ class Tagger:
         (a word's score does not depend on the words read beside it), so only words not seen with this prompt
         are read."""
         key = (label_set.template, label_set.prefix)
-        with self._lock:
-            known = dict(self._calibration.get(key, {}))
+        with self._lock:  # only the words asked for are read (a prompt may keep thousands)
+            kept = self._calibration.get(key, {})
+            known = {w: kept[w] for w in words if w in kept}
+            if key in self._calibration:
+                self._calibration.move_to_end(key)
         missing = [w for w in dict.fromkeys(words) if w not in known]
         if missing:
             fresh = dict(zip(missing, self.scorer.word_logprobs([""], label_set, missing)[0].tolist()))
@@ -471,11 +474,9 @@ class Tagger:
                 if len(kept) + len(fresh) > self.CALIBRATED_WORDS_KEPT:
                     kept.clear()
                 kept.update(fresh)
-        with self._lock:
-            if key in self._calibration:
                 self._calibration.move_to_end(key)
-            while len(self._calibration) > self.CALIBRATIONS_KEPT:
-                self._calibration.popitem(last=False)
+                while len(self._calibration) > self.CALIBRATIONS_KEPT:
+                    self._calibration.popitem(last=False)
         return np.array([known[w] for w in words], dtype=np.float32)
 
     def calibrated(self, scores: np.ndarray, label_set: LabelSet, words: Sequence[str]) -> np.ndarray:
@@ -492,20 +493,33 @@ class Tagger:
             columns.append(top[:, 0] + np.log(np.exp(part - top).mean(axis=1)))  # log of the mean ratio
         return np.stack(columns, axis=1)
 
+    def set_scores(
+        self,
+        label_set: LabelSet,
+        raw: Callable[[int, LabelSet, Verbalizer], np.ndarray],
+        strict: bool = False,
+    ) -> np.ndarray:
+        """[texts, labels] the set's calibrated label scores: the mean over its prompts (`LabelSet.prompts`) of
+        each prompt's `label_scores`, its words' `word_logprobs` read by `raw(i, prompt, verbalizer)`."""
+        parts = label_set.prompts()
+        verbalizers = [self.verbalizer(p, strict) for p in parts]  # every prompt's errors before any model pass
+        scored = [self.label_scores(raw(i, p, v), p, v) for i, (p, v) in enumerate(zip(parts, verbalizers))]
+        return scored[0] if len(scored) == 1 else np.stack(scored).mean(axis=0, dtype=np.float32)
+
     def probabilities(
         self, texts: Sequence[str], label_set: LabelSet, strict: bool = True, progress: bool = False
     ) -> np.ndarray:
         """[texts, labels] label probabilities (softmax of the calibrated scores; with an ensemble, of their
         mean over the prompts), labels in the set's order; `strict` as in `verbalizer`."""
-        parts = label_set.prompts()
-        verbalizers = [self.verbalizer(part, strict) for part in parts]
         if not texts:
+            for part in label_set.prompts():
+                self.verbalizer(part, strict)  # the same errors as with texts
             return np.zeros((0, len(label_set.labels)), dtype=np.float32)
-        scores = np.zeros((len(texts), len(label_set.labels)), dtype=np.float32)
-        for i, (part, verbalizer) in enumerate(zip(parts, verbalizers)):
-            raw = self.scorer.word_logprobs(texts, part, verbalizer.words, progress and i == 0)
-            scores += self.label_scores(raw, part, verbalizer)
-        scores /= len(parts)
+        scores = self.set_scores(
+            label_set,
+            lambda i, part, verbalizer: self.scorer.word_logprobs(texts, part, verbalizer.words, progress and i == 0),
+            strict,
+        )
         scores = scores - scores.max(axis=1, keepdims=True)
         exp = np.exp(scores)
         return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)

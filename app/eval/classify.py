@@ -220,7 +220,7 @@ def choose(
     index = {w: i for i, w in enumerate(words)}
     best: tuple[float, LabelSet] | None = None
     tried = []
-    per_template: list[tuple[float, int, LabelSet, np.ndarray]] = []  # each template's best configuration
+    per_template: list[tuple[float, LabelSet, np.ndarray]] = []  # each template's best configuration, in order
     for order, (template, prefix) in enumerate(TEMPLATES):
         base = LabelSet(field=field, template=template, prefix=prefix, labels={label: [] for label in labels})
         table = tagger.scorer.word_logprobs([r.text for r in dev], base, words)
@@ -251,9 +251,9 @@ def choose(
                     crossed[rows] = scores_for(tagger, fold_set, words, table[rows], index)
                 f1 = macro_f1(gold, [labels[int(i)] for i in np.argmax(crossed, axis=1)], labels)
                 if len(per_template) <= order:
-                    per_template.append((f1, order, label_set, crossed))
+                    per_template.append((f1, label_set, crossed))
                 elif f1 > per_template[order][0]:
-                    per_template[order] = (f1, order, label_set, crossed)
+                    per_template[order] = (f1, label_set, crossed)
                 tried.append(
                     {
                         "template": template,
@@ -267,17 +267,17 @@ def choose(
                 if best is None or f1 > best[0]:
                     best = (f1, label_set)
     assert best is not None
-    ranked = sorted(per_template, key=lambda t: (-t[0], t[1]))
+    ranked = sorted(per_template, key=lambda t: -t[0])  # stable: ties keep the templates' order
     for k in range(2, min(max_prompts, len(ranked)) + 1):
         members = ranked[:k]
-        mean = np.mean([m[3] for m in members], axis=0)  # label scores averaged over the prompts
+        mean = np.mean([m[2] for m in members], axis=0)  # label scores averaged over the prompts
         f1 = macro_f1(gold, [labels[int(i)] for i in np.argmax(mean, axis=1)], labels)
-        head = members[0][2]
+        head = members[0][1]
         ensemble = head.model_copy(
             update={
                 "ensemble": [
                     LabelPrompt(template=m.template, prefix=m.prefix, labels=m.labels, calibration=m.calibration)
-                    for _, _, m, _ in members[1:]
+                    for _, m, _ in members[1:]
                 ]
             }
         )
@@ -289,7 +289,7 @@ def choose(
                 "calibration": head.calibration,
                 "ensemble": [
                     {"template": m.template, "prefix": m.prefix, "calibration": m.calibration, "labels": m.labels}
-                    for _, _, m, _ in members
+                    for _, m, _ in members
                 ],
                 "macro_f1": f1,
             }
@@ -305,11 +305,11 @@ def ensemble_scores(
 ) -> np.ndarray:
     """[texts, labels] the set's label scores, the mean over its prompts (`LabelSet.prompts`), each read from
     its `word_logprobs` table and column index."""
-    parts = label_set.prompts()
-    scored = [
-        scores_for(tagger, part, list(index), table, index) for part, (table, index) in zip(parts, tables, strict=True)
-    ]
-    return np.mean(scored, axis=0)
+    if len(tables) != len(label_set.ensemble) + 1:
+        raise ValueError(f"{len(tables)} tables for {len(label_set.ensemble) + 1} prompts")
+    return tagger.set_scores(
+        label_set, lambda i, part, verbalizer: tables[i][0][:, [tables[i][1][w] for w in verbalizer.words]]
+    )
 
 
 def cosine_baseline(encoder: Any, texts: Sequence[str], labels: Sequence[str]) -> list[str]:

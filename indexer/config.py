@@ -119,6 +119,7 @@ TEXT_SLOT = "{text}"
 MAX_WORD_CHARS = 100  # a label or verbalizer word (each is scored token by token)
 
 
+PRIOR_SAMPLE = 512  # passages a label prior is measured on by default (`sift index prior`, `sift eval classify`)
 MAX_ENSEMBLE = 8  # prompts of a label set beside its own (each costs one more model pass per passage)
 
 
@@ -165,6 +166,16 @@ class LabelSet(BaseModel):
         description="how much of the empty text's word scores is subtracted (1: all, contextual calibration)",
     )
 
+    prior: dict[str, float] = Field(
+        default_factory=dict,
+        description="each label's mean probability over unlabelled texts like those the set tags (no labels "
+        "needed: `sift index prior` measures it on your corpus, `sift eval classify` on a labelled set's half "
+        "0); a label's score is divided by its prior to the power `prior_strength` (batch calibration), so a "
+        "label the model favours for every text stops winning everywhere. Empty: none",
+    )
+    prior_strength: float = Field(
+        1.0, ge=0.0, le=1.0, description="how much of `prior` is taken out (1: divide by it; 0: ignore it)"
+    )
     ensemble: list[LabelPrompt] = Field(
         default_factory=list,
         max_length=MAX_ENSEMBLE,
@@ -193,6 +204,11 @@ class LabelSet(BaseModel):
                     )
         if len(self.labels) < 2:
             raise ValueError("labels: give at least two labels")
+        if self.prior:
+            if set(self.prior) != set(self.labels):
+                raise ValueError("prior must give every label of the set, and only those, a probability")
+            if not all(0.0 < p <= 1.0 for p in self.prior.values()):
+                raise ValueError("prior: each probability must be above 0 and at most 1")
         for label, words in self.labels.items():
             if not label.strip():
                 raise ValueError("labels: a label name is empty")
@@ -211,7 +227,7 @@ class LabelSet(BaseModel):
     def prompts(self) -> list[LabelSet]:
         """The set's prompts, each as a label set of one prompt (validated, labels in the set's order): its own
         first, then the ensemble's."""
-        own = self.model_copy(update={"ensemble": []})
+        own = self.model_copy(update={"ensemble": [], "prior": {}})  # the prior is the whole set's (set_scores)
         parts = [own]
         for i, prompt in enumerate(self.ensemble):
             if set(prompt.labels) != set(self.labels):  # a copy made without validation may reach here
@@ -222,23 +238,41 @@ class LabelSet(BaseModel):
         return parts
 
 
-# the label set shipped for the example corpus's topics; its template, prefix and words were chosen on half of
-# that corpus (`sift eval classify`, docs/benchmarks.md) and are reported on the other half
+# the label set shipped for the example corpus's topics; its template, prefix, words, calibration and prior were
+# chosen on half of that corpus (`sift eval classify`, docs/benchmarks.md) and are reported on the other half
 DEFAULT_LABEL_SETS: dict[str, LabelSet] = {
     "topic": LabelSet(
         field="auto_topic",
+        template="{text}\n\nWhat is this text about? Answer with one word.",
+        prefix="This text is about",
         labels={
-            "astronomy": [],
-            "biology": [],
-            "computing": [],
-            "cooking": [],
-            "earth": [],
-            "health": [],
-            "history": [],
-            "language": [],
-            "music": [],
-            "sport": [],
+            "astronomy": ["astronomy", "Galaxies"],
+            "biology": ["biology", "Vaccines"],
+            "computing": ["computing", "Turing"],
+            "cooking": ["cooking", "Broth"],
+            "earth": ["earth", "Earth's"],
+            "health": ["health", "Cholesterol"],
+            "history": ["history", "Silk"],
+            "music": ["music", "Music"],
+            "sport": ["sport", "Games"],
+            "language": ["language", "Languages"],
         },
+        calibration=0.75,
+        # measured on half 0 of the example corpus (its notes, not their labels); `sift index prior` measures
+        # one for your corpus
+        prior={
+            "astronomy": 0.093353,
+            "biology": 0.115806,
+            "computing": 0.077531,
+            "cooking": 0.091498,
+            "earth": 0.165862,
+            "health": 0.086044,
+            "history": 0.133651,
+            "music": 0.106758,
+            "sport": 0.06534,
+            "language": 0.064156,
+        },
+        prior_strength=1.0,
     )
 }
 

@@ -17,6 +17,10 @@ training data (`LabelSet` in indexer/config.py).
   words over others (contextual calibration).
 - A label's score is the mean probability ratio over its words (log-sum-exp minus log n); the label
   probabilities are their softmax. Ties go to the label listed first (deterministic).
+- Prior (batch calibration): a set may carry each label's mean probability over unlabelled texts of the corpus
+  (`LabelSet.prior`, measured by `Tagger.estimate_prior` or `sift eval classify`); the label scores (after the
+  ensemble's mean) less `prior_strength` times its log stop a label the model favours for every text from
+  winning everywhere.
 - Prompt ensembling: a set may add prompts (`LabelSet.ensemble`, each with its own template, prefix, words and
   calibration); a label's score is then the mean of its scores under every prompt, at one model pass per prompt.
 
@@ -31,17 +35,20 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import random
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import numpy as np
 
-from indexer.config import TEXT_SLOT, LabelSet, TaggingSettings
+from indexer.config import TEXT_SLOT, IndexConfig, LabelSet, TaggingSettings
 from indexer.encoders import pick_device, resolve_model_path
 from indexer.lm import SMOLLM2, cached_smollm2, default_cache_dir
+from indexer.sources import ReadReport
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +378,26 @@ class Verbalizer:
     columns: dict[str, list[int]]
 
 
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """[texts, labels] label probabilities from label scores (rows sum to 1)."""
+    exp = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+PRIOR_FLOOR = 1e-6  # the smallest prior a label gets (a prior must be above 0)
+
+
+def prior_vector(probabilities: np.ndarray) -> np.ndarray:
+    """[labels] each label's mean over the rows of `probabilities` ([texts, labels], measured without a
+    prior), floored at `PRIOR_FLOOR`: a prior in the labels' order."""
+    return np.maximum(probabilities.mean(axis=0), PRIOR_FLOOR)
+
+
+def prior_of(probabilities: np.ndarray, label_set: LabelSet) -> dict[str, float]:
+    """A set's `prior` (`prior_vector`) from its label probabilities over unlabelled texts."""
+    return {label: float(p) for label, p in zip(label_set.labels, prior_vector(probabilities), strict=True)}
+
+
 class Tagger:
     """Zero-shot classification of texts with label sets, by one `WordScorer` (see the module docstring)."""
 
@@ -500,11 +527,27 @@ class Tagger:
         strict: bool = False,
     ) -> np.ndarray:
         """[texts, labels] the set's calibrated label scores: the mean over its prompts (`LabelSet.prompts`) of
-        each prompt's `label_scores`, its words' `word_logprobs` read by `raw(i, prompt, verbalizer)`."""
+        each prompt's `label_scores`, its words' `word_logprobs` read by `raw(i, prompt, verbalizer)`, less
+        `prior_strength` times the log of the set's `prior` when it has one."""
         parts = label_set.prompts()
         verbalizers = [self.verbalizer(p, strict) for p in parts]  # every prompt's errors before any model pass
         scored = [self.label_scores(raw(i, p, v), p, v) for i, (p, v) in enumerate(zip(parts, verbalizers))]
-        return scored[0] if len(scored) == 1 else np.stack(scored).mean(axis=0, dtype=np.float32)
+        mean = scored[0] if len(scored) == 1 else np.stack(scored).mean(axis=0, dtype=np.float32)
+        if label_set.prior and label_set.prior_strength:
+            if set(label_set.prior) != set(label_set.labels):  # a copy made without validation may reach here
+                raise ValueError("prior must give every label of the set, and only those, a probability")
+            prior = np.array([label_set.prior[label] for label in label_set.labels], dtype=np.float32)
+            mean = mean - label_set.prior_strength * np.log(prior)[None, :]
+        return mean
+
+    def estimate_prior(self, texts: Sequence[str], label_set: LabelSet, progress: bool = False) -> dict[str, float]:
+        """The set's `prior` measured on `texts` (unlabelled; a few hundred like those it will tag): each label's
+        mean probability with the set's own prior left out. Raises `ValueError` without texts."""
+        if not texts:
+            raise ValueError("a prior needs texts to be measured on")
+        return prior_of(
+            self.probabilities(texts, label_set.model_copy(update={"prior": {}}), progress=progress), label_set
+        )
 
     def probabilities(
         self, texts: Sequence[str], label_set: LabelSet, strict: bool = True, progress: bool = False
@@ -520,9 +563,7 @@ class Tagger:
             lambda i, part, verbalizer: self.scorer.word_logprobs(texts, part, verbalizer.words, progress and i == 0),
             strict,
         )
-        scores = scores - scores.max(axis=1, keepdims=True)
-        exp = np.exp(scores)
-        return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+        return softmax(scores)
 
     def classify(
         self, texts: Sequence[str], label_set: LabelSet, strict: bool = True, progress: bool = False
@@ -549,3 +590,41 @@ class Tagger:
                     tag[label_set.field] = result.label
                 tag[f"{label_set.field}_scores"] = dict(list(result.scores.items())[: label_set.top_scores])
         return tags
+
+
+def sample_passages(
+    path: Path,
+    config: IndexConfig,
+    size: int,
+    seed: int = 0,
+    skip_bad: bool = False,
+    progress: bool = False,
+    report: ReadReport | None = None,
+) -> list[str]:
+    """Up to `size` of the corpus's passages at `path`, as a build chunks and tags them (`passage_index_text`:
+    the title, then the passage), drawn uniformly by reservoir sampling with `seed`, in corpus order: the texts
+    `Tagger.estimate_prior` measures a label set's prior on for that corpus (`sift index prior`). `report`
+    counts the documents read and the bad records skipped (`skip_bad`)."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from indexer.chunking import Chunker
+    from indexer.models import passage_index_text
+    from indexer.sources import read_documents
+
+    chunker = Chunker(AutoTokenizer.from_pretrained(resolve_model_path(config.dense.model)), config.chunking)
+    rng = random.Random(seed)
+    kept: list[tuple[int, str]] = []
+    seen = 0
+    documents = read_documents(path, skip_bad=skip_bad, csv_columns=config.csv, report=report)
+    for document, passages in tqdm(chunker.chunk(documents), desc="read", unit="doc", disable=not progress):
+        for passage in passages:
+            text = passage_index_text(document.title, passage.text)
+            if len(kept) < size:
+                kept.append((seen, text))
+            else:
+                slot = rng.randrange(seen + 1)
+                if slot < size:
+                    kept[slot] = (seen, text)
+            seen += 1
+    return [text for _, text in sorted(kept)]

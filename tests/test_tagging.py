@@ -12,8 +12,9 @@ import sys
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from indexer.config import DEFAULT_ENCODER, LabelSet, TaggingSettings
+from indexer.config import DEFAULT_ENCODER, LabelPrompt, LabelSet, TaggingSettings
 from tests.conftest import EXAMPLES, ROOT
 from tests.servers import sift_server
 
@@ -62,8 +63,9 @@ def test_tagger_labels_clear_texts_calibrated_and_order_free(tagger):
         np.testing.assert_allclose(alone[0], batched[2], atol=atol)
         reverse = model.probabilities(texts[::-1], label_set)
         np.testing.assert_allclose(reverse[::-1], batched, atol=atol)
-    # calibration: the empty text is the reference, so every label is equally likely for it
-    empty = tagger.probabilities([""], label_set)[0]
+    # calibration (at full strength, without a prior): the empty text is the reference, so every label is
+    # equally likely for it
+    empty = tagger.probabilities([""], label_set.model_copy(update={"calibration": 1.0, "prior": {}}))[0]
     np.testing.assert_allclose(empty, 1 / len(labels), atol=1e-4)
     # classify: the best label, its probability, and every label's, best first
     result = tagger.classify([texts[1]], label_set)[0]
@@ -190,7 +192,7 @@ def test_choose_keeps_an_ensemble_only_when_it_beats_one_prompt():
     """`choose` with `max_prompts` 3 scores ensembles of the 2 and 3 best templates on the texts given: with two
     prompts each right about half the labels, the pair is right about all and is kept (the per-template best
     configurations, in rank order); without `max_prompts` no ensemble is tried."""
-    from app.eval.classify import TEMPLATES, Labelled, choose
+    from app.eval.classify import PRIOR_STRENGTHS, TEMPLATES, Labelled, choose
     from indexer.tagging import Tagger
 
     tagger = Tagger(_TwoSidedScorer())
@@ -198,9 +200,12 @@ def test_choose_keeps_an_ensemble_only_when_it_beats_one_prompt():
     dev = [Labelled(f"{label} text number {i}", label) for i in range(4) for label in labels]
     chosen, tried = choose(tagger, "x", labels, dev, echo=lambda *_: None, max_prompts=3)
     singles = [t for t in tried if not t["verbalizer"].startswith("ensemble")]
-    ensembles = [t for t in tried if t["verbalizer"].startswith("ensemble")]
+    every = [t for t in tried if t["verbalizer"].startswith("ensemble")]
+    assert [t["prior_strength"] for t in every] == [*PRIOR_STRENGTHS, *PRIOR_STRENGTHS]  # each at every strength
+    ensembles = [t for t in every if t["prior_strength"] == 0.0]
     assert max(t["macro_f1"] for t in singles) < 0.8  # each prompt alone gets half the labels' texts wrong
     assert [t["verbalizer"] for t in ensembles] == ["ensemble of 2 prompts", "ensemble of 3 prompts"]
+    assert chosen.prior == {}  # the ensemble is right without a prior: a prior is kept only when it does better
     assert ensembles[0]["macro_f1"] == 1.0
     assert [p.template for p in chosen.prompts()] == [TEMPLATES[0][0], TEMPLATES[1][0]]
     assert [p["template"] for p in ensembles[0]["ensemble"]] == [TEMPLATES[0][0], TEMPLATES[1][0]]
@@ -208,6 +213,68 @@ def test_choose_keeps_an_ensemble_only_when_it_beats_one_prompt():
     assert [c.label for c in predicted] == [r.label for r in dev]  # the kept set labels as it was judged
     single, tried_single = choose(tagger, "x", labels, dev, echo=lambda *_: None)
     assert single.ensemble == [] and not any(t["verbalizer"].startswith("ensemble") for t in tried_single)
+
+
+class _BiasedScorer:
+    """A word scorer with known answers: each text's own label name scores 1, and the label `a` 1.5 more on
+    every text (a bias the empty text does not show, so calibration cannot remove it); other words score 0."""
+
+    name = "biased"
+
+    def word_key(self, word: str) -> tuple[int, ...]:
+        return tuple(ord(c) for c in word)
+
+    def word_logprobs(self, texts, label_set, words, progress=False):
+        out = np.zeros((len(texts), len(words)), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for column, word in enumerate(words):
+                out[row, column] = (word == text.split()[0] if text else 0.0) + (1.5 if text and word == "a" else 0.0)
+        return out
+
+
+def test_a_label_prior_takes_out_a_bias_calibration_cannot():
+    """`LabelSet.prior` (batch calibration): measured on unlabelled texts by `Tagger.estimate_prior`, it divides
+    each label's probability by its mean, so a label the model favours on every text stops winning everywhere;
+    `prior_strength` scales it; `choose` keeps a prior only when it judges better on half 0 (cross-fitted), with
+    the prior of half 0's texts; a prior must name every label with a probability in (0, 1]."""
+    from app.eval.classify import Labelled, choose
+    from indexer.tagging import Tagger
+
+    tagger = Tagger(_BiasedScorer())
+    labels = ["a", "b", "c", "d"]
+    rows = [Labelled(f"{label} text number {i}", label) for i in range(4) for label in labels]
+    texts, gold = [r.text for r in rows], [r.label for r in rows]
+    plain = LabelSet(field="x", labels={label: [] for label in labels})
+    assert {c.label for c in tagger.classify(texts, plain)} == {"a"}  # the bias wins every text
+    prior = tagger.estimate_prior(texts, plain)
+    assert list(prior) == labels and prior["a"] > 0.5 and sum(prior.values()) == pytest.approx(1.0, abs=1e-5)
+    assert prior["b"] == pytest.approx(prior["c"], abs=1e-6) == pytest.approx(prior["d"], abs=1e-6)
+    fixed = plain.model_copy(update={"prior": prior})
+    assert [c.label for c in tagger.classify(texts, fixed)] == gold
+    assert tagger.estimate_prior(texts, fixed) == prior  # measured without the set's own prior
+    half = plain.model_copy(update={"prior": prior, "prior_strength": 0.5})
+    expected = tagger.probabilities(texts, plain) / np.array(list(prior.values())) ** 0.5
+    np.testing.assert_allclose(
+        tagger.probabilities(texts, half), expected / expected.sum(axis=1, keepdims=True), atol=1e-5
+    )
+    none = plain.model_copy(update={"prior": prior, "prior_strength": 0.0})
+    np.testing.assert_allclose(tagger.probabilities(texts, none), tagger.probabilities(texts, plain), atol=1e-6)
+    # with an ensemble the prior divides the mean once (the prompts carry none)
+    two = fixed.model_copy(update={"ensemble": [LabelPrompt(template="Q: {text}", prefix="A:", labels=plain.labels)]})
+    assert all(part.prior == {} for part in two.prompts())
+    np.testing.assert_allclose(tagger.probabilities(texts, two), tagger.probabilities(texts, fixed), atol=1e-5)
+
+    chosen, tried = choose(tagger, "x", labels, rows, echo=lambda *_: None)
+    assert chosen.prior_strength > 0 and list(chosen.prior) == labels
+    assert max(t["macro_f1"] for t in tried if t["prior_strength"] == 0.0) < 0.5
+    assert [c.label for c in tagger.classify(texts, chosen)] == gold
+
+    with pytest.raises(ValidationError, match="every label"):
+        LabelSet(field="x", labels={"a": [], "b": []}, prior={"a": 0.5})
+    with pytest.raises(ValidationError, match="above 0"):
+        LabelSet(field="x", labels={"a": [], "b": []}, prior={"a": 1.0, "b": 0.0})
+    with pytest.raises(ValueError, match="needs texts"):
+        tagger.estimate_prior([], plain)
 
 
 def test_whole_words_are_scored_exactly_and_calibration_is_a_strength():
@@ -310,8 +377,9 @@ def _passages(index):
         store.close()
 
 
-def test_build_tag_writes_labels_and_update_keeps_them(tagged_index, tmp_path):
+def test_build_tag_writes_labels_and_update_keeps_them(tagged_index, tagger, tmp_path):
     from indexer.bundle import open_bundle
+    from indexer.models import passage_index_text
 
     index, picked = tagged_index
     manifest = open_bundle(index).manifest
@@ -327,6 +395,13 @@ def test_build_tag_writes_labels_and_update_keeps_them(tagged_index, tmp_path):
         assert passage["metadata"]["topic"]  # the document's own metadata is still there, under the tags
         right += passage["metadata"]["auto_topic"] == passage["metadata"]["topic"]
     assert right >= 16, f"{right}/20 tagged with their topic"  # clear notes: the tagger gets most of them
+    # the build's tags are the tagger's own (the shipped set's prior divides once, as classify does)
+    rows = sorted(passages.values(), key=lambda p: p["idx"])
+    direct = tagger.classify([passage_index_text(p["title"], p["text"]) for p in rows], topic_set())
+    for passage, result in zip(rows, direct, strict=True):
+        assert passage["metadata"]["auto_topic"] == result.label
+        kept = passage["metadata"]["auto_topic_scores"]
+        assert kept == pytest.approx({k: result.scores[k] for k in kept}, abs=0.03)  # bfloat16 batches
     # filters see the tags: the mask holds exactly the passages tagged cooking (rows in id order of the build)
     tagged_cooking = sorted(p["idx"] for p in passages.values() if p["metadata"]["auto_topic"] == "cooking")
     assert sorted(np.flatnonzero(cooking).tolist()) == tagged_cooking and tagged_cooking
@@ -348,6 +423,66 @@ def test_build_tag_writes_labels_and_update_keeps_them(tagged_index, tmp_path):
             assert pid not in after
         else:
             assert after[pid]["metadata"] == passage["metadata"]
+
+
+def test_index_prior_measures_a_corpus_without_labels(tagged_index, tagger, tmp_path):
+    """`sift index prior` reads a uniform sample of the corpus's passages as a build tags them and writes the
+    config it read with each label set's prior (the mean label probability there) in place, ready to build
+    with; an unknown label set, a missing corpus, an invalid config and a missing --out folder are refused
+    with a message and no traceback."""
+    import yaml
+
+    from indexer.config import load_index_config
+    from indexer.tagging import sample_passages
+
+    _, picked = tagged_index
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    out = tmp_path / "prior.yaml"
+    args = ("index", "prior", "--input", str(corpus), "-l", "topic", "--sample", "12", "--seed", "1")
+    done = _sift(*args, "--strength", "0.5", "-o", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "topic: measured on 12 passages; most favoured" in done.stderr
+    assert "configs/default.yaml with label priors measured on" in out.read_text().splitlines()[0]
+    written = load_index_config(out).tagging.label_sets["topic"]  # a config as it is
+    rest = load_index_config(out).model_dump(exclude={"tagging"})
+    assert rest == load_index_config(None).model_dump(exclude={"tagging"})  # the rest of the config read
+    assert written.prior_strength == 0.5 and written.labels == topic_set().labels
+    assert list(written.prior) == list(written.labels) and sum(written.prior.values()) == pytest.approx(1, abs=1e-4)
+    texts = sample_passages(corpus, load_index_config(None), 12, seed=1)
+    assert len(texts) == 12 and len(set(texts)) == 12
+    assert all(t.split(" ", 1)[0] in {r["title"].split(" ", 1)[0] for r in picked} for t in texts)  # title first
+    expected = tagger.estimate_prior(texts, topic_set())
+    assert written.prior == pytest.approx(expected, abs=2e-3)
+    assert max(written.prior.values()) > 1.5 / len(written.prior)  # 5 topics of 10 in the corpus: far from even
+
+    whole = yaml.safe_load(out.read_text())
+    assert set(whole) == set(yaml.safe_load((ROOT / "configs" / "default.yaml").read_text()))  # every section kept
+
+    refused = _sift("index", "prior", "--input", str(corpus), "-l", "nope", "--no-progress")
+    assert refused.returncode == 2 and "no label set 'nope'" in refused.stderr and "topic" in refused.stderr
+    missing = _sift("index", "prior", "--input", str(tmp_path / "none.jsonl"), "--no-progress")
+    assert missing.returncode == 1 and "no such file or folder" in missing.stderr and "Traceback" not in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("index:\n  tagging:\n    label_sets: {x: {field: f, labels: {only: []}}}\n")
+    invalid = _sift("index", "prior", "--input", str(corpus), "--config", str(bad), "--no-progress")
+    assert invalid.returncode == 2 and "at least two labels" in invalid.stderr
+    nowhere = _sift("index", "prior", "--input", str(corpus), "-o", str(tmp_path / "no" / "dir.yaml"))
+    assert nowhere.returncode == 2 and "does not exist" in nowhere.stderr
+
+
+def test_a_cross_fitted_prior_comes_from_the_other_fold():
+    """`cross_fitted_log_prior`: a fold's rows are divided by the prior of the other fold's rows of the shadow
+    (the fold's own set on the other texts), never by their own."""
+    from app.eval.classify import cross_fitted_log_prior
+    from indexer.tagging import prior_vector, softmax
+
+    shadow = np.array([[3.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 4.0]], dtype=np.float32)
+    parts = np.array([0, 0, 1, 1])
+    logs = cross_fitted_log_prior(shadow, parts)
+    np.testing.assert_allclose(logs[:2], np.log(prior_vector(softmax(shadow[2:])))[None, :].repeat(2, 0), rtol=1e-6)
+    np.testing.assert_allclose(logs[2:], np.log(prior_vector(softmax(shadow[:2])))[None, :].repeat(2, 0), rtol=1e-6)
+    assert logs[0, 0] < logs[0, 1] and logs[2, 0] > logs[2, 1]  # each fold's prior leans to the other's labels
 
 
 def test_facets_and_classify_over_http(tagged_index):
@@ -470,6 +605,8 @@ def test_shipped_topic_tags_hold_their_pin_and_beat_the_baseline(tagger):
     assert (shipped.template, shipped.prefix) == (pin["template"], pin["prefix"])
     assert shipped.words() == LabelSet(field="x", labels=pin["labels"]).words()
     assert shipped.calibration == pin["calibration"]
+    assert shipped.prior == pytest.approx(pin["prior"], abs=1e-6)
+    assert (shipped.prior_strength if shipped.prior else 0.0) == pin["prior_strength"]
     _, rows = load_labelled(f"{EXAMPLES}:topic")
     _, half1 = halves(rows)
     labels = list(shipped.labels)

@@ -14,7 +14,7 @@ import typer
 from indexer.build import BuildResult, GateRefused, build_bundle
 from indexer.bundle import BundleError, list_builds, open_bundle, prune_builds
 from indexer.commands import lower_to_idle
-from indexer.config import load_index_config
+from indexer.config import PRIOR_SAMPLE, IndexConfig, config_path, load_index_config
 from indexer.gate import make_gate
 from indexer.sources import SourceError
 
@@ -68,14 +68,7 @@ def build(
     (exit 3, the published build kept) if it scores more than --max-drop below the published one.
     With --engine ray, passages are encoded by a Ray Data actor pool (install `sift[ray]`); everything else
     (reading, chunking, the docstore, BM25, publishing) is the same as a local build."""
-    try:
-        cfg = load_index_config(config)
-    except Exception as exc:  # noqa: BLE001 - pydantic / YAML errors alike
-        typer.echo(f"error: config {config}: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    for name, value in (("id_column", id_column), ("title_column", title_column), ("text_column", text_column)):
-        if value:
-            setattr(cfg.csv, name, value)
+    cfg = _read_config(config, id_column, title_column, text_column)
     if no_dense:
         cfg.dense.enabled = False
     if tag:
@@ -87,6 +80,22 @@ def build(
             input, out, cfg, skip_bad=skip_bad, show_progress=progress, gate=gate_fn, shards=shards, engine=runner
         )
     )
+
+
+def _read_config(
+    config: Path | None, id_column: str | None, title_column: str | None, text_column: str | None
+) -> IndexConfig:
+    """The `index:` section of the config (exit 2 with the reason when it cannot be read), with the CSV column
+    options given on the command line over it."""
+    try:
+        cfg = load_index_config(config)
+    except Exception as exc:  # noqa: BLE001 - pydantic / YAML errors alike
+        typer.echo(f"error: config {config}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    for name, value in (("id_column", id_column), ("title_column", title_column), ("text_column", text_column)):
+        if value:
+            setattr(cfg.csv, name, value)
+    return cfg
 
 
 def encoding_engine(engine: str, address: str | None, encoders: int, gpus_per_encoder: float) -> Any:  # noqa: ANN401
@@ -288,6 +297,103 @@ def info(bundle: Path = typer.Argument(..., help="bundle folder or index folder 
     manifest = {k: v for k, v in data.manifest.items() if k != "files"}
     json.dump({"path": str(data.root), **manifest, "builds": list_builds(data.root.parent)}, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+@app.command("prior")
+def prior(
+    input: Path = typer.Option(
+        ..., "--input", "-i", help="the corpus the label sets will tag (JSONL, CSV/TSV or folder, as for build)"
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="YAML config whose index.tagging label sets are measured (default as build)"
+    ),
+    label_set: list[str] = typer.Option(
+        [], "--label-set", "-l", help="a configured label set to measure (repeatable; default: every one)"
+    ),
+    sample: int = typer.Option(PRIOR_SAMPLE, "--sample", min=2, max=100_000, help="passages drawn from the corpus"),
+    strength: float | None = typer.Option(
+        None, "--strength", min=0.0, max=1.0, help="prior_strength to write (default: each set's configured one)"
+    ),
+    seed: int = typer.Option(0, "--seed", help="seed of the sample"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="skip (and count) bad records instead of failing"),
+    id_column: str | None = typer.Option(None, help="CSV column holding the document id"),
+    title_column: str | None = typer.Option(None, help="CSV column holding the title"),
+    text_column: str | None = typer.Option(None, help="CSV column holding the text"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="write the config here (default: standard output)"),
+) -> None:
+    """Measure label priors on your corpus, without labels (batch calibration): each label's mean probability
+    over a uniform sample of the corpus's passages. Writes the config it read (its comments are not kept) with
+    each measured label set's `prior` in place. Build with it (`sift index build --config OUT --tag`): each
+    label's probability is divided by its prior, so a label the model favours on every passage stops winning
+    everywhere; updates of that build keep its config, and a server started with it (SIFT_CONFIG) labels
+    `/v1/classify` texts alike."""
+    import yaml
+
+    from indexer.sources import ReadReport
+    from indexer.tagging import LabelSetError, Tagger, sample_passages
+
+    cfg = _read_config(config, id_column, title_column, text_column)
+    source = config_path(config)  # found: _read_config read it
+    sets = cfg.tagging.label_sets
+    if not sets:
+        typer.echo(f"error: {source} configures no label sets (index.tagging.label_sets): nothing to measure", err=True)
+        raise typer.Exit(2)
+    unknown = [name for name in label_set if name not in sets]
+    if unknown:
+        typer.echo(
+            f"error: no label set {unknown[0]!r} in index.tagging.label_sets (have: {', '.join(sets)})", err=True
+        )
+        raise typer.Exit(2)
+    if out is not None and not out.parent.is_dir():
+        typer.echo(f"error: --out {out}: folder {out.parent} does not exist; create it first", err=True)
+        raise typer.Exit(2)
+    chosen = {name: sets[name] for name in (label_set or list(sets))}
+    report = ReadReport()
+    try:
+        texts = sample_passages(input, cfg, sample, seed, skip_bad, progress, report)
+        tagger = Tagger.load(cfg.tagging)
+    except SourceError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    except (OSError, ValueError, ImportError) as exc:
+        typer.echo(f"error: a model did not load ({exc}); check index.tagging.model and index.dense.model", err=True)
+        raise typer.Exit(1) from exc
+    if report.skipped:
+        typer.echo(f"skipped {len(report.skipped)} bad record(s); the first: {report.skipped[0]}", err=True)
+    if len(texts) < 2:
+        typer.echo(f"error: {input}: {len(texts)} passage(s); a prior needs at least 2", err=True)
+        raise typer.Exit(1)
+    measured = {}
+    for name, label_set_ in chosen.items():
+        try:
+            found = tagger.estimate_prior(texts, label_set_, progress=progress)
+        except LabelSetError as exc:
+            typer.echo(f"error: label set {name!r}: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        update = {"prior": found, "prior_strength": label_set_.prior_strength if strength is None else strength}
+        measured[name] = label_set_.model_validate({**label_set_.model_dump(), **update})
+        top = sorted(found.items(), key=lambda item: -item[1])[:3]
+        typer.echo(
+            f"{name}: measured on {len(texts)} passages; most favoured "
+            + ", ".join(f"{label} {p:.3f}" for label, p in top)
+            + f" (even: {1 / len(found):.3f})",
+            err=True,
+        )
+    whole = yaml.safe_load(source.read_text()) or {}  # the config read, with the measured sets in place
+    tagging = whole.setdefault("index", {}).setdefault("tagging", {})
+    tagging["label_sets"] = {
+        **{n: s.model_dump(mode="json") for n, s in sets.items()},
+        **{n: s.model_dump(mode="json") for n, s in measured.items()},
+    }
+    text = f"# {source} with label priors measured on {input} by `sift index prior`\n" + yaml.safe_dump(
+        whole, sort_keys=False, allow_unicode=True
+    )
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}: build with it (sift index build --config {out} --tag ...)", err=True)
 
 
 @app.command("prune")

@@ -403,6 +403,7 @@ def eval_classify(
     alternate between halves), report macro-F1 and accuracy on half 1 beside the baseline (the nearest label
     name by bi-encoder cosine), and write the chosen label set (`index.tagging.label_sets` takes it)."""
     import json
+    import random
     import re
     import time
 
@@ -419,6 +420,7 @@ def eval_classify(
         macro_f1,
     )
     from app.settings import load_settings
+    from indexer.config import PRIOR_SAMPLE, LabelSet
     from indexer.encoders import load_encoder
     from indexer.tagging import Tagger
 
@@ -430,18 +432,27 @@ def eval_classify(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     labels = list(dict.fromkeys(r.label for r in rows))
-    dev, test = halves(rows)
-    dev = cap_per_label(dev, choose_per_label)
+    half0, test = halves(rows)
+    dev = cap_per_label(half0, choose_per_label)
     typer.echo(f"{name}: {len(labels)} labels; choosing on {len(dev)} texts of half 0, reporting on {len(test)}")
     tagger = Tagger.load(settings.index.tagging)
     chosen, tried = choose(tagger, field, labels, dev, echo=typer.echo, max_prompts=max_prompts)
+    prior_on = 0
+    if chosen.prior:  # measured again as `sift index prior` does: a uniform sample of half 0, chosen without labels
+        sample = sorted(random.Random(0).sample(range(len(half0)), min(PRIOR_SAMPLE, len(half0))))
+        prior_on = len(sample)
+        typer.echo(f"measuring the chosen set's label prior on {prior_on} texts of half 0 (a uniform sample)")
+        found = tagger.estimate_prior([half0[i].text for i in sample], chosen)
+        chosen = LabelSet.model_validate({**chosen.model_dump(), "prior": found})
     gold = [r.label for r in test]
     texts = [r.text for r in test]
-    # names only: the chosen prompts (all of an ensemble's), each label's name as its only word
+    # names only: the chosen prompts (all of an ensemble's), each label's name as its only word, no prior (the
+    # chosen one was measured with the chosen words)
     no_words: dict[str, list[str]] = {label: [] for label in labels}
     names = chosen.model_copy(
         update={
             "labels": no_words,
+            "prior": {},
             "ensemble": [p.model_copy(update={"labels": no_words}) for p in chosen.ensemble],
         }
     )
@@ -451,14 +462,16 @@ def eval_classify(
         words = list(dict.fromkeys([*tagger.verbalizer(part, strict=False).words, *labels]))
         tables.append((tagger.scorer.word_logprobs(texts, part, words), {w: i for i, w in enumerate(words)}))
     seconds = time.perf_counter() - t
-    predicted, by_names = (
-        [labels[int(i)] for i in np.argmax(ensemble_scores(tagger, s, tables), axis=1)] for s in (chosen, names)
+    predicted, by_names, no_prior = (
+        [labels[int(i)] for i in np.argmax(ensemble_scores(tagger, s, tables), axis=1)]
+        for s in (chosen, names, chosen.model_copy(update={"prior": {}}))
     )
     encoder = load_encoder(settings.index.dense.model, settings.index.dense.device)
     baseline = cosine_baseline(encoder, texts, labels)
     scored = {
         "tagger": {"macro_f1": macro_f1(gold, predicted, labels), "accuracy": accuracy(gold, predicted)},
         "tagger_names_only": {"macro_f1": macro_f1(gold, by_names, labels), "accuracy": accuracy(gold, by_names)},
+        "tagger_without_prior": {"macro_f1": macro_f1(gold, no_prior, labels), "accuracy": accuracy(gold, no_prior)},
         "cosine_baseline": {"macro_f1": macro_f1(gold, baseline, labels), "accuracy": accuracy(gold, baseline)},
     }
     results = {
@@ -472,6 +485,9 @@ def eval_classify(
         "calibration": chosen.calibration,
         "verbalizer": chosen.labels,
         "prompts": len(chosen.prompts()),
+        "prior": chosen.prior,
+        "prior_strength": chosen.prior_strength if chosen.prior else 0.0,
+        "prior_measured_on": prior_on,
         "ensemble": [p.model_dump(mode="json") for p in chosen.ensemble],
         **scored,
         "ms_per_text": 1000 * seconds / max(1, len(texts)),
@@ -481,6 +497,7 @@ def eval_classify(
     for key, title in (
         ("tagger", "zero-shot tagger, template and verbalizer chosen on half 0"),
         ("tagger_names_only", "zero-shot tagger, label names as verbalizer"),
+        ("tagger_without_prior", "zero-shot tagger, the chosen set without its label prior"),
         ("cosine_baseline", "baseline: nearest label name by bi-encoder cosine"),
     ):
         r = scored[key]

@@ -114,7 +114,9 @@ def main() -> None:
     for r in results.values():
         rows.append(
             f"| {r['dataset']} | {r['labels']} | {r['chosen_on']} / {r['reported_on']} | "
-            f"**{100 * r['tagger']['macro_f1']:.1f}** | {100 * r['tagger_names_only']['macro_f1']:.1f} | "
+            f"**{100 * r['tagger']['macro_f1']:.1f}** | "
+            + (f"{100 * r['tagger_without_prior']['macro_f1']:.1f}" if r.get("prior") else "–")
+            + f" | {100 * r['tagger_names_only']['macro_f1']:.1f} | "
             f"{100 * r['cosine_baseline']['macro_f1']:.1f} | {100 * r['tagger']['accuracy']:.1f} / "
             f"{100 * r['cosine_baseline']['accuracy']:.1f} | `{r['template'][-40:]!r}` + `{r['prefix']}`, "
             f"calibration {r.get('calibration', 1.0)}"
@@ -122,7 +124,9 @@ def main() -> None:
                 f"; + `{p['template'][-40:]!r}` + `{p['prefix']}`, calibration {p['calibration']}"
                 for p in r.get("ensemble", [])
             )
-            + f" ({r.get('prompts', 1)} prompt{'s' if r.get('prompts', 1) > 1 else ''}) |"
+            + f" ({r.get('prompts', 1)} prompt{'s' if r.get('prompts', 1) > 1 else ''})"
+            + (f"; label prior, strength {r['prior_strength']}" if r.get("prior") else "; no label prior")
+            + " |"
         )
     body = (
         "`sift eval classify`: each label's texts alternate between two halves; half 0 chooses the template (5 "
@@ -131,13 +135,17 @@ def main() -> None:
         "across two folds of half 0) and the calibration strength (1, 0.75, 0.5), and for SQuAD also prompt "
         "ensembles (`--max-prompts 5`: the k best templates, each with its best configuration, label scores "
         "averaged; kept only when better on half 0; k model passes per text; the topic set is the one `--tag` "
-        "ships, held to one prompt by its cost); half 1 is reported. Baseline in "
+        "ships, held to one prompt by its cost), and each candidate with a label prior (batch calibration: each label's "
+        "probability divided by its mean over the texts, strength 0, 0.5 or 1, judged cross-fitted; the kept "
+        "prior measured again, as `sift index prior` does, on a uniform sample of up to 512 texts of half 0 drawn "
+        "without their labels); half 1 is reported. Baseline in "
         "the same run: each text's nearest label name by bi-encoder cosine (all-MiniLM-L6-v2). Model: "
         "SmolLM2-135M-Instruct (`index.tagging.runtime`: bfloat16 where the CPU computes it natively, this one "
         "does), each word scored by the probability of all its tokens after the prompt, calibrated against the "
         "empty text.\n\n"
-        "| labelled set | labels | texts chosen on / reported on | tagger macro-F1 (half 1) | names-only verbalizer "
-        "| cosine baseline | accuracy tagger / baseline | chosen prompt |\n|---|---|---|---|---|---|---|---|\n"
+        "| labelled set | labels | texts chosen on / reported on | tagger macro-F1 (half 1) | without its prior "
+        "| names-only verbalizer | cosine baseline | accuracy tagger / baseline | chosen prompt |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n\nCost on this CPU (`sift index build` of examples/corpus.jsonl, "
         f"{args.runs} alternating runs each, SmolLM2's dequantised copy already cached; wall time of the CLI):\n\n"
@@ -178,8 +186,11 @@ def main() -> None:
                     "labels": r["verbalizer"],
                     "calibration": r.get("calibration", 1.0),
                     "ensemble": r.get("ensemble", []),
+                    "prior": {k: round(v, 6) for k, v in r.get("prior", {}).items()},
+                    "prior_strength": r.get("prior_strength", 0.0),
                     "tagger_macro_f1": round(r["tagger"]["macro_f1"], 4),
                     "names_only_macro_f1": round(r["tagger_names_only"]["macro_f1"], 4),
+                    "without_prior_macro_f1": round(r["tagger_without_prior"]["macro_f1"], 4),
                     "cosine_macro_f1": round(r["cosine_baseline"]["macro_f1"], 4),
                 }
                 for name, r in results.items()

@@ -15,6 +15,11 @@ label's texts minus its mean on the others'; a word the model scores like anothe
 A searched verbalizer is judged cross-fitted (searched on one fold of half 0, scored on the other, both ways):
 judged on the texts it was searched on, it would look better than it is.
 
+Every candidate (a single prompt or an ensemble) is also tried with a label prior (`LabelSet.prior`, batch
+calibration) at each of `PRIOR_STRENGTHS`: the prior is each label's mean probability over texts without their
+labels; judged cross-fitted (each fold divided by the prior of the other fold's texts), kept as measured on all of
+half 0's texts.
+
 Baseline, in the same run: each text's nearest label name by bi-encoder cosine (the bundle's dual-encoder).
 """
 
@@ -23,8 +28,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,7 @@ import numpy as np
 from indexer.bm25 import _stopwords
 from indexer.config import LabelPrompt, LabelSet
 from indexer.models import passage_index_text
-from indexer.tagging import Tagger
+from indexer.tagging import Tagger, prior_of, prior_vector, softmax
 
 # the templates and answer prefixes tried on half 0 (the first is LabelSet's default)
 TEMPLATES: list[tuple[str, str]] = [
@@ -45,6 +51,7 @@ TEMPLATES: list[tuple[str, str]] = [
 ]
 SEARCH_SIZES = (1, 2, 3)  # words per label beside its name (automatic verbalizer search)
 CALIBRATIONS = (1.0, 0.75, 0.5)  # calibration strengths tried
+PRIOR_STRENGTHS = (0.0, 0.5, 1.0)  # prior strengths tried (0: no prior)
 CANDIDATES = 5  # distinctive words per label a search may pick from
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]+")
 
@@ -203,7 +210,11 @@ def choose(
 
     `max_prompts` > 1 also tries prompt ensembles: the templates ranked by their best configuration's macro-F1,
     the first k (2 ≤ k ≤ max_prompts) each with that configuration, scored by the mean of their cross-fitted
-    label scores; an ensemble is kept only when it beats every smaller choice (it costs k model passes)."""
+    label scores; an ensemble is kept only when it beats every smaller choice (it costs k model passes).
+
+    Every candidate is also judged with a label prior at each of `PRIOR_STRENGTHS` (`cross_fitted_log_prior`);
+    one kept carries the prior of its scores on all of `dev` (the caller may measure it again on a sample
+    chosen without labels: `sift eval classify` does)."""
     gold = [r.label for r in dev]
     fold_of = {id(row): part for part, rows in enumerate(halves(dev)) for row in rows}
     parts = np.array([fold_of[id(row)] for row in dev])
@@ -220,7 +231,38 @@ def choose(
     index = {w: i for i, w in enumerate(words)}
     best: tuple[float, LabelSet] | None = None
     tried = []
-    per_template: list[tuple[float, LabelSet, np.ndarray]] = []  # each template's best configuration, in order
+    # each template's best configuration, in order: (its best macro-F1 at any prior strength, its set without a
+    # prior, its cross-fitted label scores and their shadow (`cross_fitted_log_prior`), both without a prior,
+    # and the template's word table)
+    per_template: list[tuple[float, LabelSet, np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def with_prior(
+        crossed: np.ndarray,
+        shadow: np.ndarray,
+        label_set: LabelSet,
+        all_of_half0: Callable[[], np.ndarray],
+        describe: dict[str, Any],
+        line: str,
+    ) -> float:
+        """`crossed` judged at each prior strength (`cross_fitted_log_prior` of `shadow`); the best so far is
+        kept with the prior of all of half 0 (`all_of_half0()`: the set's label scores there). Returns the best
+        macro-F1 over the strengths."""
+        nonlocal best
+        logs = cross_fitted_log_prior(shadow, parts)
+        top = 0.0
+        for strength in PRIOR_STRENGTHS:
+            f1 = macro_f1(gold, [labels[int(i)] for i in np.argmax(crossed - strength * logs, axis=1)], labels)
+            top = max(top, f1)
+            tried.append({**describe, "prior_strength": strength, "macro_f1": f1})
+            echo(f"  half 0: {line} p={strength:<4} macro-F1 {100 * f1:.1f}")
+            if best is None or f1 > best[0]:
+                kept = label_set
+                if strength:
+                    prior = prior_of(softmax(all_of_half0()), label_set)
+                    kept = label_set.model_copy(update={"prior": prior, "prior_strength": strength})
+                best = (f1, kept)
+        return top
+
     for order, (template, prefix) in enumerate(TEMPLATES):
         base = LabelSet(field=field, template=template, prefix=prefix, labels={label: [] for label in labels})
         table = tagger.scorer.word_logprobs([r.text for r in dev], base, words)
@@ -246,42 +288,47 @@ def choose(
             for strength in CALIBRATIONS:
                 label_set = base.model_copy(update={"labels": chosen_words, "calibration": strength})
                 crossed = np.zeros((len(dev), len(labels)), dtype=np.float32)  # cross-fitted label scores
+                # each fold's set on the other fold's texts; one set for every row (names): its own scores
+                shadow = crossed if len(folds) == 1 else np.zeros_like(crossed)
                 for rows, fold_words in folds:
                     fold_set = base.model_copy(update={"labels": fold_words, "calibration": strength})
                     crossed[rows] = scores_for(tagger, fold_set, words, table[rows], index)
-                f1 = macro_f1(gold, [labels[int(i)] for i in np.argmax(crossed, axis=1)], labels)
-                if len(per_template) <= order:
-                    per_template.append((f1, label_set, crossed))
-                elif f1 > per_template[order][0]:
-                    per_template[order] = (f1, label_set, crossed)
-                tried.append(
-                    {
-                        "template": template,
-                        "prefix": prefix,
-                        "verbalizer": verbalizer,
-                        "calibration": strength,
-                        "macro_f1": f1,
-                    }
+                    if len(folds) > 1:
+                        other = np.setdiff1d(np.arange(len(dev)), rows)
+                        shadow[other] = scores_for(tagger, fold_set, words, table[other], index)
+                f1 = with_prior(
+                    crossed,
+                    shadow,
+                    label_set,
+                    partial(scores_for, tagger, label_set, words, table, index),
+                    {"template": template, "prefix": prefix, "verbalizer": verbalizer, "calibration": strength},
+                    f"{verbalizer:<11} c={strength:<4} {template[-45:]!r:<50}",
                 )
-                echo(f"  half 0: {verbalizer:<11} c={strength:<4} {template[-45:]!r:<50} macro-F1 {100 * f1:.1f}")
-                if best is None or f1 > best[0]:
-                    best = (f1, label_set)
+                if len(per_template) <= order:
+                    per_template.append((f1, label_set, crossed, shadow, table))
+                elif f1 > per_template[order][0]:
+                    per_template[order] = (f1, label_set, crossed, shadow, table)
     assert best is not None
     ranked = sorted(per_template, key=lambda t: -t[0])  # stable: ties keep the templates' order
     for k in range(2, min(max_prompts, len(ranked)) + 1):
         members = ranked[:k]
         mean = np.mean([m[2] for m in members], axis=0)  # label scores averaged over the prompts
-        f1 = macro_f1(gold, [labels[int(i)] for i in np.argmax(mean, axis=1)], labels)
+        mean_shadow = np.mean([m[3] for m in members], axis=0)
         head = members[0][1]
         ensemble = head.model_copy(
             update={
                 "ensemble": [
                     LabelPrompt(template=m.template, prefix=m.prefix, labels=m.labels, calibration=m.calibration)
-                    for _, m, _ in members[1:]
+                    for _, m, *_ in members[1:]
                 ]
             }
         )
-        tried.append(
+        member_tables = [(m[4], index) for m in members]
+        with_prior(
+            mean,
+            mean_shadow,
+            ensemble,
+            partial(ensemble_scores, tagger, ensemble, member_tables),
             {
                 "template": head.template,
                 "prefix": head.prefix,
@@ -289,15 +336,23 @@ def choose(
                 "calibration": head.calibration,
                 "ensemble": [
                     {"template": m.template, "prefix": m.prefix, "calibration": m.calibration, "labels": m.labels}
-                    for _, m, _ in members
+                    for _, m, *_ in members
                 ],
-                "macro_f1": f1,
-            }
+            },
+            f"ensemble of the {k} best prompts{'':<35}",
         )
-        echo(f"  half 0: ensemble of the {k} best prompts{'':<28} macro-F1 {100 * f1:.1f}")
-        if f1 > best[0]:
-            best = (f1, ensemble)
     return best[1], tried
+
+
+def cross_fitted_log_prior(shadow: np.ndarray, parts: np.ndarray) -> np.ndarray:
+    """[texts, labels] the log prior each row is divided by when judged cross-fitted: for a row of fold f, the
+    prior (`prior_vector`) of the texts of the other folds as scored by the set that judges fold f. `shadow`
+    holds those scores: its rows of fold g are scored by the set of the fold that is not g (two folds), so no
+    fold's prior comes from its own texts nor from words searched on its own labels."""
+    logs = np.zeros_like(shadow)
+    for fold in np.unique(parts):
+        logs[parts == fold] = np.log(prior_vector(softmax(shadow[parts != fold])))
+    return logs
 
 
 def ensemble_scores(

@@ -512,7 +512,9 @@ def eval_classify(
     typer.echo(f"wrote {out}/results.json and label_set.json")
 
 
-reranker_app = typer.Typer(help="Train and inspect cross-encoder rerankers.", no_args_is_help=True)
+reranker_app = typer.Typer(
+    help="Train cross-encoder rerankers, and choose a collection's second stage.", no_args_is_help=True
+)
 app.add_typer(reranker_app, name="reranker")
 
 
@@ -618,6 +620,56 @@ def reranker_export(
         shutil.copytree(source, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint*"))
     size = save_half_precision(dest) if fp16 else (dest / "model.safetensors").stat().st_size
     typer.echo(f"wrote {dest} (model.safetensors {size / 1e6:.1f} MB)")
+
+
+@reranker_app.command("choose")
+def reranker_choose(
+    index: Path = typer.Option(..., "--index", "-i", help="index folder (its current build) to choose for"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (the reranker to choose with)"),
+    queries: int = typer.Option(500, min=1, help="pseudo-queries cut from the collection's documents"),
+    seed: int = typer.Option(13, help="which documents give the pseudo-queries"),
+    step: float = typer.Option(0.05, min=0.01, max=0.5, help="weight grid step (coarser: faster, less exact)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the choice, record nothing"),
+) -> None:
+    """Choose this collection's second stage without labels, and record it in its manifest.
+
+    Sentences cut out of the collection's own documents are the queries (each must find the document it was
+    cut from); a scratch copy of the build re-encodes only those documents. The cross-encoder and MaxSim score
+    every query's hybrid top 100 once; depth (up to reranker.depth) and fusion weights are then chosen on
+    MRR@10. A stage weighed 0 is not run for this collection, and when nothing beats the first stage alone,
+    reranking is off by default there. The choice is published as a new build (the same files, hard-linked,
+    and the manifest's `second_stage`), which a running server reloads; updates keep it. Run it again after
+    the collection changes a lot; reranker.per_collection=false ignores it."""
+    from app.settings import load_settings
+    from app.training.second_stage import choose_for_collection
+    from indexer.build import annotate_bundle
+    from indexer.bundle import BundleError
+
+    setup_logging("warning")
+    settings = load_settings(config)
+    try:
+        record = choose_for_collection(index, settings, queries=queries, seed=seed, step=step)
+    except (ValueError, BundleError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    metric = record["metric"]
+    typer.echo(f"{record['queries']} pseudo-queries from build {record['build']}, {metric}:")
+    typer.echo(f"  first stage (hybrid)     {record['hybrid']:.4f}")
+    if "global_default" in record:
+        rs = settings.reranker
+        typer.echo(f"  configured default       {record['global_default']:.4f}  (depth {rs.depth}, {rs.weights})")
+    typer.echo(f"  chosen                   {record['chosen']:.4f}  (depth {record['depth']}, {record['weights']})")
+    if not record["rerank"]:
+        typer.echo("no second stage beats the first stage here: reranking is off by default for this collection")
+    else:
+        off = sorted({"cross_encoder", "maxsim"} - set(record["stages"]))
+        if off:
+            typer.echo(f"turned down for this collection: {', '.join(off)}")
+    if dry_run:
+        typer.echo("--dry-run: nothing recorded")
+        return
+    result = annotate_bundle(index, "second_stage", record)
+    typer.echo(f"recorded in build {result.build_id} ({result.path}); `current` points to it")
 
 
 encoder_app = typer.Typer(help="Adapt the bi-encoder (dense retrieval, MaxSim) to a corpus.", no_args_is_help=True)

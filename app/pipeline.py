@@ -129,6 +129,9 @@ class Pipeline:
         # how deep the second stage goes by default on this machine: set once by the services when they load
         # the build for serving, before it is served (app.retrieval.calibration); None: `reranker.depth`
         self.calibration: DepthCalibration | None = None
+        # the collection's own second stage (`app.services.collection_second_stage`: depth and weights are
+        # already in `settings`); `rerank: false` in it turns reranking off by default for this collection
+        self.collection_choice: dict[str, Any] | None = None
 
     @property
     def owns_batcher(self) -> bool:
@@ -139,6 +142,12 @@ class Pipeline:
     def second_stage(self) -> bool:
         """True when a second stage is configured (a reranker model and/or MaxSim)."""
         return self.batcher is not None or self.late is not None
+
+    @property
+    def rerank_by_default(self) -> bool:
+        """Whether a search reranks unless it says otherwise: a second stage is configured and the
+        collection's own choice, if any, did not turn it down."""
+        return self.second_stage and bool((self.collection_choice or {}).get("rerank", True))
 
     @property
     def default_depth(self) -> int:
@@ -157,6 +166,9 @@ class Pipeline:
             "max_depth": rs.max_depth,
             "latency_budget_ms": rs.latency_budget_ms or None,
             "calibration": self.calibration.as_dict() if self.calibration is not None else None,
+            "rerank_by_default": self.rerank_by_default,
+            "weights": self.stage_weights,
+            "chosen_for_collection": self.collection_choice,
         }
 
     # -- stages ------------------------------------------------------------------------------------------
@@ -538,7 +550,7 @@ class Pipeline:
                 mode=default_mode,
                 candidates=s.search.default_candidates,
                 fusion=merged_fusion,
-                rerank=self.second_stage,
+                rerank=self.rerank_by_default,
                 rerank_depth=self.default_depth,
             ),
             **given,

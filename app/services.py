@@ -50,7 +50,7 @@ from app.retrieval.protocols import (
     TokenStoreReader,
     VectorIndex,
 )
-from app.retrieval.reranker import MicroBatcher, Reranker
+from app.retrieval.reranker import MicroBatcher, Reranker, model_name
 from app.retrieval.shards import ShardedDenseSearcher, ShardedDocstore, ShardedSearcher, ShardedTokenStore, ShardFanout
 from app.settings import Settings
 from app.threads import release_sessions, share_cores
@@ -246,12 +246,47 @@ def load_pipeline(
     reranker = models.reranker
     if late is not None and is_maxsim(settings.reranker.model):
         reranker = None  # `model: maxsim` with `maxsim: true`: the bundle's MaxSim stage replaces re-encoding
+    choice = collection_second_stage(info, settings)
+    if choice is not None:  # the collection's own depth and weights; a stage it weighs 0 does not run
+        rs = settings.reranker
+        chosen = {"depth": min(int(choice["depth"]), rs.max_depth), "weights": dict(choice["weights"])}
+        settings = settings.model_copy(update={"reranker": rs.model_copy(update=chosen)})
+        if "cross_encoder" not in choice["stages"]:
+            reranker = None
+        if "maxsim" not in choice["stages"]:
+            late = None
     log.info(
         "pipeline ready",
         extra={"build": info.build_id, "searchers": list(searchers), "seconds": round(time.perf_counter() - t, 3)},
     )
     batcher = models.batcher(reranker, settings)
-    return Pipeline(info, docstore, searchers, reranker, settings, models.tracer, late, batcher)
+    pipeline = Pipeline(info, docstore, searchers, reranker, settings, models.tracer, late, batcher)
+    pipeline.collection_choice = choice
+    return pipeline
+
+
+def collection_second_stage(info: BundleInfo, settings: Settings) -> dict[str, Any] | None:
+    """The second stage chosen for this collection (`sift reranker choose`, the build manifest's
+    `second_stage`) when it applies here: `reranker.per_collection` on, chosen with the configured cross-encoder
+    (by name) and every stage it weighs above 0 configured to run; else None (logged), and the configured
+    `reranker.depth` and `reranker.weights` serve the collection."""
+    record = info.manifest.get("second_stage")
+    rs = settings.reranker
+    if not record or not rs.per_collection:
+        return None
+    if rs.model is None or is_maxsim(rs.model) or record.get("reranker") != model_name(rs.model):
+        log.warning(
+            "second stage chosen for the collection is not applied: chosen with another reranker",
+            extra={"build": info.build_id, "chosen_with": record.get("reranker"), "configured": rs.model},
+        )
+        return None
+    if "maxsim" in record.get("stages", ()) and not rs.maxsim:
+        log.warning(
+            "second stage chosen for the collection is not applied: it uses MaxSim, which reranker.maxsim turns off",
+            extra={"build": info.build_id},
+        )
+        return None
+    return dict(record)
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,12 @@ class RerankerSettings(BaseModel):
         "weighs 0); null: from `interpolation` (split evenly between cross_encoder and maxsim when both run)",
     )
     device: str | None = None
+    per_collection: bool = Field(
+        True,
+        description="serve the second stage chosen for a collection by `sift reranker choose` (its build's manifest: "
+        "depth, weights, stages turned down) in place of `depth` and `weights`, when it was chosen with this "
+        "reranker and the stages it uses run here; false: every collection gets the configured ones",
+    )
 
     @field_validator("weights")
     @classmethod

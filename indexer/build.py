@@ -3,21 +3,27 @@
 `build_bundle()` is what the CLI and a batch runner call; it holds no global state, so many builds may run
 side by side (each writes its own temporary folder). It, `reshard_bundle()` here and `update_bundle()`
 (indexer/update.py) are three uses of one pipeline (indexer/pipeline.py) that differ only in what they read.
+`annotate_bundle()` republishes a build unchanged but for one manifest record (a per-collection choice made
+after the build, e.g. `sift reranker choose`); updates and reshards carry such records forward
+(`indexer.pipeline.CARRIED`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from indexer import __version__
-from indexer.bundle import DOCSTORE, BundleError, BundleWriter, now_iso, open_bundle
+from indexer.bundle import DOCSTORE, MANIFEST, BundleError, BundleWriter, now_iso, open_bundle, update_lock
 from indexer.config import IndexConfig, recorded_config
 from indexer.docstore import Docstore
 from indexer.pipeline import (
+    CARRIED,
     BuildResult,
     GateFn,
     GateRefused,
@@ -25,6 +31,7 @@ from indexer.pipeline import (
     ParentCorpus,
     SourceCorpus,
     Stored,
+    carried,
     engine_record,
     make_manifest,
     publish,
@@ -36,11 +43,14 @@ from indexer.tokens import TokenForm, TokenStore
 
 log = logging.getLogger(__name__)
 
+_SEALED = ("files", "build_id", "format_version")  # what sealing writes: never annotated
+
 __all__ = [
     "BuildResult",
     "GateFn",
     "GateRefused",
     "LocalEncoding",
+    "annotate_bundle",
     "build_bundle",
     "convert_tokens",
     "ensure_bundle",
@@ -204,6 +214,7 @@ def _rewrite(source: Path, out: Path, shards: int, form: TokenForm | None, show_
         }
         if written.shards is not None:
             manifest["shards"] = written.shards
+        manifest.update(carried(parent.manifest))
         path = publish(writer, out, manifest, config, None)
     except BaseException:
         writer.abort()
@@ -211,6 +222,49 @@ def _rewrite(source: Path, out: Path, shards: int, form: TokenForm | None, show_
     finally:
         store.close()
     return BuildResult(path, writer.build_id, counts["documents"], counts["passages"], seconds, timings=timings)
+
+
+def annotate_bundle(out: Path, key: str, value: Any) -> BuildResult:
+    """Publish a new build of the index folder `out` that is its current build with `value` recorded as
+    `manifest[key]` (a `CARRIED` key), and switch `current` to it. The data files are hard links to the current
+    build's (published files are never written again; copied where the file system cannot link), the manifest
+    is sealed afresh (checksums verified first), and the whole runs under the folder's update lock, so an
+    update or an ingest lands before or after it, never across it. A running server reloads the new build as
+    it does any other."""
+    if key not in CARRIED:
+        raise ValueError(f"manifest record {key!r} cannot be annotated; one of {CARRIED}")
+    started = time.perf_counter()
+    with update_lock(out, on_wait=lambda: log.info("waiting for another update of %s to finish", out)):
+        parent = open_bundle(out, verify=True)
+        listed = set(parent.manifest.get("files") or {})
+        writer = BundleWriter(out)
+        try:
+            for path in sorted(parent.root.rglob("*")):
+                relative = path.relative_to(parent.root)
+                target = writer.root / relative
+                if path.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                if str(relative) == MANIFEST:
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if str(relative) in listed:  # a sealed data file: shared, never written again
+                    try:
+                        os.link(path, target)
+                        continue
+                    except OSError:
+                        pass
+                shutil.copy2(path, target)  # a shard's own manifest (its lease is its own inode) or no links
+            manifest = {k: v for k, v in parent.manifest.items() if k not in _SEALED}
+            manifest.update({key: value, "parent": parent.build_id, "created_at": now_iso()})
+            manifest["build"] = {**(manifest.get("build") or {}), "kind": f"annotate:{key}"}
+            path = publish(writer, out, manifest, recorded_config(parent.manifest), None)
+        except BaseException:
+            writer.abort()
+            raise
+    counts = parent.manifest["counts"]
+    seconds = time.perf_counter() - started
+    return BuildResult(path, writer.build_id, counts["documents"], counts["passages"], seconds, timings={})
 
 
 def ensure_bundle(

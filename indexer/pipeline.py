@@ -530,6 +530,16 @@ def _vectors(
 # -- manifest and publish ----------------------------------------------------------------------------------
 
 
+# manifest records made for a collection after its build (`indexer.build.annotate_bundle`), which its updates,
+# reshards and token conversions keep: they describe the collection, not one build's files
+CARRIED = ("second_stage",)
+
+
+def carried(parent_manifest: dict[str, Any]) -> dict[str, Any]:
+    """The `CARRIED` records of a parent build's manifest, for its child's."""
+    return {key: parent_manifest[key] for key in CARRIED if parent_manifest.get(key) is not None}
+
+
 def make_manifest(
     source: str | None,
     documents: int,

@@ -34,6 +34,7 @@ from indexer.pipeline import (
     GateFn,
     LocalEncoding,
     Stored,
+    carried,
     engine_record,
     make_manifest,
     publish,
@@ -269,9 +270,10 @@ def _derive(
                 update=update,
             )
             manifest["build"]["kind"] = "update" if ingest is None else "ingest"
-            carried = ingest if ingest is not None else parent.manifest.get("ingest")
-            if carried is not None:
-                manifest["ingest"] = carried
+            carried_ingest = ingest if ingest is not None else parent.manifest.get("ingest")
+            if carried_ingest is not None:
+                manifest["ingest"] = carried_ingest
+            manifest.update(carried(parent.manifest))  # the collection's own choices (`indexer.build.CARRIED`)
             path = publish(writer, out, manifest, config, gate)
         except BaseException:
             writer.abort()

@@ -414,3 +414,9 @@ class MicroBatcher:
         if self._worker is not None:
             self._worker.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def model_name(model: str) -> str:
+    """A model's name as a per-collection choice records it (`sift reranker choose`): the last part of its
+    path or hub id, since the same model has another path on another machine."""
+    return Path(model.rstrip("/")).name

@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from app.eval.retrieval import document_run, evaluate
-from app.retrieval.reranker import combine_stages, stack_below
+from app.retrieval.maxsim import is_maxsim
+from app.retrieval.reranker import combine_stages, model_name, stack_below
 from app.retrieval.types import Hit
 
 if TYPE_CHECKING:
@@ -177,20 +178,24 @@ def select(
     grid: list[dict[str, float]] | None = None,
     latency: dict[int, float] | None = None,
     metrics: dict[str, str] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """The configuration chosen by the procedure of the module docstring, with every validation figure
     (`latency`: measured p50 ms per depth; without it the depth limit is estimated; `metrics`: each set's
-    metric, default `VALIDATION`'s)."""
+    metric, default `VALIDATION`'s; `progress`: a bar over the configurations)."""
+    from tqdm.auto import tqdm
+
     metric = metrics or VALIDATION
     grid = grid or weight_grid()
     allowed = max_depth_within_budget(list(validation.values()), latency=latency)
     depths = [d for d in depths if d <= allowed] or [min(depths)]
     base = {name: score(f, None, None)[metric[name]] for name, f in validation.items()}
     table: list[dict[str, Any]] = []
-    for depth in depths:
-        for weights in grid:
-            gains = {name: score(f, depth, weights)[metric[name]] - base[name] for name, f in validation.items()}
-            table.append({"depth": depth, "weights": weights, "gains": gains})
+    for depth, weights in tqdm(
+        list(itertools.product(depths, grid)), desc="configurations", unit="config", disable=not progress
+    ):
+        gains = {name: score(f, depth, weights)[metric[name]] - base[name] for name, f in validation.items()}
+        table.append({"depth": depth, "weights": weights, "gains": gains})
     # each set counts equally: a gain is measured as a share of the best gain any configuration reaches there
     best_gain = {name: max(row["gains"][name] for row in table) for name in validation}
     for row in table:
@@ -362,6 +367,129 @@ def measure_latency(
     )
     log.info("served p50 by depth: %s", p50)
     return p50
+
+
+# -- one collection, label-free (`sift reranker choose`) ---------------------------------------------------
+
+COLLECTION_QUERIES = 500  # pseudo-queries cut from the collection (the bench's and the pydocs set's size)
+MIN_COLLECTION_QUERIES = 20  # fewer cannot tell configurations apart: refused
+COLLECTION_METRIC = "mrr@10"  # one relevant document per pseudo-query
+
+
+def collection_choice(
+    features: Features, depths: Sequence[int], grid: list[dict[str, float]] | None = None, progress: bool = False
+) -> dict:
+    """The manifest's `second_stage` record chosen on one collection's pseudo-query `features`: the best depth
+    and weights of `select` (MRR@10, one set; of equally good weights, those running fewer stages); a stage the
+    choice weighs 0 is not run. When no configuration
+    ranks the pseudo-queries better than the first stage alone, the second stage is turned down for the
+    collection (`rerank: false`: requests rerank only when they ask to)."""
+    found = select(
+        {"pseudo": features},
+        depths=depths,
+        grid=grid,
+        latency={d: 0.0 for d in depths},
+        metrics={"pseudo": COLLECTION_METRIC},
+        progress=progress,
+    )
+    row, hybrid = found["chosen"], found["hybrid"]["pseudo"]
+    gain = float(row["gains"]["pseudo"])
+    # among the configurations as good at that depth, the one that runs the fewest stages (a stage that adds
+    # nothing costs latency; one that hurts is never needed), in the grid's order after that
+    tied = [r for r in found["table"] if r["depth"] == row["depth"] and r["gains"]["pseudo"] >= gain - 1e-9]
+    row = min(tied, key=lambda r: sum(1 for k in ("cross_encoder", "maxsim") if r["weights"][k] > 0))
+    weights = {k: round(float(v), 4) for k, v in row["weights"].items()}
+    return {
+        "rerank": gain > 0,
+        "depth": int(row["depth"]),
+        "weights": weights,
+        "stages": sorted(k for k, v in weights.items() if v > 0 and k != "first_stage"),
+        "metric": COLLECTION_METRIC,
+        "hybrid": round(float(hybrid), 4),
+        "chosen": round(float(hybrid + gain), 4),
+        "queries": len(features.qids),
+    }
+
+
+def choose_for_collection(
+    index: Path,
+    settings: Settings,
+    queries: int = COLLECTION_QUERIES,
+    seed: int = 13,
+    progress: bool = True,
+    step: float = STEP,
+) -> dict[str, Any]:
+    """Choose the second stage of the collection whose index folder (or build) is `index`, without labels.
+
+    1. Pseudo-queries: `queries` documents of the current build (drawn with `seed`), one sentence cut out of
+       each (`app.eval.pseudo.pseudo_query_set`, the rule of the out-of-domain validation set); its document
+       is the one relevant one.
+    2. A scratch copy of the build (hard links) updated with those documents, sentence removed (only they are
+       re-encoded: `indexer.update.update_bundle`), so that no query is found by its own copy.
+    3. Its hybrid top-100 per query scored by the configured cross-encoder and stored-vector MaxSim (`collect`),
+       and `collection_choice` over depths up to `reranker.depth` and the weights on the simplex in steps of
+       `step` (the global selection's grid by default).
+
+    Returns the record for the build's manifest (`indexer.build.annotate_bundle(index, "second_stage", …)`),
+    with the configured global default's pseudo-query score beside it. Nothing of the collection is written."""
+    import os
+    import shutil
+    import tempfile
+
+    from app.eval.pseudo import pseudo_query_set
+    from app.services import load_pipeline
+    from indexer.bundle import CURRENT, DOCSTORE, MANIFEST, open_bundle
+    from indexer.docstore import Docstore
+    from indexer.update import update_bundle
+
+    rs = settings.reranker
+    if rs.model is None or is_maxsim(rs.model):
+        raise ValueError("reranker.model names no cross-encoder: the second stage to choose is the cross-encoder's")
+    info = open_bundle(index, verify=True)
+    if not (info.manifest.get("dense") or {}).get("token_vectors"):
+        raise ValueError(f"{info.root} stores no token vectors: rebuild with index.dense.token_vectors for MaxSim")
+    store = Docstore(info.path(DOCSTORE), connections=1)
+    try:
+        records = [{"_id": d.id, "title": d.title, "text": d.text} for d, _, _ in store.documents()]
+    finally:
+        store.close()
+    pseudo = pseudo_query_set(records, queries, seed=seed, source=info.build_id)
+    if len(pseudo.queries) < MIN_COLLECTION_QUERIES:
+        raise ValueError(
+            f"only {len(pseudo.queries)} documents of {info.build_id} have {MIN_COLLECTION_QUERIES} usable sentences "
+            f"or more to cut a query from (need ≥ {MIN_COLLECTION_QUERIES} such documents); keep the global default"
+        )
+    settings = settings.model_copy(update={"reranker": rs.model_copy(update={"maxsim": True})})
+    reranker, first_stage, models = scorers(settings)
+    changed = {doc for qrel in pseudo.qrels.values() for doc in qrel}
+    with tempfile.TemporaryDirectory(prefix="sift-choose-") as tmp:
+        scratch = Path(tmp) / "index"
+        scratch.mkdir()
+
+        def link(src: str, dst: str) -> None:
+            if Path(src).name == MANIFEST:  # its own inode: a lease on the scratch copy is not one on the build
+                shutil.copy2(src, dst)
+            else:
+                os.link(src, dst)
+
+        shutil.copytree(info.root, scratch / info.build_id, copy_function=link)
+        os.symlink(info.build_id, scratch / CURRENT)
+        cut = Path(tmp) / "cut.jsonl"
+        cut.write_text("".join(json.dumps(r) + "\n" for r in pseudo.corpus if r["_id"] in changed), encoding="utf-8")
+        update_bundle(scratch, add=cut, show_progress=progress)
+        depths = [d for d in DEPTHS if d <= rs.depth] or [rs.depth]
+        pipeline = load_pipeline(first_stage, scratch, models, verify=False)
+        try:  # scored only as deep as a chosen depth can go
+            features = collect(
+                "pseudo", pipeline, reranker, pseudo.queries, pseudo.qrels, progress, max(depths), max(depths)
+            )
+        finally:
+            pipeline.docstore.close()
+    record = collection_choice(features, depths, weight_grid(step), progress=progress)
+    if rs.weights is not None:
+        record["global_default"] = round(float(score(features, rs.depth, dict(rs.weights))[COLLECTION_METRIC]), 4)
+    record.update({"reranker": model_name(rs.model), "seed": seed, "build": info.build_id})
+    return record
 
 
 def main() -> None:

@@ -636,10 +636,11 @@ def reranker_choose(
     Sentences cut out of the collection's own documents are the queries (each must find the document it was
     cut from); a scratch copy of the build re-encodes only those documents. The cross-encoder and MaxSim score
     every query's hybrid top 100 once; depth (up to reranker.depth) and fusion weights are then chosen on
-    MRR@10. A stage weighed 0 is not run for this collection, and when nothing beats the first stage alone,
-    reranking is off by default there. The choice is published as a new build (the same files, hard-linked,
-    and the manifest's `second_stage`), which a running server reloads; updates keep it. Run it again after
-    the collection changes a lot; reranker.per_collection=false ignores it."""
+    MRR@10 (the first stage's candidates: hybrid, top 100). A stage that adds nothing there is weighed 0, and
+    when nothing beats the first stage alone, reranking is off by default there (a request may still ask).
+    The choice is published as a new build (the same files, hard-linked, and the manifest's `second_stage`),
+    which a running server reloads; updates keep it. Run it again after the collection changes a lot;
+    reranker.per_collection=false ignores it."""
     from app.settings import load_settings
     from app.training.second_stage import choose_for_collection
     from indexer.build import annotate_bundle
@@ -649,7 +650,7 @@ def reranker_choose(
     settings = load_settings(config)
     try:
         record = choose_for_collection(index, settings, queries=queries, seed=seed, step=step)
-    except (ValueError, BundleError, FileNotFoundError) as exc:
+    except (ValueError, BundleError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     metric = record["metric"]
@@ -664,11 +665,15 @@ def reranker_choose(
     else:
         off = sorted({"cross_encoder", "maxsim"} - set(record["stages"]))
         if off:
-            typer.echo(f"turned down for this collection: {', '.join(off)}")
+            typer.echo(f"weighed 0 for this collection (it moves no hit): {', '.join(off)}")
     if dry_run:
         typer.echo("--dry-run: nothing recorded")
         return
-    result = annotate_bundle(index, "second_stage", record)
+    try:
+        result = annotate_bundle(index, "second_stage", record, expected=record["build"])
+    except (BundleError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     typer.echo(f"recorded in build {result.build_id} ({result.path}); `current` points to it")
 
 

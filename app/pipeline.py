@@ -152,7 +152,8 @@ class Pipeline:
     @property
     def default_depth(self) -> int:
         """The second stage's default depth: `reranker.depth`, capped by the calibration when there is one."""
-        return self.calibration.depth if self.calibration is not None else self.settings.reranker.depth
+        depth = self.settings.reranker.depth
+        return min(self.calibration.depth, depth) if self.calibration is not None else depth
 
     def second_stage_report(self) -> dict[str, Any] | None:
         """The second stage's default depth and what it was chosen from (`/v1/info`, `/metrics`, the log);

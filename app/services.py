@@ -247,14 +247,11 @@ def load_pipeline(
     if late is not None and is_maxsim(settings.reranker.model):
         reranker = None  # `model: maxsim` with `maxsim: true`: the bundle's MaxSim stage replaces re-encoding
     choice = collection_second_stage(info, settings)
-    if choice is not None:  # the collection's own depth and weights; a stage it weighs 0 does not run
+    if choice is not None:  # the collection's own depth and weights (a stage weighed 0 still scores: its score
+        # is what /v1/rerank, explain and the answer gate read, but it moves no hit)
         rs = settings.reranker
         chosen = {"depth": min(int(choice["depth"]), rs.max_depth), "weights": dict(choice["weights"])}
         settings = settings.model_copy(update={"reranker": rs.model_copy(update=chosen)})
-        if "cross_encoder" not in choice["stages"]:
-            reranker = None
-        if "maxsim" not in choice["stages"]:
-            late = None
     log.info(
         "pipeline ready",
         extra={"build": info.build_id, "searchers": list(searchers), "seconds": round(time.perf_counter() - t, 3)},
@@ -268,7 +265,7 @@ def load_pipeline(
 def collection_second_stage(info: BundleInfo, settings: Settings) -> dict[str, Any] | None:
     """The second stage chosen for this collection (`sift reranker choose`, the build manifest's
     `second_stage`) when it applies here: `reranker.per_collection` on, chosen with the configured cross-encoder
-    (by name) and every stage it weighs above 0 configured to run; else None (logged), and the configured
+    (by name) and MaxSim configured to run if it weighs MaxSim above 0; else None (logged), and the configured
     `reranker.depth` and `reranker.weights` serve the collection."""
     record = info.manifest.get("second_stage")
     rs = settings.reranker
@@ -280,7 +277,7 @@ def collection_second_stage(info: BundleInfo, settings: Settings) -> dict[str, A
             extra={"build": info.build_id, "chosen_with": record.get("reranker"), "configured": rs.model},
         )
         return None
-    if "maxsim" in record.get("stages", ()) and not rs.maxsim:
+    if (record.get("weights") or {}).get("maxsim", 0) > 0 and not rs.maxsim:
         log.warning(
             "second stage chosen for the collection is not applied: it uses MaxSim, which reranker.maxsim turns off",
             extra={"build": info.build_id},
@@ -402,7 +399,7 @@ def derive_pipeline(
         and not base.owns_batcher
         and (settings is None or settings.reranker == base.settings.reranker)
     )
-    return Pipeline(
+    derived = Pipeline(
         base.bundle,
         base.docstore,
         base.searchers,
@@ -412,6 +409,9 @@ def derive_pipeline(
         base.late if late is _SAME else late,
         base.batcher if same_batcher else None,  # None: the derived pipeline makes (and closes) its own
     )
+    if settings is None or settings.reranker == base.settings.reranker:  # the same second stage: its choice
+        derived.collection_choice = base.collection_choice
+    return derived
 
 
 def build_answerer(pipeline: Pipeline, models: Models) -> Answerer | None:
@@ -566,7 +566,9 @@ class Collection:
             served is not None
             and pipeline.bundle.manifest.get("parent") == served.build_id
             and served.pipeline.calibration is not None
-        ):  # an update of the served build (ingested documents): same models and machine, the same measurement
+            and served.pipeline.settings.reranker == pipeline.settings.reranker
+        ):  # an update of the served build (ingested documents): same models, second stage and machine, the same
+            # measurement (a build that records a new choice of depth or weights is measured again)
             pipeline.calibration = served.pipeline.calibration
             return
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer import __version__
-from indexer.bundle import DOCSTORE, MANIFEST, BundleError, BundleWriter, now_iso, open_bundle, update_lock
+from indexer.bundle import CURRENT, DOCSTORE, MANIFEST, BundleError, BundleWriter, now_iso, open_bundle, update_lock
 from indexer.config import IndexConfig, recorded_config
 from indexer.docstore import Docstore
 from indexer.pipeline import (
@@ -224,18 +224,26 @@ def _rewrite(source: Path, out: Path, shards: int, form: TokenForm | None, show_
     return BuildResult(path, writer.build_id, counts["documents"], counts["passages"], seconds, timings=timings)
 
 
-def annotate_bundle(out: Path, key: str, value: Any) -> BuildResult:
+def annotate_bundle(out: Path, key: str, value: Any, expected: str | None = None) -> BuildResult:
     """Publish a new build of the index folder `out` that is its current build with `value` recorded as
     `manifest[key]` (a `CARRIED` key), and switch `current` to it. The data files are hard links to the current
     build's (published files are never written again; copied where the file system cannot link), the manifest
     is sealed afresh (checksums verified first), and the whole runs under the folder's update lock, so an
     update or an ingest lands before or after it, never across it. A running server reloads the new build as
-    it does any other."""
+    it does any other. `out` must be an index folder (with `current`); with `expected`, its current build must
+    still be that one (a choice made on a build is not recorded on another that replaced it meanwhile)."""
     if key not in CARRIED:
         raise ValueError(f"manifest record {key!r} cannot be annotated; one of {CARRIED}")
+    if not (Path(out) / CURRENT).exists():
+        raise BundleError(f"{out} is not an index folder (no `{CURRENT}`): pass the folder `sift index build` wrote")
     started = time.perf_counter()
     with update_lock(out, on_wait=lambda: log.info("waiting for another update of %s to finish", out)):
         parent = open_bundle(out, verify=True)
+        if expected is not None and parent.build_id != expected:
+            raise BundleError(
+                f"{out} now serves build {parent.build_id}, not {expected} that the record was made on "
+                "(it was updated meanwhile): run the command again"
+            )
         listed = set(parent.manifest.get("files") or {})
         writer = BundleWriter(out)
         try:

@@ -377,13 +377,18 @@ COLLECTION_METRIC = "mrr@10"  # one relevant document per pseudo-query
 
 
 def collection_choice(
-    features: Features, depths: Sequence[int], grid: list[dict[str, float]] | None = None, progress: bool = False
+    features: Features,
+    depths: Sequence[int],
+    grid: list[dict[str, float]] | None = None,
+    progress: bool = False,
+    configured: tuple[int, dict[str, float]] | None = None,
 ) -> dict:
     """The manifest's `second_stage` record chosen on one collection's pseudo-query `features`: the best depth
-    and weights of `select` (MRR@10, one set; of equally good weights, those running fewer stages); a stage the
-    choice weighs 0 is not run. When no configuration
-    ranks the pseudo-queries better than the first stage alone, the second stage is turned down for the
-    collection (`rerank: false`: requests rerank only when they ask to)."""
+    and weights of `select` (MRR@10, one set; of equally good weights, those with the fewest stages above 0: a
+    stage that adds nothing, or hurts, is turned down). When no configuration ranks the pseudo-queries better
+    than the first stage alone, the second stage is turned off by default for the collection (`rerank: false`;
+    a request may still ask, and gets `configured`: the depth and weights configured globally, else the best
+    row). `chosen` is the pseudo-query score of what the collection serves by default."""
     found = select(
         {"pseudo": features},
         depths=depths,
@@ -394,19 +399,19 @@ def collection_choice(
     )
     row, hybrid = found["chosen"], found["hybrid"]["pseudo"]
     gain = float(row["gains"]["pseudo"])
-    # among the configurations as good at that depth, the one that runs the fewest stages (a stage that adds
-    # nothing costs latency; one that hurts is never needed), in the grid's order after that
     tied = [r for r in found["table"] if r["depth"] == row["depth"] and r["gains"]["pseudo"] >= gain - 1e-9]
     row = min(tied, key=lambda r: sum(1 for k in ("cross_encoder", "maxsim") if r["weights"][k] > 0))
-    weights = {k: round(float(v), 4) for k, v in row["weights"].items()}
+    depth, weights = int(row["depth"]), {k: round(float(v), 4) for k, v in row["weights"].items()}
+    if gain <= 0 and configured is not None:
+        depth, weights = configured[0], {"first_stage": 0.0, "cross_encoder": 0.0, "maxsim": 0.0, **configured[1]}
     return {
         "rerank": gain > 0,
-        "depth": int(row["depth"]),
+        "depth": depth,
         "weights": weights,
         "stages": sorted(k for k, v in weights.items() if v > 0 and k != "first_stage"),
         "metric": COLLECTION_METRIC,
         "hybrid": round(float(hybrid), 4),
-        "chosen": round(float(hybrid + gain), 4),
+        "chosen": round(float(hybrid + max(gain, 0.0)), 4),
         "queries": len(features.qids),
     }
 
@@ -431,12 +436,14 @@ def choose_for_collection(
        `step` (the global selection's grid by default).
 
     Returns the record for the build's manifest (`indexer.build.annotate_bundle(index, "second_stage", …)`),
-    with the configured global default's pseudo-query score beside it. Nothing of the collection is written."""
+    with the configured global default's pseudo-query score beside it. The scratch copy lives in a hidden
+    `.choose-*` folder of the index folder (one file system for the links) and is removed at the end; nothing
+    of the collection itself is written."""
     import os
     import shutil
     import tempfile
 
-    from app.eval.pseudo import pseudo_query_set
+    from app.eval.pseudo import MIN_SENTENCES, pseudo_query_set
     from app.services import load_pipeline
     from indexer.bundle import CURRENT, DOCSTORE, MANIFEST, open_bundle
     from indexer.docstore import Docstore
@@ -445,7 +452,14 @@ def choose_for_collection(
     rs = settings.reranker
     if rs.model is None or is_maxsim(rs.model):
         raise ValueError("reranker.model names no cross-encoder: the second stage to choose is the cross-encoder's")
+    if not (Path(index) / CURRENT).exists():
+        raise ValueError(f"{index} is not an index folder (no `current`): pass the folder `sift index build` wrote")
     info = open_bundle(index, verify=True)
+    if info.manifest.get("shards"):
+        raise ValueError(
+            f"{info.root} is a sharded build: choose on its unsharded source, then `sift index reshard` it "
+            "(a reshard keeps the choice)"
+        )
     if not (info.manifest.get("dense") or {}).get("token_vectors"):
         raise ValueError(f"{info.root} stores no token vectors: rebuild with index.dense.token_vectors for MaxSim")
     store = Docstore(info.path(DOCSTORE), connections=1)
@@ -456,28 +470,34 @@ def choose_for_collection(
     pseudo = pseudo_query_set(records, queries, seed=seed, source=info.build_id)
     if len(pseudo.queries) < MIN_COLLECTION_QUERIES:
         raise ValueError(
-            f"only {len(pseudo.queries)} documents of {info.build_id} have {MIN_COLLECTION_QUERIES} usable sentences "
-            f"or more to cut a query from (need ≥ {MIN_COLLECTION_QUERIES} such documents); keep the global default"
+            f"only {len(pseudo.queries)} documents of {info.build_id} have {MIN_SENTENCES} usable sentences or more "
+            f"to cut a query from (need ≥ {MIN_COLLECTION_QUERIES} such documents); keep the global default"
         )
     settings = settings.model_copy(update={"reranker": rs.model_copy(update={"maxsim": True})})
     reranker, first_stage, models = scorers(settings)
+    first_stage.reranker.per_collection = False  # the copy's own record (a choice made before) plays no part
     changed = {doc for qrel in pseudo.qrels.values() for doc in qrel}
-    with tempfile.TemporaryDirectory(prefix="sift-choose-") as tmp:
+    # the scratch copy lives in the index folder (hidden: never taken for a build), so hard links stay on one
+    # file system
+    with tempfile.TemporaryDirectory(prefix=".choose-", dir=Path(index)) as tmp:
         scratch = Path(tmp) / "index"
         scratch.mkdir()
 
         def link(src: str, dst: str) -> None:
-            if Path(src).name == MANIFEST:  # its own inode: a lease on the scratch copy is not one on the build
-                shutil.copy2(src, dst)
-            else:
-                os.link(src, dst)
+            if Path(src).name != MANIFEST:  # a manifest gets its own inode: a lease on the copy is not on the build
+                try:
+                    os.link(src, dst)
+                    return
+                except OSError:  # a file system without hard links
+                    pass
+            shutil.copy2(src, dst)
 
         shutil.copytree(info.root, scratch / info.build_id, copy_function=link)
         os.symlink(info.build_id, scratch / CURRENT)
         cut = Path(tmp) / "cut.jsonl"
         cut.write_text("".join(json.dumps(r) + "\n" for r in pseudo.corpus if r["_id"] in changed), encoding="utf-8")
         update_bundle(scratch, add=cut, show_progress=progress)
-        depths = [d for d in DEPTHS if d <= rs.depth] or [rs.depth]
+        depths = sorted({d for d in DEPTHS if d <= rs.depth} | {rs.depth})  # the configured one is a candidate too
         pipeline = load_pipeline(first_stage, scratch, models, verify=False)
         try:  # scored only as deep as a chosen depth can go
             features = collect(
@@ -485,7 +505,8 @@ def choose_for_collection(
             )
         finally:
             pipeline.docstore.close()
-    record = collection_choice(features, depths, weight_grid(step), progress=progress)
+    configured = (rs.depth, dict(rs.weights)) if rs.weights is not None else None
+    record = collection_choice(features, depths, weight_grid(step), progress, configured)
     if rs.weights is not None:
         record["global_default"] = round(float(score(features, rs.depth, dict(rs.weights))[COLLECTION_METRIC]), 4)
     record.update({"reranker": model_name(rs.model), "seed": seed, "build": info.build_id})

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 
 from app.retrieval.types import Hit
 from app.training.second_stage import Features, collection_choice, score, weight_grid
+from indexer.bundle import BundleError
 from tests.conftest import ROOT, write_jsonl
 
 DEPTH = 8
@@ -159,7 +161,7 @@ def test_the_served_pipeline_takes_the_collection_choice(chosen_index):
     assert configured.options().rerank_depth == 12
 
 
-def test_an_update_keeps_the_choice_and_a_server_reports_it(chosen_index, tmp_path):
+def test_an_update_keeps_the_choice_and_a_server_serves_and_reloads_it(chosen_index, tmp_path):
     from indexer.bundle import open_bundle
     from indexer.update import update_bundle
     from tests.servers import sift_server
@@ -181,3 +183,33 @@ def test_an_update_keeps_the_choice_and_a_server_reports_it(chosen_index, tmp_pa
         asked = {"query": "a kiln fires clay", "k": 3, "rerank": True}
         found = httpx.post(f"{base}/v1/search", json=asked, timeout=60).json()
         assert found["hits"][0]["explain"]["rerank"] is not None  # a request may always ask
+        # a new choice published while the server runs: reloaded, and its depth measured again (not the
+        # served build's calibration, which was made for another depth)
+        from indexer.build import annotate_bundle
+
+        served = info["bundle"]["build_id"]
+        other = {
+            **record,
+            "rerank": True,
+            "depth": 8,
+            "weights": {"first_stage": 0.5, "cross_encoder": 0.5, "maxsim": 0.0},
+        }
+        other["stages"], other["build"] = ["cross_encoder"], served
+        published = annotate_bundle(index, "second_stage", other, expected=served).build_id
+
+        def reloaded() -> dict:
+            return httpx.get(f"{base}/v1/info", timeout=30).json()
+
+        deadline = time.monotonic() + 60  # catches "never reloads", no claim about speed
+        while reloaded()["bundle"]["build_id"] != published:
+            assert time.monotonic() < deadline, "the server never reloaded the annotated build"
+            time.sleep(0.2)
+        stage = reloaded()["second_stage"]
+        assert stage["chosen_for_collection"] == other and stage["configured_depth"] == 8
+        assert stage["weights"] == other["weights"] and stage["depth"] <= 8
+        calibration = stage["calibration"]
+        assert calibration is None or calibration["configured_depth"] == 8
+        found = httpx.post(f"{base}/v1/search", json=asked, timeout=60).json()
+        assert found["hits"][0]["explain"].get("maxsim") is not None  # weighed 0: it still scores
+    with pytest.raises(BundleError, match="run the command again"):  # chosen on a build no longer current
+        annotate_bundle(index, "second_stage", other, expected=served)

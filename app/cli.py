@@ -636,8 +636,10 @@ def reranker_choose(
     Sentences cut out of the collection's own documents are the queries (each must find the document it was
     cut from); a scratch copy of the build re-encodes only those documents. The cross-encoder and MaxSim score
     every query's hybrid top 100 once; depth (up to reranker.depth) and fusion weights are then chosen on
-    MRR@10 (the first stage's candidates: hybrid, top 100). A stage that adds nothing there is weighed 0, and
-    when nothing beats the first stage alone, reranking is off by default there (a request may still ask).
+    MRR@10 (the first stage's candidates: hybrid, top 100). The collection's best replaces the configured
+    default only when it beats it on those queries by a paired bootstrap (p < 0.05); a stage that adds
+    nothing there is then weighed 0. When nothing beats the first stage alone, reranking is off by default
+    there (a request may still ask).
     The choice is published as a new build (the same files, hard-linked, and the manifest's `second_stage`),
     which a running server reloads; updates keep it. Run it again after the collection changes a lot;
     reranker.per_collection=false ignores it."""
@@ -659,10 +661,20 @@ def reranker_choose(
     if "global_default" in record:
         rs = settings.reranker
         typer.echo(f"  configured default       {record['global_default']:.4f}  (depth {rs.depth}, {rs.weights})")
-    typer.echo(f"  chosen                   {record['chosen']:.4f}  (depth {record['depth']}, {record['weights']})")
-    if not record["rerank"]:
+    best = f"depth {record['best_depth']}, {record['best_weights']}"
+    typer.echo(f"  best for the collection  {record['best']:.4f}  ({best})")
+    served = "first stage only" if not record["rerank"] else f"depth {record['depth']}, {record['weights']}"
+    typer.echo(f"  served by default        {record['chosen']:.4f}  ({served})")
+    if record["decision"] == "off":
         typer.echo("no second stage beats the first stage here: reranking is off by default for this collection")
+    elif record["decision"] == "configured":
+        typer.echo(
+            f"the collection's best does not beat the configured default significantly (paired bootstrap p = "
+            f"{record['p_value']:.3f} ≥ 0.05): the configured depth and weights stay"
+        )
     else:
+        how = "" if record["p_value"] is None else f" (paired bootstrap p = {record['p_value']:.3f})"
+        typer.echo(f"served for this collection: its best{how}")
         off = sorted({"cross_encoder", "maxsim"} - set(record["stages"]))
         if off:
             typer.echo(f"weighed 0 for this collection (it moves no hit): {', '.join(off)}")

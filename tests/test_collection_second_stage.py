@@ -40,10 +40,13 @@ def _features(ce_helps: bool, maxsim_helps: bool, relevant_at: int, n: int = 40)
     return features
 
 
+CONFIGURED = (DEPTH, {"first_stage": 0.25, "cross_encoder": 0.45, "maxsim": 0.3})
+
+
 def test_a_stage_that_hurts_the_collection_is_turned_down():
     features = _features(ce_helps=False, maxsim_helps=True, relevant_at=4)
-    record = collection_choice(features, [DEPTH])
-    assert record["rerank"] is True
+    record = collection_choice(features, [DEPTH], configured=CONFIGURED)
+    assert record["rerank"] is True and record["decision"] == "collection" and record["p_value"] < 0.05
     assert record["weights"]["cross_encoder"] == 0.0 and record["weights"]["maxsim"] > 0
     assert record["stages"] == ["maxsim"]
     hybrid = score(features, None, None)["mrr@10"]
@@ -58,14 +61,40 @@ def test_a_stage_that_hurts_the_collection_is_turned_down():
 
 
 def test_reranking_is_off_where_nothing_beats_the_first_stage():
-    configured = (12, {"first_stage": 0.25, "cross_encoder": 0.45, "maxsim": 0.3})
     features = _features(ce_helps=False, maxsim_helps=False, relevant_at=0)
-    record = collection_choice(features, [DEPTH], configured=configured)
+    record = collection_choice(features, [DEPTH], configured=CONFIGURED)
     assert record["hybrid"] == pytest.approx(1.0) == record["chosen"]  # what it serves: the first stage
-    assert record["rerank"] is False
+    assert record["rerank"] is False and record["decision"] == "off"
     # a request that asks to rerank there gets the configured second stage, not an arbitrary grid row
-    assert record["depth"] == 12 and record["weights"] == configured[1]
+    assert record["depth"] == DEPTH and record["weights"] == CONFIGURED[1]
     assert record["stages"] == ["cross_encoder", "maxsim"]
+
+
+def test_the_configured_default_stays_unless_the_collection_beats_it_significantly():
+    # both stages rank the relevant document first: the configured weights already reach MRR@10 1.0, and the
+    # grid's best (fewer stages) only ties them
+    features = _features(ce_helps=True, maxsim_helps=True, relevant_at=5)
+    record = collection_choice(features, [DEPTH], configured=CONFIGURED)
+    assert record["decision"] == "configured" and record["p_value"] == 1.0
+    assert (record["depth"], record["weights"]) == CONFIGURED and record["chosen"] == pytest.approx(1.0)
+    assert len(record["best_weights"]) == 3 and record["best"] == pytest.approx(1.0)
+    # a gain on a few queries is not enough either
+    few = _features(ce_helps=False, maxsim_helps=True, relevant_at=4, n=40)
+    for i in range(38):  # the configured weights already find 38 of 40 (a resample misses both 2: p ≈ 0.13)
+        few.cross_encoder[i][4] = 2.0
+    record = collection_choice(few, [DEPTH], configured=CONFIGURED)
+    assert record["best"] > record["chosen"] and record["p_value"] >= 0.05 and record["decision"] == "configured"
+
+
+def test_paired_bootstrap():
+    from app.training.second_stage import paired_p
+
+    assert paired_p(np.ones(50), np.zeros(50)) == 0.0
+    assert paired_p(np.zeros(50), np.ones(50)) == 1.0
+    assert paired_p(np.ones(50), np.ones(50)) == 1.0
+    one_win = np.zeros(50)
+    one_win[0] = 1.0
+    assert 0.3 < paired_p(one_win, np.zeros(50)) < 0.7  # one query of 50: drawn ~64 % of the time
 
 
 def test_a_choice_applies_only_with_its_reranker_and_stages():
@@ -131,12 +160,15 @@ def test_sift_reranker_choose_records_the_choice_in_a_new_build(chosen_index):
     assert record["build"] == before.build_id and record["reranker"] == "sift-reranker-minilm-l6"
     assert record["metric"] == "mrr@10" and 20 <= record["queries"] <= 40
     assert record["depth"] in (8, 10, 12) and abs(sum(record["weights"].values()) - 1) < 1e-6
-    assert record["chosen"] >= record["global_default"] - 1e-9  # the grid holds the global default's weights
-    if record["rerank"]:
-        assert record["chosen"] >= record["hybrid"]
+    assert record["best"] >= max(record["hybrid"], record["global_default"]) - 1e-9
+    if record["decision"] == "collection":
+        assert record["p_value"] < 0.05 and record["chosen"] == record["best"]
+    elif record["decision"] == "configured":  # the global default's depth and weights, and its score
+        assert record["p_value"] >= 0.05 and record["chosen"] == record["global_default"] and record["depth"] == 12
+        assert record["weights"] == {"first_stage": 0.25, "cross_encoder": 0.45, "maxsim": 0.3}
     else:  # served by default: the first stage alone; a request asking to rerank gets the configured stage
-        assert record["chosen"] == record["hybrid"] and record["depth"] == 12
-    assert f"chosen                   {record['chosen']:.4f}" in printed
+        assert not record["rerank"] and record["chosen"] == record["hybrid"] and record["depth"] == 12
+    assert f"served by default        {record['chosen']:.4f}" in printed
     # the data files are the parent's, shared: nothing was rebuilt or re-encoded
     assert os.stat(after.path(DOCSTORE)).st_ino == os.stat(before.path(DOCSTORE)).st_ino
     assert after.manifest["files"] == before.manifest["files"]

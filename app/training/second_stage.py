@@ -376,6 +376,34 @@ MIN_COLLECTION_QUERIES = 20  # fewer cannot tell configurations apart: refused
 COLLECTION_METRIC = "mrr@10"  # one relevant document per pseudo-query
 
 
+SIGNIFICANCE = 0.05  # one-sided p a collection's own configuration must beat the configured one by
+BOOTSTRAP = 2000  # paired bootstrap resamples of the pseudo-queries
+
+
+def per_query(features: Features, depth: int | None, weights: dict[str, float] | None) -> np.ndarray:
+    """Each query's reciprocal rank @10 (documents by best passage), in `features.qids` order, of hybrid
+    (`depth` None) or of reranking with `depth` and `weights`."""
+    import ir_measures
+    from ir_measures import RR
+
+    ranked = features.ranked if depth is None else rerank(features, depth, weights or {})
+    run = document_run(features.qids, ranked)
+    full = {qid: run.get(qid, {}) for qid in features.qrels}
+    values = {m.query_id: float(m.value) for m in ir_measures.iter_calc([RR @ 10], features.qrels, full)}
+    return np.array([values.get(qid, 0.0) for qid in features.qids])
+
+
+def paired_p(better: np.ndarray, worse: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> float:
+    """One-sided paired bootstrap p-value that `better` beats `worse` on average: the share of resampled query
+    sets (drawn with replacement, `seed` fixed) on which it does not. 1.0 when they never differ."""
+    diff = np.asarray(better, dtype=np.float64) - np.asarray(worse, dtype=np.float64)
+    if not diff.any():
+        return 1.0
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    return float((means <= 0).mean())
+
+
 def collection_choice(
     features: Features,
     depths: Sequence[int],
@@ -383,12 +411,17 @@ def collection_choice(
     progress: bool = False,
     configured: tuple[int, dict[str, float]] | None = None,
 ) -> dict:
-    """The manifest's `second_stage` record chosen on one collection's pseudo-query `features`: the best depth
-    and weights of `select` (MRR@10, one set; of equally good weights, those with the fewest stages above 0: a
-    stage that adds nothing, or hurts, is turned down). When no configuration ranks the pseudo-queries better
-    than the first stage alone, the second stage is turned off by default for the collection (`rerank: false`;
-    a request may still ask, and gets `configured`: the depth and weights configured globally, else the best
-    row). `chosen` is the pseudo-query score of what the collection serves by default."""
+    """The manifest's `second_stage` record chosen on one collection's pseudo-query `features` (MRR@10).
+
+    The collection's best configuration is `select`'s depth and weights (of equally good weights, those with
+    the fewest stages above 0: a stage that adds nothing, or hurts, is turned down). It is served only if it
+    beats the `configured` one (the global depth and weights) on these queries by a paired bootstrap at
+    `SIGNIFICANCE` (`decision: collection`); otherwise the configured one stays (`decision: configured`): the
+    best of several hundred configurations on a few hundred queries is partly noise, and the global choice was
+    made on labelled validation data. When no configuration ranks the pseudo-queries better than the first
+    stage alone, reranking is off by default for the collection (`decision: off`, `rerank: false`; a request
+    may still ask, and gets the configured depth and weights). `chosen` is the pseudo-query score of what the
+    collection serves by default; `best` that of its best configuration, `p_value` its test."""
     found = select(
         {"pseudo": features},
         depths=depths,
@@ -397,21 +430,39 @@ def collection_choice(
         metrics={"pseudo": COLLECTION_METRIC},
         progress=progress,
     )
-    row, hybrid = found["chosen"], found["hybrid"]["pseudo"]
+    row, hybrid = found["chosen"], float(found["hybrid"]["pseudo"])
     gain = float(row["gains"]["pseudo"])
     tied = [r for r in found["table"] if r["depth"] == row["depth"] and r["gains"]["pseudo"] >= gain - 1e-9]
     row = min(tied, key=lambda r: sum(1 for k in ("cross_encoder", "maxsim") if r["weights"][k] > 0))
-    depth, weights = int(row["depth"]), {k: round(float(v), 4) for k, v in row["weights"].items()}
-    if gain <= 0 and configured is not None:
-        depth, weights = configured[0], {"first_stage": 0.0, "cross_encoder": 0.0, "maxsim": 0.0, **configured[1]}
+    best = (int(row["depth"]), {k: round(float(v), 4) for k, v in row["weights"].items()})
+    fixed = None
+    if configured is not None:
+        fixed = (configured[0], {"first_stage": 0.0, "cross_encoder": 0.0, "maxsim": 0.0, **configured[1]})
+    p_value = None
+    if gain <= 0:
+        decision, (depth, weights), served = "off", fixed or best, hybrid
+    elif fixed is None:
+        decision, (depth, weights), served = "collection", best, hybrid + gain
+    else:
+        ours, theirs = per_query(features, *best), per_query(features, *fixed)
+        p_value = paired_p(ours, theirs)
+        if p_value < SIGNIFICANCE:
+            decision, (depth, weights), served = "collection", best, float(ours.mean())
+        else:
+            decision, (depth, weights), served = "configured", fixed, float(theirs.mean())
     return {
-        "rerank": gain > 0,
+        "rerank": decision != "off",
+        "decision": decision,
         "depth": depth,
         "weights": weights,
         "stages": sorted(k for k, v in weights.items() if v > 0 and k != "first_stage"),
         "metric": COLLECTION_METRIC,
-        "hybrid": round(float(hybrid), 4),
-        "chosen": round(float(hybrid + max(gain, 0.0)), 4),
+        "hybrid": round(hybrid, 4),
+        "chosen": round(served, 4),
+        "best": round(hybrid + gain, 4),
+        "best_depth": best[0],
+        "best_weights": best[1],
+        "p_value": None if p_value is None else round(p_value, 4),
         "queries": len(features.qids),
     }
 

@@ -138,3 +138,17 @@ def test_adaptation_table_is_the_adaptation_pins():
             for cell, pipeline in zip(cells, ("bm25", "dense", "hybrid", "hybrid+rerank"), strict=False):
                 shown(cell, pin[key][pipeline])
         shown(row(rows, f"{name}, adapted")[4], pin["training"]["pairs_per_s"])
+
+
+def test_collection_choice_table_is_its_pins():
+    """The README's "Choose the second stage for your collection" table: each collection's hybrid, global
+    default and per-collection figures are what bench/collection_second_stage.py pinned from its run
+    (configs/regression/collection_second_stage.yaml), and the choice it shows is the one recorded."""
+    pins = yaml.safe_load((ROOT / "configs" / "regression" / "collection_second_stage.yaml").read_text())
+    rows = table("collection (test qrels: read only to report)")
+    assert set(rows) == set(pins)
+    for name, pin in pins.items():
+        cells = rows[name]
+        for cell, key in zip(cells, ("hybrid", "global_default", "chosen"), strict=False):
+            shown(cell, pin[key])
+        assert f"depth {pin['choice']['depth']}" in cells[3]

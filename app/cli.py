@@ -639,10 +639,9 @@ def reranker_choose(
     MRR@10 (the first stage's candidates: hybrid, top 100). The collection's best replaces the configured
     default only when it beats it on those queries by a paired bootstrap (p < 0.05); a stage that adds
     nothing there is then weighed 0. When nothing beats the first stage alone, reranking is off by default
-    there (a request may still ask).
-    The choice is published as a new build (the same files, hard-linked, and the manifest's `second_stage`),
-    which a running server reloads; updates keep it. Run it again after the collection changes a lot;
-    reranker.per_collection=false ignores it."""
+    there (a request may still ask). The choice is published as a new build (the same files, hard-linked,
+    and the manifest's `second_stage`), which a running server reloads; updates keep it, a full rebuild does
+    not. Run it again after the collection changes a lot; reranker.per_collection=false ignores it."""
     from app.settings import load_settings
     from app.training.second_stage import choose_for_collection
     from indexer.build import annotate_bundle

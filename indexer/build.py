@@ -11,15 +11,13 @@ after the build, e.g. `sift reranker choose`); updates and reshards carry such r
 from __future__ import annotations
 
 import logging
-import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from indexer import __version__
-from indexer.bundle import CURRENT, DOCSTORE, MANIFEST, BundleError, BundleWriter, now_iso, open_bundle, update_lock
+from indexer.bundle import CURRENT, DOCSTORE, BundleError, BundleWriter, link_tree, now_iso, open_bundle, update_lock
 from indexer.config import IndexConfig, recorded_config
 from indexer.docstore import Docstore
 from indexer.pipeline import (
@@ -244,25 +242,9 @@ def annotate_bundle(out: Path, key: str, value: Any, expected: str | None = None
                 f"{out} now serves build {parent.build_id}, not {expected} that the record was made on "
                 "(it was updated meanwhile): run the command again"
             )
-        listed = set(parent.manifest.get("files") or {})
         writer = BundleWriter(out)
         try:
-            for path in sorted(parent.root.rglob("*")):
-                relative = path.relative_to(parent.root)
-                target = writer.root / relative
-                if path.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                if str(relative) == MANIFEST:
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if str(relative) in listed:  # a sealed data file: shared, never written again
-                    try:
-                        os.link(path, target)
-                        continue
-                    except OSError:
-                        pass
-                shutil.copy2(path, target)  # a shard's own manifest (its lease is its own inode) or no links
+            link_tree(parent.root, writer.root)  # the data files shared; the manifest is sealed afresh below
             manifest = {k: v for k, v in parent.manifest.items() if k not in _SEALED}
             manifest.update({key: value, "parent": parent.build_id, "created_at": now_iso()})
             manifest["build"] = {**(manifest.get("build") or {}), "kind": f"annotate:{key}"}

@@ -68,6 +68,24 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST and p != owner)
 
 
+def link_tree(source: Path, target: Path) -> None:
+    """Copy the build folder `source` into `target` (created, or kept if it exists) by hard links: published
+    files are never written again, so sharing them is safe. Every `manifest.json` (the build's, a shard's) is
+    copied instead: a `BuildLease` locks its inode, so the copy's lease is not the source's, and a manifest
+    sealed afresh over it leaves the source's alone. A file system without hard links gets copies."""
+
+    def place(src: str, dst: str) -> None:
+        if Path(src).name != MANIFEST:
+            try:
+                os.link(src, dst)
+                return
+            except OSError:
+                pass
+        shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=place, dirs_exist_ok=True)
+
+
 def _fsync_tree(root: Path) -> None:
     for path in [*_files(root), root / MANIFEST]:
         if path.exists():

@@ -439,12 +439,13 @@ def collection_choice(
     if configured is not None:
         fixed = (configured[0], {"first_stage": 0.0, "cross_encoder": 0.0, "maxsim": 0.0, **configured[1]})
     p_value = None
+    theirs = None if fixed is None else per_query(features, *fixed)  # the configured default, query by query
     if gain <= 0:
         decision, (depth, weights), served = "off", fixed or best, hybrid
-    elif fixed is None:
+    elif fixed is None or theirs is None:
         decision, (depth, weights), served = "collection", best, hybrid + gain
     else:
-        ours, theirs = per_query(features, *best), per_query(features, *fixed)
+        ours = per_query(features, *best)
         p_value = paired_p(ours, theirs)
         if p_value < SIGNIFICANCE:
             decision, (depth, weights), served = "collection", best, float(ours.mean())
@@ -464,6 +465,7 @@ def collection_choice(
         "best_weights": best[1],
         "p_value": None if p_value is None else round(p_value, 4),
         "queries": len(features.qids),
+        **({} if theirs is None else {"global_default": round(float(theirs.mean()), 4)}),
     }
 
 
@@ -491,12 +493,11 @@ def choose_for_collection(
     `.choose-*` folder of the index folder (one file system for the links) and is removed at the end; nothing
     of the collection itself is written."""
     import os
-    import shutil
     import tempfile
 
     from app.eval.pseudo import MIN_SENTENCES, pseudo_query_set
     from app.services import load_pipeline
-    from indexer.bundle import CURRENT, DOCSTORE, MANIFEST, open_bundle
+    from indexer.bundle import CURRENT, DOCSTORE, link_tree, open_bundle
     from indexer.docstore import Docstore
     from indexer.update import update_bundle
 
@@ -534,16 +535,7 @@ def choose_for_collection(
         scratch = Path(tmp) / "index"
         scratch.mkdir()
 
-        def link(src: str, dst: str) -> None:
-            if Path(src).name != MANIFEST:  # a manifest gets its own inode: a lease on the copy is not on the build
-                try:
-                    os.link(src, dst)
-                    return
-                except OSError:  # a file system without hard links
-                    pass
-            shutil.copy2(src, dst)
-
-        shutil.copytree(info.root, scratch / info.build_id, copy_function=link)
+        link_tree(info.root, scratch / info.build_id)
         os.symlink(info.build_id, scratch / CURRENT)
         cut = Path(tmp) / "cut.jsonl"
         cut.write_text("".join(json.dumps(r) + "\n" for r in pseudo.corpus if r["_id"] in changed), encoding="utf-8")
@@ -558,8 +550,6 @@ def choose_for_collection(
             pipeline.docstore.close()
     configured = (rs.depth, dict(rs.weights)) if rs.weights is not None else None
     record = collection_choice(features, depths, weight_grid(step), progress, configured)
-    if rs.weights is not None:
-        record["global_default"] = round(float(score(features, rs.depth, dict(rs.weights))[COLLECTION_METRIC]), 4)
     record.update({"reranker": model_name(rs.model), "seed": seed, "build": info.build_id})
     return record
 

@@ -152,3 +152,19 @@ def test_collection_choice_table_is_its_pins():
         for cell, key in zip(cells, ("hybrid", "global_default", "chosen"), strict=False):
             shown(cell, pin[key])
         assert f"depth {pin['choice']['depth']}" in cells[3]
+
+
+def test_shipped_encoder_table_is_its_pins():
+    """The README's "A general encoder trained on shippable data" table: each set's rows (the shipped
+    all-MiniLM-L6-v2 and the encoder trained on SciFact train + SQuAD 0–7) are what bench/shipped_encoder.py
+    pinned from its run (configs/regression/shipped_encoder.yaml), in the metric the row names."""
+    pins = yaml.safe_load((ROOT / "configs" / "regression" / "shipped_encoder.yaml").read_text())
+    rows = table("set, bi-encoder")
+    assert len(rows) == 2 * len(pins["sets"])
+    for name, both in pins["sets"].items():
+        for label in ("shipped", "trained"):
+            role, metric, *cells = row(rows, f"{name}, {label}")
+            assert role in ("validation", "test (report only)")
+            key = {"MRR@10": "mrr@10", "nDCG@10": "ndcg@10"}[metric]
+            for cell, pipeline in zip(cells, ("bm25", "dense", "hybrid", "hybrid+rerank"), strict=True):
+                shown(cell, both[label][pipeline][key])

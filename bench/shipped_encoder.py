@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, append_report  # noqa: E402
-from bench.encoder_adaptation import sift  # noqa: E402
+from bench.encoder_adaptation import build_and_eval, sift  # noqa: E402
 
 WORK = ROOT / "var" / "bench" / "shipped-encoder"
 PINS = ROOT / "configs" / "regression" / "shipped_encoder.yaml"
@@ -38,12 +38,10 @@ TRAIN_ARTICLES = "0-7"
 VALIDATION_ARTICLES = range(8, 24)
 
 
-def beir_folder(folder: Path, corpus: list[dict], queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> Path:
-    """Write a BEIR-layout folder with its judgments as qrels/validation.tsv (once)."""
-    if (folder / "qrels" / "validation.tsv").exists():
-        return folder
+def validation_set(folder: Path, queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> Path:
+    """Complete `folder` (its corpus.jsonl written already) as a BEIR folder whose judgments are the
+    `validation` split, so that `sift eval retrieval --split validation` scores it."""
     (folder / "qrels").mkdir(parents=True, exist_ok=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus), encoding="utf-8")
     (folder / "queries.jsonl").write_text(
         "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()), encoding="utf-8"
     )
@@ -53,38 +51,32 @@ def beir_folder(folder: Path, corpus: list[dict], queries: dict[str, str], qrels
 
 
 def validation_sets() -> dict[str, Path]:
-    from app.eval.pseudo import pseudo_query_set, stdlib_docs
+    """SQuAD dev articles 8–23 (500 questions over the paragraphs of articles 0–23) and the label-free
+    out-of-domain set of the second stage's selection (`app.training.second_stage.dataset_queries`)."""
     from app.eval.qa import load_squad, paragraphs_corpus, sample
-    from app.training.second_stage import PSEUDO_QUERIES
+    from app.training.second_stage import dataset_queries
 
     squad = SHARED / "squad" / "dev-v1.1.json"
     folder = WORK / "data" / "squad-a8-23"
     if not (folder / "qrels" / "validation.tsv").exists():
         questions = sample(load_squad(squad, VALIDATION_ARTICLES), 500)
-        beir_folder(
-            folder,
-            paragraphs_corpus(squad, range(0, 24)),
-            {q.id: q.question for q in questions},
-            {q.id: {q.paragraph_id: 1} for q in questions},
-        )
-    pydocs = WORK / "data" / "pydocs-ict"
-    if not (pydocs / "qrels" / "validation.tsv").exists():
-        found = pseudo_query_set(stdlib_docs(), PSEUDO_QUERIES)
-        beir_folder(pydocs, found.corpus, found.queries, found.qrels)
-    return {"squad-a8-23": folder, "pydocs-ict": pydocs}
+        folder.mkdir(parents=True, exist_ok=True)
+        corpus = paragraphs_corpus(squad, range(0, 24))
+        (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus), encoding="utf-8")
+        validation_set(folder, {q.id: q.question for q in questions}, {q.id: {q.paragraph_id: 1} for q in questions})
+    queries, qrels, corpus_file = dataset_queries("pydocs-ict", SHARED.parent, WORK / "data")
+    return {"squad-a8-23": folder, "pydocs-ict": validation_set(corpus_file.parent, queries, qrels)}
 
 
 def evaluate(name: str, dataset: Path, split: str, label: str, encoder: Path | None) -> dict[str, dict[str, float]]:
-    """Build `dataset` with `encoder` (None: the shipped one) under WORK/<label>/<name> and score it."""
+    """`dataset` built with `encoder` (None: the shipped one) under WORK/<label>/<name> and scored
+    (`bench.encoder_adaptation.build_and_eval`; a score already there is reused)."""
     work = WORK / label / name
-    out = work / f"eval-{split}"
-    if not (out / "results.json").exists():
-        env = {"SIFT_INDEX__DENSE__MODEL": str(encoder)} if encoder else {}
-        if not (work / "index" / "current").exists():
-            sift("index", "build", "--input", str(dataset / "corpus.jsonl"), "--out", str(work / "index"), env=env)
-        sift("eval", "retrieval", "--dataset", str(dataset), "--split", split, "--bundle", str(work / "index"),
-             "--pipelines", ",".join(PIPELINES), "--out", str(out))  # fmt: skip
-    result = json.loads((out / "results.json").read_text())["pipelines"]
+    saved = work / f"eval-{split}" / "results.json"
+    if saved.exists():
+        result = json.loads(saved.read_text())["pipelines"]
+    else:
+        result = build_and_eval(dataset, work, split, encoder, rebuild=False)
     return {p: {m: round(result[p][m], 4) for m in ("ndcg@10", "mrr@10")} for p in PIPELINES}
 
 
@@ -115,11 +107,11 @@ def main() -> None:
             "trained": evaluate(name, folder, split, "trained", encoder),
         }
 
-    metric = {"squad-a8-23": "mrr@10", "pydocs-ict": "mrr@10", "scifact": "ndcg@10", "cranfield": "ndcg@10"}
     rows, summary = [], []
     for name, both in results.items():
-        m = metric[name]
-        kind = "validation" if name in ("squad-a8-23", "pydocs-ict") else "test (report only)"
+        validation = sets[name][1] == "validation"  # one relevant passage a query: MRR@10; BEIR tests: nDCG@10
+        m = "mrr@10" if validation else "ndcg@10"
+        kind = "validation" if validation else "test (report only)"
         for label in ("shipped", "trained"):
             r = both[label]
             rows.append(f"| {name} ({kind}, {m}) | {label} | " + " | ".join(f"{r[p][m]:.4f}" for p in PIPELINES) + " |")

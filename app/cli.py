@@ -546,16 +546,35 @@ def reranker_train(
     validate_every: int = typer.Option(0, help="steps between validations (0: after each epoch)"),
     device: str | None = typer.Option(None, help="cpu or cuda (default: cuda when present)"),
     fp16: bool = typer.Option(True, "--fp16/--fp32", help="store the saved model's weights in half precision"),
+    teacher: bool = typer.Option(
+        False,
+        "--teacher/--no-teacher",
+        help="add Margin-MSE on the configured second stage's margins (reranker.model + MaxSim over the bi-encoder)",
+    ),
+    margin_weight: float = typer.Option(1.0, help="weight of the teacher's margin term (with --teacher)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config naming the teacher's stages"),
+    max_minutes: float | None = typer.Option(None, help="time budget: stop there, keeping the best model"),
 ) -> None:
     """Fine-tune a CrossEncoder on any mix of BEIR qrels, SQuAD questions and pseudo-queries, with negatives
-    mined by Sift's BM25; validates after each epoch and keeps the best model. Rerun to resume."""
+    mined by Sift's BM25 (and the bi-encoder); validates after each epoch and keeps the best model. With
+    --teacher, Sift's second stage scores every pair first and its margins are distilled too. Rerun to resume."""
     import json
     import random
 
+    from app.settings import load_settings
     from app.training.common import describe_sources
-    from app.training.reranker import Mining, TrainConfig, beir_groups, pseudo_query_groups, squad_groups, train
+    from app.training.reranker import (
+        Mining,
+        PassagePool,
+        TrainConfig,
+        beir_groups,
+        pseudo_query_groups,
+        squad_groups,
+        train,
+    )
 
     setup_logging("warning")
+    settings = load_settings(config)
     rng = random.Random(seed)
     encoder = None
     if dense_negatives:
@@ -563,19 +582,20 @@ def reranker_train(
 
         encoder = load_encoder(dense_model, device)
     mining = Mining(hard=hard_negatives, easy=easy_negatives, dense=dense_negatives, encoder=encoder)
+    pools: dict[str, PassagePool] = {}  # a corpus mined by several sources is indexed and embedded once
     groups = []
     for folder in beir:
-        groups += beir_groups(folder, beir_split, mining, rng)
+        groups += beir_groups(folder, beir_split, mining, rng, pools)
     if squad is not None:
         first, last = (int(x) for x in squad_articles.split("-"))
         groups += squad_groups(squad, range(first, last + 1), mining, rng, squad_limit)
     for corpus in pseudo:
-        groups += pseudo_query_groups(corpus, mining, rng, pseudo_limit, pseudo_per_doc)
+        groups += pseudo_query_groups(corpus, mining, rng, pseudo_limit, pseudo_per_doc, pools)
     if not groups:
         typer.echo("error: no training data; pass --beir, --squad and/or --pseudo", err=True)
         raise typer.Exit(2)
     typer.echo(describe_sources(groups))
-    config = TrainConfig(
+    train_config = TrainConfig(
         base=base,
         out=out,
         loss=loss,
@@ -589,14 +609,40 @@ def reranker_train(
         checkpoint_every=checkpoint_every,
         validate_every=validate_every,
         device=device,
+        max_seconds=max_minutes * 60 if max_minutes else None,
+        margin_weight=margin_weight if teacher else 0.0,
     )
-    state = train(groups, config)
-    typer.echo(json.dumps({"history": state["history"], "seconds": round(state["seconds"], 1)}, indent=1))
+    state = train(_teacher_margins(groups, settings, base, max_length, device) if teacher else groups, train_config)
+    summary = {"history": state["history"], "seconds": round(state["seconds"], 1)}
+    typer.echo(json.dumps(summary | {"pairs_per_s": round(state["pairs_per_s"], 2)}, indent=1))
     if fp16:
         from app.training.reranker import save_half_precision
 
         save_half_precision(out)
     typer.echo(f"saved the best model to {out}")
+
+
+def _teacher_margins(groups: list, settings: Settings, base: str, max_length: int, device: str | None) -> list:
+    """`groups` scored by the configured second stage (`reranker.model` and MaxSim over `index.dense.model`'s
+    token vectors, `reranker.weights`), its margins put on the spread of `base`'s logits over the same pairs
+    (the teacher's own cross-encoder logits when `base` is that model)."""
+    import numpy as np
+
+    from app.training.reranker import group_scores, load_cross_encoder
+    from app.training.teacher import Teacher, margins_on_scale, pairs_of, z
+    from indexer.encoders import load_encoder
+
+    second = settings.reranker
+    judge = Teacher.from_settings(second, load_encoder(settings.index.dense.model, device), device)
+    typer.echo(f"teacher: {judge.describe()}")
+    raw = judge.stage_scores(pairs_of(groups))
+    if "cross_encoder" in raw and base == second.model and max_length == second.max_length:
+        student = raw["cross_encoder"]
+    else:
+        model = load_cross_encoder(base, max_length, device)
+        model.eval()
+        student = np.concatenate(group_scores(model, groups))
+    return margins_on_scale(groups, z(judge.fuse(raw)), student)
 
 
 @reranker_app.command("export")
@@ -733,8 +779,9 @@ def encoder_train(
 
     from app.settings import load_settings
     from app.training.common import describe_sources
-    from app.training.encoder import EncoderTrainConfig, Teacher, score_groups, train_encoder
+    from app.training.encoder import EncoderTrainConfig, score_groups, train_encoder
     from app.training.reranker import Mining, PassagePool, beir_groups, pseudo_query_groups, squad_groups
+    from app.training.teacher import Teacher
     from indexer.encoders import load_encoder
 
     setup_logging("warning")
@@ -771,12 +818,7 @@ def encoder_train(
         raise typer.Exit(2)
     if groups:
         typer.echo(describe_sources(groups))
-    second = settings.reranker
-    has_ce = bool(second.model) and second.model != "maxsim" and not str(second.model).startswith("maxsim:")
-    judge = None
-    if teacher:
-        weights = second.stage_weights(cross_encoder=has_ce, maxsim=second.maxsim)
-        judge = Teacher(second.model if has_ce else None, encoder, weights, second.max_length, device)
+    judge = Teacher.from_settings(settings.reranker, encoder, device) if teacher else None
     corpus_texts = [t for pool in pools.values() for t in pool.texts]
     train_config = EncoderTrainConfig(
         base=base,

@@ -123,3 +123,74 @@ def test_dense_mining_adds_bi_encoder_negatives_that_are_close_to_the_query(enco
     assert mined > np.median(similarity) + 0.1, (mined, np.median(similarity))  # harder than a typical passage
     mixed = pool.negatives(query, {positive}, Mining(hard=2, dense=2, easy=1), rng)
     assert len(mixed) == 5 and len(set(mixed)) == 5 and records[0]["text"] not in mixed
+
+
+SHIPPED_RERANKER = "models/sift-reranker-minilm-l6"
+
+
+def margin_error(model, scored) -> float:  # noqa: ANN001
+    """Mean squared gap between the model's logit margins (positive minus each negative) and the teacher's."""
+    scores = group_scores(model, [s.group for s in scored])
+    gaps = [(s[0] - s[1:]) - np.asarray(t.margins) for s, t in zip(scores, scored)]
+    return float(np.mean(np.concatenate(gaps) ** 2))
+
+
+def test_the_teacher_scores_logits_and_its_margins_pull_the_student_towards_it(encoder, tmp_path):
+    """`--teacher`: the configured second stage (the shipped cross-encoder and MaxSim) scores every pair in
+    logits, its margins are put on the student's logit spread, and the Margin-MSE term keeps the student's
+    margins near the teacher's over steps that move them far away without it. Without margins a positive
+    weight is refused."""
+    from app.settings import load_settings
+    from app.training.teacher import Teacher, margins_on_scale, pairs_of, z
+
+    groups = pseudo_query_groups(EXAMPLES, Mining(hard=1, easy=1), rng=random.Random(6), limit=16)
+    teacher = Teacher.from_settings(load_settings().reranker, encoder, "cpu")
+    assert set(teacher.weights) == {"cross_encoder", "maxsim"}
+    raw = teacher.stage_scores(pairs_of(groups), progress=False)
+    student = load_cross_encoder(SHIPPED_RERANKER, 128, "cpu")
+    own = np.concatenate(group_scores(student, groups))
+    np.testing.assert_allclose(raw["cross_encoder"], own, atol=1e-3)  # logits, not sigmoid probabilities
+    assert own.min() < 0 < own.max()
+    scored = margins_on_scale(groups, z(teacher.fuse(raw)), own)
+    margins = np.concatenate([s.margins for s in scored])
+    assert np.mean(margins > 0) >= 0.8 and abs(float(np.std(margins)) - float(np.std(own))) < float(np.std(own))
+    assert 0 < margin_error(student, scored) < float(np.var(own))  # close to the student's own view, not equal
+    config = tiny_config(tmp_path / "ce", base=SHIPPED_RERANKER, max_length=128, epochs=4, lr=1e-4, validation=0.0)
+    with pytest.raises(ValueError, match="needs a teacher's margins"):
+        train(groups, TrainConfig(**{**config.__dict__, "margin_weight": 1.0}), progress=False)
+    after = {}
+    for weight in (0.0, 1.0):  # the same steps on the same groups, with and without the teacher's term
+        out = tmp_path / f"ce-{weight}"
+        state = train(scored, TrainConfig(**{**config.__dict__, "out": out, "margin_weight": weight}), progress=False)
+        assert state["margin_weight"] == weight and state["pairs_per_s"] > 0
+        after[weight] = margin_error(load_cross_encoder(str(out), 128, "cpu"), scored)
+    # listwise alone inflates the margins far from the teacher's; the Margin-MSE term holds them near it
+    assert after[1.0] < 0.3 * after[0.0], after
+
+
+def test_reranker_train_with_a_teacher_from_the_command_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "ce"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "app.cli", "reranker", "train", "--out", str(out), "--base", SHIPPED_RERANKER),
+            *("--pseudo", str(EXAMPLES), "--pseudo-limit", "12", "--hard-negatives", "1", "--easy-negatives", "1"),
+            *("--teacher", "--margin-weight", "0.5", "--max-length", "64", "--batch-size", "4", "--validation", "0.25"),
+            *("--checkpoint-every", "0", "--device", "cpu"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "teacher: {'cross_encoder': 'models/sift-reranker-minilm-l6'" in done.stdout
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["margin_weight"] == 0.5 and log["train_groups"] == 9 and log["pairs_per_s"] > 0
+    assert [h["step"] for h in log["history"]] == [0, 3]
+    assert (out / "model.safetensors").exists() and not (out / "checkpoint").exists()

@@ -7,11 +7,11 @@ Data. Training groups (a query, one positive passage, negatives; `app.training.r
 - BEIR train qrels (`--beir`) and SQuAD questions of the allowed articles (`--squad`), when given.
 Negatives are mined over the corpus by BM25 and by the base bi-encoder (ranks 3–30, never the positive).
 
-Teacher. Sift's own second stage scores every (query, text) pair of every group once, before training: the
-cross-encoder (`reranker.model` at `reranker.max_length`) and MaxSim over the base bi-encoder's token vectors,
-each z-normalised over all the pairs, fused with `reranker.weights` (`Teacher`). The positive's teacher margin
-over each negative, put on the student's cosine scale (times the spread of the base model's cosines over the
-same pairs), is the target of a Margin-MSE term.
+Teacher. Sift's own second stage scores every (query, text) pair of every group once, before training
+(`app.training.teacher.Teacher`): the cross-encoder's logits (`reranker.model` at `reranker.max_length`) and
+MaxSim over the base bi-encoder's token vectors, each z-normalised over all the pairs, fused with
+`reranker.weights`. The positive's teacher margin over each negative, put on the student's cosine scale (times
+the spread of the base model's cosines over the same pairs), is the target of a Margin-MSE term.
 
 Loss. Contrastive (in-batch and mined negatives, cosine × `scale`, cross-entropy towards the positive) plus
 `margin_weight` × Margin-MSE on the teacher's margins. A mined negative the teacher ranks above the positive
@@ -45,6 +45,7 @@ import numpy as np
 
 from app.training.common import epoch_batches, set_seed
 from app.training.reranker import Group, _save_checkpoint
+from app.training.teacher import Scored, Teacher, margins_on_scale, pairs_of
 
 if TYPE_CHECKING:
     import torch
@@ -78,82 +79,14 @@ class EncoderTrainConfig:
     resume: bool = True
 
 
-@dataclass
-class Scored:
-    """A group with its teacher margins (positive minus each negative, on the student's cosine scale; empty
-    without a teacher)."""
-
-    group: Group
-    margins: list[float]
-
-
-class Teacher:
-    """Sift's second stage as a teacher: cross-encoder and MaxSim scores of (query, text) pairs, each
-    z-normalised over all the pairs it is given, fused with the configured weights (stages absent from
-    `weights` or weighted 0 are not run)."""
-
-    def __init__(
-        self,
-        cross_encoder: str | None,
-        encoder: SentenceTransformer,
-        weights: dict[str, float],
-        max_length: int = 128,
-        device: str | None = None,
-    ) -> None:
-        self.weights = {k: v for k, v in weights.items() if k in ("cross_encoder", "maxsim") and v > 0}
-        if cross_encoder is None:
-            self.weights.pop("cross_encoder", None)
-        if not self.weights:
-            raise ValueError("the teacher needs a cross-encoder or MaxSim with a positive weight")
-        self.cross_encoder_name = cross_encoder
-        self.encoder = encoder
-        self.max_length = max_length
-        self.device = device
-
-    def describe(self) -> dict[str, Any]:
-        return {"cross_encoder": self.cross_encoder_name, "max_length": self.max_length, "weights": self.weights}
-
-    def scores(self, pairs: list[tuple[str, str]], progress: bool = True) -> np.ndarray:
-        fused = np.zeros(len(pairs), dtype=np.float64)
-        if "cross_encoder" in self.weights:
-            from app.training.reranker import load_cross_encoder
-
-            model = load_cross_encoder(str(self.cross_encoder_name), self.max_length, self.device)
-            model.eval()
-            raw = np.asarray(model.predict(pairs, batch_size=32, show_progress_bar=progress), dtype=np.float64)
-            fused += self.weights["cross_encoder"] * _z(raw.reshape(-1))
-            del model
-        if "maxsim" in self.weights:
-            from app.retrieval.maxsim import MaxSimReranker
-
-            scorer = MaxSimReranker(self.encoder)
-            raw = np.concatenate(
-                [scorer.score(pairs[i : i + 256]) for i in _bar(range(0, len(pairs), 256), "teacher maxsim", progress)]
-            )
-            fused += self.weights["maxsim"] * _z(raw.astype(np.float64))
-        return fused
-
-
-def _z(values: np.ndarray) -> np.ndarray:
-    return (values - values.mean()) / max(float(values.std()), 1e-9)
-
-
-def _bar(items: Any, desc: str, progress: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, disable=not progress)
-
-
 def score_groups(
     groups: Sequence[Group], teacher: Teacher | None, encoder: SentenceTransformer, progress: bool = True
 ) -> list[Scored]:
-    """Each group with the teacher's margins put on `encoder`'s cosine scale. The fused teacher score is in
-    z-units over all pairs; its margins are multiplied by the standard deviation of the base model's cosines
-    over the same pairs, so that teacher and student margins have the same spread (a least-squares fit would
-    shrink the teacher's margins by its correlation with the student and pull every margin towards zero)."""
+    """Each group with the teacher's margins put on `encoder`'s cosine scale (`margins_on_scale`: z-units times
+    the spread of the base model's cosines over the same pairs)."""
     if teacher is None:
         return [Scored(g, []) for g in groups]
-    pairs = [(g.query, t) for g in groups for t in [g.positive, *g.negatives]]
+    pairs = pairs_of(groups)
     fused = teacher.scores(pairs, progress)
     queries = encoder.encode([g.query for g in groups], batch_size=64, normalize_embeddings=True)
     texts = encoder.encode([t for _, t in pairs], batch_size=32, normalize_embeddings=True, show_progress_bar=progress)
@@ -162,14 +95,7 @@ def score_groups(
         n = 1 + len(g.negatives)
         cosines.append(texts[offset : offset + n] @ queries[i])
         offset += n
-    slope = float(np.concatenate(cosines).std())
-    out, offset = [], 0
-    for g in groups:
-        n = 1 + len(g.negatives)
-        block = fused[offset : offset + n]
-        out.append(Scored(g, [float((block[0] - b) * slope) for b in block[1:]]))
-        offset += n
-    return out
+    return margins_on_scale(groups, fused, np.concatenate(cosines))
 
 
 def validation_pool(held_out: Sequence[Group], corpus: Sequence[str], size: int, rng: random.Random) -> list[str]:

@@ -29,6 +29,7 @@ import numpy as np
 from app.eval.pseudo import MIN_SENTENCES
 from app.eval.pseudo import sentences as usable_sentences
 from app.training.common import epoch_batches, set_seed
+from app.training.teacher import Scored
 
 if TYPE_CHECKING:
     import torch
@@ -232,6 +233,7 @@ class TrainConfig:
     device: str | None = None
     resume: bool = True
     max_seconds: float | None = None  # time budget: stop (validating and keeping the best) once spent
+    margin_weight: float = 0.0  # weight of the Margin-MSE term on a teacher's margins (0: no teacher)
 
 
 def load_cross_encoder(name: str, max_length: int, device: str | None) -> CrossEncoder:
@@ -244,11 +246,20 @@ def load_cross_encoder(name: str, max_length: int, device: str | None) -> CrossE
     return model
 
 
+def logits(
+    model: CrossEncoder, pairs: list[tuple[str, str]], batch_size: int = 64, progress: bool = False
+) -> np.ndarray:
+    """The model's raw relevance logits of `pairs` (what Sift's second stage z-normalises; not `predict`'s
+    default sigmoid, which squashes the margins of confident pairs)."""
+    import torch
+
+    out = model.predict(pairs, batch_size=batch_size, show_progress_bar=progress, activation_fn=torch.nn.Identity())
+    return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
 def group_scores(model: CrossEncoder, groups: Sequence[Group], batch_size: int = 64) -> list[np.ndarray]:
-    pairs = [(g.query, t) for g in groups for t in [g.positive, *g.negatives]]
-    flat = np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=False), dtype=np.float32).reshape(
-        -1
-    )
+    """Each group's logits, positive first."""
+    flat = logits(model, [(g.query, t) for g in groups for t in [g.positive, *g.negatives]], batch_size)
     out, offset = [], 0
     for g in groups:
         n = 1 + len(g.negatives)
@@ -270,18 +281,23 @@ def validate(model: CrossEncoder, groups: Sequence[Group]) -> dict[str, float]:
     return {"ndcg@10": float(result[nDCG @ 10]), "mrr@10": float(result[RR @ 10])}
 
 
-def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> dict:
-    """Fine-tune and save the best (by validation nDCG@10) model to `config.out`; returns the training log."""
+def train(groups: Sequence[Group | Scored], config: TrainConfig, progress: bool = True) -> dict:
+    """Fine-tune and save the best (by validation nDCG@10) model to `config.out`; returns the training log.
+    `groups` may carry a teacher's margins (`Scored`, from `app.training.teacher.margins_on_scale` on this
+    model's logit scale); with `config.margin_weight` > 0 they add a Margin-MSE term to the listwise loss."""
     import torch
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
     set_seed(config.seed)
     rng = random.Random(config.seed)
-    groups = [g for g in groups if g.negatives]
-    rng.shuffle(groups)
-    n_val = max(1, int(len(groups) * config.validation)) if config.validation > 0 else 0
-    val, train_groups = groups[:n_val], groups[n_val:]
+    items = [g if isinstance(g, Scored) else Scored(g, []) for g in groups]
+    items = [s for s in items if s.group.negatives]
+    rng.shuffle(items)
+    if config.margin_weight > 0 and not all(s.margins for s in items):
+        raise ValueError("margin_weight > 0 needs a teacher's margins for every group")
+    n_val = max(1, int(len(items) * config.validation)) if config.validation > 0 else 0
+    val, train_groups = [s.group for s in items[:n_val]], items[n_val:]
     model = load_cross_encoder(config.base, config.max_length, config.device)
     network, tokenizer, device = model.model, model.tokenizer, model.device
     if network is None:
@@ -308,6 +324,7 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
             global_step = epoch * steps_per_epoch + step_in_epoch
             if global_step < state["step"]:
                 continue
+            tick = time.perf_counter()
             network.train()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
                 loss = _loss(network, tokenizer, batch, config, device)
@@ -318,6 +335,8 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
             optimizer.zero_grad()
             state["step"] = global_step + 1
             state.setdefault("losses", []).append(float(loss.detach()))
+            state["pairs"] = state.get("pairs", 0) + sum(1 + len(s.group.negatives) for s in batch)
+            state["train_s"] = state.get("train_s", 0.0) + time.perf_counter() - tick
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(state['losses'][-50:]):.4f}")
             if val and config.validate_every and state["step"] % config.validate_every == 0:
@@ -337,7 +356,9 @@ def train(groups: list[Group], config: TrainConfig, progress: bool = True) -> di
             break
     bar.close()
     state["seconds"] = time.perf_counter() - started
+    state["pairs_per_s"] = state.get("pairs", 0) / max(state.get("train_s", 0.0), 1e-9)
     state["train_groups"], state["validation_groups"] = len(train_groups), len(val)
+    state["margin_weight"] = config.margin_weight
     (out / "training_log.json").write_text(
         json.dumps(
             {k: v for k, v in state.items() if k != "losses"} | {"loss_curve": state.get("losses", [])[::10]}, indent=1
@@ -378,12 +399,14 @@ def _validate_and_keep_best(
         model.save(str(out))
 
 
-def _loss(network: Any, tokenizer: Any, batch: list[Group], config: TrainConfig, device: Any) -> torch.Tensor:
-    """The batch's loss (`network`: the cross-encoder's transformers model, `tokenizer` its tokenizer)."""
+def _loss(network: Any, tokenizer: Any, batch: list[Scored], config: TrainConfig, device: Any) -> torch.Tensor:
+    """The batch's loss (`network`: the cross-encoder's transformers model, `tokenizer` its tokenizer): listwise
+    (or pointwise) towards each group's positive, plus `config.margin_weight` × the mean squared error between
+    the model's margins (positive logit minus each negative's) and the teacher's."""
     import torch
 
     queries, passages, sizes = [], [], []
-    for g in batch:
+    for g in (s.group for s in batch):
         texts = [g.positive, *g.negatives]
         queries += [g.query] * len(texts)
         passages += texts
@@ -394,13 +417,21 @@ def _loss(network: Any, tokenizer: Any, batch: list[Group], config: TrainConfig,
     logits = network(**features).logits.view(-1)
     if config.loss == "bce":
         labels = torch.cat([torch.tensor([1.0] + [0.0] * (n - 1)) for n in sizes]).to(device)
-        return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
-    losses, offset = [], 0
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    else:
+        losses, offset = [], 0
+        for n in sizes:
+            losses.append(-torch.log_softmax(logits[offset : offset + n], dim=0)[0])
+            offset += n
+        loss = torch.stack(losses).mean()
+    if config.margin_weight <= 0:
+        return loss
+    student, offset = [], 0
     for n in sizes:
-        group = logits[offset : offset + n]
-        losses.append(-torch.log_softmax(group, dim=0)[0])
+        student.append(logits[offset] - logits[offset + 1 : offset + n])
         offset += n
-    return torch.stack(losses).mean()
+    teacher = torch.tensor([m for s in batch for m in s.margins], dtype=logits.dtype, device=logits.device)
+    return loss + config.margin_weight * torch.nn.functional.mse_loss(torch.cat(student), teacher)
 
 
 def _save_checkpoint(

@@ -6,8 +6,10 @@
    SciFact train qrels, 700 SQuAD dev questions of articles 0–23 and 800 label-free pseudo-queries cut from
    the SciFact corpus, each with one BM25, one bi-encoder (the new miner) and one random negative; the
    configured second stage (that cross-encoder and MaxSim) scores every pair first and its margins add a
-   Margin-MSE term (weight 0.2) to the listwise loss. 4% of the groups held out choose the kept step (step 0,
-   the shipped model, included). `--model PATH` evaluates a trained model instead.
+   Margin-MSE term (weight 0.2) to the listwise loss; the model after the last step is kept. (A first run held
+   4% of the groups out to choose the step: with four candidates each they scored nDCG@10 0.964 at steps 0,
+   100 and 200 alike, too easy to tell steps apart, so it kept step 0, the shipped model. The validation sets
+   below decide instead.) `--model PATH` evaluates a trained model instead.
 2. Validation (the choice is made here): MRR@10 of hybrid and of the default second stage with the shipped and
    with the new cross-encoder (`SIFT_RERANKER__MODEL`), everything else configs/default.yaml, on the two sets
    of bench/shipped_encoder.py, over the same shipped-encoder bundles:
@@ -44,7 +46,7 @@ TRAIN = [
     *("--pseudo", str(SHARED / "scifact" / "corpus.jsonl"), "--pseudo-limit", "800"),
     *("--hard-negatives", "1", "--dense-negatives", "1", "--easy-negatives", "1"),
     *("--teacher", "--margin-weight", "0.2", "--max-length", "128", "--batch-size", "8", "--lr", "2e-5"),
-    *("--validation", "0.04", "--validate-every", "100", "--checkpoint-every", "100"),
+    *("--validation", "0", "--checkpoint-every", "100"),
 ]
 PIPELINES = ("hybrid", "hybrid+rerank")
 
@@ -71,8 +73,6 @@ def main() -> None:
     if args.model is None and not (model / "training_log.json").exists():
         sift("reranker", "train", "--out", str(model), *TRAIN, "--max-minutes", str(args.minutes))
     log = json.loads((model / "training_log.json").read_text())
-    history = log["history"]
-    kept = max(history, key=lambda h: h["ndcg@10"])
 
     sets = {name: (folder, "validation") for name, folder in validation_sets().items()}
     if not args.skip_test:
@@ -98,17 +98,17 @@ def main() -> None:
         )
         summary.append(
             {
-                "claim": f"cross-encoder trained with dense negatives and the teacher vs shipped ({name}, default {m})",
+                "claim": f"cross-encoder retrained with dense negatives and the teacher vs shipped ({name}, {kind}, "
+                f"default {m})",
                 "figure": f"{t['hybrid+rerank'][m]:.4f} vs {s['hybrid+rerank'][m]:.4f}",
-                "target": "above the shipped cross-encoder's on validation",
+                "target": "above the shipped cross-encoder's",
                 "holds": "yes" if t["hybrid+rerank"][m] > s["hybrid+rerank"][m] else "no",
             }
         )
     body = (
-        f"`sift reranker train --teacher` from {SHIPPED}: {log['train_groups']} groups trained, "
-        f"{log['validation_groups']} held out; {log['step']} steps in {log['seconds'] / 60:.1f} min at "
-        f"{log['pairs_per_s']:.1f} pairs/s (margin weight {log['margin_weight']}); held-out nDCG@10 "
-        f"{history[0]['ndcg@10']:.3f} (the shipped model) → {kept['ndcg@10']:.3f} at step {kept['step']}. "
+        f"`sift reranker train --teacher` from {SHIPPED}: {log['train_groups']} groups, {log['step']} steps in "
+        f"{log['seconds'] / 60:.1f} min at {log['pairs_per_s']:.1f} pairs/s on this CPU (margin weight "
+        f"{log['margin_weight']}; teacher scoring and mining before it not counted), the last step kept. "
         "The default second stage (configs/default.yaml: depth 12, weights 0.25/0.45/0.3) is scored by "
         "`sift eval retrieval` over the shipped-encoder bundles of bench/shipped_encoder.py, with "
         "`SIFT_RERANKER__MODEL` naming each cross-encoder. The decision reads the validation rows only.\n\n"
@@ -126,9 +126,8 @@ def main() -> None:
         + yaml.safe_dump(
             {
                 "training": {
+                    "groups": log["train_groups"],
                     "steps": log["step"],
-                    "best_step": kept["step"],
-                    "held_out_ndcg@10": {"shipped": round(history[0]["ndcg@10"], 4), "kept": round(kept["ndcg@10"], 4)},
                     "pairs_per_s": round(log["pairs_per_s"], 2),
                     "train_minutes": round(log["seconds"] / 60, 1),
                 },

@@ -168,3 +168,20 @@ def test_shipped_encoder_table_is_its_pins():
             key = {"MRR@10": "mrr@10", "nDCG@10": "ndcg@10"}[metric]
             for cell, pipeline in zip(cells, ("bm25", "dense", "hybrid", "hybrid+rerank"), strict=True):
                 shown(cell, both[label][pipeline][key])
+
+
+def test_retrained_cross_encoder_table_is_its_pins():
+    """The README's "The cross-encoder retrained with a teacher" table: each set's hybrid and default (with the
+    shipped and with the retrained cross-encoder) are what bench/reranker_teacher.py pinned from its run
+    (configs/regression/reranker_teacher.yaml), in the metric the row names."""
+    pins = yaml.safe_load((ROOT / "configs" / "regression" / "reranker_teacher.yaml").read_text())
+    rows = table("set, cross-encoder retrained with a teacher")
+    assert len(rows) == len(pins["sets"])
+    for name, both in pins["sets"].items():
+        role, metric, hybrid, shipped, teacher = row(rows, name)
+        assert role in ("validation", "test (report only)")
+        key = {"MRR@10": "mrr@10", "nDCG@10": "ndcg@10"}[metric]
+        assert both["teacher"]["hybrid"] == both["shipped"]["hybrid"]  # the same bundle under both
+        shown(hybrid, both["shipped"]["hybrid"][key])
+        shown(shipped, both["shipped"]["hybrid+rerank"][key])
+        shown(teacher, both["teacher"]["hybrid+rerank"][key])

@@ -135,6 +135,7 @@ def margin_error(model, scored) -> float:  # noqa: ANN001
     return float(np.mean(np.concatenate(gaps) ** 2))
 
 
+@pytest.mark.heavy  # two short training runs (~45 s); the command-line test below trains with a teacher in make test
 def test_the_teacher_scores_logits_and_its_margins_pull_the_student_towards_it(encoder, tmp_path):
     """`--teacher`: the configured second stage (the shipped cross-encoder and MaxSim) scores every pair in
     logits, its margins are put on the student's logit spread, and the Margin-MSE term keeps the student's

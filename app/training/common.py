@@ -1,14 +1,59 @@
-"""What every trainer shares."""
+"""What every trainer shares: the training group, a teacher's margins on it, cross-encoder loading and logits,
+seeding and batching."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from sentence_transformers import CrossEncoder
+
 T = TypeVar("T")
+
+
+@dataclass
+class Group:
+    """One query with its positive passage and negative passages."""
+
+    query: str
+    positive: str
+    negatives: list[str] = field(default_factory=list)
+    source: str = ""
+
+
+@dataclass
+class Scored:
+    """A group with its teacher margins (positive minus each negative, on the student's scale; empty without a
+    teacher)."""
+
+    group: Group
+    margins: list[float]
+
+
+def load_cross_encoder(name: str, max_length: int, device: str | None) -> CrossEncoder:
+    from sentence_transformers import CrossEncoder
+
+    from indexer.encoders import pick_device, resolve_model_path
+
+    model = CrossEncoder(resolve_model_path(name), num_labels=1, max_length=max_length, device=pick_device(device))
+    model.model.float()  # an fp16-saved checkpoint (Sift ships them) trains with fp32 master weights
+    return model
+
+
+def logits(
+    model: CrossEncoder, pairs: list[tuple[str, str]], batch_size: int = 64, progress: bool = False
+) -> np.ndarray:
+    """The model's raw relevance logits of `pairs` (what Sift's second stage z-normalises; not `predict`'s
+    default sigmoid, which squashes the margins of confident pairs)."""
+    import torch
+
+    out = model.predict(pairs, batch_size=batch_size, show_progress_bar=progress, activation_fn=torch.nn.Identity())
+    return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
 def set_seed(seed: int) -> None:

@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,24 +28,13 @@ import numpy as np
 
 from app.eval.pseudo import MIN_SENTENCES
 from app.eval.pseudo import sentences as usable_sentences
-from app.training.common import epoch_batches, set_seed
-from app.training.teacher import Scored
+from app.training.common import Group, Scored, epoch_batches, load_cross_encoder, logits, set_seed
 
 if TYPE_CHECKING:
     import torch
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Group:
-    """One query with its positive passage and negative passages."""
-
-    query: str
-    positive: str
-    negatives: list[str] = field(default_factory=list)
-    source: str = ""
 
 
 class PassagePool:
@@ -234,27 +223,6 @@ class TrainConfig:
     resume: bool = True
     max_seconds: float | None = None  # time budget: stop (validating and keeping the best) once spent
     margin_weight: float = 0.0  # weight of the Margin-MSE term on a teacher's margins (0: no teacher)
-
-
-def load_cross_encoder(name: str, max_length: int, device: str | None) -> CrossEncoder:
-    from sentence_transformers import CrossEncoder
-
-    from indexer.encoders import pick_device, resolve_model_path
-
-    model = CrossEncoder(resolve_model_path(name), num_labels=1, max_length=max_length, device=pick_device(device))
-    model.model.float()  # an fp16-saved checkpoint (Sift ships them) trains with fp32 master weights
-    return model
-
-
-def logits(
-    model: CrossEncoder, pairs: list[tuple[str, str]], batch_size: int = 64, progress: bool = False
-) -> np.ndarray:
-    """The model's raw relevance logits of `pairs` (what Sift's second stage z-normalises; not `predict`'s
-    default sigmoid, which squashes the margins of confident pairs)."""
-    import torch
-
-    out = model.predict(pairs, batch_size=batch_size, show_progress_bar=progress, activation_fn=torch.nn.Identity())
-    return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
 def group_scores(model: CrossEncoder, groups: Sequence[Group], batch_size: int = 64) -> list[np.ndarray]:

@@ -10,27 +10,18 @@ positive when the teacher prefers the group's positive to that negative.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from app.training.common import Group, Scored
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
     from app.settings import RerankerSettings
-    from app.training.reranker import Group
 
 STAGES = ("cross_encoder", "maxsim")
-
-
-@dataclass
-class Scored:
-    """A group with its teacher margins (positive minus each negative, on the student's scale; empty without a
-    teacher)."""
-
-    group: Group
-    margins: list[float]
 
 
 class Teacher:
@@ -71,7 +62,7 @@ class Teacher:
         fuses them; before 2026-12-06 the teacher fused `predict`'s sigmoid probabilities) and MaxSim's sums."""
         raw: dict[str, np.ndarray] = {}
         if "cross_encoder" in self.weights:
-            from app.training.reranker import load_cross_encoder, logits
+            from app.training.common import load_cross_encoder, logits
 
             model = load_cross_encoder(str(self.cross_encoder_name), self.max_length, self.device)
             model.eval()

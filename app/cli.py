@@ -628,8 +628,9 @@ def _teacher_margins(groups: list, settings: Settings, base: str, max_length: in
     (the teacher's own cross-encoder logits when `base` is that model)."""
     import numpy as np
 
+    from app.training.common import pairs_of
     from app.training.reranker import group_scores, load_cross_encoder
-    from app.training.teacher import Teacher, margins_on_scale, pairs_of, z
+    from app.training.teacher import Teacher, margins_on_scale, z
     from indexer.encoders import load_encoder
 
     second = settings.reranker

@@ -19,7 +19,7 @@
      shows in-domain fit only.
 3. Test (reported only): nDCG@10 on SciFact test and Cranfield.
 
-Writes a section of docs/benchmarks.md and configs/regression/reranker_teacher.yaml (the README's sentence is
+Writes a section of docs/benchmarks.md and configs/regression/reranker_teacher.yaml (the README's table is
 tested against it). Work goes to var/bench/reranker-teacher/.
 """
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, append_report  # noqa: E402
 from bench.encoder_adaptation import sift  # noqa: E402
-from bench.shipped_encoder import SHARED, evaluate, validation_sets  # noqa: E402
+from bench.shipped_encoder import SHARED, evaluate, role_and_metric, validation_sets, write_pins  # noqa: E402
 from bench.shipped_encoder import WORK as BUNDLES  # noqa: E402
 
 WORK = ROOT / "var" / "bench" / "reranker-teacher"
@@ -88,9 +88,7 @@ def main() -> None:
 
     rows, summary = [], []
     for name, both in results.items():
-        validation = sets[name][1] == "validation"
-        m = "mrr@10" if validation else "ndcg@10"
-        kind = "validation" if validation else "test (report only)"
+        kind, m = role_and_metric(sets[name][1])
         s, t = both["shipped"], both["teacher"]
         rows.append(
             f"| {name} ({kind}, {m}) | {s['hybrid'][m]:.4f} | {s['hybrid+rerank'][m]:.4f} | "
@@ -117,24 +115,18 @@ def main() -> None:
     )
     append_report("The cross-encoder retrained with dense negatives and a teacher (bench/reranker_teacher.py)", body,
                   summary)  # fmt: skip
-    import yaml
-
-    PINS.write_text(
-        "# bench/reranker_teacher.py: the default second stage with the shipped cross-encoder and with one trained\n"
-        "# again with dense negatives and the second stage as teacher (issue 30, item 4); validation sets decide,\n"
-        "# test sets are reported only. Written by the bench; the README's sentence is tested against it.\n"
-        + yaml.safe_dump(
-            {
-                "training": {
-                    "groups": log["train_groups"],
-                    "steps": log["step"],
-                    "pairs_per_s": round(log["pairs_per_s"], 2),
-                    "train_minutes": round(log["seconds"] / 60, 1),
-                },
-                "sets": results,
-            },
-            sort_keys=False,
-        )
+    write_pins(
+        PINS,
+        "bench/reranker_teacher.py: the default second stage with the shipped cross-encoder and with one trained\n"
+        "again with dense negatives and the second stage as teacher (issue 30, item 4); validation sets decide,\n"
+        "test sets are reported only. Written by the bench; the README's table is tested against it.",
+        {
+            "groups": log["train_groups"],
+            "steps": log["step"],
+            "pairs_per_s": round(log["pairs_per_s"], 2),
+            "train_minutes": round(log["seconds"] / 60, 1),
+        },
+        results,
     )
 
 

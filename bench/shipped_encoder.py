@@ -80,6 +80,20 @@ def evaluate(name: str, dataset: Path, split: str, label: str, encoder: Path | N
     return {p: {m: round(result[p][m], 4) for m in ("ndcg@10", "mrr@10")} for p in PIPELINES}
 
 
+def role_and_metric(split: str) -> tuple[str, str]:
+    """(role, metric) of a set scored on `split`: validation sets have one relevant passage a query (MRR@10),
+    the BEIR test sets graded judgments (nDCG@10) and are reported only."""
+    return ("validation", "mrr@10") if split == "validation" else ("test (report only)", "ndcg@10")
+
+
+def write_pins(path: Path, header: str, training: dict, results: dict) -> None:
+    """A bench's pins: `header` (comment lines) then its training run and its per-set results."""
+    import yaml
+
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    path.write_text(comment + yaml.safe_dump({"training": training, "sets": results}, sort_keys=False))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=32.0, help="time budget of the training run")
@@ -109,9 +123,7 @@ def main() -> None:
 
     rows, summary = [], []
     for name, both in results.items():
-        validation = sets[name][1] == "validation"  # one relevant passage a query: MRR@10; BEIR tests: nDCG@10
-        m = "mrr@10" if validation else "ndcg@10"
-        kind = "validation" if validation else "test (report only)"
+        kind, m = role_and_metric(sets[name][1])
         for label in ("shipped", "trained"):
             r = both[label]
             rows.append(f"| {name} ({kind}, {m}) | {label} | " + " | ".join(f"{r[p][m]:.4f}" for p in PIPELINES) + " |")
@@ -136,24 +148,18 @@ def main() -> None:
         "| set | bi-encoder | bm25 | dense | hybrid | default |\n|---|---|---:|---:|---:|---:|\n" + "\n".join(rows)
     )
     append_report("A shipped encoder trained on SciFact train and SQuAD (bench/shipped_encoder.py)", body, summary)
-    import yaml
-
-    PINS.write_text(
-        "# bench/shipped_encoder.py: the shipped all-MiniLM-L6-v2 vs a bi-encoder trained on SciFact train and SQuAD\n"
-        "# dev articles 0-7 (issue 30, item 3), on validation (squad-a8-23, pydocs-ict) and test sets (scifact,\n"
-        "# cranfield; report only). Written by the bench; the README's table is tested against it.\n"
-        + yaml.safe_dump(
-            {
-                "training": {
-                    "steps": log["step"],
-                    "best_step": log["best_step"],
-                    "pairs_per_s": round(log["pairs_per_s"], 2),
-                    "train_minutes": round(log["seconds"] / 60, 1),
-                },
-                "sets": results,
-            },
-            sort_keys=False,
-        )
+    write_pins(
+        PINS,
+        "bench/shipped_encoder.py: the shipped all-MiniLM-L6-v2 vs a bi-encoder trained on SciFact train and SQuAD\n"
+        "dev articles 0-7 (issue 30, item 3), on validation (squad-a8-23, pydocs-ict) and test sets (scifact,\n"
+        "cranfield; report only). Written by the bench; the README's table is tested against it.",
+        {
+            "steps": log["step"],
+            "best_step": log["best_step"],
+            "pairs_per_s": round(log["pairs_per_s"], 2),
+            "train_minutes": round(log["seconds"] / 60, 1),
+        },
+        results,
     )
 
 

@@ -142,7 +142,8 @@ def test_the_teacher_scores_logits_and_its_margins_pull_the_student_towards_it(e
     margins near the teacher's over steps that move them far away without it. Without margins a positive
     weight is refused."""
     from app.settings import load_settings
-    from app.training.teacher import Teacher, margins_on_scale, pairs_of, z
+    from app.training.common import pairs_of
+    from app.training.teacher import Teacher, margins_on_scale, z
 
     groups = pseudo_query_groups(EXAMPLES, Mining(hard=1, easy=1), rng=random.Random(6), limit=16)
     teacher = Teacher.from_settings(load_settings().reranker, encoder, "cpu")

@@ -77,3 +77,8 @@ def describe_sources(groups: Sequence[object]) -> str:
     """ "N training groups: source n, ..." for groups carrying a `source`."""
     sources = [getattr(g, "source", "") for g in groups]
     return f"{len(groups)} training groups: " + ", ".join(f"{s} {sources.count(s)}" for s in sorted(set(sources)))
+
+
+def pairs_of(groups: Sequence[Group]) -> list[tuple[str, str]]:
+    """Every (query, text) pair of `groups`, group by group, the positive first."""
+    return [(g.query, t) for g in groups for t in [g.positive, *g.negatives]]

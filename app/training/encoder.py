@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from app.training.common import Group, Scored, epoch_batches, set_seed
+from app.training.common import Group, Scored, epoch_batches, pairs_of, set_seed
 from app.training.reranker import _save_checkpoint
-from app.training.teacher import Teacher, margins_on_scale, pairs_of
+from app.training.teacher import Teacher, margins_on_scale
 
 if TYPE_CHECKING:
     import torch

@@ -28,7 +28,7 @@ import numpy as np
 
 from app.eval.pseudo import MIN_SENTENCES
 from app.eval.pseudo import sentences as usable_sentences
-from app.training.common import Group, Scored, epoch_batches, load_cross_encoder, logits, set_seed
+from app.training.common import Group, Scored, epoch_batches, load_cross_encoder, logits, pairs_of, set_seed
 
 if TYPE_CHECKING:
     import torch
@@ -227,7 +227,7 @@ class TrainConfig:
 
 def group_scores(model: CrossEncoder, groups: Sequence[Group], batch_size: int = 64) -> list[np.ndarray]:
     """Each group's logits, positive first."""
-    flat = logits(model, [(g.query, t) for g in groups for t in [g.positive, *g.negatives]], batch_size)
+    flat = logits(model, pairs_of(groups), batch_size)
     out, offset = [], 0
     for g in groups:
         n = 1 + len(g.negatives)

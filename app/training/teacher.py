@@ -89,11 +89,6 @@ class Teacher:
         return self.fuse(self.stage_scores(pairs, progress))
 
 
-def pairs_of(groups: Sequence[Group]) -> list[tuple[str, str]]:
-    """Every (query, text) pair of `groups`, group by group, the positive first."""
-    return [(g.query, t) for g in groups for t in [g.positive, *g.negatives]]
-
-
 def margins_on_scale(groups: Sequence[Group], fused: np.ndarray, student: np.ndarray) -> list[Scored]:
     """Each group with the teacher's margins (`fused`, one score per pair of `pairs_of(groups)`) multiplied by
     the standard deviation of the student's own scores over the same pairs (`student`), so that teacher and
